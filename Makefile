@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Linux CPU wheels of MLX ship a reference BLAS; preload OpenBLAS when it is there (~30x on matmuls).
+OPENBLAS = $(shell $(PY) -m duomem_mlx.blas 2>/dev/null)
+RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
+
+.PHONY: setup system test demo bench clean
+
+setup: $(VENV)/.installed system
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[envs,dev]'
+	touch $@
+
+# Java (ScienceWorld) and OpenBLAS (speed) from Debian when missing; elsewhere say what to do.
+system:
+	@bash scripts/install_system_deps.sh
+
+test: setup
+	$(RUN) $(PY) -m pytest -q
+
+demo: setup
+	$(RUN) bash scripts/demo.sh
+
+bench: setup
+	$(RUN) $(PY) benchmarks/agent_session.py --json benchmarks/results/agent_session.json
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

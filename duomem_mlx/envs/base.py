@@ -1,0 +1,111 @@
+"""The one environment protocol every adapter speaks, the episode record, and the episode loop."""
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class TaskSpec:
+    env: str
+    task: str  # task type / name, e.g. "boil" or "tw-simple"
+    variation: int  # ScienceWorld variation, TextWorld seed, ALFWorld game index
+
+
+@dataclass
+class StepResult:
+    observation: str
+    admissible: list[str]
+    reward: float = 0.0
+    score: float = 0.0  # progress in 0..1
+    done: bool = False
+    won: bool = False
+
+
+@dataclass
+class Step:
+    observation: str  # what the agent saw before acting
+    action: str
+    admissible: list[str] | None = None
+
+
+@dataclass
+class Episode:
+    """One played episode: the record eval logs and the teacher cache stores."""
+
+    id: str
+    env: str
+    task: str
+    variation: int
+    task_description: str
+    success: bool
+    score: float
+    steps: list[Step] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+    memories: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # policy-specific: token counts, latency
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Episode":
+        steps = [Step(**s) for s in data.get("steps", [])]
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "steps"}
+        return cls(**known, steps=steps)
+
+
+class Env(Protocol):
+    name: str
+
+    def task_names(self) -> list[str]: ...
+
+    def task_specs(self, tasks: list[str] | None, split: str, episodes: int, seed: int) -> list[TaskSpec]:
+        """The episodes to play: `episodes` per named task, or in all when no task is named."""
+
+    def reset(self, spec: TaskSpec) -> tuple[str, StepResult]:
+        """Start an episode: (task description, first observation)."""
+
+    def step(self, action: str) -> StepResult: ...
+
+    def expert_actions(self) -> list[str]:
+        """The gold path / walkthrough / expert plan of the current episode."""
+
+    def close(self) -> None: ...
+
+
+class Policy(Protocol):
+    def start(self, env: Env, spec: TaskSpec, task_description: str, first: StepResult) -> None: ...
+
+    def act(self, state: StepResult) -> str: ...
+
+
+def episode_id(spec: TaskSpec, run: int = 0) -> str:
+    return f"{spec.env}/{spec.task}/{spec.variation}/{run}"
+
+
+def play_episode(env: Env, spec: TaskSpec, policy: Policy, max_steps: int, run: int = 0) -> Episode:
+    """Play one episode; an environment crash ends it as failed instead of ending the run."""
+    start = time.perf_counter()
+    episode = Episode(episode_id(spec, run), spec.env, spec.task, spec.variation, "", False, 0.0)
+    try:
+        episode.task_description, state = env.reset(spec)
+        policy.start(env, spec, episode.task_description, state)
+        for _ in range(max_steps):
+            action = policy.act(state)
+            episode.steps.append(Step(state.observation, action, list(state.admissible)))
+            state = env.step(action)
+            episode.score = state.score
+            if state.done:
+                break
+        episode.success = state.won
+    except EnvCrashed as e:
+        episode.error = str(e)
+    episode.seconds = time.perf_counter() - start
+    episode.stats.update(getattr(policy, "stats", lambda: {})())
+    return episode
+
+
+class EnvCrashed(RuntimeError):
+    """The environment's backend died mid-episode (e.g. the ScienceWorld JVM)."""

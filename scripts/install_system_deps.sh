@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need from the system, only when missing:
+# Java for ScienceWorld, OpenBLAS for fast MLX matmuls on Linux CPU.
+set -euo pipefail
+missing=()
+command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
+  missing+=(libopenblas0-pthread)
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing ${missing[*]} (apt-get)"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+elif command -v apt-get >/dev/null 2>&1; then
+  echo "missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2
+  exit 1
+else
+  echo "note: ${missing[*]} not found; ScienceWorld needs Java 11+ (macOS: 'brew install openjdk')" >&2
+fi

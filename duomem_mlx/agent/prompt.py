@@ -74,3 +74,15 @@ def tokenize_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list
         ids += tail
         mask += [0] * len(tail)
     return ids, mask
+
+
+def episode_messages(episode, memories: list[str] = ()) -> list[dict]:
+    """The chat an agent saw while playing `episode` (an envs.base.Episode), up to its last action."""
+    steps = episode.steps
+    if not steps:
+        return []
+    messages = prefix_messages(episode.task_description, steps[0].observation, memories)
+    for step, following in zip(steps, steps[1:]):
+        messages += turn_messages(step.action, following.observation)
+    messages.append({"role": "assistant", "content": steps[-1].action})
+    return messages

@@ -1,0 +1,18 @@
+"""Shared fixtures: tiny models built on the spot (offline), session-scoped to stay fast."""
+
+import pytest
+
+from duomem_mlx.models import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer, hidden-64 qwen3 with its own BPE tokenizer: the default student."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "student", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_model):
+    """A bigger llama sharing the student's tokenizer (so KD is possible)."""
+    out = tmp_path_factory.mktemp("models") / "teacher"
+    return make_tiny_model(out, arch="llama", layers=3, hidden=128, seed=1, tokenizer_from=tiny_model)

@@ -1,0 +1,67 @@
+"""The model policy: an mlx-lm model playing an environment through a Session, reading
+memories retrieved from a bank in front of its prompt."""
+
+from ..envs.base import StepResult, TaskSpec
+from .decode import DecodeOptions
+from .prompt import prefix_messages
+from .session import ReencodingSession, Session
+
+
+class ModelPolicy:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        bank=None,
+        memory_k: int = 3,
+        decode: str = "constrained",
+        max_context: int = 4096,
+        temperature: float = 0.0,
+        reencode: bool = False,
+    ):
+        self.model, self.tokenizer, self.bank, self.memory_k = model, tokenizer, bank, memory_k
+        session_class = ReencodingSession if reencode else Session
+        options = DecodeOptions(mode=decode, temperature=temperature)
+        self.session = session_class(model, tokenizer, max_context, options)
+        self.memory_ids: list[str] = []
+
+    @classmethod
+    def from_options(cls, path, adapter_path=None, memory_bank=None, memory_k=3, decode="constrained",
+                     max_context=4096, seed=0, temperature=0.0):
+        import mlx.core as mx
+
+        from ..models import load
+
+        model, tokenizer = load(path, adapter_path)
+        bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
+        mx.random.seed(seed)
+        return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature)
+
+    def retrieve(self, query: str, task_type: str | None = None) -> list:
+        if self.bank is None or self.memory_k == 0:
+            return []
+        return self.bank.retrieve(self.model, self.tokenizer, query, self.memory_k, task_type=task_type)
+
+    def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):
+        memories = self.retrieve(task_description, task_type=spec.task)
+        self.memory_ids = [m.id for m in memories]
+        self.session.reset_stats()
+        self.session.start(prefix_messages(task_description, first.observation, [m.text for m in memories]))
+        self.acted = False
+
+    def act(self, state: StepResult) -> str:
+        if self.acted:
+            self.session.append([{"role": "user", "content": state.observation.strip()}])
+        self.acted = True
+        return self.session.generate(state.admissible)
+
+    def stats(self) -> dict:
+        return {**self.session.stats(), "memories": self.memory_ids}
+
+
+def load_bank(path, model, tokenizer):
+    from ..memory.bank import MemoryBank
+
+    bank = MemoryBank.load(path)
+    bank.check_embedder(model, tokenizer)
+    return bank

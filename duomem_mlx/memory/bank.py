@@ -1,0 +1,174 @@
+"""The memory bank: procedural memories + float16 keys in the student's space, top-k cosine in MLX.
+
+On disk (a directory): memories.jsonl (one {id, task_type, text, source} per line),
+keys.safetensors ("keys": float16 [N, d], unit rows), bank.json (format, embedder path and
+fingerprint, dim, count)."""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import DuomemError
+from .embed import embed, fingerprint
+
+FORMAT = 1
+FILES = ("bank.json", "memories.jsonl", "keys.safetensors")
+
+
+@dataclass
+class Memory:
+    id: str
+    task_type: str
+    text: str
+    source: list[str] = field(default_factory=list)
+
+
+def memory_id(text: str) -> str:
+    return "mem-" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def parse_memory(data, where: str) -> Memory:
+    if not isinstance(data, dict):
+        raise DuomemError(f"{where}: expected a JSON object with a text field")
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DuomemError(f"{where}: missing or empty \"text\"")
+    source = data.get("source", [])
+    if isinstance(source, str):
+        source = [source]
+    if not isinstance(source, list):
+        raise DuomemError(f"{where}: \"source\" must be a list of episode ids")
+    return Memory(str(data.get("id") or memory_id(text)), str(data.get("task_type") or ""), text.strip(), [str(s) for s in source])
+
+
+def read_memories(path: str | Path) -> list[Memory]:
+    """Memories from a JSONL file; id defaults to a hash of the text, task_type to "" (any)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DuomemError(f"memory file {path} does not exist; write one with `duomem-mlx memory write`")
+    memories, seen = [], {}
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DuomemError(f"{where}: not valid JSON ({e.msg}); fix or delete that line")
+            memory = parse_memory(data, where)
+            if memory.id in seen:
+                raise DuomemError(f"{where}: duplicate id {memory.id} (first on line {seen[memory.id]})")
+            seen[memory.id] = n
+            memories.append(memory)
+    return memories
+
+
+def write_memories(path: str | Path, memories: list[Memory]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for m in memories:
+            f.write(json.dumps(asdict(m), ensure_ascii=False) + "\n")
+
+
+@dataclass
+class MemoryBank:
+    memories: list[Memory]
+    keys: mx.array  # float16 [N, d], unit rows
+    info: dict  # bank.json: format, embedder, adapter_path, fingerprint, dim, count
+
+    @property
+    def dim(self) -> int:
+        return self.info["dim"]
+
+    def __len__(self) -> int:
+        return len(self.memories)
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_memories(out / "memories.jsonl", self.memories)
+        mx.save_safetensors(str(out / "keys.safetensors"), {"keys": self.keys.astype(mx.float16)})
+        (out / "bank.json").write_text(json.dumps(self.info, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MemoryBank":
+        path = Path(path)
+        if not path.is_dir():
+            raise DuomemError(f"no memory bank at {path}; build one with `duomem-mlx memory build --memories FILE --embedder MODEL --out {path}`")
+        missing = [name for name in FILES if not (path / name).is_file()]
+        if missing:
+            raise DuomemError(f"memory bank {path} is incomplete (missing {', '.join(missing)}); rebuild it with `duomem-mlx memory build`")
+        try:
+            info = json.loads((path / "bank.json").read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not an object")
+            if info.get("format") != FORMAT:
+                raise DuomemError(f"memory bank {path} has format {info.get('format')}, this version reads {FORMAT}; rebuild it")
+            keys = mx.load(str(path / "keys.safetensors"))["keys"]
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise DuomemError(f"memory bank {path} is corrupt ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); rebuild it with `duomem-mlx memory build`")
+        memories = read_memories(path / "memories.jsonl")
+        if keys.ndim != 2 or keys.shape[0] != len(memories) or keys.shape[1] != info.get("dim"):
+            raise DuomemError(f"memory bank {path} is corrupt: keys {tuple(keys.shape)} for {len(memories)} memories of dim {info.get('dim')}; rebuild it")
+        return cls(memories, keys, info)
+
+    def check_embedder(self, model, tokenizer) -> None:
+        """Raise unless `model` is the exact network (weights, adapters, tokenizer) that built the keys."""
+        if fingerprint(model, tokenizer) != self.info["fingerprint"]:
+            raise DuomemError(
+                f"this memory bank was built with another embedder ({self.info.get('embedder')}); rebuild it for this model "
+                f"with `duomem-mlx memory build --embedder MODEL`, or use the model it was built with"
+            )
+
+    def search(self, query, k: int = 3, task_type: str | None = None, model=None, tokenizer=None) -> list[tuple[Memory, float]]:
+        """Top-k (memory, cosine) for a query text (embedded with model/tokenizer) or a vector [d]."""
+        if isinstance(query, str):
+            if model is None:
+                raise DuomemError("a text query needs the embedder model; pass --embedder or search with a vector")
+            query = embed(model, tokenizer, [query])[0]
+        query = mx.array(query, dtype=mx.float32).reshape(-1)
+        if query.shape[0] != self.dim:
+            raise DuomemError(f"query has dim {query.shape[0]}, the bank's keys have {self.dim}; use the bank's embedder")
+        rows = np.arange(len(self.memories))
+        if task_type is not None:
+            rows = rows[[m.task_type == task_type for m in self.memories]]
+        if k <= 0 or rows.size == 0:
+            return []
+        keys = self.keys[mx.array(rows)].astype(mx.float32)
+        scores = keys @ (query / mx.maximum(mx.linalg.norm(query), 1e-12))
+        top = mx.argsort(-scores)[:k]
+        scores, top = scores[top].tolist(), top.tolist()
+        return [(self.memories[rows[i]], s) for i, s in zip(top, scores)]
+
+    def retrieve(self, model, tokenizer, query_text: str, k: int = 3, task_type: str | None = None) -> list[Memory]:
+        """The agent's call: the k memories closest to `query_text`, checked against the embedder once."""
+        if getattr(self, "_checked", None) is not model:
+            self.check_embedder(model, tokenizer)
+            self._checked = model
+        return [m for m, _ in self.search(query_text, k, task_type, model, tokenizer)]
+
+
+def build(memories: list, model, tokenizer, embedder: str = "", adapter_path: str | None = None, progress: bool = False) -> MemoryBank:
+    """A bank from Memory objects or memory dicts (e.g. a teacher cache's memories.jsonl rows)."""
+    memories = [m if isinstance(m, Memory) else parse_memory(m, f"memory {i}") for i, m in enumerate(memories)]
+    if not memories:
+        raise DuomemError("no memories to build a bank from; check the memory file")
+    ids = [m.id for m in memories]
+    if len(set(ids)) != len(ids):
+        raise DuomemError(f"duplicate memory id {next(i for i in ids if ids.count(i) > 1)}; ids must be unique")
+    keys = embed(model, tokenizer, [m.text for m in memories], progress=progress)
+    info = {
+        "format": FORMAT,
+        "embedder": embedder,
+        "adapter_path": adapter_path,
+        "fingerprint": fingerprint(model, tokenizer),
+        "dim": int(keys.shape[1]),
+        "count": len(memories),
+    }
+    return MemoryBank(memories, keys.astype(mx.float16), info)

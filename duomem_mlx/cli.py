@@ -85,6 +85,11 @@ def eval_command(**kwargs):
     run_eval(**kwargs)
 
 
+from .memory.cli import memory  # noqa: E402  (click group; its commands import lazily)
+
+cli.add_command(memory)
+
+
 def main():
     from .blas import reexec_with_openblas
 

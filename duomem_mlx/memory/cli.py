@@ -1,0 +1,123 @@
+"""`duomem-mlx memory build | search | show | write`; stage modules are imported inside commands."""
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from ..config import config_option
+
+
+@click.group()
+def memory():
+    """Procedural memories: write them from episodes, build a bank, search it.
+
+    \b
+    Example:
+      duomem-mlx memory write --episodes runs/oracle.jsonl --writer rules --out runs/memories.jsonl
+      duomem-mlx memory build --memories runs/memories.jsonl --embedder runs/student --out runs/bank
+      duomem-mlx memory search runs/bank "heat the apple" -k 3
+    """
+
+
+@memory.command("build")
+@click.option("--memories", "memories_path", type=click.Path(dir_okay=False), required=True, help="JSONL, one {id, task_type, text, source} per line.")
+@click.option("--embedder", required=True, help="The student model (path or Hub id) whose hidden states are the keys.")
+@click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters loaded on the embedder.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Bank directory to write.")
+@config_option
+def build_command(memories_path, embedder, adapter_path, out):
+    """Embed memories with the student and write a memory bank directory.
+
+    \b
+    Example:
+      duomem-mlx memory build --memories runs/memories.jsonl --embedder runs/student --out runs/bank
+    """
+    from ..models import load
+    from .bank import build, read_memories
+
+    memories = read_memories(memories_path)
+    model, tokenizer = load(embedder, adapter_path)
+    start = time.perf_counter()
+    bank = build(memories, model, tokenizer, embedder=embedder, adapter_path=adapter_path, progress=True)
+    path = bank.save(out)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    click.echo(f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s")
+
+
+@memory.command("search")
+@click.argument("bank_path", metavar="BANK", type=click.Path())
+@click.argument("query")
+@click.option("-k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--task-type", help="Only memories of this task type.")
+@click.option("--embedder", help="Model to embed the query with (default: the one recorded in the bank).")
+@click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters (default: as recorded in the bank).")
+@config_option
+def search_command(bank_path, query, k, task_type, embedder, adapter_path):
+    """Show the K memories closest to QUERY (cosine in the student's space).
+
+    \b
+    Example:
+      duomem-mlx memory search runs/bank "put a hot apple in the fridge" -k 3 --task-type heat
+    """
+    from ..errors import DuomemError
+    from ..models import load
+    from .bank import MemoryBank
+
+    bank = MemoryBank.load(bank_path)
+    if not (embedder or bank.info.get("embedder")):
+        raise DuomemError(f"{bank_path} records no embedder; pass --embedder MODEL")
+    model, tokenizer = load(embedder or bank.info["embedder"], adapter_path or (None if embedder else bank.info.get("adapter_path")))
+    bank.check_embedder(model, tokenizer)
+    for memory, score in bank.search(query, k, task_type, model, tokenizer):
+        click.echo(f"{score:.3f}  {memory.id}  [{memory.task_type}]  {memory.text}")
+
+
+@memory.command("show")
+@click.argument("bank_path", metavar="BANK", type=click.Path())
+@click.option("-n", "--limit", type=click.IntRange(0), default=10, show_default=True, help="Memories to print.")
+@config_option
+def show_command(bank_path, limit):
+    """Print a bank's embedder, size, task types and first memories.
+
+    \b
+    Example:
+      duomem-mlx memory show runs/bank -n 5
+    """
+    from .bank import MemoryBank
+
+    bank = MemoryBank.load(bank_path)
+    size = sum(f.stat().st_size for f in Path(bank_path).iterdir())
+    info = {k: v for k, v in bank.info.items() if k != "fingerprint"}
+    click.echo(f"{bank_path}: {json.dumps(info)}  fingerprint {bank.info['fingerprint'][:12]}  {size / 1e6:.2f} MB")
+    for task_type, n in sorted(Counter(m.task_type for m in bank.memories).items()):
+        click.echo(f"  {task_type or '(any)'}: {n}")
+    for memory in bank.memories[:limit]:
+        click.echo(f"{memory.id}  [{memory.task_type}]  {memory.text}")
+
+
+@memory.command("write")
+@click.option("--episodes", type=click.Path(dir_okay=False), required=True, help="Episode log (JSONL), e.g. from `eval --log`.")
+@click.option("--writer", default="rules", show_default=True, help="rules | model:PATH (an mlx-lm model writes each memory)")
+@click.option("--max-tokens", type=click.IntRange(1), default=160, show_default=True, help="Per memory, model writer only.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="memories.jsonl to write.")
+@config_option
+def write_command(episodes, writer, max_tokens, out):
+    """Write procedural memories from the successful episodes of a log.
+
+    `rules` abstracts each action sequence into a workflow (objects named in the task become
+    X, Y, ...; near-identical workflows merge); `model:PATH` asks a model to write one.
+
+    \b
+    Examples:
+      duomem-mlx memory write --episodes runs/oracle.jsonl --writer rules --out runs/memories.jsonl
+      duomem-mlx memory write --episodes runs/teacher.jsonl --writer model:runs/teacher --out runs/memories.jsonl
+    """
+    from .bank import write_memories
+    from .writer import write
+
+    memories = write(episodes, writer, max_tokens)
+    write_memories(out, memories)
+    click.echo(f"wrote {len(memories)} memories for {len({m.task_type for m in memories})} task type(s) to {out}")

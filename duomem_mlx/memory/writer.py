@@ -1,0 +1,175 @@
+"""Procedural memories from successful episodes: rule-based workflow induction, or an LLM writer."""
+
+import json
+import re
+from difflib import SequenceMatcher
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..envs.base import Episode
+from ..errors import DuomemError
+from .bank import Memory, memory_id
+
+PREPOSITIONS = {"from", "with", "on", "in", "into", "to", "at", "onto", "up", "down", "under", "inside", "using", "off", "for", "out"}
+ARTICLES = {"the", "a", "an"}
+PLACEHOLDERS = "XYZWVUTSRQPONMLK"
+MAX_STEPS = 40
+SIMILAR = 0.9  # workflows of one task type this alike (difflib ratio over steps) are merged
+
+WRITER_PROMPT = """Below is a successful trajectory of an agent in a text environment.
+Write a short procedural memory (at most 5 lines) that would help an agent solve similar tasks:
+the general steps in order, with specific object names replaced by their roles. Reply with the memory only.
+
+Task: {task}
+
+Trajectory:
+{trajectory}"""
+
+
+def read_episodes(path: str | Path) -> list[Episode]:
+    path = Path(path)
+    if not path.is_file():
+        raise DuomemError(f"episode log {path} does not exist; write one with `duomem-mlx eval ... --log FILE` or `duomem-mlx teach`")
+    episodes = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                episodes.append(Episode.from_json(json.loads(line)))
+            except (json.JSONDecodeError, TypeError, AttributeError) as e:
+                raise DuomemError(f"{path} line {n}: not an episode record ({e.__class__.__name__}: {e}); fix or delete that line")
+    return episodes
+
+
+def successful(episodes: list[Episode]) -> list[Episode]:
+    good = [e for e in episodes if e.success and e.steps]
+    if not good:
+        raise DuomemError(f"none of the {len(episodes)} episodes succeeded; memories are written from successful episodes only")
+    return good
+
+
+def generalise(actions: list[str], task_description: str) -> tuple[list[str], list[str]]:
+    """Replace the objects actions name by X, Y, ... where the task description names them too;
+    returns the steps and the placeholders used, in order of first use."""
+    described = task_description.lower()
+    names: dict[str, str] = {}
+
+    def placeholder(phrase: str) -> str:
+        words = [w for w in phrase.split() if w not in ARTICLES]
+        core = " ".join(words)
+        if not core or not re.search(rf"(?<!\w){re.escape(core)}(?!\w)", described):
+            return phrase
+        if core not in names:
+            names[core] = PLACEHOLDERS[len(names)] if len(names) < len(PLACEHOLDERS) else f"X{len(names) + 1}"
+        return names[core]
+
+    out = []
+    for action in actions:
+        words = action.strip().lower().split()
+        parts, phrase = words[:1], []
+        for word in words[1:]:
+            if word in PREPOSITIONS:
+                if phrase:
+                    parts.append(placeholder(" ".join(phrase)))
+                parts.append(word)
+                phrase = []
+            else:
+                phrase.append(word)
+        if phrase:
+            parts.append(placeholder(" ".join(phrase)))
+        out.append(" ".join(parts))
+    return out, list(names.values())
+
+
+def compress(steps: list[str]) -> list[str]:
+    """Collapse repeated consecutive steps ("wait (x3)") and cap the length."""
+    out: list[list] = []
+    for step in steps:
+        if out and out[-1][0] == step:
+            out[-1][1] += 1
+        else:
+            out.append([step, 1])
+    text = [s if n == 1 else f"{s} (x{n})" for s, n in out]
+    if len(text) > MAX_STEPS:
+        text = text[:MAX_STEPS] + [f"... ({len(text) - MAX_STEPS} more steps)"]
+    return text
+
+
+def workflow_text(task_type: str, steps: list[str], placeholders: list[str]) -> str:
+    legend = f" ({', '.join(placeholders)}: objects named in the task)" if placeholders else ""
+    return f"Workflow for {task_type}{legend}: " + ", ".join(steps) + "."
+
+
+def rule_memories(episodes: list[Episode]) -> list[Memory]:
+    """One workflow per distinct (near-identical merged) successful action sequence per task type."""
+    kept: dict[str, list[tuple[list[str], Memory]]] = {}
+    for episode in successful(episodes):
+        steps, placeholders = generalise([s.action for s in episode.steps], episode.task_description)
+        steps = compress(steps)
+        same_task = kept.setdefault(episode.task, [])
+        twin = next((m for s, m in same_task if SequenceMatcher(None, s, steps).ratio() >= SIMILAR), None)
+        if twin:
+            twin.source.append(episode.id)
+            continue
+        text = workflow_text(episode.task, steps, placeholders)
+        same_task.append((steps, Memory(memory_id(text), episode.task, text, [episode.id])))
+    return [m for group in kept.values() for _, m in group]
+
+
+def trajectory_text(episode: Episode, max_observation: int = 200) -> str:
+    lines = []
+    for i, step in enumerate(episode.steps, 1):
+        observation = " ".join(step.observation.split())
+        if len(observation) > max_observation:
+            observation = observation[:max_observation] + "..."
+        lines.append(f"{i}. Observation: {observation}\n   Action: {step.action}")
+    return "\n".join(lines)
+
+
+def writer_prompt(tokenizer, episode: Episode) -> str:
+    content = WRITER_PROMPT.format(task=episode.task_description.strip(), trajectory=trajectory_text(episode))
+    if not getattr(tokenizer, "chat_template", None):
+        return content + "\n\nMemory:\n"
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+
+
+def clean_reply(text: str) -> str:
+    text = re.sub(r"<think>.*?(</think>|$)", "", text, flags=re.S)
+    return "\n".join(line.rstrip() for line in text.strip().splitlines()[:8]).strip()
+
+
+def model_memories(episodes: list[Episode], model, tokenizer, max_tokens: int = 160) -> list[Memory]:
+    """Ask a model (teacher, or the student for the "student-generated memory" baseline) to
+    write one memory per successful episode; greedy decoding. Empty replies are dropped."""
+    from mlx_lm import generate
+
+    memories = []
+    for episode in tqdm(successful(episodes), desc="write", unit="episode", disable=None):
+        reply = clean_reply(generate(model, tokenizer, writer_prompt(tokenizer, episode), max_tokens=max_tokens))
+        if reply:
+            memories.append(Memory(memory_id(episode.task + reply), episode.task, reply, [episode.id]))
+    return memories
+
+
+def write(episodes_path: str, writer: str, max_tokens: int = 160) -> list[Memory]:
+    """`rules` or `model:PATH` over an episode log; returns memories with unique ids."""
+    episodes = read_episodes(episodes_path)
+    if writer == "rules":
+        memories = rule_memories(episodes)
+    elif writer.startswith("model:"):
+        from ..models import load
+
+        model, tokenizer = load(writer[len("model:") :])
+        memories = model_memories(episodes, model, tokenizer, max_tokens)
+    else:
+        raise DuomemError(f"unknown --writer {writer}; use rules or model:PATH")
+    unique = {}
+    for m in memories:
+        if m.id in unique:
+            unique[m.id].source += m.source
+        else:
+            unique[m.id] = m
+    return list(unique.values())

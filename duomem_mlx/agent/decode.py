@@ -67,8 +67,8 @@ def trie_processor(trie: dict, prompt_len: int, vocab_size: int):
 def decode_action(model, tokenizer, cache, prompt: list[int], admissible, options: DecodeOptions, on_text=None):
     """Feed `prompt` into `cache` and decode one action. Returns (action text, generated ids).
 
-    The cache afterwards holds the prompt plus every generated id (generate_step feeds a
-    token before yielding it)."""
+    The generated ids include a closing end-of-turn token: the cache afterwards holds the
+    prompt plus every one of them (generate_step feeds a token before yielding it)."""
     constrained = options.mode == "constrained"
     trie = build_trie(tokenizer, admissible) if constrained else None
     processors = [trie_processor(trie, len(prompt), logits_width(model, tokenizer))] if constrained else None
@@ -81,9 +81,9 @@ def decode_action(model, tokenizer, cache, prompt: list[int], admissible, option
         sampler=make_sampler(options.temperature), logits_processors=processors,
     )
     for token, _ in steps:
+        ids.append(token)
         if token in eos:
             break
-        ids.append(token)
         if constrained:
             command = single_completion(walk(trie, ids))
             if command is not None:

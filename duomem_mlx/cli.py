@@ -85,6 +85,49 @@ def eval_command(**kwargs):
     run_eval(**kwargs)
 
 
+@cli.command("chat")
+@click.option("--model", required=True, help="Student: mlx-lm model directory, converted/<name>, or Hub repo id.")
+@click.option("--adapter-path", type=click.Path(exists=True, file_okay=False), help="LoRA adapters to apply.")
+@click.option("--memory", "memory_bank", type=click.Path(), help="Memory bank to retrieve from (default: MODEL/memory if present).")
+@click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="Per reply.")
+@click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--env", "env_name", type=ENVS, help="Watch the model play an episode of this environment instead.")
+@click.option("--tasks", callback=csv_list, help="Task for --env (default: the first).")
+@click.option("--split", type=SPLITS, default="dev", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--step", is_flag=True, help="With --env: wait for Enter before each action.")
+@config_option
+def chat_command(model, adapter_path, memory_bank, memory_k, max_tokens, max_context, temperature,
+                 env_name, tasks, split, seed, max_steps, step):
+    """Talk to a student (streaming), with the memories it retrieves shown; or watch it play.
+
+    In the REPL: /memory, /reset, /stats, /quit. Ctrl-C stops a reply, Ctrl-D (EOF) exits.
+    Piped stdin works: one request per line.
+
+    \b
+    Examples:
+      duomem-mlx chat --model converted/student-4bit
+      echo "how do I boil water?" | duomem-mlx chat --model runs/student --memory runs/bank
+      duomem-mlx chat --model runs/student --env textworld --step
+    """
+    from pathlib import Path
+
+    from .agent.loop import ModelPolicy
+    from .chat import run_chat, watch_episode
+
+    if memory_bank is None and (Path(model) / "memory" / "bank.json").exists():
+        memory_bank = str(Path(model) / "memory")
+    decode = "constrained" if env_name else "free"
+    policy = ModelPolicy.from_options(model, adapter_path, memory_bank, memory_k, decode, max_context, seed, temperature)
+    if env_name:
+        watch_episode(policy, env_name, tasks, split, seed, max_steps, step)
+    else:
+        run_chat(policy, max_tokens, max_context, temperature)
+
+
 from .memory.cli import memory  # noqa: E402  (click group; its commands import lazily)
 
 cli.add_command(memory)

@@ -17,6 +17,7 @@ class DecodeOptions:
     mode: str = "constrained"  # free | constrained
     temperature: float = 0.0
     max_tokens: int = 48
+    single_line: bool = True  # free mode: an action ends at its first newline; chat replies don't
 
 
 def build_trie(tokenizer, commands: list[str]) -> dict:
@@ -90,14 +91,17 @@ def decode_action(model, tokenizer, cache, prompt: list[int], admissible, option
                 return command, ids
             continue
         detok.add_token(token)
-        if "\n" in detok.text.lstrip():
+        if options.single_line and "\n" in detok.text.lstrip():
             break
         if on_text:
             on_text(detok.last_segment)
     if constrained:  # ran out of tokens inside the trie: take the first command on that path
         return first_command(walk(trie, ids)) or admissible[0], ids
     detok.finalize()
-    return detok.text.strip().split("\n")[0].strip(), ids
+    if on_text:
+        on_text(detok.last_segment)
+    text = detok.text.strip()
+    return (text.split("\n")[0].strip() if options.single_line else text), ids
 
 
 def first_command(node: dict) -> str | None:

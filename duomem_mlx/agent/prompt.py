@@ -17,8 +17,8 @@ SYSTEM_PROMPT = (
 )
 
 
-def system_message(memories: list[str] = ()) -> dict:
-    text = SYSTEM_PROMPT
+def system_message(memories: list[str] = (), base: str = SYSTEM_PROMPT) -> dict:
+    text = base
     if memories:
         text += "\n\nProcedural memories that may help:\n" + "\n".join(f"- {m}" for m in memories)
     return {"role": "system", "content": text}

@@ -67,8 +67,13 @@ class Session:
         target = self.prompt_ids()
         keep = min(common_prefix_len(self.fed, target), len(target) - 1)  # feed >= 1 token for logits
         trim_prompt_cache(self.cache, len(self.fed) - keep)
+        self.fed = target[:keep]
         self.prefill_tokens += len(target) - keep
-        text, ids = decode_action(self.model, self.tokenizer, self.cache, target[keep:], admissible, self.options, on_text)
+        try:
+            text, ids = decode_action(self.model, self.tokenizer, self.cache, target[keep:], admissible, self.options, on_text)
+        except KeyboardInterrupt:  # a stopped chat reply: forget it, keep the cache consistent
+            trim_prompt_cache(self.cache, self.cache[0].offset - keep)
+            raise
         self.fed = (target + ids)[: self.cache[0].offset]
         self.decode_tokens += len(ids)
         self.prompt_tokens.append(len(target))

@@ -103,7 +103,8 @@ def play_episode(env: Env, spec: TaskSpec, policy: Policy, max_steps: int, run: 
     except EnvCrashed as e:
         episode.error = str(e)
     episode.seconds = time.perf_counter() - start
-    episode.stats.update(getattr(policy, "stats", lambda: {})())
+    episode.stats.update(getattr(policy, "stats", dict)())
+    episode.memories = list(episode.stats.pop("memories", []))
     return episode
 
 

@@ -132,6 +132,11 @@ from .memory.cli import memory  # noqa: E402  (click group; its commands import 
 
 cli.add_command(memory)
 
+from .teacher.cli import cache_group, teach  # noqa: E402
+
+cli.add_command(teach)
+cli.add_command(cache_group)
+
 
 def main():
     from .blas import reexec_with_openblas

@@ -1,0 +1,320 @@
+"""The teacher cache on disk (DESIGN.md, "Teacher cache").
+
+    manifest.json              format, version, teacher, tokenizer, top_k, env, tasks, counts
+    episodes.jsonl             one kept episode per line (+ "shard", "tokens", "masked")
+    shards/NNNNN.safetensors   input_ids int32 [T], loss_mask uint8 [T],
+                               topk_ids int32 [N,k], topk_logprobs float16 [N,k] (N = sum(mask))
+    memories.jsonl             the teacher's procedural memories
+
+Shards are written under a temporary name and renamed; an episode's line is appended only
+once its shard is on disk, and the manifest is rewritten atomically after every episode.
+A row or entry of topk_ids equal to -1 carries no teacher distribution (an openai teacher
+whose generated tokens differ from the local tokenization); its logprob is 0.
+"""
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DuomemError
+
+FORMAT = "duomem-teacher-cache"
+VERSION = 1
+# Settings a resumed run must share with the cache it continues.
+SETTINGS = ("teacher", "backend", "tokenizer_fingerprint", "top_k", "env", "tasks", "split", "keep", "temperature", "seed", "max_steps")
+DTYPES = {"input_ids": "I32", "loss_mask": "U8", "topk_ids": "I32", "topk_logprobs": "F16"}
+NUMPY = {"I32": np.int32, "U8": np.uint8, "F16": np.float16}
+
+
+def shard_name(index: int) -> str:
+    return f"shards/{index:05d}.safetensors"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def encode_safetensors(arrays: dict[str, np.ndarray]) -> bytes:
+    """The safetensors layout, written directly (numpy only; keeps [0, k] shapes intact)."""
+    header, offset, blobs = {}, 0, []
+    for name, array in arrays.items():
+        blob = np.ascontiguousarray(array, dtype=NUMPY[DTYPES[name]]).tobytes()
+        header[name] = {"dtype": DTYPES[name], "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Arrays of a shard; ValueError naming what is wrong when it is truncated or malformed."""
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ValueError("truncated (no header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise ValueError("truncated (header runs past the end of the file)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("malformed header")
+    arrays, body = {}, data[8 + n :]
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        if meta.get("dtype") not in NUMPY:
+            raise ValueError(f"{name} has unexpected dtype {meta.get('dtype')}")
+        if end > len(body):
+            raise ValueError(f"truncated ({name} ends at byte {end} of {len(body)})")
+        arrays[name] = np.frombuffer(body[start:end], dtype=NUMPY[meta["dtype"]]).reshape(meta["shape"])
+    return arrays
+
+
+def load_shard(cache: str | Path, episode: dict) -> dict[str, np.ndarray]:
+    path = Path(cache) / episode["shard"]
+    try:
+        return read_safetensors(path)
+    except (OSError, ValueError) as e:
+        raise DuomemError(f"shard {path} is unreadable ({e}); run `duomem-mlx cache verify {cache}`")
+
+
+def read_manifest(cache: str | Path) -> dict:
+    path = Path(cache) / "manifest.json"
+    if not path.is_file():
+        raise DuomemError(f"{cache} is not a teacher cache (no manifest.json); write one with `duomem-mlx teach`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DuomemError(f"{path} is not valid JSON ({e.msg}); the cache is damaged, rerun `duomem-mlx teach --force`")
+    if manifest.get("format") != FORMAT:
+        raise DuomemError(f"{cache} is not a duomem teacher cache (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise DuomemError(
+            f"{cache} is teacher-cache format version {manifest.get('version')}, this duomem-mlx reads version {VERSION}; "
+            "recollect it with `duomem-mlx teach --force` or use the duomem-mlx that wrote it"
+        )
+    return manifest
+
+
+def read_episodes(cache: str | Path, torn_ok: bool = False) -> list[dict]:
+    """Kept episodes in order. A torn last line (a killed run) is skipped when torn_ok."""
+    path = Path(cache) / "episodes.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    episodes = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            episodes.append(json.loads(line))
+        except json.JSONDecodeError:
+            if torn_ok and n == len(lines):
+                break
+            raise DuomemError(f"{path} line {n} is not valid JSON; the cache is damaged (`duomem-mlx cache verify {cache}`)")
+    return episodes
+
+
+def read_memories(cache: str | Path) -> list[dict]:
+    path = Path(cache) / "memories.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class CacheWriter:
+    """Appends episodes to a cache directory; safe to kill at any point and resume."""
+
+    def __init__(self, out: str | Path, settings: dict, resume: bool = False, force: bool = False):
+        self.out = Path(out)
+        manifest_path = self.out / "manifest.json"
+        if manifest_path.exists() and not (resume or force):
+            state = "finished" if json.loads(manifest_path.read_text() or "{}").get("complete") else "unfinished"
+            raise DuomemError(f"{out} already holds a {state} teacher cache; pass --resume to continue it or --force to overwrite it")
+        if self.out.exists() and not manifest_path.exists() and any(self.out.iterdir()) and not force:
+            raise DuomemError(f"{out} exists and is not a teacher cache; choose another --out or pass --force")
+        if force and not resume:
+            for name in ("manifest.json", "episodes.jsonl", "memories.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+            for shard in (self.out / "shards").glob("*.safetensors") if (self.out / "shards").exists() else []:
+                shard.unlink()
+        (self.out / "shards").mkdir(parents=True, exist_ok=True)
+        self.episodes, self.dropped = [], []
+        self.manifest = {"format": FORMAT, "version": VERSION, **settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if resume and manifest_path.exists():
+            old = read_manifest(self.out)
+            changed = [k for k in SETTINGS if k in old and old[k] != settings.get(k)]
+            if changed:
+                diff = ", ".join(f"{k}: {old[k]!r} -> {settings.get(k)!r}" for k in changed)
+                raise DuomemError(f"--resume with different settings than {out} was collected with ({diff}); use the same flags or --force")
+            self.manifest["created"] = old.get("created", self.manifest["created"])
+            self.dropped = list(old.get("dropped", []))
+            self._truncate_torn_line()
+            self.episodes = read_episodes(self.out)
+        self.done = {e["id"] for e in self.episodes} | set(self.dropped)
+        self.save_manifest(complete=False)
+
+    def _truncate_torn_line(self):
+        path = self.out / "episodes.jsonl"
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+
+    def add(self, record: dict, arrays: dict[str, np.ndarray] | None) -> None:
+        """Keep an episode: its shard first (atomic), then its line, then the manifest."""
+        record = dict(record)
+        record["shard"] = None
+        if arrays is not None:
+            record["shard"] = shard_name(len(self.episodes))
+            record["tokens"] = int(arrays["input_ids"].shape[0])
+            record["masked"] = int(arrays["loss_mask"].sum())
+            if "topk_ids" in arrays:
+                record["unaligned_rows"] = int((arrays["topk_ids"][:, 0] < 0).sum()) if len(arrays["topk_ids"]) else 0
+            write_atomic(self.out / record["shard"], encode_safetensors(arrays))
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        fd = os.open(self.out / "episodes.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.episodes.append(record)
+        self.done.add(record["id"])
+        self.save_manifest(complete=False)
+
+    def drop(self, episode_id: str) -> None:
+        """Remember a played episode that is not kept, so --resume does not replay it."""
+        self.dropped.append(episode_id)
+        self.done.add(episode_id)
+        self.save_manifest(complete=False)
+
+    def finish(self, memories: list[dict]) -> None:
+        text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in memories)
+        write_atomic(self.out / "memories.jsonl", text.encode())
+        self.save_manifest(complete=True, memories=len(memories))
+
+    def save_manifest(self, complete: bool, memories: int | None = None) -> None:
+        kept = self.episodes
+        self.manifest.update(
+            complete=complete,
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            counts={
+                "played": len(kept) + len(self.dropped),
+                "kept": len(kept),
+                "success": sum(bool(e.get("success")) for e in kept),
+                "tokens": sum(e.get("tokens", 0) for e in kept),
+                "masked_tokens": sum(e.get("masked", 0) for e in kept),
+                "unaligned_rows": sum(e.get("unaligned_rows", 0) for e in kept),
+                "memories": memories if memories is not None else self.manifest.get("counts", {}).get("memories", 0),
+            },
+            dropped=self.dropped,
+        )
+        write_atomic(self.out / "manifest.json", json.dumps(self.manifest, indent=1, ensure_ascii=False).encode())
+
+
+def info(cache: str | Path) -> dict:
+    """Summary of a cache: counts, per-task success, bytes per masked token, memories."""
+    manifest = read_manifest(cache)
+    episodes = read_episodes(cache)
+    tasks: dict[str, list[int]] = {}
+    for e in episodes:
+        tasks.setdefault(e["task"], [0, 0])
+        tasks[e["task"]][0] += 1
+        tasks[e["task"]][1] += bool(e.get("success"))
+    shard_bytes = sum((Path(cache) / e["shard"]).stat().st_size for e in episodes if e.get("shard") and (Path(cache) / e["shard"]).exists())
+    masked = sum(e.get("masked", 0) for e in episodes)
+    k = manifest.get("top_k", 0)
+    return {
+        "teacher": manifest.get("teacher"),
+        "backend": manifest.get("backend"),
+        "tokenizer_fingerprint": manifest.get("tokenizer_fingerprint"),
+        "env": manifest.get("env"),
+        "complete": manifest.get("complete"),
+        "episodes": len(episodes),
+        "played": manifest.get("counts", {}).get("played", len(episodes)),
+        "success_rate": sum(bool(e.get("success")) for e in episodes) / max(1, len(episodes)),
+        "tasks": {t: {"episodes": n, "success_rate": s / n} for t, (n, s) in sorted(tasks.items())},
+        "tokens": sum(e.get("tokens", 0) for e in episodes),
+        "masked_tokens": masked,
+        "top_k": k,
+        "unaligned_rows": sum(e.get("unaligned_rows", 0) for e in episodes),
+        "shard_bytes": shard_bytes,
+        "bytes_per_masked_token": shard_bytes / masked if masked else None,
+        "topk_bytes_per_masked_token": 6 * k if masked and k else None,
+        "memories": len(read_memories(cache)),
+    }
+
+
+def verify(cache: str | Path) -> tuple[int, list[str]]:
+    """(shards checked, problems): every shard readable, shapes and dtypes consistent with
+    the manifest, the episode line and the mask."""
+    cache = Path(cache)
+    manifest = read_manifest(cache)
+    k, vocab = manifest.get("top_k", 0), manifest.get("vocab_size")
+    problems, seen, checked = [], set(), 0
+    try:
+        episodes = read_episodes(cache)
+    except DuomemError as e:
+        return 0, [str(e)]
+    for e in episodes:
+        if e["id"] in seen:
+            problems.append(f"episodes.jsonl: duplicate episode id {e['id']}")
+        seen.add(e["id"])
+        if not e.get("shard"):
+            continue
+        path = cache / e["shard"]
+        checked += 1
+        try:
+            arrays = read_safetensors(path)
+        except FileNotFoundError:
+            problems.append(f"{path}: missing (episode {e['id']})")
+            continue
+        except ValueError as err:
+            problems.append(f"{path}: {err}")
+            continue
+        problems += [f"{path}: {p}" for p in check_shard(arrays, e, k, vocab)]
+    return checked, problems
+
+
+def check_shard(arrays: dict, episode: dict, k: int, vocab: int | None) -> list[str]:
+    expected = ["input_ids", "loss_mask"] + (["topk_ids", "topk_logprobs"] if k else [])
+    missing = [name for name in expected if name not in arrays]
+    if missing:
+        return [f"missing {', '.join(missing)}"]
+    wrong = [f"{n} is {arrays[n].dtype}, expected {np.dtype(NUMPY[DTYPES[n]])}" for n in expected if arrays[n].dtype != NUMPY[DTYPES[n]]]
+    if wrong:
+        return wrong
+    ids, mask = arrays["input_ids"], arrays["loss_mask"]
+    t, n = ids.shape[0], int(mask.sum())
+    problems = []
+    if ids.ndim != 1 or mask.shape != ids.shape:
+        problems.append(f"input_ids {list(ids.shape)} and loss_mask {list(mask.shape)} must be equal 1-D shapes")
+    if (t, n) != (episode.get("tokens"), episode.get("masked")):
+        problems.append(f"{t} tokens / {n} masked, episodes.jsonl says {episode.get('tokens')} / {episode.get('masked')}")
+    if vocab and len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+        problems.append(f"input_ids outside the vocabulary [0, {vocab})")
+    if k:
+        for name in ("topk_ids", "topk_logprobs"):
+            if list(arrays[name].shape) != [n, k]:
+                problems.append(f"{name} is {list(arrays[name].shape)}, expected [{n}, {k}] (masked tokens x top_k)")
+        top = arrays["topk_ids"]
+        if not problems and top.size and (top.min() < -1 or (vocab and top.max() >= vocab)):
+            problems.append(f"topk_ids outside the vocabulary [0, {vocab})")
+    return problems

@@ -1,0 +1,113 @@
+"""`duomem-mlx teach` and `duomem-mlx cache info|verify`."""
+
+import json
+
+import click
+
+from ..config import config_option
+from ..errors import DuomemError
+
+
+def csv_list(_ctx, _param, value):
+    if value is None or isinstance(value, (list, tuple)):
+        return list(value) if value else None
+    return [v.strip() for v in value.split(",") if v.strip()] or None
+
+
+@click.command("teach")
+@click.option("--teacher", required=True, help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle")
+@click.option("--env", "env_name", type=click.Choice(["scienceworld", "textworld", "alfworld"]), required=True)
+@click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
+@click.option("--split", type=click.Choice(["train", "dev", "test"]), default="train", show_default=True)
+@click.option("--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise.")
+@click.option("--top-k", type=click.IntRange(0, 1024), default=20, show_default=True, help="Teacher distribution entries per action token (openai: <= 20 on vLLM, <= 10 on mlx_lm.server; 0: none).")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="Sampling temperature of the teacher's actions (the cached top-k is always at temperature 1).")
+@click.option("--keep", type=click.Choice(["success", "all"]), default="success", show_default=True)
+@click.option("--memory-writer", type=click.Choice(["rules", "teacher"]), default="rules", show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle, the student's, to store tokenized chats.")
+@click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True, help="mlx: teacher action decoding.")
+@click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
+@click.option("--keep-admissible", is_flag=True, help="Store each step's admissible commands (large for ScienceWorld).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Cache directory.")
+@click.option("--resume", is_flag=True, help="Continue a killed or shorter run; cached episodes are kept and not replayed.")
+@click.option("--force", is_flag=True, help="Overwrite an existing cache.")
+@config_option
+def teach(**kwargs):
+    """Play episodes with a teacher and cache what the student learns from: successful
+    trajectories, the teacher's top-k token distributions, and procedural memories.
+
+    \b
+    Examples:
+      duomem-mlx teach --teacher oracle --env textworld --episodes 20 --out runs/cache
+      duomem-mlx teach --teacher mlx:runs/teacher --env scienceworld --tasks boil --top-k 20 --out runs/cache
+      duomem-mlx teach --teacher openai:http://gpu:8000/v1#Qwen/Qwen2.5-72B-Instruct \\
+          --teacher-tokenizer Qwen/Qwen2.5-72B-Instruct --env textworld --episodes 50 --out runs/cache
+    """
+    from .collect import collect
+
+    summary = collect(**kwargs)
+    print_info(summary)
+
+
+@click.group("cache")
+def cache_group():
+    """Inspect and check teacher caches written by `duomem-mlx teach`."""
+
+
+@cache_group.command("info")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@config_option
+def cache_info(cache, as_json):
+    """Episodes, success rate per task, tokens, top-k, bytes per masked token, memories.
+
+    \b
+    Example:
+      duomem-mlx cache info runs/cache
+    """
+    from .cache import info
+
+    summary = info(cache)
+    click.echo(json.dumps(summary, indent=1)) if as_json else print_info(summary)
+
+
+@cache_group.command("verify")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@config_option
+def cache_verify(cache):
+    """Check every shard: readable, shapes and dtypes consistent with the manifest and mask.
+
+    \b
+    Example:
+      duomem-mlx cache verify runs/cache
+    """
+    from .cache import verify
+
+    checked, problems = verify(cache)
+    for problem in problems[1:]:
+        click.echo(problem, err=True)
+    if problems:
+        more = f" (+{len(problems) - 1} more above)" if len(problems) > 1 else ""
+        raise DuomemError(f"{problems[0]}{more}; recollect with `duomem-mlx teach ... --resume` after deleting the bad shard's line, or --force")
+    click.echo(f"ok: {checked} shards")
+
+
+def print_info(s: dict) -> None:
+    lines = [
+        f"teacher     {s['teacher']} ({s['backend']})  tokenizer {(s['tokenizer_fingerprint'] or '-')[:12]}",
+        f"env         {s['env']}  {'complete' if s['complete'] else 'unfinished (--resume to continue)'}",
+        f"episodes    {s['episodes']} kept of {s['played']} played, success {s['success_rate']:.0%}",
+    ]
+    lines += [f"  {task:<20} {t['episodes']:>5} episodes  success {t['success_rate']:.0%}" for task, t in s["tasks"].items()]
+    lines.append(f"tokens      {s['tokens']} ({s['masked_tokens']} masked)  top-k {s['top_k']}")
+    if s["bytes_per_masked_token"]:
+        lines.append(f"size        {s['shard_bytes']} shard bytes, {s['bytes_per_masked_token']:.1f} per masked token")
+    if s["unaligned_rows"]:
+        lines.append(
+            f"warning     {s['unaligned_rows']} of {s['masked_tokens']} masked tokens have no teacher top-k: the server's tokens "
+            "differ from the local tokenization of the actions (ids -1; KD skips them)"
+        )
+    lines.append(f"memories    {s['memories']}")
+    click.echo("\n".join(lines))

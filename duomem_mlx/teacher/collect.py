@@ -1,0 +1,99 @@
+"""`duomem-mlx teach`: play episodes with a teacher, cache the kept ones, write memories."""
+
+from dataclasses import asdict
+
+from tqdm import tqdm
+
+from ..envs.base import Episode, episode_id, play_episode
+from ..errors import DuomemError
+from .backends import make_teacher
+from .cache import CacheWriter, info
+
+
+def collect(
+    teacher: str,
+    env_name: str,
+    out: str,
+    tasks: list[str] | None = None,
+    split: str = "train",
+    episodes: int = 3,
+    top_k: int = 20,
+    temperature: float = 0.0,
+    keep: str = "success",
+    memory_writer: str = "rules",
+    max_steps: int = 50,
+    seed: int = 0,
+    teacher_tokenizer: str | None = None,
+    decode: str = "constrained",
+    max_context: int = 4096,
+    keep_admissible: bool = False,
+    resume: bool = False,
+    force: bool = False,
+) -> dict:
+    from ..envs import make_env
+
+    if resume and force:
+        raise DuomemError("--resume and --force contradict each other; pass one")
+    if teacher == "oracle":
+        top_k = 0
+    env = make_env(env_name)
+    try:
+        specs = env.task_specs(tasks, split, episodes, seed)
+        model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed)
+        settings = {
+            "teacher": model.spec, "backend": model.backend, "top_k": top_k, "env": env_name, "tasks": tasks,
+            "split": split, "keep": keep, "temperature": temperature, "seed": seed, "max_steps": max_steps,
+            "episodes_per_task": episodes, "memory_writer": memory_writer, "vocab_size": model.vocab_size,
+            "tokenizer_fingerprint": fingerprint(model.tokenizer),
+            "task_list": sorted({s.task for s in specs}),
+        }
+        writer = CacheWriter(out, settings, resume=resume, force=force)
+        todo = [s for s in specs if episode_id(s) not in writer.done]
+        bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="teach", unit="episode", disable=None)
+        for spec in todo:
+            episode = play_episode(env, spec, model.policy, max_steps)
+            if episode.steps and (episode.success or keep == "all"):
+                keep_episode(writer, model, episode, keep_admissible, out)
+            else:
+                writer.drop(episode.id)
+            played = writer.manifest["counts"]["played"]
+            wins = writer.manifest["counts"]["success"]
+            bar.update(1)
+            bar.set_postfix(success=f"{wins}/{played}", kept=len(writer.episodes))
+        bar.close()
+    finally:
+        env.close()
+    kept = [Episode.from_json(e) for e in writer.episodes]
+    memories = model.memories(kept, memory_writer) if any(e.success for e in kept) else []
+    writer.finish(unique([asdict(m) for m in memories]))
+    return info(out)
+
+
+def keep_episode(writer: CacheWriter, model, episode: Episode, keep_admissible: bool, out: str) -> None:
+    record = episode.to_json()
+    if not keep_admissible:
+        for step in record["steps"]:
+            step["admissible"] = None
+    try:
+        writer.add(record, model.arrays(episode))
+    except OSError as e:
+        raise DuomemError(
+            f"could not write to {out} ({e.strerror or e}); the {len(writer.episodes)} episodes already cached are intact: "
+            "free space and rerun with --resume"
+        )
+
+
+def fingerprint(tokenizer) -> str | None:
+    from ..models import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
+
+
+def unique(memories: list[dict]) -> list[dict]:
+    by_id: dict[str, dict] = {}
+    for m in memories:
+        if m["id"] in by_id:
+            by_id[m["id"]]["source"] += m["source"]
+        else:
+            by_id[m["id"]] = m
+    return list(by_id.values())

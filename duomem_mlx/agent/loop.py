@@ -38,8 +38,11 @@ class ModelPolicy:
         return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature)
 
     def retrieve(self, query: str, task_type: str | None = None) -> list:
+        """The closest memories, of the episode's task type when the bank has any."""
         if self.bank is None or self.memory_k == 0:
             return []
+        if not any(m.task_type == task_type for m in self.bank.memories):
+            task_type = None
         return self.bank.retrieve(self.model, self.tokenizer, query, self.memory_k, task_type=task_type)
 
     def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):

@@ -21,7 +21,7 @@ def cli():
     """Distil a big agent model into a small, fast one on Apple Silicon (DuoMem).
 
     \b
-    Pipeline:  teach -> memory build -> distill -> quantize -> eval | bench | chat | upload
+    Pipeline:  teach -> memory build -> eval | chat   (distill, quantize, bench, upload: planned)
     Start with `make demo`, or:
       duomem-mlx tiny-model runs/student
       duomem-mlx eval --env textworld --episodes 5 --policy oracle --out runs/oracle.json

@@ -106,8 +106,8 @@ class MemoryBank:
             raise DuomemError(f"memory bank {path} is incomplete (missing {', '.join(missing)}); rebuild it with `duomem-mlx memory build`")
         try:
             info = json.loads((path / "bank.json").read_text())
-            if not isinstance(info, dict):
-                raise ValueError("not an object")
+            if not isinstance(info, dict) or not {"fingerprint", "dim", "embedder"} <= info.keys():
+                raise ValueError("bank.json lacks fingerprint/dim/embedder")
             if info.get("format") != FORMAT:
                 raise DuomemError(f"memory bank {path} has format {info.get('format')}, this version reads {FORMAT}; rebuild it")
             keys = mx.load(str(path / "keys.safetensors"))["keys"]

@@ -41,7 +41,9 @@ def build_command(memories_path, embedder, adapter_path, out):
     memories = read_memories(memories_path)
     model, tokenizer = load(embedder, adapter_path)
     start = time.perf_counter()
-    bank = build(memories, model, tokenizer, embedder=embedder, adapter_path=adapter_path, progress=True)
+    local = Path(embedder).expanduser()
+    recorded = str(local.resolve()) if local.exists() else embedder  # so `memory search` works from any directory
+    bank = build(memories, model, tokenizer, embedder=recorded, adapter_path=adapter_path and str(Path(adapter_path).resolve()), progress=True)
     path = bank.save(out)
     size = sum(f.stat().st_size for f in path.iterdir())
     click.echo(f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s")

@@ -13,7 +13,8 @@ from .bank import Memory, memory_id
 
 PREPOSITIONS = {"from", "with", "on", "in", "into", "to", "at", "onto", "up", "down", "under", "inside", "using", "off", "for", "out"}
 ARTICLES = {"the", "a", "an"}
-PLACEHOLDERS = "XYZWVUTSRQPONMLK"
+DIRECTIONS = {"north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest"}
+PLACEHOLDERS = "XYZPQRTUVKLM"  # no W/N/E/S: they read like directions
 MAX_STEPS = 40
 SIMILAR = 0.9  # workflows of one task type this alike (difflib ratio over steps) are merged
 
@@ -51,15 +52,18 @@ def successful(episodes: list[Episode]) -> list[Episode]:
 
 
 def generalise(actions: list[str], task_description: str) -> tuple[list[str], list[str]]:
-    """Replace the objects actions name by X, Y, ... where the task description names them too;
-    returns the steps and the placeholders used, in order of first use."""
+    """Replace the objects actions name by X, Y, ... where the task description names them too
+    (ALFWorld-style instance numbers ignored: "apple 1" matches "apple"); directions stay.
+    Returns the steps and the placeholders used, in order of first use."""
     described = task_description.lower()
     names: dict[str, str] = {}
 
     def placeholder(phrase: str) -> str:
         words = [w for w in phrase.split() if w not in ARTICLES]
+        while words and words[-1].isdigit():
+            words.pop()
         core = " ".join(words)
-        if not core or not re.search(rf"(?<!\w){re.escape(core)}(?!\w)", described):
+        if not core or core in DIRECTIONS or not re.search(rf"(?<!\w){re.escape(core)}(?!\w)", described):
             return phrase
         if core not in names:
             names[core] = PLACEHOLDERS[len(names)] if len(names) < len(PLACEHOLDERS) else f"X{len(names) + 1}"
@@ -164,6 +168,8 @@ def write(episodes_path: str, writer: str, max_tokens: int = 160) -> list[Memory
 
         model, tokenizer = load(writer[len("model:") :])
         memories = model_memories(episodes, model, tokenizer, max_tokens)
+        if not memories:
+            raise DuomemError(f"{writer} wrote only empty replies; use a stronger (instruction-tuned) model or --writer rules")
     else:
         raise DuomemError(f"unknown --writer {writer}; use rules or model:PATH")
     unique = {}

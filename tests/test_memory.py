@@ -1,0 +1,246 @@
+"""Memory bank, retrieval, writers and the `memory` CLI, on real tiny models and real TextWorld games."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from duomem_mlx.cli import cli
+from duomem_mlx.envs.base import Episode, Step
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.memory.bank import FORMAT, Memory, MemoryBank, build, read_memories, write_memories
+from duomem_mlx.memory.embed import embed
+from duomem_mlx.memory.writer import clean_reply, generalise, model_memories, read_episodes, rule_memories, writer_prompt
+from duomem_mlx.models import load
+
+MEMORIES = [
+    {"id": "heat-1", "task_type": "heat", "text": "To heat X: go to the microwave, open it, put X inside, close it, wait."},
+    {"id": "heat-2", "task_type": "heat", "text": "To warm a drink: pour it into a mug and use the stove."},
+    {"id": "cool-1", "task_type": "cool", "text": "To cool X: take X, go to the fridge, open the fridge, put X in the fridge."},
+    {"id": "cool-2", "task_type": "cool", "text": "Frozen things melt when left on the counter for a while."},
+    {"id": "key-1", "task_type": "tw-simple", "text": "Workflow: open X, take Y from X, unlock Z with Y, open Z, go east."},
+    {"id": "any-1", "task_type": "", "text": "Look around before acting; examine objects you do not know."},
+]
+
+
+@pytest.fixture(scope="module")
+def student(tiny_model):
+    return load(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def bank(student, tiny_model):
+    return build(MEMORIES, *student, embedder=str(tiny_model))
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, ["memory", *map(str, args)])
+    assert "Traceback" not in result.output
+    return result
+
+
+def error_of(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_retrieval_returns_closest_and_filters(bank, student):
+    model, tokenizer = student
+    for memory in MEMORIES:
+        found = bank.retrieve(model, tokenizer, memory["text"], k=3)
+        assert found[0].id == memory["id"]
+    hits = bank.search(MEMORIES[0]["text"], k=10, task_type="cool", model=model, tokenizer=tokenizer)
+    assert [m.task_type for m, _ in hits] == ["cool", "cool"]
+    assert hits[0][1] >= hits[1][1]
+    assert bank.search(MEMORIES[0]["text"], 3, "unknown-task", model, tokenizer) == []
+    vector = np.array(bank.keys[2].astype(mx.float32))
+    assert bank.search(vector, 1)[0][0].id == "cool-1" and bank.search(vector, 1)[0][1] == pytest.approx(1, abs=1e-3)
+
+
+def test_batched_embedding_equals_one_by_one(student):
+    texts = [m["text"] for m in MEMORIES]
+    batched = embed(*student, texts, batch_size=4)
+    single = mx.concatenate([embed(*student, [t]) for t in texts])
+    assert mx.allclose(batched, single, atol=1e-5).item()
+    assert mx.allclose(mx.linalg.norm(batched, axis=-1), mx.ones(len(texts)), atol=1e-5).item()
+
+
+def test_save_load_round_trip(bank, student, tmp_path):
+    bank.save(tmp_path / "bank")
+    assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == ["bank.json", "keys.safetensors", "memories.jsonl"]
+    loaded = MemoryBank.load(tmp_path / "bank")
+    assert loaded.memories == bank.memories and loaded.info == bank.info
+    assert loaded.keys.dtype == mx.float16 and mx.array_equal(loaded.keys, bank.keys).item()
+    assert loaded.info["format"] == FORMAT and loaded.info["count"] == len(MEMORIES) and loaded.dim == 64
+    loaded.check_embedder(*student)
+    assert loaded.retrieve(*student, MEMORIES[4]["text"], k=1)[0].id == "key-1"
+
+
+def test_other_embedder_is_refused(bank, tiny_teacher, tiny_model, tmp_path):
+    teacher = load(str(tiny_teacher))
+    with pytest.raises(DuomemError, match="another embedder"):
+        bank.check_embedder(*teacher)
+    with pytest.raises(DuomemError, match="another embedder"):
+        bank.retrieve(*teacher, "heat the apple", k=1)
+    bank.save(tmp_path / "bank")
+    assert "another embedder" in error_of(run("search", tmp_path / "bank", "heat", "--embedder", tiny_teacher))
+    # same architecture and tokenizer, other weights: still refused
+    other = shutil.copytree(tiny_model, tmp_path / "other")
+    weights = mx.load(str(other / "model.safetensors"))
+    weights = {k: v * 1.01 if "layers.1.mlp" in k else v for k, v in weights.items()}
+    mx.save_safetensors(str(other / "model.safetensors"), weights)
+    with pytest.raises(DuomemError, match="another embedder"):
+        bank.check_embedder(*load(str(other)))
+
+
+def test_thousand_memories_at_hidden_2048_under_5mb(tmp_path):
+    memories = [Memory(f"mem-{i:04d}", f"task-{i % 30}", "Workflow for boil: " + ", ".join(["go to kitchen", "pick up X", "move X to stove", "activate stove", "wait"] * 3), [f"ep/{i}"]) for i in range(1000)]
+    keys = mx.random.normal((1000, 2048))
+    keys = (keys / mx.linalg.norm(keys, axis=-1, keepdims=True)).astype(mx.float16)
+    bank = MemoryBank(memories, keys, {"format": FORMAT, "embedder": "x", "adapter_path": None, "fingerprint": "0" * 64, "dim": 2048, "count": 1000})
+    path = bank.save(tmp_path / "bank")
+    size = sum(p.stat().st_size for p in path.iterdir())
+    assert size < 5_000_000, size
+    loaded = MemoryBank.load(path)
+    assert loaded.search(np.array(keys[123].astype(mx.float32)), 1)[0][0].id == "mem-0123"
+
+
+def test_bad_memory_files_name_the_line(tmp_path, tiny_model):
+    good = json.dumps(MEMORIES[0])
+    cases = {
+        "json.jsonl": [good, "", "{not json"],
+        "notext.jsonl": [good, json.dumps({"id": "x", "task_type": "heat"})],
+        "dup.jsonl": [good, good],
+        "list.jsonl": ["[1, 2]"],
+    }
+    expected = {"json.jsonl": "line 3", "notext.jsonl": "line 2", "dup.jsonl": "line 2", "list.jsonl": "line 1"}
+    for name, lines in cases.items():
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        with pytest.raises(DuomemError, match=expected[name]):
+            read_memories(tmp_path / name)
+        assert expected[name] in error_of(run("build", "--memories", tmp_path / name, "--embedder", tiny_model, "--out", tmp_path / "b"))
+    assert "does not exist" in error_of(run("build", "--memories", tmp_path / "none.jsonl", "--embedder", tiny_model, "--out", tmp_path / "b"))
+    (tmp_path / "ok.jsonl").write_text(good + "\n")
+    assert "does not exist" in error_of(run("build", "--memories", tmp_path / "ok.jsonl", "--embedder", tmp_path / "no-model", "--out", tmp_path / "b"))
+
+
+def test_missing_or_corrupt_bank(bank, tmp_path):
+    assert "no memory bank" in error_of(run("show", tmp_path / "nowhere"))
+    path = bank.save(tmp_path / "bank")
+    (path / "keys.safetensors").unlink()
+    assert "missing keys.safetensors" in error_of(run("show", path))
+    (path / "keys.safetensors").write_bytes(b"garbage, not safetensors")
+    assert "corrupt" in error_of(run("show", path))
+    bank.save(path)
+    for text in ("{", json.dumps({"format": FORMAT})):
+        (path / "bank.json").write_text(text)
+        assert "corrupt" in error_of(run("show", path))
+    bank.save(path)
+    with open(path / "memories.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more memory than keys"}) + "\n")
+    assert "corrupt" in error_of(run("show", path))
+
+
+def episode(eid, task, description, actions, success=True):
+    return Episode(eid, "textworld", task, 0, description, success, 1.0 if success else 0.0, [Step(f"obs {i}", a, [a]) for i, a in enumerate(actions)])
+
+
+def test_rules_writer_generalises_and_merges():
+    steps, names = generalise(["take apple 1 from countertop 2", "go east", "heat apple 1 with microwave 1", "look"], "Heat some apple and put it in the fridge.")
+    assert steps == ["take X from countertop 2", "go east", "heat X with microwave 1", "look"] and names == ["X"]
+    episodes = [
+        episode("a", "tw", "Take the red key from the chest, unlock the door.", ["open chest", "take red key from chest", "unlock door with red key", "go east"]),
+        episode("b", "tw", "Get the blue card from the box and unlock the gate.", ["open box", "take blue card from box", "unlock gate with blue card", "go east"]),
+        episode("c", "tw", "Get the blue card from the box and unlock the gate.", ["wait", "wait", "wait", "open box"]),
+        episode("d", "other", "Take the red key from the chest, unlock the door.", ["open chest", "take red key from chest", "unlock door with red key", "go east"]),
+        episode("e", "tw", "Eat the apple.", ["eat apple"], success=False),
+    ]
+    memories = rule_memories(episodes)
+    assert [(m.task_type, m.source) for m in memories] == [("tw", ["a", "b"]), ("tw", ["c"]), ("other", ["d"])]
+    assert memories[0].text == "Workflow for tw (X, Y, Z: objects named in the task): open X, take Y from X, unlock Z with Y, go east."
+    assert "wait (x3)" in memories[1].text
+    assert len({m.id for m in memories}) == 3
+    with pytest.raises(DuomemError, match="none of the 1 episodes succeeded"):
+        rule_memories(episodes[-1:])
+
+
+def play_textworld(tmp_path, seed) -> Episode:
+    textworld = pytest.importorskip("textworld")
+    game = tmp_path / f"game{seed}.z8"
+    tw_make = Path(sys.executable).parent / "tw-make"
+    subprocess.run([str(tw_make), "tw-simple", "--rewards", "dense", "--goal", "detailed", "--seed", str(seed), "--output", str(game), "-f", "--silent"], check=True)
+    env = textworld.start(str(game), textworld.EnvInfos(admissible_commands=True, won=True, objective=True, extras=["walkthrough"]))
+    state = env.reset()
+    played = Episode(f"textworld/tw-simple/{seed}/0", "textworld", "tw-simple", seed, state.objective, False, 0.0)
+    for action in state["extra.walkthrough"]:
+        played.steps.append(Step(state.feedback, action, list(state.admissible_commands)))
+        state, played.score, _ = env.step(action)
+    played.success = bool(state.won)
+    env.close()
+    return played
+
+
+@pytest.fixture(scope="module")
+def textworld_log(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("textworld")
+    episodes = [play_textworld(tmp_path, seed) for seed in (1, 3)]
+    log = tmp_path / "episodes.jsonl"
+    log.write_text("".join(json.dumps(e.to_json()) + "\n" for e in episodes))
+    return log
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_rules_writer_and_cli_on_real_textworld_games(textworld_log, tiny_model, tmp_path):
+    episodes = read_episodes(textworld_log)
+    assert all(e.success for e in episodes)
+    result = run("write", "--episodes", textworld_log, "--writer", "rules", "--out", tmp_path / "memories.jsonl")
+    assert result.exit_code == 0, result.output
+    memories = read_memories(tmp_path / "memories.jsonl")
+    assert len(memories) == 2 and {m.task_type for m in memories} == {"tw-simple"}
+    for memory, played in zip(memories, episodes):
+        assert memory.source == [played.id]
+        assert "take Y from X, unlock Z with Y, open Z, go east" in memory.text
+        for entity in ("old key", "wooden door", "chest drawer", "antique trunk", "stove"):
+            assert entity not in memory.text
+
+    result = run("build", "--memories", tmp_path / "memories.jsonl", "--embedder", tiny_model, "--out", tmp_path / "bank")
+    assert result.exit_code == 0 and "wrote 2 memories (dim 64" in result.output, result.output
+    result = run("search", tmp_path / "bank", memories[1].text, "-k", "1")
+    assert result.exit_code == 0 and memories[1].id in result.output, result.output
+    result = run("search", tmp_path / "bank", memories[1].text, "-k", "2", "--task-type", "nothing")
+    assert result.exit_code == 0 and result.output == ""
+    result = run("show", tmp_path / "bank")
+    assert result.exit_code == 0 and "tw-simple: 2" in result.output and memories[0].id in result.output
+
+
+def test_model_writer(tiny_model, tmp_path):
+    played = episode("ep/1", "heat", "Heat the apple.", ["take apple", "heat apple with microwave"])
+    played.steps[0].observation = "You are in a kitchen. " * 50
+    model, tokenizer = load(str(tiny_model))
+    prompt = writer_prompt(tokenizer, played)
+    assert "Heat the apple." in prompt and "Action: heat apple with microwave" in prompt and prompt.count("kitchen") < 20
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(played.to_json()) + "\n" + json.dumps(episode("ep/2", "heat", "x", ["a"], False).to_json()) + "\n")
+    # a random-init model replies with whitespace only: dropped, and said so
+    assert clean_reply("<think>\nhm</think>\n\n  Go to X.\n  Heat X.  \n") == "Go to X.\n  Heat X."
+    assert model_memories([played], model, tokenizer, max_tokens=8) == []
+    error = error_of(run("write", "--episodes", log, "--writer", f"model:{tiny_model}", "--max-tokens", "8", "--out", tmp_path / "m.jsonl"))
+    assert "empty replies" in error
+    assert "does not exist" in error_of(run("write", "--episodes", log, "--writer", f"model:{tmp_path}/none", "--out", tmp_path / "m.jsonl"))
+    assert "unknown --writer" in error_of(run("write", "--episodes", log, "--writer", "magic", "--out", tmp_path / "m.jsonl"))
+    log.write_text(json.dumps(played.to_json()) + "\n" + "{}\n")
+    assert "line 2" in error_of(run("write", "--episodes", log, "--out", tmp_path / "m.jsonl"))
+
+
+def test_write_memories_round_trip(tmp_path):
+    memories = [Memory("a", "heat", "text one", ["e1"]), Memory("b", "", "text two")]
+    write_memories(tmp_path / "m.jsonl", memories)
+    assert read_memories(tmp_path / "m.jsonl") == memories

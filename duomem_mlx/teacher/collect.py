@@ -30,16 +30,16 @@ def collect(
     resume: bool = False,
     force: bool = False,
 ) -> dict:
-    from ..envs import make_env
-
     if resume and force:
         raise DuomemError("--resume and --force contradict each other; pass one")
     if teacher == "oracle":
         top_k = 0
+    model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed)
+    from ..envs import make_env
+
     env = make_env(env_name)
     try:
         specs = env.task_specs(tasks, split, episodes, seed)
-        model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed)
         settings = {
             "teacher": model.spec, "backend": model.backend, "top_k": top_k, "env": env_name, "tasks": tasks,
             "split": split, "keep": keep, "temperature": temperature, "seed": seed, "max_steps": max_steps,

@@ -172,3 +172,48 @@ def test_resume_after_torn_line(tmp_path, tiny_teacher):
     assert writer.done == {"ep0", "ep1"}
     assert [e["id"] for e in read_episodes(out)] == ["ep0", "ep1"]
     assert verify(out) == (2, [])
+
+
+def teach(*args) -> list[str]:
+    return ["teach", "--env", "textworld", "--max-steps", "6", *args]
+
+
+def test_mlx_teach_cache_equals_forward_pass(tmp_path, tiny_teacher):
+    """`teach` with an mlx: teacher on TextWorld: every cached row equals a plain forward pass."""
+    out = tmp_path / "mlx"
+    result = CliRunner().invoke(cli, teach("--teacher", f"mlx:{tiny_teacher}", "--episodes", "2", "--keep", "all", "--top-k", "8", "--out", str(out)))
+    assert result.exit_code == 0, result.output
+    model, _ = load(str(tiny_teacher))
+    episodes = read_episodes(out)
+    assert len(episodes) == 2 and verify(out) == (2, [])
+    for episode in episodes:
+        arrays = cache_mod.load_shard(out, episode)
+        assert arrays["topk_ids"].shape == (episode["masked"], 8)
+        check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), arrays["topk_ids"], arrays["topk_logprobs"], slice(None))
+
+
+def test_oracle_cache_and_kill_resume(tmp_path, tiny_model):
+    """kill -9 mid-run, then --resume: every episode exactly once; successes and memories."""
+    out = tmp_path / "oracle"
+    args = teach("--teacher", "oracle", "--teacher-tokenizer", str(tiny_model), "--episodes", "4", "--out", str(out))
+    env = dict(os.environ, DUOMEM_OPENBLAS="0")
+    proc = subprocess.Popen([sys.executable, "-m", "duomem_mlx", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "episodes.jsonl").exists() and (out / "episodes.jsonl").read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = subprocess.run([sys.executable, "-m", "duomem_mlx", *args], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "--resume" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-m", "duomem_mlx", *args, "--resume"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ids = [e["id"] for e in read_episodes(out)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert killed and len(ids) == len(set(ids)) and len(ids) + len(manifest["dropped"]) == 4
+    assert manifest["complete"] and manifest["counts"]["success"] == len(ids) > 0
+    assert all(e["success"] for e in read_episodes(out)) and verify(out) == (len(ids), [])
+    memories = cache_mod.read_memories(out)
+    assert memories and all(m["text"] and m["source"] for m in memories)

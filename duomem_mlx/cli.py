@@ -66,7 +66,7 @@ def tiny_model(out, arch, layers, hidden, vocab_size, seed, tokenizer_from):
 @click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True)
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True, help="Tokens kept; oldest whole turns drop first.")
-@click.option("--max-steps", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="results.json")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write one JSON line per episode.")

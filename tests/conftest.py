@@ -16,3 +16,36 @@ def tiny_teacher(tmp_path_factory, tiny_model):
     """A bigger llama sharing the student's tokenizer (so KD is possible)."""
     out = tmp_path_factory.mktemp("models") / "teacher"
     return make_tiny_model(out, arch="llama", layers=3, hidden=128, seed=1, tokenizer_from=tiny_model)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def game_cache(tmp_path_factory):
+    """Generated TextWorld games go to a per-session directory (subprocesses inherit it)."""
+    import os
+
+    path = tmp_path_factory.mktemp("duomem-cache")
+    previous = os.environ.get("DUOMEM_CACHE")
+    os.environ["DUOMEM_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("DUOMEM_CACHE", None)
+    else:
+        os.environ["DUOMEM_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def scienceworld():
+    from duomem_mlx.envs import make_env
+
+    env = make_env("scienceworld")
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="session")
+def textworld():
+    from duomem_mlx.envs import make_env
+
+    env = make_env("textworld")
+    yield env
+    env.close()

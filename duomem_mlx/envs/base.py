@@ -10,6 +10,7 @@ class TaskSpec:
     env: str
     task: str  # task type / name, e.g. "boil" or "tw-simple"
     variation: int  # ScienceWorld variation, TextWorld seed, ALFWorld game index
+    split: str = "dev"
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Episode:
 
 class Env(Protocol):
     name: str
+    default_max_steps: int
 
     def task_names(self) -> list[str]: ...
 

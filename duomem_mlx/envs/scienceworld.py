@@ -1,0 +1,112 @@
+"""ScienceWorld: 30 procedural science task types with train/dev/test variations and gold paths.
+
+Runs a JVM (py4j). A JVM that dies mid-episode raises EnvCrashed; the next reset starts a new one."""
+
+import logging
+import random
+import shutil
+import subprocess
+
+from ..errors import DuomemError
+from .base import EnvCrashed, StepResult, TaskSpec
+
+logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
+SIMPLIFICATION = "easy"  # teleport, open doors and containers, no electrical actions: the usual agent setting
+
+
+def require_java():
+    if shutil.which("java") is None:
+        raise DuomemError(
+            "ScienceWorld needs Java 11+ and none was found: `sudo apt-get install default-jre-headless` "
+            "(Debian/Ubuntu) or `brew install openjdk` (macOS)"
+        )
+
+
+class ScienceWorld:
+    name = "scienceworld"
+    default_max_steps = 100
+
+    def __init__(self, step_limit: int = 1000):  # our max_steps ends episodes; gold paths reach 178 steps
+        require_java()
+        try:
+            from scienceworld import ScienceWorldEnv
+        except ImportError:
+            raise DuomemError("ScienceWorld is not installed: pip install 'duomem-mlx[envs]'")
+        self._make = lambda: ScienceWorldEnv("", envStepLimit=step_limit)
+        self.env = self._make()
+        self._names = list(self.env.get_task_names())
+
+    def task_names(self) -> list[str]:
+        return self._names
+
+    def variations(self, task: str, split: str) -> list[int]:
+        self.env.load(task, 0, SIMPLIFICATION)
+        getter = {"train": self.env.get_variations_train, "dev": self.env.get_variations_dev, "test": self.env.get_variations_test}
+        return list(getter[split]())
+
+    def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
+        rng = random.Random(seed)
+        unknown = [t for t in tasks or [] if t not in self._names]
+        if unknown:
+            raise DuomemError(f"unknown ScienceWorld task {unknown[0]}; valid: {', '.join(self._names[:6])}, ... (30 in all)")
+        if tasks:
+            return [TaskSpec(self.name, t, v, split) for t in tasks for v in sample(rng, self.variations(t, split), episodes)]
+        picks = [rng.choice(self._names) for _ in range(episodes)]
+        return [TaskSpec(self.name, t, rng.choice(self.variations(t, split)), split) for t in picks]
+
+    def reset(self, spec: TaskSpec) -> tuple[str, StepResult]:
+        if not self.alive():
+            self.restart()
+        try:
+            self.env.load(spec.task, spec.variation, SIMPLIFICATION, generateGoldPath=True)
+            observation, info = self.env.reset()
+            return self.env.get_task_description(), self.result(observation, info, done=False)
+        except Exception as e:  # py4j errors when the JVM is gone
+            raise self.crashed(e)
+
+    def step(self, action: str) -> StepResult:
+        try:
+            observation, _, done, info = self.env.step(action)
+        except Exception as e:
+            raise self.crashed(e)
+        return self.result(observation, info, done)
+
+    def result(self, observation: str, info: dict, done: bool) -> StepResult:
+        score = info.get("score", 0)
+        return StepResult(observation, list(info.get("valid", [])), 0.0, max(score, 0) / 100, done, done and score >= 100)
+
+    def expert_actions(self) -> list[str]:
+        return list(self.env.get_gold_action_sequence())
+
+    def alive(self) -> bool:
+        return self.env is not None and self.env._gateway.java_process.poll() is None
+
+    def crashed(self, error: Exception) -> EnvCrashed:
+        if not self.alive():
+            self.close()
+            return EnvCrashed("the ScienceWorld JVM died; the episode counts as failed and the next one restarts it")
+        return EnvCrashed(f"ScienceWorld failed ({error.__class__.__name__}: {str(error)[:200]})")
+
+    def restart(self):
+        self.close()
+        self.env = self._make()
+
+    def close(self):
+        if self.env is None:
+            return
+        process = self.env._gateway.java_process
+        try:
+            self.env._gateway.shutdown()
+        except Exception:
+            pass  # the JVM may already be gone
+        process.kill()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.env.close = lambda: None  # its __del__ would talk to the dead gateway
+        self.env = None
+
+
+def sample(rng: random.Random, items: list[int], n: int) -> list[int]:
+    return rng.sample(items, n) if n <= len(items) else [rng.choice(items) for _ in range(n)]

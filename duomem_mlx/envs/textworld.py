@@ -1,0 +1,103 @@
+"""TextWorld: games generated offline from a seed with `tw-make`, cached on disk, with walkthroughs.
+
+Task types: `simple` (tw-simple, dense rewards, detailed goal) and `cooking` (tw-cooking).
+Splits are disjoint seed ranges."""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import DuomemError
+from .base import StepResult, TaskSpec
+
+CHALLENGES = {
+    "simple": ["tw-simple", "--rewards", "dense", "--goal", "detailed"],
+    "cooking": ["tw-cooking", "--recipe", "1", "--take", "1", "--go", "1"],
+}
+SPLIT_SEEDS = {"train": 0, "dev": 100_000, "test": 200_000}
+SEEDS_PER_SPLIT = 100_000
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DUOMEM_CACHE") or Path.home() / ".cache" / "duomem-mlx"
+    return Path(root) / "textworld"
+
+
+def tw_make() -> str:
+    local = Path(sys.executable).parent / "tw-make"  # the venv's, when not on PATH
+    found = str(local) if local.exists() else shutil.which("tw-make")
+    if found is None:
+        raise DuomemError("TextWorld is not installed: pip install 'duomem-mlx[envs]'")
+    return found
+
+
+def game_path(task: str, seed: int) -> Path:
+    """The game file for (task, seed), generated on first use; concurrent runs are safe."""
+    path = cache_dir() / f"{task}-{seed}.z8"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{task}-{seed}-{os.getpid()}"
+    command = [tw_make(), *CHALLENGES[task], "--seed", str(seed), "--output", f"{tmp}.z8", "-f", "--silent"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DuomemError(f"tw-make failed for {task} seed {seed}: {result.stderr.strip().splitlines()[-1:]}")
+    os.replace(f"{tmp}.json", path.with_suffix(".json"))
+    os.replace(f"{tmp}.z8", path)
+    return path
+
+
+class TextWorld:
+    name = "textworld"
+    default_max_steps = 50
+
+    def __init__(self):
+        try:
+            import textworld
+        except ImportError:
+            raise DuomemError("TextWorld is not installed: pip install 'duomem-mlx[envs]'")
+        self.infos = textworld.EnvInfos(admissible_commands=True, won=True, lost=True, score=True,
+                                        max_score=True, objective=True, extras=["walkthrough"])
+        self.env = None
+        self.state = None
+
+    def task_names(self) -> list[str]:
+        return list(CHALLENGES)
+
+    def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
+        unknown = [t for t in tasks or [] if t not in CHALLENGES]
+        if unknown:
+            raise DuomemError(f"unknown TextWorld task {unknown[0]}; valid: {', '.join(CHALLENGES)}")
+        rng = random.Random(seed)
+        seeds = lambda n: [SPLIT_SEEDS[split] + s for s in rng.sample(range(SEEDS_PER_SPLIT), n)]
+        if tasks:
+            return [TaskSpec(self.name, t, s, split) for t in tasks for s in seeds(episodes)]
+        return [TaskSpec(self.name, rng.choice(list(CHALLENGES)), s, split) for s in seeds(episodes)]
+
+    def reset(self, spec: TaskSpec) -> tuple[str, StepResult]:
+        import textworld
+
+        self.close()
+        self.env = textworld.start(str(game_path(spec.task, spec.variation)), request_infos=self.infos)
+        self.state = self.env.reset()
+        return self.state.objective.strip(), self.result(self.state, done=False)
+
+    def step(self, action: str) -> StepResult:
+        self.state, _, done = self.env.step(action)
+        return self.result(self.state, done)
+
+    @staticmethod
+    def result(state, done: bool) -> StepResult:
+        score = state.score / state.max_score if state.max_score else 0.0
+        return StepResult(state.feedback, list(state.admissible_commands or []), 0.0, score, done, bool(state.won))
+
+    def expert_actions(self) -> list[str]:
+        return list(self.state["extra.walkthrough"])
+
+    def close(self):
+        if self.env is not None:
+            self.env.close()
+            self.env = None

@@ -217,3 +217,6 @@ def test_oracle_cache_and_kill_resume(tmp_path, tiny_model):
     assert all(e["success"] for e in read_episodes(out)) and verify(out) == (len(ids), [])
     memories = cache_mod.read_memories(out)
     assert memories and all(m["text"] and m["source"] for m in memories)
+    result = CliRunner().invoke(cli, ["memory", "build", "--cache", str(out), "--embedder", str(tiny_model), "--out", str(tmp_path / "bank")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "bank" / "memories.jsonl").read_text().splitlines()) == len(memories)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..config import config_option
+from ..errors import DuomemError
 
 
 @click.group()
@@ -23,21 +24,30 @@ def memory():
 
 
 @memory.command("build")
-@click.option("--memories", "memories_path", type=click.Path(dir_okay=False), required=True, help="JSONL, one {id, task_type, text, source} per line.")
+@click.option("--memories", "memories_path", type=click.Path(dir_okay=False), help="JSONL, one {id, task_type, text, source} per line.")
+@click.option("--cache", "cache_path", type=click.Path(file_okay=False), help="A teacher cache (`duomem-mlx teach`): use its memories.")
 @click.option("--embedder", required=True, help="The student model (path or Hub id) whose hidden states are the keys.")
 @click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters loaded on the embedder.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Bank directory to write.")
 @config_option
-def build_command(memories_path, embedder, adapter_path, out):
+def build_command(memories_path, cache_path, embedder, adapter_path, out):
     """Embed memories with the student and write a memory bank directory.
 
     \b
-    Example:
+    Examples:
       duomem-mlx memory build --memories runs/memories.jsonl --embedder runs/student --out runs/bank
+      duomem-mlx memory build --cache runs/cache --embedder runs/student --out runs/bank
     """
     from ..models import load
     from .bank import build, read_memories
 
+    if bool(memories_path) == bool(cache_path):
+        raise DuomemError("pass exactly one of --memories FILE or --cache CACHE")
+    if cache_path:
+        from ..teacher.cache import read_manifest
+
+        read_manifest(cache_path)
+        memories_path = str(Path(cache_path) / "memories.jsonl")
     memories = read_memories(memories_path)
     model, tokenizer = load(embedder, adapter_path)
     start = time.perf_counter()

@@ -1,0 +1,65 @@
+"""The CLI surface: help everywhere, -c config files, tiny models that plain mlx-lm opens."""
+
+import subprocess
+import sys
+
+import click
+import mlx_lm
+import pytest
+from click.testing import CliRunner
+
+from duomem_mlx.cli import cli
+from duomem_mlx.models import tokenizer_fingerprint
+
+
+def all_commands(group: click.Group, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [(), *all_commands(cli)], ids=lambda p: " ".join(p) or "duomem-mlx")
+def test_every_command_has_help_with_an_example(path):
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    assert "duomem-mlx" in result.output.split("Options:")[0]  # an example or the pipeline
+
+
+def test_expected_commands_exist():
+    names = {" ".join(p) for p in all_commands(cli)}
+    assert {"tiny-model", "eval", "chat", "teach", "cache info", "cache verify", "memory build", "memory search"} <= names
+
+
+def test_tiny_models_load_and_generate_with_plain_mlx_lm(tmp_path):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["tiny-model", str(teacher), "--arch", "llama", "--layers", "3", "--hidden", "96"]).exit_code == 0
+    assert runner.invoke(cli, ["tiny-model", str(student), "--tokenizer-from", str(teacher), "--seed", "3"]).exit_code == 0
+    models = {name: mlx_lm.load(str(path)) for name, path in [("teacher", teacher), ("student", student)]}
+    assert tokenizer_fingerprint(models["teacher"][1]) == tokenizer_fingerprint(models["student"][1])
+    model, tokenizer = models["student"]
+    assert model.args.num_hidden_layers == 2 and model.args.hidden_size == 64
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "open the door"}], add_generation_prompt=True, tokenize=False)
+    assert mlx_lm.generate(model, tokenizer, prompt, max_tokens=5)
+    other = runner.invoke(cli, ["tiny-model", str(tmp_path / "other"), "--vocab-size", "1024"])
+    assert other.exit_code == 0
+    assert tokenizer_fingerprint(mlx_lm.load(str(tmp_path / "other"))[1]) != tokenizer_fingerprint(tokenizer)
+
+
+def test_config_file_sets_options_and_flags_override(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("layers: 3\nhidden: 96\narch: llama\n")
+    result = CliRunner().invoke(cli, ["tiny-model", str(tmp_path / "m"), "-c", str(config), "--hidden", "64"])
+    assert result.exit_code == 0, result.output
+    assert "llama (3 layers, hidden 64)" in result.output
+
+
+@pytest.mark.parametrize("text, message", [("layerz: 3\n", "unknown option(s) layerz"), ("- 1\n- 2\n", "must be a mapping"), ("a: [\n", "not valid YAML")])
+def test_bad_config_is_one_clear_line(tmp_path, text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "duomem_mlx", "tiny-model", str(tmp_path / "m"), "-c", str(config)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

@@ -110,6 +110,16 @@ def test_openai_topk_equals_forward_pass(server, tiny_teacher):
     check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), ids, logprobs, rows)
 
 
+def test_openai_teach(server, tiny_teacher, tmp_path):
+    out = tmp_path / "openai"
+    args = teach("--teacher", f"openai:{server}/v1#{tiny_teacher}", "--top-k", "5", "--temperature", "1", "--episodes", "1", "--keep", "all", "--out", str(out))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "openai" and manifest["counts"]["kept"] == 1 and verify(out) == (1, [])
+    assert ("no teacher top-k" in result.output) == (manifest["counts"]["unaligned_rows"] > 0)
+
+
 def test_openai_bad_inputs(server, tiny_teacher):
     with pytest.raises(DuomemError, match="cannot reach the teacher server"):
         OpenAITeacher(f"http://127.0.0.1:{free_port()}/v1", str(tiny_teacher), 5, 0.0, None, 8)

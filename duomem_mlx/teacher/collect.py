@@ -1,5 +1,6 @@
 """`duomem-mlx teach`: play episodes with a teacher, cache the kept ones, write memories."""
 
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from tqdm import tqdm
@@ -35,6 +36,8 @@ def collect(
     if teacher == "oracle":
         top_k = 0
     model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed)
+    if model.tokenizer is not None and not getattr(model.tokenizer, "chat_template", None):
+        raise DuomemError(f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja")
     from ..envs import make_env
 
     env = make_env(env_name)
@@ -52,10 +55,11 @@ def collect(
         bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="teach", unit="episode", disable=None)
         for spec in todo:
             episode = play_episode(env, spec, model.policy, max_steps)
-            if episode.steps and (episode.success or keep == "all"):
-                keep_episode(writer, model, episode, keep_admissible, out)
-            else:
-                writer.drop(episode.id)
+            with disk_errors(out, writer):
+                if episode.steps and (episode.success or keep == "all"):
+                    writer.add(record(episode, keep_admissible), model.arrays(episode))
+                else:
+                    writer.drop(episode.id)
             played = writer.manifest["counts"]["played"]
             wins = writer.manifest["counts"]["success"]
             bar.update(1)
@@ -65,17 +69,24 @@ def collect(
         env.close()
     kept = [Episode.from_json(e) for e in writer.episodes]
     memories = model.memories(kept, memory_writer) if any(e.success for e in kept) else []
-    writer.finish(unique([asdict(m) for m in memories]))
+    with disk_errors(out, writer):
+        writer.finish(unique([asdict(m) for m in memories]))
     return info(out)
 
 
-def keep_episode(writer: CacheWriter, model, episode: Episode, keep_admissible: bool, out: str) -> None:
-    record = episode.to_json()
+def record(episode: Episode, keep_admissible: bool) -> dict:
+    data = episode.to_json()
     if not keep_admissible:
-        for step in record["steps"]:
+        for step in data["steps"]:
             step["admissible"] = None
+    return data
+
+
+@contextmanager
+def disk_errors(out: str, writer: CacheWriter):
+    """A full disk (or any write error) ends the run with one line; what is cached stays."""
     try:
-        writer.add(record, model.arrays(episode))
+        yield
     except OSError as e:
         raise DuomemError(
             f"could not write to {out} ({e.strerror or e}); the {len(writer.episodes)} episodes already cached are intact: "

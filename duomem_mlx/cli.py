@@ -3,16 +3,10 @@
 import click
 
 from . import __version__
-from .config import config_option
+from .config import config_option, csv_list
 
 ENVS = click.Choice(["scienceworld", "textworld", "alfworld"])
 SPLITS = click.Choice(["train", "dev", "test"])
-
-
-def csv_list(_ctx, _param, value):
-    if value is None or isinstance(value, (list, tuple)):
-        return list(value) if value else None
-    return [v.strip() for v in value.split(",") if v.strip()] or None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -22,6 +22,13 @@ def load_config(path: str | Path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def csv_list(_ctx, _param, value):
+    """Click callback: "a,b" (or a YAML list from -c) -> ["a", "b"]; nothing -> None."""
+    if value is None or isinstance(value, (list, tuple)):
+        return list(value) if value else None
+    return [v.strip() for v in value.split(",") if v.strip()] or None
+
+
 def _apply_config(ctx: click.Context, _param, value):
     if not value:
         return

@@ -39,9 +39,10 @@ def summarize(episodes: list[Episode]) -> dict:
 
 
 def print_table(per_task: dict, overall: dict):
-    click.echo(f"\n{'task':40} {'episodes':>8} {'success':>8} {'score':>7} {'steps':>7}")
+    width = max(map(len, [*per_task, "task"]))
+    click.echo(f"\n{'task':{width}} {'episodes':>8} {'success':>8} {'score':>7} {'steps':>7}")
     for task, row in sorted(per_task.items()) + [("all", overall)]:
-        click.echo(f"{task:40} {row['episodes']:8d} {row['success_rate']:8.1%} {row['mean_score']:7.2f} {row['mean_steps']:7.1f}")
+        click.echo(f"{task:{width}} {row['episodes']:8d} {row['success_rate']:8.1%} {row['mean_score']:7.2f} {row['mean_steps']:7.1f}")
 
 
 def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:

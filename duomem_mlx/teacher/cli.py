@@ -4,14 +4,8 @@ import json
 
 import click
 
-from ..config import config_option
+from ..config import config_option, csv_list
 from ..errors import DuomemError
-
-
-def csv_list(_ctx, _param, value):
-    if value is None or isinstance(value, (list, tuple)):
-        return list(value) if value else None
-    return [v.strip() for v in value.split(",") if v.strip()] or None
 
 
 @click.command("teach")
@@ -24,7 +18,7 @@ def csv_list(_ctx, _param, value):
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="Sampling temperature of the teacher's actions (the cached top-k is always at temperature 1).")
 @click.option("--keep", type=click.Choice(["success", "all"]), default="success", show_default=True)
 @click.option("--memory-writer", type=click.Choice(["rules", "teacher"]), default="rules", show_default=True)
-@click.option("--max-steps", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
 @click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle, the student's, to store tokenized chats.")
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True, help="mlx: teacher action decoding.")
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)

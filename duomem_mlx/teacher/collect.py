@@ -22,7 +22,7 @@ def collect(
     temperature: float = 0.0,
     keep: str = "success",
     memory_writer: str = "rules",
-    max_steps: int = 50,
+    max_steps: int | None = None,
     seed: int = 0,
     teacher_tokenizer: str | None = None,
     decode: str = "constrained",
@@ -41,6 +41,7 @@ def collect(
     from ..envs import make_env
 
     env = make_env(env_name)
+    max_steps = max_steps or env.default_max_steps
     try:
         specs = env.task_specs(tasks, split, episodes, seed)
         settings = {

@@ -18,8 +18,8 @@ $CLI eval --env textworld --episodes 4 --policy oracle --out "$OUT/oracle.json" 
 $CLI eval --env textworld --episodes 4 --policy random --out "$OUT/random.json"
 
 step "teacher cache from the oracle teacher, with rule-induced procedural memories"
-$CLI teach --teacher oracle --env textworld --episodes 6 --split train --out "$OUT/cache"
-$CLI cache info "$OUT/cache"
+$CLI teach --teacher oracle --teacher-tokenizer "$OUT/student" --env textworld --episodes 6 --split train --out "$OUT/cache"
+$CLI cache verify "$OUT/cache"
 
 step "memory bank: the teacher's memories keyed in the student's hidden space"
 $CLI memory build --cache "$OUT/cache" --embedder "$OUT/student" --out "$OUT/bank"

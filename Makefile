@@ -27,7 +27,8 @@ demo: setup
 	$(RUN) bash scripts/demo.sh
 
 bench: setup
-	$(RUN) $(PY) benchmarks/agent_session.py --json benchmarks/results/agent_session.json
+	$(RUN) $(PY) benchmarks/agent_session.py --steps 30 --json benchmarks/results/agent_session.json --plot docs/agent_session.png
+	$(RUN) $(PY) benchmarks/teacher_cache.py --json benchmarks/results/teacher_cache.json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -43,6 +43,22 @@ def play(session_class, model, tokenizer, steps, decode, max_context):
     return actions, time.perf_counter() - start, session
 
 
+def plot_steps(incremental: list[float], naive: list[float], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s * 1000 for s in naive], label="naive: re-encode the prompt each step")
+    ax.plot([s * 1000 for s in incremental], label="incremental KV-cache session")
+    ax.set(xlabel="step", ylabel="ms per step", title="Per-step latency of the agent loop")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="mlx-lm model (default: a 4-layer hidden-256 tiny model built here)")
@@ -50,6 +66,7 @@ def main():
     parser.add_argument("--decode", choices=["free", "constrained"], default="constrained")
     parser.add_argument("--max-context", type=int, default=8192)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write a PNG of per-step latency (needs matplotlib)")
     args = parser.parse_args()
 
     model_path = args.model or str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", layers=4, hidden=256))
@@ -74,6 +91,8 @@ def main():
     print(f"{'seconds':24}{naive_s:12.3f}{fast_s:14.3f}{result['speedup']:8.2f}x")
     print(f"{'prefill tokens':24}{naive.prefill_tokens:12d}{fast.prefill_tokens:14d}{result['prefill_reduction']:8.2f}x")
     print(f"steps {args.steps}, prefix {result['prefix_tokens']} tokens, same greedy actions: {result['same_actions']}")
+    if args.plot:
+        plot_steps(fast.step_seconds, naive.step_seconds, args.plot)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

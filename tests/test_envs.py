@@ -23,6 +23,8 @@ def test_textworld_oracle_wins_and_random_does_not(textworld):
     oracle = play_all(textworld, specs, OraclePolicy())
     assert all(e.success and e.score == 1.0 for e in oracle)
     assert all(step.action in step.admissible for e in oracle for step in e.steps)
+    observations = [step.observation for e in oracle for step in e.steps]
+    assert not any("$$" in o or "=-0/" in o or o != o.strip() for o in observations)  # no title art, no status bar
     random_runs = play_all(textworld, specs, RandomPolicy(seed=0), max_steps=30)
     assert sum(e.success for e in random_runs) <= 1
 

@@ -5,6 +5,7 @@ Splits are disjoint seed ranges."""
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ CHALLENGES = {
 }
 # jericho says generated games are "not fully supported"; TextWorld tracks score and wins itself
 warnings.filterwarnings("ignore", message="Game .* is not fully supported")
+STATUS_LINE = re.compile(r"\n>\s*-= .* =-[\d/]*\s*$")  # the prompt and "-= Room =-score/moves" bar
+BANNER_LINE = re.compile(r"^[\s_|\\$/<>]*[_|$][\s_|\\$/<>]*$")  # the ASCII-art title
 SPLIT_SEEDS = {"train": 0, "dev": 100_000, "test": 200_000}
 SEEDS_PER_SPLIT = 100_000
 
@@ -96,7 +99,7 @@ class TextWorld:
     @staticmethod
     def result(state, done: bool) -> StepResult:
         score = state.score / state.max_score if state.max_score else 0.0
-        return StepResult(state.feedback, list(state.admissible_commands or []), 0.0, score, done, bool(state.won))
+        return StepResult(clean(state.feedback), list(state.admissible_commands or []), 0.0, score, done, bool(state.won))
 
     def expert_actions(self) -> list[str]:
         return list(self.state["extra.walkthrough"])
@@ -105,3 +108,9 @@ class TextWorld:
         if self.env is not None:
             self.env.close()
             self.env = None
+
+
+def clean(feedback: str) -> str:
+    """The game's text without the title art and status bar: fewer, more useful prompt tokens."""
+    lines = [line for line in STATUS_LINE.sub("", feedback).splitlines() if not BANNER_LINE.match(line)]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()

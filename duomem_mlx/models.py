@@ -37,7 +37,7 @@ def load(path_or_repo: str, adapter_path: str | None = None):
 
     source = resolve(path_or_repo)
     if adapter_path and not (Path(adapter_path) / "adapter_config.json").exists():
-        raise DuomemError(f"no adapter_config.json in {adapter_path}; pass the directory written by `duomem-mlx distill`")
+        raise DuomemError(f"no adapter_config.json in {adapter_path}; pass an mlx-lm adapter directory (adapters.safetensors + adapter_config.json)")
     try:
         return mlx_lm.load(source, adapter_path=adapter_path)
     except (OSError, ValueError) as e:

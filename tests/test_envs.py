@@ -29,6 +29,12 @@ def test_textworld_oracle_wins_and_random_does_not(textworld):
     assert sum(e.success for e in random_runs) <= 1
 
 
+@pytest.mark.parametrize("action", ["\x00open box", "\x1b[0m\x01 take", "é" * 150 + "x" * 300, "a\u2028b\r\n"])
+def test_any_model_text_is_a_safe_textworld_action(textworld, action):
+    textworld.reset(textworld.task_specs(["simple"], "dev", 1, seed=0)[0])
+    assert textworld.step(action).observation  # answered; a NUL used to hang the Z-machine
+
+
 def test_textworld_splits_are_disjoint_and_seeded(textworld):
     train = {s.variation for s in textworld.task_specs(["simple"], "train", 20, seed=1)}
     dev = {s.variation for s in textworld.task_specs(["simple"], "dev", 20, seed=1)}

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from ..errors import DuomemError
-from .base import StepResult, TaskSpec
+from .base import StepResult, TaskSpec, parser_safe
 
 TASK_TYPES = [
     "pick_and_place_simple",
@@ -89,7 +89,7 @@ class ALFWorld:
         return task, self.result(self.state, done=False)
 
     def step(self, action: str) -> StepResult:
-        self.state, _, done = self.env.step(action)
+        self.state, _, done = self.env.step(parser_safe(action))
         return self.result(self.state, done)
 
     @staticmethod

@@ -83,6 +83,13 @@ class Policy(Protocol):
     def act(self, state: StepResult) -> str: ...
 
 
+def parser_safe(action: str, max_bytes: int = 190) -> str:
+    """An action a game parser can take: printable, one line, bounded (a NUL byte hangs
+    TextWorld's Z-machine; a model's free text can contain anything)."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in action).split())
+    return text.encode()[:max_bytes].decode(errors="ignore")
+
+
 def episode_id(spec: TaskSpec, run: int = 0) -> str:
     return f"{spec.env}/{spec.task}/{spec.variation}/{run}"
 

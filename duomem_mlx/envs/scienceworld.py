@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 from ..errors import DuomemError
-from .base import EnvCrashed, StepResult, TaskSpec
+from .base import EnvCrashed, StepResult, TaskSpec, parser_safe
 
 logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
 SIMPLIFICATION = "easy"  # teleport, open doors and containers, no electrical actions: the usual agent setting
@@ -66,7 +66,7 @@ class ScienceWorld:
 
     def step(self, action: str) -> StepResult:
         try:
-            observation, _, done, info = self.env.step(action)
+            observation, _, done, info = self.env.step(parser_safe(action))
         except Exception as e:
             raise self.crashed(e)
         return self.result(observation, info, done)

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import DuomemError
-from .base import StepResult, TaskSpec
+from .base import StepResult, TaskSpec, parser_safe
 
 CHALLENGES = {
     "simple": ["tw-simple", "--rewards", "dense", "--goal", "detailed"],
@@ -93,7 +93,7 @@ class TextWorld:
         return self.state.objective.strip(), self.result(self.state, done=False)
 
     def step(self, action: str) -> StepResult:
-        self.state, _, done = self.env.step(action)
+        self.state, _, done = self.env.step(parser_safe(action))
         return self.result(self.state, done)
 
     @staticmethod

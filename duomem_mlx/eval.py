@@ -47,7 +47,7 @@ def print_table(per_task: dict, overall: dict):
 
 def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
     episodes = []
-    bar = tqdm(specs, desc="episodes", unit="ep")
+    bar = tqdm(specs, desc="episodes", unit="ep", disable=None)  # no bar when not on a terminal
     for spec in bar:
         episode = play_episode(env, spec, policy, max_steps)
         episodes.append(episode)

@@ -1,0 +1,243 @@
+"""The `openai:<base-url>#<model>` teacher: any OpenAI-compatible server (vLLM, llama.cpp,
+mlx_lm.server); top-k from `top_logprobs`, aligned to the local tokenization of the chat."""
+
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..agent.prompt import prefix_messages
+from ..errors import DuomemError
+from .backends import load_tokenizer, shard_arrays, teacher_memories
+
+
+class OpenAIClient:
+    """Chat completions over urllib: timeouts, retries with exponential backoff on connection
+    errors, 429 and 5xx. The API key (OPENAI_API_KEY) goes in a header and nowhere else."""
+
+    def __init__(self, base_url: str, timeout: float = 120.0, retries: int = 4):
+        base_url = base_url.rstrip("/")
+        self.base = base_url if base_url.endswith("/v1") else base_url + "/v1"
+        self.timeout, self.retries = timeout, retries
+        self.key = os.environ.get("OPENAI_API_KEY")
+
+    def request(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
+        url = self.base + path
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        data = json.dumps(body).encode() if body is not None else None
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            try:
+                req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+                with urllib.request.urlopen(req, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                detail = error_detail(e.read().decode(errors="replace"))
+                if e.code in (429, 500, 502, 503, 504) and attempt < retries:
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                raise HTTPStatusError(e.code, f"teacher server {url} answered HTTP {e.code}: {detail or e.reason}")
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt < retries:
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                reason = getattr(e, "reason", e)
+                raise Unreachable(f"cannot reach the teacher server at {self.base} ({reason}) after {retries + 1} tries; start it or fix the URL")
+            except json.JSONDecodeError:
+                raise DuomemError(f"teacher server {url} did not answer JSON; is {self.base} an OpenAI-compatible API?")
+        raise AssertionError("unreachable")
+
+
+def error_detail(text: str) -> str:
+    try:
+        text = str(json.loads(text).get("error", text))
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return " ".join(text.split())[:200]
+
+
+class Unreachable(DuomemError):
+    pass
+
+
+class HTTPStatusError(DuomemError):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Turn:
+    """One action as the server produced it: prompt length, rows of (id, logprob) pairs and
+    the sampled ids when the server names them (vLLM `return_tokens_as_token_ids`)."""
+
+    prompt_tokens: int | None
+    content: str
+    finish_reason: str | None
+    rows: list[list[tuple[int, float]]] = field(default_factory=list)
+    sampled: list[int] | None = None
+
+
+class OpenAIPolicy:
+    def __init__(self, client: OpenAIClient, model: str, top_k: int, temperature: float, max_tokens: int):
+        self.client, self.model, self.top_k = client, model, top_k
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.turns: list[Turn] = []
+
+    def start(self, env, spec, task_description, first):
+        self.messages = prefix_messages(task_description, first.observation)
+        self.turns = []
+
+    def act(self, state) -> str:
+        if self.turns:
+            self.messages.append({"role": "user", "content": state.observation.strip()})
+        body = {"model": self.model, "messages": self.messages, "max_tokens": self.max_tokens, "temperature": self.temperature}
+        if self.top_k:
+            body.update(logprobs=True, top_logprobs=self.top_k, return_tokens_as_token_ids=True)
+        try:
+            reply = self.client.request("/chat/completions", body)
+        except HTTPStatusError as e:
+            if self.top_k and e.code in (400, 422) and "logprob" in str(e).lower():
+                raise DuomemError(f"{e}; lower --top-k (mlx_lm.server allows <= 10, vLLM <= 20) or pass --top-k 0 for trajectories only")
+            if e.code == 404:
+                raise DuomemError(f"{e}; check the model name after '#' in --teacher ({self.model})")
+            raise
+        choice = reply["choices"][0]
+        content = choice["message"].get("content") or ""
+        turn = Turn(reply.get("usage", {}).get("prompt_tokens"), content, choice.get("finish_reason"))
+        if self.top_k:
+            entries = (choice.get("logprobs") or {}).get("content")
+            if not entries:
+                raise DuomemError(f"the teacher server at {self.client.base} returned no logprobs; use one that supports top_logprobs (vLLM, mlx_lm.server) or --top-k 0")
+            turn.rows = [sorted(((entry_id(t), t["logprob"]) for t in e.get("top_logprobs", [])), key=lambda p: -p[1]) for e in entries]
+            sampled = [e.get("token", "") for e in entries]
+            if all(isinstance(s, str) and s.startswith("token_id:") for s in sampled):
+                turn.sampled = [int(s[9:]) for s in sampled]
+        self.turns.append(turn)
+        action = content.strip().split("\n")[0].strip()
+        self.messages.append({"role": "assistant", "content": action})
+        return action
+
+
+def entry_id(entry: dict) -> int:
+    if isinstance(entry.get("id"), int):
+        return entry["id"]
+    token = entry.get("token", "")
+    if isinstance(token, str) and token.startswith("token_id:"):
+        return int(token[9:])
+    raise DuomemError("the teacher server returns top_logprobs without token ids; start vLLM with --return-tokens-as-token-ids or use mlx_lm.server")
+
+
+class OpenAITeacher:
+    backend = "openai"
+
+    def __init__(self, url: str, model: str, top_k: int, temperature: float, tokenizer: str | None, max_tokens: int):
+        self.spec, self.top_k = f"openai:{strip_userinfo(url)}#{model}", top_k
+        self.client = OpenAIClient(url)
+        self.model = model
+        self.check_model()
+        if tokenizer is None and not Path(model).expanduser().is_dir():
+            raise DuomemError(f"the served model {model} is not a local directory; pass --teacher-tokenizer with its tokenizer (a local dir or Hub repo)")
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.vocab_size = len(self.tokenizer.get_vocab())
+        self.policy = OpenAIPolicy(self.client, model, top_k, temperature, max_tokens)
+
+    def check_model(self):
+        try:
+            listing = self.client.request("/models", retries=1)
+        except Unreachable:
+            raise
+        except DuomemError:
+            return  # no usable /models (mlx_lm.server offline): the first completion names any problem
+        served = [m.get("id") for m in listing.get("data", [])]
+        if served and self.model not in served:
+            raise DuomemError(f"the teacher server at {self.client.base} does not serve {self.model!r}; it serves: {', '.join(map(str, served[:8]))}")
+
+    def arrays(self, episode):
+        arrays = shard_arrays(self.tokenizer, episode)
+        if self.top_k:
+            eos = set(getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id])
+            turns, greedy = self.policy.turns, self.policy.temperature == 0
+            arrays.update(align_turns(self.tokenizer, arrays["input_ids"], arrays["loss_mask"], turns, self.top_k, eos, greedy))
+        return arrays
+
+    def memories(self, episodes, writer: str) -> list:
+        return teacher_memories(self.write_memories, episodes, writer)
+
+    def write_memories(self, episodes) -> list:
+        from ..memory.bank import Memory, memory_id
+        from ..memory.writer import WRITER_PROMPT, clean_reply, successful, trajectory_text
+
+        memories = []
+        for episode in successful(episodes):
+            prompt = WRITER_PROMPT.format(task=episode.task_description.strip(), trajectory=trajectory_text(episode))
+            body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 160, "temperature": 0.0}
+            reply = clean_reply(self.client.request("/chat/completions", body)["choices"][0]["message"].get("content") or "")
+            if reply:
+                memories.append(Memory(memory_id(episode.task + reply), episode.task, reply, [episode.id]))
+        return memories
+
+
+def strip_userinfo(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() if parts.username else url
+
+
+def align_turns(tokenizer, input_ids, loss_mask, turns: list[Turn], k: int, eos: set[int], greedy: bool) -> dict[str, np.ndarray]:
+    """Top-k rows for the masked tokens from the server's per-token top_logprobs.
+
+    Row j of an action is exact when the server had generated the same j tokens before it
+    (its prompt had the local length, and its first j tokens equal the local ones); every
+    other row is marked unaligned (ids -1, logprob 0) and counted, never shifted."""
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], loss_mask])) == 1)
+    ends = np.flatnonzero(np.diff(np.concatenate([loss_mask, [0]])) == -1) + 1
+    if len(starts) != len(turns):
+        raise DuomemError(f"internal: {len(starts)} actions in the chat but {len(turns)} server replies")
+    ids = np.full((int(loss_mask.sum()), k), -1, np.int32)
+    lps = np.zeros((int(loss_mask.sum()), k), np.float16)
+    row = 0
+    for start, end, turn in zip(starts, ends, turns):
+        local = [int(t) for t in input_ids[start:end]]
+        valid = 0
+        if turn.prompt_tokens in (None, start):
+            generated = turn.sampled if turn.sampled is not None else generated_from_text(tokenizer, turn, greedy)
+            valid = min(len(turn.rows), len(local), 1 + common_prefix(local, generated, eos))
+        for j in range(valid):
+            pairs = turn.rows[j][:k]
+            ids[row + j, : len(pairs)] = [p[0] for p in pairs]
+            lps[row + j, : len(pairs)] = [max(p[1], -65000.0) for p in pairs]
+        row += end - start
+    return {"topk_ids": ids, "topk_logprobs": lps}
+
+
+def generated_from_text(tokenizer, turn: Turn, greedy: bool) -> list[int]:
+    """The server's tokens when it does not name them (mlx_lm.server): the local tokenization
+    of its text (+ end of turn), kept while each token is the argmax of its row (greedy) or
+    among its top-k (sampling), and only when the count matches the rows returned."""
+    tokens = list(tokenizer.encode(turn.content, add_special_tokens=False))
+    if turn.finish_reason == "stop" and len(turn.rows) == len(tokens) + 1:
+        tokens.append(-2)  # some end-of-turn token
+    if len(turn.rows) != len(tokens):
+        return []
+    for j, (token, row) in enumerate(zip(tokens, turn.rows)):
+        ids = [row[0][0]] if greedy else [p[0] for p in row]
+        if token != -2 and token not in ids:
+            return tokens[:j]
+    return tokens
+
+
+def common_prefix(local: list[int], generated: list[int], eos: set[int]) -> int:
+    n = 0
+    for a, g in zip(local, generated):
+        if a != g and not (g == -2 and a in eos):
+            break
+        n += 1
+    return n

@@ -14,11 +14,12 @@ whose generated tokens differ from the local tokenization); its logprob is 0.
 
 import json
 import os
-import struct
 import time
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from ..errors import DuomemError
 
@@ -48,41 +49,15 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def encode_safetensors(arrays: dict[str, np.ndarray]) -> bytes:
-    """The safetensors layout, written directly (numpy only; keeps [0, k] shapes intact)."""
-    header, offset, blobs = {}, 0, []
-    for name, array in arrays.items():
-        blob = np.ascontiguousarray(array, dtype=NUMPY[DTYPES[name]]).tobytes()
-        header[name] = {"dtype": DTYPES[name], "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+    return safetensors.numpy.save({n: np.ascontiguousarray(a, dtype=NUMPY[DTYPES[n]]) for n, a in arrays.items()})
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Arrays of a shard; ValueError naming what is wrong when it is truncated or malformed."""
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise ValueError("truncated (no header)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if 8 + n > len(data):
-        raise ValueError("truncated (header runs past the end of the file)")
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError("malformed header")
-    arrays, body = {}, data[8 + n :]
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        if meta.get("dtype") not in NUMPY:
-            raise ValueError(f"{name} has unexpected dtype {meta.get('dtype')}")
-        if end > len(body):
-            raise ValueError(f"truncated ({name} ends at byte {end} of {len(body)})")
-        arrays[name] = np.frombuffer(body[start:end], dtype=NUMPY[meta["dtype"]]).reshape(meta["shape"])
-    return arrays
+        return safetensors.numpy.load(path.read_bytes())
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"truncated or malformed ({e})")
 
 
 def load_shard(cache: str | Path, episode: dict) -> dict[str, np.ndarray]:

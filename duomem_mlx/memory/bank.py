@@ -68,6 +68,17 @@ def read_memories(path: str | Path) -> list[Memory]:
     return memories
 
 
+def merge_duplicates(memories: list[Memory]) -> list[Memory]:
+    """One memory per id, the sources of its duplicates added to it."""
+    by_id: dict[str, Memory] = {}
+    for m in memories:
+        if m.id in by_id:
+            by_id[m.id].source += m.source
+        else:
+            by_id[m.id] = m
+    return list(by_id.values())
+
+
 def write_memories(path: str | Path, memories: list[Memory]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

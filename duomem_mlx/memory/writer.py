@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ..envs.base import Episode
 from ..errors import DuomemError
-from .bank import Memory, memory_id
+from .bank import Memory, memory_id, merge_duplicates
 
 PREPOSITIONS = {"from", "with", "on", "in", "into", "to", "at", "onto", "up", "down", "under", "inside", "using", "off", "for", "out"}
 ARTICLES = {"the", "a", "an"}
@@ -172,10 +172,4 @@ def write(episodes_path: str, writer: str, max_tokens: int = 160) -> list[Memory
             raise DuomemError(f"{writer} wrote only empty replies; use a stronger (instruction-tuned) model or --writer rules")
     else:
         raise DuomemError(f"unknown --writer {writer}; use rules or model:PATH")
-    unique = {}
-    for m in memories:
-        if m.id in unique:
-            unique[m.id].source += m.source
-        else:
-            unique[m.id] = m
-    return list(unique.values())
+    return merge_duplicates(memories)

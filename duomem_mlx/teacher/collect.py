@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from ..envs.base import Episode, episode_id, play_episode
 from ..errors import DuomemError
+from ..memory.bank import merge_duplicates
 from .backends import make_teacher
 from .cache import CacheWriter, info
 
@@ -71,7 +72,7 @@ def collect(
     kept = [Episode.from_json(e) for e in writer.episodes]
     memories = model.memories(kept, memory_writer) if any(e.success for e in kept) else []
     with disk_errors(out, writer):
-        writer.finish(unique([asdict(m) for m in memories]))
+        writer.finish([asdict(m) for m in merge_duplicates(memories)])
     return info(out)
 
 
@@ -100,12 +101,3 @@ def fingerprint(tokenizer) -> str | None:
 
     return tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
 
-
-def unique(memories: list[dict]) -> list[dict]:
-    by_id: dict[str, dict] = {}
-    for m in memories:
-        if m["id"] in by_id:
-            by_id[m["id"]]["source"] += m["source"]
-        else:
-            by_id[m["id"]] = m
-    return list(by_id.values())

@@ -4,12 +4,25 @@ import click
 
 from . import __version__
 from .config import config_option, csv_list
+from .errors import DuomemError
 
 ENVS = click.Choice(["scienceworld", "textworld", "alfworld"])
 SPLITS = click.Choice(["train", "dev", "test"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Group(click.Group):
+    """The root group: a DuomemError raised anywhere below it (library code does not import
+    click) becomes click's own one-line `Error: <message>` with exit code 1; this covers every
+    command and subgroup added with `cli.add_command`."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DuomemError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="duomem-mlx")
 def cli():
     """Distil a big agent model into a small, fast one on Apple Silicon (DuoMem).

@@ -1,0 +1,131 @@
+"""Files users hand us and files we write, in one place: a JSON / JSONL reader that turns a
+damaged file (bad bytes, bad JSON, a wrong shape) into one `Error:` line naming the file and
+line, and writers that check the destination before the work and write under a temporary
+name, renamed when complete, so an unwritable --out or a crash never leaves half a file."""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+from .errors import DuomemError
+
+SHAPE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError)
+
+
+def read_text(path: str | Path, fix: str) -> str:
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DuomemError(f"{path} line {line} is not UTF-8 text (byte {e.start}); {fix}")
+    except OSError as e:
+        raise DuomemError(f"cannot read {path} ({e.strerror or e}); {fix}")
+
+
+def read_json(path: str | Path, fix: str, check: Callable | None = None):
+    """A JSON document; `check(data)` raises (DuomemError or a shape error) when it has the wrong shape."""
+    try:
+        data = json.loads(read_text(path, fix))
+    except json.JSONDecodeError as e:
+        raise DuomemError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); {fix}")
+    return shaped(check, data, str(path), fix) if check else data
+
+
+def read_jsonl(path: str | Path, parse: Callable, fix: str, torn_ok: bool = False) -> list:
+    """`parse(record, where)` of every non-empty line. A torn last line (a killed writer, no
+    final newline) is skipped when `torn_ok`."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DuomemError(f"cannot read {path} ({e.strerror or e}); {fix}")
+    lines = data.split(b"\n")
+    out = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DuomemError(f"{where} is not UTF-8 text; {fix}")
+        except json.JSONDecodeError as e:
+            if torn_ok and n == len(lines):
+                break
+            raise DuomemError(f"{where}: not valid JSON ({e.msg}); {fix}")
+        out.append(shaped(parse, record, where, fix))
+    return out
+
+
+def shaped(parse: Callable, data, where: str, fix: str):
+    try:
+        return parse(data, where)
+    except SHAPE_ERRORS as e:
+        raise DuomemError(f"{where}: unexpected content ({e.__class__.__name__}: {e}); {fix}")
+
+
+def require(condition: bool, message: str) -> None:
+    """For shape checks: `require(isinstance(x, dict), "expected an object")`."""
+    if not condition:
+        raise ValueError(message)
+
+
+def check_destination(path: str | Path, force: bool | None = None, option: str = "--out") -> Path:
+    """Before the work: the parent of `path` exists (created) and takes a file; with `force`
+    given, an existing file or non-empty directory at `path` is refused unless force is True."""
+    path = Path(path).expanduser()
+    if force is False and path.exists() and (path.is_file() or any(path.iterdir())):
+        raise DuomemError(f"{path} already exists; pass --force to overwrite it or choose another {option}")
+    parent = path.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=parent).close()  # os.access lies to root and on read-only mounts
+    except OSError as e:
+        raise DuomemError(f"cannot write to {parent} for {option} {path} ({e.strerror or e}); choose another {option}")
+    return path
+
+
+def write_atomic(path: str | Path, data: bytes | str, hint: str = "check the disk and the path") -> None:
+    """Write `data` under a temporary name in the same directory, fsync, rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DuomemError(f"could not write {path} ({e.strerror or e}); {hint}")
+
+
+@contextmanager
+def atomic_dir(out: str | Path, hint: str = "check the disk and the path"):
+    """Yield a temporary directory next to `out`; when the block ends without error it
+    replaces `out` (an existing `out` is swapped out, then deleted), otherwise it is deleted."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old.exists():
+                os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise DuomemError(f"could not write {out} ({e.strerror or e}); {hint}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ from duomem_mlx.agent.loop import ModelPolicy
 from duomem_mlx.agent.prompt import encode, episode_messages, render
 from duomem_mlx.envs.base import Episode, Step, StepResult, TaskSpec
 from duomem_mlx.models import default_corpus, load, make_tiny_model
-from duomem_mlx.teacher.backends import shard_arrays
+from duomem_mlx.teacher.base import shard_arrays
 from duomem_mlx.teacher.topk import TopKRecorder
 from duomem_mlx.teacher.cache import CacheWriter
 

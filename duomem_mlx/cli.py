@@ -54,9 +54,11 @@ def tiny_model(out, arch, layers, hidden, vocab_size, seed, tokenizer_from):
       duomem-mlx tiny-model runs/teacher --layers 4 --hidden 256
       duomem-mlx tiny-model runs/student --tokenizer-from runs/teacher
     """
+    from .io import check_destination
     from .models import make_tiny_model, tokenizer_fingerprint
     from transformers import PreTrainedTokenizerFast
 
+    check_destination(out, option="OUT")
     path = make_tiny_model(out, arch, layers, hidden, vocab_size, seed, tokenizer_from)
     fingerprint = tokenizer_fingerprint(PreTrainedTokenizerFast.from_pretrained(str(path)))
     click.echo(f"wrote {arch} ({layers} layers, hidden {hidden}) to {path}  tokenizer {fingerprint[:12]}")

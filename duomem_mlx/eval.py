@@ -11,20 +11,22 @@ from tqdm import tqdm
 
 from .envs import make_env
 from .envs.base import Episode, play_episode
-from .envs.policies import make_policy
+from .envs.policies import OraclePolicy, RandomPolicy
 from .errors import DuomemError
+from .io import check_destination, write_atomic
 
 
-def check_writable(path: str | None):
-    if path is None:
-        return
-    parent = Path(path).expanduser().resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DuomemError(f"cannot create {parent} for {path} ({e.strerror}); choose another --out/--log")
-    if not os.access(parent, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
-        raise DuomemError(f"{path} is not writable; choose another --out/--log")
+def make_policy(spec: str, seed: int = 0, **model_options):
+    """`oracle`, `random` or `model:PATH` (model_options go to ModelPolicy.from_options)."""
+    if spec == "oracle":
+        return OraclePolicy()
+    if spec == "random":
+        return RandomPolicy(seed)
+    if spec.startswith("model:") and spec[6:]:
+        from .agent.loop import ModelPolicy
+
+        return ModelPolicy.from_options(spec[6:], seed=seed, **model_options)
+    raise DuomemError(f"unknown policy {spec!r}; use oracle, random or model:PATH")
 
 
 def summarize(episodes: list[Episode]) -> dict:
@@ -52,7 +54,7 @@ def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
         episode = play_episode(env, spec, policy, max_steps)
         episodes.append(episode)
         if log:
-            log.write(json.dumps(episode.to_json(), ensure_ascii=False) + "\n")
+            log.write(json.dumps(episode.to_json(compact=True), ensure_ascii=False) + "\n")
             log.flush()
         bar.set_postfix(success=f"{sum(e.success for e in episodes) / len(episodes):.0%}")
     return episodes
@@ -60,8 +62,11 @@ def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
 
 def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank, memory_k, decode,
              max_context, max_steps, seed, out, log):
-    check_writable(out)
-    check_writable(log)
+    check_destination(out)
+    if log:
+        check_destination(log, option="--log")
+        if Path(log).resolve() == Path(out).resolve():
+            raise DuomemError(f"--log and --out are the same file ({out}); give the episode log its own name")
     model_options = dict(adapter_path=adapter_path, memory_bank=memory_bank, memory_k=memory_k,
                          decode=decode, max_context=max_context) if policy.startswith("model:") else {}
     agent = make_policy(policy, seed=seed, **model_options)
@@ -90,7 +95,12 @@ def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank
             for e in played
         ],
     }
-    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    text = json.dumps(results, indent=2) + "\n"
+    try:
+        write_atomic(out, text, "the results follow on stdout" + (f"; the episodes are in {log}" if log else ""))
+    except DuomemError:
+        click.echo(text)  # played episodes are never lost
+        raise
     print_table(per_task, overall)
     click.echo(f"wrote {out}" + (f" and {log}" if log else ""))
     return results

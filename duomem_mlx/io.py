@@ -76,17 +76,18 @@ def require(condition: bool, message: str) -> None:
 
 
 def check_destination(path: str | Path, force: bool | None = None, option: str = "--out") -> Path:
-    """Before the work: the parent of `path` exists (created) and takes a file; with `force`
-    given, an existing file or non-empty directory at `path` is refused unless force is True."""
+    """Before the work: `path` can be written (an existing directory takes files, else its parent
+    exists or is created and does); with `force` given, an existing file or non-empty directory
+    at `path` is refused unless force is True."""
     path = Path(path).expanduser()
-    if force is False and path.exists() and (path.is_file() or any(path.iterdir())):
+    if force is False and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise DuomemError(f"{path} already exists; pass --force to overwrite it or choose another {option}")
-    parent = path.absolute().parent
+    where = path if path.is_dir() else path.absolute().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=parent).close()  # os.access lies to root and on read-only mounts
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()  # os.access lies to root and on read-only mounts
     except OSError as e:
-        raise DuomemError(f"cannot write to {parent} for {option} {path} ({e.strerror or e}); choose another {option}")
+        raise DuomemError(f"cannot write to {where} for {option} {path} ({e.strerror or e}); choose another {option}")
     return path
 
 

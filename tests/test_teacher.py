@@ -19,7 +19,7 @@ from duomem_mlx.envs.base import Episode, Step, StepResult
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.models import load
 from duomem_mlx.teacher import cache as cache_mod
-from duomem_mlx.teacher.backends import shard_arrays
+from duomem_mlx.teacher.base import shard_arrays
 from duomem_mlx.teacher.openai_compat import OpenAITeacher
 from duomem_mlx.teacher.topk import forward_topk
 from duomem_mlx.teacher.cache import CacheWriter, read_episodes, verify

@@ -11,6 +11,7 @@ class TaskSpec:
     task: str  # task type / name, e.g. "boil" or "tw-simple"
     variation: int  # ScienceWorld variation, TextWorld seed, ALFWorld game index
     split: str = "dev"
+    repeat: int = 0  # the n-th play of this (task, variation) in one run: a split with fewer variations cycles
 
 
 @dataclass
@@ -47,12 +48,26 @@ class Episode:
     memories: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # policy-specific: token counts, latency
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def to_json(self, compact: bool = False) -> dict:
+        """compact: a step's admissible list only where it differs from the step before
+        (ScienceWorld lists run to 20 KB a step and rarely change); from_json fills them in."""
+        data = asdict(self)
+        if compact:
+            for before, step in zip(data["steps"], data["steps"][1:]):
+                if step["admissible"] is not None and step["admissible"] == before["admissible"]:
+                    del step["admissible"]
+                    step["admissible_same"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Episode":
-        steps = [Step(**s) for s in data.get("steps", [])]
+        """Reads both forms of to_json; a step marked admissible_same has the list of the step before."""
+        steps = []
+        for s in data.get("steps", []):
+            s = dict(s)
+            if s.pop("admissible_same", False):
+                s["admissible"] = steps[-1].admissible if steps else None
+            steps.append(Step(**s))
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "steps"}
         return cls(**known, steps=steps)
 
@@ -90,14 +105,23 @@ def parser_safe(action: str, max_bytes: int = 190) -> str:
     return text.encode()[:max_bytes].decode(errors="ignore")
 
 
-def episode_id(spec: TaskSpec, run: int = 0) -> str:
-    return f"{spec.env}/{spec.task}/{spec.variation}/{run}"
+def number_repeats(specs: list[TaskSpec]) -> list[TaskSpec]:
+    """Give each repeat of a (task, variation) its index, so every episode id of a run is unique."""
+    seen: dict[tuple, int] = {}
+    for spec in specs:
+        spec.repeat = seen.get((spec.task, spec.variation), 0)
+        seen[spec.task, spec.variation] = spec.repeat + 1
+    return specs
 
 
-def play_episode(env: Env, spec: TaskSpec, policy: Policy, max_steps: int, run: int = 0) -> Episode:
+def episode_id(spec: TaskSpec) -> str:
+    return f"{spec.env}/{spec.task}/{spec.variation}/{spec.repeat}"
+
+
+def play_episode(env: Env, spec: TaskSpec, policy: Policy, max_steps: int) -> Episode:
     """Play one episode; an environment crash ends it as failed instead of ending the run."""
     start = time.perf_counter()
-    episode = Episode(episode_id(spec, run), spec.env, spec.task, spec.variation, "", False, 0.0)
+    episode = Episode(episode_id(spec), spec.env, spec.task, spec.variation, "", False, 0.0)
     try:
         episode.task_description, state = env.reset(spec)
         policy.start(env, spec, episode.task_description, state)

@@ -2,7 +2,6 @@
 
 import random
 
-from ..errors import DuomemError
 from .base import StepResult
 
 FALLBACK = "look"  # when a gold path runs out before the episode ends
@@ -31,16 +30,3 @@ class RandomPolicy:
 
     def act(self, state: StepResult) -> str:
         return self.rng.choice(state.admissible) if state.admissible else FALLBACK
-
-
-def make_policy(spec: str, seed: int = 0, **model_options):
-    """`oracle`, `random` or `model:PATH` (model_options go to ModelPolicy.from_options)."""
-    if spec == "oracle":
-        return OraclePolicy()
-    if spec == "random":
-        return RandomPolicy(seed)
-    if spec.startswith("model:") and spec[6:]:
-        from ..agent.loop import ModelPolicy
-
-        return ModelPolicy.from_options(spec[6:], seed=seed, **model_options)
-    raise DuomemError(f"unknown policy {spec!r}; use oracle, random or model:PATH")

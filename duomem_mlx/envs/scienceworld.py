@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 from ..errors import DuomemError
-from .base import EnvCrashed, StepResult, TaskSpec, parser_safe
+from .base import EnvCrashed, StepResult, TaskSpec, number_repeats, parser_safe
 
 logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
 SIMPLIFICATION = "easy"  # teleport, open doors and containers, no electrical actions: the usual agent setting
@@ -50,9 +50,9 @@ class ScienceWorld:
         if unknown:
             raise DuomemError(f"unknown ScienceWorld task {unknown[0]}; valid: {', '.join(self._names[:6])}, ... (30 in all)")
         if tasks:
-            return [TaskSpec(self.name, t, v, split) for t in tasks for v in sample(rng, self.variations(t, split), episodes)]
+            return number_repeats([TaskSpec(self.name, t, v, split) for t in tasks for v in sample(rng, self.variations(t, split), episodes)])
         picks = [rng.choice(self._names) for _ in range(episodes)]
-        return [TaskSpec(self.name, t, rng.choice(self.variations(t, split)), split) for t in picks]
+        return number_repeats([TaskSpec(self.name, t, rng.choice(self.variations(t, split)), split) for t in picks])
 
     def reset(self, spec: TaskSpec) -> tuple[str, StepResult]:
         if not self.alive():
@@ -109,4 +109,5 @@ class ScienceWorld:
 
 
 def sample(rng: random.Random, items: list[int], n: int) -> list[int]:
+    """n distinct items, or with replacement when the split has fewer (number_repeats tells them apart)."""
     return rng.sample(items, n) if n <= len(items) else [rng.choice(items) for _ in range(n)]

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DuomemError
+from ..io import atomic_dir, read_json, read_jsonl, require, write_atomic
 from .embed import embed, fingerprint
 
 FORMAT = 1
@@ -50,22 +51,16 @@ def read_memories(path: str | Path) -> list[Memory]:
     path = Path(path)
     if not path.is_file():
         raise DuomemError(f"memory file {path} does not exist; write one with `duomem-mlx memory write`")
-    memories, seen = [], {}
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DuomemError(f"{where}: not valid JSON ({e.msg}); fix or delete that line")
-            memory = parse_memory(data, where)
-            if memory.id in seen:
-                raise DuomemError(f"{where}: duplicate id {memory.id} (first on line {seen[memory.id]})")
-            seen[memory.id] = n
-            memories.append(memory)
-    return memories
+    seen: dict[str, str] = {}
+
+    def parse_unique(data, where: str) -> Memory:
+        memory = parse_memory(data, where)
+        if memory.id in seen:
+            raise DuomemError(f"{where}: duplicate id {memory.id} (first on {seen[memory.id]})")
+        seen[memory.id] = where.removeprefix(f"{path} ")
+        return memory
+
+    return read_jsonl(path, parse_unique, "fix or delete that line")
 
 
 def merge_duplicates(memories: list[Memory]) -> list[Memory]:
@@ -81,9 +76,13 @@ def merge_duplicates(memories: list[Memory]) -> list[Memory]:
 
 def write_memories(path: str | Path, memories: list[Memory]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for m in memories:
-            f.write(json.dumps(asdict(m), ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(json.dumps(asdict(m), ensure_ascii=False) + "\n" for m in memories))
+
+
+def check_bank_info(info, _where=None) -> dict:
+    require(isinstance(info, dict) and {"fingerprint", "dim", "embedder"} <= info.keys(), "bank.json lacks fingerprint/dim/embedder")
+    require(isinstance(info["dim"], int) and isinstance(info["fingerprint"], str), "dim must be an integer, fingerprint a string")
+    return info
 
 
 @dataclass
@@ -100,11 +99,13 @@ class MemoryBank:
         return len(self.memories)
 
     def save(self, out: str | Path) -> Path:
+        """Write the bank directory whole (a temporary directory renamed over `out`)."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_memories(out / "memories.jsonl", self.memories)
-        mx.save_safetensors(str(out / "keys.safetensors"), {"keys": self.keys.astype(mx.float16)})
-        (out / "bank.json").write_text(json.dumps(self.info, indent=2) + "\n")
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out) as tmp:
+            write_memories(tmp / "memories.jsonl", self.memories)
+            mx.save_safetensors(str(tmp / "keys.safetensors"), {"keys": self.keys.astype(mx.float16)})
+            (tmp / "bank.json").write_text(json.dumps(self.info, indent=2) + "\n")
         return out
 
     @classmethod
@@ -115,12 +116,11 @@ class MemoryBank:
         missing = [name for name in FILES if not (path / name).is_file()]
         if missing:
             raise DuomemError(f"memory bank {path} is incomplete (missing {', '.join(missing)}); rebuild it with `duomem-mlx memory build`")
+        rebuild = f"the memory bank is corrupt; rebuild it with `duomem-mlx memory build --out {path}`"
+        info = read_json(path / "bank.json", rebuild, check_bank_info)
+        if info.get("format") != FORMAT:
+            raise DuomemError(f"memory bank {path} has format {info.get('format')}, this version reads {FORMAT}; rebuild it")
         try:
-            info = json.loads((path / "bank.json").read_text())
-            if not isinstance(info, dict) or not {"fingerprint", "dim", "embedder"} <= info.keys():
-                raise ValueError("bank.json lacks fingerprint/dim/embedder")
-            if info.get("format") != FORMAT:
-                raise DuomemError(f"memory bank {path} has format {info.get('format')}, this version reads {FORMAT}; rebuild it")
             keys = mx.load(str(path / "keys.safetensors"))["keys"]
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             raise DuomemError(f"memory bank {path} is corrupt ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); rebuild it with `duomem-mlx memory build`")

@@ -9,6 +9,7 @@ import click
 
 from ..config import config_option
 from ..errors import DuomemError
+from ..io import check_destination
 
 
 @click.group()
@@ -29,8 +30,9 @@ def memory():
 @click.option("--embedder", required=True, help="The student model (path or Hub id) whose hidden states are the keys.")
 @click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters loaded on the embedder.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Bank directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing memory bank at --out.")
 @config_option
-def build_command(memories_path, cache_path, embedder, adapter_path, out):
+def build_command(memories_path, cache_path, embedder, adapter_path, out, force):
     """Embed memories with the student and write a memory bank directory.
 
     \b
@@ -43,12 +45,8 @@ def build_command(memories_path, cache_path, embedder, adapter_path, out):
 
     if bool(memories_path) == bool(cache_path):
         raise DuomemError("pass exactly one of --memories FILE or --cache CACHE")
-    if cache_path:
-        from ..teacher.cache import read_manifest
-
-        read_manifest(cache_path)
-        memories_path = str(Path(cache_path) / "memories.jsonl")
-    memories = read_memories(memories_path)
+    check_bank_destination(out, force)
+    memories = read_memories(memories_path or cache_memories(cache_path))
     model, tokenizer = load(embedder, adapter_path)
     start = time.perf_counter()
     local = Path(embedder).expanduser()
@@ -57,6 +55,27 @@ def build_command(memories_path, cache_path, embedder, adapter_path, out):
     path = bank.save(out)
     size = sum(f.stat().st_size for f in path.iterdir())
     click.echo(f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s")
+
+
+def cache_memories(cache: str) -> Path:
+    """A teacher cache's memories.jsonl (the memory file format; no need to know the cache's)."""
+    path = Path(cache) / "memories.jsonl"
+    if not (Path(cache) / "manifest.json").is_file():
+        raise DuomemError(f"{cache} is not a teacher cache (no manifest.json); write one with `duomem-mlx teach`")
+    if not path.is_file():
+        raise DuomemError(f"{cache} holds no memories.jsonl yet (an unfinished run?); finish it with `duomem-mlx teach ... --resume`")
+    return path
+
+
+def check_bank_destination(out: str, force: bool) -> None:
+    """--out may be new, empty, or (with --force) a memory bank; never another directory."""
+    path = Path(out)
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / "bank.json").is_file():
+            raise DuomemError(f"{out} exists and is not a memory bank; choose another --out")
+        if not force:
+            raise DuomemError(f"{out} already holds a memory bank; pass --force to replace it or choose another --out")
+    check_destination(path)
 
 
 @memory.command("search")
@@ -74,7 +93,6 @@ def search_command(bank_path, query, k, task_type, embedder, adapter_path):
     Example:
       duomem-mlx memory search runs/bank "put a hot apple in the fridge" -k 3 --task-type heat
     """
-    from ..errors import DuomemError
     from ..models import load
     from .bank import MemoryBank
 
@@ -115,8 +133,9 @@ def show_command(bank_path, limit):
 @click.option("--writer", default="rules", show_default=True, help="rules | model:PATH (an mlx-lm model writes each memory)")
 @click.option("--max-tokens", type=click.IntRange(1), default=160, show_default=True, help="Per memory, model writer only.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="memories.jsonl to write.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @config_option
-def write_command(episodes, writer, max_tokens, out):
+def write_command(episodes, writer, max_tokens, out, force):
     """Write procedural memories from the successful episodes of a log.
 
     `rules` abstracts each action sequence into a workflow (objects named in the task become
@@ -130,6 +149,9 @@ def write_command(episodes, writer, max_tokens, out):
     from .bank import write_memories
     from .writer import write
 
+    if Path(out).exists() and Path(episodes).exists() and Path(out).samefile(episodes):
+        raise DuomemError(f"--out {out} is the episode log itself; write the memories to another file")
+    check_destination(out, force)
     memories = write(episodes, writer, max_tokens)
     write_memories(out, memories)
     click.echo(f"wrote {len(memories)} memories for {len({m.task_type for m in memories})} task type(s) to {out}")

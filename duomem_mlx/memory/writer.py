@@ -1,6 +1,5 @@
 """Procedural memories from successful episodes: rule-based workflow induction, or an LLM writer."""
 
-import json
 import re
 from difflib import SequenceMatcher
 from pathlib import Path
@@ -9,6 +8,7 @@ from tqdm import tqdm
 
 from ..envs.base import Episode
 from ..errors import DuomemError
+from ..io import read_jsonl, require
 from .bank import Memory, memory_id, merge_duplicates
 
 PREPOSITIONS = {"from", "with", "on", "in", "into", "to", "at", "onto", "up", "down", "under", "inside", "using", "off", "for", "out"}
@@ -32,16 +32,14 @@ def read_episodes(path: str | Path) -> list[Episode]:
     path = Path(path)
     if not path.is_file():
         raise DuomemError(f"episode log {path} does not exist; write one with `duomem-mlx eval ... --log FILE` or `duomem-mlx teach`")
-    episodes = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                episodes.append(Episode.from_json(json.loads(line)))
-            except (json.JSONDecodeError, TypeError, AttributeError) as e:
-                raise DuomemError(f"{path} line {n}: not an episode record ({e.__class__.__name__}: {e}); fix or delete that line")
-    return episodes
+    return read_jsonl(path, parse_episode, "not an episode record: fix or delete that line")
+
+
+def parse_episode(data, _where=None) -> Episode:
+    episode = Episode.from_json(data)
+    require(all(isinstance(s.action, str) and isinstance(s.observation, str) for s in episode.steps), "steps need text observation and action")
+    require(isinstance(episode.task, str) and isinstance(episode.task_description, str), "task and task_description must be text")
+    return episode
 
 
 def successful(episodes: list[Episode]) -> list[Episode]:

@@ -5,15 +5,12 @@
     oracle                        the environment's gold path; no logits
 
 Each teacher has a `policy` (plays episodes), `tokenizer` (or None), `vocab_size`, `top_k`,
-`arrays(episode)` (the shard of one played episode) and `memories(episodes, writer)`.
+`arrays(episode)` (the shard of one played episode) and `memories(episodes, writer)`; what
+they share is in base.py.
 """
 
-from pathlib import Path
-
-import numpy as np
-
-from ..agent.prompt import episode_messages, tokenize_with_mask
 from ..errors import DuomemError
+from .base import load_tokenizer, redact, shard_arrays, teacher_memories
 
 
 def make_teacher(spec: str, top_k: int = 20, temperature: float = 0.0, tokenizer: str | None = None,
@@ -23,44 +20,10 @@ def make_teacher(spec: str, top_k: int = 20, temperature: float = 0.0, tokenizer
     if spec.startswith("mlx:"):
         return MLXTeacher(spec[4:], top_k, temperature, decode, max_context, seed)
     if spec.startswith("openai:"):
-        url, _, model = spec[7:].partition("#")
-        if not url.startswith(("http://", "https://")) or not model:
-            raise DuomemError(f"--teacher {spec}: expected openai:<base-url>#<model>, e.g. openai:http://127.0.0.1:8080/v1#mlx-community/Qwen3-4B-4bit")
-        from .openai_compat import OpenAITeacher
+        from .openai_compat import OpenAITeacher, parse_spec
 
-        return OpenAITeacher(url, model, top_k, temperature, tokenizer, max_tokens)
-    raise DuomemError(f"unknown --teacher {spec}; use mlx:<path-or-repo>, openai:<base-url>#<model> or oracle")
-
-
-def shard_arrays(tokenizer, episode) -> dict[str, np.ndarray]:
-    """input_ids / loss_mask of the chat the teacher saw while playing `episode`."""
-    ids, mask = tokenize_with_mask(tokenizer, episode_messages(episode))
-    return {"input_ids": np.array(ids, dtype=np.int32), "loss_mask": np.array(mask, dtype=np.uint8)}
-
-
-def load_tokenizer(path: str):
-    """An mlx-lm TokenizerWrapper from a local model dir, or a Hub repo (tokenizer files only)."""
-    from mlx_lm.tokenizer_utils import load as load_wrapper
-
-    local = Path(path).expanduser()
-    if not local.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = Path(snapshot_download(path, allow_patterns=["*.json", "*.jinja", "*.model", "*.txt"]))
-        except Exception as e:  # offline, unknown repo, gated: all say the same thing to the user
-            raise DuomemError(f"cannot get the teacher tokenizer {path} ({e.__class__.__name__}); pass --teacher-tokenizer LOCAL_DIR")
-    if not (local / "tokenizer.json").exists() and not (local / "tokenizer_config.json").exists():
-        raise DuomemError(f"{local} holds no tokenizer; pass --teacher-tokenizer with the served model's directory")
-    return load_wrapper(local)
-
-
-def teacher_memories(policy_memories, episodes, writer: str) -> list:
-    from ..memory.writer import rule_memories
-
-    if writer == "rules":
-        return rule_memories(episodes)
-    return policy_memories(episodes)
+        return OpenAITeacher(*parse_spec(spec), top_k, temperature, tokenizer, max_tokens)
+    raise DuomemError(f"unknown --teacher {redact(spec)}; use mlx:<path-or-repo>, openai:<base-url>#<model> or oracle")
 
 
 class OracleTeacher:

@@ -14,18 +14,23 @@ whose generated tokens differ from the local tokenization); its logprob is 0.
 
 import json
 import os
+import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import safetensors
 import safetensors.numpy
+from filelock import FileLock, Timeout
 
 from ..errors import DuomemError
+from ..io import read_json, read_jsonl, require, write_atomic
 
 FORMAT = "duomem-teacher-cache"
 VERSION = 1
 # Settings a resumed run must share with the cache it continues.
+LOCK = ".lock"
 SETTINGS = ("teacher", "backend", "tokenizer_fingerprint", "top_k", "env", "tasks", "split", "keep", "temperature", "seed", "max_steps")
 DTYPES = {"input_ids": "I32", "loss_mask": "U8", "topk_ids": "I32", "topk_logprobs": "F16"}
 NUMPY = {"I32": np.int32, "U8": np.uint8, "F16": np.float16}
@@ -33,19 +38,6 @@ NUMPY = {"I32": np.int32, "U8": np.uint8, "F16": np.float16}
 
 def shard_name(index: int) -> str:
     return f"shards/{index:05d}.safetensors"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def encode_safetensors(arrays: dict[str, np.ndarray]) -> bytes:
@@ -68,14 +60,34 @@ def load_shard(cache: str | Path, episode: dict) -> dict[str, np.ndarray]:
         raise DuomemError(f"shard {path} is unreadable ({e}); run `duomem-mlx cache verify {cache}`")
 
 
+def damaged(cache) -> str:
+    return f"the cache is damaged: `duomem-mlx cache verify {cache}`, or recollect it with `duomem-mlx teach --force`"
+
+
+def check_manifest(data, _where=None) -> dict:
+    require(isinstance(data, dict), "expected a JSON object")
+    require(isinstance(data.get("counts", {}), dict), "counts must be an object")
+    require(isinstance(data.get("top_k", 0), int), "top_k must be an integer")
+    require(isinstance(data.get("dropped", []), list), "dropped must be a list")
+    return data
+
+
+def check_episode(record, _where=None) -> dict:
+    """What info, verify and resume read from an episodes.jsonl line."""
+    require(isinstance(record, dict), "expected a JSON object")
+    require(isinstance(record.get("id"), str) and isinstance(record.get("task"), str), "id and task must be strings")
+    shard = record.get("shard")
+    require(shard is None or (isinstance(shard, str) and re.fullmatch(r"shards/\d{5}\.safetensors", shard)), f"bad shard {shard!r}")
+    for key in ("tokens", "masked", "unaligned_rows"):
+        require(isinstance(record.get(key, 0), int), f"{key} must be an integer")
+    return record
+
+
 def read_manifest(cache: str | Path) -> dict:
     path = Path(cache) / "manifest.json"
     if not path.is_file():
         raise DuomemError(f"{cache} is not a teacher cache (no manifest.json); write one with `duomem-mlx teach`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DuomemError(f"{path} is not valid JSON ({e.msg}); the cache is damaged, rerun `duomem-mlx teach --force`")
+    manifest = read_json(path, damaged(cache), check_manifest)
     if manifest.get("format") != FORMAT:
         raise DuomemError(f"{cache} is not a duomem teacher cache (format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
@@ -89,46 +101,52 @@ def read_manifest(cache: str | Path) -> dict:
 def read_episodes(cache: str | Path, torn_ok: bool = False) -> list[dict]:
     """Kept episodes in order. A torn last line (a killed run) is skipped when torn_ok."""
     path = Path(cache) / "episodes.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    episodes = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            episodes.append(json.loads(line))
-        except json.JSONDecodeError:
-            if torn_ok and n == len(lines):
-                break
-            raise DuomemError(f"{path} line {n} is not valid JSON; the cache is damaged (`duomem-mlx cache verify {cache}`)")
-    return episodes
+    return read_jsonl(path, check_episode, damaged(cache), torn_ok) if path.exists() else []
 
 
 def read_memories(cache: str | Path) -> list[dict]:
+    """The teacher's memories, each checked as a memory bank reads it (memory.bank.parse_memory)."""
+    from ..memory.bank import parse_memory
+
     path = Path(cache) / "memories.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [asdict(m) for m in read_jsonl(path, parse_memory, damaged(cache))]
 
 
 class CacheWriter:
-    """Appends episodes to a cache directory; safe to kill at any point and resume."""
+    """Appends episodes to a cache directory; safe to kill at any point and resume. Holds the
+    directory's lock (.lock) from creation to close(), so two runs never share shard numbers."""
 
     def __init__(self, out: str | Path, settings: dict, resume: bool = False, force: bool = False):
         self.out = Path(out)
         manifest_path = self.out / "manifest.json"
-        if manifest_path.exists() and not (resume or force):
-            state = "finished" if json.loads(manifest_path.read_text() or "{}").get("complete") else "unfinished"
-            raise DuomemError(f"{out} already holds a {state} teacher cache; pass --resume to continue it or --force to overwrite it")
-        if self.out.exists() and not manifest_path.exists() and any(self.out.iterdir()) and not force:
+        others = [p for p in self.out.iterdir() if p.name != LOCK] if self.out.is_dir() else []
+        if others and not manifest_path.exists() and not force:
             raise DuomemError(f"{out} exists and is not a teacher cache; choose another --out or pass --force")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(self.out / LOCK, timeout=0)
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise DuomemError(f"another `duomem-mlx teach` is writing {out} right now; wait for it to finish or choose another --out")
+        try:
+            self.open(settings, resume, force)
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self, settings: dict, resume: bool, force: bool):
+        manifest_path = self.out / "manifest.json"
+        if manifest_path.exists() and not (resume or force):
+            state = "finished" if read_manifest(self.out).get("complete") else "unfinished"
+            raise DuomemError(f"{self.out} already holds a {state} teacher cache; pass --resume to continue it or --force to overwrite it")
         if force and not resume:
             for name in ("manifest.json", "episodes.jsonl", "memories.jsonl"):
                 (self.out / name).unlink(missing_ok=True)
             for shard in (self.out / "shards").glob("*.safetensors") if (self.out / "shards").exists() else []:
                 shard.unlink()
-        (self.out / "shards").mkdir(parents=True, exist_ok=True)
+        (self.out / "shards").mkdir(exist_ok=True)
         self.episodes, self.dropped = [], []
         self.manifest = {"format": FORMAT, "version": VERSION, **settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if resume and manifest_path.exists():
@@ -136,13 +154,22 @@ class CacheWriter:
             changed = [k for k in SETTINGS if k in old and old[k] != settings.get(k)]
             if changed:
                 diff = ", ".join(f"{k}: {old[k]!r} -> {settings.get(k)!r}" for k in changed)
-                raise DuomemError(f"--resume with different settings than {out} was collected with ({diff}); use the same flags or --force")
+                raise DuomemError(f"--resume with different settings than {self.out} was collected with ({diff}); use the same flags or --force")
             self.manifest["created"] = old.get("created", self.manifest["created"])
             self.dropped = list(old.get("dropped", []))
             self._truncate_torn_line()
             self.episodes = read_episodes(self.out)
         self.done = {e["id"] for e in self.episodes} | set(self.dropped)
         self.save_manifest(complete=False)
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
 
     def _truncate_torn_line(self):
         path = self.out / "episodes.jsonl"
@@ -162,7 +189,7 @@ class CacheWriter:
             record["masked"] = int(arrays["loss_mask"].sum())
             if "topk_ids" in arrays:
                 record["unaligned_rows"] = int((arrays["topk_ids"][:, 0] < 0).sum()) if len(arrays["topk_ids"]) else 0
-            write_atomic(self.out / record["shard"], encode_safetensors(arrays))
+            write_atomic(self.out / record["shard"], encode_safetensors(arrays), self.intact())
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         fd = os.open(self.out / "episodes.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -182,7 +209,7 @@ class CacheWriter:
 
     def finish(self, memories: list[dict]) -> None:
         text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in memories)
-        write_atomic(self.out / "memories.jsonl", text.encode())
+        write_atomic(self.out / "memories.jsonl", text, self.intact())
         self.save_manifest(complete=True, memories=len(memories))
 
     def save_manifest(self, complete: bool, memories: int | None = None) -> None:
@@ -201,7 +228,10 @@ class CacheWriter:
             },
             dropped=self.dropped,
         )
-        write_atomic(self.out / "manifest.json", json.dumps(self.manifest, indent=1, ensure_ascii=False).encode())
+        write_atomic(self.out / "manifest.json", json.dumps(self.manifest, indent=1, ensure_ascii=False), self.intact())
+
+    def intact(self) -> str:
+        return f"the {len(self.episodes)} episodes already cached are intact: free space and rerun with --resume"
 
 
 def info(cache: str | Path) -> dict:
@@ -245,6 +275,7 @@ def verify(cache: str | Path) -> tuple[int, list[str]]:
     k, vocab = manifest.get("top_k", 0), manifest.get("vocab_size")
     problems, seen, checked = [], set(), 0
     try:
+        info(cache)  # everything `cache info` and the readers of the cache read
         episodes = read_episodes(cache)
     except DuomemError as e:
         return 0, [str(e)]

@@ -1,5 +1,6 @@
 """`duomem-mlx teach`: play episodes with a teacher, cache the kept ones, write memories."""
 
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -7,6 +8,7 @@ from tqdm import tqdm
 
 from ..envs.base import Episode, episode_id, play_episode
 from ..errors import DuomemError
+from ..io import check_destination
 from ..memory.bank import merge_duplicates
 from .backends import make_teacher
 from .cache import CacheWriter, info
@@ -36,6 +38,7 @@ def collect(
         raise DuomemError("--resume and --force contradict each other; pass one")
     if teacher == "oracle":
         top_k = 0
+    check_destination(out)
     model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed)
     if model.tokenizer is not None and not getattr(model.tokenizer, "chat_template", None):
         raise DuomemError(f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja")
@@ -52,28 +55,41 @@ def collect(
             "tokenizer_fingerprint": fingerprint(model.tokenizer),
             "task_list": sorted({s.task for s in specs}),
         }
-        writer = CacheWriter(out, settings, resume=resume, force=force)
-        todo = [s for s in specs if episode_id(s) not in writer.done]
-        bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="teach", unit="episode", disable=None)
-        for spec in todo:
-            episode = play_episode(env, spec, model.policy, max_steps)
+        say_cycles(specs, split)
+        with CacheWriter(out, settings, resume=resume, force=force) as writer:
+            play(env, specs, model, writer, max_steps, keep, keep_admissible)
+            kept = [Episode.from_json(e) for e in writer.episodes]
+            memories = model.memories(kept, memory_writer) if any(e.success for e in kept) else []
             with disk_errors(out, writer):
-                if episode.steps and (episode.success or keep == "all"):
-                    writer.add(record(episode, keep_admissible), model.arrays(episode))
-                else:
-                    writer.drop(episode.id)
-            played = writer.manifest["counts"]["played"]
-            wins = writer.manifest["counts"]["success"]
-            bar.update(1)
-            bar.set_postfix(success=f"{wins}/{played}", kept=len(writer.episodes))
-        bar.close()
+                writer.finish([asdict(m) for m in merge_duplicates(memories)])
     finally:
         env.close()
-    kept = [Episode.from_json(e) for e in writer.episodes]
-    memories = model.memories(kept, memory_writer) if any(e.success for e in kept) else []
-    with disk_errors(out, writer):
-        writer.finish([asdict(m) for m in merge_duplicates(memories)])
     return info(out)
+
+
+def play(env, specs, model, writer: CacheWriter, max_steps: int, keep: str, keep_admissible: bool) -> None:
+    todo = [s for s in specs if episode_id(s) not in writer.done]
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="teach", unit="episode", disable=None)
+    for spec in todo:
+        episode = play_episode(env, spec, model.policy, max_steps)
+        with disk_errors(writer.out, writer):
+            if episode.steps and (episode.success or keep == "all"):
+                writer.add(record(episode, keep_admissible), model.arrays(episode))
+            else:
+                writer.drop(episode.id)
+        played = writer.manifest["counts"]["played"]
+        wins = writer.manifest["counts"]["success"]
+        bar.update(1)
+        bar.set_postfix(success=f"{wins}/{played}", kept=len(writer.episodes))
+    bar.close()
+
+
+def say_cycles(specs, split: str) -> None:
+    """Say so when a split has fewer variations than episodes asked for (they repeat)."""
+    repeated = sorted({s.task for s in specs if s.repeat})
+    if repeated:
+        tqdm.write(f"note: {', '.join(repeated)}: fewer {split} variations than episodes; variations repeat, "
+                   "each repeat with its own episode id (ending /1, /2, ...)", file=sys.stderr)
 
 
 def record(episode: Episode, keep_admissible: bool) -> dict:

@@ -5,7 +5,6 @@ import json
 import os
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,21 @@ import numpy as np
 
 from ..agent.prompt import prefix_messages
 from ..errors import DuomemError
-from .backends import load_tokenizer, shard_arrays, teacher_memories
+from .base import load_tokenizer, redact, shard_arrays, teacher_memories
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """`openai:<base-url>#<model>` -> (url, model). URLs with credentials are refused: the key
+    goes in OPENAI_API_KEY (an Authorization header), never in a URL that gets printed."""
+    url, _, model = spec[7:].rpartition("#") if "#" in spec else (spec[7:], "", "")
+    if "@" in url:
+        raise DuomemError(
+            f"--teacher {redact(spec)}: do not put credentials in the URL; set OPENAI_API_KEY (sent as an Authorization: Bearer header) "
+            "and pass the URL without user:password@"
+        )
+    if not url.startswith(("http://", "https://")) or not model:
+        raise DuomemError(f"--teacher {redact(spec)}: expected openai:<base-url>#<model>, e.g. openai:http://127.0.0.1:8080/v1#mlx-community/Qwen3-4B-4bit")
+    return url, model
 
 
 class OpenAIClient:
@@ -38,7 +51,7 @@ class OpenAIClient:
             try:
                 req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
                 with urllib.request.urlopen(req, timeout=self.timeout) as response:
-                    return json.loads(response.read())
+                    reply = json.loads(response.read())
             except urllib.error.HTTPError as e:
                 detail = error_detail(e.read().decode(errors="replace"))
                 if e.code in (429, 500, 502, 503, 504) and attempt < retries:
@@ -51,9 +64,25 @@ class OpenAIClient:
                     continue
                 reason = getattr(e, "reason", e)
                 raise Unreachable(f"cannot reach the teacher server at {self.base} ({reason}) after {retries + 1} tries; start it or fix the URL")
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise DuomemError(f"teacher server {url} did not answer JSON; is {self.base} an OpenAI-compatible API?")
+            if not isinstance(reply, dict):
+                raise DuomemError(f"teacher server {url} answered {type(reply).__name__}, not a JSON object; is {self.base} an OpenAI-compatible API?")
+            return reply
         raise AssertionError("unreachable")
+
+    def chat(self, body: dict) -> dict:
+        """The first choice of a chat completion, checked: {"message": {"content": ...}, ...}."""
+        reply = self.request("/chat/completions", body)
+        choices = reply.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            shown = " ".join(json.dumps(reply)[:160].split())
+            raise DuomemError(f"teacher server {self.base} answered without usable choices ({shown}); is it an OpenAI-compatible chat completions API?")
+        content = choice["message"].get("content")
+        if content is not None and not isinstance(content, str):
+            raise DuomemError(f"teacher server {self.base} answered a non-text message content; is it an OpenAI-compatible chat completions API?")
+        return {**choice, "usage": reply.get("usage") if isinstance(reply.get("usage"), dict) else {}}
 
 
 def error_detail(text: str) -> str:
@@ -103,21 +132,23 @@ class OpenAIPolicy:
         if self.top_k:
             body.update(logprobs=True, top_logprobs=self.top_k, return_tokens_as_token_ids=True)
         try:
-            reply = self.client.request("/chat/completions", body)
+            choice = self.client.chat(body)
         except HTTPStatusError as e:
             if self.top_k and e.code in (400, 422) and "logprob" in str(e).lower():
                 raise DuomemError(f"{e}; lower --top-k (mlx_lm.server allows <= 10, vLLM <= 20) or pass --top-k 0 for trajectories only")
             if e.code == 404:
                 raise DuomemError(f"{e}; check the model name after '#' in --teacher ({self.model})")
             raise
-        choice = reply["choices"][0]
         content = choice["message"].get("content") or ""
-        turn = Turn(reply.get("usage", {}).get("prompt_tokens"), content, choice.get("finish_reason"))
+        turn = Turn(choice["usage"].get("prompt_tokens"), content, choice.get("finish_reason"))
         if self.top_k:
             entries = (choice.get("logprobs") or {}).get("content")
-            if not entries:
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) or not entries:
                 raise DuomemError(f"the teacher server at {self.client.base} returned no logprobs; use one that supports top_logprobs (vLLM, mlx_lm.server) or --top-k 0")
-            turn.rows = [sorted(((entry_id(t), t["logprob"]) for t in e.get("top_logprobs", [])), key=lambda p: -p[1]) for e in entries]
+            try:
+                turn.rows = [sorted(((entry_id(t), float(t["logprob"])) for t in e.get("top_logprobs", [])), key=lambda p: -p[1]) for e in entries]
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise DuomemError(f"the teacher server at {self.client.base} returned malformed top_logprobs ({e.__class__.__name__}: {e}); use vLLM or mlx_lm.server, or --top-k 0")
             sampled = [e.get("token", "") for e in entries]
             if all(isinstance(s, str) and s.startswith("token_id:") for s in sampled):
                 turn.sampled = [int(s[9:]) for s in sampled]
@@ -140,7 +171,7 @@ class OpenAITeacher:
     backend = "openai"
 
     def __init__(self, url: str, model: str, top_k: int, temperature: float, tokenizer: str | None, max_tokens: int):
-        self.spec, self.top_k = f"openai:{strip_userinfo(url)}#{model}", top_k
+        self.spec, self.top_k = f"openai:{url}#{model}", top_k
         self.client = OpenAIClient(url)
         self.model = model
         self.check_model()
@@ -157,7 +188,8 @@ class OpenAITeacher:
             raise
         except DuomemError:
             return  # no usable /models (mlx_lm.server offline): the first completion names any problem
-        served = [m.get("id") for m in listing.get("data", [])]
+        data = listing.get("data")
+        served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if served and self.model not in served:
             raise DuomemError(f"the teacher server at {self.client.base} does not serve {self.model!r}; it serves: {', '.join(map(str, served[:8]))}")
 
@@ -180,15 +212,10 @@ class OpenAITeacher:
         for episode in successful(episodes):
             prompt = WRITER_PROMPT.format(task=episode.task_description.strip(), trajectory=trajectory_text(episode))
             body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 160, "temperature": 0.0}
-            reply = clean_reply(self.client.request("/chat/completions", body)["choices"][0]["message"].get("content") or "")
+            reply = clean_reply(self.client.chat(body)["message"].get("content") or "")
             if reply:
                 memories.append(Memory(memory_id(episode.task + reply), episode.task, reply, [episode.id]))
         return memories
-
-
-def strip_userinfo(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() if parts.username else url
 
 
 def align_turns(tokenizer, input_ids, loss_mask, turns: list[Turn], k: int, eos: set[int], greedy: bool) -> dict[str, np.ndarray]:

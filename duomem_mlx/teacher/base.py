@@ -1,0 +1,51 @@
+"""What every teacher backend shares: the shard of a played episode, the teacher's tokenizer,
+the memory writer choice, and URLs made safe to print."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..agent.prompt import episode_messages, tokenize_with_mask
+from ..errors import DuomemError
+
+
+def shard_arrays(tokenizer, episode) -> dict[str, np.ndarray]:
+    """input_ids / loss_mask of the chat the teacher saw while playing `episode`."""
+    ids, mask = tokenize_with_mask(tokenizer, episode_messages(episode))
+    return {"input_ids": np.array(ids, dtype=np.int32), "loss_mask": np.array(mask, dtype=np.uint8)}
+
+
+def load_tokenizer(path: str):
+    """An mlx-lm TokenizerWrapper from a local model dir, or a Hub repo (tokenizer files only)."""
+    from mlx_lm.tokenizer_utils import load as load_wrapper
+
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = Path(snapshot_download(path, allow_patterns=["*.json", "*.jinja", "*.model", "*.txt"]))
+        except Exception as e:  # offline, unknown repo, gated: all say the same thing to the user
+            raise DuomemError(f"cannot get the teacher tokenizer {path} ({e.__class__.__name__}); pass --teacher-tokenizer LOCAL_DIR")
+    if not (local / "tokenizer.json").exists() and not (local / "tokenizer_config.json").exists():
+        raise DuomemError(f"{local} holds no tokenizer; pass --teacher-tokenizer with the served model's directory")
+    return load_wrapper(local)
+
+
+def teacher_memories(policy_memories, episodes, writer: str) -> list:
+    from ..memory.writer import rule_memories
+
+    if writer == "rules":
+        return rule_memories(episodes)
+    return policy_memories(episodes)
+
+
+def redact(spec: str) -> str:
+    """`--teacher` text safe to print: whatever precedes the last '@' of the URL (user,
+    password, even with '/' or '#' in it) becomes ***."""
+    url = spec[: spec.rfind("#")] if "#" in spec else spec
+    if "@" not in url:
+        return spec
+    start = re.match(r"(?:\w+:)?(?:[a-z][a-z0-9+.-]*://)?", spec, re.I).end()
+    return spec[:start] + "***" + spec[url.rfind("@"):]

@@ -29,9 +29,9 @@ def load_config(path: str | Path) -> dict:
 
 
 def csv_list(_ctx, _param, value):
-    """Click callback: "a,b" (or a YAML list from -c) -> ["a", "b"]; nothing -> None."""
-    if value is None or isinstance(value, (list, tuple)):
-        return list(value) if value else None
+    """Click callback: "a,b" (a YAML list from -c arrives joined) -> ["a", "b"]; nothing -> None."""
+    if value is None:
+        return None
     return [v.strip() for v in value.split(",") if v.strip()] or None
 
 
@@ -78,8 +78,11 @@ def _apply_config(ctx: click.Context, _param, value):
         raise DuomemError(f"config {value}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     defaults = {}
     for key, v in data.items():
-        check_value(ctx, value, key, keys[key], v)
-        defaults[keys[key].name] = v
+        param = keys[key]
+        check_value(ctx, value, key, param, v)
+        if param.callback is csv_list and isinstance(v, list):
+            v = ",".join(map(str, v))  # click would pass str(list) on to the callback
+        defaults[param.name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 

@@ -49,24 +49,31 @@ class Episode:
     stats: dict = field(default_factory=dict)  # policy-specific: token counts, latency
 
     def to_json(self, compact: bool = False) -> dict:
-        """compact: a step's admissible list only where it differs from the step before
-        (ScienceWorld lists run to 20 KB a step and rarely change); from_json fills them in."""
+        """compact (eval --log): ScienceWorld's admissible lists run to 20 KB a step and barely
+        change, so each command is written once (`admissible_commands`), a step's list as
+        indices into it, and a list equal to the step before's as `admissible_same`."""
         data = asdict(self)
         if compact:
-            for before, step in zip(data["steps"], data["steps"][1:]):
-                if step["admissible"] is not None and step["admissible"] == before["admissible"]:
-                    del step["admissible"]
-                    step["admissible_same"] = True
+            index: dict[str, int] = {}
+            for before, step, out in zip([None, *self.steps], self.steps, data["steps"]):
+                if step.admissible is not None and before is not None and step.admissible == before.admissible:
+                    del out["admissible"]
+                    out["admissible_same"] = True
+                elif step.admissible is not None:
+                    out["admissible"] = [index.setdefault(c, len(index)) for c in step.admissible]
+            data["admissible_commands"] = list(index)
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Episode":
-        """Reads both forms of to_json; a step marked admissible_same has the list of the step before."""
-        steps = []
+        """Reads both forms of to_json."""
+        commands, steps = data.get("admissible_commands"), []
         for s in data.get("steps", []):
             s = dict(s)
             if s.pop("admissible_same", False):
-                s["admissible"] = steps[-1].admissible if steps else None
+                s["admissible"] = list(steps[-1].admissible) if steps and steps[-1].admissible is not None else None
+            elif commands is not None and s.get("admissible") is not None:
+                s["admissible"] = [commands[i] for i in s["admissible"]]
             steps.append(Step(**s))
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "steps"}
         return cls(**known, steps=steps)

@@ -1,0 +1,296 @@
+"""Bad input, bad destinations and the house rules, as a user meets them: one `Error:` line,
+exit code != 0, no traceback, nothing half-written (real files, real models, real envs)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from duomem_mlx.cli import cli
+from duomem_mlx.envs.base import Episode, play_episode
+from duomem_mlx.envs.policies import OraclePolicy
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.memory.bank import build
+from duomem_mlx.models import load
+from duomem_mlx.teacher.cache import CacheWriter, read_episodes, verify
+
+MEMORIES = [
+    {"id": "m1", "task_type": "simple", "text": "open the chest, take the key, unlock the door"},
+    {"id": "m2", "task_type": "melt", "text": "focus on the ice, move it to the stove, activate the stove, wait"},
+]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    """The one line a user sees when something is wrong."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bank_dir(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bank") / "bank"
+    build(MEMORIES, *load(str(tiny_model)), embedder=str(tiny_model)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- the house
+
+def test_library_errors_need_no_click_and_reach_users_as_one_line():
+    assert not issubclass(DuomemError, click.ClickException)
+    group = click.Group("late-subgroup")  # as another engineer adds one: plain click, plain DuomemError
+
+    @group.command("boom")
+    def boom():
+        """Fail."""
+        raise DuomemError("the thing is broken; fix it with --this")
+
+    cli.add_command(group)
+    try:
+        assert error_line(run("late-subgroup", "boom")) == "Error: the thing is broken; fix it with --this"
+    finally:
+        cli.commands.pop("late-subgroup")
+
+
+LAYERS = {  # module -> packages it must not load (lower floors never reach up; library code needs no click)
+    "duomem_mlx.envs.policies": ["duomem_mlx.agent", "duomem_mlx.models", "click"],
+    "duomem_mlx.envs.base": ["duomem_mlx.agent", "click"],
+    "duomem_mlx.memory.bank": ["duomem_mlx.teacher", "duomem_mlx.agent", "click"],
+    "duomem_mlx.memory.cli": ["duomem_mlx.teacher"],
+    "duomem_mlx.teacher.cache": ["duomem_mlx.agent", "click"],
+    "duomem_mlx.teacher.openai_compat": ["duomem_mlx.teacher.backends", "click"],
+    "duomem_mlx.io": ["click", "mlx"],
+}
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_lower_floors_do_not_reach_up(module):
+    code = f"import sys, {module}; print([m for m in {LAYERS[module]!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- integrity
+
+def test_teach_cycling_variations_gets_unique_ids_and_a_valid_cache(tmp_path):
+    out = tmp_path / "cache"
+    result = run("teach", "--teacher", "oracle", "--env", "scienceworld", "--tasks", "identify-life-stages-2",
+                 "--split", "dev", "--episodes", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "variations repeat" in result.output
+    ids = [e["id"] for e in read_episodes(out)]
+    assert len(ids) == 4 and len(set(ids)) == 4 and any(i.endswith("/1") for i in ids)
+    assert verify(out) == (0, [])
+    assert run("cache", "verify", out).exit_code == 0
+
+
+@pytest.mark.parametrize("spec", [
+    "openai:http://user:secret@127.0.0.1:9/v1#M",
+    "openai:https://user:se/cr#et@host/v1#M",
+    "openai:user:secret@host#M",
+    "opnai:http://user:secret@host/v1#M",
+])
+def test_teacher_url_credentials_never_printed(spec, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "duomem_mlx", "teach", "--teacher", spec, "--env", "textworld", "--out", str(tmp_path / "c")],
+                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "DUOMEM_OPENBLAS": "0"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "secret" not in result.stdout + result.stderr and "se/cr" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if spec.startswith("openai:") and "@" in spec.rpartition("#")[0]:
+        assert "OPENAI_API_KEY" in result.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_second_teach_on_a_locked_cache_is_refused(tmp_path, tiny_model):
+    out = tmp_path / "cache"
+    args = ["teach", "--teacher", "oracle", "--teacher-tokenizer", tiny_model, "--env", "textworld", "--episodes", "1", "--max-steps", "3", "--keep", "all", "--out", out]
+    assert run(*args).exit_code == 0
+    before = (out / "episodes.jsonl").read_bytes()
+    with CacheWriter(out, json.loads((out / "manifest.json").read_text()), resume=True):  # another run holds it
+        assert "another `duomem-mlx teach` is writing" in error_line(run(*args, "--resume"))
+    assert (out / "episodes.jsonl").read_bytes() == before
+    assert run(*args, "--resume").exit_code == 0  # released
+
+
+# ---------------------------------------------------------------- damaged files
+
+def test_memories_with_a_bad_byte_or_shape_are_one_line_everywhere(tmp_path, tiny_model, bank_dir):
+    bad_byte = tmp_path / "bytes.jsonl"
+    bad_byte.write_bytes(json.dumps(MEMORIES[0]).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    bad_shape = write_jsonl(tmp_path / "shape.jsonl", [MEMORIES[0], {"text": 5}])
+    for path, where in [(bad_byte, "line 2 is not UTF-8"), (bad_shape, "line 2")]:
+        assert where in error_line(run("memory", "build", "--memories", path, "--embedder", tiny_model, "--out", tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bank_dir, damaged)
+    with open(damaged / "memories.jsonl", "ab") as f:
+        f.write(b'{"id": "m3", "text": "\xff"}\n')
+    for args in [("memory", "show", damaged), ("memory", "search", damaged, "open the door"),
+                 ("eval", "--env", "textworld", "--policy", f"model:{tiny_model}", "--memory", damaged, "--out", tmp_path / "r.json"),
+                 ("chat", "--model", tiny_model, "--memory", damaged)]:
+        assert "not UTF-8" in error_line(run(*args)), args
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_episode_logs_and_configs_of_the_wrong_shape(tmp_path):
+    log = write_jsonl(tmp_path / "log.jsonl", [{"id": "e", "steps": "not a list"}])
+    assert "line 1" in error_line(run("memory", "write", "--episodes", log, "--out", tmp_path / "m.jsonl"))
+    log.write_bytes(b"\xfe\xff\n")
+    assert "not UTF-8" in error_line(run("memory", "write", "--episodes", log, "--out", tmp_path / "m.jsonl"))
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"layers: \xff\n")
+    assert "not UTF-8" in error_line(run("tiny-model", tmp_path / "m", "-c", config))
+    assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("damage", ["tokens", "task", "memory", "counts", "shard"])
+def test_cache_verify_checks_what_info_reads(damage, tmp_path, tiny_model):
+    out = tmp_path / "cache"
+    args = ["teach", "--teacher", "oracle", "--teacher-tokenizer", tiny_model, "--env", "textworld", "--episodes", "1", "--max-steps", "3", "--keep", "all", "--out", out]
+    assert run(*args).exit_code == 0
+    episode = read_episodes(out)[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    if damage == "memory":
+        (out / "memories.jsonl").write_bytes(b'{"text": "\xff"}\n')
+    elif damage == "counts":
+        (out / "manifest.json").write_text(json.dumps({**manifest, "counts": []}))
+    else:
+        episode[damage] = {"tokens": "12", "task": None, "shard": "../../etc/passwd"}[damage]
+        write_jsonl(out / "episodes.jsonl", [episode])
+    for command in ("info", "verify"):
+        line = error_line(run("cache", command, out))
+        assert "cache" in line and str(out) in line
+
+
+# ---------------------------------------------------------------- unwritable destinations and overwrites
+
+def test_unwritable_destinations_fail_before_the_work(tmp_path, tiny_model):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    memories = write_jsonl(tmp_path / "memories.jsonl", MEMORIES)
+    log = tmp_path / "episodes.jsonl"
+    cases = [
+        ("teach", "--teacher", "oracle", "--env", "textworld", "--out", blocker / "cache"),
+        ("memory", "build", "--memories", memories, "--embedder", tiny_model, "--out", blocker / "bank"),
+        ("memory", "write", "--episodes", memories, "--out", blocker / "m.jsonl"),
+        ("tiny-model", blocker / "model"),
+        ("eval", "--env", "textworld", "--episodes", "1", "--out", blocker / "r.json", "--log", log),
+        ("eval", "--env", "textworld", "--episodes", "1", "--out", tmp_path / "r.json", "--log", blocker / "l.jsonl"),
+        ("eval", "--env", "textworld", "--episodes", "1", "--out", log, "--log", log),
+    ]
+    for args in cases:
+        assert "cannot write" in error_line(run(*args)) or "same file" in error_line(run(*args)), args
+    assert not log.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_overwrites_need_force(tmp_path, tiny_model, bank_dir):
+    log = tmp_path / "oracle.jsonl"
+    assert run("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--out", tmp_path / "r.json", "--log", log).exit_code == 0
+    before = log.read_bytes()
+    assert "is the episode log itself" in error_line(run("memory", "write", "--episodes", log, "--out", log, "--force"))
+    assert log.read_bytes() == before
+    out = tmp_path / "memories.jsonl"
+    assert run("memory", "write", "--episodes", log, "--out", out).exit_code == 0
+    assert "--force" in error_line(run("memory", "write", "--episodes", log, "--out", out))
+    assert run("memory", "write", "--episodes", log, "--out", out, "--force").exit_code == 0
+    # a bank never lands in a model's directory; an existing bank is replaced only with --force
+    model_files = sorted(p.name for p in tiny_model.iterdir())
+    for force in ([], ["--force"]):
+        assert "not a memory bank" in error_line(run("memory", "build", "--memories", out, "--embedder", tiny_model, "--out", tiny_model, *force))
+    assert sorted(p.name for p in tiny_model.iterdir()) == model_files
+    bank = tmp_path / "bank"
+    shutil.copytree(bank_dir, bank)
+    assert "--force" in error_line(run("memory", "build", "--memories", out, "--embedder", tiny_model, "--out", bank))
+    result = run("memory", "build", "--memories", out, "--embedder", tiny_model, "--out", bank, "--force")
+    assert result.exit_code == 0, result.output
+    assert "Workflow" in (bank / "memories.jsonl").read_text()  # the new memories replaced the old bank's
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left
+
+
+# ---------------------------------------------------------------- servers
+
+class Broken(BaseHTTPRequestHandler):
+    replies = {"/v1/models": {"data": "nothing"}, "/v1/chat/completions": {"id": "x", "object": "chat.completion"}}
+
+    def do_GET(self):
+        self.answer()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.answer()
+
+    def answer(self):
+        body = json.dumps(self.replies.get(self.path, {})).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("reply", [{"id": "x"}, {"choices": []}, {"choices": [{"message": "hi"}]}, {"choices": [{"message": {"content": 3}}]}, []])
+def test_a_200_reply_without_usable_choices(reply, tmp_path, tiny_model):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Broken,), {"replies": {**Broken.replies, "/v1/chat/completions": reply}}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        line = error_line(run("teach", "--teacher", f"openai:{url}#m", "--teacher-tokenizer", tiny_model, "--top-k", "0",
+                              "--env", "textworld", "--episodes", "1", "--out", tmp_path / "c"))
+        assert "OpenAI-compatible" in line
+    finally:
+        server.shutdown()
+    assert read_episodes(tmp_path / "c") == []
+
+
+# ---------------------------------------------------------------- config keys
+
+def test_config_keys_are_the_option_names(tmp_path):
+    config = tmp_path / "c.yaml"
+    out = tmp_path / "r.json"
+    config.write_text(f"env: textworld\ntasks: [simple]\nepisodes: 1\nmax-steps: 2\nout: {out}\n")
+    result = run("eval", "-c", config)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["max_steps"] == 2
+    config.write_text(f"env_name: textworld\nmax_steps: 2\nepisodes: 1\nout: {out}\n")  # parameter names still work
+    assert run("eval", "-c", config).exit_code == 0
+    for text, phrase in [("enviro: textworld\n", "unknown option(s) enviro; valid: adapter-path, decode, env,"),
+                         ("env: [textworld]\n", "env must be a single value"),
+                         ("episodes: many\n", "episodes: 'many' is not a valid integer"),
+                         ("memory: {a: 1}\n", "memory must be a single value")]:
+        config.write_text(text)
+        assert phrase in error_line(run("eval", "--out", out, "-c", config)), text
+
+
+# ---------------------------------------------------------------- eval --log
+
+def test_log_stores_unchanged_admissible_lists_once_and_reads_both_forms(scienceworld):
+    spec = scienceworld.task_specs(["melt"], "dev", 1, 0)[0]
+    episode = play_episode(scienceworld, spec, OraclePolicy(), 15)
+    full, compact = episode.to_json(), episode.to_json(compact=True)
+    assert sum("admissible" in s for s in compact["steps"]) < len(episode.steps)  # melt's lists repeat
+    assert len(json.dumps(compact)) < len(json.dumps(full)) / 2
+    for data in (full, compact):
+        again = Episode.from_json(json.loads(json.dumps(data)))
+        assert [s.admissible for s in again.steps] == [s.admissible for s in episode.steps]
+        assert again == Episode.from_json(full)

@@ -9,7 +9,7 @@ from ..errors import DuomemError
 
 
 @click.command("teach")
-@click.option("--teacher", required=True, help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle")
+@click.option("--teacher", required=True, help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)")
 @click.option("--env", "env_name", type=click.Choice(["scienceworld", "textworld", "alfworld"]), required=True)
 @click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="train", show_default=True)

@@ -101,7 +101,7 @@ def test_training_layout(family_models, arch):
     assert len(starts) == 3
     for start, i in zip(starts, actions):
         context = encode(tokenizer, render(tokenizer, messages[:i], True))
-        end = next(j for j in range(start, len(ids)) if not mask[j])
+        end = next((j for j in range(start, len(ids)) if not mask[j]), len(ids))
         assert tokenizer.decode(ids[start : end - 1]) == messages[i]["content"] and ids[end - 1] in tokenizer.eos_token_ids
         if arch == "qwen3":  # its own turn exact, earlier replies keep their think block
             assert ids[start - 12 : start] == context[-12:]

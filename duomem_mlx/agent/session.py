@@ -62,7 +62,7 @@ class Session:
         self.n_prefix = len(prefix)
         self.prompt = Rendered(self.tokenizer)
         self.rendered = 0  # messages in self.prompt (rendered with the generation prompt)
-        self.head_text = None
+        self.head_text = self.window = None  # window: (first message, text) of the last windowed render
         self.prefix_len = self.history_len = None  # token positions worth a snapshot
 
     def append(self, messages: list[dict]):
@@ -72,15 +72,22 @@ class Session:
         return render(self.tokenizer, messages, add_generation_prompt, self.thinking)
 
     def render_prompt(self):
-        """Bring self.prompt to the chat plus generation prompt, rendering a window of the last
-        messages after a fixed head (the prefix and the first turn) when the old window renders
-        as the tail of the text we hold; the whole chat otherwise."""
+        """Bring self.prompt to the chat plus generation prompt. It renders a window: a fixed
+        head (the prefix and the first turn) and the messages from `a` on, where `a` stays put
+        for up to 8 messages so the old window is the one rendered last step. When the old
+        window's text after the head is the tail of the text we hold, only the new window's
+        text from its first difference replaces that tail; otherwise the whole chat is rendered.
+        Exact for templates that render a message from itself, its role, its place relative to
+        the last user message and the chat's first / last message (all published ones we know)."""
         n, old, p = len(self.messages), self.rendered, self.n_prefix
         head_n = min(n, p + 2)
-        a = old - 2 - (old - 2 - p) % 2  # keeps roles alternating as in the chat
         head = self.messages[:head_n]
-        if 0 < old <= n and a >= head_n:
-            w_old = self.render(head + self.messages[a:old], True)
+        if self.window and old - self.window[0] <= 8 and old <= n:
+            a, w_old = self.window
+        else:
+            a = old - 2 - (old - 2 - p) % 2  # keeps roles alternating as in the chat
+            w_old = self.render(head + self.messages[a:old], True) if 0 < old <= n and a >= head_n else None
+        if w_old is not None:
             w_new = self.render(head + self.messages[a:], True)
             if self.head_text is None:
                 self.head_text = self.render(head, False)
@@ -89,11 +96,11 @@ class Session:
             if w_old.startswith(self.head_text) and w_new.startswith(self.head_text) and text.endswith(w_old[h:]):
                 c = common_text_prefix(w_old, w_new, h)
                 self.prompt.replace(len(text) - (len(w_old) - c), w_new[c:])
-                self.rendered = n
+                self.rendered, self.window = n, (a, w_new)
                 self.history_len = self.mark_before_generation(head + self.messages[a:], w_new) if self.fragile else None
                 return
         self.prompt.replace(0, self.render(self.messages, True))
-        self.rendered = n
+        self.rendered, self.window = n, None
         if self.fragile:
             self.history_len = self.mark_before_generation(self.messages, self.prompt.text)
             if self.prefix_len is None:
@@ -110,7 +117,7 @@ class Session:
     def drop_oldest_turn(self):
         """Drop the oldest exchange after the prefix (its assistant action and following user turn)."""
         del self.messages[self.n_prefix : self.n_prefix + 2]
-        self.head_text = None
+        self.head_text = self.window = None
         self.rendered = 0
 
     def prompt_ids(self) -> list[int]:

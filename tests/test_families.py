@@ -91,7 +91,8 @@ def test_qwen3_think_block_is_rewritten_and_refed(family_models, thinking):
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_training_layout(family_models, arch):
-    """Each action follows the exact prompt the agent saw; prefix-stable templates: the whole chat."""
+    """The whole chat as rendered; each action follows the history the agent saw (Qwen3: without
+    the think block of its generation prompt, except the last action)."""
     _, tokenizer = family_models[arch]
     steps = [Step("You see a box.", "open box"), Step("It holds a key.", "take key"), Step("Done.", "look")]
     messages = episode_messages(Episode("e", "textworld", "simple", 0, "find the key", True, 1.0, steps=steps))
@@ -103,12 +104,12 @@ def test_training_layout(family_models, arch):
         context = encode(tokenizer, render(tokenizer, messages[:i], True))
         end = next((j for j in range(start, len(ids)) if not mask[j]), len(ids))
         assert tokenizer.decode(ids[start : end - 1]) == messages[i]["content"] and ids[end - 1] in tokenizer.eos_token_ids
-        if arch == "qwen3":  # its own turn exact, earlier replies keep their think block
-            assert ids[start - 12 : start] == context[-12:]
+        if arch == "qwen3" and i != actions[-1]:  # the history it saw, without the think block Qwen3 drops later
+            assert ids[:start] == encode(tokenizer, render(tokenizer, messages[:i], True, thinking=True))
+            assert context[start:] == encode(tokenizer, "<think>\n\n</think>\n\n")
         else:
             assert ids[:start] == context
-    if arch != "qwen3":
-        assert ids == encode(tokenizer, render(tokenizer, messages, False))
+    assert ids == encode(tokenizer, render(tokenizer, messages, False))
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

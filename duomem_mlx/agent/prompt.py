@@ -106,50 +106,25 @@ def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False) 
     """(input_ids, loss_mask) of an episode's chat; the mask is 1 on each assistant action and
     the end-of-turn token that closes it, i.e. exactly what the agent generates.
 
-    Layout: each action follows the exact prompt the agent was given when it generated it,
-    generation prompt included. For templates that render history the same way later
-    (ChatML, Llama 3, Gemma) that is one sequence equal to the whole rendered chat, and every
-    action's context is exact. A template that rewrites past replies once a newer user message
-    follows (Qwen3 drops their empty think block, DeepSeek-R1 their reasoning) cannot give
-    every action its context in one sequence; here each earlier reply stays in the form in
-    which it was generated (Qwen3, thinking off: with its empty think block, 4 tokens a turn)
-    and the observations after it are appended as the template writes them, so an action's
-    own turn is exact and only earlier replies differ from what the agent saw."""
-    ids, mask = [], []
+    Layout: the whole chat as the template renders it, i.e. each action follows the history
+    the agent saw when it generated it (the template's rendering of the earlier turns). For
+    templates that render a turn the same way later (ChatML, Llama 3, Gemma) every action's
+    context is exact. A template that rewrites the turn being generated once a newer user
+    message follows (Qwen3 drops the empty think block it writes into the generation prompt,
+    DeepSeek-R1 the reasoning) cannot be exact for every action in one sequence: here each
+    action but the last lacks that block right before it (Qwen3, thinking off: 4 tokens),
+    and the last action's context is exact. It measured closer to the agent's contexts than
+    keeping each reply in its generated form (benchmarks/training_layout.py)."""
+    ids = encode(tokenizer, render(tokenizer, messages, False, thinking))
+    mask = [0] * len(ids)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    tail: list[int] = []  # tokens after the last reply's end of turn (e.g. a newline)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_text = render(tokenizer, messages[:i], True, thinking)
-        full = render(tokenizer, messages[: i + 1], False, thinking)
-        if not full.startswith(prompt_text):
-            raise DuomemError("the chat template writes a reply that does not continue its generation prompt; this template is not supported")
-        context = encode(tokenizer, prompt_text)
-        ids += continuation(ids, context, eos, tail)
-        reply = encode(tokenizer, full[len(prompt_text):])
-        answer = reply[: next((j + 1 for j, t in enumerate(reply) if t in eos), len(reply))]
-        tail = reply[len(answer):]
-        mask += [0] * (len(ids) - len(mask)) + [1] * len(answer) + [0] * len(tail)
-        ids += reply
-    rest = encode(tokenizer, render(tokenizer, messages, False, thinking))
-    if len(ids) < len(rest):  # messages after the last action
-        ids += continuation(ids, rest, eos, tail)
-    mask += [0] * (len(ids) - len(mask))
+        start = common_prefix_len(ids, encode(tokenizer, render(tokenizer, messages[:i], True, thinking)))
+        end = next((j + 1 for j in range(start, len(ids)) if ids[j] in eos), len(ids))
+        mask[start:end] = [1] * (end - start)
     return ids, mask
-
-
-def continuation(ids: list[int], context: list[int], eos: set[int], tail: list[int]) -> list[int]:
-    """The part of `context` (a later rendering of the chat) that follows `ids`: what is new
-    after it, or, where the template rewrote the last reply, what follows that reply's end of
-    turn (and `tail`) in `context`."""
-    if context[: len(ids)] == ids:
-        return context[len(ids):]
-    start = common_prefix_len(ids, context)
-    end = next((j + 1 for j in range(start, len(context)) if context[j] in eos), start)
-    if context[end : end + len(tail)] == tail:
-        end += len(tail)
-    return context[end:]
 
 
 def episode_messages(episode, memories: list[str] = ()) -> list[dict]:

@@ -20,7 +20,10 @@ $(VENV)/.installed: pyproject.toml
 system:
 	@bash scripts/install_system_deps.sh
 
+VERSIONS = mlx mlx-lm transformers tokenizers jinja2 numpy scienceworld textworld
+
 test: setup
+	@$(PY) -c 'import importlib.metadata as m, sys; print("tested on: Python " + sys.version.split()[0], *(f"{p} {m.version(p)}" for p in sys.argv[1:]), sep=", ")' $(VERSIONS)
 	$(RUN) $(PY) -m pytest -q
 
 demo: setup

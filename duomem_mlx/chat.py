@@ -19,7 +19,7 @@ class Chat:
     def __init__(self, policy: ModelPolicy, max_tokens: int, max_context: int, temperature: float):
         self.policy = policy
         options = DecodeOptions(mode="free", temperature=temperature, max_tokens=max_tokens, single_line=False)
-        self.session = Session(policy.model, policy.tokenizer, max_context, options)
+        self.session = Session(policy.model, policy.tokenizer, max_context, options, thinking=policy.session.thinking)
         self.reset()
 
     def reset(self):
@@ -37,7 +37,6 @@ class Chat:
             self.session.generate(on_text=lambda piece: click.echo(piece, nl=False))
         except KeyboardInterrupt:
             self.session.messages.pop()
-            self.session.segments.pop()
             click.echo("\n[stopped]")
             return
         click.echo()

@@ -37,29 +37,39 @@ def cli():
 
 @cli.command("tiny-model")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--arch", type=click.Choice(["qwen3", "llama"]), default="qwen3", show_default=True)
+@click.option("--arch", type=click.Choice(["qwen3", "llama", "gemma3_text", "lfm2"]), default="qwen3", show_default=True,
+              help="gemma3_text: sliding-window layers (RotatingKVCache); lfm2: conv layers (ArraysCache).")
+@click.option("--template", type=click.Choice(["qwen3", "llama3", "gemma", "chatml"]),
+              help="Chat template and special tokens (default: the family's own: qwen3, llama3, gemma, chatml for lfm2).")
 @click.option("--layers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(32, 8192), default=64, show_default=True)
 @click.option("--vocab-size", type=click.IntRange(300, 200_000), default=2048, show_default=True)
+@click.option("--sliding-window", type=click.IntRange(4), default=32, show_default=True, help="gemma3_text only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tokenizer-from", type=click.Path(exists=True, file_okay=False), help="Copy this model's tokenizer (teacher and student then share a vocabulary).")
 @config_option
-def tiny_model(out, arch, layers, hidden, vocab_size, seed, tokenizer_from):
+def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, seed, tokenizer_from):
     """Write a random-init mlx-lm model with a freshly trained BPE tokenizer to OUT.
 
     Works offline; `mlx_lm.load(OUT)` opens it. For tests, demos and pipeline dry runs.
+    The tokenizer carries the family's chat template, special tokens and eos list
+    (generation_config.json), written from the families' published templates.
 
     \b
     Example:
       duomem-mlx tiny-model runs/teacher --layers 4 --hidden 256
       duomem-mlx tiny-model runs/student --tokenizer-from runs/teacher
+      duomem-mlx tiny-model runs/gemma --arch gemma3_text --sliding-window 16
+      duomem-mlx tiny-model runs/llama-chatml --arch llama --template chatml
     """
     from .io import check_destination
     from .models import make_tiny_model, tokenizer_fingerprint
     from transformers import PreTrainedTokenizerFast
 
     check_destination(out, option="OUT")
-    path = make_tiny_model(out, arch, layers, hidden, vocab_size, seed, tokenizer_from)
+    if template and tokenizer_from:
+        raise click.UsageError("--template and --tokenizer-from exclude each other (the copied tokenizer brings its template)")
+    path = make_tiny_model(out, arch, layers, hidden, vocab_size, seed, tokenizer_from, template, sliding_window)
     fingerprint = tokenizer_fingerprint(PreTrainedTokenizerFast.from_pretrained(str(path)))
     click.echo(f"wrote {arch} ({layers} layers, hidden {hidden}) to {path}  tokenizer {fingerprint[:12]}")
 
@@ -108,9 +118,10 @@ def eval_command(**kwargs):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-steps", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--step", is_flag=True, help="With --env: wait for Enter before each action.")
+@click.option("--thinking", is_flag=True, help="enable_thinking=True for templates that know it (Qwen3); off by default.")
 @config_option
 def chat_command(model, adapter_path, memory_bank, memory_k, max_tokens, max_context, temperature,
-                 env_name, tasks, split, seed, max_steps, step):
+                 env_name, tasks, split, seed, max_steps, step, thinking):
     """Talk to a student (streaming), with the memories it retrieves shown; or watch it play.
 
     In the REPL: /memory, /reset, /stats, /quit. Ctrl-C stops a reply, Ctrl-D (EOF) exits.
@@ -130,7 +141,7 @@ def chat_command(model, adapter_path, memory_bank, memory_k, max_tokens, max_con
     if memory_bank is None and (Path(model) / "memory" / "bank.json").exists():
         memory_bank = str(Path(model) / "memory")
     decode = "constrained" if env_name else "free"
-    policy = ModelPolicy.from_options(model, adapter_path, memory_bank, memory_k, decode, max_context, seed, temperature)
+    policy = ModelPolicy.from_options(model, adapter_path, memory_bank, memory_k, decode, max_context, seed, temperature, thinking)
     if env_name:
         watch_episode(policy, env_name, tasks, split, seed, max_steps, step)
     else:

@@ -4,19 +4,94 @@ import hashlib
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import DuomemError
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# Qwen3's published template, tools left out: an assistant turn after the last user message
+# carries its <think> block (empty when none), earlier ones lose it; enable_thinking=false
+# writes an empty think block into the generation prompt.
+QWEN3 = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- set ns = namespace(last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}{%- if message.role == 'user' %}{%- set ns.last_query_index = messages|length - 1 - loop.index0 %}{%- break %}{%- endif %}{%- endfor %}
+{%- for message in messages %}
+{%- set content = message.content %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{%- set reasoning_content = '' %}
+{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}
+{%- elif '</think>' in content %}
+{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+{{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
+# Llama 3.1's: bos, a system header with its date lines, <|eot_id|> closing every turn.
+LLAMA3 = """{{- bos_token }}
+{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}
+{%- if messages[0].role == 'system' %}{%- set system_message = messages[0].content | trim %}{%- set messages = messages[1:] %}
+{%- else %}{%- set system_message = "" %}{%- endif %}
+{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}
+{{- 'Cutting Knowledge Date: December 2023\\nToday Date: ' + date_string + '\\n\\n' }}
+{{- system_message + '<|eot_id|>' }}
+{%- for message in messages %}
+{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' + message.content | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"""
+# Gemma 3's: bos, the system text folded into the first user turn, roles user/model alternating.
+GEMMA = """{{ bos_token }}
+{%- if messages[0].role == 'system' -%}
+{%- set first_user_prefix = messages[0].content + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}
+{%- else -%}{%- set first_user_prefix = "" -%}{%- set loop_messages = messages -%}{%- endif -%}
+{%- for message in loop_messages -%}
+{%- if (message.role == 'user') != (loop.index0 % 2 == 0) -%}{{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}{%- endif -%}
+{%- set role = 'model' if message.role == 'assistant' else message.role -%}
+{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}{{ message.content | trim }}{{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"""
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat template with the special tokens, bos/eos and generation eos list its family ships."""
+
+    jinja: str
+    specials: tuple[str, ...]  # added to the vocabulary first, in this order
+    eos: str  # tokenizer eos_token
+    eos_ids: tuple[str, ...]  # generation_config.json eos_token_id
+    bos: str | None = None
+    pad: str | None = None
+    added: tuple[str, ...] = ()  # added, not special (Qwen3's think tags)
+
+
+TEMPLATES = {
+    "chatml": Template(CHATML, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<|im_end|>",), pad="<|endoftext|>"),
+    "qwen3": Template(QWEN3, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<|im_end|>", "<|endoftext|>"),
+                      pad="<|endoftext|>", added=("<think>", "</think>")),
+    "llama3": Template(LLAMA3, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                       "<|end_of_text|>", ("<|end_of_text|>", "<|eot_id|>"), bos="<|begin_of_text|>", pad="<|end_of_text|>"),
+    "gemma": Template(GEMMA, ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), "<eos>",
+                      ("<eos>", "<end_of_turn>"), bos="<bos>", pad="<pad>"),
+}
+ARCHS = {"qwen3": "qwen3", "llama": "llama3", "gemma3_text": "gemma", "lfm2": "chatml"}  # arch -> its family's template
 
 
 def resolve(path_or_repo: str) -> str:
@@ -56,32 +131,34 @@ def default_corpus() -> str:
     return resources.files("duomem_mlx").joinpath("data/tiny_corpus.txt").read_text()
 
 
-def train_tokenizer(vocab_size: int, corpus: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(vocab_size: int, corpus: str, template: str = "chatml"):
+    """A byte-level BPE wrapped as a transformers fast tokenizer carrying `template`'s chat
+    template, special tokens, bos and eos as the family ships them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    spec = TEMPLATES[template]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(spec.specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.added])
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        tokenizer_object=bpe, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, chat_template=spec.jinja,
     )
 
 
-def tiny_config(arch: str, layers: int, hidden: int, vocab_size: int, eos_id: int) -> dict:
+def tiny_config(arch: str, layers: int, hidden: int, vocab_size: int, eos_ids: list[int], sliding_window: int = 32) -> dict:
     heads = max(1, hidden // 32)
     config = {
         "model_type": arch,
+        "architectures": [ARCHITECTURES[arch]],
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "intermediate_size": hidden * 3,
@@ -93,13 +170,19 @@ def tiny_config(arch: str, layers: int, hidden: int, vocab_size: int, eos_id: in
         "max_position_embeddings": 8192,
         "rope_theta": 10000.0,
         "tie_word_embeddings": True,
-        "eos_token_id": eos_id,
+        "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0],
     }
-    if arch == "llama":
-        config["architectures"] = ["LlamaForCausalLM"]
-    else:
-        config["architectures"] = ["Qwen3ForCausalLM"]
+    if arch == "gemma3_text":  # sliding-window layers (RotatingKVCache) and a global one every 2nd
+        config.update(sliding_window=sliding_window, sliding_window_pattern=2, query_pre_attn_scalar=hidden // heads,
+                      rope_local_base_freq=10000.0)
+    if arch == "lfm2":  # short-convolution layers (ArraysCache) with attention every 2nd
+        config.update(norm_eps=1e-5, conv_bias=False, conv_L_cache=3, block_dim=hidden, block_ff_dim=hidden * 3,
+                      block_multiple_of=32, block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=False,
+                      layer_types=["conv" if i % 2 == 0 else "full_attention" for i in range(layers)])
     return config
+
+
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "lfm2": "Lfm2ForCausalLM"}
 
 
 def make_tiny_model(
@@ -110,23 +193,36 @@ def make_tiny_model(
     vocab_size: int = 2048,
     seed: int = 0,
     tokenizer_from: str | Path | None = None,
+    template: str | None = None,
+    sliding_window: int = 32,
 ) -> Path:
-    """Write a random-init mlx-lm model + tokenizer that plain `mlx_lm.load(out)` opens."""
+    """Write a random-init mlx-lm model + tokenizer that plain `mlx_lm.load(out)` opens; the
+    tokenizer carries `template` (default: the family's own, see ARCHS) and the model dir a
+    generation_config.json with the family's eos list."""
     import mlx.core as mx
     from mlx_lm.utils import _get_classes, save_config, save_model
 
-    if arch not in ("qwen3", "llama"):
-        raise DuomemError(f"unknown --arch {arch}; use qwen3 or llama")
+    if arch not in ARCHS:
+        raise DuomemError(f"unknown --arch {arch}; use one of {', '.join(ARCHS)}")
+    if template is not None and template not in TEMPLATES:
+        raise DuomemError(f"unknown --template {template}; use one of {', '.join(TEMPLATES)}")
     if hidden % 32 and hidden >= 32:
         raise DuomemError(f"--hidden {hidden} must be a multiple of 32")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_from:
         tokenizer = _copy_tokenizer(Path(tokenizer_from), out)
+        eos_ids = _generation_eos(Path(tokenizer_from)) or [tokenizer.eos_token_id]
     else:
-        tokenizer = train_tokenizer(vocab_size, default_corpus())
+        spec = TEMPLATES[template or ARCHS[arch]]
+        tokenizer = train_tokenizer(vocab_size, default_corpus(), template or ARCHS[arch])
         tokenizer.save_pretrained(out)
-    config = tiny_config(arch, layers, hidden, len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        eos_ids = tokenizer.convert_tokens_to_ids(list(spec.eos_ids))
+        generation = {"eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0]}
+        if spec.bos:
+            generation["bos_token_id"] = tokenizer.bos_token_id
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    config = tiny_config(arch, layers, hidden, len(tokenizer), eos_ids, sliding_window)
     mx.random.seed(seed)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
@@ -134,6 +230,14 @@ def make_tiny_model(
     save_model(out, model)
     save_config(config, out / "config.json")
     return out
+
+
+def _generation_eos(model_dir: Path) -> list[int] | None:
+    path = model_dir / "generation_config.json"
+    if not path.exists():
+        return None
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return eos if isinstance(eos, list) else [eos] if eos is not None else None
 
 
 def _copy_tokenizer(source: Path, out: Path):

@@ -7,8 +7,9 @@ from duomem_mlx.models import make_tiny_model
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """A 2-layer, hidden-64 qwen3 with its own BPE tokenizer: the default student."""
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "student", seed=0)
+    """A 2-layer, hidden-64 qwen3 with its own BPE tokenizer (ChatML template): the default student.
+    The families' own templates are tested in test_families.py."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "student", seed=0, template="chatml")
 
 
 @pytest.fixture(scope="session")

@@ -18,16 +18,17 @@ class ModelPolicy:
         max_context: int = 4096,
         temperature: float = 0.0,
         reencode: bool = False,
+        thinking: bool = False,
     ):
         self.model, self.tokenizer, self.bank, self.memory_k = model, tokenizer, bank, memory_k
         session_class = ReencodingSession if reencode else Session
         options = DecodeOptions(mode=decode, temperature=temperature)
-        self.session = session_class(model, tokenizer, max_context, options)
+        self.session = session_class(model, tokenizer, max_context, options, thinking=thinking)
         self.memory_ids: list[str] = []
 
     @classmethod
     def from_options(cls, path, adapter_path=None, memory_bank=None, memory_k=3, decode="constrained",
-                     max_context=4096, seed=0, temperature=0.0):
+                     max_context=4096, seed=0, temperature=0.0, thinking=False):
         import mlx.core as mx
 
         from ..models import load
@@ -35,7 +36,7 @@ class ModelPolicy:
         model, tokenizer = load(path, adapter_path)
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
         mx.random.seed(seed)
-        return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature)
+        return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature, thinking=thinking)
 
     def retrieve(self, query: str, task_type: str | None = None) -> list:
         """The closest memories, of the episode's task type when the bank has any."""

@@ -3,11 +3,16 @@
 messages = [system (+ memories), user (task + first observation)]   <- the episode's prefix
            + [assistant action, user observation] * turns
 
-Token ids are always built segment by segment: each message's rendered text is the
-difference between the chat template rendered up to it and up to the one before. The
-incremental session feeds exactly these segments, the teacher cache stores them, and for a
-prefix-stable template their concatenation equals tokenizing the whole rendered chat.
+The tokens a model sees are always those of the whole chat rendered by its own chat template
+(`render`, then `encode`), whatever the template does to earlier turns (Qwen3 drops the empty
+think block of past replies, DeepSeek-R1 their reasoning). `Rendered` keeps that text and its
+tokens up to date in time proportional to a change, not to the chat.
 """
+
+import bisect
+import re
+
+from mlx_lm.utils import common_prefix_len
 
 from ..errors import DuomemError
 
@@ -33,46 +38,92 @@ def turn_messages(action: str, observation: str) -> list[dict]:
     return [{"role": "assistant", "content": action}, {"role": "user", "content": observation.strip()}]
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool, thinking: bool = False) -> str:
+    """The chat as the template writes it; `enable_thinking` reaches templates that know it
+    (Qwen3: False writes an empty think block into the generation prompt), others ignore it."""
     if not getattr(tokenizer, "chat_template", None):
         raise DuomemError("the tokenizer has no chat template; use an instruct/chat model or add chat_template.jinja")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False, enable_thinking=thinking
+    )
 
 
 def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def segment(tokenizer, messages: list[dict], done: int, upto: int, add_generation_prompt: bool) -> list[int]:
-    """Tokens of messages[done:upto], given messages[:done] were already fed."""
-    before = render(tokenizer, messages[:done], add_generation_prompt=False) if done else ""
-    after = render(tokenizer, messages[:upto], add_generation_prompt)
-    if not after.startswith(before):
-        raise DuomemError("the chat template is not prefix-stable (history renders differently later); use another model or template")
-    return encode(tokenizer, after[len(before):])
+def common_text_prefix(a: str, b: str, start: int = 0) -> int:
+    """Length of the common prefix of a and b, known to be >= start (slice compares, no char loop)."""
+    lo, hi = start, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
-def tokenize_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(input_ids, loss_mask) of a whole chat; the mask is 1 on each assistant action and the
-    end-of-turn token that closes it, i.e. exactly what the agent generates."""
-    ids, mask = [], []
+class Rendered:
+    """A rendered chat and its tokens, equal to `encode(tokenizer, text)`. A change re-tokenizes
+    from the last added token (special tokens, think tags) at or before it: tokenizers split
+    the text at added tokens before anything else, so the tokens before one never depend on
+    the text after it. `marks` are (char, token index) of each added token; when the two
+    counts disagree (an added token with lstrip/normalization) marks stop there and changes
+    re-tokenize from further back, still exactly."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        added = {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()}
+        self.added_ids = set(added)
+        contents = sorted(set(added.values()), key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
+        self.text, self.ids, self.marks = "", [], []
+        self.tokenized = 0  # chars tokenized by the last change (host work)
+
+    def replace(self, at: int, tail: str):
+        """text := text[:at] + tail."""
+        k = bisect.bisect_right(self.marks, (at, float("inf")))
+        char, tok = self.marks[k - 1] if k else (0, 0)
+        self.text = self.text[:at] + tail
+        new = encode(self.tokenizer, self.text[char:])
+        self.ids = self.ids[:tok] + new
+        self.marks = self.marks[:k - 1] if k else []
+        self.tokenized = len(self.text) - char
+        if self.pattern is None:
+            return
+        chars = [m.start() for m in self.pattern.finditer(self.text, char)]
+        toks = [tok + j for j, t in enumerate(new) if t in self.added_ids]
+        self.marks += list(zip(chars, toks)) if len(chars) == len(toks) else []
+
+    def token_at(self, char: int) -> int | None:
+        """The token index where an added token starts at `char`, if one does."""
+        k = bisect.bisect_left(self.marks, (char, -1))
+        return self.marks[k][1] if k < len(self.marks) and self.marks[k][0] == char else None
+
+
+def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask) of an episode's chat; the mask is 1 on each assistant action and
+    the end-of-turn token that closes it, i.e. exactly what the agent generates.
+
+    Layout: the whole chat as the template renders it, i.e. each action follows the history
+    the agent saw when it generated it (the template's rendering of the earlier turns). For
+    templates that render a turn the same way later (ChatML, Llama 3, Gemma) every action's
+    context is exact. A template that rewrites the turn being generated once a newer user
+    message follows (Qwen3 drops the empty think block it writes into the generation prompt,
+    DeepSeek-R1 the reasoning) cannot be exact for every action in one sequence: here each
+    action but the last lacks that block right before it (Qwen3, thinking off: 4 tokens),
+    and the last action's context is exact. It measured closer to the agent's contexts than
+    keeping each reply in its generated form (benchmarks/training_layout.py)."""
+    ids = encode(tokenizer, render(tokenizer, messages, False, thinking))
+    mask = [0] * len(ids)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    done = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        context = segment(tokenizer, messages, done, i, add_generation_prompt=True)
-        gen_prompt_text = render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        reply = encode(tokenizer, full[len(gen_prompt_text):])
-        answer = reply[: next((j + 1 for j, t in enumerate(reply) if t in eos), len(reply))]
-        ids += context + reply
-        mask += [0] * len(context) + [1] * len(answer) + [0] * (len(reply) - len(answer))
-        done = i + 1
-    if done < len(messages):
-        tail = segment(tokenizer, messages, done, len(messages), add_generation_prompt=False)
-        ids += tail
-        mask += [0] * len(tail)
+        start = common_prefix_len(ids, encode(tokenizer, render(tokenizer, messages[:i], True, thinking)))
+        end = next((j + 1 for j in range(start, len(ids)) if ids[j] in eos), len(ids))
+        mask[start:end] = [1] * (end - start)
     return ids, mask
 
 

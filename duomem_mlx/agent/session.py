@@ -1,29 +1,51 @@
 """A conversation held in an mlx-lm KV cache: each step feeds only the tokens the cache lacks.
 
-The session keeps the chat as messages and their token segments (see prompt.py). Before
-each generation it diffs the target token list against what the cache holds, trims the
-cache back to the common prefix and feeds the rest. So a new observation costs only its
-own tokens, and when the window is full and the oldest whole turns are dropped, the cache
-falls back to the unchanged episode prefix and re-feeds the kept turns: the result is
-exactly what re-encoding the truncated chat would give (a rotating cache would not be:
-it shifts RoPE distances to the prefix)."""
+Before each generation the session renders the chat the model is meant to see with its own
+chat template (`prompt.Rendered`: only the last few messages are rendered again, and only the
+text from the first change on is tokenized again), diffs those tokens against the ones the
+cache holds, cuts the cache back to the first difference and feeds the rest. So a new
+observation costs its own tokens, plus whatever a template rewrites in the last turn (Qwen3
+drops the empty think block of the previous reply: `rewound_tokens` in the stats).
 
+Caches that cannot be cut back (`ArraysCache` of hybrid / state-space models, and
+`RotatingKVCache` of sliding-window layers once it has wrapped) are restored from a snapshot
+taken after the episode prefix and before the last generation prompt, then fed from there;
+never fed on stale state. When the window is full, the oldest whole turns go down to a
+low-water mark (`low_water` x max_context), so the re-feed of the kept turns is paid once
+per many steps. The result is exactly what re-encoding the same truncated chat would give
+(a rotating cache over the whole chat would not be: it shifts RoPE distances to the prefix).
+"""
+
+import copy
 import time
 
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+import mlx.core as mx
+from mlx_lm.models.cache import (
+    ConcatenateKVCache, KVCache, QuantizedKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache,
+)
 from mlx_lm.utils import common_prefix_len
 
 from .decode import DecodeOptions, decode_action
-from .prompt import encode, render, segment
+from .prompt import Rendered, common_text_prefix, encode, render
+
+TRIMMABLE = (KVCache, QuantizedKVCache, ConcatenateKVCache)  # can always be cut back
+
+
+def cache_offset(cache) -> int | None:
+    """Tokens a prompt cache has seen (from any layer that counts them)."""
+    return next((c.offset for c in cache if hasattr(c, "offset")), None)
 
 
 class Session:
-    def __init__(self, model, tokenizer, max_context: int = 4096, options: DecodeOptions | None = None):
+    def __init__(self, model, tokenizer, max_context: int = 4096, options: DecodeOptions | None = None,
+                 thinking: bool = False, low_water: float = 0.75):
         self.model, self.tokenizer = model, tokenizer
-        self.max_context = max_context
+        self.max_context, self.thinking, self.low_water = max_context, thinking, low_water
         self.options = options or DecodeOptions()
         self.cache = make_prompt_cache(model)
+        self.fragile = [i for i, c in enumerate(self.cache) if not isinstance(c, TRIMMABLE)]
         self.fed: list[int] = []  # the token ids the cache holds, in order
+        self.snapshots: dict[int, list] = {}  # position -> copies of the fragile layers there
         self.reset_stats()
 
     def reset_stats(self):
@@ -31,50 +53,146 @@ class Session:
         self.decode_tokens = 0
         self.step_seconds: list[float] = []
         self.prompt_tokens: list[int] = []
+        self.rewound_tokens: list[int] = []  # tokens the cache held but had to give back (re-fed)
+        self.render_seconds: list[float] = []  # host time building the prompt's tokens
 
     def start(self, prefix: list[dict]):
         """Begin an episode / conversation; `prefix` stays in the window for its whole life."""
-        self.messages: list[dict] = []
-        self.segments: list[list[int]] = []
+        self.messages: list[dict] = list(prefix)
         self.n_prefix = len(prefix)
-        self.append(prefix)
+        self.prompt = Rendered(self.tokenizer)
+        self.rendered = 0  # messages in self.prompt (rendered with the generation prompt)
+        self.head_text = self.window = None  # window: (first message, text) of the last windowed render
+        self.prefix_len = self.history_len = None  # token positions worth a snapshot
 
     def append(self, messages: list[dict]):
-        for message in messages:
-            self.messages.append(message)
-            self.segments.append(segment(self.tokenizer, self.messages, len(self.messages) - 1, len(self.messages), False))
+        self.messages += messages
+
+    def render(self, messages, add_generation_prompt: bool) -> str:
+        return render(self.tokenizer, messages, add_generation_prompt, self.thinking)
+
+    def render_prompt(self):
+        """Bring self.prompt to the chat plus generation prompt. It renders a window: a fixed
+        head (the prefix and the first turn) and the messages from `a` on, where `a` stays put
+        for up to 8 messages so the old window is the one rendered last step. When the old
+        window's text after the head is the tail of the text we hold, only the new window's
+        text from its first difference replaces that tail; otherwise the whole chat is rendered.
+        Exact for templates that render a message from itself, its role, its place relative to
+        the last user message and the chat's first / last message (all published ones we know)."""
+        n, old, p = len(self.messages), self.rendered, self.n_prefix
+        head_n = min(n, p + 2)
+        head = self.messages[:head_n]
+        if self.window and old - self.window[0] <= 8 and old <= n:
+            a, w_old = self.window
+        else:
+            a = old - 2 - (old - 2 - p) % 2  # keeps roles alternating as in the chat
+            w_old = self.render(head + self.messages[a:old], True) if 0 < old <= n and a >= head_n else None
+        if w_old is not None:
+            w_new = self.render(head + self.messages[a:], True)
+            if self.head_text is None:
+                self.head_text = self.render(head, False)
+            h = len(self.head_text)
+            text = self.prompt.text
+            if w_old.startswith(self.head_text) and w_new.startswith(self.head_text) and text.endswith(w_old[h:]):
+                c = common_text_prefix(w_old, w_new, h)
+                self.prompt.replace(len(text) - (len(w_old) - c), w_new[c:])
+                self.rendered, self.window = n, (a, w_new)
+                self.history_len = self.mark_before_generation(head + self.messages[a:], w_new) if self.fragile else None
+                return
+        self.prompt.replace(0, self.render(self.messages, True))
+        self.rendered, self.window = n, None
+        if self.fragile:
+            self.history_len = self.mark_before_generation(self.messages, self.prompt.text)
+            if self.prefix_len is None:
+                prefix = self.render(self.messages[:p], False)
+                self.prefix_len = self.prompt.token_at(len(prefix)) if self.prompt.text.startswith(prefix) else None
+
+    def mark_before_generation(self, messages, with_generation: str) -> int | None:
+        """Token position where the generation prompt starts (the next reply may rewrite what follows)."""
+        without = self.render(messages, False)
+        if not with_generation.startswith(without):
+            return None
+        return self.prompt.token_at(len(self.prompt.text) - (len(with_generation) - len(without)))
 
     def drop_oldest_turn(self):
         """Drop the oldest exchange after the prefix (its assistant action and following user turn)."""
         del self.messages[self.n_prefix : self.n_prefix + 2]
-        self.segments = self.segments[: self.n_prefix] + [
-            segment(self.tokenizer, self.messages, i, i + 1, False) for i in range(self.n_prefix, len(self.messages))
-        ]
+        self.head_text = self.window = None
+        self.rendered = 0
 
     def prompt_ids(self) -> list[int]:
-        """The tokens of the chat plus the generation prompt, within the window."""
-        while True:
-            gen = segment(self.tokenizer, self.messages, len(self.messages), len(self.messages), True)
-            ids = [t for seg in self.segments for t in seg] + gen
-            fits = len(ids) + self.options.max_tokens <= self.max_context
-            if fits or len(self.messages) < self.n_prefix + 2:
-                return ids
+        """The tokens of the chat plus the generation prompt, within the window: when it is
+        full, whole turns go down to the low-water mark."""
+        start = time.perf_counter()
+        self.render_prompt()
+        limit = self.max_context
+        while len(self.prompt.ids) + self.options.max_tokens > limit and len(self.messages) >= self.n_prefix + 2:
+            limit = int(self.max_context * self.low_water)
             self.drop_oldest_turn()
+            self.render_prompt()
+        self.render_seconds.append(time.perf_counter() - start)
+        return self.prompt.ids
+
+    def rewind(self, keep: int) -> int:
+        """Cut the cache back to its first `keep` tokens, or to the nearest snapshot below
+        (a fresh cache at worst) when a layer cannot be cut; returns where it now stands."""
+        held = len(self.fed)
+        if keep >= held:
+            return held
+        if can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, held - keep)
+            at = keep
+        else:
+            at = max((q for q in self.snapshots if q <= keep), default=0)
+            if at:
+                saved = self.snapshots[at]
+                for i, layer in enumerate(self.cache):
+                    if saved[i] is None:
+                        layer.trim(held - at)
+                    else:
+                        self.cache[i] = copy.deepcopy(saved[i])
+            else:
+                self.cache[:] = make_prompt_cache(self.model)
+        self.snapshots = {q: s for q, s in self.snapshots.items() if q <= at}
+        self.fed = self.fed[:at]
+        return at
+
+    def snapshot_marks(self, at: int, end: int) -> list[int]:
+        marks = {self.prefix_len, self.history_len} - {None} if self.fragile else set()
+        return sorted(m for m in marks if at < m < end and m not in self.snapshots)
+
+    def feed(self, tokens: list[int]):
+        for i in range(0, len(tokens), 2048):
+            self.model(mx.array(tokens[i : i + 2048])[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+        self.fed += tokens
+
+    def snapshot(self):
+        at = len(self.fed)
+        self.snapshots = {q: s for q, s in self.snapshots.items() if q == self.prefix_len}
+        self.snapshots[at] = [copy.deepcopy(c) if i in self.fragile else None for i, c in enumerate(self.cache)]
 
     def generate(self, admissible=None, on_text=None) -> str:
         """Decode the next assistant reply (an action) and append it to the chat."""
         start = time.perf_counter()
         target = self.prompt_ids()
-        keep = min(common_prefix_len(self.fed, target), len(target) - 1)  # feed >= 1 token for logits
-        trim_prompt_cache(self.cache, len(self.fed) - keep)
-        self.fed = target[:keep]
-        self.prefill_tokens += len(target) - keep
+        held = len(self.fed)
+        at = self.rewind(min(common_prefix_len(self.fed, target), len(target) - 1))  # feed >= 1 token for logits
+        self.rewound_tokens.append(held - at)
+        self.prefill_tokens += len(target) - at
+        for mark in self.snapshot_marks(at, len(target)):
+            self.feed(target[len(self.fed) : mark])
+            self.snapshot()
+        at = len(self.fed)
         try:
-            text, ids = decode_action(self.model, self.tokenizer, self.cache, target[keep:], admissible, self.options, on_text)
+            text, ids = decode_action(self.model, self.tokenizer, self.cache, target[at:], admissible, self.options, on_text)
         except KeyboardInterrupt:  # a stopped chat reply: forget it, keep the cache consistent
-            trim_prompt_cache(self.cache, self.cache[0].offset - keep)
+            offset = cache_offset(self.cache)
+            self.fed = target + [-1] * (offset - len(target)) if offset is not None else [-1]  # -1: unknown ids
+            self.rewind(at if offset is not None else 0)
             raise
-        self.fed = (target + ids)[: self.cache[0].offset]
+        offset = cache_offset(self.cache)
+        self.fed = (target + ids)[: offset if offset is not None else len(target) + len(ids)]
         self.decode_tokens += len(ids)
         self.prompt_tokens.append(len(target))
         self.step_seconds.append(time.perf_counter() - start)
@@ -86,19 +204,25 @@ class Session:
             "prefill_tokens": self.prefill_tokens,
             "decode_tokens": self.decode_tokens,
             "prompt_tokens": self.prompt_tokens,
+            "rewound_tokens": self.rewound_tokens,
             "step_seconds": [round(s, 4) for s in self.step_seconds],
+            "render_seconds": [round(s, 5) for s in self.render_seconds],
         }
 
 
 class ReencodingSession(Session):
-    """The naive loop a plain mlx-lm ReAct agent runs: re-encode the whole prompt each step.
-    The baseline for benchmarks and the reference for the fast path's correctness."""
+    """The naive loop a plain mlx-lm ReAct agent runs: re-encode the whole prompt each step
+    (same window, same truncation). The baseline for benchmarks and the reference for the
+    fast path's correctness."""
 
     def prompt_ids(self) -> list[int]:
         super().prompt_ids()  # applies the same window
-        return encode(self.tokenizer, render(self.tokenizer, self.messages, add_generation_prompt=True))
+        return encode(self.tokenizer, self.render(self.messages, True))
+
+    def snapshot_marks(self, at: int, end: int) -> list[int]:
+        return []
 
     def generate(self, admissible=None, on_text=None) -> str:
-        self.cache = make_prompt_cache(self.model)
+        self.cache[:] = make_prompt_cache(self.model)
         self.fed = []
         return super().generate(admissible, on_text)

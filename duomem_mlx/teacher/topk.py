@@ -72,7 +72,9 @@ class TopKRecorder:
     def __call__(self, inputs, cache=None, **kwargs):
         import mlx.core as mx
 
-        start = cache[0].offset if cache else 0
+        from ..agent.session import cache_offset
+
+        start = (cache_offset(cache) or 0) if cache else 0
         self.forget(start)
         logits = self.model(inputs, cache=cache, **kwargs)
         self.tokens.append((start, inputs[0]))
@@ -163,7 +165,8 @@ def runs(missing: list[int], same: int, need: int) -> list[tuple[int, int]]:
 
 
 def cut_cache(cache, at: int, model):
-    """A copy of a plain KV cache holding its first `at` positions; or a fresh cache (at = 0)."""
+    """A copy of a plain KV cache holding its first `at` positions; or a fresh cache (at = 0)
+    when any layer is another kind (rotating, arrays): never a cache with stale state."""
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
     if at and all(type(c) is KVCache and c.offset >= at for c in cache):

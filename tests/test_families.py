@@ -1,0 +1,138 @@
+"""Tiny models of the real families, each with its family's chat template: the session equals
+re-encoding (templates that rewrite history, rotating and arrays caches), training layout,
+`teach --teacher mlx:` and `chat` run on each."""
+
+import random
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from duomem_mlx.agent.decode import DecodeOptions
+from duomem_mlx.agent.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
+from duomem_mlx.agent.session import ReencodingSession, Session
+from duomem_mlx.cli import cli
+from duomem_mlx.envs.base import Episode, Step
+from duomem_mlx.models import ARCHS, make_tiny_model
+from duomem_mlx.teacher.cache import load_shard, read_episodes, verify
+
+WORDS = "open close door to kitchen go north south take apple from table look inventory examine heat pot".split()
+FAMILIES = list(ARCHS)  # qwen3 (qwen3 template), llama (llama3), gemma3_text (gemma), lfm2 (chatml)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {arch: make_tiny_model(root / arch, arch=arch, sliding_window=16, vocab_size=1024) for arch in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def family_models(family_dirs):
+    return {arch: mlx_lm.load(str(path)) for arch, path in family_dirs.items()}
+
+
+def play(session_class, model, tokenizer, mode, max_context, steps=8, thinking=False):
+    rng = random.Random(3)
+    session = session_class(model, tokenizer, max_context, DecodeOptions(mode=mode, max_tokens=8), thinking=thinking)
+    session.start(prefix_messages("boil water", "You are in the hallway. " * 6, ["to boil: take pot, fill it, heat it"]))
+    actions = []
+    for i in range(steps):
+        admissible = [" ".join(rng.sample(WORDS, rng.randint(1, 4))) for _ in range(6)]
+        actions.append(session.generate(admissible if mode == "constrained" else None))
+        session.append([{"role": "user", "content": f"step {i}: " + " ".join(rng.sample(WORDS, 8))}])
+    return actions, session
+
+
+def next_logits_agree(session):
+    """The cache the session holds (rewound / restored as a step would) gives the logits of a full forward pass."""
+    from mlx_lm.utils import common_prefix_len
+
+    target = session.prompt_ids()
+    at = session.rewind(min(common_prefix_len(session.fed, target), len(target) - 1))
+    step = session.model(mx.array(target[at:])[None], cache=session.cache)[0, -1]
+    full = session.model(mx.array(target)[None])[0, -1]
+    return mx.allclose(full, step, atol=1e-3).item()
+
+
+@pytest.mark.parametrize("mode", ["constrained", "free"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_session_equals_reencoding(family_models, arch, mode):
+    model, tokenizer = family_models[arch]
+    fast_actions, fast = play(Session, model, tokenizer, mode, 300)
+    naive_actions, naive = play(ReencodingSession, model, tokenizer, mode, 300)
+    assert fast_actions == naive_actions and fast.messages == naive.messages
+    assert len(fast.messages) < 2 + 2 * 8  # the window dropped turns
+    assert fast.prefill_tokens < naive.prefill_tokens
+    assert fast.prompt_ids() == encode(tokenizer, render(tokenizer, fast.messages, True))
+    assert next_logits_agree(fast)
+    kinds = {type(c).__name__ for c in fast.cache}
+    if arch == "gemma3_text":
+        assert "RotatingKVCache" in kinds and max(fast.prompt_tokens) > 16 * 4  # the window wrapped
+    if arch == "lfm2":
+        assert "ArraysCache" in kinds and fast.snapshots
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_qwen3_think_block_is_rewritten_and_refed(family_models, thinking):
+    """Qwen3 drops the (empty) think block of a past reply: the diff re-feeds from there, exactly."""
+    model, tokenizer = family_models["qwen3"]
+    prompt = render(tokenizer, [{"role": "user", "content": "x"}], True, thinking)
+    assert prompt.endswith("<think>\n\n</think>\n\n") != thinking
+    fast_actions, fast = play(Session, model, tokenizer, "free", 4096, steps=5, thinking=thinking)
+    naive_actions, _ = play(ReencodingSession, model, tokenizer, "free", 4096, steps=5, thinking=thinking)
+    assert fast_actions == naive_actions
+    if not thinking:
+        assert all(n > 0 for n in fast.rewound_tokens[1:])
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_training_layout(family_models, arch):
+    """The whole chat as rendered; each action follows the history the agent saw (Qwen3: without
+    the think block of its generation prompt, except the last action)."""
+    _, tokenizer = family_models[arch]
+    steps = [Step("You see a box.", "open box"), Step("It holds a key.", "take key"), Step("Done.", "look")]
+    messages = episode_messages(Episode("e", "textworld", "simple", 0, "find the key", True, 1.0, steps=steps))
+    ids, mask = tokenize_with_mask(tokenizer, messages)
+    starts = [j for j in range(len(mask)) if mask[j] and not mask[j - 1]]
+    actions = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assert len(starts) == 3
+    for start, i in zip(starts, actions):
+        context = encode(tokenizer, render(tokenizer, messages[:i], True))
+        end = next((j for j in range(start, len(ids)) if not mask[j]), len(ids))
+        assert tokenizer.decode(ids[start : end - 1]) == messages[i]["content"] and ids[end - 1] in tokenizer.eos_token_ids
+        if arch == "qwen3" and i != actions[-1]:  # the history it saw, without the think block Qwen3 drops later
+            assert ids[:start] == encode(tokenizer, render(tokenizer, messages[:i], True, thinking=True))
+            assert context[start:] == encode(tokenizer, "<think>\n\n</think>\n\n")
+        else:
+            assert ids[:start] == context
+    assert ids == encode(tokenizer, render(tokenizer, messages, False))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_teach_mlx_teacher(family_dirs, tmp_path, arch):
+    out = tmp_path / "cache"
+    args = ["teach", "--env", "textworld", "--max-steps", "4", "--teacher", f"mlx:{family_dirs[arch]}",
+            "--episodes", "1", "--keep", "all", "--top-k", "4", "--max-context", "256", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert verify(out) == (1, [])
+    model, _ = mlx_lm.load(str(family_dirs[arch]))
+    arrays = load_shard(out, read_episodes(out)[0])
+    logits = model(mx.array(arrays["input_ids"])[None])[0].astype(mx.float32)
+    reference = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[np.flatnonzero(arrays["loss_mask"]) - 1]
+    stored = np.take_along_axis(reference, arrays["topk_ids"], 1)
+    assert np.abs(stored - arrays["topk_logprobs"].astype(np.float32)).max() < 2e-2
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_chat_piped(family_dirs, arch):
+    result = subprocess.run([sys.executable, "-m", "duomem_mlx", "chat", "--model", str(family_dirs[arch]), "--max-tokens", "6",
+                             "--max-context", "256"], input="hello there\n/stats\nand again\nonce more\n/stats\n",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stdout.splitlines() if line.startswith("prefill")]) == 2

@@ -13,7 +13,7 @@ import time
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from .decode import DecodeOptions, decode_action
+from .decode import DecodeOptions, DecodeStats, decode_action
 from .prompt import encode, render, segment
 
 
@@ -31,6 +31,7 @@ class Session:
         self.decode_tokens = 0
         self.step_seconds: list[float] = []
         self.prompt_tokens: list[int] = []
+        self.decode_stats = DecodeStats()
 
     def start(self, prefix: list[dict]):
         """Begin an episode / conversation; `prefix` stays in the window for its whole life."""
@@ -70,7 +71,8 @@ class Session:
         self.fed = target[:keep]
         self.prefill_tokens += len(target) - keep
         try:
-            text, ids = decode_action(self.model, self.tokenizer, self.cache, target[keep:], admissible, self.options, on_text)
+            text, ids = decode_action(self.model, self.tokenizer, self.cache, target[keep:], admissible, self.options, on_text,
+                                     history=self.fed, stats=self.decode_stats)
         except KeyboardInterrupt:  # a stopped chat reply: forget it, keep the cache consistent
             trim_prompt_cache(self.cache, self.cache[0].offset - keep)
             raise
@@ -87,6 +89,8 @@ class Session:
             "decode_tokens": self.decode_tokens,
             "prompt_tokens": self.prompt_tokens,
             "step_seconds": [round(s, 4) for s in self.step_seconds],
+            "forward_passes": self.decode_stats.forward_passes,
+            "constrained_fallbacks": self.decode_stats.fallbacks,
         }
 
 

@@ -90,14 +90,23 @@ def build_trie(tokenizer, commands: list[str]) -> dict:
     """Token trie over the commands, each followed by the template's end-of-turn token."""
     if not commands:
         raise DuomemError("constrained decoding got an empty admissible list; use --decode free for this environment")
-    eot = end_of_turn(tokenizer)
+    return cached_trie(tokenizer, tuple(commands))
+
+
+@functools.lru_cache(maxsize=8)  # environments repeat their lists (ScienceWorld's run to thousands of commands)
+def cached_trie(tokenizer, commands: tuple[str, ...]) -> dict:
     trie: dict = {}
     for command in commands:
         node = trie
-        for token in [*encode(tokenizer, command), eot]:
+        for token in command_tokens(tokenizer, command):
             node = node.setdefault(token, {})
         node[END] = command
     return trie
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def command_tokens(tokenizer, command: str) -> tuple[int, ...]:
+    return (*encode(tokenizer, command), end_of_turn(tokenizer))
 
 
 def walk(trie: dict, tokens: list[int]) -> dict:
@@ -161,7 +170,7 @@ def decode_action(model, tokenizer, cache, prompt: list[int], admissible, option
         stats.fallbacks += fallback
         return command or admissible[0], ids
     if options.fast and options.temperature == 0:
-        commands = [[*encode(tokenizer, c), end_of_turn(tokenizer)] for c in admissible or ()]
+        commands = [list(command_tokens(tokenizer, c)) for c in admissible or ()]
         tokens = lookup_greedy(model, cache, [*history, *prompt], len(prompt), commands, options, stats)
     else:
         tokens = (t for t, _ in generate_step(mx.array(prompt), model, prompt_cache=cache,

@@ -1,15 +1,32 @@
-"""Action decoding on top of mlx-lm's `generate_step`: free (stop at end of turn or newline)
-or constrained to the environment's admissible commands by a token trie."""
+"""Action decoding: free (stop at end of turn or newline) or constrained to the environment's
+admissible commands by a token trie.
 
+The fast paths decode less for the same tokens:
+- constrained (jump-forward): a trie node with one child costs no forward pass; the forced
+  run is fed together with the next branching point in one pass, and decoding stops as soon
+  as one command remains, without a look-ahead pass over the last token;
+- free, greedy (prompt lookup): drafts taken from text at hand (the reply's admissible
+  commands, earlier actions and memories in the context) are verified several tokens per
+  pass; the output is exactly plain greedy decoding's.
+The plain path is mlx-lm's `generate_step` (sampling in free mode, and the reference).
+
+Either way the cache afterwards holds the prompt plus a prefix of the returned ids (the
+caller reads how many from the cache's offset)."""
+
+import functools
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from ..errors import DuomemError
+from .prompt import encode, render
 
 END = -1  # trie key marking a complete command
+PREFILL_STEP = 2048  # as generate_step
 
 
 @dataclass
@@ -18,20 +35,78 @@ class DecodeOptions:
     temperature: float = 0.0
     max_tokens: int = 48
     single_line: bool = True  # free mode: an action ends at its first newline; chat replies don't
+    fast: bool = True  # jump-forward (constrained), prompt-lookup drafts (free, greedy)
+    draft_tokens: int = 8  # prompt-lookup draft length per verification pass
+
+
+@dataclass
+class DecodeStats:
+    """Counts over the actions a session decoded; `fallbacks` are constrained steps that ran out
+    of tokens inside the trie and took a default command."""
+
+    actions: int = 0
+    forward_passes: int = 0
+    fallbacks: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+class Counted:
+    """The model, counting its forward passes into `stats`."""
+
+    def __init__(self, model, stats: DecodeStats):
+        self.model, self.stats = model, stats
+
+    def __call__(self, *args, **kwargs):
+        self.stats.forward_passes += 1
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def eos_ids(tokenizer) -> set[int]:
+    """Every token that ends a reply: mlx-lm's `eos_token_ids` (merged with generation_config.json)."""
+    return set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]) | {end_of_turn(tokenizer)}
+
+
+@functools.lru_cache(maxsize=16)
+def end_of_turn(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with (Gemma's `<end_of_turn>`,
+    Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`): the first end-of-sequence id in a rendered reply."""
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    if getattr(tokenizer, "chat_template", None):
+        probe = [{"role": "user", "content": "hi"}]
+        head = render(tokenizer, probe, add_generation_prompt=True)
+        full = render(tokenizer, probe + [{"role": "assistant", "content": "ok"}], add_generation_prompt=False)
+        tail = full[len(os.path.commonprefix([head, full])):]
+        for token in encode(tokenizer, tail):
+            if token in eos:
+                return token
+    return tokenizer.eos_token_id
 
 
 def build_trie(tokenizer, commands: list[str]) -> dict:
-    """Token trie over the commands, each followed by the end-of-turn token."""
+    """Token trie over the commands, each followed by the template's end-of-turn token."""
     if not commands:
         raise DuomemError("constrained decoding got an empty admissible list; use --decode free for this environment")
-    eos = tokenizer.eos_token_id
+    return cached_trie(tokenizer, tuple(commands))
+
+
+@functools.lru_cache(maxsize=8)  # environments repeat their lists (ScienceWorld's run to thousands of commands)
+def cached_trie(tokenizer, commands: tuple[str, ...]) -> dict:
     trie: dict = {}
     for command in commands:
         node = trie
-        for token in [*tokenizer.encode(command, add_special_tokens=False), eos]:
+        for token in command_tokens(tokenizer, command):
             node = node.setdefault(token, {})
         node[END] = command
     return trie
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def command_tokens(tokenizer, command: str) -> tuple[int, ...]:
+    return (*encode(tokenizer, command), end_of_turn(tokenizer))
 
 
 def walk(trie: dict, tokens: list[int]) -> dict:
@@ -50,64 +125,161 @@ def single_completion(node: dict) -> str | None:
     return node[END] if len(node) == 1 else None
 
 
+def first_command(node: dict) -> str | None:
+    while node and END not in node:
+        node = next(iter(node.values()))
+    return node.get(END) if node else None
+
+
+def trie_mask(node: dict, vocab_size: int) -> mx.array:
+    mask = mx.full((vocab_size,), -mx.inf)
+    mask[mx.array([t for t in node if t != END])] = 0.0
+    return mask
+
+
 def trie_processor(trie: dict, prompt_len: int, vocab_size: int):
     """An mlx-lm logits processor that only lets through tokens continuing some command."""
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         node = walk(trie, tokens[prompt_len:].tolist())
-        allowed = [t for t in node if t != END]
-        if not allowed:
-            return logits
-        mask = mx.full((vocab_size,), -mx.inf)
-        mask[mx.array(allowed)] = 0.0
-        return logits + mask
+        return logits + trie_mask(node, vocab_size) if any(t != END for t in node) else logits
 
     return process
 
 
-def decode_action(model, tokenizer, cache, prompt: list[int], admissible, options: DecodeOptions, on_text=None):
-    """Feed `prompt` into `cache` and decode one action. Returns (action text, generated ids).
+def forward(model, cache, tokens: list[int], rows: int = 1) -> mx.array:
+    """Feed `tokens` into the cache (long prompts in chunks); the logits of the last `rows`."""
+    while len(tokens) - rows > PREFILL_STEP:
+        model(mx.array(tokens[:PREFILL_STEP])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[PREFILL_STEP:]
+    return model(mx.array(tokens)[None], cache=cache)[0, -rows:]
 
-    The generated ids include a closing end-of-turn token: the cache afterwards holds the
-    prompt plus every one of them (generate_step feeds a token before yielding it)."""
-    constrained = options.mode == "constrained"
-    trie = build_trie(tokenizer, admissible) if constrained else None
-    processors = [trie_processor(trie, len(prompt), logits_width(model, tokenizer))] if constrained else None
-    eos = set(tokenizer.eos_token_ids)
+
+def decode_action(model, tokenizer, cache, prompt: list[int], admissible, options: DecodeOptions, on_text=None,
+                  history: list[int] = (), stats: DecodeStats | None = None):
+    """Feed `prompt` into `cache` (which holds `history`) and decode one action.
+    Returns (action text, generated ids); the cache then holds prompt + a prefix of the ids."""
+    stats = stats if stats is not None else DecodeStats()
+    stats.actions += 1
+    model = Counted(model, stats)
+    if options.mode == "constrained":
+        trie = build_trie(tokenizer, admissible)
+        decode = jump_forward if options.fast else constrained_plain
+        command, ids, fallback = decode(model, tokenizer, cache, prompt, trie, options)
+        stats.fallbacks += fallback
+        return command or admissible[0], ids
+    if options.fast and options.temperature == 0:
+        commands = [list(command_tokens(tokenizer, c)) for c in admissible or ()]
+        tokens = lookup_greedy(model, cache, [*history, *prompt], len(prompt), commands, options, stats)
+    else:
+        tokens = (t for t, _ in generate_step(mx.array(prompt), model, prompt_cache=cache,
+                                               max_tokens=options.max_tokens, sampler=make_sampler(options.temperature)))
+    return free_text(tokenizer, tokens, options, on_text)
+
+
+def jump_forward(model, tokenizer, cache, prompt, trie, options):
+    """Constrained decoding that computes logits only at trie branching points.
+    Returns (command, ids, fell back); the cache holds prompt + ids minus the unfed forced tail."""
+    sampler = make_sampler(options.temperature)
+    vocab = logits_width(model, tokenizer)
+    node, ids, pending = trie, [], list(prompt)
+    while (command := single_completion(node)) is None:
+        if len(ids) == options.max_tokens:
+            return first_command(node), ids, True
+        allowed = [t for t in node if t != END]
+        if len(allowed) == 1:
+            token = allowed[0]
+        else:
+            logits = forward(model, cache, pending)[0] + trie_mask(node, vocab)
+            token = sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item()
+            pending = []
+        ids.append(token)
+        pending.append(token)
+        node = node[token]
+    return command, ids, False
+
+
+def constrained_plain(model, tokenizer, cache, prompt, trie, options):
+    """Constrained decoding through `generate_step` and a logits processor: the reference."""
+    processor = trie_processor(trie, len(prompt), logits_width(model, tokenizer))
+    steps = generate_step(mx.array(prompt), model, prompt_cache=cache, max_tokens=options.max_tokens,
+                          sampler=make_sampler(options.temperature), logits_processors=[processor])
+    ids = []
+    for token, _ in steps:
+        ids.append(token)
+        if (command := single_completion(walk(trie, ids))) is not None:
+            return command, ids, False
+    return first_command(walk(trie, ids)), ids, True
+
+
+def lookup_greedy(model, cache, context: list[int], n_prompt: int, commands: list[list[int]], options, stats):
+    """Greedy tokens, verified `draft_tokens` at a time against prompt-lookup drafts.
+    `context` ends with the `n_prompt` tokens still to feed. A generator: when the consumer
+    stops, the cache is trimmed to hold the prompt plus a prefix of what it took."""
+    reply: list[int] = []
+    pending = context[-n_prompt:]
+    extra = 0  # accepted draft tokens in the cache beyond what the consumer took
+    try:
+        while len(reply) < options.max_tokens:
+            draft = propose(context + reply, reply, commands, min(options.draft_tokens, options.max_tokens - len(reply) - 1))
+            tokens = mx.argmax(forward(model, cache, pending + draft, len(draft) + 1), axis=-1).tolist()
+            n = 0
+            while n < len(draft) and draft[n] == tokens[n]:
+                n += 1
+            trim_prompt_cache(cache, len(draft) - n)
+            stats.drafted += len(draft)
+            stats.accepted += n
+            for i, token in enumerate(tokens[: n + 1]):
+                extra = n - i - 1 if i < n else 0
+                reply.append(token)
+                yield token
+            pending = [tokens[n]]
+    finally:
+        trim_prompt_cache(cache, max(extra, 0))
+
+
+def propose(context: list[int], reply: list[int], commands: list[list[int]], k: int) -> list[int]:
+    """Up to k draft tokens: the rest of a command the reply has begun, else what followed
+    the last earlier occurrence of the context's final 3/2/1 tokens (prompt lookup)."""
+    if k <= 0:
+        return []
+    if reply:
+        for command in commands:
+            if len(command) > len(reply) and command[: len(reply)] == reply:
+                return command[len(reply) : len(reply) + k]
+    for n in (3, 2, 1):
+        key = context[-n:]
+        for i in range(len(context) - n - 1, -1, -1):
+            if context[i] == key[0] and context[i : i + n] == key:
+                return context[i + n : i + n + k]
+    return []
+
+
+def free_text(tokenizer, tokens, options: DecodeOptions, on_text=None):
+    """Consume a token stream up to the end of turn (or the first newline): (text, ids)."""
+    eos = eos_ids(tokenizer)
     ids: list[int] = []
     detok = tokenizer.detokenizer
     detok.reset()
-    steps = generate_step(
-        mx.array(prompt), model, prompt_cache=cache, max_tokens=options.max_tokens,
-        sampler=make_sampler(options.temperature), logits_processors=processors,
-    )
-    for token, _ in steps:
-        ids.append(token)
-        if token in eos:
-            break
-        if constrained:
-            command = single_completion(walk(trie, ids))
-            if command is not None:
-                return command, ids
-            continue
-        detok.add_token(token)
-        if options.single_line and "\n" in detok.text.lstrip():
-            break
-        if on_text:
-            on_text(detok.last_segment)
-    if constrained:  # ran out of tokens inside the trie: take the first command on that path
-        return first_command(walk(trie, ids)) or admissible[0], ids
+    try:
+        for token in tokens:
+            ids.append(token)
+            if token in eos:
+                break
+            detok.add_token(token)
+            if options.single_line and "\n" in detok.text.lstrip():
+                break
+            if on_text:
+                on_text(detok.last_segment)
+    finally:
+        if hasattr(tokens, "close"):
+            tokens.close()
     detok.finalize()
     if on_text:
         on_text(detok.last_segment)
     text = detok.text.strip()
     return (text.split("\n")[0].strip() if options.single_line else text), ids
-
-
-def first_command(node: dict) -> str | None:
-    while node and END not in node:
-        node = next(iter(node.values()))
-    return node.get(END) if node else None
 
 
 def logits_width(model, tokenizer) -> int:

@@ -25,7 +25,7 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.utils import common_prefix_len
 
-from .decode import DecodeOptions, decode_action
+from .decode import DecodeOptions, DecodeStats, decode_action
 from .prompt import Rendered, common_text_prefix, encode, render
 
 TRIMMABLE = (KVCache, QuantizedKVCache, ConcatenateKVCache)  # can always be cut back
@@ -55,6 +55,7 @@ class Session:
         self.prompt_tokens: list[int] = []
         self.rewound_tokens: list[int] = []  # tokens the cache held but had to give back (re-fed)
         self.render_seconds: list[float] = []  # host time building the prompt's tokens
+        self.decode_stats = DecodeStats()
 
     def start(self, prefix: list[dict]):
         """Begin an episode / conversation; `prefix` stays in the window for its whole life."""
@@ -185,7 +186,8 @@ class Session:
             self.snapshot()
         at = len(self.fed)
         try:
-            text, ids = decode_action(self.model, self.tokenizer, self.cache, target[at:], admissible, self.options, on_text)
+            text, ids = decode_action(self.model, self.tokenizer, self.cache, target[at:], admissible, self.options, on_text,
+                                      history=self.fed, stats=self.decode_stats)
         except KeyboardInterrupt:  # a stopped chat reply: forget it, keep the cache consistent
             offset = cache_offset(self.cache)
             self.fed = target + [-1] * (offset - len(target)) if offset is not None else [-1]  # -1: unknown ids
@@ -207,6 +209,8 @@ class Session:
             "rewound_tokens": self.rewound_tokens,
             "step_seconds": [round(s, 4) for s in self.step_seconds],
             "render_seconds": [round(s, 5) for s in self.render_seconds],
+            "forward_passes": self.decode_stats.forward_passes,
+            "constrained_fallbacks": self.decode_stats.fallbacks,
         }
 
 

@@ -1,0 +1,306 @@
+"""The package's agent loop vs a ReAct loop over a real `mlx_lm.server` (the peer a user has).
+
+The peer runs on loopback with its default settings (prompt cache on) and gets one
+chat-completions request per step with the full history. Both sides play the same recorded
+episode (a TextWorld or ScienceWorld oracle episode: its observations and admissible lists,
+replayed), steps interleaved (alternating who goes first), after a warm-up.
+
+Modes:
+  equal-work  free greedy decoding of --reply-tokens tokens on both sides (the mechanism);
+  agent       each side as in use: the peer decodes freely (stop at newline, max_tokens 48),
+              ours with the package's defaults (constrained to the admissible commands).
+A random-init model picks no real commands: --train-steps first fits the model briefly to
+the recorded oracle trajectory (or pass --model a trained student).
+
+    python benchmarks/agent_vs_server.py --model M --mode agent --train-steps 60 --json out.json --plot out.png
+    python benchmarks/agent_vs_server.py --model M --mode equal-work --steps 30 --repeats 3 --json out.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+
+from duomem_mlx.agent.decode import DecodeOptions
+from duomem_mlx.agent.prompt import episode_messages, prefix_messages, tokenize_with_mask
+from duomem_mlx.agent.session import Session
+from duomem_mlx.envs import make_env
+from duomem_mlx.envs.base import play_episode
+from duomem_mlx.envs.policies import OraclePolicy
+from duomem_mlx.models import default_corpus, load
+
+
+def record_episode(env_name: str, task: str | None, steps: int, seed: int):
+    """An oracle episode of at least `steps` steps when the environment has one."""
+    env = make_env(env_name)
+    try:
+        specs = env.task_specs([task] if task else None, "dev", 5, seed=seed)
+        best = None
+        for spec in specs:
+            episode = play_episode(env, spec, OraclePolicy(), max_steps=steps)
+            best = episode if best is None or len(episode.steps) > len(best.steps) else best
+            if len(best.steps) >= steps:
+                break
+        return best
+    finally:
+        env.close()
+
+
+def memory_block(seed: int = 0, words: int = 350) -> list[str]:
+    rng = random.Random(seed)
+    lines = [line for line in default_corpus().splitlines() if 20 < len(line) < 200]
+    memories = []
+    while sum(len(m.split()) for m in memories) < words:
+        memories.append(" ".join(rng.sample(lines, 2)))
+    return memories
+
+
+def prefix(episode, memories, run: str) -> list[dict]:
+    messages = prefix_messages(episode.task_description, episode.steps[0].observation, memories)
+    messages[0]["content"] = f"Run {run}. " + messages[0]["content"]  # no server cache hit across runs
+    return messages
+
+
+def train_briefly(model, tokenizer, messages: list[dict], steps: int, lr: float = 1e-3):
+    """Fit the model to one trajectory's actions (cross-entropy on the action tokens)."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from tqdm import tqdm
+
+    ids, mask = tokenize_with_mask(tokenizer, messages)
+    x, y, m = mx.array(ids[:-1])[None], mx.array(ids[1:])[None], mx.array(mask[1:], mx.float32)[None]
+
+    def loss(model):
+        return (nn.losses.cross_entropy(model(x), y) * m).sum() / m.sum()
+
+    optimizer = optim.Adam(learning_rate=lr)
+    step = nn.value_and_grad(model, loss)
+    bar = tqdm(range(steps), desc="train on the oracle trajectory", disable=None)
+    for _ in bar:
+        value, grads = step(model)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+        bar.set_postfix(loss=f"{value.item():.3f}")
+
+
+def save_trained(model, source: Path, out: Path) -> Path:
+    from mlx_lm.utils import save_model
+
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_model(out, model)
+    return out
+
+
+class Peer:
+    """A real `mlx_lm.server` on loopback, default settings."""
+
+    def __init__(self, model_path: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.model = model_path
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm.server", "--model", model_path, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise SystemExit("Error: mlx_lm.server exited at start; run it by hand to see why")
+                time.sleep(0.2)
+        self.close()
+        raise SystemExit("Error: mlx_lm.server did not start within 120 s")
+
+    def chat(self, messages: list[dict], **body) -> dict:
+        data = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0, **body}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=data,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run, record):
+    """One episode on both sides, steps interleaved; appends per-step rows to `record`."""
+    messages = prefix(episode, memories, run)
+    session.start(prefix(episode, memories, run))
+    peer_body = {"max_tokens": 48, "stop": ["\n"]} if mode == "agent" else {"max_tokens": reply_tokens}
+    peer_action = None
+    for i in range(steps):
+        state = episode.steps[i]
+
+        def peer_step():
+            nonlocal peer_action
+            if i:
+                messages.extend([{"role": "assistant", "content": peer_action}, {"role": "user", "content": state.observation.strip()}])
+            start = time.perf_counter()
+            reply = peer.chat(messages, **peer_body)
+            seconds = time.perf_counter() - start
+            text = reply["choices"][0]["message"]["content"].strip()
+            peer_action = text.split("\n")[0].strip() if mode == "agent" else text
+            usage = reply["usage"]
+            cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            return seconds, usage["prompt_tokens"] - cached, usage["completion_tokens"]
+
+        def our_step():
+            before = (session.prefill_tokens, session.decode_tokens, session.decode_stats.forward_passes)
+            start = time.perf_counter()
+            if i:
+                session.append([{"role": "user", "content": state.observation.strip()}])
+            action = session.generate(state.admissible)
+            seconds = time.perf_counter() - start
+            return action, seconds, session.prefill_tokens - before[0], session.decode_tokens - before[1], \
+                session.decode_stats.forward_passes - before[2]
+
+        if i % 2:
+            ours = our_step()
+            peer_row = peer_step()
+        else:
+            peer_row = peer_step()
+            ours = our_step()
+        if record is not None:
+            record.append({
+                "peer_ms": peer_row[0] * 1000, "peer_prefill": peer_row[1], "peer_decode": peer_row[2],
+                "ours_ms": ours[1] * 1000, "ours_prefill": ours[2], "ours_decode": ours[3], "ours_passes": ours[4],
+                "same": peer_action == ours[0], "peer_action": peer_action, "ours_action": ours[0],
+            })
+
+
+def summary(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"p50": round(statistics.median(ordered), 2),
+            "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2),
+            "mean": round(statistics.fmean(ordered), 2)}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {"machine": f"{platform.machine()} {platform.system()} {platform.processor() or ''}".strip(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "device": str(mx.default_device())}
+
+
+def plot(rows: list[dict], path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["peer_ms"] for r in rows], label="mlx_lm.server (prompt cache on)")
+    ax.plot([r["ours_ms"] for r in rows], label="duomem-mlx Session")
+    ax.set(xlabel="step (all repeats)", ylabel="ms per step", title=title)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local mlx-lm model directory")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--mode", choices=["equal-work", "agent"], default="agent")
+    parser.add_argument("--env", choices=["scienceworld", "textworld"], default="scienceworld")
+    parser.add_argument("--task", help="task of the recorded episode (default: the env's first dev tasks)")
+    parser.add_argument("--train-steps", type=int, default=0, help="first fit the model to the oracle trajectory")
+    parser.add_argument("--reply-tokens", type=int, default=8, help="equal-work: tokens per reply on both sides")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", required=True, help="write the results here")
+    parser.add_argument("--plot", help="write a PNG of per-step latency")
+    args = parser.parse_args()
+
+    episode = record_episode(args.env, args.task, args.steps, args.seed)
+    steps = min(args.steps, len(episode.steps))
+    memories = memory_block(args.seed)
+    model, tokenizer = load(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = args.model
+        if args.train_steps:
+            trajectory = prefix(episode, memories, "0") + episode_messages(episode)[2:]
+            train_briefly(model, tokenizer, trajectory, args.train_steps)
+            model_path = str(save_trained(model, Path(args.model), Path(tmp) / "trained"))
+        options = DecodeOptions() if args.mode == "agent" else \
+            DecodeOptions(mode="free", max_tokens=args.reply_tokens, single_line=False)
+        session = Session(model, tokenizer, 8192, options)
+        peer = Peer(model_path)
+        try:
+            run_episode(peer, session, episode, memories, min(2, steps), args.mode, args.reply_tokens, "warm-up", None)
+            rows: list[dict] = []
+            for r in range(args.repeats):
+                run_episode(peer, session, episode, memories, steps, args.mode, args.reply_tokens, str(r + 1), rows)
+        finally:
+            peer.close()
+    result = report(rows, args, steps)
+    print_table(result)
+    if args.plot:
+        plot(rows, args.plot, f"{args.mode}: per-step latency, steps interleaved")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.json).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.json)
+
+
+def report(rows: list[dict], args, steps: int) -> dict:
+    n = len(rows)
+    peer_ms, ours_ms = [r["peer_ms"] for r in rows], [r["ours_ms"] for r in rows]
+    peer, ours = summary(peer_ms), summary(ours_ms)
+    return {
+        "mode": args.mode,
+        "steps": steps,
+        "repeats": args.repeats,
+        "env": args.env,
+        "model": args.model,
+        "train_steps": args.train_steps,
+        "peer_step_ms": peer,
+        "ours_step_ms": ours,
+        "speedup_mean": round(peer["mean"] / ours["mean"], 2),
+        "speedup_p50": round(peer["p50"] / ours["p50"], 2),
+        # the peer: at least one prefill pass, then one pass per generated token (mlx-lm feeds each
+        # token before it yields it); ours: counted
+        "forward_passes_per_action": {"peer": round(sum(1 + r["peer_decode"] for r in rows) / n, 2),
+                                      "ours": round(sum(r["ours_passes"] for r in rows) / n, 2)},
+        "prefill_tokens_per_step": {"peer": round(sum(r["peer_prefill"] for r in rows) / n, 1),
+                                    "ours": round(sum(r["ours_prefill"] for r in rows) / n, 1)},
+        "decode_tokens_per_step": {"peer": round(sum(r["peer_decode"] for r in rows) / n, 1),
+                                   "ours": round(sum(r["ours_decode"] for r in rows) / n, 1)},
+        "same_actions": round(sum(r["same"] for r in rows) / n, 3),
+        "actions": [[r["peer_action"], r["ours_action"]] for r in rows[:steps]],
+        **versions(),
+    }
+
+
+def print_table(result: dict):
+    print(f"mode {result['mode']}, {result['steps']} steps x {result['repeats']}, same actions {result['same_actions']}")
+    print(f"{'':26}{'peer':>10}{'ours':>10}")
+    for key in ("p50", "p95", "mean"):
+        print(f"{'ms per step ' + key:26}{result['peer_step_ms'][key]:10.1f}{result['ours_step_ms'][key]:10.1f}")
+    for key in ("forward_passes_per_action", "prefill_tokens_per_step", "decode_tokens_per_step"):
+        print(f"{key.replace('_', ' '):26}{result[key]['peer']:10.1f}{result[key]['ours']:10.1f}")
+    print(f"speedup: mean {result['speedup_mean']}x, p50 {result['speedup_p50']}x (timings on a shared machine are noisy)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The peer benchmark runs end to end against a real mlx_lm.server on loopback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+KEYS = {"mode", "steps", "peer_step_ms", "ours_step_ms", "speedup_mean", "speedup_p50", "forward_passes_per_action",
+        "prefill_tokens_per_step", "decode_tokens_per_step", "same_actions", "machine", "mlx", "mlx_lm"}
+
+
+def test_agent_vs_server_two_steps(tiny_model, tmp_path):
+    out = tmp_path / "result.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "agent_vs_server.py"
+    subprocess.run([sys.executable, str(script), "--model", str(tiny_model), "--env", "textworld", "--steps", "2",
+                    "--train-steps", "2", "--mode", "agent", "--json", str(out)], check=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert KEYS <= result.keys()
+    assert result["mode"] == "agent" and result["steps"] == 2
+    for side in ("peer_step_ms", "ours_step_ms"):
+        assert 0 < result[side]["p50"] <= result[side]["p95"]
+    assert 0 <= result["same_actions"] <= 1
+    ours, peer = result["forward_passes_per_action"]["ours"], result["forward_passes_per_action"]["peer"]
+    assert ours < peer  # jump-forward: no pass on forced tokens, no look-ahead pass

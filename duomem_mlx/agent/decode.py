@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.models.cache import ConcatenateKVCache, KVCache, QuantizedKVCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from ..errors import DuomemError
@@ -27,6 +27,9 @@ from .prompt import encode, render
 
 END = -1  # trie key marking a complete command
 PREFILL_STEP = 2048  # as generate_step
+
+
+TRIMMABLE = (KVCache, QuantizedKVCache, ConcatenateKVCache)  # can always be cut back
 
 
 @dataclass
@@ -169,7 +172,8 @@ def decode_action(model, tokenizer, cache, prompt: list[int], admissible, option
         command, ids, fallback = decode(model, tokenizer, cache, prompt, trie, options)
         stats.fallbacks += fallback
         return command or admissible[0], ids
-    if options.fast and options.temperature == 0:
+    if options.fast and options.temperature == 0 and all(isinstance(c, TRIMMABLE) for c in cache):
+        # drafts that miss are cut back out of the cache: only caches that can always be trimmed
         commands = [list(command_tokens(tokenizer, c)) for c in admissible or ()]
         tokens = lookup_greedy(model, cache, [*history, *prompt], len(prompt), commands, options, stats)
     else:

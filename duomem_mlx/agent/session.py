@@ -20,15 +20,12 @@ import copy
 import time
 
 import mlx.core as mx
-from mlx_lm.models.cache import (
-    ConcatenateKVCache, KVCache, QuantizedKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache,
-)
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from .decode import DecodeOptions, DecodeStats, decode_action
+from .decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action
 from .prompt import Rendered, common_text_prefix, encode, render
 
-TRIMMABLE = (KVCache, QuantizedKVCache, ConcatenateKVCache)  # can always be cut back
 
 
 def cache_offset(cache) -> int | None:

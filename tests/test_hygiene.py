@@ -16,7 +16,7 @@ from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, play_episode
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.memory.bank import build
+from duomem_mlx.memory.bank import MemoryBank, build
 from duomem_mlx.models import load
 from duomem_mlx.teacher.cache import CacheWriter, read_episodes, verify
 
@@ -215,6 +215,8 @@ def test_overwrites_need_force(tmp_path, tiny_model, bank_dir):
     model_files = sorted(p.name for p in tiny_model.iterdir())
     for force in ([], ["--force"]):
         assert "not a memory bank" in error_line(run("memory", "build", "--memories", out, "--embedder", tiny_model, "--out", tiny_model, *force))
+    with pytest.raises(DuomemError, match="directory of its own"):  # nor through the library
+        MemoryBank.load(bank_dir).save(tiny_model)
     assert sorted(p.name for p in tiny_model.iterdir()) == model_files
     bank = tmp_path / "bank"
     shutil.copytree(bank_dir, bank)

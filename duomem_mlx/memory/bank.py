@@ -99,8 +99,12 @@ class MemoryBank:
         return len(self.memories)
 
     def save(self, out: str | Path) -> Path:
-        """Write the bank directory whole (a temporary directory renamed over `out`)."""
+        """Write the bank directory whole (a temporary directory renamed over `out`); `out` must
+        be new, empty or a bank: a bank lives in a directory of its own."""
         out = Path(out)
+        others = sorted(p.name for p in out.iterdir() if p.name not in FILES) if out.is_dir() else []
+        if others:
+            raise DuomemError(f"{out} holds other files ({', '.join(others[:3])}); a memory bank goes in a directory of its own")
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out) as tmp:
             write_memories(tmp / "memories.jsonl", self.memories)

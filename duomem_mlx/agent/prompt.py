@@ -12,8 +12,6 @@ tokens up to date in time proportional to a change, not to the chat.
 import bisect
 import re
 
-from mlx_lm.utils import common_prefix_len
-
 from ..errors import DuomemError
 
 SYSTEM_PROMPT = (
@@ -52,8 +50,9 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def common_text_prefix(a: str, b: str, start: int = 0) -> int:
-    """Length of the common prefix of a and b, known to be >= start (slice compares, no char loop)."""
+def common_prefix(a, b, start: int = 0) -> int:
+    """Length of the common prefix of two strings or lists, known to be >= start (slice
+    compares in C, no Python loop over the elements)."""
     lo, hi = start, min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -74,7 +73,7 @@ class Rendered:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        added = {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()}
+        added = {i: str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
         self.added_ids = set(added)
         contents = sorted(set(added.values()), key=len, reverse=True)
         self.pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
@@ -121,7 +120,7 @@ def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False) 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = common_prefix_len(ids, encode(tokenizer, render(tokenizer, messages[:i], True, thinking)))
+        start = common_prefix(ids, encode(tokenizer, render(tokenizer, messages[:i], True, thinking)))
         end = next((j + 1 for j in range(start, len(ids)) if ids[j] in eos), len(ids))
         mask[start:end] = [1] * (end - start)
     return ids, mask

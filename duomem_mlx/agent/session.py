@@ -21,10 +21,9 @@ import time
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.utils import common_prefix_len
 
 from .decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action
-from .prompt import Rendered, common_text_prefix, encode, render
+from .prompt import Rendered, common_prefix, encode, render
 
 
 
@@ -92,7 +91,7 @@ class Session:
             h = len(self.head_text)
             text = self.prompt.text
             if w_old.startswith(self.head_text) and w_new.startswith(self.head_text) and text.endswith(w_old[h:]):
-                c = common_text_prefix(w_old, w_new, h)
+                c = common_prefix(w_old, w_new, h)
                 self.prompt.replace(len(text) - (len(w_old) - c), w_new[c:])
                 self.rendered, self.window = n, (a, w_new)
                 self.history_len = self.mark_before_generation(head + self.messages[a:], w_new) if self.fragile else None
@@ -175,7 +174,7 @@ class Session:
         start = time.perf_counter()
         target = self.prompt_ids()
         held = len(self.fed)
-        at = self.rewind(min(common_prefix_len(self.fed, target), len(target) - 1))  # feed >= 1 token for logits
+        at = self.rewind(min(common_prefix(self.fed, target), len(target) - 1))  # feed >= 1 token for logits
         self.rewound_tokens.append(held - at)
         self.prefill_tokens += len(target) - at
         for mark in self.snapshot_marks(at, len(target)):

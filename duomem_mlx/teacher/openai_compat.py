@@ -128,7 +128,9 @@ class OpenAIPolicy:
     def act(self, state) -> str:
         if self.turns:
             self.messages.append({"role": "user", "content": state.observation.strip()})
-        body = {"model": self.model, "messages": self.messages, "max_tokens": self.max_tokens, "temperature": self.temperature}
+        # thinking off, as the shards are tokenized (Qwen3's template; vLLM and mlx_lm.server pass it on)
+        body = {"model": self.model, "messages": self.messages, "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "chat_template_kwargs": {"enable_thinking": False}}
         if self.top_k:
             body.update(logprobs=True, top_logprobs=self.top_k, return_tokens_as_token_ids=True)
         try:

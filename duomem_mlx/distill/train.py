@@ -298,6 +298,8 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
     metrics_path = out / "metrics.jsonl"
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     history = [h for h in history if h["step"] <= step]
+    if step == 0 and data.val:  # the starting point of the validation curve
+        history.append({"step": 0} | evaluate(model, data, args))
     if rank0:
         write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
     model.train()

@@ -1,6 +1,7 @@
 """`duomem-mlx distill`: train the student from the teacher cache, on mlx-lm's tuner pieces
 (LoRA / DoRA layers, schedules, gradient checkpointing, gradient averaging under
-`mx.distributed`), with its own checkpoint (adapters + optimizer state + step + RNG) for --resume.
+`mx.distributed`), with its own checkpoint (adapters + optimizer state + step; the RNG is a function of seed and
+step) for --resume.
 
 OUT/ holds mlx-lm's adapters.safetensors + adapter_config.json, duomem.json (written last: the
 run is finished), metrics.jsonl, loss.png, checkpoint/ and, with a memory bank, memory/ (the
@@ -208,9 +209,7 @@ def save_checkpoint(out: Path, model, optimizer, args: DistillArgs, step: int) -
     ckpt.mkdir(parents=True, exist_ok=True)
     adapters = dict(tree_flatten(model.trainable_parameters()))
     save_safetensors(ckpt / f"{step:07d}.adapters.safetensors", adapters)
-    state = dict(tree_flatten(optimizer.state))
-    state["rng"] = mx.random.state[0]
-    save_safetensors(ckpt / f"{step:07d}.optimizer.safetensors", state)
+    save_safetensors(ckpt / f"{step:07d}.optimizer.safetensors", dict(tree_flatten(optimizer.state)))
     write_atomic(ckpt / "state.json", json.dumps({"step": step, "settings": settings(args)}, indent=1).encode())
     for old in ckpt.glob("*.safetensors"):
         if not old.name.startswith(f"{step:07d}."):
@@ -220,7 +219,7 @@ def save_checkpoint(out: Path, model, optimizer, args: DistillArgs, step: int) -
 
 
 def load_checkpoint(out: Path, args: DistillArgs, model, optimizer) -> int:
-    """Restore adapters, optimizer state and RNG of the last checkpoint; its step."""
+    """Restore adapters and optimizer state of the last checkpoint (the RNG is reseeded per step); its step."""
     ckpt = out / "checkpoint"
     state = json.loads((ckpt / "state.json").read_text())
     old, new = state["settings"], settings(args)
@@ -231,7 +230,6 @@ def load_checkpoint(out: Path, args: DistillArgs, model, optimizer) -> int:
     step = state["step"]
     model.load_weights(str(ckpt / f"{step:07d}.adapters.safetensors"), strict=False)
     saved = mx.load(str(ckpt / f"{step:07d}.optimizer.safetensors"))
-    mx.random.state[0] = saved.pop("rng")
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(saved.items()))
     mx.eval(model.parameters(), optimizer.state)
@@ -309,6 +307,7 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
         while step < args.iters:
             batch, tokens = batch_for(data, args, step, world)
             tic = time.perf_counter()
+            mx.random.seed(args.seed * 1_000_003 + step)  # the RNG (dropout) of a step is its own: resume draws the same
             parts = train_step(*batch)
             mx.eval(state, parts)
             seconds += time.perf_counter() - tic

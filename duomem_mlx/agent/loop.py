@@ -31,8 +31,12 @@ class ModelPolicy:
                      max_context=4096, seed=0, temperature=0.0, thinking=False):
         import mlx.core as mx
 
+        from pathlib import Path
+
         from ..models import load
 
+        if memory_bank is None and adapter_path and (Path(adapter_path) / "memory" / "bank.json").exists():
+            memory_bank = str(Path(adapter_path) / "memory")  # the bank `distill` rebuilt for these adapters
         model, tokenizer = load(path, adapter_path)
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
         mx.random.seed(seed)

@@ -10,17 +10,20 @@ from ..errors import DuomemError
 @click.option("--model", required=True, help="The student: mlx-lm model directory or Hub repo id (a quantized QLoRA base is dequantized first).")
 @click.option("--adapters", type=click.Path(exists=True, file_okay=False), help="mlx-lm adapters to fuse (from `duomem-mlx distill`).")
 @click.option("--memory", help="Memory bank directory or memories.jsonl to rebuild in the package's space (default: ADAPTERS/memory or MODEL/memory).")
-@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True, help="16: fuse only, bf16 weights.")
+@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True, help="16: fuse only, not quantized (--dtype).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Must divide every layer's input size.")
 @click.option("--mode", type=click.Choice(["affine", "mxfp4"]), default="affine", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="Of unquantized weights and of the quantization scales.")
 @click.option("--calibrate", "calibrate_cache", type=click.Path(exists=True, file_okay=False),
               help="Teacher cache: tune the quantized scales/biases to the unquantized student on its episodes (DWQ).")
 @click.option("--epochs", type=click.IntRange(1), default=4, show_default=True, help="Passes over the cache's episodes when calibrating.")
-@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="Calibration learning rate (Adam).")
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True, help="Calibration learning rate (Adam).")
+@click.option("--max-seq-length", type=click.IntRange(16), default=2048, show_default=True, help="Calibration: tokens kept per episode.")
 @click.option("--out", type=click.Path(file_okay=False), help="Package directory (default: converted/<model name>-<bits>bit).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @config_option
-def quantize(model, adapters, memory, bits, group_size, mode, calibrate_cache, epochs, learning_rate, out, force):
+def quantize(model, adapters, memory, bits, group_size, mode, dtype, calibrate_cache, epochs, learning_rate, max_seq_length, out, force):
     """Fuse adapters, quantize and package the student in converted/NAME.
 
     The package loads with plain `mlx_lm.load`, carries its memory bank rebuilt in the
@@ -38,7 +41,8 @@ def quantize(model, adapters, memory, bits, group_size, mode, calibrate_cache, e
 
     bits = int(bits)
     out = out or str(Path("converted") / f"{Path(model.rstrip('/')).name}-{'bf16' if bits == 16 else f'{bits}bit'}")
-    path = quantize_package(model, out, bits, int(group_size), mode, adapters, memory, calibrate_cache, epochs, learning_rate, force)
+    path = quantize_package(model, out, bits, int(group_size), mode, adapters, memory, calibrate_cache, epochs, learning_rate, force, dtype=dtype,
+                             max_seq_length=max_seq_length)
     import json
 
     meta = json.loads((path / "duomem.json").read_text())

@@ -141,14 +141,17 @@ def calibrate(q_model, float_model, tokenizer, episodes, epochs: int, learning_r
         ids = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
         return mx.take_along_axis(logits, ids, axis=-1), ids
 
-    dtype = next(v.dtype for n, v in tree_flatten(q_model.parameters()) if n.endswith(".scales"))
-    q_model.freeze()
+    q_model.freeze()  # dwq_quantize unfreezes the scales and biases of the quantized layers only
     mx.random.seed(seed)
     dwq_quantize(q_model, target_fn, optimizers.Adam(learning_rate=learning_rate), data * epochs, data,
-                 batch_size=batch_size, max_seq_length=max_seq_length, seed=seed, dtype=dtype)
+                 batch_size=batch_size, max_seq_length=max_seq_length, seed=seed, dtype=q_model_dtype(q_model))
     q_model.eval()
-    return {"episodes": len(episodes), "tokens": sum(len(ids) for ids, _ in data), "epochs": epochs,
+    return {"episodes": len(episodes), "tokens": sum(len(ids) for ids, _ in data), "epochs": epochs, "max_seq_length": max_seq_length,
             "learning_rate": learning_rate, "top_k": k}
+
+
+def q_model_dtype(model) -> mx.Dtype:
+    return next(v.dtype for n, v in tree_flatten(model.parameters()) if n.endswith(".scales"))
 
 
 def bank_source(memory: str | None, adapters: str | None, model_path: str) -> Path | None:
@@ -208,7 +211,8 @@ def base_license(model_path: str) -> str | None:
 
 def quantize_package(model: str, out: str, bits: int = 4, group_size: int = 64, mode: str = "affine",
                      adapters: str | None = None, memory: str | None = None, calibrate_cache: str | None = None,
-                     epochs: int = 4, learning_rate: float = 1e-4, force: bool = False, name: str | None = None) -> Path:
+                     epochs: int = 4, learning_rate: float = 1e-5, force: bool = False, name: str | None = None,
+                     dtype: str = "bfloat16", max_seq_length: int = 2048) -> Path:
     check_options(bits, group_size, mode, calibrate_cache)
     out = Path(out)
     if out.exists() and not force:
@@ -216,17 +220,16 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int = 64, 
     memories_file = bank_source(memory, adapters, model)
     episodes = cache_episodes(calibrate_cache) if calibrate_cache else None
     student, tokenizer, config = load_student(model, adapters)
-    info = {"bits": bits, "group_size": group_size if bits < 16 else None, "mode": mode if bits < 16 else None}
+    info = {"bits": bits, "group_size": group_size if bits < 16 else None, "mode": mode if bits < 16 else None, "dtype": dtype}
     calibration = None
-    if bits == 16:
-        student.set_dtype(mx.bfloat16)
-        config["torch_dtype"] = "bfloat16"
-    else:
+    reference = copy.deepcopy(student) if episodes else None  # the unquantized student, in its own precision
+    student.set_dtype(getattr(mx, dtype))  # the unquantized weights, and the scales/biases of quantized ones
+    config["torch_dtype"] = dtype
+    if bits < 16:
         check_group_size(student, group_size)
-        reference = copy.deepcopy(student) if episodes else None
         student, config = quantize_model(student, config, group_size, bits, mode)
         if episodes:
-            calibration = run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate)
+            calibration = run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, getattr(mx, dtype), max_seq_length)
     return write_package(out, force, model, student, tokenizer, config, memories_file, {
         "format": PACKAGE_FORMAT, "name": name or out.name, "base": model,
         "teacher": provenance(adapters, model).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
@@ -241,11 +244,15 @@ def quantize_model(model, config, group_size, bits, mode):
     return mlx_quantize(model, config, group_size, bits, mode=mode)
 
 
-def run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate) -> dict:
+def run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, dtype, max_seq_length) -> dict:
+    """Agreement is measured on the package as saved (in `dtype`); the tuning runs in float32
+    (bf16 quantized matmuls are several times slower than float32 ones on a CPU)."""
     click.echo(f"calibrating on {len(episodes)} recorded episode(s)")
     expected = greedy_actions(reference, tokenizer, episodes)
     before = agreement(greedy_actions(student, tokenizer, episodes), expected)
-    result = calibrate(student, reference, tokenizer, episodes, epochs, learning_rate)
+    student.set_dtype(mx.float32)
+    result = calibrate(student, reference, tokenizer, episodes, epochs, learning_rate, max_seq_length=max_seq_length)
+    student.set_dtype(dtype)
     after = agreement(greedy_actions(student, tokenizer, episodes), expected)
     click.echo(f"greedy-action agreement with the unquantized student on {len(expected)} steps: {before:.1%} before, {after:.1%} after calibration")
     return {**result, "steps": len(expected), "agreement_before": round(before, 4), "agreement_after": round(after, 4)}

@@ -131,9 +131,10 @@ from .teacher.cli import cache_group, teach  # noqa: E402
 cli.add_command(teach)
 cli.add_command(cache_group)
 
-from .deploy.cli import quantize  # noqa: E402
+from .deploy.cli import bench, quantize  # noqa: E402
 
 cli.add_command(quantize)
+cli.add_command(bench)
 
 
 def main():

@@ -50,3 +50,32 @@ def quantize(model, adapters, memory, bits, group_size, mode, dtype, calibrate_c
         click.echo("note: no memory bank (pass --memory BANK); the package works without memories")
     click.echo(f"wrote {path}: {meta['bytes'] / 1e6:.2f} MB, {meta['bits_per_weight']} bits per weight"
                + (f", {meta['memory']['count']} memories" if meta["memory"] else ""))
+
+
+@click.command("bench")
+@click.argument("packages", nargs=-1, required=True)
+@click.option("--env", "env_name", type=click.Choice(["scienceworld", "textworld", "alfworld"]), help="Play real episodes (default: a synthetic episode, offline).")
+@click.option("--episodes", type=click.IntRange(1), default=1, show_default=True, help="With --env.")
+@click.option("--steps", type=click.IntRange(2), default=20, show_default=True, help="Steps of the synthetic episode.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Loads, episodes and throughput runs per package (medians).")
+@click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), required=True, help="Results JSON.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="PNG of the packages side by side (needs matplotlib).")
+@click.option("--save/--no-save", default=True, show_default=True, help="Store the figures in each package's duomem.json.")
+@config_option
+def bench(packages, env_name, episodes, steps, repeats, max_context, seed, json_out, plot_out, save):
+    """Measure load time, time to first action, tokens/s, step latency, memory and size.
+
+    Several packages are measured side by side in one run (bf16 / 8-bit / 4-bit, teacher vs
+    student); decode speed is also reported as a fraction of the memory-bandwidth roofline.
+
+    \b
+    Examples:
+      duomem-mlx bench converted/student-4bit --json runs/bench.json
+      duomem-mlx bench converted/student-bf16 converted/student-8bit converted/student-4bit --json b.json --plot b.png
+      duomem-mlx bench converted/student-4bit --env textworld --episodes 3 --json b.json
+    """
+    from .bench import run_bench
+
+    run_bench(list(packages), env_name, episodes, steps, repeats, max_context, seed, json_out, plot_out, save)

@@ -15,7 +15,7 @@ def cli():
     """Distil a big agent model into a small, fast one on Apple Silicon (DuoMem).
 
     \b
-    Pipeline:  teach -> memory build -> eval | chat   (distill, quantize, bench, upload: planned)
+    Pipeline:  teach -> memory build -> eval | chat -> quantize -> bench | upload   (distill: planned)
     Start with `make demo`, or:
       duomem-mlx tiny-model runs/student
       duomem-mlx eval --env textworld --episodes 5 --policy oracle --out runs/oracle.json
@@ -131,10 +131,11 @@ from .teacher.cli import cache_group, teach  # noqa: E402
 cli.add_command(teach)
 cli.add_command(cache_group)
 
-from .deploy.cli import bench, quantize  # noqa: E402
+from .deploy.cli import bench, quantize, upload  # noqa: E402
 
 cli.add_command(quantize)
 cli.add_command(bench)
+cli.add_command(upload)
 
 
 def main():

@@ -163,3 +163,135 @@ def test_calibration_brings_4bit_closer_to_the_student(tiny_model, tmp_path):
     kl_plain = mean_kl(mlx_lm.load(str(plain))[0], student, sequences)
     kl_calibrated = mean_kl(mlx_lm.load(str(calibrated))[0], student, sequences)
     assert kl_calibrated < kl_plain
+
+
+@pytest.fixture(scope="module")
+def package(tiny_model, tmp_path_factory):
+    """A 4-bit package with a memory bank, plus files that must never be uploaded."""
+    root = tmp_path_factory.mktemp("pkg")
+    memories = root / "memories.jsonl"
+    memories.write_text(json.dumps({"id": "m-1", "task_type": "", "text": "look around, then open the door"}) + "\n")
+    pkg = root / "student-4bit"
+    result = cli("quantize", "--model", tiny_model, "--memory", memories, "--bits", "4", "--group-size", "32", "--out", pkg)
+    assert result.returncode == 0, result.stderr
+    for junk in (".env", "run.log", "modeling.py", "memory/.keys.safetensors.tmp"):
+        (pkg / junk).write_text("junk")
+    (pkg / ".cache").mkdir()
+    (pkg / ".cache" / "x.json").write_text("{}")
+    return pkg
+
+
+UPLOADED = {"README.md", "config.json", "duomem.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "memory/bank.json", "memory/memories.jsonl", "memory/keys.safetensors"}
+
+
+def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
+    from duomem_mlx.deploy.bench import KEYS
+
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = cli("bench", tiny_model, package, "--steps", "3", "--repeats", "1", "--json", out, "--plot", png)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["machine"]) >= {"chip", "memory_gb", "os", "mlx", "mlx_lm", "device", "bandwidth_gb_s"}
+    assert [r["package"] for r in report["packages"]] == [str(tiny_model), str(package)]
+    for row in report["packages"]:
+        assert all(row[key] > 0 for key in KEYS), row
+        assert row["step_latency_p95_ms"] >= row["step_latency_p50_ms"]
+    small, big = report["packages"][1], report["packages"][0]
+    assert small["model_bytes"] < big["model_bytes"] and small["bytes_per_decoded_token"] < big["bytes_per_decoded_token"]
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert "decode_roofline_fraction" in result.stdout
+    assert json.loads((package / "duomem.json").read_text())["results"]["bench"]["ttft_ms"] == small["ttft_ms"]
+
+
+def test_dry_run_lists_allow_listed_files_and_never_the_token(package):
+    env = {**__import__("os").environ, "HF_TOKEN": "hf_secret_dry_run_token", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = cli("upload", package, "--repo", "me/student-4bit", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[1] for line in result.stdout.splitlines() if len(line.split()) == 2}
+    assert listed == UPLOADED
+    assert "hf_secret" not in result.stdout + result.stderr
+
+
+class FakeHub:
+    """The few Hub endpoints huggingface_hub's create_repo + upload_folder use, recording calls."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.calls = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.calls.append((self.command, self.path, dict(self.headers), body))
+                path = self.path.split("?")[0]
+                if path == "/api/repos/create":
+                    name = json.loads(body)["name"]
+                    answer = {"url": f"{hub.endpoint}/me/{name}"}
+                elif path == "/api/validate-yaml":
+                    answer = {"errors": [], "warnings": []}
+                elif path.endswith("/preupload/main"):
+                    files = json.loads(body)["files"]
+                    answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                elif path.endswith("/commit/main"):
+                    answer = {"commitUrl": f"{hub.endpoint}/me/student-4bit/commit/{'a' * 40}", "commitOid": "a" * 40}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
+    import base64
+    import os
+
+    hub = FakeHub()
+    token = "hf_secret_loopback_token"
+    env = {**os.environ, "HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint, "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    try:
+        result = cli("upload", package, "--repo", "me/student-4bit", "--private", "--message", "first", env=env)
+    finally:
+        hub.server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert token not in result.stdout + result.stderr
+    paths = [path.split("?")[0] for _, path, _, _ in hub.calls]
+    commits = [call for call in hub.calls if call[1].startswith("/api/models/me/student-4bit/commit/")]
+    assert len(commits) == 1 and all(p in ("/api/repos/create", "/api/validate-yaml") or "/me/student-4bit/" in p for p in paths)
+    assert json.loads(hub.calls[0][3])["visibility"] == "private"
+    lines = [json.loads(line) for line in commits[0][3].splitlines()]
+    assert lines[0]["key"] == "header" and lines[0]["value"]["summary"] == "first"
+    sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:]}
+    assert set(sent) == UPLOADED
+    assert sent["model.safetensors"] == (package / "model.safetensors").read_bytes()
+    assert b"library_name: mlx" in sent["README.md"] and b"me/student-4bit" in sent["README.md"]  # card refreshed for the repo
+    for _, _, headers, body in hub.calls:
+        assert {k.lower(): v for k, v in headers.items()}["authorization"] == f"Bearer {token}"
+        assert sum(token in v for v in headers.values()) == 1 and token.encode() not in body
+
+
+def test_upload_bad_input(package, tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    assert_clean_failure(cli("upload", package, "--repo", "me/bad name!", env=env), "not a Hub repo id")
+    assert_clean_failure(cli("upload", package, "--repo", "me/x", env={**env, "HF_HOME": str(tmp_path)}), "HF_TOKEN")
+    assert_clean_failure(cli("upload", package, "--repo", "me/x", env={**env, "HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+                         "cannot reach the Hub")
+    assert_clean_failure(cli("upload", tmp_path, "--repo", "me/x", "--dry-run"), "not a model package")

@@ -79,3 +79,27 @@ def bench(packages, env_name, episodes, steps, repeats, max_context, seed, json_
     from .bench import run_bench
 
     run_bench(list(packages), env_name, episodes, steps, repeats, max_context, seed, json_out, plot_out, save)
+
+
+@click.command("upload")
+@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.option("--repo", required=True, help="Hub repo id, USER/NAME.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--dry-run", is_flag=True, help="List the files and sizes that would go; no network.")
+@click.option("--message", help="Commit message.")
+@config_option
+def upload(package, repo, private, dry_run, message):
+    """Upload a converted package to the Hugging Face Hub in one commit.
+
+    Only weights, config, tokenizer, memory/, duomem.json, the model card (its results table
+    refreshed from duomem.json) and plots go; never caches, logs, dotfiles or code. The token
+    comes from HF_TOKEN or `hf auth login` and is never printed.
+
+    \b
+    Examples:
+      duomem-mlx upload converted/student-4bit --repo me/duomem-student-4bit --dry-run
+      HF_TOKEN=hf_... duomem-mlx upload converted/student-4bit --repo me/duomem-student-4bit --private
+    """
+    from .hub import upload as run_upload
+
+    run_upload(package, repo, private, dry_run, message)

@@ -26,7 +26,7 @@ REPORT = 5
 def make_cache(model_path: str, out: Path, episodes: int, steps: int, k: int) -> None:
     from duomem_mlx.envs.base import Episode, Step
     from duomem_mlx.models import load, tokenizer_fingerprint
-    from duomem_mlx.teacher.backends import shard_arrays
+    from duomem_mlx.teacher.base import shard_arrays
     from duomem_mlx.teacher.cache import CacheWriter
     from duomem_mlx.teacher.topk import forward_topk
 

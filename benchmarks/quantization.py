@@ -19,7 +19,7 @@ from pathlib import Path
 from duomem_mlx.deploy.quantize import agreement, cache_episodes, greedy_actions, load_student, quantize_package
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import play_episode
-from duomem_mlx.envs.policies import make_policy
+from duomem_mlx.eval import make_policy
 from duomem_mlx.models import load, make_tiny_model
 
 

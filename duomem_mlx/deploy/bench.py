@@ -90,7 +90,7 @@ def play_env(path: str, env_name: str, episodes: int, seed: int):
     """Real episodes through eval's loop: (step seconds of each episode, episode seconds)."""
     from ..envs import make_env
     from ..envs.base import play_episode
-    from ..envs.policies import make_policy
+    from ..eval import make_policy
 
     policy = make_policy(f"model:{path}", seed=seed)
     env = make_env(env_name)

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from ..errors import DuomemError
-from ..teacher.cache import write_atomic
+from ..io import write_atomic
 from .data import Dataset, build_dataset, check_kd, collate, epoch_batches
 from .losses import distill_loss
 

@@ -182,7 +182,7 @@ def package(tiny_model, tmp_path_factory):
     return pkg
 
 
-UPLOADED = {"README.md", "config.json", "duomem.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+UPLOADED = {"README.md", "config.json", "duomem.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "generation_config.json",
             "tokenizer_config.json", "chat_template.jinja", "memory/bank.json", "memory/memories.jsonl", "memory/keys.safetensors"}
 
 

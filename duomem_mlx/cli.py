@@ -81,7 +81,7 @@ def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, 
 @click.option("--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise.")
 @click.option("--policy", default="oracle", show_default=True, help="oracle | random | model:PATH")
 @click.option("--adapter-path", type=click.Path(exists=True, file_okay=False), help="LoRA adapters for model:PATH.")
-@click.option("--memory", "memory_bank", type=click.Path(), help="Memory bank the model reads (model:PATH only).")
+@click.option("--memory", "memory_bank", type=click.Path(), help="Memory bank the model reads (model:PATH only; default: ADAPTERS/memory, else PATH/memory, if present).")
 @click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True)
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True, help="Tokens kept; oldest whole turns drop first.")
@@ -107,7 +107,7 @@ def eval_command(**kwargs):
 @cli.command("chat")
 @click.option("--model", required=True, help="Student: mlx-lm model directory, converted/<name>, or Hub repo id.")
 @click.option("--adapter-path", type=click.Path(exists=True, file_okay=False), help="LoRA adapters to apply.")
-@click.option("--memory", "memory_bank", type=click.Path(), help="Memory bank to retrieve from (default: MODEL/memory if present).")
+@click.option("--memory", "memory_bank", type=click.Path(), help="Memory bank to retrieve from (default: ADAPTERS/memory, else MODEL/memory, if present).")
 @click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="Per reply.")
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
@@ -133,13 +133,9 @@ def chat_command(model, adapter_path, memory_bank, memory_k, max_tokens, max_con
       echo "how do I boil water?" | duomem-mlx chat --model runs/student --memory runs/bank
       duomem-mlx chat --model runs/student --env textworld --step
     """
-    from pathlib import Path
-
     from .agent.loop import ModelPolicy
     from .chat import run_chat, watch_episode
 
-    if memory_bank is None and (Path(model) / "memory" / "bank.json").exists():
-        memory_bank = str(Path(model) / "memory")
     decode = "constrained" if env_name else "free"
     policy = ModelPolicy.from_options(model, adapter_path, memory_bank, memory_k, decode, max_context, seed, temperature, thinking)
     if env_name:

@@ -37,11 +37,8 @@ class ModelPolicy:
 
         from ..models import load
 
-        if memory_bank is None and adapter_path and (Path(adapter_path) / "memory" / "bank.json").exists():
-            memory_bank = str(Path(adapter_path) / "memory")  # the bank `distill` rebuilt for these adapters
         model, tokenizer = load(path, adapter_path)
-        if memory_bank is None and not adapter_path and (Path(path) / "memory" / "bank.json").is_file():
-            memory_bank = str(Path(path) / "memory")  # a converted package carries its own bank
+        memory_bank = memory_bank or default_bank(path, adapter_path)
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
         mx.random.seed(seed)
         return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature, thinking=thinking)
@@ -69,6 +66,13 @@ class ModelPolicy:
 
     def stats(self) -> dict:
         return {**self.session.stats(), "memories": self.memory_ids}
+
+
+def default_bank(path: str, adapter_path: str | None) -> str | None:
+    """The bank that belongs to the model as loaded: the one `distill` rebuilt for these
+    adapters, else the one a converted package carries (never the base's under adapters)."""
+    home = Path(adapter_path or path) / "memory"
+    return str(home) if (home / "bank.json").is_file() else None
 
 
 def load_bank(path, model, tokenizer):

@@ -86,6 +86,7 @@ def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, 
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True)
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True, help="Tokens kept; oldest whole turns drop first.")
 @click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
+@click.option("--thinking", is_flag=True, help="enable_thinking=True for templates that know it (Qwen3); off by default, as teach and distill render.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="results.json")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write one JSON line per episode.")

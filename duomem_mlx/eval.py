@@ -61,14 +61,14 @@ def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
 
 
 def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank, memory_k, decode,
-             max_context, max_steps, seed, out, log):
+             max_context, max_steps, seed, out, log, thinking=False):
     check_destination(out)
     if log:
         check_destination(log, option="--log")
         if Path(log).resolve() == Path(out).resolve():
             raise DuomemError(f"--log and --out are the same file ({out}); give the episode log its own name")
     model_options = dict(adapter_path=adapter_path, memory_bank=memory_bank, memory_k=memory_k,
-                         decode=decode, max_context=max_context) if policy.startswith("model:") else {}
+                         decode=decode, max_context=max_context, thinking=thinking) if policy.startswith("model:") else {}
     agent = make_policy(policy, seed=seed, **model_options)
     env = make_env(env_name)
     max_steps = max_steps or env.default_max_steps

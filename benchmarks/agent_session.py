@@ -14,7 +14,6 @@ and the re-encoding loop once per value with the same truncation.
 
 import argparse
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -22,18 +21,8 @@ from pathlib import Path
 from duomem_mlx.agent.decode import DecodeOptions
 from duomem_mlx.agent.prompt import prefix_messages
 from duomem_mlx.agent.session import ReencodingSession, Session
-from duomem_mlx.models import default_corpus, load, make_tiny_model
-
-
-def synthetic_episode(steps: int, seed: int = 0):
-    """(memories, task, observations, admissible sets) drawn from environment text."""
-    rng = random.Random(seed)
-    lines = [line for line in default_corpus().splitlines() if 20 < len(line) < 200]
-    commands = sorted({line for line in lines if len(line.split()) <= 5})
-    memories = [" ".join(rng.sample(lines, 4)) for _ in range(8)]
-    observations = [" ".join(rng.sample(lines, 3)) for _ in range(steps + 1)]
-    admissible = [rng.sample(commands, 12) for _ in range(steps)]
-    return memories, "Your task is to boil water.", observations, admissible
+from duomem_mlx.deploy.bench import synthetic_episode
+from duomem_mlx.models import load, make_tiny_model
 
 
 def play(session_class, model, tokenizer, steps, decode, max_context, low_water=0.75, thinking=False):

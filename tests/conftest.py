@@ -2,6 +2,8 @@
 
 import pytest
 
+pytest.register_assert_rewrite("cachecheck")
+
 from duomem_mlx.models import make_tiny_model
 
 

@@ -1,49 +1,17 @@
 """Jump-forward and prompt-lookup decoding equal plain decoding on recorded ScienceWorld and
 TextWorld episodes, with exact forward-pass counts; the template's own end-of-turn token."""
 
-import json
-
-import mlx.core as mx
 import mlx_lm
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
+from cachecheck import assert_cache_holds
 from duomem_mlx.agent.decode import END, DecodeOptions, build_trie, end_of_turn, single_completion
 from duomem_mlx.agent.prompt import encode, prefix_messages
 from duomem_mlx.agent.session import Session
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
-from duomem_mlx.models import default_corpus, make_tiny_model
-
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-
-def make_llama3_like(out):
-    """A tiny llama whose tokenizer ends turns with <|eot_id|> while its eos_token is
-    <|end_of_text|>, and whose generation_config.json names both (as Llama 3 Instruct's does)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=LLAMA3_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(default_corpus().splitlines(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                        chat_template=LLAMA3_TEMPLATE)
-    source = out.parent / "llama3-tokenizer"
-    tokenizer.save_pretrained(source)
-    make_tiny_model(out, arch="llama", tokenizer_from=source, seed=3)
-    ids = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}))
-    return out
+from duomem_mlx.models import make_tiny_model
 
 
 class CountingModel:
@@ -62,8 +30,9 @@ class CountingModel:
 
 @pytest.fixture(scope="module")
 def models(tiny_model, tmp_path_factory):
-    """ChatML (the default tiny qwen3) and Llama-3-like templates."""
-    llama3 = make_llama3_like(tmp_path_factory.mktemp("models") / "llama3")
+    """ChatML (the default tiny qwen3) and Llama 3 (eos_token <|end_of_text|>, turns end with
+    <|eot_id|>, generation_config.json names both, as Llama 3 Instruct ships them)."""
+    llama3 = make_tiny_model(tmp_path_factory.mktemp("models") / "llama3", arch="llama", template="llama3", seed=3)
     return {"chatml": mlx_lm.load(str(tiny_model)), "llama3": mlx_lm.load(str(llama3))}
 
 
@@ -92,12 +61,7 @@ def replay(model, tokenizer, episode, options):
         assert session.fed[: len(target)] == target[: len(session.fed)]
         if following:
             session.append([{"role": "user", "content": following.observation.strip()}])
-    assert session.cache[0].offset == len(session.fed)
-    fresh = make_prompt_cache(model)
-    model(mx.array(session.fed)[None], cache=fresh)
-    for cached, reference in zip(session.cache, fresh):
-        n = len(session.fed)
-        assert mx.allclose(cached.state[0][..., :n, :], reference.state[0][..., :n, :], atol=1e-4).item()
+    assert_cache_holds(model, session)
     return out, session
 
 

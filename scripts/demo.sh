@@ -88,7 +88,7 @@ stage eval "the variants on the same held-out games"
 evaluate student_base --policy "model:$OUT/student"
 evaluate student_memory --policy "model:$OUT/student" --memory "$OUT/bank"
 evaluate student_lora --policy "model:$OUT/student" --adapter-path "$OUT/lora"
-evaluate duomem --policy "model:$OUT/student" --adapter-path "$OUT/duomem"  # reads $OUT/duomem/memory
+evaluate duomem --policy "model:$OUT/student" --adapter-path "$OUT/duomem" --memory "$OUT/duomem/memory"
 evaluate teacher --policy "model:$OUT/teacher"
 
 stage selfmem "student_selfmem: memories the student writes (rules) from its own successes on the train split"

@@ -131,6 +131,10 @@ from .teacher.cli import cache_group, teach  # noqa: E402
 cli.add_command(teach)
 cli.add_command(cache_group)
 
+from .distill.cli import distill  # noqa: E402
+
+cli.add_command(distill)
+
 
 def main():
     from .blas import reexec_with_openblas

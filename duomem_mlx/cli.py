@@ -15,7 +15,7 @@ def cli():
     """Distil a big agent model into a small, fast one on Apple Silicon (DuoMem).
 
     \b
-    Pipeline:  teach -> memory build -> eval | chat   (distill, quantize, bench, upload: planned)
+    Pipeline:  teach -> memory build -> eval | chat -> quantize -> bench | upload   (distill: planned)
     Start with `make demo`, or:
       duomem-mlx tiny-model runs/student
       duomem-mlx eval --env textworld --episodes 5 --policy oracle --out runs/oracle.json
@@ -134,6 +134,12 @@ cli.add_command(cache_group)
 from .distill.cli import distill  # noqa: E402
 
 cli.add_command(distill)
+
+from .deploy.cli import bench, quantize, upload  # noqa: E402
+
+cli.add_command(quantize)
+cli.add_command(bench)
+cli.add_command(upload)
 
 
 def main():

@@ -1,6 +1,8 @@
 """The model policy: an mlx-lm model playing an environment through a Session, reading
 memories retrieved from a bank in front of its prompt."""
 
+from pathlib import Path
+
 from ..envs.base import StepResult, TaskSpec
 from .decode import DecodeOptions
 from .prompt import prefix_messages
@@ -33,6 +35,8 @@ class ModelPolicy:
         from ..models import load
 
         model, tokenizer = load(path, adapter_path)
+        if memory_bank is None and not adapter_path and (Path(path) / "memory" / "bank.json").is_file():
+            memory_bank = str(Path(path) / "memory")  # a converted package carries its own bank
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
         mx.random.seed(seed)
         return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature)

@@ -1,0 +1,358 @@
+"""`duomem-mlx quantize`: fuse adapters into the student, quantize it with mlx-lm, optionally
+calibrate the quantized scales/biases on the agent's own data (DWQ), rebuild the memory bank
+in the final model's space and write a self-contained package (DESIGN.md, "Converted package").
+
+    converted/NAME/   config.json, model*.safetensors, tokenizer files   (plain mlx_lm.load)
+                      memory/        bank rebuilt with this exact model
+                      duomem.json    base, teacher, adapters, quantization, bytes, calibration, results
+                      README.md      model card with Hub front matter and a results table
+"""
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import click
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .. import __version__
+from ..errors import DuomemError
+
+PACKAGE_FORMAT = 1
+MODES = {"affine": (4, 8), "mxfp4": (4,)}
+GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,)}
+
+
+def check_options(bits: int, group_size: int, mode: str, calibrate: str | None) -> None:
+    if bits == 16:
+        if calibrate:
+            raise DuomemError("--calibrate tunes quantized scales; it needs --bits 4 (a 16-bit package is not quantized)")
+        return
+    if bits not in MODES.get(mode, ()):
+        raise DuomemError(f"--mode {mode} does not support --bits {bits}; use " + "; ".join(
+            f"--mode {m} with --bits {'|'.join(map(str, b))}" for m, b in MODES.items()) + ", or --bits 16 for bf16")
+    if group_size not in GROUP_SIZES[mode]:
+        raise DuomemError(f"--mode {mode} needs --group-size {'|'.join(map(str, GROUP_SIZES[mode]))}, got {group_size}")
+    if calibrate and (mode != "affine" or bits >= 8):
+        raise DuomemError("--calibrate tunes affine scales below 8 bits (8-bit is near lossless); use --bits 4 --mode affine")
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """mlx-lm silently leaves layers whose input size the group size does not divide unquantized."""
+    layers = [(n, m.weight.shape[-1]) for n, m in model.named_modules() if hasattr(m, "to_quantized") and hasattr(m, "weight")]
+    bad = [(n, d) for n, d in layers if d % group_size]
+    if bad:
+        name, dim = bad[0]
+        fits = [g for g in (32, 64, 128) if all(d % g == 0 for _, d in layers)]
+        hint = f"use --group-size {' or '.join(map(str, fits))}" if fits else "this model cannot be quantized in groups of 32-128"
+        raise DuomemError(f"--group-size {group_size} does not divide the input size {dim} of {name}; {hint}")
+
+
+def load_student(model_path: str, adapters: str | None):
+    """(model, tokenizer, config) with adapters fused and a quantized (QLoRA) base dequantized first."""
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import dequantize_model, load
+
+    from ..models import resolve
+
+    source = resolve(model_path)
+    try:
+        model, tokenizer, config = load(source, return_config=True)
+    except (OSError, ValueError) as e:
+        raise DuomemError(f"could not load model {model_path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    if "quantization" in config:  # fusing into a quantized base re-quantizes the base and loses the adapters' effect
+        model = dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    if adapters:
+        if not (Path(adapters) / "adapter_config.json").is_file() or not (Path(adapters) / "adapters.safetensors").is_file():
+            raise DuomemError(f"{adapters} is not an mlx-lm adapter directory (adapters.safetensors + adapter_config.json); pass the output of `duomem-mlx distill`")
+        try:
+            load_adapters(model, adapters)
+        except (ValueError, KeyError, IndexError) as e:
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+            raise DuomemError(f"adapters {adapters} do not match base {model_path} ({detail}); pass the base they were trained on")
+        fused = [(n, m.fuse(dequantize=True)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+        model.update_modules(tree_unflatten(fused))
+    model.eval()
+    return model, tokenizer, config
+
+
+def cache_episodes(cache: str) -> list:
+    """The recorded episodes of a teacher cache (prompts and actions as the agent sees them)."""
+    from ..envs.base import Episode
+    from ..teacher.cache import read_episodes, read_manifest
+
+    read_manifest(cache)
+    episodes = [Episode.from_json(e) for e in read_episodes(cache) if e.get("steps")]
+    if not episodes:
+        raise DuomemError(f"teacher cache {cache} has no episodes with steps; collect some with `duomem-mlx teach`")
+    return episodes
+
+
+def greedy_actions(model, tokenizer, episodes, max_context: int = 4096) -> list[str]:
+    """The model's greedy action at every recorded step, the history being the recorded one.
+
+    The session is restarted with the recorded chat before each step, so its cache keeps the
+    common prefix and feeds only what changed (the recorded action and the next observation)."""
+    from ..agent.decode import DecodeOptions
+    from ..agent.prompt import episode_messages
+    from ..agent.session import Session
+
+    actions = []
+    for episode in episodes:
+        messages = episode_messages(episode)
+        constrained = all(step.admissible for step in episode.steps)
+        session = Session(model, tokenizer, max_context, DecodeOptions(mode="constrained" if constrained else "free"))
+        for i, step in enumerate(episode.steps):
+            session.start(messages[:2])
+            session.append(messages[2 : 2 + 2 * i])
+            actions.append(session.generate(step.admissible if constrained else None))
+    return actions
+
+
+def agreement(a: list[str], b: list[str]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+
+
+def calibration_data(tokenizer, episodes, max_seq_length: int) -> list[tuple[list[int], int]]:
+    from ..agent.prompt import episode_messages, tokenize_with_mask
+
+    return [(tokenize_with_mask(tokenizer, episode_messages(e))[0][:max_seq_length], 0) for e in episodes]
+
+
+def calibrate(q_model, float_model, tokenizer, episodes, epochs: int, learning_rate: float,
+              batch_size: int = 4, max_seq_length: int = 2048, top_k: int = 1024, seed: int = 0) -> dict:
+    """mlx-lm's DWQ loop on the cache's chats: the quantized model's scales and biases learn the
+    unquantized student's top-k distribution (sparse KL at temperature 2)."""
+    import mlx.optimizers as optimizers
+    from mlx_lm.quant.dwq import dwq_quantize
+
+    data = calibration_data(tokenizer, episodes, max_seq_length)
+    batch_size = min(batch_size, len(data))
+    k = min(top_k, q_model.args.vocab_size if hasattr(q_model, "args") else top_k)
+
+    def target_fn(batch, _index, split):
+        logits = mx.stop_gradient(float_model(batch))
+        ids = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+        return mx.take_along_axis(logits, ids, axis=-1), ids
+
+    q_model.freeze()  # dwq_quantize unfreezes the scales and biases of the quantized layers only
+    mx.random.seed(seed)
+    dwq_quantize(q_model, target_fn, optimizers.Adam(learning_rate=learning_rate), data * epochs, data,
+                 batch_size=batch_size, max_seq_length=max_seq_length, seed=seed, dtype=q_model_dtype(q_model))
+    q_model.eval()
+    return {"episodes": len(episodes), "tokens": sum(len(ids) for ids, _ in data), "epochs": epochs, "max_seq_length": max_seq_length,
+            "learning_rate": learning_rate, "top_k": k}
+
+
+def q_model_dtype(model) -> mx.Dtype:
+    return next(v.dtype for n, v in tree_flatten(model.parameters()) if n.endswith(".scales"))
+
+
+def bank_source(memory: str | None, adapters: str | None, model_path: str) -> Path | None:
+    """Where the memories come from: --memory (bank dir or memories.jsonl), else ADAPTERS/memory,
+    else MODEL/memory (a package being re-quantized)."""
+    if memory:
+        path = Path(memory)
+        if path.is_dir() and (path / "memories.jsonl").is_file():
+            return path / "memories.jsonl"
+        if path.is_file():
+            return path
+        raise DuomemError(f"--memory {memory} is neither a memory bank directory nor a memories.jsonl file")
+    for candidate in (adapters, model_path):
+        if candidate and (Path(candidate) / "memory" / "memories.jsonl").is_file():
+            return Path(candidate) / "memory" / "memories.jsonl"
+    return None
+
+
+def rebuild_bank(memories_file: Path, package: Path, final: Path) -> dict:
+    """Embed the memories with the package as saved (the fingerprint `eval`/`chat` will check)."""
+    from ..memory.bank import build, read_memories
+    from ..models import load
+
+    model, tokenizer = load(str(package))
+    bank = build(read_memories(memories_file), model, tokenizer, embedder=str(final.resolve()), progress=True)
+    bank.save(package / "memory")
+    return {"count": len(bank), "dim": bank.dim, "source": str(memories_file)}
+
+
+def model_bytes(package: Path) -> int:
+    return sum(f.stat().st_size for f in package.glob("*.safetensors"))
+
+
+def provenance(adapters: str | None, model_path: str) -> dict:
+    """teacher/base recorded by distill (ADAPTERS/duomem.json) or an input package."""
+    for candidate in (adapters, model_path):
+        path = Path(candidate) / "duomem.json" if candidate else None
+        if path and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                return {}
+    return {}
+
+
+def base_license(model_path: str) -> str | None:
+    readme = Path(model_path) / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a card without valid front matter just has no known license
+        return None
+
+
+def quantize_package(model: str, out: str, bits: int = 4, group_size: int = 64, mode: str = "affine",
+                     adapters: str | None = None, memory: str | None = None, calibrate_cache: str | None = None,
+                     epochs: int = 4, learning_rate: float = 1e-5, force: bool = False, name: str | None = None,
+                     dtype: str = "bfloat16", max_seq_length: int = 2048) -> Path:
+    check_options(bits, group_size, mode, calibrate_cache)
+    out = Path(out)
+    if out.exists() and not force:
+        raise DuomemError(f"{out} already exists; pass --force to replace it or choose another --out")
+    memories_file = bank_source(memory, adapters, model)
+    episodes = cache_episodes(calibrate_cache) if calibrate_cache else None
+    student, tokenizer, config = load_student(model, adapters)
+    info = {"bits": bits, "group_size": group_size if bits < 16 else None, "mode": mode if bits < 16 else None, "dtype": dtype}
+    calibration = None
+    reference = copy.deepcopy(student) if episodes else None  # the unquantized student, in its own precision
+    student.set_dtype(getattr(mx, dtype))  # the unquantized weights, and the scales/biases of quantized ones
+    config["torch_dtype"] = dtype
+    if bits < 16:
+        check_group_size(student, group_size)
+        student, config = quantize_model(student, config, group_size, bits, mode)
+        if episodes:
+            calibration = run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, getattr(mx, dtype), max_seq_length)
+    return write_package(out, force, model, student, tokenizer, config, memories_file, {
+        "format": PACKAGE_FORMAT, "name": name or out.name, "base": model,
+        "teacher": provenance(adapters, model).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
+        "quantization": info, "calibration": calibration, "license": base_license(model),
+        "duomem_mlx": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": {},
+    })
+
+
+def quantize_model(model, config, group_size, bits, mode):
+    from mlx_lm.utils import quantize_model as mlx_quantize
+
+    return mlx_quantize(model, config, group_size, bits, mode=mode)
+
+
+def run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, dtype, max_seq_length) -> dict:
+    """Agreement is measured on the package as saved (in `dtype`); the tuning runs in float32
+    (bf16 quantized matmuls are several times slower than float32 ones on a CPU)."""
+    click.echo(f"calibrating on {len(episodes)} recorded episode(s)")
+    expected = greedy_actions(reference, tokenizer, episodes)
+    before = agreement(greedy_actions(student, tokenizer, episodes), expected)
+    student.set_dtype(mx.float32)
+    result = calibrate(student, reference, tokenizer, episodes, epochs, learning_rate, max_seq_length=max_seq_length)
+    student.set_dtype(dtype)
+    after = agreement(greedy_actions(student, tokenizer, episodes), expected)
+    click.echo(f"greedy-action agreement with the unquantized student on {len(expected)} steps: {before:.1%} before, {after:.1%} after calibration")
+    return {**result, "steps": len(expected), "agreement_before": round(before, 4), "agreement_after": round(after, 4)}
+
+
+def write_package(out: Path, force: bool, source: str, model, tokenizer, config, memories_file, meta: dict) -> Path:
+    """Everything goes to a temp directory next to OUT, renamed into place once complete."""
+    from mlx_lm.utils import compute_bits_per_weight, save
+
+    from ..models import resolve
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save(tmp, resolve(source), model, tokenizer, config, donate_model=False)
+        for stray in tmp.glob("*.py"):  # mlx-lm copies a source model's code; a package never runs any
+            stray.unlink()
+        meta["bytes"] = model_bytes(tmp)
+        meta["bits_per_weight"] = round(float(compute_bits_per_weight(model)), 3)
+        meta["memory"] = rebuild_bank(memories_file, tmp, out) if memories_file else None
+        (tmp / "duomem.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_card(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def results_table(meta: dict) -> str:
+    q = meta.get("quantization") or {}
+    rows = [("weights", f"{q.get('bits')}-bit {q.get('mode')} (group {q.get('group_size')})" if q.get("mode") else "bf16 (not quantized)"),
+            ("bits per weight", meta.get("bits_per_weight")),
+            ("model bytes", f"{meta.get('bytes', 0) / 1e6:.1f} MB"),
+            ("memories", (meta.get("memory") or {}).get("count", "none"))]
+    if meta.get("calibration"):
+        c = meta["calibration"]
+        rows.append(("greedy-action agreement with the unquantized student",
+                     f"{c['agreement_before']:.1%} before, {c['agreement_after']:.1%} after calibration ({c['steps']} steps)"))
+    results = meta.get("results") or {}
+    for key, value in (results.get("eval") or {}).items():
+        rows.append((f"eval {key}", value))
+    for key, value in (results.get("bench") or {}).items():
+        rows.append((f"bench {key}", value))
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def write_card(package: Path, repo_id: str | None = None) -> None:
+    """README.md with Hub front matter, usage for mlx-lm and duomem-mlx, and the results table."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = json.loads((package / "duomem.json").read_text())
+    base = meta.get("base") or ""
+    data = ModelCardData(
+        library_name="mlx", pipeline_tag="text-generation", license=meta.get("license"),
+        base_model=base if not Path(base).exists() and "/" in base else None,
+        tags=["mlx", "duomem", "agent", "distillation"] + (["quantized"] if (meta.get("quantization") or {}).get("mode") else []),
+    )
+    repo = repo_id or f"converted/{meta.get('name', package.name)}"
+    adapters = "its distillation adapters fused into the weights" if meta.get("adapters") else "no adapters"
+    memory = ("its memory bank rebuilt in this model's space (`memory/`, read automatically by duomem-mlx)"
+              if meta.get("memory") else "no memory bank")
+    text = f"""
+# {meta.get('name', package.name)}
+
+A DuoMem student packaged by duomem-mlx {meta.get('duomem_mlx', '')}: base `{base}`, teacher
+`{meta.get('teacher')}`, with {adapters} and {memory}.
+
+## Use
+
+```bash
+pip install mlx-lm duomem-mlx
+```
+
+```python
+from mlx_lm import load, generate
+
+model, tokenizer = load("{repo}")
+messages = [{{"role": "user", "content": "Task: boil water. You are in the kitchen."}}]
+prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+print(generate(model, tokenizer, prompt=prompt, max_tokens=32))
+```
+
+```bash
+duomem-mlx chat --model {repo}
+duomem-mlx eval --env textworld --episodes 10 --policy model:{repo} --out results.json
+```
+
+## Results
+
+{results_table(meta)}
+"""
+    tmp = package / ".README.md.tmp"
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(tmp)
+    tmp.replace(package / "README.md")

@@ -1,0 +1,297 @@
+"""Deployment: quantized packages (fuse, QLoRA, calibration, memory bank), bench, Hub upload."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx.utils import tree_flatten
+
+from duomem_mlx.deploy.quantize import greedy_actions
+from duomem_mlx.envs.base import play_episode
+from duomem_mlx.envs.policies import OraclePolicy
+from duomem_mlx.memory.bank import MemoryBank
+from duomem_mlx.errors import DuomemError
+
+LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+
+
+def cli(*args, stdin=None, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "duomem_mlx", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_clean_failure(result, *phrases):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+
+
+def make_adapters(base, out, seed=0):
+    """mlx-lm LoRA adapters (its own layers and file format) with a nonzero update."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm.load(str(base))
+    model.freeze()
+    linear_to_lora_layers(model, 2, LORA)
+    mx.random.seed(seed)
+    weights = {name: (mx.random.normal(p.shape) * 0.1 if name.endswith("lora_b") else p)
+               for name, p in tree_flatten(model.trainable_parameters())}
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    (out / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded(textworld):
+    """A real TextWorld episode (observations, admissible commands, the oracle's actions)."""
+    spec = textworld.task_specs(["simple"], "train", 1, 0)[0]
+    episode = play_episode(textworld, spec, OraclePolicy(), 50)
+    episode.steps = episode.steps[:6]
+    return [episode]
+
+
+@pytest.fixture(scope="module")
+def qlora_base(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qlora") / "base-4bit"
+    mlx_lm.convert(str(tiny_model), str(out), quantize=True, q_group_size=32, q_bits=4)
+    return out
+
+
+@pytest.mark.parametrize("base_kind", ["float", "qlora"])
+def test_fused_8bit_package_acts_like_base_plus_adapters(base_kind, tiny_model, qlora_base, recorded, tmp_path):
+    base = tiny_model if base_kind == "float" else qlora_base
+    adapters = make_adapters(base, tmp_path / "adapters")
+    expected = greedy_actions(*mlx_lm.load(str(base), adapter_path=str(adapters)), recorded)
+    assert expected != greedy_actions(*mlx_lm.load(str(base)), recorded)  # the adapters change the actions
+    result = cli("quantize", "--model", base, "--adapters", adapters, "--bits", "8", "--group-size", "32", "--out", tmp_path / "pkg")
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = mlx_lm.load(str(tmp_path / "pkg"))
+    assert not any("lora" in name for name, _ in tree_flatten(model.parameters()))
+    assert model.layers[0].self_attn.q_proj.bits == 8
+    assert greedy_actions(model, tokenizer, recorded) == expected
+    meta = json.loads((tmp_path / "pkg" / "duomem.json").read_text())
+    assert meta["quantization"] == {"bits": 8, "group_size": 32, "mode": "affine", "dtype": "bfloat16"} and meta["adapters"]
+    assert "no memory bank" in result.stdout
+
+
+def test_package_with_bank_loads_everywhere(tiny_model, tmp_path):
+    memories = tmp_path / "memories.jsonl"
+    memories.write_text(json.dumps({"id": "tw-1", "task_type": "simple", "text": "open the chest, take the key, unlock the door"}) + "\n")
+    bank = tmp_path / "bank"
+    assert cli("memory", "build", "--memories", memories, "--embedder", tiny_model, "--out", bank).returncode == 0
+    pkg = tmp_path / "converted" / "student-4bit"
+    result = cli("quantize", "--model", tiny_model, "--memory", bank, "--bits", "4", "--group-size", "32", "--out", pkg)
+    assert result.returncode == 0, result.stderr
+    assert not list(pkg.parent.glob(".*"))  # no temp dir left behind
+
+    model, tokenizer = mlx_lm.load(str(pkg))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "open the door"}], add_generation_prompt=True)
+    assert mlx_lm.generate(model, tokenizer, prompt, max_tokens=4)
+    MemoryBank.load(pkg / "memory").check_embedder(model, tokenizer)  # rebuilt in the package's space
+    with pytest.raises(DuomemError, match="another embedder"):
+        MemoryBank.load(bank).check_embedder(model, tokenizer)  # the student's bank would be refused
+
+    meta = json.loads((pkg / "duomem.json").read_text())
+    assert meta["memory"]["count"] == 1 and meta["bits_per_weight"] < 8
+    bf16 = cli("quantize", "--model", tiny_model, "--bits", "16", "--out", tmp_path / "bf16")
+    assert bf16.returncode == 0, bf16.stderr
+    assert meta["bytes"] < 0.4 * json.loads((tmp_path / "bf16" / "duomem.json").read_text())["bytes"]
+    assert mlx_lm.load(str(tmp_path / "bf16"))[0].layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
+    card = (pkg / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: mlx" in card and "- duomem" in card
+    assert f"load(\"{pkg.parent.name}/{pkg.name}\")" in card and "| memories | 1 |" in card
+
+    chat = cli("chat", "--model", pkg, "--max-tokens", "4", stdin="open the door\n/memory\n")
+    assert chat.returncode == 0 and "tw-1" in chat.stdout, chat.stderr
+    log = tmp_path / "ep.jsonl"
+    ran = cli("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--policy", f"model:{pkg}",
+              "--max-steps", "3", "--out", tmp_path / "r.json", "--log", log)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(log.read_text())["memories"] == ["tw-1"]  # the package's bank, found on its own
+
+
+def test_quantize_bad_input_is_one_line_and_leaves_nothing(tiny_model, tiny_teacher, tmp_path):
+    wrong = make_adapters(tiny_teacher, tmp_path / "teacher-adapters")
+    assert_clean_failure(cli("quantize", "--model", tiny_model, "--adapters", wrong, "--out", tmp_path / "a"),
+                         str(wrong), str(tiny_model), "do not match")
+    assert_clean_failure(cli("quantize", "--model", tiny_model, "--bits", "8", "--mode", "mxfp4", "--out", tmp_path / "b"), "mxfp4")
+    assert_clean_failure(cli("quantize", "--model", tiny_model, "--group-size", "128", "--out", tmp_path / "c"),
+                         "--group-size 32 or 64")
+    assert_clean_failure(cli("quantize", "--model", tiny_model, "--bits", "8", "--calibrate", tmp_path, "--out", tmp_path / "d"), "--bits 4")
+    bad_memories = tmp_path / "bad.jsonl"
+    bad_memories.write_text("{not json\n")
+    assert_clean_failure(cli("quantize", "--model", tiny_model, "--memory", bad_memories, "--group-size", "32", "--out", tmp_path / "e"), "line 1")
+    (tmp_path / "f").mkdir()
+    assert_clean_failure(cli("quantize", "--model", tiny_model, "--group-size", "32", "--out", tmp_path / "f"), "--force")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "f", "teacher-adapters"]
+
+
+def mean_kl(model, reference, sequences):
+    total, count = 0.0, 0
+    for ids in sequences:
+        x = mx.array(ids)[None]
+        p = reference(x).astype(mx.float32)
+        q = model(x).astype(mx.float32)
+        logp, logq = p - mx.logsumexp(p, -1, keepdims=True), q - mx.logsumexp(q, -1, keepdims=True)
+        total += (mx.exp(logp) * (logp - logq)).sum().item()
+        count += len(ids)
+    return total / count
+
+
+def test_calibration_brings_4bit_closer_to_the_student(tiny_model, tmp_path):
+    from duomem_mlx.deploy.quantize import cache_episodes, calibration_data
+
+    cache = tmp_path / "cache"
+    teach = cli("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", "2",
+                "--keep-admissible", "--out", cache)
+    assert teach.returncode == 0, teach.stderr
+    plain, calibrated = tmp_path / "plain", tmp_path / "calibrated"
+    assert cli("quantize", "--model", tiny_model, "--bits", "4", "--group-size", "32", "--out", plain).returncode == 0
+    result = cli("quantize", "--model", tiny_model, "--bits", "4", "--group-size", "32", "--calibrate", cache,
+                 "--max-seq-length", 512, "--out", calibrated)
+    assert result.returncode == 0, result.stderr
+    assert "greedy-action agreement" in result.stdout and "after calibration" in result.stdout
+    calibration = json.loads((calibrated / "duomem.json").read_text())["calibration"]
+    assert calibration["steps"] > 0 and 0 <= calibration["agreement_before"] <= 1 and 0 <= calibration["agreement_after"] <= 1
+    student, tokenizer = mlx_lm.load(str(tiny_model))
+    sequences = [ids for ids, _ in calibration_data(tokenizer, cache_episodes(str(cache)), 512)]
+    kl_plain = mean_kl(mlx_lm.load(str(plain))[0], student, sequences)
+    kl_calibrated = mean_kl(mlx_lm.load(str(calibrated))[0], student, sequences)
+    assert kl_calibrated < kl_plain
+
+
+@pytest.fixture(scope="module")
+def package(tiny_model, tmp_path_factory):
+    """A 4-bit package with a memory bank, plus files that must never be uploaded."""
+    root = tmp_path_factory.mktemp("pkg")
+    memories = root / "memories.jsonl"
+    memories.write_text(json.dumps({"id": "m-1", "task_type": "", "text": "look around, then open the door"}) + "\n")
+    pkg = root / "student-4bit"
+    result = cli("quantize", "--model", tiny_model, "--memory", memories, "--bits", "4", "--group-size", "32", "--out", pkg)
+    assert result.returncode == 0, result.stderr
+    for junk in (".env", "run.log", "modeling.py", "memory/.keys.safetensors.tmp"):
+        (pkg / junk).write_text("junk")
+    (pkg / ".cache").mkdir()
+    (pkg / ".cache" / "x.json").write_text("{}")
+    return pkg
+
+
+UPLOADED = {"README.md", "config.json", "duomem.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "memory/bank.json", "memory/memories.jsonl", "memory/keys.safetensors"}
+
+
+def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
+    from duomem_mlx.deploy.bench import KEYS
+
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = cli("bench", tiny_model, package, "--steps", "3", "--repeats", "1", "--json", out, "--plot", png)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["machine"]) >= {"chip", "memory_gb", "os", "mlx", "mlx_lm", "device", "bandwidth_gb_s"}
+    assert [r["package"] for r in report["packages"]] == [str(tiny_model), str(package)]
+    for row in report["packages"]:
+        assert all(row[key] > 0 for key in KEYS), row
+        assert row["step_latency_p95_ms"] >= row["step_latency_p50_ms"]
+    small, big = report["packages"][1], report["packages"][0]
+    assert small["model_bytes"] < big["model_bytes"] and small["bytes_per_decoded_token"] < big["bytes_per_decoded_token"]
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert "decode_roofline_fraction" in result.stdout
+    assert json.loads((package / "duomem.json").read_text())["results"]["bench"]["ttft_ms"] == small["ttft_ms"]
+
+
+def test_dry_run_lists_allow_listed_files_and_never_the_token(package):
+    env = {**__import__("os").environ, "HF_TOKEN": "hf_secret_dry_run_token", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = cli("upload", package, "--repo", "me/student-4bit", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[1] for line in result.stdout.splitlines() if len(line.split()) == 2}
+    assert listed == UPLOADED
+    assert "hf_secret" not in result.stdout + result.stderr
+
+
+class FakeHub:
+    """The few Hub endpoints huggingface_hub's create_repo + upload_folder use, recording calls."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.calls = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.calls.append((self.command, self.path, dict(self.headers), body))
+                path = self.path.split("?")[0]
+                if path == "/api/repos/create":
+                    name = json.loads(body)["name"]
+                    answer = {"url": f"{hub.endpoint}/me/{name}"}
+                elif path == "/api/validate-yaml":
+                    answer = {"errors": [], "warnings": []}
+                elif path.endswith("/preupload/main"):
+                    files = json.loads(body)["files"]
+                    answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                elif path.endswith("/commit/main"):
+                    answer = {"commitUrl": f"{hub.endpoint}/me/student-4bit/commit/{'a' * 40}", "commitOid": "a" * 40}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
+    import base64
+    import os
+
+    hub = FakeHub()
+    token = "hf_secret_loopback_token"
+    env = {**os.environ, "HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint, "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    try:
+        result = cli("upload", package, "--repo", "me/student-4bit", "--private", "--message", "first", env=env)
+    finally:
+        hub.server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert token not in result.stdout + result.stderr
+    paths = [path.split("?")[0] for _, path, _, _ in hub.calls]
+    commits = [call for call in hub.calls if call[1].startswith("/api/models/me/student-4bit/commit/")]
+    assert len(commits) == 1 and all(p in ("/api/repos/create", "/api/validate-yaml") or "/me/student-4bit/" in p for p in paths)
+    assert json.loads(hub.calls[0][3])["visibility"] == "private"
+    lines = [json.loads(line) for line in commits[0][3].splitlines()]
+    assert lines[0]["key"] == "header" and lines[0]["value"]["summary"] == "first"
+    sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:]}
+    assert set(sent) == UPLOADED
+    assert sent["model.safetensors"] == (package / "model.safetensors").read_bytes()
+    assert b"library_name: mlx" in sent["README.md"] and b"me/student-4bit" in sent["README.md"]  # card refreshed for the repo
+    for _, _, headers, body in hub.calls:
+        assert {k.lower(): v for k, v in headers.items()}["authorization"] == f"Bearer {token}"
+        assert sum(token in v for v in headers.values()) == 1 and token.encode() not in body
+
+
+def test_upload_bad_input(package, tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    assert_clean_failure(cli("upload", package, "--repo", "me/bad name!", env=env), "not a Hub repo id")
+    assert_clean_failure(cli("upload", package, "--repo", "me/x", env={**env, "HF_HOME": str(tmp_path)}), "HF_TOKEN")
+    assert_clean_failure(cli("upload", package, "--repo", "me/x", env={**env, "HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+                         "cannot reach the Hub")
+    assert_clean_failure(cli("upload", tmp_path, "--repo", "me/x", "--dry-run"), "not a model package")

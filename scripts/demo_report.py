@@ -41,6 +41,7 @@ def variant(spec: str) -> tuple[str, dict]:
     n = len(result["episodes"])
     return name, {
         "success_rate": result["success_rate"],
+        "mean_score": round(result["mean_score"], 3),
         "episodes": n,
         "successes": sum(e["success"] for e in result["episodes"]),
         "trainable_params": trainable(options.get("adapters")),
@@ -52,11 +53,11 @@ def variant(spec: str) -> tuple[str, dict]:
 
 
 def table(variants: dict) -> str:
-    rows = ["| variant | success | episodes | trainable params | memory | s / episode | tokens / step | paper (ALFWorld) |",
+    rows = ["| variant | success | score | trainable params | memory | s / episode | tokens / step | paper (ALFWorld) |",
             "|---|---|---|---|---|---|---|---|"]
     for name, v in variants.items():
         paper = PAPER.get(name)
-        rows.append(f"| {name} | {v['success_rate']:.0%} ({v['successes']}/{v['episodes']}) | {v['episodes']} | "
+        rows.append(f"| {name} | {v['success_rate']:.0%} ({v['successes']}/{v['episodes']}) | {v['mean_score']:.2f} | "
                     f"{v['trainable_params']:,} | {v['memory_bytes'] / 1e3:.1f} kB | {v['seconds_per_episode']:.2f} | "
                     f"{v['tokens_per_step'] or '-'} | {f'{paper}%' if paper is not None else '-'} |")
     return "\n".join(rows)

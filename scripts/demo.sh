@@ -107,7 +107,7 @@ stage package "the winner (duomem) to 4 bit in $PKG, its bank rebuilt in the qua
 rm -rf "$PKG"
 $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 4 --group-size 32 --out "$PKG"
 $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 16 --out "$OUT/duomem-bf16"
-evaluate duomem_4bit --policy "model:$PKG"
+evaluate duomem_4bit --policy "model:$PKG" --memory "$PKG/memory"
 
 stage bench "on-device speed: teacher vs bf16 student vs 4-bit student, side by side"
 $CLI bench "$OUT/teacher" "$OUT/duomem-bf16" "$PKG" --json "$OUT/bench.json" --plot "$PKG/bench.png"
@@ -120,12 +120,12 @@ $PY scripts/demo_report.py --out "$PKG" --seeds "$SEED" --wall-clock "$((SECONDS
   --variant "student_lora=$OUT/eval/student_lora.json,adapters=$OUT/lora" \
   --variant "duomem=$OUT/eval/duomem.json,adapters=$OUT/duomem,memory=$OUT/duomem/memory" \
   --variant "duomem_4bit=$OUT/eval/duomem_4bit.json,adapters=$OUT/duomem,memory=$PKG/memory" \
-  "${selfmem[@]}" \
+  ${selfmem[@]+"${selfmem[@]}"} \
   --teacher "$OUT/eval/teacher.json"
 $CLI upload "$PKG" --repo you/duomem-demo --dry-run
 
 printf '\nstage seconds:\n'
-column -t "$STAGES"
+awk -F'\t' '{ printf "  %-10s %6d s\n", $1, $2 }' "$STAGES"
 printf '\nDone in %ds. Table: %s/results.md (json, png beside it); package: %s (try `%s chat --model %s`);\n' \
   "$((SECONDS - START))" "$PKG" "$PKG" "$CLI" "$PKG"
 printf 'working files (caches, banks, adapters, eval logs): %s/\n' "$OUT"

@@ -29,6 +29,7 @@ PRETRAIN_ITERS=${DEMO_PRETRAIN_ITERS:-80}
 TEACHER_ITERS=${DEMO_TEACHER_ITERS:-80}
 DISTILL_ITERS=${DEMO_DISTILL_ITERS:-60}
 MAX_STEPS=${DEMO_MAX_STEPS:-10}               # the walkthrough is 5 steps
+BATCH=${DEMO_BATCH:-4}
 rm -rf "$OUT" && mkdir -p "$OUT/eval"
 STAGES="$OUT/stages.tsv"
 : > "$STAGES"
@@ -43,7 +44,7 @@ stage() {  # close the running stage (its seconds go to stages.tsv), open the ne
   [ -n "$1" ] && printf '\n== [%4ds] %s\n' "$((SECONDS - START))" "$2"
   return 0
 }
-full=(--kd off --adapter full --num-layers -1 --learning-rate 2e-3 --batch-size 4 --max-seq-length 1200 --seed "$SEED")
+full=(--kd off --adapter full --num-layers -1 --learning-rate 2e-3 --batch-size "$BATCH" --max-seq-length 1200 --seed "$SEED")
 evaluate() {  # NAME [eval options]: the held-out test games
   local name=$1
   shift
@@ -75,9 +76,9 @@ $CLI memory build --cache "$OUT/teacher-cache" --embedder "$OUT/student" --out "
 
 stage distill "distill: LoRA on the teacher's cache, without (student_lora) and with its memories (duomem)"
 $CLI distill --student "$OUT/student" --cache "$OUT/teacher-cache" --iters "$DISTILL_ITERS" --seed "$SEED" \
-  --learning-rate 2e-3 --num-layers -1 --out "$OUT/lora"
+  --batch-size "$BATCH" --learning-rate 2e-3 --num-layers -1 --out "$OUT/lora"
 $CLI distill --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/bank" --iters "$DISTILL_ITERS" \
-  --seed "$SEED" --learning-rate 2e-3 --num-layers -1 --out "$OUT/duomem"
+  --seed "$SEED" --batch-size "$BATCH" --learning-rate 2e-3 --num-layers -1 --out "$OUT/duomem"
 
 stage heldout "held-out test games, checked by content against every training game"
 evaluate oracle --policy oracle

@@ -42,6 +42,19 @@ def test_textworld_splits_are_disjoint_and_seeded(textworld):
     assert dev == {s.variation for s in textworld.task_specs(["simple"], "dev", 20, seed=1)}
 
 
+def test_textworld_cooking_recipes_come_from_the_seed(textworld):
+    """tw-cooking's recipe seed defaults to 0 (one walkthrough for every game); the env seeds it."""
+    walkthroughs, objectives = set(), set()
+    for spec in textworld.task_specs(["cooking", "simple-brief"], "dev", 2, seed=3):
+        objective, _ = textworld.reset(spec)
+        if spec.task == "cooking":
+            walkthroughs.add(tuple(textworld.expert_actions()))
+        else:
+            objectives.add(objective)
+    assert len(walkthroughs) == 2
+    assert all(len(o.split()) < 20 for o in objectives)  # a brief goal, not the steps
+
+
 def test_scienceworld_oracle_wins_and_random_does_not(scienceworld):
     assert len(scienceworld.task_names()) == 30
     specs = scienceworld.task_specs(SCIENCEWORLD_TASKS, "dev", 1, seed=0)

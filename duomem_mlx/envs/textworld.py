@@ -1,14 +1,14 @@
-"""TextWorld: games generated offline from a seed with `tw-make`, cached on disk, with walkthroughs.
+"""TextWorld: games generated offline from a seed with TextWorld's challenge makers (what
+`tw-make` runs), in-process, cached on disk, with walkthroughs.
 
-Task types: `simple` (tw-simple, dense rewards, detailed goal) and `cooking` (tw-cooking).
+Task types: `simple` (tw-simple, dense rewards, detailed goal: the steps are in the task text),
+`simple-brief` (the same games' kind with a one-line goal) and `cooking` (tw-cooking, one
+ingredient; the recipe is in a cookbook in the world, drawn from the game's seed).
 Splits are disjoint seed ranges."""
 
 import os
 import random
 import re
-import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +18,9 @@ from .base import StepResult, TaskSpec, parser_safe
 CHALLENGES = {
     "simple": ["tw-simple", "--rewards", "dense", "--goal", "detailed"],
     "cooking": ["tw-cooking", "--recipe", "1", "--take", "1", "--go", "1"],
+    "simple-brief": ["tw-simple", "--rewards", "dense", "--goal", "brief"],
 }
+SEEDED_RECIPE = {"tw-cooking"}  # tw-cooking draws its recipe from --recipe-seed (default 0: one recipe for all)
 # jericho says generated games are "not fully supported"; TextWorld tracks score and wins itself
 warnings.filterwarnings("ignore", message="Game .* is not fully supported")
 STATUS_LINE = re.compile(r"\n>\s*-= .* =-[\d/]*\s*$")  # the prompt and "-= Room =-score/moves" bar
@@ -32,14 +34,6 @@ def cache_dir() -> Path:
     return Path(root) / "textworld"
 
 
-def tw_make() -> str:
-    local = Path(sys.executable).parent / "tw-make"  # the venv's, when not on PATH
-    found = str(local) if local.exists() else shutil.which("tw-make")
-    if found is None:
-        raise DuomemError("TextWorld is not installed: pip install 'duomem-mlx[envs]'")
-    return found
-
-
 def game_path(task: str, seed: int) -> Path:
     """The game file for (task, seed), generated on first use; concurrent runs are safe."""
     path = cache_dir() / f"{task}-{seed}.z8"
@@ -47,13 +41,38 @@ def game_path(task: str, seed: int) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{task}-{seed}-{os.getpid()}"
-    command = [tw_make(), *CHALLENGES[task], "--seed", str(seed), "--output", f"{tmp}.z8", "-f", "--silent"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise DuomemError(f"tw-make failed for {task} seed {seed}: {result.stderr.strip().splitlines()[-1:]}")
+    try:
+        make_game(CHALLENGES[task], seed, f"{tmp}.z8")
+    except Exception as e:  # TextWorld's generator and Inform7 compiler raise anything
+        raise DuomemError(f"TextWorld could not generate {task} seed {seed}: {e.__class__.__name__}: {e}")
     os.replace(f"{tmp}.json", path.with_suffix(".json"))
     os.replace(f"{tmp}.z8", path)
+    for leftover in path.parent.glob(f"{tmp.name}.*"):
+        leftover.unlink()
     return path
+
+
+def make_game(argv: list[str], seed: int, output: str):
+    """What `tw-make CHALLENGE ARGS --seed N --output FILE` does, without a new Python per game
+    (its imports cost ~5 s of CPU a game)."""
+    import argparse
+
+    import textworld
+    import textworld.challenges
+
+    name, *args = argv
+    _, make, add_arguments = textworld.challenges.CHALLENGES[name]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    if name in SEEDED_RECIPE:
+        args += ["--recipe-seed", str(seed)]
+    settings = vars(parser.parse_args(args))
+    options = textworld.GameOptions()
+    options.seeds = seed
+    options.path = os.path.abspath(output)
+    options.file_ext = ".z8"
+    options.force_recompile = True
+    textworld.generator.compile_game(make(settings=settings, options=options), options)
 
 
 class TextWorld:

@@ -98,8 +98,11 @@ def train_briefly(model, tokenizer, messages: list[dict], steps: int, lr: float 
 def save_trained(model, source: Path, out: Path) -> Path:
     from mlx_lm.utils import save_model
 
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    save_model(out, model)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_model(partial, model)
+    partial.rename(out)
     return out
 
 
@@ -156,7 +159,7 @@ def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run
             start = time.perf_counter()
             reply = peer.chat(messages, **peer_body)
             seconds = time.perf_counter() - start
-            text = reply["choices"][0]["message"]["content"].strip()
+            text = (reply["choices"][0]["message"]["content"] or "").strip()  # None: an empty reply
             peer_action = text.split("\n")[0].strip() if mode == "agent" else text
             usage = reply["usage"]
             cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
@@ -226,11 +229,15 @@ def main():
     parser.add_argument("--env", choices=["scienceworld", "textworld"], default="scienceworld")
     parser.add_argument("--task", help="task of the recorded episode (default: the env's first dev tasks)")
     parser.add_argument("--train-steps", type=int, default=0, help="first fit the model to the oracle trajectory")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of --train-steps")
+    parser.add_argument("--save-trained", help="keep the trained model here (pass it as --model next time, no --train-steps)")
     parser.add_argument("--reply-tokens", type=int, default=8, help="equal-work: tokens per reply on both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", required=True, help="write the results here")
     parser.add_argument("--plot", help="write a PNG of per-step latency")
     args = parser.parse_args()
+    if args.save_trained and Path(args.save_trained).exists():
+        raise SystemExit(f"Error: --save-trained {args.save_trained} exists; pass a new directory")
 
     episode = record_episode(args.env, args.task, args.steps, args.seed)
     steps = min(args.steps, len(episode.steps))
@@ -240,8 +247,8 @@ def main():
         model_path = args.model
         if args.train_steps:
             trajectory = prefix(episode, memories, "0") + episode_messages(episode)[2:]
-            train_briefly(model, tokenizer, trajectory, args.train_steps)
-            model_path = str(save_trained(model, Path(args.model), Path(tmp) / "trained"))
+            train_briefly(model, tokenizer, trajectory, args.train_steps, args.lr)
+            model_path = str(save_trained(model, Path(args.model), Path(args.save_trained or Path(tmp) / "trained")))
         options = DecodeOptions() if args.mode == "agent" else \
             DecodeOptions(mode="free", max_tokens=args.reply_tokens, single_line=False)
         session = Session(model, tokenizer, 8192, options)

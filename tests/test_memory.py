@@ -165,11 +165,25 @@ def test_rules_writer_generalises_and_merges():
     ]
     memories = rule_memories(episodes)
     assert [(m.task_type, m.source) for m in memories] == [("tw", ["a", "b"]), ("tw", ["c"]), ("other", ["d"])]
-    assert memories[0].text == "Workflow for tw (X, Y, Z: objects named in the task): open X, take Y from X, unlock Z with Y, go east."
+    assert memories[0].text == "Workflow for tw (X, Y, Z: the objects of each task): open X, take Y from X, unlock Z with Y, go east."
     assert "wait (x3)" in memories[1].text
     assert len({m.id for m in memories}) == 3
     with pytest.raises(DuomemError, match="none of the 1 episodes succeeded"):
         rule_memories(episodes[-1:])
+
+
+def test_rules_writer_generalises_what_varies_and_keeps_what_is_constant():
+    hungry = "You are hungry! Check the cookbook in the kitchen for the recipe."
+    episodes = [
+        episode("a", "cooking", hungry, ["inventory", "examine cookbook", "take red apple from fridge", "prepare meal", "eat meal"]),
+        episode("b", "cooking", hungry, ["inventory", "examine cookbook", "take carrot from counter", "prepare meal", "eat meal"]),
+        episode("c", "cooking", hungry, ["inventory", "examine cookbook", "take red apple 1 from fridge", "prepare meal", "eat meal"]),
+    ]
+    [memory] = rule_memories(episodes)
+    assert memory.text == "Workflow for cooking (X, Y: the objects of each task): inventory, examine cookbook, take X from Y, prepare meal, eat meal."
+    assert memory.source == ["a", "b", "c"]
+    [alone] = rule_memories(episodes[:1])  # one episode: nothing is seen to vary
+    assert "take red apple from fridge" in alone.text
 
 
 def play_textworld(tmp_path, seed) -> Episode:
@@ -207,8 +221,9 @@ def test_rules_writer_and_cli_on_real_textworld_games(textworld_log, tiny_model,
     assert len(memories) == 2 and {m.task_type for m in memories} == {"tw-simple"}
     for memory, played in zip(memories, episodes):
         assert memory.source == [played.id]
-        assert "take Y from X, unlock Z with Y, open Z, go east" in memory.text
-        for entity in ("old key", "wooden door", "chest drawer", "antique trunk", "stove"):
+        # both games have the old key, wooden door and stove (kept); the container and food differ
+        assert "open X, take old key from X, unlock wooden door with old key, open wooden door, go east" in memory.text
+        for entity in ("chest drawer", "antique trunk"):
             assert entity not in memory.text
 
     result = run("build", "--memories", tmp_path / "memories.jsonl", "--embedder", tiny_model, "--out", tmp_path / "bank")

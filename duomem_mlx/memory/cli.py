@@ -138,8 +138,9 @@ def show_command(bank_path, limit):
 def write_command(episodes, writer, max_tokens, out, force):
     """Write procedural memories from the successful episodes of a log.
 
-    `rules` abstracts each action sequence into a workflow (objects named in the task become
-    X, Y, ...; near-identical workflows merge); `model:PATH` asks a model to write one.
+    `rules` abstracts each action sequence into a workflow (objects the task names, or that
+    change between episodes of a task type, become X, Y, ...; what every episode names stays;
+    near-identical workflows merge); `model:PATH` asks a model to write one.
 
     \b
     Examples:

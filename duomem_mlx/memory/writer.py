@@ -49,40 +49,64 @@ def successful(episodes: list[Episode]) -> list[Episode]:
     return good
 
 
-def generalise(actions: list[str], task_description: str) -> tuple[list[str], list[str]]:
-    """Replace the objects actions name by X, Y, ... where the task description names them too
-    (ALFWorld-style instance numbers ignored: "apple 1" matches "apple"); directions stay.
+def action_parts(action: str) -> list[tuple[str, bool]]:
+    """An action as (text, is_object) parts: the verb and prepositions, and the object phrases between them."""
+    words = action.strip().lower().split()
+    parts, phrase = [(" ".join(words[:1]), False)], []
+    for word in words[1:]:
+        if word in PREPOSITIONS:
+            if phrase:
+                parts.append((" ".join(phrase), True))
+            parts.append((word, False))
+            phrase = []
+        else:
+            phrase.append(word)
+    if phrase:
+        parts.append((" ".join(phrase), True))
+    return parts
+
+
+def object_core(phrase: str) -> str:
+    """The object a phrase names: articles and ALFWorld-style instance numbers ("apple 1") dropped."""
+    words = [w for w in phrase.split() if w not in ARTICLES]
+    while words and words[-1].isdigit():
+        words.pop()
+    return " ".join(words)
+
+
+def named_objects(actions: list[str]) -> set[str]:
+    return {object_core(text) for action in actions for text, is_object in action_parts(action) if is_object}
+
+
+def object_roles(action_lists: list[list[str]]) -> tuple[set[str], set[str]]:
+    """(varying, constant) objects of a task type's episodes: what some but not all of them name
+    (cooking's ingredient), and what all of them name (its cookbook). One episode: neither."""
+    named = [named_objects(actions) for actions in action_lists]
+    if len(named) < 2:
+        return set(), set()
+    constant = set.intersection(*named)
+    return set.union(*named) - constant, constant
+
+
+def generalise(actions: list[str], task_description: str, varying: set[str] = frozenset(), constant: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Replace the objects actions name by X, Y, ... where they vary across the task type's
+    episodes, or the task description names them and they are not `constant` (named by every
+    episode of the type: part of the procedure); directions stay.
     Returns the steps and the placeholders used, in order of first use."""
     described = task_description.lower()
     names: dict[str, str] = {}
 
     def placeholder(phrase: str) -> str:
-        words = [w for w in phrase.split() if w not in ARTICLES]
-        while words and words[-1].isdigit():
-            words.pop()
-        core = " ".join(words)
-        if not core or core in DIRECTIONS or not re.search(rf"(?<!\w){re.escape(core)}(?!\w)", described):
+        core = object_core(phrase)
+        in_task = re.search(rf"(?<!\w){re.escape(core)}(?!\w)", described)
+        if not core or core in DIRECTIONS or core in constant or not (in_task or core in varying):
             return phrase
         if core not in names:
             names[core] = PLACEHOLDERS[len(names)] if len(names) < len(PLACEHOLDERS) else f"X{len(names) + 1}"
         return names[core]
 
-    out = []
-    for action in actions:
-        words = action.strip().lower().split()
-        parts, phrase = words[:1], []
-        for word in words[1:]:
-            if word in PREPOSITIONS:
-                if phrase:
-                    parts.append(placeholder(" ".join(phrase)))
-                parts.append(word)
-                phrase = []
-            else:
-                phrase.append(word)
-        if phrase:
-            parts.append(placeholder(" ".join(phrase)))
-        out.append(" ".join(parts))
-    return out, list(names.values())
+    steps = [" ".join(placeholder(text) if is_object else text for text, is_object in action_parts(a)) for a in actions]
+    return steps, list(names.values())
 
 
 def compress(steps: list[str]) -> list[str]:
@@ -100,24 +124,31 @@ def compress(steps: list[str]) -> list[str]:
 
 
 def workflow_text(task_type: str, steps: list[str], placeholders: list[str]) -> str:
-    legend = f" ({', '.join(placeholders)}: objects named in the task)" if placeholders else ""
+    legend = f" ({', '.join(placeholders)}: the objects of each task)" if placeholders else ""
     return f"Workflow for {task_type}{legend}: " + ", ".join(steps) + "."
 
 
 def rule_memories(episodes: list[Episode]) -> list[Memory]:
     """One workflow per distinct (near-identical merged) successful action sequence per task type."""
-    kept: dict[str, list[tuple[list[str], Memory]]] = {}
+    by_task: dict[str, list[Episode]] = {}
     for episode in successful(episodes):
-        steps, placeholders = generalise([s.action for s in episode.steps], episode.task_description)
+        by_task.setdefault(episode.task, []).append(episode)
+    return [memory for group in by_task.values() for memory in task_memories(group)]
+
+
+def task_memories(episodes: list[Episode]) -> list[Memory]:
+    varying, constant = object_roles([[s.action for s in e.steps] for e in episodes])
+    kept: list[tuple[list[str], Memory]] = []
+    for episode in episodes:
+        steps, placeholders = generalise([s.action for s in episode.steps], episode.task_description, varying, constant)
         steps = compress(steps)
-        same_task = kept.setdefault(episode.task, [])
-        twin = next((m for s, m in same_task if SequenceMatcher(None, s, steps).ratio() >= SIMILAR), None)
+        twin = next((m for s, m in kept if SequenceMatcher(None, s, steps).ratio() >= SIMILAR), None)
         if twin:
             twin.source.append(episode.id)
             continue
         text = workflow_text(episode.task, steps, placeholders)
-        same_task.append((steps, Memory(memory_id(text), episode.task, text, [episode.id])))
-    return [m for group in kept.values() for _, m in group]
+        kept.append((steps, Memory(memory_id(text), episode.task, text, [episode.id])))
+    return [m for _, m in kept]
 
 
 def trajectory_text(episode: Episode, max_observation: int = 200) -> str:

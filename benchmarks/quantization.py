@@ -7,6 +7,7 @@ come from playing dev episodes.
 
     python benchmarks/quantization.py --json benchmarks/results/quantization.json
     python benchmarks/quantization.py --model runs/student --adapters runs/adapters --episodes 10
+    python benchmarks/quantization.py --model demo-out/student --adapters demo-out/duomem --tasks cooking --group-size 32
 """
 
 import argparse
@@ -23,17 +24,18 @@ from duomem_mlx.eval import make_policy
 from duomem_mlx.models import load, make_tiny_model
 
 
-def teach(env: str, split: str, episodes: int, out: Path) -> str:
-    subprocess.run([sys.executable, "-m", "duomem_mlx", "teach", "--teacher", "oracle", "--env", env, "--split", split,
+def teach(env: str, tasks: str | None, split: str, episodes: int, out: Path) -> str:
+    task_option = ["--tasks", tasks] if tasks else []
+    subprocess.run([sys.executable, "-m", "duomem_mlx", "teach", "--teacher", "oracle", "--env", env, *task_option, "--split", split,
                     "--episodes", str(episodes), "--keep-admissible", "--out", str(out)], check=True, capture_output=True)
     return str(out)
 
 
-def success_rate(path: str, env_name: str, episodes: int, max_steps: int) -> float:
+def success_rate(path: str, env_name: str, tasks: str | None, episodes: int, max_steps: int) -> float:
     env = make_env(env_name)
     try:
         policy = make_policy(f"model:{path}")
-        played = [play_episode(env, spec, policy, max_steps) for spec in env.task_specs(None, "dev", episodes, 0)]
+        played = [play_episode(env, spec, policy, max_steps) for spec in env.task_specs(tasks.split(",") if tasks else None, "dev", episodes, 0)]
     finally:
         env.close()
     return sum(e.success for e in played) / len(played)
@@ -44,6 +46,7 @@ def main():
     parser.add_argument("--model", help="student (default: a 4-layer hidden-256 tiny model built here)")
     parser.add_argument("--adapters")
     parser.add_argument("--env", default="textworld")
+    parser.add_argument("--tasks", help="comma-separated task types (default: all of the env's)")
     parser.add_argument("--calibration-episodes", type=int, default=4)
     parser.add_argument("--agreement-episodes", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=3, help="dev episodes played per package for the success rate")
@@ -56,8 +59,8 @@ def main():
 
     work = Path(tempfile.mkdtemp())
     model_path = args.model or str(make_tiny_model(work / "student", layers=4, hidden=256))
-    calibration_cache = teach(args.env, "train", args.calibration_episodes, work / "train-cache")
-    recorded = cache_episodes(teach(args.env, "dev", args.agreement_episodes, work / "dev-cache"))
+    calibration_cache = teach(args.env, args.tasks, "train", args.calibration_episodes, work / "train-cache")
+    recorded = cache_episodes(teach(args.env, args.tasks, "dev", args.agreement_episodes, work / "dev-cache"))
 
     student, tokenizer, _ = load_student(model_path, args.adapters)
     reference = greedy_actions(student, tokenizer, recorded)
@@ -74,8 +77,8 @@ def main():
         actions = greedy_actions(*load(str(out)), recorded)
         rows[name] = {"bytes": meta["bytes"], "bits_per_weight": meta["bits_per_weight"],
                       "agreement": round(agreement(actions, reference), 4),
-                      "success_rate": success_rate(str(out), args.env, args.episodes, args.max_steps) if args.episodes else None}
-    unquantized = success_rate(model_path, args.env, args.episodes, args.max_steps) if args.episodes and not args.adapters else None
+                      "success_rate": success_rate(str(out), args.env, args.tasks, args.episodes, args.max_steps) if args.episodes else None}
+    unquantized = success_rate(model_path, args.env, args.tasks, args.episodes, args.max_steps) if args.episodes and not args.adapters else None
     for row in rows.values():
         row["bytes_vs_bf16"] = round(row["bytes"] / rows["bf16"]["bytes"], 3)
 
@@ -89,7 +92,7 @@ def main():
           + (f"; unquantized success {unquantized:.0%}" if unquantized is not None else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": args.model or "tiny qwen3 (4 layers, hidden 256)", "env": args.env, "dtype": args.dtype,
+        Path(args.json).write_text(json.dumps({"model": args.model or "tiny qwen3 (4 layers, hidden 256)", "env": args.env, "tasks": args.tasks, "dtype": args.dtype,
                                                "steps": steps, "unquantized_success_rate": unquantized, "packages": rows}, indent=2) + "\n")
 
 

@@ -91,7 +91,7 @@ def main():
     parser.add_argument("--teacher", required=True, help="EVAL_JSON[,memory=BANK] of the teacher")
     parser.add_argument("--bench", help="`duomem-mlx bench --json` output")
     parser.add_argument("--heldout", help="scripts/check_heldout.py --json output")
-    parser.add_argument("--stages", help="tab-separated stage, seconds")
+    parser.add_argument("--stages", help="tab-separated stage, wall seconds, CPU seconds")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--wall-clock", type=float)
     args = parser.parse_args()
@@ -104,14 +104,14 @@ def main():
     results = {
         "variants": variants, "teacher": teacher,
         "wall_clock_seconds": args.wall_clock, "seeds": [int(s) for s in args.seeds.split(",")],
-        "stages": {name: float(seconds) for name, seconds in stages},
+        "stages": {name: {"seconds": float(wall), "cpu_seconds": float(cpu)} for name, wall, cpu in stages},
         "heldout": json.loads(Path(args.heldout).read_text()) if args.heldout else None,
         "bench": json.loads(Path(args.bench).read_text()) if args.bench else None,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     md = ["# DuoMem in miniature", "", table(variants), ""]
     if stages:
-        md += ["| stage | seconds |", "|---|---|", *(f"| {name} | {float(s):.0f} |" for name, s in stages), ""]
+        md += ["| stage | wall s | CPU s |", "|---|---|---|", *(f"| {name} | {float(w):.0f} | {float(c):.0f} |" for name, w, c in stages), ""]
     (out / "results.md").write_text("\n".join(md))
     plot(variants, out / "results.png")
     print(table(variants))

@@ -194,7 +194,8 @@ selfmem=()
 if [ -e "$OUT/eval/student_selfmem.json" ]; then
   selfmem=(--variant "student_selfmem=$OUT/eval/student_selfmem.json,memory=$OUT/self-bank")
 fi
-$PY scripts/demo_report.py --out "$PKG" --seeds "$SEED" --wall-clock "$((SECONDS - START))" \
+WALL=$(awk -F'\t' '{ s += $2 } END { print s + 0 }' "$STAGES")  # all stages, also across resumed runs
+$PY scripts/demo_report.py --out "$PKG" --seeds "$SEED" --wall-clock "$WALL" \
   --stages "$STAGES" --heldout "$OUT/heldout.json" --bench "$OUT/bench.json" \
   --variant "student_base=$OUT/eval/student_base.json" \
   --variant "student_memory=$OUT/eval/student_memory.json,memory=$OUT/bank" \

@@ -70,15 +70,17 @@ def plot(variants: dict, path: Path):
     import matplotlib.pyplot as plt
 
     names = list(variants)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = [("success on held-out games (%)", lambda v: 100 * v["success_rate"]),
+              ("trainable parameters", lambda v: v["trainable_params"]),
+              ("memory (kB)", lambda v: v["memory_bytes"] / 1e3),
+              ("seconds per episode", lambda v: v["seconds_per_episode"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4))
     colors = ["#888" if n in ("teacher", "student_base") else "#3b7dd8" for n in names]
-    left.bar(names, [100 * variants[n]["success_rate"] for n in names], color=colors)
-    left.set_ylabel("success on held-out games (%)")
-    left.set_ylim(0, 100)
-    right.bar(names, [variants[n]["seconds_per_episode"] for n in names], color=colors)
-    right.set_ylabel("seconds per episode")
-    for ax in (left, right):
-        ax.tick_params(axis="x", rotation=30)
+    for ax, (label, value) in zip(axes, panels):
+        ax.bar(names, [value(variants[n]) for n in names], color=colors)
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", rotation=40, labelsize=8)
+    axes[0].set_ylim(0, 100)
     fig.suptitle("DuoMem in miniature (TextWorld cooking, held-out games)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -132,7 +132,8 @@ class Peer:
         raise SystemExit("Error: mlx_lm.server did not start within 120 s")
 
     def chat(self, messages: list[dict], **body) -> dict:
-        data = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0, **body}).encode()
+        data = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
+                           "chat_template_kwargs": {"enable_thinking": False}, **body}).encode()  # as our Session renders
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=data,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=300) as response:
@@ -295,6 +296,7 @@ def report(rows: list[dict], args, steps: int) -> dict:
                                    "ours": round(sum(r["ours_decode"] for r in rows) / n, 1)},
         "same_actions": round(sum(r["same"] for r in rows) / n, 3),
         "actions": [[r["peer_action"], r["ours_action"]] for r in rows[:steps]],
+        "step_ms": [[round(r["peer_ms"], 1), round(r["ours_ms"], 1)] for r in rows],  # peer, ours; all repeats
         **versions(),
     }
 

@@ -93,8 +93,9 @@ def plain_passes(tokenizer, admissible, command, prompt_len) -> int:
 def test_jump_forward_equals_plain_constrained_greedy(models, episodes, template, env):
     model, tokenizer = models[template]
     episode = episodes[env]
-    plain, plain_session = replay(model, tokenizer, episode, DecodeOptions(fast=False))
-    fast, fast_session = replay(model, tokenizer, episode, DecodeOptions())
+    one_pass = 4096  # prompts prefilled in one pass, so the counts below are the decode passes
+    plain, plain_session = replay(model, tokenizer, episode, DecodeOptions(fast=False, prefill_step=one_pass))
+    fast, fast_session = replay(model, tokenizer, episode, DecodeOptions(prefill_step=one_pass))
     assert [a for a, _, _ in fast] == [a for a, _, _ in plain]
     for step, (action, passes, prompt_len), (_, ref_passes, ref_prompt_len) in zip(episode.steps, fast, plain):
         assert action in step.admissible
@@ -111,8 +112,8 @@ def test_jump_forward_equals_plain_constrained_greedy(models, episodes, template
 def test_prompt_lookup_equals_plain_greedy(models, episodes, template, env):
     model, tokenizer = models[template]
     episode = episodes[env]
-    plain, _ = replay(model, tokenizer, episode, DecodeOptions(mode="free", fast=False))
-    fast, session = replay(model, tokenizer, episode, DecodeOptions(mode="free"))
+    plain, _ = replay(model, tokenizer, episode, DecodeOptions(mode="free", fast=False, prefill_step=4096))
+    fast, session = replay(model, tokenizer, episode, DecodeOptions(mode="free", prefill_step=4096))
     assert [a for a, _, _ in fast] == [a for a, _, _ in plain]
     stats = session.decode_stats
     assert stats.drafted > 0

@@ -19,10 +19,9 @@ per many steps. The result is exactly what re-encoding the same truncated chat w
 import copy
 import time
 
-import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from .decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action
+from .decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action, prefill
 from .prompt import Rendered, common_prefix, encode, render
 
 
@@ -159,9 +158,7 @@ class Session:
         return sorted(m for m in marks if at < m < end and m not in self.snapshots)
 
     def feed(self, tokens: list[int]):
-        for i in range(0, len(tokens), 2048):
-            self.model(mx.array(tokens[i : i + 2048])[None], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
+        prefill(self.model, self.cache, tokens, self.options.prefill_chunk())
         self.fed += tokens
 
     def snapshot(self):

@@ -47,7 +47,7 @@ def variant(spec: str) -> tuple[str, dict]:
         "trainable_params": trainable(options.get("adapters")),
         "memory_bytes": dir_bytes(options.get("memory")),
         "seconds_per_episode": round(sum(e["seconds"] for e in result["episodes"]) / max(n, 1), 3),
-        "tokens_per_step": round(tokens / steps, 1) if steps else None,
+        "tokens_per_step": round(tokens / steps, 1) if tokens else None,  # None: a policy without a model
         "mean_steps": round(steps / len(episodes), 2) if episodes else None,
     }
 

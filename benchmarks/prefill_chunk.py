@@ -12,17 +12,15 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from duomem_mlx.agent.decode import forward
 from duomem_mlx.models import default_corpus, load
 
 
 def prefill_ms(model, tokens: list[int], chunk: int) -> float:
+    """The session's own prefill (`agent.decode.forward`) into a fresh cache, to the last logits."""
     cache = make_prompt_cache(model)
     start = time.perf_counter()
-    head = (len(tokens) - 1) // chunk * chunk
-    for i in range(0, head, chunk):
-        model(mx.array(tokens[i : i + chunk])[None], cache=cache)
-        mx.eval([c.state for c in cache])
-    mx.eval(model(mx.array(tokens[head:])[None], cache=cache)[0, -1])
+    mx.eval(forward(model, cache, tokens, chunk))
     return 1000 * (time.perf_counter() - start)
 
 

@@ -60,19 +60,18 @@ stage() {  # NAME "what it does": run stage_NAME, time it; with DEMO_RESUME=1 sk
 }
 
 together() {  # JOB...: run shell functions at once, each logging to OUT/logs/JOB.log; fails if one fails
-  local pids=() job i failed=0
+  local names=("$@") pids=() name i failed=0
   echo "   in parallel: $* (logs: $OUT/logs/)"
-  for job in "$@"; do "$job" > "$OUT/logs/$job.log" 2>&1 & pids+=($!); done
-  i=0
-  for job in "$@"; do
+  for name in "${names[@]}"; do "$name" > "$OUT/logs/$name.log" 2>&1 & pids+=($!); done
+  for i in "${!names[@]}"; do
+    name=${names[$i]}
     if wait "${pids[$i]}"; then
-      printf '   [%4ds] %s done\n' "$((SECONDS - START))" "$job"
+      printf '   [%4ds] %s done\n' "$((SECONDS - START))" "$name"
     else
       failed=1
-      printf '   %s failed; the end of %s:\n' "$job" "$OUT/logs/$job.log"
-      tail -n 5 "$OUT/logs/$job.log" | sed 's/^/     /'
+      printf '   %s failed; the end of %s:\n' "$name" "$OUT/logs/$name.log"
+      tail -n 5 "$OUT/logs/$name.log" | sed 's/^/     /'
     fi
-    i=$((i + 1))
   done
   return $failed
 }

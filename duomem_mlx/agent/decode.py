@@ -196,7 +196,7 @@ def jump_forward(model, tokenizer, cache, prompt, trie, options):
     """Constrained decoding that computes logits only at trie branching points.
     Returns (command, ids, fell back); the cache holds prompt + ids minus the unfed forced tail."""
     sampler = make_sampler(options.temperature)
-    vocab = logits_width(model, tokenizer)
+    vocab, chunk = logits_width(model, tokenizer), options.prefill_chunk()
     node, ids, pending = trie, [], list(prompt)
     while (command := single_completion(node)) is None:
         if len(ids) == options.max_tokens:
@@ -205,7 +205,7 @@ def jump_forward(model, tokenizer, cache, prompt, trie, options):
         if len(allowed) == 1:
             token = allowed[0]
         else:
-            logits = forward(model, cache, pending, options.prefill_chunk())[0] + trie_mask(node, vocab)
+            logits = forward(model, cache, pending, chunk)[0] + trie_mask(node, vocab)
             token = sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item()
             pending = []
         ids.append(token)
@@ -232,12 +232,12 @@ def lookup_greedy(model, cache, context: list[int], n_prompt: int, commands: lis
     `context` ends with the `n_prompt` tokens still to feed. A generator: when the consumer
     stops, the cache is trimmed to hold the prompt plus a prefix of what it took."""
     reply: list[int] = []
-    pending = context[-n_prompt:]
+    pending, chunk = context[-n_prompt:], options.prefill_chunk()
     extra = 0  # accepted draft tokens in the cache beyond what the consumer took
     try:
         while len(reply) < options.max_tokens:
             draft = propose(context + reply, reply, commands, min(options.draft_tokens, options.max_tokens - len(reply) - 1))
-            tokens = mx.argmax(forward(model, cache, pending + draft, options.prefill_chunk(), len(draft) + 1), axis=-1).tolist()
+            tokens = mx.argmax(forward(model, cache, pending + draft, chunk, len(draft) + 1), axis=-1).tolist()
             n = 0
             while n < len(draft) and draft[n] == tokens[n]:
                 n += 1

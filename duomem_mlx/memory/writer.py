@@ -98,8 +98,9 @@ def generalise(actions: list[str], task_description: str, varying: set[str] = fr
 
     def placeholder(phrase: str) -> str:
         core = object_core(phrase)
-        in_task = re.search(rf"(?<!\w){re.escape(core)}(?!\w)", described)
-        if not core or core in DIRECTIONS or core in constant or not (in_task or core in varying):
+        if not core or core in DIRECTIONS or core in constant:
+            return phrase
+        if core not in varying and not re.search(rf"(?<!\w){re.escape(core)}(?!\w)", described):
             return phrase
         if core not in names:
             names[core] = PLACEHOLDERS[len(names)] if len(names) < len(PLACEHOLDERS) else f"X{len(names) + 1}"

@@ -10,9 +10,13 @@ Modes:
   agent       each side as in use: the peer decodes freely (stop at newline, max_tokens 48),
               ours with the package's defaults (constrained to the admissible commands).
 A random-init model picks no real commands: --train-steps first fits the model briefly to
-the recorded oracle trajectory (or pass --model a trained student).
+the recorded oracle trajectory (or pass --model a trained student). The system prompt (with a
+~500-token memory block) is shared across episodes, as in an eval of a task type: both sides
+reuse its KV cache (`--fresh-system-prompt`: neither can). `--vocab-rows 151936` pads a tiny
+model's head to a real family's size, so each pass carries that head.
 
     python benchmarks/agent_vs_server.py --model M --mode agent --train-steps 60 --json out.json --plot out.png
+    python benchmarks/agent_vs_server.py --model M-cooking --env textworld --task cooking --vocab-rows 151936 --json out.json
     python benchmarks/agent_vs_server.py --model M --mode equal-work --steps 30 --repeats 3 --json out.json
 """
 
@@ -32,6 +36,7 @@ import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from duomem_mlx.agent.decode import DecodeOptions
 from duomem_mlx.agent.prompt import episode_messages, prefix_messages, tokenize_with_mask
@@ -67,9 +72,12 @@ def memory_block(seed: int = 0, words: int = 350) -> list[str]:
     return memories
 
 
-def prefix(episode, memories, run: str) -> list[dict]:
+def prefix(episode, memories, run: str, fresh_system: bool = False) -> list[dict]:
+    """The episode's first messages, tagged with the run so that no side reuses a replayed
+    episode's history: in the task message (the system prompt and its memories are shared
+    across episodes, as in an eval of a task type), or with `fresh_system` in the system prompt."""
     messages = prefix_messages(episode.task_description, episode.steps[0].observation, memories)
-    messages[0]["content"] = f"Run {run}. " + messages[0]["content"]  # no server cache hit across runs
+    messages[0 if fresh_system else 1]["content"] = f"Run {run}. " + messages[0 if fresh_system else 1]["content"]
     return messages
 
 
@@ -102,8 +110,29 @@ def save_trained(model, source: Path, out: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     save_model(partial, model)
+    config = json.loads((partial / "config.json").read_text())
+    (partial / "config.json").write_text(json.dumps({**config, "vocab_size": model.args.vocab_size}, indent=2) + "\n")
     partial.rename(out)
     return out
+
+
+def pad_head(model, rows: int):
+    """Zero rows appended to a tied vocabulary head up to `rows`, as real families pad theirs
+    beyond the tokenizer (Qwen3: 151,936): each pass then carries a real family's head."""
+    embed = model.model.embed_tokens
+    if "lm_head" in model or not isinstance(embed, nn.Embedding) or rows <= embed.weight.shape[0]:
+        raise SystemExit("Error: --vocab-rows needs a tied, unquantized head with fewer rows than asked")
+    embed.weight = mx.concatenate([embed.weight, mx.zeros((rows - embed.weight.shape[0], embed.weight.shape[1]), embed.weight.dtype)])
+    model.args.vocab_size = rows
+
+
+def head_share(model) -> float:
+    """The vocabulary head's part of the weights a decode pass reads."""
+    from mlx.utils import tree_flatten
+
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    return head.weight.size / total
 
 
 class Peer:
@@ -144,10 +173,10 @@ class Peer:
         self.proc.wait(timeout=10)
 
 
-def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run, record):
+def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run, record, fresh_system=False):
     """One episode on both sides, steps interleaved; appends per-step rows to `record`."""
-    messages = prefix(episode, memories, run)
-    session.start(prefix(episode, memories, run))
+    messages = prefix(episode, memories, run, fresh_system)
+    session.start(prefix(episode, memories, run, fresh_system))
     peer_body = {"max_tokens": 48, "stop": ["\n"]} if mode == "agent" else {"max_tokens": reply_tokens}
     peer_action = None
     for i in range(steps):
@@ -231,8 +260,12 @@ def main():
     parser.add_argument("--task", help="task of the recorded episode (default: the env's first dev tasks)")
     parser.add_argument("--train-steps", type=int, default=0, help="first fit the model to the oracle trajectory")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of --train-steps")
-    parser.add_argument("--save-trained", help="keep the trained model here (pass it as --model next time, no --train-steps)")
+    parser.add_argument("--vocab-rows", type=int, help="pad the tied head with zero rows to this many, as real families "
+                                                         "pad theirs (Qwen3: 151936)")
+    parser.add_argument("--save-trained", help="keep the trained (padded) model here (pass it as --model next time)")
     parser.add_argument("--reply-tokens", type=int, default=8, help="equal-work: tokens per reply on both sides")
+    parser.add_argument("--fresh-system-prompt", action="store_true",
+                        help="tag each run's system prompt, so neither side reuses it (default: shared, as in an eval)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", required=True, help="write the results here")
     parser.add_argument("--plot", help="write a PNG of per-step latency")
@@ -249,19 +282,25 @@ def main():
         if args.train_steps:
             trajectory = prefix(episode, memories, "0") + episode_messages(episode)[2:]
             train_briefly(model, tokenizer, trajectory, args.train_steps, args.lr)
+        if args.vocab_rows:
+            pad_head(model, args.vocab_rows)
+        if args.train_steps or args.vocab_rows:
             model_path = str(save_trained(model, Path(args.model), Path(args.save_trained or Path(tmp) / "trained")))
         options = DecodeOptions() if args.mode == "agent" else \
             DecodeOptions(mode="free", max_tokens=args.reply_tokens, single_line=False)
         session = Session(model, tokenizer, 8192, options)
         peer = Peer(model_path)
         try:
-            run_episode(peer, session, episode, memories, min(2, steps), args.mode, args.reply_tokens, "warm-up", None)
+            def play(n, run, rows):
+                run_episode(peer, session, episode, memories, n, args.mode, args.reply_tokens, run, rows, args.fresh_system_prompt)
+
+            play(min(2, steps), "warm-up", None)
             rows: list[dict] = []
             for r in range(args.repeats):
-                run_episode(peer, session, episode, memories, steps, args.mode, args.reply_tokens, str(r + 1), rows)
+                play(steps, str(r + 1), rows)
         finally:
             peer.close()
-    result = report(rows, args, steps)
+    result = report(rows, args, steps, model.args.vocab_size, head_share(model))
     print_table(result)
     if args.plot:
         plot(rows, args.plot, f"{args.mode}: per-step latency, steps interleaved")
@@ -271,7 +310,7 @@ def main():
     tmp.replace(args.json)
 
 
-def report(rows: list[dict], args, steps: int) -> dict:
+def report(rows: list[dict], args, steps: int, model_rows: int, share: float) -> dict:
     n = len(rows)
     peer_ms, ours_ms = [r["peer_ms"] for r in rows], [r["ours_ms"] for r in rows]
     peer, ours = summary(peer_ms), summary(ours_ms)
@@ -282,6 +321,9 @@ def report(rows: list[dict], args, steps: int) -> dict:
         "env": args.env,
         "model": args.model,
         "train_steps": args.train_steps,
+        "vocab_rows": model_rows,
+        "head_share_of_weights": round(share, 3),
+        "system_prompt": "fresh per episode" if args.fresh_system_prompt else "shared across episodes",
         "peer_step_ms": peer,
         "ours_step_ms": ours,
         "speedup_mean": round(peer["mean"] / ours["mean"], 2),
@@ -302,7 +344,9 @@ def report(rows: list[dict], args, steps: int) -> dict:
 
 
 def print_table(result: dict):
-    print(f"mode {result['mode']}, {result['steps']} steps x {result['repeats']}, same actions {result['same_actions']}")
+    print(f"mode {result['mode']}, {result['steps']} steps x {result['repeats']}, system prompt {result['system_prompt']}, "
+          f"same actions {result['same_actions']}; head {result['vocab_rows']:,} rows, "
+          f"{result['head_share_of_weights']:.0%} of the weights")
     print(f"{'':26}{'peer':>10}{'ours':>10}")
     for key in ("p50", "p95", "mean"):
         print(f"{'ms per step ' + key:26}{result['peer_step_ms'][key]:10.1f}{result['ours_step_ms'][key]:10.1f}")

@@ -43,7 +43,9 @@ def cli():
               help="Chat template and special tokens (default: the family's own: qwen3, llama3, gemma, chatml for lfm2).")
 @click.option("--layers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(32, 8192), default=64, show_default=True)
-@click.option("--vocab-size", type=click.IntRange(300, 200_000), default=2048, show_default=True)
+@click.option("--vocab-size", type=click.IntRange(300, 200_000), default=2048, show_default=True,
+              help="Rows of the embedding and head. The tokenizer, trained on the built-in corpus, has at most "
+                   "~2,057 tokens; more rows pad the head as real families do (Qwen3: 151,936).")
 @click.option("--sliding-window", type=click.IntRange(4), default=32, show_default=True, help="gemma3_text only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tokenizer-from", type=click.Path(exists=True, file_okay=False), help="Copy this model's tokenizer (teacher and student then share a vocabulary).")

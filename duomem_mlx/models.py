@@ -222,7 +222,8 @@ def make_tiny_model(
         if spec.bos:
             generation["bos_token_id"] = tokenizer.bos_token_id
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    config = tiny_config(arch, layers, hidden, len(tokenizer), eos_ids, sliding_window)
+    rows = max(vocab_size if not tokenizer_from else _vocab_rows(Path(tokenizer_from)), len(tokenizer))
+    config = tiny_config(arch, layers, hidden, rows, eos_ids, sliding_window)
     mx.random.seed(seed)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
@@ -230,6 +231,12 @@ def make_tiny_model(
     save_model(out, model)
     save_config(config, out / "config.json")
     return out
+
+
+def _vocab_rows(model_dir: Path) -> int:
+    """The source model's head size (it may exceed its tokenizer): a student must cover its ids."""
+    path = model_dir / "config.json"
+    return json.loads(path.read_text()).get("vocab_size", 0) if path.exists() else 0
 
 
 def _generation_eos(model_dir: Path) -> list[int] | None:

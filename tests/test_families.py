@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from duomem_mlx.agent.decode import DecodeOptions
+from duomem_mlx.agent.decode import DecodeOptions, last_rows
 from duomem_mlx.agent.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
 from duomem_mlx.agent.session import ReencodingSession, Session
 from duomem_mlx.cli import cli
@@ -56,6 +57,31 @@ def next_logits_agree(session):
     step = session.model(mx.array(target[at:])[None], cache=session.cache)[0, -1]
     full = session.model(mx.array(target)[None])[0, -1]
     return mx.allclose(full, step, atol=1e-3).item()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_head_on_the_rows_and_tokens_read(arch, quantized, family_dirs):
+    """`last_rows` runs the model's own forward with the head on the rows read, and on the
+    tokens asked for: the same logits, and the head's input is those rows alone."""
+    model, _ = mlx_lm.load(str(family_dirs[arch]))
+    if quantized:
+        nn.quantize(model, group_size=32, bits=8)
+    tokens = mx.array([[5, 9, 14, 3, 7, 11, 2, 8]])
+    full = model(tokens)[:, -3:]
+    head_inputs = []
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens  # untied / tied
+    method = "__call__" if "lm_head" in model else "as_linear"  # hooked on the class, counted for `head` alone
+    original = getattr(type(head), method)
+    setattr(type(head), method, lambda self, x: (self is head and head_inputs.append(x.shape)) or original(self, x))
+    try:
+        rows = last_rows(model, tokens, None, 3)
+    finally:
+        setattr(type(head), method, original)
+    assert head_inputs == [(1, 3, model.args.hidden_size)]
+    assert mx.allclose(full, rows, atol=1e-5).item()
+    ids = [7, 500, 3, 1000]
+    assert mx.allclose(full[..., mx.array(ids)], last_rows(model, tokens, None, 3, ids), atol=1e-4).item()
 
 
 @pytest.mark.parametrize("mode", ["constrained", "free"])

@@ -4,7 +4,8 @@ admissible commands by a token trie.
 The fast paths decode less for the same tokens:
 - constrained (jump-forward): a trie node with one child costs no forward pass; the forced
   run is fed together with the next branching point in one pass, and decoding stops as soon
-  as one command remains, without a look-ahead pass over the last token;
+  as one command remains, without a look-ahead pass over the last token; a pass computes the
+  head's rows of the tokens the trie allows, not the whole vocabulary;
 - free, greedy (prompt lookup): drafts taken from text at hand (the reply's admissible
   commands, earlier actions and memories in the context) are verified several tokens per
   pass; the output is exactly plain greedy decoding's.
@@ -18,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache, QuantizedKVCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
@@ -38,7 +40,7 @@ class DecodeOptions:
     max_tokens: int = 48
     single_line: bool = True  # free mode: an action ends at its first newline; chat replies don't
     fast: bool = True  # jump-forward (constrained), prompt-lookup drafts (free, greedy)
-    draft_tokens: int = 8  # prompt-lookup draft length per verification pass
+    draft_tokens: int = 8  # longest prompt-lookup draft per verification pass (see lookup_greedy)
     prefill_step: int = 0  # tokens per prefill pass; 0: the device's best (see prefill_chunk)
 
     def prefill_chunk(self) -> int:
@@ -162,11 +164,78 @@ def prefill(model, cache, tokens: list[int], chunk: int):
         mx.eval([c.state for c in cache])
 
 
-def forward(model, cache, tokens: list[int], chunk: int, rows: int = 1) -> mx.array:
-    """Feed `tokens` into the cache (long prompts in chunks); the logits of the last `rows`."""
+def forward(model, cache, tokens: list[int], chunk: int, rows: int = 1, vocab: list[int] | None = None) -> mx.array:
+    """Feed `tokens` into the cache (long prompts in chunks); the logits of the last `rows`,
+    over the token ids `vocab` only when given (column i is vocab[i]'s logit)."""
     head = max(0, len(tokens) - rows - 1) // chunk * chunk
     prefill(model, cache, tokens[:head], chunk)
-    return model(mx.array(tokens[head:])[None], cache=cache)[0, -rows:]
+    return last_rows(model, mx.array(tokens[head:])[None], cache, rows, vocab)[0]
+
+
+def last_rows(model, inputs: mx.array, cache, rows: int, vocab: list[int] | None = None) -> mx.array:
+    """`model(inputs, cache=cache)[:, -rows:, vocab]`, the vocabulary head computed for those
+    rows and columns only. mlx-lm models apply their head position-wise to `self.model(...)`'s
+    hidden states, so the model's own `__call__` runs with a `self` whose backbone returns the
+    last rows and whose head has the `vocab` rows. A real family's head is large (Qwen3:
+    151,936 x hidden: 10-26% of the weights a decode pass reads from 4B down to 0.6B, and of a
+    prefill token's FLOPs); mlx-lm skips it over the prompt with a second pass over the last
+    token, which reads the weights again, and computes all of it for every generated token."""
+    if isinstance(model, Counted):
+        model.stats.forward_passes += 1
+        model = model.model
+    backbone = model.get("model") if isinstance(model, nn.Module) else None
+    if not isinstance(backbone, nn.Module):
+        logits = model(inputs, cache=cache)[:, -rows:]
+        return logits if vocab is None else logits[..., mx.array(vocab)]
+    ids = None if vocab is None else mx.array(vocab)
+    return type(model).__call__(HeadView(model, LastRows(backbone, rows, ids), ids), inputs, cache=cache)
+
+
+class SubsetHead:
+    """A vocabulary head restricted to the token ids `ids` (full precision or quantized rows)."""
+
+    def __init__(self, head, ids: mx.array):
+        self.head, self.ids = head, ids
+
+    def __call__(self, x):
+        head, ids = self.head, self.ids
+        if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            biases = head.get("biases")
+            out = mx.quantized_matmul(x, head["weight"][ids], scales=head["scales"][ids],
+                                      biases=None if biases is None else biases[ids], transpose=True,
+                                      group_size=head.group_size, bits=head.bits, mode=head.mode)
+        elif isinstance(head, (nn.Linear, nn.Embedding)):
+            out = x @ head["weight"][ids].T
+        else:  # an adapted or unknown head: all of it, then the columns
+            return (head.as_linear(x) if isinstance(head, nn.Embedding) else head(x))[..., ids]
+        return out + head["bias"][ids] if "bias" in head else out
+
+    as_linear = __call__  # tied heads are called as the embedding's `as_linear`
+
+
+class LastRows:
+    """The backbone, returning its last `rows` hidden states; its embedding, seen as the head, restricted to `ids`."""
+
+    def __init__(self, backbone, rows: int, ids):
+        self.backbone, self.rows, self.ids = backbone, rows, ids
+
+    def __call__(self, *args, **kwargs):
+        return self.backbone(*args, **kwargs)[:, -self.rows :]
+
+    def __getattr__(self, name):
+        value = getattr(self.backbone, name)
+        return SubsetHead(value, self.ids) if name == "embed_tokens" and self.ids is not None else value
+
+
+class HeadView:
+    """The model seen through another backbone (`self.model`) and, with `ids`, a restricted `lm_head`."""
+
+    def __init__(self, model, backbone, ids):
+        self.wrapped, self.model, self.ids = model, backbone, ids
+
+    def __getattr__(self, name):
+        value = getattr(self.wrapped, name)
+        return SubsetHead(value, self.ids) if name == "lm_head" and self.ids is not None else value
 
 
 def decode_action(model, tokenizer, cache, prompt: list[int], admissible, options: DecodeOptions, on_text=None,
@@ -193,10 +262,11 @@ def decode_action(model, tokenizer, cache, prompt: list[int], admissible, option
 
 
 def jump_forward(model, tokenizer, cache, prompt, trie, options):
-    """Constrained decoding that computes logits only at trie branching points.
+    """Constrained decoding that computes logits only at trie branching points, and only
+    for the tokens the trie allows there.
     Returns (command, ids, fell back); the cache holds prompt + ids minus the unfed forced tail."""
     sampler = make_sampler(options.temperature)
-    vocab, chunk = logits_width(model, tokenizer), options.prefill_chunk()
+    chunk = options.prefill_chunk()
     node, ids, pending = trie, [], list(prompt)
     while (command := single_completion(node)) is None:
         if len(ids) == options.max_tokens:
@@ -204,9 +274,9 @@ def jump_forward(model, tokenizer, cache, prompt, trie, options):
         allowed = [t for t in node if t != END]
         if len(allowed) == 1:
             token = allowed[0]
-        else:
-            logits = forward(model, cache, pending, chunk)[0] + trie_mask(node, vocab)
-            token = sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item()
+        else:  # logits of the allowed tokens alone: the head's other rows are never read
+            logits = forward(model, cache, pending, chunk, vocab=allowed)[0]
+            token = allowed[sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item()]
             pending = []
         ids.append(token)
         pending.append(token)
@@ -228,20 +298,26 @@ def constrained_plain(model, tokenizer, cache, prompt, trie, options):
 
 
 def lookup_greedy(model, cache, context: list[int], n_prompt: int, commands: list[list[int]], options, stats):
-    """Greedy tokens, verified `draft_tokens` at a time against prompt-lookup drafts.
-    `context` ends with the `n_prompt` tokens still to feed. A generator: when the consumer
-    stops, the cache is trimmed to hold the prompt plus a prefix of what it took."""
+    """Greedy tokens, verified against prompt-lookup drafts. The draft length adapts: doubled
+    (up to `draft_tokens`) after a draft accepted whole, else one more than was accepted. A
+    rejected draft token still costs its row of the pass (its attention over the whole
+    context: on a CPU, 8 rows cost ~4.7 single-token passes at 2.6k tokens), so drafts grow
+    only while they are right. `context` ends with the `n_prompt` tokens still to feed. A
+    generator: when the consumer stops, the cache is trimmed to hold the prompt plus a prefix
+    of what it took."""
     reply: list[int] = []
     pending, chunk = context[-n_prompt:], options.prefill_chunk()
     extra = 0  # accepted draft tokens in the cache beyond what the consumer took
+    k = min(2, options.draft_tokens)
     try:
         while len(reply) < options.max_tokens:
-            draft = propose(context + reply, reply, commands, min(options.draft_tokens, options.max_tokens - len(reply) - 1))
+            draft = propose(context + reply, reply, commands, min(k, options.max_tokens - len(reply) - 1))
             tokens = mx.argmax(forward(model, cache, pending + draft, chunk, len(draft) + 1), axis=-1).tolist()
             n = 0
             while n < len(draft) and draft[n] == tokens[n]:
                 n += 1
             trim_prompt_cache(cache, len(draft) - n)
+            k = min(2 * k, options.draft_tokens) if n == len(draft) else n + 1
             stats.drafted += len(draft)
             stats.accepted += n
             for i, token in enumerate(tokens[: n + 1]):

@@ -48,6 +48,18 @@ def test_tiny_models_load_and_generate_with_plain_mlx_lm(tmp_path):
     assert tokenizer_fingerprint(mlx_lm.load(str(tmp_path / "other"))[1]) != tokenizer_fingerprint(tokenizer)
 
 
+def test_vocab_size_past_the_tokenizer_pads_the_head(tmp_path):
+    """Like Qwen3 (151,936 rows, 151,669 tokens): the head has the rows asked for; a model made
+    with --tokenizer-from keeps its source's rows, so it covers every id the source can emit."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["tiny-model", str(tmp_path / "big"), "--vocab-size", "5000"]).exit_code == 0
+    assert runner.invoke(cli, ["tiny-model", str(tmp_path / "copy"), "--tokenizer-from", str(tmp_path / "big")]).exit_code == 0
+    for name in ("big", "copy"):
+        model, tokenizer = mlx_lm.load(str(tmp_path / name))
+        assert model.args.vocab_size == 5000 > len(tokenizer)
+        assert model.model.embed_tokens.weight.shape[0] == 5000
+
+
 def test_config_file_sets_options_and_flags_override(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("layers: 3\nhidden: 96\narch: llama\n")

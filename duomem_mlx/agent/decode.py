@@ -192,12 +192,25 @@ def last_rows(model, inputs: mx.array, cache, rows: int, vocab: list[int] | None
 
 
 class SubsetHead:
-    """A vocabulary head restricted to the token ids `ids` (full precision or quantized rows)."""
+    """A vocabulary head restricted to the token ids `ids` (full precision or quantized rows).
+    Called as `lm_head(x)` or, tied, as `embed_tokens.as_linear(x)`; an embedding called
+    directly is still the lookup."""
 
     def __init__(self, head, ids: mx.array):
         self.head, self.ids = head, ids
 
     def __call__(self, x):
+        if isinstance(self.head, (nn.Embedding, nn.QuantizedEmbedding)):
+            return self.head(x)
+        return self.project(x, self.head)
+
+    def as_linear(self, x):
+        return self.project(x, self.head.as_linear)
+
+    def __getattr__(self, name):
+        return getattr(self.head, name)
+
+    def project(self, x, full):
         head, ids = self.head, self.ids
         if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             biases = head.get("biases")
@@ -207,10 +220,8 @@ class SubsetHead:
         elif isinstance(head, (nn.Linear, nn.Embedding)):
             out = x @ head["weight"][ids].T
         else:  # an adapted or unknown head: all of it, then the columns
-            return (head.as_linear(x) if isinstance(head, nn.Embedding) else head(x))[..., ids]
+            return full(x)[..., ids]
         return out + head["bias"][ids] if "bias" in head else out
-
-    as_linear = __call__  # tied heads are called as the embedding's `as_linear`
 
 
 class LastRows:

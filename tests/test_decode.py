@@ -154,3 +154,21 @@ def test_a_fallback_is_counted(models):
         session.start(prefix_messages("t", "o"))
         assert session.generate(commands) in commands
         assert session.stats()["constrained_fallbacks"] == 1
+
+
+def test_tied_logits_go_to_the_lowest_id_as_in_plain_decoding(tiny_model):
+    """bf16 logits tie often; jump-forward reads only the allowed tokens' logits, and must still
+    break a tie as a full-vocabulary argmax does (lowest id), whatever order the trie holds."""
+    model, tokenizer = mlx_lm.load(str(tiny_model))
+    words = [w for w in ("take", "open", "look", "close", "go", "examine") if len(encode(tokenizer, w)) == 1]
+    low, high = sorted(words[:2], key=lambda w: encode(tokenizer, w)[0])
+    embed = model.model.embed_tokens
+    rows = embed.weight
+    rows[encode(tokenizer, low)[0]] = rows[encode(tokenizer, high)[0]]  # the same head row: an exact tie
+    embed.weight = rows
+    actions = {}
+    for fast in (True, False):
+        session = Session(model, tokenizer, 4096, DecodeOptions(fast=fast))
+        session.start(prefix_messages("do something", "You are in a room."))
+        actions[fast] = session.generate([f"{high} door", f"{low} door"])  # the higher id enters the trie first
+    assert actions[True] == actions[False] == f"{low} door"

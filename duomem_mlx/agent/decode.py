@@ -282,7 +282,7 @@ def jump_forward(model, tokenizer, cache, prompt, trie, options):
     while (command := single_completion(node)) is None:
         if len(ids) == options.max_tokens:
             return first_command(node), ids, True
-        allowed = [t for t in node if t != END]
+        allowed = sorted(t for t in node if t != END)  # by id: ties go to the lowest, as a full-vocabulary argmax
         if len(allowed) == 1:
             token = allowed[0]
         else:  # logits of the allowed tokens alone: the head's other rows are never read

@@ -77,7 +77,8 @@ def prefix(episode, memories, run: str, fresh_system: bool = False) -> list[dict
     episode's history: in the task message (the system prompt and its memories are shared
     across episodes, as in an eval of a task type), or with `fresh_system` in the system prompt."""
     messages = prefix_messages(episode.task_description, episode.steps[0].observation, memories)
-    messages[0 if fresh_system else 1]["content"] = f"Run {run}. " + messages[0 if fresh_system else 1]["content"]
+    tagged = messages[0 if fresh_system else 1]
+    tagged["content"] = f"Run {run}. " + tagged["content"]
     return messages
 
 

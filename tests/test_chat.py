@@ -31,3 +31,10 @@ def test_chat_quit_and_missing_model(tiny_model, tmp_path):
     missing = run_chat(["--model", str(tmp_path / "nope")], "")
     assert missing.returncode != 0
     assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_chat_reads_bytes_that_are_not_utf8(tiny_model):
+    result = subprocess.run([sys.executable, "-m", "duomem_mlx", "chat", "--model", str(tiny_model), "--max-tokens", "4"],
+                            input=b"\xff\xfe hello\n", capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert b"Traceback" not in result.stderr and result.stdout.strip()

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import click
 import mlx_lm
@@ -75,3 +76,25 @@ def test_bad_config_is_one_clear_line(tmp_path, text, message):
     result = subprocess.run([sys.executable, "-m", "duomem_mlx", "tiny-model", str(tmp_path / "m"), "-c", str(config)],
                             capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_progress_off_a_terminal_is_a_plain_line_now_and_then(capsys, monkeypatch):
+    from duomem_mlx.progress import Progress
+
+    monkeypatch.delenv("DUOMEM_PROGRESS_SECONDS", raising=False)
+    for _ in Progress(range(50), desc="work", unit="item"):
+        pass  # faster than the 20 s between lines: quiet
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("DUOMEM_PROGRESS_SECONDS", "0.05")
+    for _ in Progress(range(3), desc="work", unit="item"):
+        time.sleep(0.03)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("work: 3/3 [")  # long enough for lines: the last one closes
+    monkeypatch.setenv("DUOMEM_PROGRESS_SECONDS", "0")
+    bar = Progress(total=3, initial=1, desc="resumed", unit="step")
+    bar.set_postfix(loss="1.234")
+    bar.update()
+    bar.update()
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["2/3", "3/3"] and "loss=1.234" in lines[-1]

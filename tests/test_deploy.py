@@ -1,14 +1,19 @@
 """Deployment: quantized packages (fuse, QLoRA, calibration, memory bank), bench, Hub upload."""
 
 import json
+import math
+import os
+import signal
 import subprocess
 import sys
 
 import mlx.core as mx
 import mlx_lm
 import pytest
+from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+from duomem_mlx.cli import cli as duomem
 from duomem_mlx.deploy.quantize import greedy_actions
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
@@ -99,7 +104,7 @@ def test_package_with_bank_loads_everywhere(tiny_model, tmp_path):
 
     meta = json.loads((pkg / "duomem.json").read_text())
     assert meta["memory"]["count"] == 1 and meta["bits_per_weight"] < 8
-    bf16 = cli("quantize", "--model", tiny_model, "--bits", "16", "--out", tmp_path / "bf16")
+    bf16 = cli("quantize", "--model", tiny_model, "--bits", "16", "--dtype", "bfloat16", "--out", tmp_path / "bf16")
     assert bf16.returncode == 0, bf16.stderr
     assert meta["bytes"] < 0.4 * json.loads((tmp_path / "bf16" / "duomem.json").read_text())["bytes"]
     assert mlx_lm.load(str(tmp_path / "bf16"))[0].layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
@@ -203,6 +208,119 @@ def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
     assert "decode_roofline_fraction" in result.stdout
     assert json.loads((package / "duomem.json").read_text())["results"]["bench"]["ttft_ms"] == small["ttft_ms"]
+
+
+def test_bytes_per_token_reads_a_tied_embedding_once_as_the_head(tiny_model):
+    from mlx_lm.models import llama
+
+    from duomem_mlx.deploy.bench import bytes_per_token
+
+    def weights(model):
+        return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+
+    tied, _ = mlx_lm.load(str(tiny_model))
+    embedding = tied.model.embed_tokens.weight.nbytes
+    kv = bytes_per_token(tied, 100) - bytes_per_token(tied, 0)
+    assert kv == 2 * len(tied.layers) * tied.args.num_key_value_heads * tied.args.head_dim * 100 * 4  # float32 model: 4 bytes
+    assert bytes_per_token(tied, 0) == weights(tied)  # the matrix once: the head reads it, the lookup one row of it
+    args = llama.ModelArgs("llama", 64, 2, 192, 2, 1e-6, tied.args.vocab_size, num_key_value_heads=1, tie_word_embeddings=False)
+    untied = llama.Model(args)
+    assert bytes_per_token(untied, 0) == weights(untied) - untied.model.embed_tokens.weight.nbytes
+    assert weights(untied) - bytes_per_token(untied, 0) == embedding  # the lookup-only table is the one left out
+
+
+def test_roofline_fraction_never_exceeds_one(tiny_model, tmp_path, monkeypatch):
+    from duomem_mlx.deploy import bench
+
+    # The reported case: 5.6 tokens/s x 550 MB against a 2.6 GB/s probe read as 1.18 of the roofline.
+    assert 5.6 * 550e6 / 2.6e9 > 1
+    assert bench.roofline(5.6, 550e6, 2.6e9) == pytest.approx(
+        {"decode_gb_s": 3.08, "decode_roofline_fraction": 1.0, "roofline_bound": "decode"})
+    assert bench.roofline(1.0, 550e6, 2.6e9)["decode_roofline_fraction"] == pytest.approx(0.55 / 2.6)
+    # A probe that under-reads (a one-core sum did, against decode on every core) through the whole run:
+    monkeypatch.setattr(bench, "bandwidth", lambda: 1e3)
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(duomem, ["bench", str(tiny_model), "--steps", "2", "--repeats", "1", "--max-tokens", "2",
+                                              "--json", str(out), "--no-save"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["packages"][0]
+    assert row["decode_tokens_per_s"] * row["bytes_per_decoded_token"] > 1e3  # the old fraction: far above 1
+    assert row["decode_roofline_fraction"] == 1.0 and row["roofline_bound"] == "decode"
+    assert "above the probe's" in result.output
+
+
+def test_small_bench_is_small_and_says_how_it_goes(tiny_model, tmp_path):
+    out = tmp_path / "b.json"
+    env = {**os.environ, "DUOMEM_PROGRESS_SECONDS": "0"}
+    result = cli("bench", tiny_model, "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", out, "--no-save", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith(f"{tiny_model.name}: ")]
+    total = 1 + 1 + 2 + 1  # a load, the warm-up step, the episode's steps, a throughput run
+    assert [line.split()[1] for line in lines] == [f"{n}/{total}" for n in range(1, total + 1)], result.stdout
+    assert "phase=warm-up" in lines[1] and "phase=episode 1/1" in lines[2] and "phase=throughput 1/1" in lines[-1]
+    report = json.loads(out.read_text())
+    assert "partial" not in report and report["packages"][0]["steps"] == 2
+
+
+def test_a_small_run_feeds_few_tokens(tiny_model, monkeypatch):
+    from duomem_mlx.agent.session import Session
+    from duomem_mlx.deploy import bench
+
+    def fed(steps, max_tokens):
+        tokens, decoded = [], []
+        feed = Session.feed
+        monkeypatch.setattr(Session, "feed", lambda self, ids: (tokens.append(len(ids)), feed(self, ids)))
+        monkeypatch.setattr(bench, "throughput", lambda model, prompt, n: (tokens.append(len(prompt)), decoded.append(n), (1.0, 1.0))[2])
+        bench.bench_package(bench.Measured(str(tiny_model)), None, 1, steps, 1, max_tokens, 4096, 0, math.inf)
+        return sum(tokens), decoded
+
+    small, big = fed(2, 2), fed(20, 32)
+    assert small[1] == [2] and big[1] == [32]
+    assert small[0] < big[0] / 3, (small, big)
+
+
+def test_an_interrupted_bench_writes_what_it_measured(tiny_model, tmp_path, monkeypatch):
+    from duomem_mlx.agent.session import Session
+    from duomem_mlx.deploy import bench
+
+    monkeypatch.setattr(bench, "bandwidth", lambda: 1e10)
+    calls, generate = [], Session.generate
+
+    def generate_until_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the warm-up, two steps of the episode, then Ctrl-C
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "generate", generate_until_ctrl_c)
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(duomem, ["bench", str(tiny_model), "--steps", "5", "--repeats", "1", "--json", str(out), "--no-save"])
+    assert result.exit_code == 1 and "Error: interrupted in" in result.output and "after 2 steps" in result.output, result.output
+    report = json.loads(out.read_text())
+    assert report["partial"] is True and report["stopped"] == "interrupted"
+    (row,) = report["packages"]
+    assert row["partial"] is True and row["steps"] == 2 and row["ttft_ms"] > 0 and row["load_seconds"] > 0
+    assert "decode_tokens_per_s" not in row and "episode_seconds" not in row
+
+
+def test_sigterm_and_time_limit_leave_a_partial_json(tiny_model, tmp_path):
+    out = tmp_path / "b.json"
+    env = {**os.environ, "DUOMEM_PROGRESS_SECONDS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "duomem_mlx", "bench", str(tiny_model), "--steps", "200", "--json", str(out),
+                             "--no-save"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().startswith(f"{tiny_model.name}: 1/")  # the first load is done
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in stderr and "Error: interrupted" in stderr, stderr
+    report = json.loads(out.read_text())
+    assert report["stopped"] == "interrupted" and report["packages"][0]["partial"] is True
+    assert report["packages"][0]["steps"] < 3 * 200
+
+    limited = cli("bench", tiny_model, "--steps", "200", "--time-limit", "0.001", "--json", out, "--no-save")
+    assert limited.returncode == 0 and "--time-limit reached" in limited.stdout, limited.stderr
+    report = json.loads(out.read_text())
+    assert report["stopped"] == "time limit" and report["packages"][0]["partial"] is True
+    assert report["packages"][0]["load_seconds"] > 0 and report["packages"][0]["steps"] == 0
 
 
 def test_dry_run_lists_allow_listed_files_and_never_the_token(package):

@@ -159,7 +159,7 @@ def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, t
     model, tokenizer = load(str(tiny_model))
     from duomem_mlx.agent.loop import load_bank
 
-    policy = ModelPolicy(model, tokenizer, load_bank(str(bank), model, tokenizer), memory_k=2)
+    policy = ModelPolicy(model, tokenizer, load_bank(str(bank), model, tokenizer), memory_k=2, memory_filter="task")
     data = build_dataset(kd_cache, tokenizer, kd=True, retrieve=policy.retrieve, only_success=False, val_fraction=0.3, progress=False)
     records = {r["id"]: r for r in read_episodes(kd_cache)}
     assert len(data.train) + len(data.val) == len(records) and len(data.val) == 1
@@ -181,7 +181,8 @@ def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, t
     assert len(cut) <= len(longest) - 150 and 0 < n < full["loss_mask"].sum()
     assert np.array_equal(cut.topk_ids, full["topk_ids"][-n:])
     assert np.array_equal(cut.tokens[cut.mask == 1], full["input_ids"][full["loss_mask"] == 1][-n:])
-    assert tokenizer.decode(cut.tokens.tolist()).count("Task: ") == 1  # the prefix stays
+    task = " ".join(records[longest.id]["task_description"].split())
+    assert " ".join(tokenizer.decode(cut.tokens.tolist()).split()).count(task) == 1  # the prefix stays
 
 
 def test_kd_training_lowers_val_loss_raises_agreement_and_loads_in_mlx_lm(kd_cache, tiny_model, tmp_path):
@@ -258,11 +259,47 @@ def test_memory_bank_is_rebuilt_for_the_adapters_and_eval_uses_it(kd_cache, tiny
     assert summary["memory"]["mode"] == "other" and summary["data"]["memories_retrieved"] == 2 * summary["data"]["train"]
     policy = ModelPolicy.from_options(str(tiny_model), str(out))  # no --memory: OUT/memory, no fingerprint error
     assert policy.bank is not None and len(policy.bank) == len(MEMORIES)
-    assert [m.id for m in policy.retrieve("open the locked door", "simple")][:1] in (["m1"], ["m2"])
+    assert sorted(m.id for m in policy.retrieve("open the locked door", "simple")) == ["m1", "m2", "m3"]  # k = 3, any type
+    policy.memory_filter = "task"
+    assert sorted(m.id for m in policy.retrieve("open the locked door", "simple")) == ["m1", "m2"]
     from duomem_mlx.errors import DuomemError
 
     with pytest.raises(DuomemError, match="another embedder"):
         ModelPolicy.from_options(str(tiny_model), str(out), memory_bank=str(bank))  # the base bank does not fit
+
+
+def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_arguments(oracle_cache, tiny_model, bank, tmp_path, monkeypatch):
+    from duomem_mlx.envs.base import StepResult, TaskSpec
+    from duomem_mlx.memory import retrieval
+
+    calls, real = [], retrieval.retrieve
+
+    def spy(bank, model, tokenizer, query, task_type=None, k=3, memory_filter="none"):
+        calls.append((query, task_type, k, memory_filter))
+        return real(bank, model, tokenizer, query, task_type, k, memory_filter)
+
+    monkeypatch.setattr(retrieval, "retrieve", spy)
+    out = tmp_path / "adapters"
+    distill(tiny_model, oracle_cache, out, "--kd", "off", "--iters", 1, "--val-fraction", 0, "--memory-bank", bank,
+            "--memory-k", 2, "--memory-filter", "task")
+    records = read_episodes(oracle_cache)
+    assert calls == [(r["task_description"], r["task"], 2, "task") for r in records]
+    assert json.loads((out / "duomem.json").read_text())["memory"]["filter"] == "task"
+    calls.clear()
+    policy = ModelPolicy.from_options(str(tiny_model), str(out), memory_k=2, memory_filter="task")
+    first = Episode.from_json(records[0]).steps[0]
+    policy.start(None, TaskSpec("textworld", records[0]["task"], 0), records[0]["task_description"], StepResult(first.observation, []))
+    assert calls == [(records[0]["task_description"], records[0]["task"], 2, "task")]
+
+
+def test_retrieval_accuracy_on_a_teacher_cache(oracle_cache, tiny_model, bank):
+    from duomem_mlx.memory.bank import MemoryBank
+    from duomem_mlx.memory.retrieval import accuracy
+
+    records = read_episodes(oracle_cache)
+    share = accuracy(MemoryBank.load(bank), *load(str(tiny_model)), [(r["task_description"], r["task"]) for r in records])
+    output = run("memory", "search", bank, "--accuracy-on", oracle_cache)
+    assert output == f"top-1 task type accuracy {share:.1%} over {len(records)} episodes\n"
 
 
 def test_oracle_cache_trains_with_kd_off_and_bad_inputs_say_how(oracle_cache, kd_cache, tiny_model, tmp_path):
@@ -278,3 +315,15 @@ def test_oracle_cache_trains_with_kd_off_and_bad_inputs_say_how(oracle_cache, kd
     config.write_text("iters: 3\nlearning_rat: 0.1\n")
     assert "learning_rat" in run("distill", "-c", config, "--student", tiny_model, "--cache", kd_cache, "--out", tmp_path / "w", ok=False)
     assert "--batch-size" in run("distill", "--student", tiny_model, "--cache", oracle_cache, "--kd", "off", "--batch-size", 8, "--out", tmp_path / "v", ok=False)
+
+
+def test_distill_into_a_log_file_prints_progress_lines(oracle_cache, tiny_model, tmp_path):
+    log = tmp_path / "distill.log"
+    env = {**os.environ, "DUOMEM_PROGRESS_SECONDS": "0"}
+    with open(log, "w") as f:
+        subprocess.run(cli_command(*train_args(tiny_model, oracle_cache, tmp_path / "out", 3), "--kd", "off"), stdout=f,
+                       stderr=subprocess.STDOUT, env=env, check=True, timeout=300)
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("distill: ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], text
+    assert all("loss=" in line and "step" in line for line in lines) and "\r" not in text

@@ -105,3 +105,109 @@ def test_alfworld_without_package_or_data_says_how_to_get_it(tmp_path, monkeypat
     with pytest.raises(DuomemError, match="alfworld-download"):
         env = make_env("alfworld")
         env.task_specs(None, "test", 1, 0)
+
+
+TWX_FOLD_OBJECTS = ["cookingworld", "twc", "arithmetic", "sorting", "simonsays", "peckingorder"]  # objects drawn per fold
+
+
+def test_twx_oracle_wins_every_game_and_random_does_not(twx):
+    assert twx.task_names() == ["cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder"]
+    specs = twx.task_specs(None, "test", 16, seed=0)  # no game named: the eight alternate
+    assert sorted(s.task for s in specs) == sorted(twx.task_names() * 2)
+    oracle = play_all(twx, specs, OraclePolicy(), max_steps=twx.default_max_steps)
+    assert all(e.success and e.score == 1.0 and e.error is None for e in oracle), [(e.id, e.score, e.error) for e in oracle]
+    assert all(2 <= len(e.steps) <= 20 for e in oracle)  # small default game params
+    assert all(step.action in step.admissible for e in oracle for step in e.steps)  # the gold action is always admissible
+    assert all(step.admissible == sorted(step.admissible) for e in oracle for step in e.steps)
+    assert all(e.task_description and step.observation == step.observation.strip() for e in oracle for step in e.steps)
+    random_runs = play_all(twx, specs, RandomPolicy(seed=0), max_steps=10)
+    assert sum(e.success for e in random_runs) <= 3  # coin in three rooms is the one random play can stumble on
+
+
+def test_twx_folds_are_different_games(twx):
+    train, test = twx.task_specs(TWX_FOLD_OBJECTS, "train", 2, seed=1), twx.task_specs(TWX_FOLD_OBJECTS, "test", 2, seed=1)
+    assert {s.variation for s in train} <= set(range(1000)) and {s.variation for s in test} <= set(range(20_000, 21_000))
+
+    def games(specs):
+        return {(twx.reset(s)[1].observation, tuple(twx.expert_actions())) for s in specs}
+
+    assert not games(train) & games(test)
+    same_seed = [twx.task_specs(["arithmetic"], split, 1, seed=0)[0] for split in ("train", "test")]
+    same_seed[1].variation = same_seed[0].variation
+    with pytest.raises(DuomemError, match="not a test seed"):  # coin and mapreader would replay the train game
+        twx.reset(same_seed[1])
+
+
+def test_twx_skips_the_unwinnable_dev_peckingorder_games(twx):
+    assert not twx.gold_wins("peckingorder", 10261, "dev")  # two cucumbers: the package's own gold path loses
+    specs = twx.task_specs(["peckingorder"], "dev", 12, seed=0)
+    assert all(e.success for e in play_all(twx, specs, OraclePolicy(), max_steps=20))
+
+
+def test_twx_game_params_merge_key_by_key_and_bad_ones_are_clear():
+    from duomem_mlx.envs.twx import DEFAULT_PARAMS, resolve_params
+
+    assert resolve_params(None) == DEFAULT_PARAMS
+    per_game = resolve_params({"coin": "numLocations=5"})
+    assert per_game["coin"] == "numLocations=5,numDistractorItems=2,includeDoors=0,limitInventorySize=0"
+    assert {g: p for g, p in per_game.items() if g != "coin"} == {g: p for g, p in DEFAULT_PARAMS.items() if g != "coin"}
+    everywhere = resolve_params("includeDoors=1")
+    assert all("includeDoors=1" in everywhere[g] for g in ("cookingworld", "twc", "coin", "mapreader"))
+    assert everywhere["arithmetic"] == "" and everywhere["simonsays"] == DEFAULT_PARAMS["simonsays"]
+    for bad, message in [({"coin": "numRooms=2"}, "coin takes no game param 'numRooms'"), ({"chess": ""}, "valid: cookingworld"),
+                         ("numRooms=2", "no TextWorldExpress game takes"), ("numLocations=two", "key=integer"),
+                         ({"sorting": "a=1"}, "it takes: none")]:
+        with pytest.raises(DuomemError, match=message):
+            resolve_params(bad)
+
+
+def test_twx_out_of_range_params_fail_at_start():
+    with pytest.raises(DuomemError, match="rejects coin params .*numLocations=99"):
+        make_env("twx", game_params={"coin": "numLocations=99"})
+
+
+def test_twx_without_java_or_package_names_the_fix(monkeypatch):
+    import shutil
+    import sys
+
+    monkeypatch.setitem(sys.modules, "textworld_express", None)  # import fails
+    with pytest.raises(DuomemError, match=r"not installed: pip install 'duomem-mlx\[envs\]'"):
+        make_env("twx")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(DuomemError, match="TextWorldExpress needs Java .*apt-get install"):
+        make_env("twx")
+
+
+@pytest.mark.parametrize("action", ["\x00take coin", "é" * 150 + "x" * 300, "help", ""])
+def test_any_model_text_is_a_safe_twx_action(twx, action):
+    twx.reset(twx.task_specs(["coin"], "dev", 1, seed=0)[0])
+    state = twx.step(action)
+    assert state.observation and state.admissible and not state.won
+
+
+def test_twx_dead_jvm_fails_the_episode_and_the_run_goes_on(twx):
+    spec = twx.task_specs(["peckingorder"], "test", 1, seed=0)[0]
+    crashed = play_episode(twx, spec, KillJVMAfter(2), 50)
+    assert not crashed.success and "JVM died" in crashed.error
+    again = play_episode(twx, spec, OraclePolicy(), 50)
+    assert again.success and again.error is None
+
+
+def test_twx_is_an_env_choice_everywhere_and_eval_runs_it(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from duomem_mlx.cli import cli
+    from duomem_mlx.envs import NAMES
+
+    for path in (["eval"], ["chat"], ["teach"], ["bench"]):
+        command = cli.get_command(None, path[0])
+        env_option = next(p for p in command.params if p.name == "env_name")
+        assert list(env_option.type.choices) == list(NAMES), path
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(cli, ["eval", "--env", "twx", "--policy", "oracle", "--split", "test", "--episodes", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert results["success_rate"] == 1.0 and results["env"] == "twx" and results["max_steps"] == 50
+    assert len(results["per_task"]) == 8

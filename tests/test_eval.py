@@ -42,7 +42,7 @@ def test_eval_model_policy_with_memories_on_real_episodes(tiny_model, tmp_path):
     for env, task, expected in [("textworld", "simple", "tw-1"), ("scienceworld", "melt", "melt-1")]:
         out, log = tmp_path / f"{env}.json", tmp_path / f"{env}.jsonl"
         result = cli("eval", "--env", env, "--tasks", task, "--episodes", "1", "--policy", f"model:{tiny_model}",
-                     "--memory", str(bank), "--memory-k", "1", "--max-steps", "4", "--out", str(out), "--log", str(log))
+                     "--memory", str(bank), "--memory-k", "1", "--memory-filter", "task", "--max-steps", "4", "--out", str(out), "--log", str(log))
         assert result.returncode == 0, result.stderr
         episode = Episode.from_json(json.loads(log.read_text()))
         assert episode.memories == [expected]  # the task-type filter picked the right memory

@@ -1,5 +1,6 @@
 """Memory bank, retrieval, writers and the `memory` CLI, on real tiny models and real TextWorld games."""
 
+import copy
 import json
 import shutil
 import subprocess
@@ -16,7 +17,8 @@ from duomem_mlx.envs.base import Episode, Step
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.memory.bank import FORMAT, Memory, MemoryBank, build, read_memories, write_memories
 from duomem_mlx.memory.embed import embed
-from duomem_mlx.memory.writer import clean_reply, generalise, model_memories, read_episodes, rule_memories, writer_prompt
+from duomem_mlx.memory.retrieval import accuracy, retrieve
+from duomem_mlx.memory.writer import generalise, model_memories, read_episodes, rule_memories, vet_reply, writer_content, writer_prompt
 from duomem_mlx.models import load
 
 MEMORIES = [
@@ -55,7 +57,7 @@ def error_of(result) -> str:
 def test_retrieval_returns_closest_and_filters(bank, student):
     model, tokenizer = student
     for memory in MEMORIES:
-        found = bank.retrieve(model, tokenizer, memory["text"], k=3)
+        found = retrieve(bank, model, tokenizer, memory["text"], k=3)
         assert found[0].id == memory["id"]
     hits = bank.search(MEMORIES[0]["text"], k=10, task_type="cool", model=model, tokenizer=tokenizer)
     assert [m.task_type for m, _ in hits] == ["cool", "cool"]
@@ -63,6 +65,32 @@ def test_retrieval_returns_closest_and_filters(bank, student):
     assert bank.search(MEMORIES[0]["text"], 3, "unknown-task", model, tokenizer) == []
     vector = np.array(bank.keys[2].astype(mx.float32))
     assert bank.search(vector, 1)[0][0].id == "cool-1" and bank.search(vector, 1)[0][1] == pytest.approx(1, abs=1e-3)
+
+
+def test_retrieval_is_by_similarity_alone_unless_filtered_by_task(bank, student):
+    cool = MEMORIES[2]["text"]  # asked by a heat episode: the cool memory is the closest
+    assert retrieve(bank, *student, cool, "heat", k=1)[0].id == "cool-1"
+    filtered = retrieve(bank, *student, cool, "heat", k=3, memory_filter="task")
+    assert [m.task_type for m in filtered] == ["heat", "heat"]
+    assert retrieve(bank, *student, cool, "boil", k=1, memory_filter="task")[0].id == "cool-1"  # no boil memories: all of them
+    assert retrieve(None, *student, cool, k=3) == [] and retrieve(bank, *student, cool, k=0) == []
+    with pytest.raises(DuomemError, match="unknown memory filter"):
+        retrieve(bank, *student, cool, memory_filter="type")
+
+
+def test_retrieval_accuracy_is_the_share_of_top_1_memories_of_the_true_type(bank, student, tmp_path):
+    queries = [(MEMORIES[0]["text"], "heat"), (MEMORIES[2]["text"], "cool"), (MEMORIES[4]["text"], "heat"), (MEMORIES[3]["text"], "cool")]
+    assert accuracy(bank, *student, queries) == 0.75
+    assert accuracy(bank, *student, [(MEMORIES[2]["text"], "heat")]) == 0.0  # the filter never helps: similarity alone
+    with pytest.raises(DuomemError, match="no queries"):
+        accuracy(bank, *student, [])
+    log = tmp_path / "episodes.jsonl"
+    log.write_text("".join(json.dumps(episode(f"e{i}", task, text, ["look"]).to_json()) + "\n" for i, (text, task) in enumerate(queries)))
+    path = bank.save(tmp_path / "bank")
+    result = run("search", path, "--accuracy-on", log)
+    assert result.exit_code == 0 and result.output == "top-1 task type accuracy 75.0% over 4 episodes\n", result.output
+    assert "exactly one of QUERY or --accuracy-on" in error_of(run("search", path))
+    assert "exactly one of QUERY or --accuracy-on" in error_of(run("search", path, "heat", "--accuracy-on", log))
 
 
 def test_batched_embedding_equals_one_by_one(student):
@@ -81,7 +109,7 @@ def test_save_load_round_trip(bank, student, tmp_path):
     assert loaded.keys.dtype == mx.float16 and mx.array_equal(loaded.keys, bank.keys).item()
     assert loaded.info["format"] == FORMAT and loaded.info["count"] == len(MEMORIES) and loaded.dim == 64
     loaded.check_embedder(*student)
-    assert loaded.retrieve(*student, MEMORIES[4]["text"], k=1)[0].id == "key-1"
+    assert retrieve(loaded, *student, MEMORIES[4]["text"], k=1)[0].id == "key-1"
 
 
 def test_other_embedder_is_refused(bank, tiny_teacher, tiny_model, tmp_path):
@@ -89,7 +117,7 @@ def test_other_embedder_is_refused(bank, tiny_teacher, tiny_model, tmp_path):
     with pytest.raises(DuomemError, match="another embedder"):
         bank.check_embedder(*teacher)
     with pytest.raises(DuomemError, match="another embedder"):
-        bank.retrieve(*teacher, "heat the apple", k=1)
+        retrieve(bank, *teacher, "heat the apple", k=1)
     bank.save(tmp_path / "bank")
     assert "another embedder" in error_of(run("search", tmp_path / "bank", "heat", "--embedder", tiny_teacher))
     # same architecture and tokenizer, other weights: still refused
@@ -236,23 +264,56 @@ def test_rules_writer_and_cli_on_real_textworld_games(textworld_log, tiny_model,
     assert result.exit_code == 0 and "tw-simple: 2" in result.output and memories[0].id in result.output
 
 
-def test_model_writer(tiny_model, tmp_path):
-    played = episode("ep/1", "heat", "Heat the apple.", ["take apple", "heat apple with microwave"])
-    played.steps[0].observation = "You are in a kitchen. " * 50
+HEAT = episode("ep/1", "heat", "Heat the apple.", ["take apple 1 from countertop 2", "heat apple 1 with microwave 1", "look"])
+
+
+def test_model_writer_strips_an_echoed_prompt_and_drops_replies_without_a_step():
+    prompt = writer_content(HEAT)
+    instruction = prompt.split("\nTask:")[0]
+    good = "Go to the countertop and take the apple.\nHeat the apple with the microwave."
+    assert vet_reply(good, HEAT) == (good, None)  # kept word for word
+    assert vet_reply(instruction + "\n\n" + good, HEAT) == (good, None)
+    assert vet_reply(" ".join(prompt.split()[:30]) + " take X, heat X with Y", HEAT) == ("take X, heat X with Y", None)  # echo in one line
+    assert vet_reply("<think>\nhm</think>\n\n  Take the apple.\n  Heat the apple.  \n", HEAT) == ("Take the apple.\n  Heat the apple.", None)
+    # what SmolLM2-135M-Instruct wrote: the instruction, then no step of the episode
+    smol = instruction + "\nThe code: ```# This is a code that can be used to create a game."
+    assert vet_reply(smol, HEAT) == ("The code: ```# This is a code that can be used to create a game.", "no episode step")
+    assert vet_reply(prompt, HEAT) == ("", "echo only")  # the trajectory's actions echoed do not count
+    assert vet_reply("Look around, then look again.", HEAT)[1] == "no episode step"  # one-word actions never count
+    assert vet_reply("Take the microwave home.", HEAT)[1] == "no episode step"  # a verb of it, not with an object of that action
+    assert vet_reply(" \n<think>only thoughts</think>", HEAT) == ("", "empty")
+
+
+def test_model_writer_says_what_it_dropped_and_the_counts_add_up(tiny_model, tmp_path, monkeypatch):
+    played = [copy.deepcopy(HEAT), episode("ep/2", "heat", "Heat the egg.", ["take egg", "heat egg with stove"]),
+              episode("ep/3", "cool", "Cool the milk.", ["take milk", "cool milk with fridge"]), episode("ep/4", "heat", "x", ["a"], False)]
+    played[0].steps[0].observation = "You are in a kitchen. " * 50
     model, tokenizer = load(str(tiny_model))
-    prompt = writer_prompt(tokenizer, played)
-    assert "Heat the apple." in prompt and "Action: heat apple with microwave" in prompt and prompt.count("kitchen") < 20
+    prompt = writer_prompt(tokenizer, played[0])
+    assert "Heat the apple." in prompt and "take apple 1 from countertop 2; heat apple 1 with microwave 1" in prompt
+    assert "kitchen" not in prompt  # actions only: a small writer echoes long observations back
     log = tmp_path / "log.jsonl"
-    log.write_text(json.dumps(played.to_json()) + "\n" + json.dumps(episode("ep/2", "heat", "x", ["a"], False).to_json()) + "\n")
-    # a random-init model replies with whitespace only: dropped, and said so
-    assert clean_reply("<think>\nhm</think>\n\n  Go to X.\n  Heat X.  \n") == "Go to X.\n  Heat X."
-    assert model_memories([played], model, tokenizer, max_tokens=8) == []
+    log.write_text("".join(json.dumps(e.to_json()) + "\n" for e in played))
+    # a random-init model writes nothing usable: each of the 3 successful episodes' replies dropped, and said so
+    written = model_memories(played, model, tokenizer, max_tokens=8)
+    assert written.memories == [] and written.attempted == 3 and sum(written.dropped.values()) == 3
     error = error_of(run("write", "--episodes", log, "--writer", f"model:{tiny_model}", "--max-tokens", "8", "--out", tmp_path / "m.jsonl"))
-    assert "empty replies" in error
-    assert "does not exist" in error_of(run("write", "--episodes", log, "--writer", f"model:{tmp_path}/none", "--out", tmp_path / "m.jsonl"))
-    assert "unknown --writer" in error_of(run("write", "--episodes", log, "--writer", "magic", "--out", tmp_path / "m.jsonl"))
-    log.write_text(json.dumps(played.to_json()) + "\n" + "{}\n")
-    assert "line 2" in error_of(run("write", "--episodes", log, "--out", tmp_path / "m.jsonl"))
+    assert f"wrote no usable memory: {written.summary()}" in error and not (tmp_path / "m.jsonl").exists()
+    # the same run with the replies of a weak instruct model: one echo, one that names no step, one kept
+    replies = {"Heat the apple.": writer_content(played[0]), "Heat the egg.": "The code: ```# a game",
+               "Cool the milk.": "Task: Cool the milk.\n1. take the milk\n2. cool it with the fridge"}
+    import mlx_lm
+
+    monkeypatch.setattr(mlx_lm, "generate", lambda m, t, prompt, max_tokens: next(r for task, r in replies.items() if f"Task: {task}" in prompt))
+    result = run("write", "--episodes", log, "--writer", f"model:{tiny_model}", "--out", tmp_path / "m.jsonl")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("; dropped 2 of 3 replies (1 echo only, 1 no episode step)"), result.output
+    [memory] = read_memories(tmp_path / "m.jsonl")
+    assert memory.text == "1. take the milk\n2. cool it with the fridge" and memory.source == ["ep/3"] and memory.task_type == "cool"
+    assert "does not exist" in error_of(run("write", "--episodes", log, "--writer", f"model:{tmp_path}/none", "--out", tmp_path / "n.jsonl"))
+    assert "unknown --writer" in error_of(run("write", "--episodes", log, "--writer", "magic", "--out", tmp_path / "n.jsonl"))
+    log.write_text(json.dumps(played[0].to_json()) + "\n" + "{}\n")
+    assert "line 2" in error_of(run("write", "--episodes", log, "--out", tmp_path / "n.jsonl"))
 
 
 def test_write_memories_round_trip(tmp_path):

@@ -4,6 +4,7 @@ memories retrieved from a bank in front of its prompt."""
 from pathlib import Path
 
 from ..envs.base import StepResult, TaskSpec
+from ..memory import retrieval
 from .decode import DecodeOptions
 from .prompt import prefix_messages
 from .session import ReencodingSession, Session
@@ -21,8 +22,10 @@ class ModelPolicy:
         temperature: float = 0.0,
         reencode: bool = False,
         thinking: bool = False,
+        memory_filter: str = "none",
     ):
         self.model, self.tokenizer, self.bank, self.memory_k = model, tokenizer, bank, memory_k
+        self.memory_filter = memory_filter
         session_class = ReencodingSession if reencode else Session
         options = DecodeOptions(mode=decode, temperature=temperature)
         self.session = session_class(model, tokenizer, max_context, options, thinking=thinking)
@@ -30,7 +33,7 @@ class ModelPolicy:
 
     @classmethod
     def from_options(cls, path, adapter_path=None, memory_bank=None, memory_k=3, decode="constrained",
-                     max_context=4096, seed=0, temperature=0.0, thinking=False):
+                     max_context=4096, seed=0, temperature=0.0, thinking=False, memory_filter="none"):
         import mlx.core as mx
 
         from pathlib import Path
@@ -41,15 +44,10 @@ class ModelPolicy:
         memory_bank = memory_bank or default_bank(path, adapter_path)
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
         mx.random.seed(seed)
-        return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature, thinking=thinking)
+        return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature, thinking=thinking, memory_filter=memory_filter)
 
     def retrieve(self, query: str, task_type: str | None = None) -> list:
-        """The closest memories, of the episode's task type when the bank has any."""
-        if self.bank is None or self.memory_k == 0:
-            return []
-        if not any(m.task_type == task_type for m in self.bank.memories):
-            task_type = None
-        return self.bank.retrieve(self.model, self.tokenizer, query, self.memory_k, task_type=task_type)
+        return retrieval.retrieve(self.bank, self.model, self.tokenizer, query, task_type, self.memory_k, self.memory_filter)
 
     def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):
         memories = self.retrieve(task_description, task_type=spec.task)

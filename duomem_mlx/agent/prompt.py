@@ -1,6 +1,6 @@
 """Prompt layout shared by student, teacher and training data.
 
-messages = [system (+ memories), user (task + first observation)]   <- the episode's prefix
+messages = [system (+ memories), user ([task +] first observation)]   <- the episode's prefix
            + [assistant action, user observation] * turns
 
 The tokens a model sees are always those of the whole chat rendered by its own chat template
@@ -28,8 +28,12 @@ def system_message(memories: list[str] = (), base: str = SYSTEM_PROMPT) -> dict:
 
 
 def prefix_messages(task_description: str, first_observation: str, memories: list[str] = ()) -> list[dict]:
-    task = f"Task: {task_description.strip()}\n\n{first_observation.strip()}"
-    return [system_message(memories), {"role": "user", "content": task}]
+    """The task line is left out when the observation already states the task (TextWorld's
+    first observation does), not to pay for it twice every episode."""
+    task, observation = task_description.strip(), first_observation.strip()
+    if " ".join(task.split()) not in " ".join(observation.split()):
+        observation = f"Task: {task}\n\n{observation}"
+    return [system_message(memories), {"role": "user", "content": observation}]
 
 
 def turn_messages(action: str, observation: str) -> list[dict]:

@@ -4,14 +4,18 @@ Per package: load time, time to first action, prefill and decode tokens/s, per-s
 (p50/p95), episode time, peak memory, bytes on disk, and the decode speed as a fraction of the
 memory-bandwidth roofline (bandwidth / bytes read per decoded token). Without --env the agent
 plays a synthetic episode (memory prefix, observations, admissible actions), so every figure
-exists offline. Warm-up first, then `repeats` runs; medians."""
+exists offline. Warm-up first, then `repeats` runs; medians. Cut short (Ctrl-C, SIGTERM,
+--time-limit), it still writes what it measured, marked partial."""
 
 import json
+import math
 import os
 import platform
 import random
+import signal
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -19,22 +23,24 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import DuomemError
+from ..io import check_destination, write_atomic
+from ..progress import Progress
 
 KEYS = ("load_seconds", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "step_latency_p50_ms",
         "step_latency_p95_ms", "episode_seconds", "peak_memory_mb", "model_bytes", "decode_roofline_fraction")
 
 
-def synthetic_episode(steps: int, seed: int = 0):
+def synthetic_episode(steps: int, seed: int = 0, memories: int = 8):
     """(memories, task, observations, admissible sets) drawn from environment-like text."""
     from ..models import default_corpus
 
     rng = random.Random(seed)
     lines = [line for line in default_corpus().splitlines() if 20 < len(line) < 200]
     commands = sorted({line for line in lines if len(line.split()) <= 5})
-    memories = [" ".join(rng.sample(lines, 4)) for _ in range(8)]
+    notes = [" ".join(rng.sample(lines, 4)) for _ in range(memories)]
     observations = [" ".join(rng.sample(lines, 3)) for _ in range(steps + 1)]
     admissible = [rng.sample(commands, 12) for _ in range(steps)]
-    return memories, "Your task is to boil water.", observations, admissible
+    return notes, "Your task is to boil water.", observations, admissible
 
 
 def machine() -> dict:
@@ -53,16 +59,25 @@ def machine() -> dict:
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
 
 
-def bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Achievable read bandwidth in bytes/s: the median time of a sum over a large array."""
-    x = mx.random.uniform(shape=(megabytes * 2**20 // 4,))
-    mx.eval(x)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        mx.eval(x.sum())
-        times.append(time.perf_counter() - start)
-    return x.nbytes / statistics.median(times[1:])
+def bandwidth(megabytes: int = 512, repeats: int = 4) -> float:
+    """Achievable read bandwidth in bytes/s: the fastest pass over a matrix well past any last-level
+    cache (tens of MB on CPUs, up to 96 MB on Apple chips), of a matrix-vector product and of a sum.
+    The product reads as decode does, through the same BLAS or GPU kernels on every core; an MLX sum
+    on the CPU runs on one core (3.6 against 5 GB/s on an idle 2-core EPYC) and wins only when the
+    other cores are busy."""
+    w = mx.ones((megabytes * 2**20 // 16384, 4096))
+    v = mx.ones((4096,))
+    mx.eval(w, v)
+    reads = (lambda: w @ v, lambda: w.sum())
+    for read in reads:
+        mx.eval(read())
+    return w.nbytes / min(timed(read) for read in reads for _ in range(repeats))
+
+
+def timed(read) -> float:
+    start = time.perf_counter()
+    mx.eval(read())
+    return time.perf_counter() - start
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,24 +85,31 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def play_synthetic(model, tokenizer, steps: int, max_context: int, seed: int):
-    """(step seconds, episode seconds, session) of one synthetic episode, constrained decoding."""
+def synthetic_prefix(tokenizer, memories: int, seed: int) -> list[int]:
+    """The tokens of the synthetic episode's prefix (system, memories, task, first observation)."""
+    from ..agent.prompt import encode, prefix_messages, render
+
+    notes, task, observations, _ = synthetic_episode(1, seed, memories)
+    return encode(tokenizer, render(tokenizer, prefix_messages(task, observations[0], notes), True))
+
+
+def play_synthetic(model, tokenizer, steps: int, max_context: int, seed: int, memories: int):
+    """One synthetic episode, constrained decoding: yields the seconds of each step as it is played."""
     from ..agent.decode import DecodeOptions
     from ..agent.prompt import prefix_messages
     from ..agent.session import Session
 
-    memories, task, observations, admissible = synthetic_episode(steps, seed)
+    notes, task, observations, admissible = synthetic_episode(steps, seed, memories)
     session = Session(model, tokenizer, max_context, DecodeOptions(mode="constrained", max_tokens=16))
-    start = time.perf_counter()
-    session.start(prefix_messages(task, observations[0], memories))
+    session.start(prefix_messages(task, observations[0], notes))
     for i in range(steps):
         session.generate(admissible[i])
         session.append([{"role": "user", "content": observations[i + 1]}])
-    return session.step_seconds, time.perf_counter() - start, session
+        yield session.step_seconds[-1]
 
 
 def play_env(path: str, env_name: str, episodes: int, seed: int):
-    """Real episodes through eval's loop: (step seconds of each episode, episode seconds)."""
+    """Real episodes through eval's loop: yields (step seconds, episode seconds) of each."""
     from ..envs import make_env
     from ..envs.base import play_episode
     from ..eval import make_policy
@@ -95,10 +117,11 @@ def play_env(path: str, env_name: str, episodes: int, seed: int):
     policy = make_policy(f"model:{path}", seed=seed)
     env = make_env(env_name)
     try:
-        played = [play_episode(env, spec, policy, env.default_max_steps) for spec in env.task_specs(None, "dev", episodes, seed)]
+        for spec in env.task_specs(None, "dev", episodes, seed):
+            episode = play_episode(env, spec, policy, env.default_max_steps)
+            yield episode.stats.get("step_seconds", []), episode.seconds
     finally:
         env.close()
-    return [e.stats.get("step_seconds", []) for e in played], [e.seconds for e in played]
 
 
 def throughput(model, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
@@ -115,66 +138,130 @@ def throughput(model, prompt: list[int], decode_tokens: int) -> tuple[float, flo
     return len(prompt) / (first - start), decode_tokens / (end - first)
 
 
+HEADS = ("lm_head.", "output.", "embed_out.")  # mlx-lm's names of an output projection of its own
+
+
 def bytes_per_token(model, context: int) -> int:
-    """Bytes a decoded token reads: every weight once (the embedding's one row aside, unless the
-    head is tied to it) plus the KV cache at this context length."""
+    """Bytes a decoded token reads: every weight once, plus the KV cache at this context length.
+    An embedding the head is tied to is read whole, once, as the head; beside a head of its own,
+    its lookup reads one row (not counted)."""
     params = dict(tree_flatten(model.parameters()))
     total = sum(p.nbytes for p in params.values())
-    args = getattr(model, "args", None)
-    if args is not None and not getattr(args, "tie_word_embeddings", True):
+    if any(n.startswith(HEADS) for n in params):
         total -= sum(p.nbytes for n, p in params.items() if "embed_tokens" in n)
+    args = getattr(model, "args", None)
     kv_heads = getattr(args, "num_key_value_heads", 0) or 0
     head_dim = getattr(args, "head_dim", None) or (args.hidden_size // args.num_attention_heads if args else 0)
     layers = len(getattr(model, "layers", []))
-    return int(total + 2 * layers * kv_heads * head_dim * context * 2)
+    itemsize = max(p.dtype.size for p in params.values() if mx.issubdtype(p.dtype, mx.floating))  # the activations' dtype
+    return int(total + 2 * layers * kv_heads * head_dim * context * itemsize)
 
 
-def bench_package(path: str, env_name: str | None = None, episodes: int = 1, steps: int = 20, repeats: int = 3,
-                  max_context: int = 4096, seed: int = 0, bandwidth_bytes_s: float | None = None) -> dict:
+def roofline(decode_tokens_per_s: float, bytes_per_decoded_token: int, bandwidth_bytes_s: float) -> dict:
+    """Decode speed as a fraction of what the memory bandwidth allows. Decode that reads faster
+    than the probe (weights held in cache, a probe slowed by a busy machine) proves the probe low:
+    its own rate is then the bound, so the fraction is 1 and `roofline_bound` says so."""
+    read = decode_tokens_per_s * bytes_per_decoded_token
+    bound = max(read, bandwidth_bytes_s)
+    return {"decode_gb_s": read / 1e9, "decode_roofline_fraction": read / bound,
+            "roofline_bound": "decode" if read > bandwidth_bytes_s else "probe"}
+
+
+@dataclass
+class Measured:
+    """What bench has measured of one package so far: its row, whole or from a run cut short."""
+    package: str
+    env: str = "synthetic"
+    loads: list = field(default_factory=list)
+    episodes: list = field(default_factory=list)  # step seconds of each episode, filled as it plays
+    episode_seconds: list = field(default_factory=list)  # of the episodes played to the end
+    rates: list = field(default_factory=list)  # (prefill, decode) tokens/s of each throughput run
+    model_bytes: int = 0
+    bytes_per_token: int = 0
+
+    def row(self, bandwidth_bytes_s: float | None) -> dict:
+        steps = [s for e in self.episodes for s in e]
+        row = {"package": self.package}
+        if self.loads:
+            row["load_seconds"] = statistics.median(self.loads)
+        if steps:
+            later = [s for e in self.episodes for s in e[1:]] or steps
+            row |= {"ttft_ms": 1000 * statistics.median(e[0] for e in self.episodes if e),
+                    "step_latency_p50_ms": 1000 * percentile(later, 0.5), "step_latency_p95_ms": 1000 * percentile(later, 0.95)}
+        if self.episode_seconds:
+            row["episode_seconds"] = statistics.median(self.episode_seconds)
+        if self.rates:
+            row |= {"prefill_tokens_per_s": statistics.median(r[0] for r in self.rates),
+                    "decode_tokens_per_s": statistics.median(r[1] for r in self.rates)}
+        row |= {"peak_memory_mb": mx.get_peak_memory() / 2**20, "model_bytes": self.model_bytes,
+                "bytes_per_decoded_token": self.bytes_per_token}
+        if self.rates and bandwidth_bytes_s:
+            row |= roofline(row["decode_tokens_per_s"], self.bytes_per_token, bandwidth_bytes_s)
+        row |= {"episodes": sum(1 for e in self.episodes if e), "steps": len(steps), "env": self.env}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+class TimeLimit(Exception):
+    """--time-limit spent: the run stops where it is and writes what it measured."""
+
+
+def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, repeats: int, max_tokens: int,
+                  max_context: int, seed: int, deadline: float) -> None:
+    """Measure one package into `m`, a step at a time. The synthetic prefix (its memories) and the
+    throughput prompt grow with `steps`, the decoded tokens with `max_tokens`; the warm-up is one
+    step without memories: a slow model asked for a small run gets a small one."""
     import mlx_lm
 
     from ..models import resolve
 
-    source = resolve(path)
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    loads = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model, tokenizer = mlx_lm.load(source)
-        mx.eval(model.parameters())
-        loads.append(time.perf_counter() - start)
-    play_synthetic(model, tokenizer, 2, max_context, seed + 1)  # warm-up
-    if env_name:
-        per_episode, episode_seconds = play_env(source, env_name, episodes, seed)
-    else:
-        runs = [play_synthetic(model, tokenizer, steps, max_context, seed) for _ in range(repeats)]
-        per_episode, episode_seconds = [r[0] for r in runs], [r[1] for r in runs]
-    if not any(per_episode):
-        raise DuomemError(f"{path}: no step was played; use more --steps or another --env")
-    prompt = play_synthetic(model, tokenizer, 1, max_context, seed)[2].fed[:512]
-    rates = [throughput(model, prompt, 32) for _ in range(repeats)]
-    decode = statistics.median(r[1] for r in rates)
-    later_steps = [s for steps_ in per_episode for s in steps_[1:]] or [s for steps_ in per_episode for s in steps_]
-    result = {
-        "package": str(path),
-        "load_seconds": statistics.median(loads),
-        "ttft_ms": 1000 * statistics.median(s[0] for s in per_episode if s),
-        "prefill_tokens_per_s": statistics.median(r[0] for r in rates),
-        "decode_tokens_per_s": decode,
-        "step_latency_p50_ms": 1000 * percentile(later_steps, 0.5),
-        "step_latency_p95_ms": 1000 * percentile(later_steps, 0.95),
-        "episode_seconds": statistics.median(episode_seconds),
-        "peak_memory_mb": mx.get_peak_memory() / 2**20,
-        "model_bytes": sum(f.stat().st_size for f in Path(source).glob("*.safetensors")),
-        "bytes_per_decoded_token": bytes_per_token(model, len(prompt)),
-        "episodes": len(per_episode),
-        "steps": sum(map(len, per_episode)),
-        "env": env_name or "synthetic",
-    }
-    if bandwidth_bytes_s:
-        result["decode_roofline_fraction"] = decode / (bandwidth_bytes_s / result["bytes_per_decoded_token"])
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    source = resolve(m.package)
+    memories = max(1, min(8, steps // 2))
+    bar = Progress(total=repeats + 1 + (episodes if env_name else repeats * steps) + repeats, desc=Path(m.package).name, unit="step")
+
+    def done():
+        bar.update()
+        if time.monotonic() > deadline:
+            raise TimeLimit
+
+    try:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        m.model_bytes = sum(f.stat().st_size for f in Path(source).glob("*.safetensors"))
+        bar.set_postfix(phase="load")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model, tokenizer = mlx_lm.load(source)
+            mx.eval(model.parameters())
+            m.loads.append(time.perf_counter() - start)
+            done()
+        prompt = synthetic_prefix(tokenizer, memories, seed)[:512]
+        m.bytes_per_token = bytes_per_token(model, len(prompt))
+        bar.set_postfix(phase="warm-up")
+        for _ in play_synthetic(model, tokenizer, 1, max_context, seed + 1, memories=0):
+            done()
+        if env_name:
+            bar.set_postfix(phase="episodes")
+            for step_seconds, seconds in play_env(source, env_name, episodes, seed):
+                m.episodes.append(step_seconds)
+                m.episode_seconds.append(seconds)
+                done()
+        else:
+            for r in range(repeats):
+                bar.set_postfix(phase=f"episode {r + 1}/{repeats}")
+                played, start = [], time.perf_counter()
+                m.episodes.append(played)
+                for seconds in play_synthetic(model, tokenizer, steps, max_context, seed, memories):
+                    played.append(seconds)
+                    done()
+                m.episode_seconds.append(time.perf_counter() - start)
+        if not any(m.episodes):
+            raise DuomemError(f"{m.package}: no step was played; use more --steps or another --env")
+        for r in range(repeats):
+            bar.set_postfix(phase=f"throughput {r + 1}/{repeats}")
+            m.rates.append(throughput(model, prompt, max_tokens))
+            done()
+    finally:
+        bar.close()
 
 
 def print_table(rows: list[dict]) -> None:
@@ -219,21 +306,54 @@ def record(path: str, row: dict) -> None:
     tmp.replace(meta_path)
 
 
-def run_bench(packages, env_name, episodes, steps, repeats, max_context, seed, json_out, plot_out, save) -> dict:
-    from tqdm import tqdm
+def measure(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit) -> dict:
+    """The results of every package. A run cut short (Ctrl-C, SIGTERM, the time limit) returns what
+    it measured, marked partial: `stopped` says why and the package it cut is `partial`."""
+    deadline = time.monotonic() + time_limit if time_limit else math.inf
+    result = {"machine": machine(), "packages": []}
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    try:
+        bw = bandwidth()
+        result["machine"]["bandwidth_gb_s"] = round(bw / 1e9, 2)
+        for path in packages:
+            m = Measured(path, env_name or "synthetic")
+            try:
+                bench_package(m, env_name, episodes, steps, repeats, max_tokens, max_context, seed, deadline)
+            finally:
+                result["packages"].append(m.row(bw))
+    except (KeyboardInterrupt, TimeLimit) as e:
+        result |= {"partial": True, "stopped": "time limit" if isinstance(e, TimeLimit) else "interrupted"}
+        if result["packages"]:
+            result["packages"][-1]["partial"] = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return result
 
-    bw = bandwidth()
-    rows = [bench_package(p, env_name, episodes, steps, repeats, max_context, seed, bw)
-            for p in tqdm(packages, desc="packages", unit="pkg", disable=None)]
-    result = {"machine": {**machine(), "bandwidth_gb_s": round(bw / 1e9, 2)}, "packages": rows}
+
+def run_bench(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit, json_out, plot_out,
+              save) -> dict:
+    check_destination(json_out, option="--json")
+    result = measure(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit)
+    rows = result["packages"]
     print_table(rows)
-    click.echo(f"memory bandwidth {bw / 1e9:.1f} GB/s on {result['machine']['chip']} ({result['machine']['device']})")
+    if "bandwidth_gb_s" in result["machine"]:
+        click.echo(f"memory bandwidth {result['machine']['bandwidth_gb_s']:.1f} GB/s on {result['machine']['chip']} "
+                   f"({result['machine']['device']})")
+    for row in rows:
+        if row.get("roofline_bound") == "decode":
+            click.echo(f"note: {row['package']} decodes at {row['decode_gb_s']:.2f} GB/s, above the probe's: that rate is its "
+                       "roofline, fraction 1 (the probe read less: a busy machine, or weights held in cache)")
     if save:
-        for p, row in zip(packages, rows):
-            record(p, row)
-    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        for row in rows:
+            if not row.get("partial"):
+                record(row["package"], row)
+    write_atomic(json_out, json.dumps(result, indent=2) + "\n")
     if plot_out and not plot(rows, plot_out):
         click.echo("note: matplotlib is not installed; no plot written (pip install matplotlib)")
     click.echo(f"wrote {json_out}" + (f" and {plot_out}" if plot_out and Path(plot_out).exists() else ""))
+    where = f"{rows[-1]['package']} after {rows[-1]['steps']} steps" if rows else "before the first package"
+    if result.get("stopped") == "interrupted":
+        raise DuomemError(f"interrupted in {where}; what was measured is in {json_out}, marked partial")
+    if result.get("stopped") == "time limit":
+        click.echo(f"note: --time-limit reached in {where}; {json_out} is marked partial")
     return result

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import __version__
 from ..errors import DuomemError
+from ..models import default_dtype
 
 PACKAGE_FORMAT = 1
 MODES = {"affine": (4, 8), "mxfp4": (4,)}
@@ -212,8 +213,9 @@ def base_license(model_path: str) -> str | None:
 def quantize_package(model: str, out: str, bits: int = 4, group_size: int = 64, mode: str = "affine",
                      adapters: str | None = None, memory: str | None = None, calibrate_cache: str | None = None,
                      epochs: int = 4, learning_rate: float = 1e-5, force: bool = False, name: str | None = None,
-                     dtype: str = "bfloat16", max_seq_length: int = 2048) -> Path:
+                     dtype: str | None = None, max_seq_length: int = 2048) -> Path:
     check_options(bits, group_size, mode, calibrate_cache)
+    dtype = dtype or default_dtype()
     out = Path(out)
     if out.exists() and not force:
         raise DuomemError(f"{out} already exists; pass --force to replace it or choose another --out")

@@ -3,6 +3,7 @@
 import click
 
 from ..config import config_option
+from ..memory.retrieval import FILTERS
 
 
 @click.command("distill")
@@ -11,6 +12,8 @@ from ..config import config_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapters directory to write.")
 @click.option("--memory-bank", type=click.Path(), help="Prepend the memories the student retrieves from this bank (built for the student).")
 @click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True, help="Memories per prompt, as at run time.")
+@click.option("--memory-filter", type=click.Choice(FILTERS), default="none", show_default=True,
+              help="task: retrieve only memories of the episode's task type (pass the same to eval); none: by similarity alone.")
 @click.option("--kd", type=click.Choice(["on", "off"]), default="on", show_default=True, help="off: CE on the cached text re-tokenized by the student.")
 @click.option("--iters", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Episodes per step (global, over all processes).")

@@ -5,11 +5,11 @@ retrieve prepended, and the cached top-k rows mapped to its masked tokens in ord
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from ..agent.prompt import episode_messages, tokenize_with_mask
 from ..envs.base import Episode
 from ..errors import DuomemError
+from ..progress import Progress
 from ..teacher.cache import check_shard, load_shard, read_episodes, read_manifest
 
 PAD_TO = 32  # batch widths are multiples of this, so the compiled step sees few shapes
@@ -98,7 +98,7 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
 def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool = True, val_fraction: float = 0.1,
                   max_seq_length: int = 4096, seed: int = 0, progress: bool = True) -> Dataset:
     """Examples of the kept episodes. `retrieve(query, task_type)` is the student's own
-    retrieval (`ModelPolicy.retrieve`); its memories go in front of each prompt."""
+    retrieval (`memory.retrieval.retrieve`, as the agent calls it); its memories go in front of each prompt."""
     manifest = read_manifest(cache)
     records = read_episodes(cache)
     kept = [r for r in records if r.get("steps") and (r.get("success") or not only_success)]
@@ -107,7 +107,7 @@ def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool 
         raise DuomemError(f"{cache} has no {which}episodes to train on ({len(records)} cached)"
                           + ("; pass --all to train on failed ones too" if which else "; collect some with `duomem-mlx teach`"))
     examples, too_long, memories_used = [], 0, 0
-    for record in tqdm(kept, desc="data", unit="episode", disable=None if progress else True):
+    for record in Progress(kept, desc="data", unit="episode", disable=not progress):
         memories = retrieve(record.get("task_description", ""), record.get("task")) if retrieve else []
         memories_used += len(memories)
         fitted = fit(tokenizer, episode_messages(Episode.from_json(record), [m.text for m in memories]), max_seq_length)

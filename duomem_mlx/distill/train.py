@@ -19,16 +19,16 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from tqdm import tqdm
 
 from ..errors import DuomemError
 from ..io import write_atomic
+from ..progress import Progress
 from .data import Dataset, build_dataset, check_kd, collate, epoch_batches
 from .losses import distill_loss
 
 OUTPUTS = ("adapters.safetensors", "adapter_config.json", "duomem.json", "metrics.jsonl", "loss.png", "checkpoint", "memory")
 # Settings a resumed run must share with its checkpoint (grad_checkpoint and world size may change).
-RESUME_SETTINGS = ("student", "cache", "memory_bank", "memory_k", "kd", "iters", "batch_size", "adapter", "rank", "scale",
+RESUME_SETTINGS = ("student", "cache", "memory_bank", "memory_k", "memory_filter", "kd", "iters", "batch_size", "adapter", "rank", "scale",
                    "dropout", "num_layers", "alpha", "temperature", "kd_loss", "val_fraction", "max_seq_length", "seed",
                    "learning_rate", "warmup", "only_success")
 
@@ -40,6 +40,7 @@ class DistillArgs:
     out: str
     memory_bank: str | None = None
     memory_k: int = 3
+    memory_filter: str = "none"
     kd: str = "on"
     iters: int = 100
     batch_size: int = 4
@@ -82,10 +83,11 @@ def distill(args: DistillArgs) -> dict:
         check_kd(manifest, args.cache, tokenizer_fingerprint(tokenizer))
     bank = retrieve = None
     if args.memory_bank:
-        from ..agent.loop import ModelPolicy, load_bank
+        from ..agent.loop import load_bank
+        from ..memory import retrieval
 
         bank = load_bank(args.memory_bank, model, tokenizer)
-        retrieve = ModelPolicy(model, tokenizer, bank, args.memory_k).retrieve
+        retrieve = partial(retrieval.retrieve, bank, model, tokenizer, k=args.memory_k, memory_filter=args.memory_filter)
     data = build_dataset(args.cache, tokenizer, kd, retrieve, args.only_success, args.val_fraction,
                          args.max_seq_length, args.seed, progress=world.rank() == 0)
     if len(data.train) < args.batch_size:
@@ -301,7 +303,7 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
     if rank0:
         write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
     model.train()
-    bar = tqdm(total=args.iters, initial=step, desc="distill", unit="step", disable=None if rank0 else True)
+    bar = Progress(total=args.iters, initial=step, desc="distill", unit="step", disable=not rank0)
     sums, seconds = np.zeros(6), 0.0
     try:
         while step < args.iters:
@@ -358,7 +360,8 @@ def memory_mode(bank, args: DistillArgs) -> dict | None:
 
     teacher_ids = {m["id"] for m in read_memories(args.cache)}
     mode = "teacher" if teacher_ids and all(m.id in teacher_ids for m in bank.memories) else "other"
-    return {"bank": str(Path(args.memory_bank).resolve()), "mode": mode, "memories": len(bank), "k": args.memory_k}
+    return {"bank": str(Path(args.memory_bank).resolve()), "mode": mode, "memories": len(bank), "k": args.memory_k,
+            "filter": args.memory_filter}
 
 
 def rebuild_bank(bank, args: DistillArgs, out: Path) -> None:

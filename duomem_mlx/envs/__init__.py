@@ -1,8 +1,8 @@
-"""Environments behind one protocol (envs.base.Env): ScienceWorld, TextWorld, ALFWorld."""
+"""Environments behind one protocol (envs.base.Env): ScienceWorld, TextWorld, ALFWorld, TextWorldExpress."""
 
 from ..errors import DuomemError
 
-NAMES = ("scienceworld", "textworld", "alfworld")
+NAMES = ("scienceworld", "textworld", "alfworld", "twx")
 
 
 def make_env(name: str, **options):
@@ -18,4 +18,8 @@ def make_env(name: str, **options):
         from .alfworld import ALFWorld
 
         return ALFWorld(**options)
+    if name == "twx":
+        from .twx import TextWorldExpress
+
+        return TextWorldExpress(**options)
     raise DuomemError(f"unknown environment {name!r}; use one of {', '.join(NAMES)}")

@@ -161,13 +161,6 @@ class MemoryBank:
         scores, top = scores[top].tolist(), top.tolist()
         return [(self.memories[rows[i]], s) for i, s in zip(top, scores)]
 
-    def retrieve(self, model, tokenizer, query_text: str, k: int = 3, task_type: str | None = None) -> list[Memory]:
-        """The agent's call: the k memories closest to `query_text`, checked against the embedder once."""
-        if getattr(self, "_checked", None) is not model:
-            self.check_embedder(model, tokenizer)
-            self._checked = model
-        return [m for m, _ in self.search(query_text, k, task_type, model, tokenizer)]
-
 
 def build(memories: list, model, tokenizer, embedder: str = "", adapter_path: str | None = None, progress: bool = False) -> MemoryBank:
     """A bank from Memory objects or memory dicts (e.g. a teacher cache's memories.jsonl rows)."""

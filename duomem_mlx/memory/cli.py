@@ -80,29 +80,57 @@ def check_bank_destination(out: str, force: bool) -> None:
 
 @memory.command("search")
 @click.argument("bank_path", metavar="BANK", type=click.Path())
-@click.argument("query")
+@click.argument("query", required=False)
 @click.option("-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--task-type", help="Only memories of this task type.")
+@click.option("--accuracy-on", type=click.Path(exists=True),
+              help="Instead of QUERY: a teacher cache or an episode log; the share of its episodes whose top-1 memory "
+                   "(by their task description, similarity alone) is of their own task type.")
 @click.option("--embedder", help="Model to embed the query with (default: the one recorded in the bank).")
 @click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters (default: as recorded in the bank).")
 @config_option
-def search_command(bank_path, query, k, task_type, embedder, adapter_path):
-    """Show the K memories closest to QUERY (cosine in the student's space).
+def search_command(bank_path, query, k, task_type, accuracy_on, embedder, adapter_path):
+    """Show the K memories closest to QUERY (cosine in the student's space), or measure
+    retrieval accuracy on the episodes of a cache or log.
 
     \b
-    Example:
+    Examples:
       duomem-mlx memory search runs/bank "put a hot apple in the fridge" -k 3 --task-type heat
+      duomem-mlx memory search runs/bank --accuracy-on runs/test-episodes.jsonl
     """
     from ..models import load
     from .bank import MemoryBank
 
+    if (query is None) == (accuracy_on is None):
+        raise DuomemError("pass exactly one of QUERY or --accuracy-on CACHE_OR_EPISODES")
     bank = MemoryBank.load(bank_path)
     if not (embedder or bank.info.get("embedder")):
         raise DuomemError(f"{bank_path} records no embedder; pass --embedder MODEL")
     model, tokenizer = load(embedder or bank.info["embedder"], adapter_path or (None if embedder else bank.info.get("adapter_path")))
     bank.check_embedder(model, tokenizer)
+    if accuracy_on:
+        from .retrieval import accuracy
+
+        queries = task_queries(accuracy_on)
+        click.echo(f"top-1 task type accuracy {accuracy(bank, model, tokenizer, queries):.1%} over {len(queries)} episodes")
+        return
     for memory, score in bank.search(query, k, task_type, model, tokenizer):
         click.echo(f"{score:.3f}  {memory.id}  [{memory.task_type}]  {memory.text}")
+
+
+def task_queries(path: str) -> list[tuple[str, str]]:
+    """(task description, task type) of every episode of a teacher cache or an episode log."""
+    if Path(path).is_dir():
+        from ..envs.base import Episode
+        from ..teacher.cache import read_episodes, read_manifest
+
+        read_manifest(path)
+        episodes = [Episode.from_json(record) for record in read_episodes(path)]
+    else:
+        from .writer import read_episodes
+
+        episodes = read_episodes(path)
+    return [(e.task_description, e.task) for e in episodes]
 
 
 @memory.command("show")
@@ -140,7 +168,8 @@ def write_command(episodes, writer, max_tokens, out, force):
 
     `rules` abstracts each action sequence into a workflow (objects the task names, or that
     change between episodes of a task type, become X, Y, ...; what every episode names stays;
-    near-identical workflows merge); `model:PATH` asks a model to write one.
+    near-identical workflows merge); `model:PATH` asks a model to write one per episode, and
+    drops a reply that only echoes the prompt or names no step of its episode (said how many).
 
     \b
     Examples:
@@ -153,6 +182,7 @@ def write_command(episodes, writer, max_tokens, out, force):
     if Path(out).exists() and Path(episodes).exists() and Path(out).samefile(episodes):
         raise DuomemError(f"--out {out} is the episode log itself; write the memories to another file")
     check_destination(out, force)
-    memories = write(episodes, writer, max_tokens)
-    write_memories(out, memories)
-    click.echo(f"wrote {len(memories)} memories for {len({m.task_type for m in memories})} task type(s) to {out}")
+    written = write(episodes, writer, max_tokens)
+    write_memories(out, written.memories)
+    dropped = f"; {written.summary()}" if written.dropped else ""
+    click.echo(f"wrote {len(written.memories)} memories for {len({m.task_type for m in written.memories})} task type(s) to {out}{dropped}")

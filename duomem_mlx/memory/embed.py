@@ -5,10 +5,10 @@ import json
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
 from ..errors import DuomemError
 from ..models import tokenizer_fingerprint
+from ..progress import Progress
 
 MAX_TOKENS = 512  # longer texts are embedded from their first MAX_TOKENS tokens
 SAMPLE = 4096  # elements per weight tensor that go into the fingerprint
@@ -35,7 +35,7 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 16, progress: bo
         raise DuomemError("cannot embed an empty text; every memory and query needs some words")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = [None] * len(ids)
-    for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch", disable=not progress or None):
+    for start in Progress(range(0, len(order), batch_size), desc="embed", unit="batch", disable=not progress):
         batch = order[start : start + batch_size]
         width = max(len(ids[i]) for i in batch)
         tokens = mx.array([ids[i] + [0] * (width - len(ids[i])) for i in batch])

@@ -1,14 +1,16 @@
 """Procedural memories from successful episodes: rule-based workflow induction, or an LLM writer."""
 
 import re
+from collections import Counter
+from dataclasses import dataclass, field
 from difflib import SequenceMatcher
+from itertools import accumulate, takewhile
 from pathlib import Path
-
-from tqdm import tqdm
 
 from ..envs.base import Episode
 from ..errors import DuomemError
 from ..io import read_jsonl, require
+from ..progress import Progress
 from .bank import Memory, memory_id, merge_duplicates
 
 PREPOSITIONS = {"from", "with", "on", "in", "into", "to", "at", "onto", "up", "down", "under", "inside", "using", "off", "for", "out"}
@@ -17,15 +19,16 @@ DIRECTIONS = {"north", "south", "east", "west", "northeast", "northwest", "south
 PLACEHOLDERS = "XYZPQRTUVKLM"  # no W/N/E/S: they read like directions
 MAX_STEPS = 40
 SIMILAR = 0.9  # workflows of one task type this alike (difflib ratio over steps) are merged
+ECHO_WORDS = 8  # prompt words that open a reply line mid-way and still count as an echo of the prompt
+STEP_WINDOW = 4  # words between an action's verb and its object in a memory ("take the red apple")
+DROPPED = ("empty", "echo only", "no episode step")  # why a model writer's reply gives no memory
 
-WRITER_PROMPT = """Below is a successful trajectory of an agent in a text environment.
-Write a short procedural memory (at most 5 lines) that would help an agent solve similar tasks:
-the general steps in order, with specific object names replaced by their roles. Reply with the memory only.
-
+# Actions only, no observations: a 135M instruct model echoes a long trajectory back, while it
+# turns a short list of actions into numbered steps (measured on SmolLM2-135M-Instruct).
+WRITER_PROMPT = """An agent solved this task in a text game.
 Task: {task}
-
-Trajectory:
-{trajectory}"""
+Its actions, in order: {actions}
+Write the procedure for tasks like this as numbered steps, one short line each."""
 
 
 def read_episodes(path: str | Path) -> list[Episode]:
@@ -152,54 +155,119 @@ def task_memories(episodes: list[Episode]) -> list[Memory]:
     return [m for _, m in kept]
 
 
-def trajectory_text(episode: Episode, max_observation: int = 200) -> str:
-    lines = []
-    for i, step in enumerate(episode.steps, 1):
-        observation = " ".join(step.observation.split())
-        if len(observation) > max_observation:
-            observation = observation[:max_observation] + "..."
-        lines.append(f"{i}. Observation: {observation}\n   Action: {step.action}")
-    return "\n".join(lines)
+def writer_content(episode: Episode) -> str:
+    """What a model writer is asked about one episode."""
+    return WRITER_PROMPT.format(task=episode.task_description.strip(), actions="; ".join(s.action for s in episode.steps))
 
 
 def writer_prompt(tokenizer, episode: Episode) -> str:
-    content = WRITER_PROMPT.format(task=episode.task_description.strip(), trajectory=trajectory_text(episode))
+    content = writer_content(episode)
     if not getattr(tokenizer, "chat_template", None):
         return content + "\n\nMemory:\n"
     messages = [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
 
 
-def clean_reply(text: str) -> str:
-    text = re.sub(r"<think>.*?(</think>|$)", "", text, flags=re.S)
-    return "\n".join(line.rstrip() for line in text.strip().splitlines()[:8]).strip()
+def strip_echo(reply: str, prompt: str) -> str:
+    """The reply without the prompt it repeats at its start: runs of the prompt's words (case
+    aside) from one of its line starts, each ending a reply line or ECHO_WORDS long, so an
+    echo with other line breaks, or cut off, goes too."""
+    words = prompt.lower().split()
+    starts = set(accumulate((len(line.split()) for line in prompt.splitlines()), initial=0))
+    while True:
+        spans = [m.span() for m in re.finditer(r"\S+", reply)]
+        ours = [reply[a:b].lower() for a, b in spans]
+        n = max(sum(1 for _ in takewhile(lambda pair: pair[0] == pair[1], zip(ours, words[s:]))) for s in starts)
+        if not n:
+            return reply.strip()
+        end = spans[n - 1][1]
+        if n < ECHO_WORDS and n < len(spans) and "\n" not in reply[end : spans[n][0]]:
+            return reply.strip()
+        reply = reply[end:]
 
 
-def model_memories(episodes: list[Episode], model, tokenizer, max_tokens: int = 160) -> list[Memory]:
+def step_words(text: str) -> list[str]:
+    """Lowercase words without articles and numbers; a placeholder (X, Y, ...) becomes "*", any object."""
+    words = ["*" if len(w) == 1 and w in PLACEHOLDERS else w.lower() for w in re.findall(r"[A-Za-z]+", text)]
+    return [w for w in words if w not in ARTICLES]
+
+
+def names_a_step(text: str, actions: list[str]) -> bool:
+    """Whether the text holds an action: its verb, then one of its objects (or a placeholder)
+    within STEP_WINDOW words, so "take the red apple" holds "take apple 1". One-word actions
+    (look, wait, inventory) never count: any text can hold those words."""
+    words = step_words(text)
+    for action in actions:
+        (verb, _), *parts = action_parts(action)
+        objects = {w for phrase, is_object in parts if is_object for w in step_words(phrase)}
+        for i, word in enumerate(words):
+            if objects and word == verb and any(w in objects or w == "*" for w in words[i + 1 : i + 1 + STEP_WINDOW]):
+                return True
+    return False
+
+
+def vet_reply(reply: str, episode: Episode) -> tuple[str, str | None]:
+    """The memory a writer's reply holds (no think block, no echoed prompt, 8 lines at most)
+    and why it is dropped (one of DROPPED), None when it is kept. Never reworded."""
+    text = re.sub(r"<think>.*?(</think>|$)", "", reply, flags=re.S).strip()
+    if not text:
+        return "", "empty"
+    lines = strip_echo(text, writer_content(episode)).splitlines()[:8]
+    text = "\n".join(line.rstrip() for line in lines).strip()
+    if not text:
+        return "", "echo only"
+    if not names_a_step(text, [s.action for s in episode.steps]):
+        return text, "no episode step"
+    return text, None
+
+
+@dataclass
+class Written:
+    """A writer's memories, and why the replies that gave none were dropped."""
+
+    memories: list[Memory]
+    attempted: int  # successful episodes asked for a memory
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{self.dropped[r]} {r}" for r in DROPPED if self.dropped[r])
+        return f"dropped {self.dropped.total()} of {self.attempted} replies" + (f" ({reasons})" if reasons else "")
+
+
+def written_by(episodes: list[Episode], reply) -> Written:
+    """One memory per successful episode from `reply(episode)` (a model's raw text), vetted."""
+    good = successful(episodes)
+    written = Written([], len(good))
+    for episode in Progress(good, desc="write", unit="episode"):
+        text, dropped = vet_reply(reply(episode), episode)
+        if dropped:
+            written.dropped[dropped] += 1
+        else:
+            written.memories.append(Memory(memory_id(episode.task + text), episode.task, text, [episode.id]))
+    return written
+
+
+def model_memories(episodes: list[Episode], model, tokenizer, max_tokens: int = 160) -> Written:
     """Ask a model (teacher, or the student for the "student-generated memory" baseline) to
-    write one memory per successful episode; greedy decoding. Empty replies are dropped."""
+    write one memory per successful episode; greedy decoding."""
     from mlx_lm import generate
 
-    memories = []
-    for episode in tqdm(successful(episodes), desc="write", unit="episode", disable=None):
-        reply = clean_reply(generate(model, tokenizer, writer_prompt(tokenizer, episode), max_tokens=max_tokens))
-        if reply:
-            memories.append(Memory(memory_id(episode.task + reply), episode.task, reply, [episode.id]))
-    return memories
+    return written_by(episodes, lambda e: generate(model, tokenizer, writer_prompt(tokenizer, e), max_tokens=max_tokens))
 
 
-def write(episodes_path: str, writer: str, max_tokens: int = 160) -> list[Memory]:
-    """`rules` or `model:PATH` over an episode log; returns memories with unique ids."""
+def write(episodes_path: str, writer: str, max_tokens: int = 160) -> Written:
+    """`rules` or `model:PATH` over an episode log; memories with unique ids."""
     episodes = read_episodes(episodes_path)
     if writer == "rules":
-        memories = rule_memories(episodes)
+        written = Written(rule_memories(episodes), len(successful(episodes)))
     elif writer.startswith("model:"):
         from ..models import load
 
         model, tokenizer = load(writer[len("model:") :])
-        memories = model_memories(episodes, model, tokenizer, max_tokens)
-        if not memories:
-            raise DuomemError(f"{writer} wrote only empty replies; use a stronger (instruction-tuned) model or --writer rules")
+        written = model_memories(episodes, model, tokenizer, max_tokens)
+        if not written.memories:
+            raise DuomemError(f"{writer} wrote no usable memory: {written.summary()}; use a stronger (instruction-tuned) model or --writer rules")
     else:
         raise DuomemError(f"unknown --writer {writer}; use rules or model:PATH")
-    return merge_duplicates(memories)
+    written.memories = merge_duplicates(written.memories)
+    return written

@@ -2,9 +2,11 @@
 the memory writer choice, and URLs made safe to print."""
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..agent.prompt import episode_messages, tokenize_with_mask
 from ..errors import DuomemError
@@ -34,11 +36,15 @@ def load_tokenizer(path: str):
 
 
 def teacher_memories(policy_memories, episodes, writer: str) -> list:
+    """Rule memories, or the teacher's own (`policy_memories`: a memory.writer.Written), saying what it dropped."""
     from ..memory.writer import rule_memories
 
     if writer == "rules":
         return rule_memories(episodes)
-    return policy_memories(episodes)
+    written = policy_memories(episodes)
+    if written.dropped:
+        tqdm.write(f"note: the teacher's memory writer {written.summary()}", file=sys.stderr)
+    return written.memories
 
 
 def redact(spec: str) -> str:

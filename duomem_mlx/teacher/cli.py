@@ -10,7 +10,7 @@ from ..errors import DuomemError
 
 @click.command("teach")
 @click.option("--teacher", required=True, help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)")
-@click.option("--env", "env_name", type=click.Choice(["scienceworld", "textworld", "alfworld"]), required=True)
+@click.option("--env", "env_name", type=click.Choice(["scienceworld", "textworld", "alfworld", "twx"]), required=True)
 @click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="train", show_default=True)
 @click.option("--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise.")

@@ -10,6 +10,7 @@ from ..envs.base import Episode, episode_id, play_episode
 from ..errors import DuomemError
 from ..io import check_destination
 from ..memory.bank import merge_duplicates
+from ..progress import Progress
 from .backends import make_teacher
 from .cache import CacheWriter, info
 
@@ -69,7 +70,7 @@ def collect(
 
 def play(env, specs, model, writer: CacheWriter, max_steps: int, keep: str, keep_admissible: bool) -> None:
     todo = [s for s in specs if episode_id(s) not in writer.done]
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="teach", unit="episode", disable=None)
+    bar = Progress(total=len(specs), initial=len(specs) - len(todo), desc="teach", unit="episode")
     for spec in todo:
         episode = play_episode(env, spec, model.policy, max_steps)
         with disk_errors(writer.out, writer):

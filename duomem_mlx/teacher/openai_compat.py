@@ -206,18 +206,14 @@ class OpenAITeacher:
     def memories(self, episodes, writer: str) -> list:
         return teacher_memories(self.write_memories, episodes, writer)
 
-    def write_memories(self, episodes) -> list:
-        from ..memory.bank import Memory, memory_id
-        from ..memory.writer import WRITER_PROMPT, clean_reply, successful, trajectory_text
+    def write_memories(self, episodes):
+        from ..memory.writer import writer_content, written_by
 
-        memories = []
-        for episode in successful(episodes):
-            prompt = WRITER_PROMPT.format(task=episode.task_description.strip(), trajectory=trajectory_text(episode))
-            body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 160, "temperature": 0.0}
-            reply = clean_reply(self.client.chat(body)["message"].get("content") or "")
-            if reply:
-                memories.append(Memory(memory_id(episode.task + reply), episode.task, reply, [episode.id]))
-        return memories
+        def reply(episode) -> str:
+            body = {"model": self.model, "messages": [{"role": "user", "content": writer_content(episode)}], "max_tokens": 160, "temperature": 0.0}
+            return self.client.chat(body)["message"].get("content") or ""
+
+        return written_by(episodes, reply)
 
 
 def align_turns(tokenizer, input_ids, loss_mask, turns: list[Turn], k: int, eos: set[int], greedy: bool) -> dict[str, np.ndarray]:

@@ -1,0 +1,30 @@
+"""Retrieval: the memories a model reads for a task, the one function the agent loop, chat and
+`distill`'s training data call (so training and run time read the same memories), and how
+often its top memory is of the query's own task type."""
+
+from ..errors import DuomemError
+
+FILTERS = ("none", "task")  # none: by similarity alone; task: only memories of the episode's task type
+
+
+def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k: int = 3, memory_filter: str = "none") -> list:
+    """The k memories closest to `query` (top-k cosine in `model`'s space); with memory_filter
+    "task", only those of `task_type`, unless the bank holds none of that type."""
+    if memory_filter not in FILTERS:
+        raise DuomemError(f"unknown memory filter {memory_filter!r}; use one of {', '.join(FILTERS)}")
+    if bank is None or k == 0:
+        return []
+    if getattr(bank, "checked", None) is not model:  # the fingerprint hashes the weights: once per model
+        bank.check_embedder(model, tokenizer)
+        bank.checked = model
+    if memory_filter == "none" or not any(m.task_type == task_type for m in bank.memories):
+        task_type = None
+    return [m for m, _ in bank.search(query, k, task_type, model, tokenizer)]
+
+
+def accuracy(bank, model, tokenizer, queries: list[tuple[str, str]]) -> float:
+    """The share of (query, true task type) whose top-1 memory, by similarity alone, has that type."""
+    if not queries:
+        raise DuomemError("no queries to measure retrieval accuracy on")
+    tops = [retrieve(bank, model, tokenizer, query, k=1) for query, _ in queries]
+    return sum(top[0].task_type == true for top, (_, true) in zip(tops, queries)) / len(queries)

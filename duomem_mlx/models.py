@@ -115,17 +115,22 @@ def resolve(path_or_repo: str) -> str:
 
 
 def load(path_or_repo: str, adapter_path: str | None = None):
-    """(model, tokenizer) through plain `mlx_lm.load`; safetensors only, never remote code."""
+    """(model, tokenizer) through plain `mlx_lm.load`; safetensors only, never remote code. On a
+    CPU, quantized layers fed many rows run dense (cpu_quant)."""
     import mlx_lm
+
+    from .cpu_quant import dense_prefill_on_cpu
 
     source = resolve(path_or_repo)
     if adapter_path and not (Path(adapter_path) / "adapter_config.json").exists():
         raise DuomemError(f"no adapter_config.json in {adapter_path}; pass an mlx-lm adapter directory (adapters.safetensors + adapter_config.json)")
     try:
-        return mlx_lm.load(source, adapter_path=adapter_path)
+        model, tokenizer = mlx_lm.load(source, adapter_path=adapter_path)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise DuomemError(f"could not load model {path_or_repo}: {first_line}")
+    dense_prefill_on_cpu(model)
+    return model, tokenizer
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

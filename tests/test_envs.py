@@ -83,11 +83,13 @@ class KillJVMAfter(OraclePolicy):
         return super().act(state)
 
 
-def test_a_dead_jvm_fails_the_episode_and_the_run_goes_on(scienceworld):
-    spec = scienceworld.task_specs(["melt"], "dev", 1, seed=0)[0]
-    crashed = play_episode(scienceworld, spec, KillJVMAfter(2), 250)
+@pytest.mark.parametrize("env_name,task,max_steps", [("scienceworld", "melt", 250), ("twx", "peckingorder", 50)])
+def test_a_dead_jvm_fails_the_episode_and_the_run_goes_on(request, env_name, task, max_steps):
+    env = request.getfixturevalue(env_name)
+    spec = env.task_specs([task], "dev" if env_name == "scienceworld" else "test", 1, seed=0)[0]
+    crashed = play_episode(env, spec, KillJVMAfter(2), max_steps)
     assert not crashed.success and "JVM died" in crashed.error
-    again = play_episode(scienceworld, spec, OraclePolicy(), 250)
+    again = play_episode(env, spec, OraclePolicy(), max_steps)
     assert again.success and again.error is None
 
 
@@ -183,14 +185,6 @@ def test_any_model_text_is_a_safe_twx_action(twx, action):
     twx.reset(twx.task_specs(["coin"], "dev", 1, seed=0)[0])
     state = twx.step(action)
     assert state.observation and state.admissible and not state.won
-
-
-def test_twx_dead_jvm_fails_the_episode_and_the_run_goes_on(twx):
-    spec = twx.task_specs(["peckingorder"], "test", 1, seed=0)[0]
-    crashed = play_episode(twx, spec, KillJVMAfter(2), 50)
-    assert not crashed.success and "JVM died" in crashed.error
-    again = play_episode(twx, spec, OraclePolicy(), 50)
-    assert again.success and again.error is None
 
 
 def test_twx_is_an_env_choice_everywhere_and_eval_runs_it(tmp_path):

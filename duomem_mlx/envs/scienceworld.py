@@ -5,10 +5,10 @@ Runs a JVM (py4j). A JVM that dies mid-episode raises EnvCrashed; the next reset
 import logging
 import random
 import shutil
-import subprocess
 
 from ..errors import DuomemError
 from .base import EnvCrashed, StepResult, TaskSpec, number_repeats, parser_safe
+from .jvm import JavaBacked
 
 logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
 SIMPLIFICATION = "easy"  # teleport, open doors and containers, no electrical actions: the usual agent setting
@@ -22,7 +22,7 @@ def require_java():
         )
 
 
-class ScienceWorld:
+class ScienceWorld(JavaBacked):
     name = "scienceworld"
     default_max_steps = 100
 
@@ -78,34 +78,11 @@ class ScienceWorld:
     def expert_actions(self) -> list[str]:
         return list(self.env.get_gold_action_sequence())
 
-    def alive(self) -> bool:
-        return self.env is not None and self.env._gateway.java_process.poll() is None
-
     def crashed(self, error: Exception) -> EnvCrashed:
         if not self.alive():
             self.close()
             return EnvCrashed("the ScienceWorld JVM died; the episode counts as failed and the next one restarts it")
         return EnvCrashed(f"ScienceWorld failed ({error.__class__.__name__}: {str(error)[:200]})")
-
-    def restart(self):
-        self.close()
-        self.env = self._make()
-
-    def close(self):
-        if self.env is None:
-            return
-        process = self.env._gateway.java_process
-        try:
-            self.env._gateway.shutdown()
-        except Exception:
-            pass  # the JVM may already be gone
-        process.kill()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.env.close = lambda: None  # its __del__ would talk to the dead gateway
-        self.env = None
 
 
 def sample(rng: random.Random, items: list[int], n: int) -> list[int]:

@@ -11,10 +11,10 @@ no doors); `game_params` changes them, key by key."""
 import logging
 import random
 import shutil
-import subprocess
 
 from ..errors import DuomemError
 from .base import EnvCrashed, StepResult, TaskSpec, number_repeats, parser_safe
+from .jvm import JavaBacked
 from .scienceworld import sample
 
 logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
@@ -95,7 +95,7 @@ def resolve_params(game_params: str | dict[str, str] | None) -> dict[str, str]:
     return {game: ",".join(f"{k}={v}" for k, v in p.items()) for game, p in params.items()}
 
 
-class TextWorldExpress:
+class TextWorldExpress(JavaBacked):
     name = "twx"
     default_max_steps = 50
 
@@ -188,9 +188,6 @@ class TextWorldExpress:
     def expert_actions(self) -> list[str]:
         return list(self.gold)
 
-    def alive(self) -> bool:
-        return self.env is not None and self.env._gateway.java_process.poll() is None
-
     def crashed(self, error: Exception, doing: str = "failed") -> EnvCrashed:
         if not self.alive():
             self.close()
@@ -198,26 +195,6 @@ class TextWorldExpress:
         java = getattr(error, "java_exception", None)  # py4j's Py4JJavaError: a Scala exception, the JVM lives on
         message = str(java.getMessage()) if java is not None else f"{error.__class__.__name__}: {error}"
         return EnvCrashed(f"TextWorldExpress {doing}: {message.strip()[:300]}")
-
-    def restart(self):
-        self.close()
-        self.env = self._make()
-
-    def close(self):
-        if self.env is None:
-            return
-        process = self.env._gateway.java_process
-        try:
-            self.env._gateway.shutdown()
-        except Exception:
-            pass  # the JVM may already be gone
-        process.kill()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.env.close = lambda: None  # its __del__ would talk to the dead gateway
-        self.env = None
 
 
 def seed_range(split: str) -> range:

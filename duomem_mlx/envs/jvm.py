@@ -1,0 +1,31 @@
+"""What the two Java-backed environments (ScienceWorld, TextWorldExpress) share: a py4j gateway
+to a JVM that can die mid-episode, be told apart from a failed step, and be restarted."""
+
+import subprocess
+
+
+class JavaBacked:
+    env = None  # the package's env object; `_make()` builds a fresh one
+
+    def alive(self) -> bool:
+        return self.env is not None and self.env._gateway.java_process.poll() is None
+
+    def restart(self):
+        self.close()
+        self.env = self._make()
+
+    def close(self):
+        if self.env is None:
+            return
+        process = self.env._gateway.java_process
+        try:
+            self.env._gateway.shutdown()
+        except Exception:
+            pass  # the JVM may already be gone
+        process.kill()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.env.close = lambda: None  # its __del__ would talk to the dead gateway
+        self.env = None

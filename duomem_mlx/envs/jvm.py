@@ -3,12 +3,21 @@ to a JVM that can die mid-episode, be told apart from a failed step, and be rest
 
 import subprocess
 
+from .base import StepResult, parser_safe
+
 
 class JavaBacked:
     env = None  # the package's env object; `_make()` builds a fresh one
 
     def alive(self) -> bool:
         return self.env is not None and self.env._gateway.java_process.poll() is None
+
+    def step(self, action: str) -> StepResult:
+        try:
+            observation, _, done, info = self.env.step(parser_safe(action))
+        except Exception as e:
+            raise self.crashed(e)
+        return self.result(observation, info, done)
 
     def restart(self):
         self.close()

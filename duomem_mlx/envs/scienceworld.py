@@ -7,7 +7,7 @@ import random
 import shutil
 
 from ..errors import DuomemError
-from .base import EnvCrashed, StepResult, TaskSpec, number_repeats, parser_safe
+from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
 from .jvm import JavaBacked
 
 logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
@@ -63,13 +63,6 @@ class ScienceWorld(JavaBacked):
             return self.env.get_task_description(), self.result(observation, info, done=False)
         except Exception as e:  # py4j errors when the JVM is gone
             raise self.crashed(e)
-
-    def step(self, action: str) -> StepResult:
-        try:
-            observation, _, done, info = self.env.step(parser_safe(action))
-        except Exception as e:
-            raise self.crashed(e)
-        return self.result(observation, info, done)
 
     def result(self, observation: str, info: dict, done: bool) -> StepResult:
         score = info.get("score", 0)

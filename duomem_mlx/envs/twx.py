@@ -13,7 +13,7 @@ import random
 import shutil
 
 from ..errors import DuomemError
-from .base import EnvCrashed, StepResult, TaskSpec, number_repeats, parser_safe
+from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
 from .jvm import JavaBacked
 from .scienceworld import sample
 
@@ -170,13 +170,6 @@ class TextWorldExpress(JavaBacked):
         if not self.gold:
             raise EnvCrashed(f"TextWorldExpress found no gold path for {spec.task} seed {spec.variation}")
         return info["taskDescription"].strip(), self.result(observation, info, done=False)
-
-    def step(self, action: str) -> StepResult:
-        try:
-            observation, _, done, info = self.env.step(parser_safe(action))
-        except Exception as e:
-            raise self.crashed(e)
-        return self.result(observation, info, done)
 
     @staticmethod
     def result(observation: str, info: dict, done: bool) -> StepResult:

@@ -25,7 +25,7 @@ def convert_gguf(source: str | Path, out: str | Path, dtype: str | None = None, 
     from .families import family_of, model_config
     from .gguf_file import open_gguf
     from .tokenizer import build_tokenizer
-    from .weights import mlx_weights
+    from .weights import mlx_weights, quantization_config
 
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
@@ -42,8 +42,6 @@ def convert_gguf(source: str | Path, out: str | Path, dtype: str | None = None, 
     if bits:
         _requantize(model, quantized, bits, group_size)
     if quantized:
-        from .weights import quantization_config
-
         config["quantization"] = quantization_config(quantized)
     record = {
         "converted_by": f"duomem-mlx {__version__}",

@@ -37,7 +37,7 @@ def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_
       duomem-mlx convert --list
     """
     from . import convert_gguf
-    from .fetch import KNOWN, fetch_gguf, fetch_model, known
+    from .fetch import KNOWN, fetch_gguf, fetch_model
     from ..io import check_destination
 
     if list_known:
@@ -53,7 +53,6 @@ def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_
         if not out:
             click.echo(f"{fetch_name}: {fetch_model(fetch_name, dtype, keep_quant, bits, int(group_size), log=click.echo)}")
             return
-        known(fetch_name)
         source = fetch_gguf(fetch_name, log=click.echo)
     if not source or not out:
         raise click.UsageError("pass SOURCE.gguf and OUT, or --fetch NAME (see --list)")

@@ -77,16 +77,16 @@ def test_memory_write_with_a_real_model(real_models, tmp_path):
 
 
 def test_distill_quantize_bench(real_models, oracle_cache, tmp_path):
-    """LoRA on SmolLM2's last blocks: the loss falls and the adapters load in plain mlx-lm; fused,
+    """LoRA on SmolLM2's last blocks: the loss on held-out episodes falls and the adapters load in plain mlx-lm; fused,
     the 4-bit package loads and the float32 one benches (MLX's CPU quantized matmuls take a
     minute a step here, so the 4-bit package is benched on a Mac, not in tests)."""
     adapters = tmp_path / "adapters"
     invoke("distill", "--student", real_models[SMOLLM2], "--cache", oracle_cache, "--kd", "off", "--num-layers", "2",
-           "--rank", "4", "--iters", "6", "--batch-size", "1", "--learning-rate", "2e-3", "--val-fraction", "0",
-           "--max-seq-length", "512", "--steps-per-report", "1", "--out", adapters)
-    losses = [row["train_loss"] for row in map(json.loads, (adapters / "metrics.jsonl").read_text().splitlines())
-              if "train_loss" in row]
-    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+           "--rank", "4", "--iters", "6", "--batch-size", "1", "--learning-rate", "1e-3", "--val-fraction", "0.5",
+           "--max-seq-length", "512", "--out", adapters)
+    val = [row["val_loss"] for row in map(json.loads, (adapters / "metrics.jsonl").read_text().splitlines())
+           if "val_loss" in row]
+    assert len(val) == 2 and val[-1] < 0.8 * val[0]  # held-out episodes (2.99 -> 1.67 here), not one batch's noise
     model, tokenizer = mlx_lm.load(str(real_models[SMOLLM2]), adapter_path=str(adapters))
     assert mlx_lm.generate(model, tokenizer, "Hello", max_tokens=2)
     for bits, package in (("4", tmp_path / "q4"), ("16", tmp_path / "f32")):

@@ -196,6 +196,21 @@ def last_rows(model, inputs: mx.array, cache, rows: int, vocab: list[int] | None
     return type(model).__call__(View(model, model=rows_of, **restricted(model, "lm_head")), inputs, cache=cache)
 
 
+def logits_at(model, inputs: mx.array, rows: mx.array) -> mx.array:
+    """`model(inputs).reshape(-1, V)[rows]`, the head computed at those rows of the flattened
+    batch only (training scores a few action tokens of each episode), the way `last_rows` does."""
+    backbone = model.get("model") if isinstance(model, nn.Module) else None
+    if not isinstance(backbone, nn.Module):
+        logits = model(inputs)
+        return logits.reshape(-1, logits.shape[-1])[rows]
+
+    def at_rows(*args, **kwargs):
+        hidden = backbone(*args, **kwargs)
+        return hidden.reshape(1, -1, hidden.shape[-1])[:, rows]
+
+    return type(model).__call__(View(model, model=View(backbone, at_rows)), inputs)[0]
+
+
 class SubsetHead:
     """A vocabulary head restricted to the token ids `ids` (full precision or quantized rows).
     Called as `lm_head(x)` or, tied, as `embed_tokens.as_linear(x)`; an embedding called

@@ -96,11 +96,17 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
 
 
 def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool = True, val_fraction: float = 0.1,
-                  max_seq_length: int = 4096, seed: int = 0, progress: bool = True) -> Dataset:
-    """Examples of the kept episodes. `retrieve(query, task_type)` is the student's own
+                  max_seq_length: int = 4096, seed: int = 0, progress: bool = True, tasks: list[str] | None = None) -> Dataset:
+    """Examples of the kept episodes (of `tasks` only, when given). `retrieve(query, task_type)` is the student's own
     retrieval (`memory.retrieval.retrieve`, as the agent calls it); its memories go in front of each prompt."""
     manifest = read_manifest(cache)
     records = read_episodes(cache)
+    if tasks:
+        unknown = sorted(set(tasks) - {r.get("task") for r in records})
+        if unknown:
+            raise DuomemError(f"{cache} has no episodes of task(s) {', '.join(unknown)}; "
+                              f"it has {', '.join(sorted({str(r.get('task')) for r in records}))}")
+        records = [r for r in records if r.get("task") in tasks]
     kept = [r for r in records if r.get("steps") and (r.get("success") or not only_success)]
     if not kept:
         which = "successful " if only_success and records else ""
@@ -145,8 +151,10 @@ def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
 
 
 def collate(examples: list[Example], top_k: int) -> tuple:
-    """(inputs, targets, mask[, topk_ids, topk_logprobs]) numpy arrays, right-padded; position p
-    predicts token p + 1, so the teacher row of a masked token at t sits at p = t - 1."""
+    """(inputs [B, W], rows [N], targets [N], mask [N][, topk_ids, topk_logprobs [N, k]]) numpy
+    arrays: inputs right-padded, the rest gathered at the N scored positions of the flattened
+    batch (the head is computed there only; N padded with mask-0 rows). Position p predicts
+    token p + 1, so the teacher row of a masked token at t sits at p = t - 1."""
     width = PAD_TO * -(-(max(len(e) for e in examples) - 1) // PAD_TO)
     b = len(examples)
     tokens = np.zeros((b, width + 1), np.int32)
@@ -159,5 +167,9 @@ def collate(examples: list[Example], top_k: int) -> tuple:
         if top_k:
             positions = np.flatnonzero(e.mask) - 1
             ids[j, positions], lps[j, positions] = e.topk_ids, e.topk_logprobs
-    batch = (tokens[:, :-1], tokens[:, 1:], mask)
-    return batch + (ids, lps) if top_k else batch
+    scored = np.flatnonzero(mask.reshape(-1))
+    rows = np.zeros(PAD_TO * -(-max(len(scored), 1) // PAD_TO), np.int32)
+    rows[: len(scored)] = scored
+    valid = np.arange(len(rows)) < len(scored)
+    batch = (tokens[:, :-1], rows, tokens[:, 1:].reshape(-1)[rows], mask.reshape(-1)[rows] * valid)
+    return batch + (ids.reshape(-1, top_k)[rows], lps.reshape(-1, top_k)[rows]) if top_k else batch

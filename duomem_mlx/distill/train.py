@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..errors import DuomemError
 from ..io import write_atomic
 from ..progress import Progress
+from ..agent.decode import logits_at
 from .data import Dataset, build_dataset, check_kd, collate, epoch_batches
 from .losses import distill_loss
 
@@ -30,7 +31,7 @@ OUTPUTS = ("adapters.safetensors", "adapter_config.json", "duomem.json", "metric
 # Settings a resumed run must share with its checkpoint (grad_checkpoint and world size may change).
 RESUME_SETTINGS = ("student", "cache", "memory_bank", "memory_k", "memory_filter", "kd", "iters", "batch_size", "adapter", "rank", "scale",
                    "dropout", "num_layers", "alpha", "temperature", "kd_loss", "val_fraction", "max_seq_length", "seed",
-                   "learning_rate", "warmup", "only_success")
+                   "learning_rate", "warmup", "only_success", "tasks")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class DistillArgs:
     learning_rate: float = 1e-4
     warmup: int | None = None
     only_success: bool = True
+    tasks: str | None = None
     steps_per_report: int = 10
     steps_per_eval: int = 50
     save_every: int = 50
@@ -89,7 +91,7 @@ def distill(args: DistillArgs) -> dict:
         bank = load_bank(args.memory_bank, model, tokenizer)
         retrieve = partial(retrieval.retrieve, bank, model, tokenizer, k=args.memory_k, memory_filter=args.memory_filter)
     data = build_dataset(args.cache, tokenizer, kd, retrieve, args.only_success, args.val_fraction,
-                         args.max_seq_length, args.seed, progress=world.rank() == 0)
+                         args.max_seq_length, args.seed, progress=world.rank() == 0, tasks=task_list(args.tasks))
     if len(data.train) < args.batch_size:
         raise DuomemError(f"only {len(data.train)} training episodes for --batch-size {args.batch_size}; "
                           "pass a smaller --batch-size or --val-fraction, or cache more episodes")
@@ -122,6 +124,10 @@ def distill(args: DistillArgs) -> dict:
         plot(out)
         write_atomic(out / "duomem.json", json.dumps(summary, indent=1).encode())
     return summary
+
+
+def task_list(tasks: str | None) -> list[str] | None:
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
 
 
 def settings(args: DistillArgs) -> dict:
@@ -252,9 +258,10 @@ def batch_for(data: Dataset, args: DistillArgs, step: int, world) -> tuple:
 def make_loss(args: DistillArgs, top_k: int):
     kind, alpha, temperature = args.kd_loss, args.alpha, args.temperature
 
-    def loss(model, inputs, targets, mask, *rest):
+    def loss(model, inputs, rows, targets, mask, *rest):
         *teacher, norm = rest
-        total, ce, kd, rows = distill_loss(model(inputs), targets, mask, *(teacher or (None, None)), alpha, temperature, kind)
+        logits = logits_at(model, inputs, rows)
+        total, ce, kd, rows = distill_loss(logits, targets, mask, *(teacher or (None, None)), alpha, temperature, kind)
         return total / norm, mx.stack([total, ce, kd, rows, mask.sum()])  # one aux array: a tuple trips mx.compile
 
     return loss
@@ -267,8 +274,8 @@ def evaluate(model, data: Dataset, args: DistillArgs) -> dict:
     agree = 0.0
     alpha = args.alpha if data.top_k else 1.0
     for start in range(0, len(data.val), args.batch_size):
-        inputs, targets, mask, *teacher = (mx.array(a) for a in collate(data.val[start : start + args.batch_size], data.top_k))
-        logits = model(inputs)
+        inputs, rows, targets, mask, *teacher = (mx.array(a) for a in collate(data.val[start : start + args.batch_size], data.top_k))
+        logits = logits_at(model, inputs, rows)
         parts = distill_loss(logits, targets, mask, *(teacher or (None, None)), alpha, args.temperature, args.kd_loss)
         parts = (*parts[:2], parts[3], mask.sum())
         reference, where = (teacher[0][..., 0], (teacher[0][..., 0] >= 0) * mask) if teacher else (targets, mask)

@@ -2,7 +2,7 @@
 
 import click
 
-from ..config import config_option
+from ..config import config_option, csv_list
 from ..memory.retrieval import FILTERS
 
 
@@ -29,7 +29,7 @@ from ..memory.retrieval import FILTERS
 @click.option("--max-seq-length", type=click.IntRange(64), default=4096, show_default=True, help="Longer episodes drop their oldest whole turns.")
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), help="Warmup steps before the cosine decay (default: iters/10, at most 100).")
-@click.option("--tasks", help="Comma-separated task types to train on (default: every one in the cache).")
+@click.option("--tasks", callback=csv_list, help="Comma-separated task types to train on (default: every one in the cache).")
 @click.option("--only-success/--all", default=True, show_default=True, help="Train on successful episodes only, or on all kept ones.")
 @click.option("--steps-per-report", type=click.IntRange(1), default=10, show_default=True, help="Steps per metrics.jsonl line.")
 @click.option("--steps-per-eval", type=click.IntRange(1), default=50, show_default=True, help="Steps between validations.")

@@ -58,7 +58,7 @@ class DistillArgs:
     learning_rate: float = 1e-4
     warmup: int | None = None
     only_success: bool = True
-    tasks: str | None = None
+    tasks: list[str] | None = None
     steps_per_report: int = 10
     steps_per_eval: int = 50
     save_every: int = 50
@@ -91,7 +91,7 @@ def distill(args: DistillArgs) -> dict:
         bank = load_bank(args.memory_bank, model, tokenizer)
         retrieve = partial(retrieval.retrieve, bank, model, tokenizer, k=args.memory_k, memory_filter=args.memory_filter)
     data = build_dataset(args.cache, tokenizer, kd, retrieve, args.only_success, args.val_fraction,
-                         args.max_seq_length, args.seed, progress=world.rank() == 0, tasks=task_list(args.tasks))
+                         args.max_seq_length, args.seed, progress=world.rank() == 0, tasks=args.tasks)
     if len(data.train) < args.batch_size:
         raise DuomemError(f"only {len(data.train)} training episodes for --batch-size {args.batch_size}; "
                           "pass a smaller --batch-size or --val-fraction, or cache more episodes")
@@ -124,10 +124,6 @@ def distill(args: DistillArgs) -> dict:
         plot(out)
         write_atomic(out / "duomem.json", json.dumps(summary, indent=1).encode())
     return summary
-
-
-def task_list(tasks: str | None) -> list[str] | None:
-    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
 
 
 def settings(args: DistillArgs) -> dict:

@@ -1,9 +1,22 @@
 """What the two Java-backed environments (ScienceWorld, TextWorldExpress) share: a py4j gateway
 to a JVM that can die mid-episode, be told apart from a failed step, and be restarted."""
 
+import logging
+import shutil
 import subprocess
 
+from ..errors import DuomemError
 from .base import StepResult, parser_safe
+
+logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
+
+
+def require_java(package: str):
+    if shutil.which("java") is None:
+        raise DuomemError(
+            f"{package} needs Java 11+ and none was found: `sudo apt-get install default-jre-headless` "
+            "(Debian/Ubuntu) or `brew install openjdk` (macOS)"
+        )
 
 
 class JavaBacked:

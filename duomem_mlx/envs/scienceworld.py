@@ -2,24 +2,13 @@
 
 Runs a JVM (py4j). A JVM that dies mid-episode raises EnvCrashed; the next reset starts a new one."""
 
-import logging
 import random
-import shutil
 
 from ..errors import DuomemError
 from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
-from .jvm import JavaBacked
+from .jvm import JavaBacked, require_java
 
-logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
 SIMPLIFICATION = "easy"  # teleport, open doors and containers, no electrical actions: the usual agent setting
-
-
-def require_java():
-    if shutil.which("java") is None:
-        raise DuomemError(
-            "ScienceWorld needs Java 11+ and none was found: `sudo apt-get install default-jre-headless` "
-            "(Debian/Ubuntu) or `brew install openjdk` (macOS)"
-        )
 
 
 class ScienceWorld(JavaBacked):
@@ -27,7 +16,7 @@ class ScienceWorld(JavaBacked):
     default_max_steps = 100
 
     def __init__(self, step_limit: int = 1000):  # our max_steps ends episodes; gold paths reach 178 steps
-        require_java()
+        require_java("ScienceWorld")
         try:
             from scienceworld import ScienceWorldEnv
         except ImportError:

@@ -8,16 +8,13 @@ package's own seed range (train 0-999, dev 10000-10999, test 20000-20999) and re
 seed from another split's range. The default game parameters are small (one to three rooms,
 no doors); `game_params` changes them, key by key."""
 
-import logging
 import random
-import shutil
 
 from ..errors import DuomemError
 from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
-from .jvm import JavaBacked
+from .jvm import JavaBacked, require_java
 from .scienceworld import sample
 
-logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
 INSTALL = "pip install 'duomem-mlx[envs]' (or: pip install textworld-express)"
 SPLIT_SEEDS = {"train": range(0, 1000), "dev": range(10_000, 11_000), "test": range(20_000, 21_000)}
 # The keys each game accepts (GameGenerator.scala in textworld-express 1.1.0) and our defaults.
@@ -46,14 +43,6 @@ DEFAULT_PARAMS = {  # gold paths (100 seeds a split): cooking 7-13, twc 5-7, coi
     "simonsays": "gameLength=5,numDistractors=3,memorization=0",
     "peckingorder": "",
 }
-
-
-def require_java():
-    if shutil.which("java") is None:
-        raise DuomemError(
-            "TextWorldExpress needs Java 11+ and none was found: `sudo apt-get install default-jre-headless` "
-            "(Debian/Ubuntu) or `brew install openjdk` (macOS)"
-        )
 
 
 def parse_params(text: str, where: str) -> dict[str, int]:
@@ -100,7 +89,7 @@ class TextWorldExpress(JavaBacked):
     default_max_steps = 50
 
     def __init__(self, game_params: str | dict[str, str] | None = None, step_limit: int = 1000):
-        require_java()  # our max_steps ends episodes; step_limit only backs it up
+        require_java("TextWorldExpress")  # our max_steps ends episodes; step_limit only backs it up
         try:
             from textworld_express import TextWorldExpressEnv
         except ImportError:

@@ -1,7 +1,11 @@
-"""The package's agent loop vs a ReAct loop over a real `mlx_lm.server` (the peer a user has).
+"""The package's agent loop vs a ReAct loop over a real server a user would pick: `mlx_lm.server`
+(`--peer mlx_lm`, on the same model directory) or llama.cpp's (`--peer llama_cpp`: the
+OpenAI-compatible server of `llama-cpp-python[server]`, on the GGUF file the model was converted
+from, or `--gguf`).
 
-The peer runs on loopback with its default settings (prompt cache on) and gets one
-chat-completions request per step with the full history. Both sides play the same recorded
+The peer runs on loopback with its default settings (prompt cache on: mlx-lm's LRU prompt cache,
+llama.cpp's reuse of the longest common prefix of its context), as many threads as ours, and
+gets one chat-completions request per step with the full history. Both sides play the same recorded
 episode (a TextWorld or ScienceWorld oracle episode: its observations and admissible lists,
 replayed), steps interleaved (alternating who goes first), after a warm-up.
 
@@ -18,12 +22,13 @@ model's head to a real family's size, so each pass carries that head.
     python benchmarks/agent_vs_server.py --model M --mode agent --train-steps 60 --json out.json --plot out.png
     python benchmarks/agent_vs_server.py --model M-cooking --env textworld --task cooking --vocab-rows 151936 --json out.json
     python benchmarks/agent_vs_server.py --model M --mode equal-work --steps 30 --repeats 3 --json out.json
+    python benchmarks/agent_vs_server.py --model ~/.cache/duomem-mlx/models/smollm2-135m-instruct-float32 \
+        --env twx --task cookingworld --train-steps 30 --peer llama_cpp --json out.json
 """
 
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import socket
@@ -38,9 +43,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from common import model_config, versions, write_json
 from duomem_mlx.agent.decode import DecodeOptions
 from duomem_mlx.agent.prompt import episode_messages, prefix_messages, tokenize_with_mask
 from duomem_mlx.agent.session import Session
+from duomem_mlx.convert.export import export_gguf, source_of
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
@@ -137,18 +144,17 @@ def head_share(model) -> float:
 
 
 class Peer:
-    """A real `mlx_lm.server` on loopback, default settings."""
+    """A real OpenAI-compatible server on loopback, started and stopped here."""
+    label = ""
 
-    def __init__(self, model_path: str):
+    def __init__(self, command: list[str], model: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.model = model_path
+        self.model = model
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm.server", "--model", model_path, "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-        )
+        self.proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -156,10 +162,10 @@ class Peer:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise SystemExit("Error: mlx_lm.server exited at start; run it by hand to see why")
+                    raise SystemExit(f"Error: {self.label} exited at start; run `{' '.join(command)}` by hand to see why")
                 time.sleep(0.2)
         self.close()
-        raise SystemExit("Error: mlx_lm.server did not start within 120 s")
+        raise SystemExit(f"Error: {self.label} did not start within 120 s")
 
     def chat(self, messages: list[dict], **body) -> dict:
         data = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
@@ -172,6 +178,44 @@ class Peer:
     def close(self):
         self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+class MlxLmServer(Peer):
+    """`mlx_lm.server` on the model directory, default settings."""
+    label = "mlx_lm.server"
+
+    def __init__(self, model_path: str):
+        super().__init__([sys.executable, "-m", "mlx_lm.server", "--model", model_path], model_path)
+        self.bytes = weight_bytes(model_path)
+
+
+class LlamaCppServer(Peer):
+    """llama-cpp-python's server on a GGUF file: its default settings but the context and threads ours has."""
+    label = "llama.cpp server"
+
+    def __init__(self, gguf: str, context: int):
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError:
+            raise SystemExit("Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
+                             "(builds llama.cpp from source with cmake, ~8 min on 2 cores)")
+        super().__init__([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_ctx", str(context),
+                          "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())], gguf)
+        self.bytes = Path(gguf).stat().st_size
+
+
+def weight_bytes(model_path: str) -> int:
+    return sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+
+
+def peer_gguf(args, model_path: str, tmp: str) -> str:
+    """The GGUF llama.cpp serves: --gguf as given, else the weights ours runs (trained, padded)
+    exported with the metadata of the file --model was converted from."""
+    if args.gguf:
+        return args.gguf
+    out = Path(tmp) / f"peer.{args.gguf_type}.gguf"
+    export_gguf(model_path, out, args.gguf_source or source_of(args.model), args.gguf_type)
+    return str(out)
 
 
 def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run, record, fresh_system=False):
@@ -193,8 +237,8 @@ def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run
             text = (reply["choices"][0]["message"]["content"] or "").strip()  # None: an empty reply
             peer_action = text.split("\n")[0].strip() if mode == "agent" else text
             usage = reply["usage"]
-            cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-            return seconds, usage["prompt_tokens"] - cached, usage["completion_tokens"]
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")  # llama-cpp-python does not say
+            return seconds, None if cached is None else usage["prompt_tokens"] - cached, usage["completion_tokens"]
 
         def our_step():
             before = (session.prefill_tokens, session.decode_tokens, session.decode_stats.forward_passes)
@@ -220,6 +264,10 @@ def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run
             })
 
 
+def mean_or_none(values: list) -> float | None:
+    return None if None in values else round(statistics.fmean(values), 1)
+
+
 def summary(values: list[float]) -> dict:
     ordered = sorted(values)
     return {"p50": round(statistics.median(ordered), 2),
@@ -227,22 +275,14 @@ def summary(values: list[float]) -> dict:
             "mean": round(statistics.fmean(ordered), 2)}
 
 
-def versions() -> dict:
-    from importlib.metadata import version
-
-    return {"machine": f"{platform.machine()} {platform.system()} {platform.processor() or ''}".strip(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "device": str(mx.default_device())}
-
-
-def plot(rows: list[dict], path: str, title: str):
+def plot(rows: list[dict], path: str, title: str, peer: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["peer_ms"] for r in rows], label="mlx_lm.server (prompt cache on)")
+    ax.plot([r["peer_ms"] for r in rows], label=f"{peer} (prompt cache on)")
     ax.plot([r["ours_ms"] for r in rows], label="duomem-mlx Session")
     ax.set(xlabel="step (all repeats)", ylabel="ms per step", title=title)
     ax.legend()
@@ -257,7 +297,13 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--mode", choices=["equal-work", "agent"], default="agent")
-    parser.add_argument("--env", choices=["scienceworld", "textworld"], default="scienceworld")
+    parser.add_argument("--peer", choices=["mlx_lm", "llama_cpp"], default="mlx_lm")
+    parser.add_argument("--gguf", help="llama_cpp: serve this GGUF file as it is (default: ours' weights exported, below)")
+    parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0", "q4_1", "q4_0"],
+                        help="llama_cpp: type of the matrices in the exported GGUF")
+    parser.add_argument("--gguf-source", help="llama_cpp: the GGUF whose metadata the export copies "
+                                              "(default: the one --model was converted from)")
+    parser.add_argument("--env", choices=["scienceworld", "textworld", "twx"], default="scienceworld")
     parser.add_argument("--task", help="task of the recorded episode (default: the env's first dev tasks)")
     parser.add_argument("--train-steps", type=int, default=0, help="first fit the model to the oracle trajectory")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of --train-steps")
@@ -290,7 +336,8 @@ def main():
         options = DecodeOptions() if args.mode == "agent" else \
             DecodeOptions(mode="free", max_tokens=args.reply_tokens, single_line=False)
         session = Session(model, tokenizer, 8192, options)
-        peer = Peer(model_path)
+        served = {"model_config": model_config(model_path), "bytes_ours": weight_bytes(model_path)}
+        peer = MlxLmServer(model_path) if args.peer == "mlx_lm" else LlamaCppServer(peer_gguf(args, model_path, tmp), 8192)
         try:
             def play(n, run, rows):
                 run_episode(peer, session, episode, memories, n, args.mode, args.reply_tokens, run, rows, args.fresh_system_prompt)
@@ -302,13 +349,12 @@ def main():
         finally:
             peer.close()
     result = report(rows, args, steps, model.args.vocab_size, head_share(model))
+    result |= {"peer_server": peer.label, "model_config": served["model_config"],
+               "bytes_of_weights": {"peer": peer.bytes, "ours": served["bytes_ours"]}}
     print_table(result)
     if args.plot:
-        plot(rows, args.plot, f"{args.mode}: per-step latency, steps interleaved")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.json).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.json)
+        plot(rows, args.plot, f"{args.mode}: per-step latency, steps interleaved", peer.label)
+    write_json(args.json, result)
 
 
 def report(rows: list[dict], args, steps: int, model_rows: int, share: float) -> dict:
@@ -316,6 +362,7 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
     peer_ms, ours_ms = [r["peer_ms"] for r in rows], [r["ours_ms"] for r in rows]
     peer, ours = summary(peer_ms), summary(ours_ms)
     return {
+        "peer": args.peer,
         "mode": args.mode,
         "steps": steps,
         "repeats": args.repeats,
@@ -333,7 +380,7 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
         # token before it yields it); ours: counted
         "forward_passes_per_action": {"peer": round(sum(1 + r["peer_decode"] for r in rows) / n, 2),
                                       "ours": round(sum(r["ours_passes"] for r in rows) / n, 2)},
-        "prefill_tokens_per_step": {"peer": round(sum(r["peer_prefill"] for r in rows) / n, 1),
+        "prefill_tokens_per_step": {"peer": mean_or_none([r["peer_prefill"] for r in rows]),
                                     "ours": round(sum(r["ours_prefill"] for r in rows) / n, 1)},
         "decode_tokens_per_step": {"peer": round(sum(r["peer_decode"] for r in rows) / n, 1),
                                    "ours": round(sum(r["ours_decode"] for r in rows) / n, 1)},
@@ -345,14 +392,15 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
 
 
 def print_table(result: dict):
-    print(f"mode {result['mode']}, {result['steps']} steps x {result['repeats']}, system prompt {result['system_prompt']}, "
+    print(f"peer {result['peer_server']}, mode {result['mode']}, {result['steps']} steps x {result['repeats']}, system prompt {result['system_prompt']}, "
           f"same actions {result['same_actions']}; head {result['vocab_rows']:,} rows, "
           f"{result['head_share_of_weights']:.0%} of the weights")
     print(f"{'':26}{'peer':>10}{'ours':>10}")
     for key in ("p50", "p95", "mean"):
         print(f"{'ms per step ' + key:26}{result['peer_step_ms'][key]:10.1f}{result['ours_step_ms'][key]:10.1f}")
     for key in ("forward_passes_per_action", "prefill_tokens_per_step", "decode_tokens_per_step"):
-        print(f"{key.replace('_', ' '):26}{result[key]['peer']:10.1f}{result[key]['ours']:10.1f}")
+        peer = "n/a" if result[key]["peer"] is None else f"{result[key]['peer']:.1f}"
+        print(f"{key.replace('_', ' '):26}{peer:>10}{result[key]['ours']:10.1f}")
     print(f"speedup: mean {result['speedup_mean']}x, p50 {result['speedup_p50']}x (timings on a shared machine are noisy)")
 
 

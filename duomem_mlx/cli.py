@@ -166,9 +166,10 @@ from .distill.cli import distill  # noqa: E402
 
 cli.add_command(distill)
 
-from .convert.cli import convert  # noqa: E402
+from .convert.cli import convert, export_gguf_command  # noqa: E402
 
 cli.add_command(convert)
+cli.add_command(export_gguf_command)
 
 from .deploy.cli import bench, quantize, upload  # noqa: E402
 

@@ -9,14 +9,10 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
-from duomem_mlx.convert.families import BLOCK_TENSORS, FAMILIES, GLOBAL_TENSORS
+from duomem_mlx.convert.export import gguf_tensor
+from duomem_mlx.convert.families import FAMILIES, GLOBAL_TENSORS
 
 GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "gemma3_text": "gemma3"}
-
-
-def permute(rows: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's `permute` of llama's Q/K rows (halves -> interleaved pairs, per head)."""
-    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def write_gguf(model_dir: Path, path: Path, qtype=gguf.GGMLQuantizationType.F32) -> Path:
@@ -46,15 +42,8 @@ def write_gguf(model_dir: Path, path: Path, qtype=gguf.GGMLQuantizationType.F32)
             gguf_name = f"blk.{layer}.{names[rest]}.{kind}"
         else:
             gguf_name = f"{ {v: k for k, v in GLOBAL_TENSORS.items()}[stem]}.{kind}"
-        if family.unpermute_qk and names.get(stem.split(".", 3)[-1]) in ("attn_q", "attn_k"):
-            heads = config["num_attention_heads" if ".q_proj" in name else "num_key_value_heads"]
-            values = permute(values, heads)
-        if family.norm_offset and gguf_name.endswith("norm.weight"):
-            values = values - family.norm_offset
-        if values.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(gguf_name, values)
+        values, kind = gguf_tensor(gguf_name, values, family, config, qtype)
+        writer.add_tensor(gguf_name, values, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

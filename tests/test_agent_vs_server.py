@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-KEYS = {"mode", "steps", "peer_step_ms", "ours_step_ms", "speedup_mean", "speedup_p50", "forward_passes_per_action",
+KEYS = {"peer", "model_config", "bytes_of_weights", "mode", "steps", "peer_step_ms", "ours_step_ms", "speedup_mean", "speedup_p50", "forward_passes_per_action",
         "prefill_tokens_per_step", "decode_tokens_per_step", "same_actions", "machine", "mlx", "mlx_lm"}
 
 

@@ -10,11 +10,12 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 from click.testing import CliRunner
-from gguf_writer import permute, write_gguf
+from gguf_writer import write_gguf
 from mlx_lm.models.cache import make_prompt_cache
 
 from duomem_mlx.cli import cli
 from duomem_mlx.convert import convert_gguf
+from duomem_mlx.convert.export import permute
 from duomem_mlx.convert.fetch import fetch_gguf
 from duomem_mlx.models import make_tiny_model
 

@@ -45,8 +45,8 @@ def convert_gguf(source: str | Path, out: str | Path, dtype: str | None = None, 
         config["quantization"] = quantization_config(quantized)
     record = {
         "converted_by": f"duomem-mlx {__version__}",
-        "source": {"file": Path(source).name, "sha256": file_sha256(source), "bytes": Path(source).stat().st_size,
-                   **(provenance or {})},
+        "source": {"file": Path(source).name, "path": str(Path(source).resolve()), "sha256": file_sha256(source),
+                   "bytes": Path(source).stat().st_size, **(provenance or {})},
         "gguf": {"architecture": gguf.arch, "name": gguf.metadata.get("general.name"), "types": gguf.types(),
                  "tokenizer": gguf.metadata.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.metadata.get("tokenizer.ggml.pre")},
         "dtype": dtype, "kept_quant": keep_quant, "requantized": {"bits": bits, "group_size": group_size} if bits else None,

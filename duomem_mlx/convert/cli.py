@@ -62,3 +62,36 @@ def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_
     quantized = f", {record['quantized_layers']} layers quantized" if record["quantized_layers"] else ""
     click.echo(f"wrote {record['gguf']['architecture']} ({kinds}) to {out} as {record['dtype']}{quantized}; "
                f"chat template: {record['chat_template']}")
+
+
+@click.command("export-gguf")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--source", type=click.Path(exists=True, dir_okay=False),
+              help="The GGUF MODEL was converted from: its metadata (tokenizer, chat template) is copied "
+                   "(default: the one MODEL's duomem.json names, from the fetch cache).")
+@click.option("--type", "type_name", type=click.Choice(["f32", "f16", "q8_0", "q4_1", "q4_0"]), default="f16", show_default=True,
+              help="Of the matrices; vectors stay f32.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@config_option
+def export_gguf_command(model, out, source, type_name, force):
+    """Write an mlx-lm model (e.g. a student fused by `quantize --bits 16`) as a GGUF file for
+    llama.cpp, Ollama or LM Studio.
+
+    \b
+    The reverse of `convert`, for the families it reads: the metadata is the source GGUF's, the
+    weights MODEL's (quantized layers dequantized first), in llama.cpp's layout.
+
+    \b
+    Examples:
+      duomem-mlx export-gguf ~/.cache/duomem-mlx/models/smollm2-135m-instruct-float32 smollm2.f16.gguf
+      duomem-mlx export-gguf runs/student-fused student.q8_0.gguf --source SmolLM2-135M-Instruct.Q4_1.gguf --type q8_0
+    """
+    from pathlib import Path
+
+    from .export import export_gguf, source_of
+
+    if Path(out).exists() and not force:
+        raise click.UsageError(f"{out} exists; pass --force to replace it")
+    record = export_gguf(model, out, source or source_of(model), type_name)
+    click.echo(f"wrote {out}: {record['tensors']} tensors, {record['type']}, {record['bytes'] / 1e6:.1f} MB")

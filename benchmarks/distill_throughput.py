@@ -121,8 +121,10 @@ def main():
         results[worker] = json.loads(output.split("RESULT ", 1)[1])
         print(f"{worker:7} {results[worker]['tokens_per_s']:10.0f} tok/s  peak {results[worker]['peak_mb']:8.1f} MB  "
               f"({time.perf_counter() - start:.0f}s)", file=sys.stderr)
+    from common import model_config, versions, write_json
+
     summary = {
-        "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "top_k": args.top_k,
+        "model": args.model, "model_config": model_config(args.model), "num_layers": args.num_layers, "steps": args.steps, "batch_size": args.batch_size, "top_k": args.top_k,
         "duomem_tokens_per_s": results["kd"]["tokens_per_s"], "mlx_lm_lora_tokens_per_s": results["mlx_lm"]["tokens_per_s"],
         "duomem_peak_mb": results["kd"]["peak_mb"], "mlx_lm_lora_peak_mb": results["mlx_lm"]["peak_mb"],
         "duomem_kd_off_tokens_per_s": results["ce"]["tokens_per_s"],
@@ -136,8 +138,7 @@ def main():
     print(f"\nduomem/mlx-lm speed {summary['speed_vs_mlx_lm']:.2f}x, peak memory {summary['memory_vs_mlx_lm']:.2f}x; "
           f"KD overhead (KD off / on tokens/s) {summary['kd_overhead']:.2f}x")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(args.json, summary | versions())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import model_config, versions, write_json
 from duomem_mlx.deploy.quantize import agreement, cache_episodes, greedy_actions, load_student, quantize_package
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import play_episode
@@ -65,7 +66,7 @@ def main():
     student, tokenizer, _ = load_student(model_path, args.adapters)
     reference = greedy_actions(student, tokenizer, recorded)
     variants = {"bf16": dict(bits=16), "8bit": dict(bits=8), "4bit": dict(bits=4),
-                "4bit-calibrated": dict(bits=4, calibrate_cache=calibration_cache, max_seq_length=args.max_seq_length)}
+                "4bit_calibrated": dict(bits=4, calibrate_cache=calibration_cache, max_seq_length=args.max_seq_length)}
     rows = {}
     for name, options in variants.items():
         out = quantize_package(model_path, str(work / name), adapters=args.adapters, group_size=args.group_size,
@@ -80,20 +81,22 @@ def main():
                       "success_rate": success_rate(str(out), args.env, args.tasks, args.episodes, args.max_steps) if args.episodes else None}
     unquantized = success_rate(model_path, args.env, args.tasks, args.episodes, args.max_steps) if args.episodes and not args.adapters else None
     for row in rows.values():
-        row["bytes_vs_bf16"] = round(row["bytes"] / rows["bf16"]["bytes"], 3)
+        row["bytes_ratio"] = round(row["bytes"] / rows["bf16"]["bytes"], 3)  # vs bf16
+        row["success"] = row["success_rate"]
 
     print(f"{'package':18}{'MB':>9}{'x bf16':>8}{'bits/w':>8}{'agreement':>11}{'success':>9}")
     for name, row in rows.items():
         success = "-" if row["success_rate"] is None else f"{row['success_rate']:.0%}"
         agree = "-" if row["agreement"] is None else f"{row['agreement']:.1%}"
-        print(f"{name:18}{row['bytes'] / 1e6:9.2f}{row['bytes_vs_bf16']:8.3f}{row['bits_per_weight']:8.2f}{agree:>11}{success:>9}")
+        print(f"{name:18}{row['bytes'] / 1e6:9.2f}{row['bytes_ratio']:8.3f}{row['bits_per_weight']:8.2f}{agree:>11}{success:>9}")
     steps = len(reference)
     print(f"agreement: greedy actions equal to the unquantized student's on {steps} recorded {args.env} dev steps"
           + (f"; unquantized success {unquantized:.0%}" if unquantized is not None else ""))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": args.model or "tiny qwen3 (4 layers, hidden 256)", "env": args.env, "tasks": args.tasks, "dtype": args.dtype,
-                                               "steps": steps, "unquantized_success_rate": unquantized, "packages": rows}, indent=2) + "\n")
+        write_json(args.json, {"model": args.model or "tiny qwen3 (4 layers, hidden 256)", "model_config": model_config(model_path),
+                               "env": args.env, "tasks": args.tasks, "dtype": args.dtype, "steps": steps,
+                               "success_episodes": args.episodes, "unquantized_success_rate": unquantized, "packages": rows,
+                               **versions()})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from duomem_mlx.models import size_of
+
 
 def versions() -> dict:
     from importlib.metadata import version
@@ -16,11 +18,7 @@ def versions() -> dict:
             "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "device": str(mx.default_device())}
 
 
-def model_config(path: str | Path) -> dict:
-    """hidden_size, num_hidden_layers and vocab_size of a local mlx-lm model directory."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    config = {**config.get("text_config", {}), **config}
-    return {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+model_config = size_of  # hidden_size, num_hidden_layers, vocab_size of a model directory
 
 
 def write_json(path: str | Path, result: dict) -> None:

@@ -133,6 +133,13 @@ def load(path_or_repo: str, adapter_path: str | None = None):
     return model, tokenizer
 
 
+def size_of(model_dir: str | Path) -> dict:
+    """hidden_size, num_hidden_layers and vocab_size of a local model directory (what a figure is for)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = {**config.get("text_config", {}), **config}
+    return {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the vocabulary (token -> id): equal fingerprints mean logits can be shared."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else tokenizer.vocab

@@ -203,6 +203,8 @@ def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
     for row in report["packages"]:
         assert all(row[key] > 0 for key in KEYS), row
         assert row["step_latency_p95_ms"] >= row["step_latency_p50_ms"]
+        assert row["model_config"] == {k: json.loads((tiny_model / "config.json").read_text())[k]
+                                       for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
     small, big = report["packages"][1], report["packages"][0]
     assert small["model_bytes"] < big["model_bytes"] and small["bytes_per_decoded_token"] < big["bytes_per_decoded_token"]
     assert png.read_bytes().startswith(b"\x89PNG")

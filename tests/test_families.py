@@ -102,6 +102,29 @@ def test_session_equals_reencoding(family_models, arch, mode):
         assert "ArraysCache" in kinds and fast.snapshots
 
 
+@pytest.mark.parametrize("arch", ["gemma3_text", "lfm2"])
+def test_episodes_sharing_a_system_prompt_restore_it(family_models, arch):
+    """Caches that cannot be cut back: from the third episode on, the system prompt and its
+    memories come back from the snapshot where the last two episodes parted, not fed again;
+    the actions stay those of re-encoding."""
+    model, tokenizer = family_models[arch]
+    memories = ["to boil: take pot, fill it, heat it " * 6]
+    sessions = {cls: cls(model, tokenizer, 4096, DecodeOptions(mode="constrained", max_tokens=8)) for cls in (Session, ReencodingSession)}
+    first_feeds, actions = [], {cls: [] for cls in sessions}
+    for episode in range(3):
+        for cls, session in sessions.items():
+            session.start(prefix_messages(f"task {episode}: boil water", "You are in the hallway.", memories))
+            before = session.prefill_tokens
+            actions[cls].append(session.generate(["take pot", "open door", "go north"]))
+            session.append([{"role": "user", "content": "You see a pot."}])
+            actions[cls].append(session.generate(["take pot", "fill pot", "heat pot"]))
+            if cls is Session:
+                first_feeds.append(session.prefill_tokens - before)
+    assert actions[Session] == actions[ReencodingSession]
+    assert first_feeds[2] < first_feeds[1] / 2, first_feeds  # the second episode found where they part, the third uses it
+    assert next_logits_agree(sessions[Session])
+
+
 @pytest.mark.parametrize("thinking", [False, True])
 def test_qwen3_think_block_is_rewritten_and_refed(family_models, thinking):
     """Qwen3 drops the (empty) think block of a past reply: the diff re-feeds from there, exactly."""

@@ -12,7 +12,9 @@ Caches that cannot be cut back (`ArraysCache` of hybrid / state-space models, an
 taken after the episode prefix and before the last generation prompt, then fed from there;
 never fed on stale state. When the window is full, the oldest whole turns go down to a
 low-water mark (`low_water` x max_context), so the re-feed of the kept turns is paid once
-per many steps. The result is exactly what re-encoding the same truncated chat would give
+per many steps. An episode that starts with what the last one started with (the system prompt
+and its memories, in an eval of a task type) marks where the two part, so the next episode
+is restored from there instead of fed from nothing. The result is exactly what re-encoding the same truncated chat would give
 (a rotating cache over the whole chat would not be: it shifts RoPE distances to the prefix).
 """
 
@@ -41,6 +43,8 @@ class Session:
         self.fragile = [i for i, c in enumerate(self.cache) if not isinstance(c, TRIMMABLE)]
         self.fed: list[int] = []  # the token ids the cache holds, in order
         self.snapshots: dict[int, list] = {}  # position -> copies of the fragile layers there
+        self.shared_len: int | None = None  # tokens this episode shares with the last one's start
+        self.first_step = False
         self.reset_stats()
 
     def reset_stats(self):
@@ -60,6 +64,7 @@ class Session:
         self.rendered = 0  # messages in self.prompt (rendered with the generation prompt)
         self.head_text = self.window = None  # window: (first message, text) of the last windowed render
         self.prefix_len = self.history_len = None  # token positions worth a snapshot
+        self.first_step = True
 
     def append(self, messages: list[dict]):
         self.messages += messages
@@ -154,7 +159,7 @@ class Session:
         return at
 
     def snapshot_marks(self, at: int, end: int) -> list[int]:
-        marks = {self.prefix_len, self.history_len} - {None} if self.fragile else set()
+        marks = {self.shared_len, self.prefix_len, self.history_len} - {None} if self.fragile else set()
         return sorted(m for m in marks if at < m < end and m not in self.snapshots)
 
     def feed(self, tokens: list[int]):
@@ -163,7 +168,7 @@ class Session:
 
     def snapshot(self):
         at = len(self.fed)
-        self.snapshots = {q: s for q, s in self.snapshots.items() if q == self.prefix_len}
+        self.snapshots = {q: s for q, s in self.snapshots.items() if q in (self.shared_len, self.prefix_len)}
         self.snapshots[at] = [copy.deepcopy(c) if i in self.fragile else None for i, c in enumerate(self.cache)]
 
     def generate(self, admissible=None, on_text=None) -> str:
@@ -171,6 +176,9 @@ class Session:
         start = time.perf_counter()
         target = self.prompt_ids()
         held = len(self.fed)
+        if self.first_step and self.fragile:
+            self.shared_len = common_prefix(self.fed, target) or None
+        self.first_step = False
         at = self.rewind(min(common_prefix(self.fed, target), len(target) - 1))  # feed >= 1 token for logits
         self.rewound_tokens.append(held - at)
         self.prefill_tokens += len(target) - at

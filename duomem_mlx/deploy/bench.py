@@ -178,10 +178,11 @@ class Measured:
     rates: list = field(default_factory=list)  # (prefill, decode) tokens/s of each throughput run
     model_bytes: int = 0
     bytes_per_token: int = 0
+    model_config: dict = field(default_factory=dict)  # hidden_size, num_hidden_layers, vocab_size
 
     def row(self, bandwidth_bytes_s: float | None) -> dict:
         steps = [s for e in self.episodes for s in e]
-        row = {"package": self.package}
+        row = {"package": self.package, "model_config": self.model_config}
         if self.loads:
             row["load_seconds"] = statistics.median(self.loads)
         if steps:
@@ -212,7 +213,7 @@ def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, 
     step without memories: a slow model asked for a small run gets a small one."""
     import mlx_lm
 
-    from ..models import resolve
+    from ..models import resolve, size_of
 
     source = resolve(m.package)
     memories = max(1, min(8, steps // 2))
@@ -227,6 +228,7 @@ def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, 
         mx.clear_cache()
         mx.reset_peak_memory()
         m.model_bytes = sum(f.stat().st_size for f in Path(source).glob("*.safetensors"))
+        m.model_config = size_of(source)
         bar.set_postfix(phase="load")
         for _ in range(repeats):
             start = time.perf_counter()

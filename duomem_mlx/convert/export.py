@@ -68,7 +68,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type
 
     if type_name not in TYPES:
         raise DuomemError(f"unknown GGUF type {type_name!r}; use one of {', '.join(TYPES)}")
-    reader = gguf.GGUFReader(str(source))
+    try:
+        reader = gguf.GGUFReader(str(source))
+    except (OSError, ValueError) as e:
+        raise DuomemError(f"{source} is not a readable GGUF file ({e}); pass the .gguf MODEL was converted from as --source")
     arch = str(reader.fields["general.architecture"].contents())
     family = FAMILIES.get(arch)
     if family is None:
@@ -95,9 +98,13 @@ def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type
                               "pass the GGUF this model was converted from as --source")
         values, qtype = gguf_tensor(tensor.name, weights[key], family, config, TYPES[type_name])
         writer.add_tensor(tensor.name, values, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no half-written file left beside OUT
+        raise
     partial.replace(path)
     return {"tensors": len(reader.tensors), "bytes": path.stat().st_size, "type": type_name}

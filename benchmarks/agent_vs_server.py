@@ -198,7 +198,7 @@ class LlamaCppServer(Peer):
             import llama_cpp.server  # noqa: F401
         except ImportError:
             raise SystemExit("Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
-                             "(builds llama.cpp from source with cmake, ~8 min on 2 cores)")
+                             "(builds llama.cpp from source with cmake and a C++ compiler: 1.6 min on 2 cores for 0.3.16)")
         super().__init__([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_ctx", str(context),
                           "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())], gguf)
         self.bytes = Path(gguf).stat().st_size

@@ -14,8 +14,9 @@ never fed on stale state. When the window is full, the oldest whole turns go dow
 low-water mark (`low_water` x max_context), so the re-feed of the kept turns is paid once
 per many steps. An episode that starts with what the last one started with (the system prompt
 and its memories, in an eval of a task type) marks where the two part, so the next episode
-is restored from there instead of fed from nothing. The result is exactly what re-encoding the same truncated chat would give
-(a rotating cache over the whole chat would not be: it shifts RoPE distances to the prefix).
+is restored from there instead of fed from nothing. The result is exactly what re-encoding the
+same truncated chat would give (a rotating cache over the whole chat would not be: it shifts
+RoPE distances to the prefix).
 """
 
 import copy
@@ -175,11 +176,11 @@ class Session:
         """Decode the next assistant reply (an action) and append it to the chat."""
         start = time.perf_counter()
         target = self.prompt_ids()
-        held = len(self.fed)
+        held, shared = len(self.fed), common_prefix(self.fed, target)
         if self.first_step and self.fragile:
-            self.shared_len = common_prefix(self.fed, target) or None
+            self.shared_len = shared or None
         self.first_step = False
-        at = self.rewind(min(common_prefix(self.fed, target), len(target) - 1))  # feed >= 1 token for logits
+        at = self.rewind(min(shared, len(target) - 1))  # feed >= 1 token for logits
         self.rewound_tokens.append(held - at)
         self.prefill_tokens += len(target) - at
         for mark in self.snapshot_marks(at, len(target)):

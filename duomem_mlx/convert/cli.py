@@ -87,11 +87,9 @@ def export_gguf_command(model, out, source, type_name, force):
       duomem-mlx export-gguf ~/.cache/duomem-mlx/models/smollm2-135m-instruct-float32 smollm2.f16.gguf
       duomem-mlx export-gguf runs/student-fused student.q8_0.gguf --source SmolLM2-135M-Instruct.Q4_1.gguf --type q8_0
     """
-    from pathlib import Path
-
     from .export import export_gguf, source_of
+    from ..io import check_destination
 
-    if Path(out).exists() and not force:
-        raise click.UsageError(f"{out} exists; pass --force to replace it")
+    check_destination(out, force=force, option="OUT")
     record = export_gguf(model, out, source or source_of(model), type_name)
     click.echo(f"wrote {out}: {record['tensors']} tensors, {record['type']}, {record['bytes'] / 1e6:.1f} MB")

@@ -3,6 +3,7 @@ fused student in the format its users' servers read. The metadata (hyperparamete
 chat template) is the GGUF the model was converted from, copied key by key; the weights are the
 model's, put back in llama.cpp's layout (Q/K rows permuted for llama, Gemma's norms as 1 + w)."""
 
+import json
 from pathlib import Path
 
 import gguf
@@ -11,7 +12,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import DuomemError
-from .families import FAMILIES, Family, heads_for_rows, mlx_name
+from .families import Family, family_of, heads_for_rows, mlx_name
+from .gguf_file import open_gguf
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
          "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_0": gguf.GGMLQuantizationType.Q4_0}
@@ -47,8 +49,6 @@ def model_weights(model) -> dict[str, np.ndarray]:
 
 def source_of(model_dir: str | Path) -> Path:
     """The GGUF file `duomem-mlx convert` made `model_dir` from, where it is still in the fetch cache."""
-    import json
-
     from .fetch import cache_dir
 
     info = Path(model_dir) / "duomem.json"
@@ -68,28 +68,22 @@ def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type
 
     if type_name not in TYPES:
         raise DuomemError(f"unknown GGUF type {type_name!r}; use one of {', '.join(TYPES)}")
-    try:
-        reader = gguf.GGUFReader(str(source))
-    except (OSError, ValueError) as e:
-        raise DuomemError(f"{source} is not a readable GGUF file ({e}); pass the .gguf MODEL was converted from as --source")
-    arch = str(reader.fields["general.architecture"].contents())
-    family = FAMILIES.get(arch)
-    if family is None:
-        raise DuomemError(f"{source}: architecture {arch!r} cannot be exported; supported: {', '.join(FAMILIES)}")
+    original = open_gguf(source)
+    family = family_of(original)
     model, tokenizer = load(str(model_dir))
-    config = vars(model.args) if hasattr(model, "args") else {}
+    config = vars(model.args)
     weights = model_weights(model)
     path = Path(out)
     partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), arch)
-    for name, field in reader.fields.items():
+    writer = gguf.GGUFWriter(str(partial), original.arch)
+    for name, field in original.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type", "general.quantization_version"):
             continue
         writer.add_key_value(name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
     writer.add_file_type(int(TYPES[type_name]))
-    if "tokenizer.chat_template" not in reader.fields and getattr(tokenizer, "chat_template", None):
+    if "tokenizer.chat_template" not in original.fields and getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)  # the family's, as convert used it: llama.cpp then renders alike
-    for tensor in reader.tensors:
+    for tensor in original.tensors.values():
         key = mlx_name(tensor.name, family)
         if key not in weights:
             raise DuomemError(f"{model_dir} has no weight for {tensor.name} ({key}); export the model {source} was converted to")
@@ -107,4 +101,4 @@ def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type
         partial.unlink(missing_ok=True)  # no half-written file left beside OUT
         raise
     partial.replace(path)
-    return {"tensors": len(reader.tensors), "bytes": path.stat().st_size, "type": type_name}
+    return {"tensors": len(original.tensors), "bytes": path.stat().st_size, "type": type_name}

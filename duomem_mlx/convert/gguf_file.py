@@ -20,6 +20,7 @@ class GGUF:
     path: Path
     metadata: dict
     tensors: dict  # name -> gguf.ReaderTensor
+    fields: dict  # key -> gguf.ReaderField, with its GGUF value types (export copies them)
 
     @property
     def arch(self) -> str:
@@ -52,9 +53,10 @@ def open_gguf(path: str | Path) -> GGUF:
         reader = GGUFReader(path)
         metadata = {key: _value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
         tensors = {t.name: t for t in reader.tensors}
+        fields = dict(reader.fields)
     except (ValueError, IndexError, KeyError, OSError) as e:
         raise DuomemError(f"{path} is a damaged or truncated GGUF file ({e.__class__.__name__}: {e}); download it again")
-    return GGUF(path, metadata, tensors)
+    return GGUF(path, metadata, tensors, fields)
 
 
 def _value(field):

@@ -118,11 +118,12 @@ class Narrated:
         return self.policy.stats()
 
 
-def watch_episode(policy: ModelPolicy, env_name: str, tasks, split: str, seed: int, max_steps: int, step: bool):
+def watch_episode(policy: ModelPolicy, env_name: str, tasks, split: str, seed: int, max_steps: int, step: bool,
+                  game_params: str | None = None):
     from .envs import make_env
     from .envs.base import play_episode
 
-    env = make_env(env_name)
+    env = make_env(env_name, game_params)
     try:
         spec = env.task_specs(tasks, split, 1, seed)[0]
         episode = play_episode(env, spec, Narrated(policy, step), max_steps)

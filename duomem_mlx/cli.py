@@ -3,7 +3,7 @@
 import click
 
 from . import __version__
-from .config import config_option, csv_list
+from .config import config_option, csv_list, game_params_option
 from .errors import DuomemError
 from .memory.retrieval import FILTERS
 
@@ -91,6 +91,7 @@ def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, 
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True)
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True, help="Tokens kept; oldest whole turns drop first.")
 @click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
+@game_params_option
 @click.option("--thinking", is_flag=True, help="enable_thinking=True for templates that know it (Qwen3); off by default, as teach and distill render.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="results.json")
@@ -104,6 +105,7 @@ def eval_command(**kwargs):
       duomem-mlx eval --env scienceworld --tasks boil,melt --split dev --episodes 2 --policy oracle --out r.json
       duomem-mlx eval --env textworld --episodes 10 --policy random --out r.json --log ep.jsonl
       duomem-mlx eval --env textworld --episodes 5 --policy model:runs/student --memory runs/bank --out r.json
+      duomem-mlx eval --env twx --tasks coin,twc --game-params numLocations=2 --policy oracle --out r.json
     """
     from .eval import run_eval
 
@@ -125,11 +127,12 @@ def eval_command(**kwargs):
 @click.option("--split", type=SPLITS, default="dev", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-steps", type=click.IntRange(1), default=30, show_default=True)
+@game_params_option
 @click.option("--step", is_flag=True, help="With --env: wait for Enter before each action.")
 @click.option("--thinking", is_flag=True, help="enable_thinking=True for templates that know it (Qwen3); off by default.")
 @config_option
 def chat_command(model, adapter_path, memory_bank, memory_k, memory_filter, max_tokens, max_context, temperature,
-                 env_name, tasks, split, seed, max_steps, step, thinking):
+                 env_name, tasks, split, seed, max_steps, game_params, step, thinking):
     """Talk to a student (streaming), with the memories it retrieves shown; or watch it play.
 
     In the REPL: /memory, /reset, /stats, /quit. Ctrl-C stops a reply, Ctrl-D (EOF) exits.
@@ -148,7 +151,7 @@ def chat_command(model, adapter_path, memory_bank, memory_k, memory_filter, max_
     policy = ModelPolicy.from_options(model, adapter_path, memory_bank, memory_k, decode, max_context, seed, temperature, thinking,
                                       memory_filter)
     if env_name:
-        watch_episode(policy, env_name, tasks, split, seed, max_steps, step)
+        watch_episode(policy, env_name, tasks, split, seed, max_steps, step, game_params)
     else:
         run_chat(policy, max_tokens, max_context, temperature)
 

@@ -95,3 +95,10 @@ config_option = click.option(
     callback=_apply_config,
     help="YAML/JSON file with option values (command-line flags override it).",
 )
+
+
+game_params_option = click.option(
+    "--game-params",
+    help="TextWorldExpress game parameters over the small defaults: 'numLocations=2' for every game that takes "
+         "the key, or 'coin:numLocations=2;twc:numItemsToPutAway=3' game by game.",
+)

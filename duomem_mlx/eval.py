@@ -61,7 +61,7 @@ def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
 
 
 def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank, memory_k, decode,
-             max_context, max_steps, seed, out, log, thinking=False, memory_filter="none"):
+             max_context, max_steps, seed, out, log, thinking=False, memory_filter="none", game_params=None):
     check_destination(out)
     if log:
         check_destination(log, option="--log")
@@ -70,7 +70,7 @@ def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank
     model_options = dict(adapter_path=adapter_path, memory_bank=memory_bank, memory_k=memory_k, memory_filter=memory_filter,
                          decode=decode, max_context=max_context, thinking=thinking) if policy.startswith("model:") else {}
     agent = make_policy(policy, seed=seed, **model_options)
-    env = make_env(env_name)
+    env = make_env(env_name, game_params)
     max_steps = max_steps or env.default_max_steps
     start = time.perf_counter()
     try:
@@ -86,7 +86,7 @@ def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank
     overall = summarize(played)
     results = {
         **{k: overall[k] for k in ("success_rate", "mean_score")},
-        "env": env_name, "split": split, "policy": policy, "seed": seed, "max_steps": max_steps,
+        "env": env_name, "game_params": game_params, "split": split, "policy": policy, "seed": seed, "max_steps": max_steps,
         "seconds": round(time.perf_counter() - start, 2),
         "per_task": per_task,
         "episodes": [

@@ -3,7 +3,8 @@
     python scripts/demo_report.py --out converted/demo \\
         --variant student_base=runs/eval/base.json \\
         --variant duomem=runs/eval/duomem.json,adapters=runs/duomem,memory=runs/duomem/memory \\
-        --teacher runs/eval/teacher.json [--bench runs/bench.json] [--stages runs/stages.tsv]
+        --teacher runs/eval/teacher.json [--bench runs/bench.json] [--stages runs/stages.tsv] \\
+        [--student runs/student] [--retrieval runs/retrieval.json]
 
 A variant is NAME=EVAL_JSON[,adapters=DIR][,memory=BANK][,log=EVAL_LOG]; the log defaults to
 EVAL_JSON with .jsonl and gives tokens per step. Trainable parameters come from the adapters'
@@ -49,7 +50,23 @@ def variant(spec: str) -> tuple[str, dict]:
         "seconds_per_episode": round(sum(e["seconds"] for e in result["episodes"]) / max(n, 1), 3),
         "tokens_per_step": round(tokens / steps, 1) if tokens else None,  # None: a policy without a model
         "mean_steps": round(steps / len(episodes), 2) if episodes else None,
+        "per_task": {task: row["success_rate"] for task, row in sorted(result.get("per_task", {}).items())},
     }
+
+
+def student_info(path: str | None) -> dict | None:
+    if not path:
+        return None
+    config = json.loads((Path(path) / "config.json").read_text())
+    return {"model": str(path), "hidden_size": config.get("hidden_size"), "num_hidden_layers": config.get("num_hidden_layers")}
+
+
+def per_task_table(variants: dict) -> str:
+    tasks = sorted({t for v in variants.values() for t in v["per_task"]})
+    rows = ["| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, v in variants.items():
+        rows.append(f"| {name} | " + " | ".join(f"{v['per_task'][t]:.0%}" if t in v["per_task"] else "-" for t in tasks) + " |")
+    return "\n".join(rows)
 
 
 def table(variants: dict) -> str:
@@ -63,7 +80,7 @@ def table(variants: dict) -> str:
     return "\n".join(rows)
 
 
-def plot(variants: dict, path: Path):
+def plot(variants: dict, path: Path, title: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +98,7 @@ def plot(variants: dict, path: Path):
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", rotation=40, labelsize=8)
     axes[0].set_ylim(0, 100)
-    fig.suptitle("DuoMem in miniature (TextWorld cooking, held-out games)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -94,6 +111,9 @@ def main():
     parser.add_argument("--bench", help="`duomem-mlx bench --json` output")
     parser.add_argument("--heldout", help="scripts/check_heldout.py --json output")
     parser.add_argument("--stages", help="tab-separated stage, wall seconds, CPU seconds")
+    parser.add_argument("--student", help="the student model directory (its config.json)")
+    parser.add_argument("--retrieval", help='JSON {"accuracy": share of held-out episodes whose top memory is of their task type, ...}')
+    parser.add_argument("--title", default="DuoMem in miniature (held-out games)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--wall-clock", type=float)
     args = parser.parse_args()
@@ -102,21 +122,25 @@ def main():
     variants = dict(map(variant, args.variant))
     _, teacher = variant("teacher=" + args.teacher)
     variants["teacher"] = teacher
+    retrieval = json.loads(Path(args.retrieval).read_text()) if args.retrieval else {}
     stages = [line.split("\t") for line in Path(args.stages).read_text().splitlines()] if args.stages else []
     results = {
-        "variants": variants, "teacher": teacher,
+        "variants": variants, "teacher": teacher, "student": student_info(args.student),
+        "retrieval_accuracy": retrieval.get("accuracy"), "retrieval": retrieval or None,
         "wall_clock_seconds": args.wall_clock, "seeds": [int(s) for s in args.seeds.split(",")],
         "stages": {name: {"seconds": float(wall), "cpu_seconds": float(cpu)} for name, wall, cpu in stages},
         "heldout": json.loads(Path(args.heldout).read_text()) if args.heldout else None,
         "bench": json.loads(Path(args.bench).read_text()) if args.bench else None,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = ["# DuoMem in miniature", "", table(variants), ""]
+    md = [f"# {args.title}", "", table(variants), "", "Success per task type:", "", per_task_table(variants), ""]
+    if retrieval:
+        md += [f"Retrieval accuracy (top memory of the episode's own task type, by similarity alone): {retrieval['accuracy']:.0%}", ""]
     if stages:
         md += ["| stage | wall s | CPU s |", "|---|---|---|", *(f"| {name} | {float(w):.0f} | {float(c):.0f} |" for name, w, c in stages), ""]
     (out / "results.md").write_text("\n".join(md))
-    plot(variants, out / "results.png")
-    print(table(variants))
+    plot(variants, out / "results.png", args.title)
+    print(table(variants) + "\n\n" + per_task_table(variants))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
 
 

@@ -163,6 +163,18 @@ def test_twx_game_params_merge_key_by_key_and_bad_ones_are_clear():
             resolve_params(bad)
 
 
+def test_twx_game_params_option_names_games_or_keys():
+    from duomem_mlx.envs.twx import game_params_option
+
+    assert game_params_option(None) is None and game_params_option("numLocations=2") == "numLocations=2"
+    assert game_params_option("coin:numLocations=2; twc:numItemsToPutAway=3;coin:includeDoors=0") == {
+        "coin": "numLocations=2,includeDoors=0", "twc": "numItemsToPutAway=3"}
+    with pytest.raises(DuomemError, match="game:key=value"):
+        game_params_option("coin:numLocations=2;numLocations=3")
+    with pytest.raises(DuomemError, match="--env twx"):
+        make_env("textworld", game_params="numLocations=2")
+
+
 def test_twx_out_of_range_params_fail_at_start():
     with pytest.raises(DuomemError, match="rejects coin params .*numLocations=99"):
         make_env("twx", game_params={"coin": "numLocations=99"})

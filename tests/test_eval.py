@@ -31,6 +31,22 @@ def test_eval_oracle_textworld_writes_results_and_log(tmp_path):
     assert "simple" in result.stdout and "100.0%" in result.stdout
 
 
+def test_eval_game_params_change_the_games_and_are_recorded(tmp_path):
+    def oracle(*params):
+        out = tmp_path / f"{len(params)}.json"
+        result = cli("eval", "--env", "twx", "--tasks", "coin", "--split", "test", "--episodes", "8", "--policy", "oracle", *params,
+                     "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        return json.loads(out.read_text())
+
+    one_room = oracle("--game-params", "coin:numLocations=1")
+    assert one_room["game_params"] == "coin:numLocations=1" and one_room["success_rate"] == 1.0
+    assert {e["steps"] for e in one_room["episodes"]} == {2}  # look around, take coin: nowhere else to go
+    assert max(e["steps"] for e in oracle()["episodes"]) > 2  # the default three rooms
+    assert_clean_failure(cli("eval", "--env", "twx", "--game-params", "coin:rooms=2", "--out", str(tmp_path / "x.json")),
+                         "coin takes no game param 'rooms'")
+
+
 def test_eval_model_policy_with_memories_on_real_episodes(tiny_model, tmp_path):
     memories = tmp_path / "memories.jsonl"
     memories.write_text("\n".join(json.dumps(m) for m in [

@@ -89,6 +89,10 @@ def test_retrieval_accuracy_is_the_share_of_top_1_memories_of_the_true_type(bank
     path = bank.save(tmp_path / "bank")
     result = run("search", path, "--accuracy-on", log)
     assert result.exit_code == 0 and result.output == "top-1 task type accuracy 75.0% over 4 episodes\n", result.output
+    assert run("search", path, "--accuracy-on", log, "--json", tmp_path / "r.json").exit_code == 0
+    assert json.loads((tmp_path / "r.json").read_text()) | {"by": None} == {
+        "accuracy": 0.75, "episodes": 4, "per_task": {"cool": 1.0, "heat": 0.5}, "by": None}
+    assert "pass it with --accuracy-on" in error_of(run("search", path, "heat", "--json", tmp_path / "q.json"))
     assert "exactly one of QUERY or --accuracy-on" in error_of(run("search", path))
     assert "exactly one of QUERY or --accuracy-on" in error_of(run("search", path, "heat", "--accuracy-on", log))
 
@@ -196,6 +200,7 @@ def test_rules_writer_generalises_and_merges():
     assert memories[0].text == "Workflow for tw (X, Y, Z: the objects of each task): open X, take Y from X, unlock Z with Y, go east."
     assert "wait (x3)" in memories[1].text
     assert len({m.id for m in memories}) == 3
+    assert [m.task for m in memories] == [episodes[0].task_description, episodes[2].task_description, episodes[3].task_description]
     with pytest.raises(DuomemError, match="none of the 1 episodes succeeded"):
         rule_memories(episodes[-1:])
 
@@ -316,7 +321,20 @@ def test_model_writer_says_what_it_dropped_and_the_counts_add_up(tiny_model, tmp
     assert "line 2" in error_of(run("write", "--episodes", log, "--out", tmp_path / "n.jsonl"))
 
 
+def test_memories_written_for_a_task_are_keyed_by_its_text(student):
+    """A query is a task text: a memory that records its task is found by it, whatever its workflow says."""
+    tasks = {"heat": "Heat some egg and put it in the garbage can.", "cool": "Cool some bread and put it on the table.",
+             "coin": "Your task is to search the environment and find the coin."}
+    memories = [Memory(f"m-{t}", t, f"Workflow for {t}: look, take X, go east, put X in Y.", [], text) for t, text in tasks.items()]
+    keyed = build(memories, *student)
+    unkeyed = build([Memory(m.id, m.task_type, m.text) for m in memories], *student)
+    for task_type, text in tasks.items():
+        assert retrieve(keyed, *student, text, k=1)[0].task_type == task_type
+    assert mx.allclose(keyed.keys[0], embed(*student, [tasks["heat"]])[0].astype(mx.float16), atol=1e-3).item()
+    assert not mx.allclose(keyed.keys[0], unkeyed.keys[0], atol=1e-3).item()
+
+
 def test_write_memories_round_trip(tmp_path):
-    memories = [Memory("a", "heat", "text one", ["e1"]), Memory("b", "", "text two")]
+    memories = [Memory("a", "heat", "text one", ["e1"]), Memory("b", "", "text two", [], "Heat some egg.")]
     write_memories(tmp_path / "m.jsonl", memories)
     assert read_memories(tmp_path / "m.jsonl") == memories

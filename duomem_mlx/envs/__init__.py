@@ -5,7 +5,11 @@ from ..errors import DuomemError
 NAMES = ("scienceworld", "textworld", "alfworld", "twx")
 
 
-def make_env(name: str, **options):
+def make_env(name: str, game_params: str | None = None, **options):
+    """`game_params` is --game-params: TextWorldExpress's only ("numLocations=2" for every game
+    that takes the key, or "coin:numLocations=2;twc:numItemsToPutAway=3" game by game)."""
+    if game_params and name != "twx":
+        raise DuomemError(f"--game-params is for --env twx (TextWorldExpress) only, not {name}")
     if name == "scienceworld":
         from .scienceworld import ScienceWorld
 
@@ -21,5 +25,7 @@ def make_env(name: str, **options):
     if name == "twx":
         from .twx import TextWorldExpress
 
-        return TextWorldExpress(**options)
+        from .twx import game_params_option
+
+        return TextWorldExpress(game_params_option(game_params), **options)
     raise DuomemError(f"unknown environment {name!r}; use one of {', '.join(NAMES)}")

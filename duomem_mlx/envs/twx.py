@@ -60,6 +60,20 @@ def parse_params(text: str, where: str) -> dict[str, int]:
     return params
 
 
+def game_params_option(text: str | None) -> str | dict[str, str] | None:
+    """--game-params: "key=1,other=0" for every game that takes the keys, or "game:key=1;game2:key=2"."""
+    if not text or ":" not in text:
+        return text or None
+    games = {}
+    for item in filter(None, (p.strip() for p in text.split(";"))):
+        game, colon, params = (s.strip() for s in item.partition(":"))
+        if not colon:
+            raise DuomemError(f"bad --game-params item {item!r}: write game:key=value[,key=value] items joined by ';', "
+                              "e.g. 'coin:numLocations=2;twc:numItemsToPutAway=3'")
+        games[game] = f"{games[game]},{params}" if game in games else params
+    return games
+
+
 def resolve_params(game_params: str | dict[str, str] | None) -> dict[str, str]:
     """Each game's parameter string: the defaults, with `game_params` merged in key by key. A dict
     names games ({"coin": "numLocations=5"}); a string goes to every game that knows its keys."""

@@ -1,6 +1,7 @@
 """The memory bank: procedural memories + float16 keys in the student's space, top-k cosine in MLX.
 
-On disk (a directory): memories.jsonl (one {id, task_type, text, source} per line),
+On disk (a directory): memories.jsonl (one {id, task_type, text, source, task} per line; the key
+embeds the task text the memory was written for, or its text when it has none),
 keys.safetensors ("keys": float16 [N, d], unit rows), bank.json (format, embedder path and
 fingerprint, dim, count)."""
 
@@ -26,6 +27,11 @@ class Memory:
     task_type: str
     text: str
     source: list[str] = field(default_factory=list)
+    task: str = ""  # the task text it was written for: its key, since a query is a task text (else the text is)
+
+    @property
+    def key_text(self) -> str:
+        return self.task or self.text
 
 
 def memory_id(text: str) -> str:
@@ -43,7 +49,10 @@ def parse_memory(data, where: str) -> Memory:
         source = [source]
     if not isinstance(source, list):
         raise DuomemError(f"{where}: \"source\" must be a list of episode ids")
-    return Memory(str(data.get("id") or memory_id(text)), str(data.get("task_type") or ""), text.strip(), [str(s) for s in source])
+    task = data.get("task") or ""
+    if not isinstance(task, str):
+        raise DuomemError(f"{where}: \"task\" must be the task text the memory was written for")
+    return Memory(str(data.get("id") or memory_id(text)), str(data.get("task_type") or ""), text.strip(), [str(s) for s in source], task.strip())
 
 
 def read_memories(path: str | Path) -> list[Memory]:
@@ -170,7 +179,7 @@ def build(memories: list, model, tokenizer, embedder: str = "", adapter_path: st
     ids = [m.id for m in memories]
     if len(set(ids)) != len(ids):
         raise DuomemError(f"duplicate memory id {next(i for i in ids if ids.count(i) > 1)}; ids must be unique")
-    keys = embed(model, tokenizer, [m.text for m in memories], progress=progress)
+    keys = embed(model, tokenizer, [m.key_text for m in memories], progress=progress)
     info = {
         "format": FORMAT,
         "embedder": embedder,

@@ -9,7 +9,7 @@ import click
 
 from ..config import config_option
 from ..errors import DuomemError
-from ..io import check_destination
+from ..io import check_destination, write_atomic
 
 
 @click.group()
@@ -86,36 +86,50 @@ def check_bank_destination(out: str, force: bool) -> None:
 @click.option("--accuracy-on", type=click.Path(exists=True),
               help="Instead of QUERY: a teacher cache or an episode log; the share of its episodes whose top-1 memory "
                    "(by their task description, similarity alone) is of their own task type.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="With --accuracy-on: also write {accuracy, episodes, per_task} here.")
 @click.option("--embedder", help="Model to embed the query with (default: the one recorded in the bank).")
 @click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters (default: as recorded in the bank).")
 @config_option
-def search_command(bank_path, query, k, task_type, accuracy_on, embedder, adapter_path):
+def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedder, adapter_path):
     """Show the K memories closest to QUERY (cosine in the student's space), or measure
     retrieval accuracy on the episodes of a cache or log.
 
     \b
     Examples:
       duomem-mlx memory search runs/bank "put a hot apple in the fridge" -k 3 --task-type heat
-      duomem-mlx memory search runs/bank --accuracy-on runs/test-episodes.jsonl
+      duomem-mlx memory search runs/bank --accuracy-on runs/test-episodes.jsonl --json runs/retrieval.json
     """
     from ..models import load
     from .bank import MemoryBank
 
     if (query is None) == (accuracy_on is None):
         raise DuomemError("pass exactly one of QUERY or --accuracy-on CACHE_OR_EPISODES")
+    if json_out and not accuracy_on:
+        raise DuomemError("--json writes the retrieval accuracy: pass it with --accuracy-on")
     bank = MemoryBank.load(bank_path)
     if not (embedder or bank.info.get("embedder")):
         raise DuomemError(f"{bank_path} records no embedder; pass --embedder MODEL")
     model, tokenizer = load(embedder or bank.info["embedder"], adapter_path or (None if embedder else bank.info.get("adapter_path")))
     bank.check_embedder(model, tokenizer)
     if accuracy_on:
-        from .retrieval import accuracy
+        from .retrieval import hits
 
         queries = task_queries(accuracy_on)
-        click.echo(f"top-1 task type accuracy {accuracy(bank, model, tokenizer, queries):.1%} over {len(queries)} episodes")
+        found = hits(bank, model, tokenizer, queries)
+        click.echo(f"top-1 task type accuracy {sum(found) / len(found):.1%} over {len(queries)} episodes")
+        if json_out:
+            write_accuracy(json_out, found, [task for _, task in queries])
         return
     for memory, score in bank.search(query, k, task_type, model, tokenizer):
         click.echo(f"{score:.3f}  {memory.id}  [{memory.task_type}]  {memory.text}")
+
+
+def write_accuracy(path: str, found: list[bool], tasks: list[str]) -> None:
+    per_task = {t: [f for f, u in zip(found, tasks) if u == t] for t in sorted(set(tasks))}
+    result = {"accuracy": sum(found) / len(found), "episodes": len(found), "by": "similarity alone, top-1 memory",
+              "per_task": {t: sum(f) / len(f) for t, f in per_task.items()}}
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def task_queries(path: str) -> list[tuple[str, str]]:

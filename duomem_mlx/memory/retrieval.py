@@ -22,9 +22,15 @@ def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k
     return [m for m, _ in bank.search(query, k, task_type, model, tokenizer)]
 
 
-def accuracy(bank, model, tokenizer, queries: list[tuple[str, str]]) -> float:
-    """The share of (query, true task type) whose top-1 memory, by similarity alone, has that type."""
+def hits(bank, model, tokenizer, queries: list[tuple[str, str]]) -> list[bool]:
+    """For each (query, true task type): is its top-1 memory, by similarity alone, of that type?"""
     if not queries:
         raise DuomemError("no queries to measure retrieval accuracy on")
     tops = [retrieve(bank, model, tokenizer, query, k=1) for query, _ in queries]
-    return sum(top[0].task_type == true for top, (_, true) in zip(tops, queries)) / len(queries)
+    return [top[0].task_type == true for top, (_, true) in zip(tops, queries)]
+
+
+def accuracy(bank, model, tokenizer, queries: list[tuple[str, str]]) -> float:
+    """The share of (query, true task type) whose top-1 memory, by similarity alone, has that type."""
+    found = hits(bank, model, tokenizer, queries)
+    return sum(found) / len(found)

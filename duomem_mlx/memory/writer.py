@@ -151,7 +151,7 @@ def task_memories(episodes: list[Episode]) -> list[Memory]:
             twin.source.append(episode.id)
             continue
         text = workflow_text(episode.task, steps, placeholders)
-        kept.append((steps, Memory(memory_id(text), episode.task, text, [episode.id])))
+        kept.append((steps, Memory(memory_id(text), episode.task, text, [episode.id], episode.task_description.strip())))
     return [m for _, m in kept]
 
 
@@ -243,7 +243,7 @@ def written_by(episodes: list[Episode], reply) -> Written:
         if dropped:
             written.dropped[dropped] += 1
         else:
-            written.memories.append(Memory(memory_id(episode.task + text), episode.task, text, [episode.id]))
+            written.memories.append(Memory(memory_id(episode.task + text), episode.task, text, [episode.id], episode.task_description.strip()))
     return written
 
 

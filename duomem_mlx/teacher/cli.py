@@ -4,7 +4,7 @@ import json
 
 import click
 
-from ..config import config_option, csv_list
+from ..config import config_option, csv_list, game_params_option
 from ..errors import DuomemError
 
 
@@ -19,6 +19,7 @@ from ..errors import DuomemError
 @click.option("--keep", type=click.Choice(["success", "all"]), default="success", show_default=True)
 @click.option("--memory-writer", type=click.Choice(["rules", "teacher"]), default="rules", show_default=True)
 @click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
+@game_params_option
 @click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle, the student's, to store tokenized chats.")
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True, help="mlx: teacher action decoding.")
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)

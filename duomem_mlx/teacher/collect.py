@@ -27,6 +27,7 @@ def collect(
     keep: str = "success",
     memory_writer: str = "rules",
     max_steps: int | None = None,
+    game_params: str | None = None,
     seed: int = 0,
     teacher_tokenizer: str | None = None,
     decode: str = "constrained",
@@ -45,13 +46,13 @@ def collect(
         raise DuomemError(f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja")
     from ..envs import make_env
 
-    env = make_env(env_name)
+    env = make_env(env_name, game_params)
     max_steps = max_steps or env.default_max_steps
     try:
         specs = env.task_specs(tasks, split, episodes, seed)
         settings = {
             "teacher": model.spec, "backend": model.backend, "top_k": top_k, "env": env_name, "tasks": tasks,
-            "split": split, "keep": keep, "temperature": temperature, "seed": seed, "max_steps": max_steps,
+            "split": split, "game_params": game_params, "keep": keep, "temperature": temperature, "seed": seed, "max_steps": max_steps,
             "episodes_per_task": episodes, "memory_writer": memory_writer, "vocab_size": model.vocab_size,
             "tokenizer_fingerprint": fingerprint(model.tokenizer),
             "task_list": sorted({s.task for s in specs}),

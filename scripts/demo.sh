@@ -25,11 +25,13 @@ CLI=${DUOMEM_CLI:-.venv/bin/duomem-mlx}
 PY=${DUOMEM_PYTHON:-.venv/bin/python}
 SEED=${DEMO_SEED:-0}
 MODEL=${DEMO_MODEL:-smollm2-135m-instruct}   # `duomem-mlx convert --list`
-TASKS=${DEMO_TASKS:-coin,mapreader,simonsays,peckingorder,twc,cookingworld}
-ADAPTER_TASKS=${DEMO_ADAPTER_TASKS:-coin,simonsays,twc,cookingworld}  # the rest: teacher memories only
-GAME_PARAMS=${DEMO_GAME_PARAMS:-coin:numLocations=2}  # one room or two: the coin is here or one move away
+TASKS=${DEMO_TASKS:-coin,mapreader,simonsays,peckingorder,twc,arithmetic}
+ADAPTER_TASKS=${DEMO_ADAPTER_TASKS:-coin,simonsays,twc,arithmetic}  # the rest: teacher memories only
+# Two rooms (coin, mapreader: the other room is one move away), one item to put away (twc).
+GAME_PARAMS=${DEMO_GAME_PARAMS:-coin:numLocations=2;mapreader:numLocations=2,maxDistanceApart=1;twc:numItemsToPutAway=1}
 ORACLE_GAMES=${DEMO_ORACLE_GAMES:-16}     # per type: train games whose oracle chats train the teacher
-TEACHER_GAMES=${DEMO_TEACHER_GAMES:-8}    # per type: train games the teacher (and, for selfmem, the student) plays
+TEACHER_GAMES=${DEMO_TEACHER_GAMES:-8}    # per type: train games the teacher plays
+SELF_GAMES=${DEMO_SELF_GAMES:-4}          # per type: train games the student plays for memories of its own
 TEST_GAMES=${DEMO_TEST_GAMES:-7}          # per type: held-out test games every variant plays
 PACKAGE_GAMES=${DEMO_PACKAGE_GAMES:-3}    # per type for the 4-bit package (MLX's CPU quantized kernels are slow)
 TEACHER_ITERS=${DEMO_TEACHER_ITERS:-48}
@@ -38,7 +40,7 @@ DISTILL_ITERS=${DEMO_DISTILL_ITERS:-24}
 LR=${DEMO_LR:-4e-4}                       # 1e-3 diverges on SmolLM2 (loss 13 by step 20)
 ALPHA=${DEMO_ALPHA:-0.5}                  # loss = alpha * CE on the teacher's kept actions + (1 - alpha) * KD
 MEMORY_K=${DEMO_MEMORY_K:-1}
-MAX_STEPS=${DEMO_MAX_STEPS:-14}           # gold paths: cookingworld 7-13, coin 2-17, the rest 5-10
+MAX_STEPS=${DEMO_MAX_STEPS:-12}           # gold paths: peckingorder 9, mapreader 7, arithmetic and simonsays 5, twc 3-4, coin 2-3
 BATCH=${DEMO_BATCH:-4}
 if [ "${DEMO_RESUME:-0}" != 1 ]; then rm -rf "$OUT"; fi
 mkdir -p "$OUT/eval" "$OUT/logs" "$OUT/done"
@@ -111,9 +113,9 @@ train_teacher() {
 }
 student_alone() {  # all the student does without the teacher: student_base, and student_selfmem (its own memories)
   evaluate student_base --policy "model:$OUT/student"
-  $CLI eval "${games[@]}" --split train --episodes "$TEACHER_GAMES" --policy "model:$OUT/student" \
+  $CLI eval "${games[@]}" --split train --episodes "$SELF_GAMES" --policy "model:$OUT/student" \
     --out "$OUT/student-train.json" --log "$OUT/student-train.jsonl"
-  if $CLI memory write --episodes "$OUT/student-train.jsonl" --writer "model:$OUT/student" --out "$OUT/self-memories.jsonl" --force; then
+  if $CLI memory write --episodes "$OUT/student-train.jsonl" --writer "model:$OUT/student" --per-task 2 --out "$OUT/self-memories.jsonl" --force; then
     $CLI memory build --memories "$OUT/self-memories.jsonl" --embedder "$OUT/student" --out "$OUT/self-bank" --force
     evaluate student_selfmem --policy "model:$OUT/student" --memory "$OUT/self-bank" --memory-k "$MEMORY_K"
   else

@@ -18,7 +18,7 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.memory.bank import FORMAT, Memory, MemoryBank, build, read_memories, write_memories
 from duomem_mlx.memory.embed import embed
 from duomem_mlx.memory.retrieval import accuracy, retrieve
-from duomem_mlx.memory.writer import generalise, model_memories, read_episodes, rule_memories, vet_reply, writer_content, writer_prompt
+from duomem_mlx.memory.writer import first_per_task, generalise, model_memories, read_episodes, rule_memories, vet_reply, writer_content, writer_prompt
 from duomem_mlx.models import load
 
 MEMORIES = [
@@ -203,6 +203,7 @@ def test_rules_writer_generalises_and_merges():
     assert [m.task for m in memories] == [episodes[0].task_description, episodes[2].task_description, episodes[3].task_description]
     with pytest.raises(DuomemError, match="none of the 1 episodes succeeded"):
         rule_memories(episodes[-1:])
+    assert [e.id for e in first_per_task(episodes, 1)] == ["a", "d"] and first_per_task(episodes, None) == episodes
 
 
 def test_rules_writer_generalises_what_varies_and_keeps_what_is_constant():
@@ -217,6 +218,11 @@ def test_rules_writer_generalises_what_varies_and_keeps_what_is_constant():
     assert memory.source == ["a", "b", "c"]
     [alone] = rule_memories(episodes[:1])  # one episode: nothing is seen to vary
     assert "take red apple from fridge" in alone.text
+    find = "Take the coin that is located in the office, and put it into the box."
+    roads = [episode(f"m{i}", "mapreader", find, ["read map", f"move {there}", "take coin", f"move {back}", "put coin in box"])
+             for i, (there, back) in enumerate([("north", "south"), ("east", "west"), ("west", "east")])]
+    [route] = rule_memories(roads)  # where the coin lies varies: the way there is the task's, the procedure is one
+    assert route.text == "Workflow for mapreader (X, Y: the objects of each task): read map, move X, take coin, move Y, put coin in box."
 
 
 def play_textworld(tmp_path, seed) -> Episode:
@@ -315,6 +321,8 @@ def test_model_writer_says_what_it_dropped_and_the_counts_add_up(tiny_model, tmp
     assert result.output.strip().endswith("; dropped 2 of 3 replies (1 echo only, 1 no episode step)"), result.output
     [memory] = read_memories(tmp_path / "m.jsonl")
     assert memory.text == "1. take the milk\n2. cool it with the fridge" and memory.source == ["ep/3"] and memory.task_type == "cool"
+    result = run("write", "--episodes", log, "--writer", f"model:{tiny_model}", "--per-task", "1", "--out", tmp_path / "m.jsonl", "--force")
+    assert result.output.strip().endswith("; dropped 1 of 2 replies (1 echo only)"), result.output  # ep/2 never asked
     assert "does not exist" in error_of(run("write", "--episodes", log, "--writer", f"model:{tmp_path}/none", "--out", tmp_path / "n.jsonl"))
     assert "unknown --writer" in error_of(run("write", "--episodes", log, "--writer", "magic", "--out", tmp_path / "n.jsonl"))
     log.write_text(json.dumps(played[0].to_json()) + "\n" + "{}\n")

@@ -174,10 +174,11 @@ def show_command(bank_path, limit):
 @click.option("--episodes", type=click.Path(dir_okay=False), required=True, help="Episode log (JSONL), e.g. from `eval --log`.")
 @click.option("--writer", default="rules", show_default=True, help="rules | model:PATH (an mlx-lm model writes each memory)")
 @click.option("--max-tokens", type=click.IntRange(1), default=160, show_default=True, help="Per memory, model writer only.")
+@click.option("--per-task", type=click.IntRange(1), help="Write up only the first N successful episodes of each task type (a model writer takes seconds an episode).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="memories.jsonl to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @config_option
-def write_command(episodes, writer, max_tokens, out, force):
+def write_command(episodes, writer, max_tokens, per_task, out, force):
     """Write procedural memories from the successful episodes of a log.
 
     `rules` abstracts each action sequence into a workflow (objects the task names, or that
@@ -188,7 +189,7 @@ def write_command(episodes, writer, max_tokens, out, force):
     \b
     Examples:
       duomem-mlx memory write --episodes runs/oracle.jsonl --writer rules --out runs/memories.jsonl
-      duomem-mlx memory write --episodes runs/teacher.jsonl --writer model:runs/teacher --out runs/memories.jsonl
+      duomem-mlx memory write --episodes runs/teacher.jsonl --writer model:runs/teacher --per-task 2 --out runs/memories.jsonl
     """
     from .bank import write_memories
     from .writer import write
@@ -196,7 +197,7 @@ def write_command(episodes, writer, max_tokens, out, force):
     if Path(out).exists() and Path(episodes).exists() and Path(out).samefile(episodes):
         raise DuomemError(f"--out {out} is the episode log itself; write the memories to another file")
     check_destination(out, force)
-    written = write(episodes, writer, max_tokens)
+    written = write(episodes, writer, max_tokens, per_task)
     write_memories(out, written.memories)
     dropped = f"; {written.summary()}" if written.dropped else ""
     click.echo(f"wrote {len(written.memories)} memories for {len({m.task_type for m in written.memories})} task type(s) to {out}{dropped}")

@@ -83,25 +83,28 @@ def named_objects(actions: list[str]) -> set[str]:
 
 def object_roles(action_lists: list[list[str]]) -> tuple[set[str], set[str]]:
     """(varying, constant) objects of a task type's episodes: what some but not all of them name
-    (cooking's ingredient), and what all of them name (its cookbook). One episode: neither."""
+    (cooking's ingredient), and what all of them name (its cookbook). One episode: neither.
+    Directions vary only where the episodes go more than one way (one way, taken or not, is a route)."""
     named = [named_objects(actions) for actions in action_lists]
     if len(named) < 2:
         return set(), set()
-    constant = set.intersection(*named)
-    return set.union(*named) - constant, constant
+    everything, constant = set.union(*named), set.intersection(*named)
+    fixed = DIRECTIONS if len(everything & DIRECTIONS) < 2 else set()
+    return everything - constant - fixed, constant
 
 
 def generalise(actions: list[str], task_description: str, varying: set[str] = frozenset(), constant: set[str] = frozenset()) -> tuple[list[str], list[str]]:
     """Replace the objects actions name by X, Y, ... where they vary across the task type's
     episodes, or the task description names them and they are not `constant` (named by every
-    episode of the type: part of the procedure); directions stay.
+    episode of the type: part of the procedure); a direction only where it varies (the way to
+    the coin differs from game to game, "go east" of a fixed route stays).
     Returns the steps and the placeholders used, in order of first use."""
     described = task_description.lower()
     names: dict[str, str] = {}
 
     def placeholder(phrase: str) -> str:
         core = object_core(phrase)
-        if not core or core in DIRECTIONS or core in constant:
+        if not core or (core in DIRECTIONS and core not in varying) or core in constant:
             return phrase
         if core not in varying and not re.search(rf"(?<!\w){re.escape(core)}(?!\w)", described):
             return phrase
@@ -255,9 +258,23 @@ def model_memories(episodes: list[Episode], model, tokenizer, max_tokens: int = 
     return written_by(episodes, lambda e: generate(model, tokenizer, writer_prompt(tokenizer, e), max_tokens=max_tokens))
 
 
-def write(episodes_path: str, writer: str, max_tokens: int = 160) -> Written:
-    """`rules` or `model:PATH` over an episode log; memories with unique ids."""
-    episodes = read_episodes(episodes_path)
+def first_per_task(episodes: list[Episode], n: int | None) -> list[Episode]:
+    """The first n successful episodes of each task type (all of them when n is None)."""
+    if n is None:
+        return episodes
+    taken = Counter()
+    kept = []
+    for episode in successful(episodes):
+        taken[episode.task] += 1
+        if taken[episode.task] <= n:
+            kept.append(episode)
+    return kept
+
+
+def write(episodes_path: str, writer: str, max_tokens: int = 160, per_task: int | None = None) -> Written:
+    """`rules` or `model:PATH` over an episode log (the first `per_task` successes of each task
+    type, when given); memories with unique ids."""
+    episodes = first_per_task(read_episodes(episodes_path), per_task)
     if writer == "rules":
         written = Written(rule_memories(episodes), len(successful(episodes)))
     elif writer.startswith("model:"):

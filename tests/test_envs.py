@@ -140,6 +140,18 @@ def test_twx_folds_are_different_games(twx):
         twx.reset(same_seed[1])
 
 
+def test_twx_test_games_of_coin_in_two_rooms_are_not_train_games():
+    env = make_env("twx", game_params="coin:numLocations=2")  # ~40 distinct games a fold: the folds overlap
+    try:
+        train = env.train_games("coin")
+        assert 30 <= len(train) <= 60
+        assert any(env.game("coin", s, "test") in train for s in range(20_000, 21_000))  # a plain draw may repeat one
+        specs = env.task_specs(["coin"], "test", 20, seed=0)
+        assert not {env.game("coin", s.variation, "test") for s in specs} & train
+    finally:
+        env.close()
+
+
 def test_twx_skips_the_unwinnable_dev_peckingorder_games(twx):
     assert not twx.gold_wins("peckingorder", 10261, "dev")  # two cucumbers: the package's own gold path loses
     specs = twx.task_specs(["peckingorder"], "dev", 12, seed=0)

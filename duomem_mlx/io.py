@@ -13,6 +13,11 @@ from typing import Callable
 
 from .errors import DuomemError
 
+
+def cache_root() -> Path:
+    """Where fetched models and generated games are kept: `~/.cache/duomem-mlx`, or `$DUOMEM_CACHE`."""
+    return Path(os.environ.get("DUOMEM_CACHE") or "~/.cache/duomem-mlx").expanduser()
+
 SHAPE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError)
 
 

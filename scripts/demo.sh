@@ -37,6 +37,8 @@ PACKAGE_GAMES=${DEMO_PACKAGE_GAMES:-3}    # per type for the 4-bit package (MLX'
 TEACHER_ITERS=${DEMO_TEACHER_ITERS:-48}
 TEACHER_LR=${DEMO_TEACHER_LR:-5e-4}
 DISTILL_ITERS=${DEMO_DISTILL_ITERS:-20}
+RANK=${DEMO_RANK:-8}                      # the student's LoRA
+LORA_LAYERS=${DEMO_LORA_LAYERS:-4}        # ... on the last blocks only
 LR=${DEMO_LR:-4e-4}                       # 1e-3 diverges on SmolLM2 (loss 13 by step 20)
 ALPHA=${DEMO_ALPHA:-0.5}                  # loss = alpha * CE on the teacher's kept actions + (1 - alpha) * KD
 MEMORY_K=${DEMO_MEMORY_K:-1}
@@ -82,7 +84,7 @@ together() {  # JOB...: run shell functions at once, each logging to OUT/logs/JO
 }
 
 teacher_lora=(--kd off --adapter lora --rank 16 --num-layers 8 --learning-rate "$TEACHER_LR" --batch-size "$BATCH" --val-fraction 0 --seed "$SEED")
-lora=(--tasks "$ADAPTER_TASKS" --adapter lora --rank 8 --num-layers 4 --alpha "$ALPHA" --learning-rate "$LR" --batch-size "$BATCH"
+lora=(--tasks "$ADAPTER_TASKS" --adapter lora --rank "$RANK" --num-layers "$LORA_LAYERS" --alpha "$ALPHA" --learning-rate "$LR" --batch-size "$BATCH"
       --iters "$DISTILL_ITERS" --val-fraction 0 --seed "$SEED")
 games=(--env twx --tasks "$TASKS" --game-params "$GAME_PARAMS" --max-steps "$MAX_STEPS" --seed "$SEED")
 distill_to() {  # OUT [distill options]: a run finished in an earlier try is kept, a killed one continued
@@ -91,9 +93,10 @@ distill_to() {  # OUT [distill options]: a run finished in an earlier try is kep
   if [ -e "$out/duomem.json" ]; then echo "   $out: finished in an earlier run, kept"; return 0; fi
   $CLI distill "$@" --resume --out "$out"
 }
-evaluate() {  # NAME [eval options]: the held-out test games
+evaluate() {  # NAME [eval options]: the held-out test games; one finished in an earlier try is kept
   local name=$1
   shift
+  if [ -e "$OUT/eval/$name.json" ]; then echo "   $name: evaluated in an earlier run, kept"; return 0; fi
   $CLI eval "${games[@]}" --split test --episodes "$TEST_GAMES" --out "$OUT/eval/$name.json" --log "$OUT/eval/$name.jsonl" "$@"
 }
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from duomem_mlx.distill.losses import distill_loss, sparse_kd
+from duomem_mlx.distill.losses import distill_loss, log1mexp, sparse_kd
 
 
 def dense(teacher_logits, student_logits, temperature, kind):
@@ -64,6 +64,15 @@ def test_distill_loss_gradient_matches_finite_differences(kind):
         down[i] -= eps
         numeric = (f(mx.array(up.reshape(logits.shape))).item() - f(mx.array(down.reshape(logits.shape))).item()) / (2 * eps)
         assert math.isclose(grad[i], numeric, rel_tol=2e-2, abs_tol=2e-3), (i, grad[i], numeric)
+
+
+def test_the_tail_bucket_s_gradient_stays_finite_next_to_zero():
+    """A confident student's top-k mass rounds to 1 in float32 (x = log of it ~ -1e-9): the
+    discarded branch of log1mexp made the gradient NaN there (seen at lr 5e-4, step 7)."""
+    x = mx.array([-1e-9, -1e-7, -0.1, -1.0, -20.0])
+    grad = np.array(mx.grad(lambda v: log1mexp(v).sum())(x))
+    assert np.isfinite(grad).all() and np.isfinite(np.array(log1mexp(x))).all()
+    assert np.allclose(grad[2:], [-np.exp(v) / -np.expm1(v) for v in (-0.1, -1.0, -20.0)], rtol=1e-4)
 
 
 def test_unaligned_rows_get_ce_only_and_kd_off_is_ce():

@@ -22,9 +22,13 @@ TEACHER_TAIL_FLOOR = math.log(1e-3)  # float16 rows carry ~1e-3 of rounding in t
 
 
 def log1mexp(x):
-    """log(1 - exp(x)) for x <= 0, stable on both ends; x is clamped to -EPS."""
+    """log(1 - exp(x)) for x <= 0, stable on both ends; x is clamped to -EPS. Each branch sees
+    only inputs of its own side: where() passes both branches' gradients on, times 0 for the one
+    not taken, and log1p(-exp(x)) at x ~ 0 is -inf in float32 (0 * inf: a NaN loss once the
+    student puts nearly all its mass on the teacher's top-k)."""
     x = mx.minimum(x, math.log1p(-EPS))
-    return mx.where(x > -math.log(2), mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
+    near = x > -math.log(2)
+    return mx.where(near, mx.log(-mx.expm1(mx.where(near, x, -math.log(2)))), mx.log1p(-mx.exp(mx.where(near, -math.log(2), x))))
 
 
 def with_tail(logprobs):

@@ -2,7 +2,7 @@
 # DuoMem in miniature on a real instruct student, offline on a CPU, through the package's commands only.
 #
 #   family          TextWorldExpress (`twx`): six game types, each its own procedure (coin, mapreader,
-#                   simonsays, peckingorder, twc, cookingworld); test-fold games held out.
+#                   simonsays, peckingorder, twc, arithmetic); test-fold games held out.
 #   student_base    SmolLM2-135M-Instruct (from its PyPI GGUF, converted; float32 on a CPU).
 #   teacher         the same model with LoRA (rank 16, last 8 blocks) trained on the oracle's
 #                   games of all six types; it then plays the train split through
@@ -15,7 +15,7 @@
 #                   the same held-out test games (checked: held out by content).
 #
 # Sizes are environment variables (defaults aim at ~30 min on 2 free CPU cores); seeds fixed.
-# Independent work runs two at a time (its output then goes to OUT/logs/), evals too, in pairs.
+# Independent jobs run side by side, two or three to a stage (their output then goes to OUT/logs/).
 # DEMO_RESUME=1 keeps OUT and skips the stages an earlier (interrupted) run finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."

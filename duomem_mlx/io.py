@@ -18,6 +18,7 @@ def cache_root() -> Path:
     """Where fetched models and generated games are kept: `~/.cache/duomem-mlx`, or `$DUOMEM_CACHE`."""
     return Path(os.environ.get("DUOMEM_CACHE") or "~/.cache/duomem-mlx").expanduser()
 
+
 SHAPE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError)
 
 

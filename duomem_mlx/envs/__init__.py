@@ -23,9 +23,7 @@ def make_env(name: str, game_params: str | None = None, **options):
 
         return ALFWorld(**options)
     if name == "twx":
-        from .twx import TextWorldExpress
-
-        from .twx import game_params_option
+        from .twx import TextWorldExpress, game_params_option
 
         return TextWorldExpress(game_params_option(game_params), **options)
     raise DuomemError(f"unknown environment {name!r}; use one of {', '.join(NAMES)}")

@@ -126,9 +126,9 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
 
 
 def write_accuracy(path: str, found: list[bool], tasks: list[str]) -> None:
-    per_task = {t: [f for f, u in zip(found, tasks) if u == t] for t in sorted(set(tasks))}
+    right, seen = Counter(t for f, t in zip(found, tasks) if f), Counter(tasks)
     result = {"accuracy": sum(found) / len(found), "episodes": len(found), "by": "similarity alone, top-1 memory",
-              "per_task": {t: sum(f) / len(f) for t, f in per_task.items()}}
+              "per_task": {t: right[t] / seen[t] for t in sorted(seen)}}
     write_atomic(path, json.dumps(result, indent=2) + "\n")
 
 

@@ -138,14 +138,18 @@ def test_quantize_bad_input_is_one_line_and_leaves_nothing(tiny_model, tiny_teac
 
 
 def mean_kl(model, reference, sequences):
+    """KL(reference || model) per action token, where the agent is scored and calibration trains."""
+    from duomem_mlx.agent.decode import logits_at
+    from duomem_mlx.deploy.quantize import action_rows
+
     total, count = 0.0, 0
-    for ids in sequences:
-        x = mx.array(ids)[None]
-        p = reference(x).astype(mx.float32)
-        q = model(x).astype(mx.float32)
+    for ids, mask in sequences:
+        x, rows = mx.array(ids)[None], action_rows(mask)
+        p = logits_at(reference, x, rows).astype(mx.float32)
+        q = logits_at(model, x, rows).astype(mx.float32)
         logp, logq = p - mx.logsumexp(p, -1, keepdims=True), q - mx.logsumexp(q, -1, keepdims=True)
         total += (mx.exp(logp) * (logp - logq)).sum().item()
-        count += len(ids)
+        count += rows.size
     return total / count
 
 
@@ -164,8 +168,9 @@ def test_calibration_brings_4bit_closer_to_the_student(tiny_model, tmp_path):
     assert "greedy-action agreement" in result.stdout and "after calibration" in result.stdout
     calibration = json.loads((calibrated / "duomem.json").read_text())["calibration"]
     assert calibration["steps"] > 0 and 0 <= calibration["agreement_before"] <= 1 and 0 <= calibration["agreement_after"] <= 1
+    assert calibration["action_tokens"] > 0 and len(calibration["loss_per_epoch"]) == calibration["epochs"]
     student, tokenizer = mlx_lm.load(str(tiny_model))
-    sequences = [ids for ids, _ in calibration_data(tokenizer, cache_episodes(str(cache)), 512)]
+    sequences = calibration_data(tokenizer, cache_episodes(str(cache)), 512)
     kl_plain = mean_kl(mlx_lm.load(str(plain))[0], student, sequences)
     kl_calibrated = mean_kl(mlx_lm.load(str(calibrated))[0], student, sequences)
     assert kl_calibrated < kl_plain
@@ -279,6 +284,19 @@ def test_a_small_run_feeds_few_tokens(tiny_model, monkeypatch):
     small, big = fed(2, 2), fed(20, 32)
     assert small[1] == [2] and big[1] == [32]
     assert small[0] < big[0] / 3, (small, big)
+
+
+def test_bench_runs_a_package_as_chat_loads_it(package, monkeypatch):
+    """bench loads through the package's own loader: on a CPU the 4-bit layers fed a prefill run
+    dense (cpu_quant) as in chat and eval; plain mlx_lm.load kept MLX's per-row kernel there
+    (a SmolLM2 4-bit package prefilled 15.6 tokens/s in bench against 259 through the loader)."""
+    from duomem_mlx.deploy import bench
+    from duomem_mlx.models import load
+
+    seen = []
+    monkeypatch.setattr(bench, "throughput", lambda model, prompt, n: (seen.append({type(m) for m in model.modules()}), (1.0, 1.0))[1])
+    bench.bench_package(bench.Measured(str(package)), None, 1, 2, 1, 2, 4096, 0, math.inf)
+    assert seen and seen[0] == {type(m) for m in load(str(package))[0].modules()}
 
 
 def test_an_interrupted_bench_writes_what_it_measured(tiny_model, tmp_path, monkeypatch):

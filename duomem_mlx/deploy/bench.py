@@ -211,9 +211,7 @@ def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, 
     """Measure one package into `m`, a step at a time. The synthetic prefix (its memories) and the
     throughput prompt grow with `steps`, the decoded tokens with `max_tokens`; the warm-up is one
     step without memories: a slow model asked for a small run gets a small one."""
-    import mlx_lm
-
-    from ..models import resolve, size_of
+    from ..models import load, resolve, size_of
 
     source = resolve(m.package)
     memories = max(1, min(8, steps // 2))
@@ -232,7 +230,7 @@ def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, 
         bar.set_postfix(phase="load")
         for _ in range(repeats):
             start = time.perf_counter()
-            model, tokenizer = mlx_lm.load(source)
+            model, tokenizer = load(source)
             mx.eval(model.parameters())
             m.loads.append(time.perf_counter() - start)
             done()

@@ -17,7 +17,7 @@ from ..errors import DuomemError
               help="Of unquantized weights and of the quantization scales (default: bfloat16 on a GPU, float32 on a "
                    "CPU, where MLX's bf16 and quantized bf16 matmuls run 3-10x slower).")
 @click.option("--calibrate", "calibrate_cache", type=click.Path(exists=True, file_okay=False),
-              help="Teacher cache: tune the quantized scales/biases to the unquantized student on its episodes (DWQ).")
+              help="Teacher cache: tune the quantized scales/biases to the unquantized student at the action tokens of its episodes (DWQ).")
 @click.option("--epochs", type=click.IntRange(1), default=4, show_default=True, help="Passes over the cache's episodes when calibrating.")
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True, help="Calibration learning rate (Adam).")
 @click.option("--max-seq-length", type=click.IntRange(16), default=2048, show_default=True, help="Calibration: tokens kept per episode.")

@@ -43,7 +43,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from common import model_config, versions, write_json
+from common import llama_cpp_server_command, model_config, versions, write_json
 from duomem_mlx.agent.decode import DecodeOptions
 from duomem_mlx.agent.prompt import episode_messages, prefix_messages, tokenize_with_mask
 from duomem_mlx.agent.session import Session
@@ -89,8 +89,9 @@ def prefix(episode, memories, run: str, fresh_system: bool = False) -> list[dict
     return messages
 
 
-def train_briefly(model, tokenizer, messages: list[dict], steps: int, lr: float = 1e-3):
-    """Fit the model to one trajectory's actions (cross-entropy on the action tokens)."""
+def train_briefly(model, tokenizer, messages: list[dict], steps: int, lr: float = 1e-3, layers: int | None = None):
+    """Fit the model to one trajectory's actions (cross-entropy on the action tokens): all of it,
+    or its last `layers` blocks (a 262k-row embedding makes a full fine-tune slow)."""
     import mlx.nn as nn
     import mlx.optimizers as optim
     from tqdm import tqdm
@@ -101,6 +102,10 @@ def train_briefly(model, tokenizer, messages: list[dict], steps: int, lr: float 
     def loss(model):
         return (nn.losses.cross_entropy(model(x), y) * m).sum() / m.sum()
 
+    if layers:
+        model.freeze()
+        for block in model.layers[-layers:]:
+            block.unfreeze()
     optimizer = optim.Adam(learning_rate=lr)
     step = nn.value_and_grad(model, loss)
     bar = tqdm(range(steps), desc="train on the oracle trajectory", disable=None)
@@ -109,6 +114,7 @@ def train_briefly(model, tokenizer, messages: list[dict], steps: int, lr: float 
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
         bar.set_postfix(loss=f"{value.item():.3f}")
+    model.unfreeze()
 
 
 def save_trained(model, source: Path, out: Path) -> Path:
@@ -193,13 +199,13 @@ class LlamaCppServer(Peer):
     """llama-cpp-python's server on a GGUF file: its default settings but the context and threads ours has."""
     label = "llama.cpp server"
 
-    def __init__(self, gguf: str, context: int):
+    def __init__(self, gguf: str, context: int, no_repack: bool = False):
         try:
             import llama_cpp.server  # noqa: F401
         except ImportError:
             raise SystemExit("Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
                              "(builds llama.cpp from source with cmake and a C++ compiler: 1.6 min on 2 cores for 0.3.16)")
-        super().__init__([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_ctx", str(context),
+        super().__init__([*llama_cpp_server_command(no_repack), "--model", gguf, "--n_ctx", str(context),
                           "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())], gguf)
         self.bytes = Path(gguf).stat().st_size
 
@@ -261,6 +267,7 @@ def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run
                 "peer_ms": peer_row[0] * 1000, "peer_prefill": peer_row[1], "peer_decode": peer_row[2],
                 "ours_ms": ours[1] * 1000, "ours_prefill": ours[2], "ours_decode": ours[3], "ours_passes": ours[4],
                 "same": peer_action == ours[0], "peer_action": peer_action, "ours_action": ours[0],
+                "peer_admissible": peer_action in (state.admissible or ()),
             })
 
 
@@ -303,10 +310,14 @@ def main():
                         help="llama_cpp: type of the matrices in the exported GGUF")
     parser.add_argument("--gguf-source", help="llama_cpp: the GGUF whose metadata the export copies "
                                               "(default: the one --model was converted from)")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="llama_cpp: no weight repacking or AMX buffers, as llama.cpp's --no-repack (0.3.36 built here "
+                             "segfaults on quantized files without it)")
     parser.add_argument("--env", choices=["scienceworld", "textworld", "twx"], default="scienceworld")
     parser.add_argument("--task", help="task of the recorded episode (default: the env's first dev tasks)")
     parser.add_argument("--train-steps", type=int, default=0, help="first fit the model to the oracle trajectory")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of --train-steps")
+    parser.add_argument("--train-layers", type=int, help="--train-steps on the last N blocks only (default: the whole model)")
     parser.add_argument("--vocab-rows", type=int, help="pad the tied head with zero rows to this many, as real families "
                                                          "pad theirs (Qwen3: 151936)")
     parser.add_argument("--save-trained", help="keep the trained (padded) model here (pass it as --model next time)")
@@ -328,7 +339,7 @@ def main():
         model_path = args.model
         if args.train_steps:
             trajectory = prefix(episode, memories, "0") + episode_messages(episode)[2:]
-            train_briefly(model, tokenizer, trajectory, args.train_steps, args.lr)
+            train_briefly(model, tokenizer, trajectory, args.train_steps, args.lr, args.train_layers)
         if args.vocab_rows:
             pad_head(model, args.vocab_rows)
         if args.train_steps or args.vocab_rows:
@@ -337,7 +348,7 @@ def main():
             DecodeOptions(mode="free", max_tokens=args.reply_tokens, single_line=False)
         session = Session(model, tokenizer, 8192, options)
         served = {"model_config": model_config(model_path), "bytes_ours": weight_bytes(model_path)}
-        peer = MlxLmServer(model_path) if args.peer == "mlx_lm" else LlamaCppServer(peer_gguf(args, model_path, tmp), 8192)
+        peer = MlxLmServer(model_path) if args.peer == "mlx_lm" else LlamaCppServer(peer_gguf(args, model_path, tmp), 8192, args.no_repack)
         try:
             def play(n, run, rows):
                 run_episode(peer, session, episode, memories, n, args.mode, args.reply_tokens, run, rows, args.fresh_system_prompt)
@@ -349,7 +360,8 @@ def main():
         finally:
             peer.close()
     result = report(rows, args, steps, model.args.vocab_size, head_share(model))
-    result |= {"peer_server": peer.label, "model_config": served["model_config"],
+    result |= {"peer_server": peer.label, "peer_no_repack": args.no_repack if args.peer == "llama_cpp" else None,
+               "model_config": served["model_config"],
                "bytes_of_weights": {"peer": peer.bytes, "ours": served["bytes_ours"]}}
     print_table(result)
     if args.plot:
@@ -361,6 +373,7 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
     n = len(rows)
     peer_ms, ours_ms = [r["peer_ms"] for r in rows], [r["ours_ms"] for r in rows]
     peer, ours = summary(peer_ms), summary(ours_ms)
+    admissible = [r for r in rows if r["peer_admissible"]]
     return {
         "peer": args.peer,
         "mode": args.mode,
@@ -385,6 +398,9 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
         "decode_tokens_per_step": {"peer": round(sum(r["peer_decode"] for r in rows) / n, 1),
                                    "ours": round(sum(r["ours_decode"] for r in rows) / n, 1)},
         "same_actions": round(sum(r["same"] for r in rows) / n, 3),
+        # ours is constrained to the admissible commands; the peer decodes freely
+        "peer_admissible": round(sum(r["peer_admissible"] for r in rows) / n, 3),
+        "same_actions_where_admissible": round(sum(r["same"] for r in admissible) / len(admissible), 3) if admissible else None,
         "actions": [[r["peer_action"], r["ours_action"]] for r in rows[:steps]],
         "step_ms": [[round(r["peer_ms"], 1), round(r["ours_ms"], 1)] for r in rows],  # peer, ours; all repeats
         **versions(),
@@ -393,7 +409,7 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
 
 def print_table(result: dict):
     print(f"peer {result['peer_server']}, mode {result['mode']}, {result['steps']} steps x {result['repeats']}, system prompt {result['system_prompt']}, "
-          f"same actions {result['same_actions']}; head {result['vocab_rows']:,} rows, "
+          f"same actions {result['same_actions']} (peer admissible {result['peer_admissible']}); head {result['vocab_rows']:,} rows, "
           f"{result['head_share_of_weights']:.0%} of the weights")
     print(f"{'':26}{'peer':>10}{'ours':>10}")
     for key in ("p50", "p95", "mean"):

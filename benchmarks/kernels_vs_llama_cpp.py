@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from common import model_config, versions, write_json
+from common import llama_cpp_no_repack, model_config, versions, write_json
 from duomem_mlx.convert.export import export_gguf, source_of
 from duomem_mlx.models import default_corpus, load
 from real_models import speeds
@@ -50,11 +50,15 @@ def main():
     parser.add_argument("--gguf", help="llama.cpp's file (default: --model exported as --gguf-type)")
     parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0", "q4_1", "q4_0"])
     parser.add_argument("--gguf-source", help="metadata for the export (default: the GGUF --model was converted from)")
+    parser.add_argument("--no-repack", action="store_true", help="llama.cpp without weight repacking or AMX buffers "
+                                                                      "(0.3.36 built here segfaults on quantized files without it)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
+    if args.no_repack:
+        llama_cpp_no_repack()
     model, tokenizer = load(args.model)
     tokens = (tokenizer.encode(default_corpus()) * 4)[: args.prompt_tokens]
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,8 +72,8 @@ def main():
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         print(f"{key.split('_')[0]:12}{ours[key]:12.1f}{theirs[key]:12.1f}{theirs[key] / ours[key]:8.2f}x")
     write_json(args.json, {"model": args.model, "model_config": model_config(args.model), "gguf_type": "as given" if args.gguf else args.gguf_type,
-                           "gguf_bytes": gguf_bytes, "prompt_tokens": len(tokens), "decode_tokens": args.decode_tokens,
-                           "mlx": ours, "llama_cpp": theirs, "device": str(mx.default_device()), **versions()})
+                           "gguf_bytes": gguf_bytes, "no_repack": args.no_repack, "prompt_tokens": len(tokens), "decode_tokens": args.decode_tokens,
+                           "ours_mlx": ours, "llama_cpp": theirs, "device": str(mx.default_device()), **versions()})
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ class LlamaCppServer(Peer):
             import llama_cpp.server  # noqa: F401
         except ImportError:
             raise SystemExit("Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
-                             "(builds llama.cpp from source with cmake and a C++ compiler: 1.6 min on 2 cores for 0.3.16)")
+                             "(builds llama.cpp from source with cmake and a C++ compiler: ~6 min on 2 cores for 0.3.36)")
         super().__init__([*llama_cpp_server_command(no_repack), "--model", gguf, "--n_ctx", str(context),
                           "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())], gguf)
         self.bytes = Path(gguf).stat().st_size

@@ -140,11 +140,11 @@ def test_quantize_bad_input_is_one_line_and_leaves_nothing(tiny_model, tiny_teac
 def mean_kl(model, reference, sequences):
     """KL(reference || model) per action token, where the agent is scored and calibration trains."""
     from duomem_mlx.agent.decode import logits_at
-    from duomem_mlx.deploy.quantize import action_rows
+    from duomem_mlx.teacher.topk import masked_positions
 
     total, count = 0.0, 0
     for ids, mask in sequences:
-        x, rows = mx.array(ids)[None], action_rows(mask)
+        x, rows = mx.array(ids)[None], mx.array(masked_positions(mask))
         p = logits_at(reference, x, rows).astype(mx.float32)
         q = logits_at(model, x, rows).astype(mx.float32)
         logp, logq = p - mx.logsumexp(p, -1, keepdims=True), q - mx.logsumexp(q, -1, keepdims=True)

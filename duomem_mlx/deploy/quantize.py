@@ -127,22 +127,6 @@ def calibration_data(tokenizer, episodes, max_seq_length: int) -> list[tuple[lis
     return [tuple(part[:max_seq_length] for part in tokenize_with_mask(tokenizer, episode_messages(e))) for e in episodes]
 
 
-def action_rows(mask: list[int]) -> mx.array:
-    """The positions whose logits predict an action token (the token after each is masked in)."""
-    return mx.array([i for i in range(len(mask) - 1) if mask[i + 1]])
-
-
-def teacher_rows(model, ids: list[int], rows: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
-    """The unquantized student's top-k (ids, log-probs) at `rows`, as the distill cache keeps them."""
-    from ..agent.decode import logits_at
-
-    logits = logits_at(model, mx.array(ids)[None], rows).astype(mx.float32)
-    top = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k]
-    logprobs = mx.take_along_axis(logits, top, axis=-1) - mx.logsumexp(logits, axis=-1, keepdims=True)
-    mx.eval(top, logprobs)
-    return top, logprobs
-
-
 def unfreeze_scales(model) -> None:
     """Train the scales and biases of the affine quantized layers only, as mlx-lm's DWQ does."""
     model.freeze()
@@ -168,10 +152,14 @@ def calibrate(q_model, float_model, tokenizer, episodes, epochs: int, learning_r
     from ..agent.decode import logits_at
     from ..distill.losses import sparse_kd
     from ..progress import Progress
+    from ..teacher.topk import masked_positions, topk_logprobs
 
-    data = [(ids, action_rows(mask)) for ids, mask in calibration_data(tokenizer, episodes, max_seq_length) if sum(mask[1:])]
+    data = [(ids, mx.array(masked_positions(mask))) for ids, mask in calibration_data(tokenizer, episodes, max_seq_length) if sum(mask[1:])]
     k = min(top_k, q_model.args.vocab_size)
-    targets = [teacher_rows(float_model, ids, rows, k) for ids, rows in data]
+    targets = []  # the unquantized student's top-k rows, as the distill cache keeps a teacher's
+    for ids, rows in data:
+        targets.append(topk_logprobs(logits_at(float_model, mx.array(ids)[None], rows), k))
+        mx.eval(targets[-1])
     unfreeze_scales(q_model)
 
     def loss(model, inputs, rows, top, logprobs):

@@ -125,6 +125,65 @@ def test_episodes_sharing_a_system_prompt_restore_it(family_models, arch):
     assert next_logits_agree(sessions[Session])
 
 
+class StopAt:
+    """A model layer that raises KeyboardInterrupt (Ctrl-C) at its `stop`-th call."""
+
+    def __init__(self, layer, stop: int):
+        self.layer, self.stop, self.calls = layer, stop, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.layer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+
+@pytest.mark.parametrize("mode", ["constrained", "free"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "lfm2"])
+def test_a_stopped_reply_leaves_the_cache_exact(family_models, arch, mode):
+    """Ctrl-C at every pass of a reply (each prefill chunk, each decode pass), in the first layer
+    (between passes) or the last (inside one): chat forgets the message, and the next reply and
+    logits are a fresh session's on the same chat."""
+    model, tokenizer = family_models[arch]
+    options = DecodeOptions(mode=mode, max_tokens=6, prefill_step=8)
+    admissible = ["take pot", "open door", "go north"] if mode == "constrained" else None
+    prefix = prefix_messages("boil water", "You are in the hallway. " * 6, ["to boil: take pot, fill it, heat it"])
+    stopped = {"role": "user", "content": " ".join(WORDS * 3)}
+    after = {"role": "user", "content": "You see a pot."}
+
+    def session_after_one_reply():
+        session = Session(model, tokenizer, 4096, options)
+        session.start(prefix)
+        session.generate(admissible)
+        return session
+
+    reference = session_after_one_reply()
+    reference.append([after])
+    expected = reference.generate(admissible)
+    layers = model.model.layers
+    for index in (0, len(layers) - 1):
+        layer, stop = layers[index], 1
+        while True:
+            session = session_after_one_reply()
+            session.append([stopped])
+            layers[index] = StopAt(layer, stop)
+            try:
+                session.generate(admissible)
+                break  # past the last pass
+            except KeyboardInterrupt:
+                session.messages.pop()  # as chat does
+            finally:
+                layers[index] = layer
+            session.append([after])
+            assert session.generate(admissible) == expected, (index, stop)
+            assert next_logits_agree(session), (index, stop)
+            stop += 1
+        assert stop > 8, stop  # several prefill chunks and decode passes were stopped
+
+
 @pytest.mark.parametrize("thinking", [False, True])
 def test_qwen3_think_block_is_rewritten_and_refed(family_models, thinking):
     """Qwen3 drops the (empty) think block of a past reply: the diff re-feeds from there, exactly."""

@@ -22,7 +22,7 @@ RoPE distances to the prefix).
 import copy
 import time
 
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import CacheList, can_trim_prompt_cache, make_prompt_cache
 
 from .decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action, prefill
 from .prompt import Rendered, common_prefix, encode, render
@@ -32,6 +32,13 @@ from .prompt import Rendered, common_prefix, encode, render
 def cache_offset(cache) -> int | None:
     """Tokens a prompt cache has seen (from any layer that counts them)."""
     return next((c.offset for c in cache if hasattr(c, "offset")), None)
+
+
+def trim_to(layer, keep: int):
+    """Cut a trimmable layer back to `keep` tokens by what it holds itself: a pass stopped
+    part-way (Ctrl-C) leaves the layers before the stop one chunk ahead of those after it."""
+    for c in layer.caches if isinstance(layer, CacheList) else [layer]:
+        c.trim(c.offset - keep)
 
 
 class Session:
@@ -142,7 +149,8 @@ class Session:
         if keep >= held:
             return held
         if can_trim_prompt_cache(self.cache):
-            trim_prompt_cache(self.cache, held - keep)
+            for layer in self.cache:
+                trim_to(layer, keep)
             at = keep
         else:
             at = max((q for q in self.snapshots if q <= keep), default=0)
@@ -150,7 +158,7 @@ class Session:
                 saved = self.snapshots[at]
                 for i, layer in enumerate(self.cache):
                     if saved[i] is None:
-                        layer.trim(held - at)
+                        trim_to(layer, at)
                     else:
                         self.cache[i] = copy.deepcopy(saved[i])
             else:
@@ -183,17 +191,16 @@ class Session:
         at = self.rewind(min(shared, len(target) - 1))  # feed >= 1 token for logits
         self.rewound_tokens.append(held - at)
         self.prefill_tokens += len(target) - at
-        for mark in self.snapshot_marks(at, len(target)):
-            self.feed(target[len(self.fed) : mark])
-            self.snapshot()
-        at = len(self.fed)
         try:
+            for mark in self.snapshot_marks(at, len(target)):
+                self.feed(target[len(self.fed) : mark])
+                self.snapshot()
+            at = len(self.fed)
             text, ids = decode_action(self.model, self.tokenizer, self.cache, target[at:], admissible, self.options, on_text,
                                       history=self.fed, stats=self.decode_stats)
-        except KeyboardInterrupt:  # a stopped chat reply: forget it, keep the cache consistent
-            offset = cache_offset(self.cache)
-            self.fed = target + [-1] * (offset - len(target)) if offset is not None else [-1]  # -1: unknown ids
-            self.rewind(at if offset is not None else 0)
+        except KeyboardInterrupt:  # a stopped reply: `fed` is still exact; the layers may hold part of a pass more
+            self.fed.append(-1)  # an unknown tail, cut off
+            self.rewind(len(self.fed) - 1)
             raise
         offset = cache_offset(self.cache)
         self.fed = (target + ids)[: offset if offset is not None else len(target) + len(ids)]

@@ -261,6 +261,41 @@ def test_two_processes_match_one(kd_cache, tiny_model, tmp_path):
     assert np.allclose([r["train_loss"] for r in a], [r["train_loss"] for r in b], rtol=1e-3)
 
 
+NAN_ON_RANK_1 = """import sys
+from duomem_mlx.cli import main
+from duomem_mlx.distill import train
+
+real = train.batch_for
+
+
+def batch_for(data, args, step, world):  # step 4's loss is NaN on the second process alone
+    batch, tokens = real(data, args, step, world)
+    return (*batch[:-2], batch[-2] * float("nan"), batch[-1]) if world.rank() == 1 and step == 3 else batch, tokens
+
+
+train.batch_for = batch_for
+sys.argv[0] = "duomem-mlx"
+main()
+"""
+
+
+def test_a_non_finite_loss_on_one_process_stops_them_all(oracle_cache, tiny_model, tmp_path):
+    """Every rank reduces the flag before raising: none waits forever in the gradient average."""
+    script, out = tmp_path / "nan_on_rank_1.py", tmp_path / "out"
+    script.write_text(NAN_ON_RANK_1)
+    launch = Path(sys.executable).with_name("mlx.launch")
+    args = (*train_args(tiny_model, oracle_cache, out, 6), "--kd", "off", "--save-every", 2)
+    result = subprocess.run([str(launch), "--backend", "ring", "-n", "2", "--", sys.executable, str(script), *map(str, args)],
+                            capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]  # mlx.launch exits 0 whatever its processes do
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("Error: "))
+    assert [e.split(" at step 4;")[0] for e in errors] == ["Error: the loss became nan",
+                                                           "Error: the loss became non-finite on 1 of 2 processes"], result.stderr[-2000:]
+    assert all("(step 2) is intact" in e for e in errors)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["0000002.adapters.safetensors", "0000002.optimizer.safetensors", "state.json"]
+
+
 def test_memory_bank_is_rebuilt_for_the_adapters_and_eval_uses_it(kd_cache, tiny_model, bank, tmp_path):
     out = tmp_path / "adapters"
     distill(tiny_model, kd_cache, out, "--iters", 3, "--memory-bank", bank, "--memory-k", 2, "--val-fraction", 0)

@@ -317,9 +317,7 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
             mx.eval(state, parts)
             seconds += time.perf_counter() - tic
             local = np.array(parts.astype(mx.float32))
-            if not np.isfinite(local[0]):
-                raise DuomemError(f"the loss became {local[0]} at step {step + 1}; nothing of it was saved, the last good checkpoint "
-                                  f"(step {last_saved(out)}) is intact: lower --learning-rate and pass --resume, or --force")
+            check_finite(local[0], world, step + 1, out)
             sums += [*local, tokens]
             step += 1
             row = None
@@ -350,6 +348,16 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
     return history
 
 
+def check_finite(loss: float, world, step: int, out: Path) -> None:
+    """Every rank learns whether any rank's loss is non-finite, and all stop together (one
+    raising alone would leave the others waiting in the gradient average)."""
+    bad = mx.distributed.all_sum(mx.array(float(not np.isfinite(loss))), stream=mx.cpu).item()
+    if bad:
+        value = loss if not np.isfinite(loss) else f"non-finite on {bad:.0f} of {world.size()} processes"
+        raise DuomemError(f"the loss became {value} at step {step}; nothing of it was saved, the last good checkpoint "
+                          f"(step {last_saved(out)}) is intact: lower --learning-rate and pass --resume, or --force")
+
+
 def last_saved(out: Path) -> int:
     path = out / "checkpoint" / "state.json"
     return json.loads(path.read_text())["step"] if path.exists() else 0
@@ -375,7 +383,7 @@ def rebuild_bank(bank, args: DistillArgs, out: Path) -> None:
     model, tokenizer = load(args.student, str(out))
     local = Path(args.student).expanduser()
     embedder = str(local.resolve()) if local.exists() else args.student
-    rebuilt = build(bank.memories, model, tokenizer, embedder=embedder, adapter_path=str(out.resolve()))
+    rebuilt = build(bank.memories, model, tokenizer, embedder=embedder, adapter_path=str(out.resolve()), key=bank.key)
     tmp = out / ".tmp.memory"
     shutil.rmtree(tmp, ignore_errors=True)
     rebuilt.save(tmp)

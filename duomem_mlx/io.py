@@ -97,25 +97,54 @@ def check_destination(path: str | Path, force: bool | None = None, option: str =
     return path
 
 
-def write_atomic(path: str | Path, data: bytes | str, hint: str = "check the disk and the path") -> None:
-    """Write `data` under a temporary name in the same directory, fsync, rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DuomemError(f"could not write {path} ({e.strerror or e}); {hint}")
+HINT = "free some space or choose another --out"
+
+
+def write_failed(e: BaseException) -> bool:
+    """An OSError, or the RuntimeError MLX's writers raise (`[write] Unable to write N bytes to file.`)."""
+    return isinstance(e, OSError) or isinstance(e, RuntimeError) and str(e).startswith(("[write]", "[save"))
+
+
+def failed_write(e: BaseException, path: Path, out: Path, need: int | None, hint: str) -> DuomemError:
+    """The one line for a write that failed part-way (after its leftovers are gone): the file,
+    why, the space it needed against what is free, and that nothing was left."""
+    where = next(p for p in out.absolute().parents if p.exists())
+    free = f"{shutil.disk_usage(where).free / 1e6:,.1f} MB free on {where}"
+    space = f"; it needs {need / 1e6:,.1f} MB, {free}" if need is not None else f"; {free}"
+    reason = ((e.strerror if isinstance(e, OSError) else None) or str(e)).rstrip(".")
+    return DuomemError(f"could not write {path} ({reason}{space}); nothing was left behind, {out} is as it was: {hint}")
 
 
 @contextmanager
-def atomic_dir(out: str | Path, hint: str = "check the disk and the path"):
+def atomic_file(path: str | Path, need: int | None = None, hint: str = HINT):
+    """Yield a temporary name beside `path` (same suffix) to write; renamed over `path` when the
+    block ends without error, deleted otherwise. A failed write (`write_failed`) is one DuomemError."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}.{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if write_failed(e):
+            raise failed_write(e, path, path, need, hint) from e
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes | str, hint: str = HINT) -> None:
+    """Write `data` under a temporary name in the same directory, fsync, rename over `path`."""
+    data = data.encode() if isinstance(data, str) else data
+    with atomic_file(path, len(data), hint) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_dir(out: str | Path, need: int | None = None, hint: str = HINT):
     """Yield a temporary directory next to `out`; when the block ends without error it
-    replaces `out` (an existing `out` is swapped out, then deleted), otherwise it is deleted."""
+    replaces `out` (an existing `out` is swapped out, then deleted), otherwise it is deleted.
+    A failed write (`write_failed`) is one DuomemError naming the file it was writing."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -132,7 +161,12 @@ def atomic_dir(out: str | Path, hint: str = "check the disk and the path"):
                 os.replace(old, out)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        raise DuomemError(f"could not write {out} ({e.strerror or e}); {hint}")
+    except BaseException as e:
+        if not write_failed(e):
+            raise
+        files = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+        last = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)  # the file it was writing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise failed_write(e, out / last.relative_to(tmp) if last else out, out, need, hint) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

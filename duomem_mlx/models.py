@@ -140,6 +140,13 @@ def size_of(model_dir: str | Path) -> dict:
     return {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's arrays (what its safetensors files hold, less their headers)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the vocabulary (token -> id): equal fingerprints mean logits can be shared."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else tokenizer.vocab

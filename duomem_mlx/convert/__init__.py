@@ -112,7 +112,9 @@ def _requantize(model, quantized: dict, bits: int, group_size: int) -> None:
 def _write(out, model, config: dict, tokenizer, eos_ids: list[int], record: dict) -> None:
     from mlx_lm.utils import save_config, save_model
 
-    with atomic_dir(out) as tmp:
+    from ..models import weight_bytes
+
+    with atomic_dir(out, weight_bytes(model)) as tmp:
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
         tokenizer.save_pretrained(str(tmp))

@@ -12,6 +12,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import DuomemError
+from ..io import atomic_file
 from .families import Family, family_of, heads_for_rows, mlx_name
 from .gguf_file import open_gguf
 
@@ -74,8 +75,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type
     config = vars(model.args)
     weights = model_weights(model)
     path = Path(out)
-    partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), original.arch)
+    writer = gguf.GGUFWriter(None, original.arch)
     for name, field in original.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type", "general.quantization_version"):
             continue
@@ -83,6 +83,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type
     writer.add_file_type(int(TYPES[type_name]))
     if "tokenizer.chat_template" not in original.fields and getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)  # the family's, as convert used it: llama.cpp then renders alike
+    need = 0
     for tensor in original.tensors.values():
         key = mlx_name(tensor.name, family)
         if key not in weights:
@@ -92,13 +93,12 @@ def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type
                               "pass the GGUF this model was converted from as --source")
         values, qtype = gguf_tensor(tensor.name, weights[key], family, config, TYPES[type_name])
         writer.add_tensor(tensor.name, values, raw_dtype=qtype)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except BaseException:
-        partial.unlink(missing_ok=True)  # no half-written file left beside OUT
-        raise
-    partial.replace(path)
+        need += values.nbytes
+    with atomic_file(path, need) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return {"tensors": len(original.tensors), "bytes": path.stat().st_size, "type": type_name}

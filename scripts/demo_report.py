@@ -7,14 +7,19 @@
         [--student runs/student] [--retrieval runs/retrieval.json]
 
 A variant is NAME=EVAL_JSON[,adapters=DIR][,memory=BANK][,log=EVAL_LOG]; the log defaults to
-EVAL_JSON with .jsonl and gives tokens per step. Trainable parameters come from the adapters'
-duomem.json, memory size is the bank's bytes on disk."""
+EVAL_JSON with .jsonl and gives tokens per step and the tokens memories add. Trainable parameters
+come from the adapters' duomem.json, memory size is the bank's bytes on disk. Every row is compared
+with `duomem` on the games both played (paired wins and losses, McNemar's exact p); success rates
+carry a 95% Wilson interval."""
 
 import argparse
 import json
+import math
 from pathlib import Path
 
-PAPER = {"student_base": 4.3, "student_memory": None, "student_lora": None, "duomem": 77.9, "teacher": 87.1}
+# The paper's rows (Qwen3-4B student, Qwen2.5-72B teacher, ALFWorld unseen), as reported from its tables.
+PAPER = {"student_base": 4.3, "student_selfmem": 55.0, "student_memory": 56.4, "lora_selfmem": 72.1, "duomem": 77.9, "teacher": 87.1}
+ORDER = ["student_base", "student_selfmem", "student_memory", "student_lora", "lora_selfmem", "duomem", "duomem_4bit", "teacher"]
 
 
 def dir_bytes(path: str | None) -> int:
@@ -39,19 +44,74 @@ def variant(spec: str) -> tuple[str, dict]:
     episodes = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     steps = sum(len(e["steps"]) for e in episodes)
     tokens = sum(e["stats"].get("prefill_tokens", 0) + e["stats"].get("decode_tokens", 0) for e in episodes)
+    memory_tokens = [e["stats"]["memory_tokens"] for e in episodes if "memory_tokens" in e["stats"]]
     n = len(result["episodes"])
+    successes = sum(e["success"] for e in result["episodes"])
     return name, {
         "success_rate": result["success_rate"],
+        "interval95": wilson(successes, n),
         "mean_score": round(result["mean_score"], 3),
         "episodes": n,
-        "successes": sum(e["success"] for e in result["episodes"]),
+        "successes": successes,
+        "games": {game(e): bool(e["success"]) for e in result["episodes"]},
         "trainable_params": trainable(options.get("adapters")),
         "memory_bytes": dir_bytes(options.get("memory")),
         "seconds_per_episode": round(sum(e["seconds"] for e in result["episodes"]) / max(n, 1), 3),
         "tokens_per_step": round(tokens / steps, 1) if tokens else None,  # None: a policy without a model
         "mean_steps": round(steps / len(episodes), 2) if episodes else None,
+        "memory_tokens_per_episode": round(sum(memory_tokens) / len(memory_tokens), 1) if memory_tokens else 0,
         "per_task": {task: row["success_rate"] for task, row in sorted(result.get("per_task", {}).items())},
     }
+
+
+def game(episode: dict) -> str:
+    return f"{episode['task']}/{episode['variation']}"
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
+    if not n:
+        return [0.0, 1.0]
+    p = successes / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p: discordant pairs as a fair coin."""
+    n = b + c
+    if not n:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n)
+
+
+def paired(variants: dict, against: str = "duomem") -> dict:
+    """Each row against `against` on the games both played: its wins, its losses, p."""
+    if against not in variants:
+        return {}
+    ref = variants[against]["games"]
+    out = {}
+    for name, v in variants.items():
+        shared = sorted(set(ref) & set(v["games"]))
+        if name == against or not shared:
+            continue
+        wins = sum(ref[g] and not v["games"][g] for g in shared)
+        losses = sum(v["games"][g] and not ref[g] for g in shared)
+        out[name] = {"games": len(shared), f"{against}_wins": wins, f"{against}_losses": losses,
+                     "difference_points": round(100 * (wins - losses) / len(shared), 1), "mcnemar_p": round(mcnemar_exact(wins, losses), 4)}
+    return out
+
+
+def unseen_rate(v: dict, adapter_tasks: set[str]) -> float | None:
+    """Success on the task types no adapter trained on, pooled over their games."""
+    games = [ok for g, ok in v["games"].items() if g.split("/")[0] not in adapter_tasks]
+    return round(sum(games) / len(games), 4) if games and adapter_tasks else None
+
+
+def paired_table(pairs: dict) -> str:
+    rows = ["| row vs duomem | games | duomem wins | duomem loses | difference | McNemar exact p |", "|---|---|---|---|---|---|"]
+    for name, p in pairs.items():
+        rows.append(f"| {name} | {p['games']} | {p['duomem_wins']} | {p['duomem_losses']} | {p['difference_points']:+.1f} pts | {p['mcnemar_p']:.3f} |")
+    return "\n".join(rows)
 
 
 def student_info(path: str | None) -> dict | None:
@@ -70,12 +130,15 @@ def per_task_table(variants: dict) -> str:
 
 
 def table(variants: dict) -> str:
-    rows = ["| variant | success | score | trainable params | memory | s / episode | tokens / step | paper (ALFWorld) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | success (95% CI) | unseen types | score | trainable params | memory | memory tokens / episode | s / episode | tokens / step | paper (ALFWorld) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in variants.items():
         paper = PAPER.get(name)
-        rows.append(f"| {name} | {v['success_rate']:.0%} ({v['successes']}/{v['episodes']}) | {v['mean_score']:.2f} | "
-                    f"{v['trainable_params']:,} | {v['memory_bytes'] / 1e3:.1f} kB | {v['seconds_per_episode']:.2f} | "
+        low, high = v["interval95"]
+        unseen = f"{v['unseen_types']:.0%}" if v.get("unseen_types") is not None else "-"
+        rows.append(f"| {name} | {v['success_rate']:.0%} ({v['successes']}/{v['episodes']}; {low:.0%}-{high:.0%}) | {unseen} | "
+                    f"{v['mean_score']:.2f} | {v['trainable_params']:,} | {v['memory_bytes'] / 1e3:.1f} kB | "
+                    f"{v['memory_tokens_per_episode']:.0f} | {v['seconds_per_episode']:.2f} | "
                     f"{v['tokens_per_step'] or '-'} | {f'{paper}%' if paper is not None else '-'} |")
     return "\n".join(rows)
 
@@ -93,8 +156,13 @@ def plot(variants: dict, path: Path, title: str):
               ("seconds per episode", lambda v: v["seconds_per_episode"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 4))
     colors = ["#888" if n in ("teacher", "student_base") else "#3b7dd8" for n in names]
-    for ax, (label, value) in zip(axes, panels):
-        ax.bar(names, [value(variants[n]) for n in names], color=colors)
+    for i, (ax, (label, value)) in enumerate(zip(axes, panels)):
+        heights = [value(variants[n]) for n in names]
+        errors = None
+        if i == 0:  # the 95% interval of each success rate
+            errors = [[h - 100 * variants[n]["interval95"][0] for n, h in zip(names, heights)],
+                      [100 * variants[n]["interval95"][1] - h for n, h in zip(names, heights)]]
+        ax.bar(names, heights, color=colors, yerr=errors, capsize=3)
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", rotation=40, labelsize=8)
     axes[0].set_ylim(0, 100)
@@ -113,6 +181,7 @@ def main():
     parser.add_argument("--stages", help="tab-separated stage, wall seconds, CPU seconds")
     parser.add_argument("--student", help="the student model directory (its config.json)")
     parser.add_argument("--retrieval", help='JSON {"accuracy": share of held-out episodes whose top memory is of their task type, ...}')
+    parser.add_argument("--adapter-tasks", default="", help="comma-separated task types the adapters trained on (the rest: unseen)")
     parser.add_argument("--title", default="DuoMem in miniature (held-out games)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--wall-clock", type=float)
@@ -122,10 +191,20 @@ def main():
     variants = dict(map(variant, args.variant))
     _, teacher = variant("teacher=" + args.teacher)
     variants["teacher"] = teacher
+    variants = {name: variants[name] for name in sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))}
+    adapter_tasks = {t for t in args.adapter_tasks.split(",") if t}
+    for v in variants.values():
+        v["unseen_types"] = unseen_rate(v, adapter_tasks)
+    pairs = paired(variants)
+    base, top = variants.get("student_base"), variants.get("duomem")
+    gap = teacher["success_rate"] - base["success_rate"] if base else 0
+    gap_recovered = round((top["success_rate"] - base["success_rate"]) / gap, 3) if base and top and gap > 0 else None
     retrieval = json.loads(Path(args.retrieval).read_text()) if args.retrieval else {}
     stages = [line.split("\t") for line in Path(args.stages).read_text().splitlines()] if args.stages else []
     results = {
         "variants": variants, "teacher": teacher, "student": student_info(args.student),
+        "paired": pairs, "gap_recovered": gap_recovered, "adapter_tasks": sorted(adapter_tasks),
+        "unseen_tasks": sorted({g.split("/")[0] for v in variants.values() for g in v["games"]} - adapter_tasks) if adapter_tasks else [],
         "retrieval_accuracy": retrieval.get("accuracy"), "retrieval": retrieval or None,
         "wall_clock_seconds": args.wall_clock, "seeds": [int(s) for s in args.seeds.split(",")],
         "stages": {name: {"seconds": float(wall), "cpu_seconds": float(cpu)} for name, wall, cpu in stages},
@@ -134,13 +213,18 @@ def main():
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     md = [f"# {args.title}", "", table(variants), "", "Success per task type:", "", per_task_table(variants), ""]
+    if pairs:
+        md += ["Paired on the same games (McNemar's exact test; p < 0.05 is an effect, anything else is not):", "",
+               paired_table(pairs), ""]
+    if gap_recovered is not None:
+        md += [f"Gap recovered, (duomem - student_base) / (teacher - student_base): {gap_recovered:.2f} (paper: 0.89)", ""]
     if retrieval:
         md += [f"Retrieval accuracy (top memory of the episode's own task type, by similarity alone): {retrieval['accuracy']:.0%}", ""]
     if stages:
         md += ["| stage | wall s | CPU s |", "|---|---|---|", *(f"| {name} | {float(w):.0f} | {float(c):.0f} |" for name, w, c in stages), ""]
     (out / "results.md").write_text("\n".join(md))
     plot(variants, out / "results.png", args.title)
-    print(table(variants) + "\n\n" + per_task_table(variants))
+    print(table(variants) + "\n\n" + per_task_table(variants) + ("\n\n" + paired_table(pairs) if pairs else ""))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
 
 

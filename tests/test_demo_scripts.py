@@ -77,6 +77,41 @@ def test_report_writes_the_table_json_and_chart(games, tiny_model):
     assert results["stages"] == {"games": {"seconds": 12.0, "cpu_seconds": 20.0}, "eval": {"seconds": 3.0, "cpu_seconds": 4.0}}
     assert results["wall_clock_seconds"] == 15.0 and results["seeds"] == [0]
     table = (out / "results.md").read_text()
-    assert "| oracle | 100% (2/2) |" in table and "| eval | 3 | 4 |" in table
+    assert "| oracle | 100% (2/2; 34%-100%) |" in table and "| eval | 3 | 4 |" in table
     assert "| variant | coin | peckingorder |" in table and "| oracle | 100% | 100% |" in table and "Retrieval accuracy" in table
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def eval_file(path: Path, wins: dict) -> Path:
+    """An eval JSON as `duomem-mlx eval` writes it (the fields the report reads), one episode a game."""
+    episodes = [{"task": g.split("/")[0], "variation": int(g.split("/")[1]), "success": ok, "score": float(ok), "steps": 3,
+                 "seconds": 1.0, "error": None} for g, ok in wins.items()]
+    per_task = {t: {"success_rate": sum(e["success"] for e in episodes if e["task"] == t) / sum(e["task"] == t for e in episodes)}
+                for t in {e["task"] for e in episodes}}
+    path.write_text(json.dumps({"success_rate": sum(wins.values()) / len(wins), "mean_score": 0.5, "episodes": episodes, "per_task": per_task}))
+    return path
+
+
+def test_report_pairs_every_row_with_duomem_on_the_same_games(tmp_path):
+    """Wins and losses on shared games, McNemar's exact p, the gap recovered and the types no adapter saw."""
+    games = [f"coin/{i}" for i in range(10)] + [f"mapreader/{i}" for i in range(10)]
+    duomem = {g: i < 15 for i, g in enumerate(games)}  # 15 of 20
+    base = {g: i in (0, 1, 2, 3, 15) for i, g in enumerate(games)}  # 5 of 20: duomem wins 11, loses 1
+    teacher = {g: i != 19 for i, g in enumerate(games)}
+    out = tmp_path / "package"
+    script("demo_report.py", "--out", out, "--variant", f"student_base={eval_file(tmp_path / 'base.json', base)}",
+           "--variant", f"duomem={eval_file(tmp_path / 'duomem.json', duomem)}",
+           "--variant", f"duomem_4bit={eval_file(tmp_path / '4bit.json', {g: duomem[g] for g in games[:4]})}",
+           "--teacher", eval_file(tmp_path / "teacher.json", teacher), "--adapter-tasks", "coin")
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["variants"]) == ["student_base", "duomem", "duomem_4bit", "teacher"]
+    assert results["paired"]["student_base"] == {"games": 20, "duomem_wins": 11, "duomem_losses": 1, "difference_points": 50.0,
+                                                 "mcnemar_p": round(2 * 13 / 2**12, 4)}
+    assert results["paired"]["duomem_4bit"] == {"games": 4, "duomem_wins": 0, "duomem_losses": 0, "difference_points": 0.0, "mcnemar_p": 1.0}
+    assert results["paired"]["teacher"]["duomem_losses"] == 4 and results["paired"]["teacher"]["duomem_wins"] == 0
+    assert results["gap_recovered"] == round((0.75 - 0.25) / (0.95 - 0.25), 3)
+    assert results["adapter_tasks"] == ["coin"] and results["unseen_tasks"] == ["mapreader"]
+    assert results["variants"]["duomem"]["unseen_types"] == 0.5 and results["variants"]["student_base"]["unseen_types"] == 0.1
+    low, high = results["variants"]["duomem"]["interval95"]
+    assert 0.5 < low < 0.75 < high < 0.95
+    assert "| student_base | 20 | 11 | 1 | +50.0 pts | 0.006 |" in (out / "results.md").read_text()

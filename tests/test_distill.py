@@ -194,6 +194,24 @@ def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, t
     assert " ".join(tokenizer.decode(cut.tokens.tolist()).split()).count(task) == 1  # the prefix stays
 
 
+def test_training_prompts_never_hold_a_memory_of_their_own_game(oracle_cache, tiny_model):
+    """A trajectory memory of the episode being trained on would teach copying its answer; every other one is in."""
+    from duomem_mlx.memory.bank import game_of
+    from duomem_mlx.memory.writer import of_kind
+
+    model, tokenizer = load(str(tiny_model))
+    episodes = [Episode.from_json(r) for r in read_episodes(oracle_cache)]
+    memories = of_kind([], episodes, "trajectory")
+    assert len(memories) == len(episodes) >= 3
+    policy = ModelPolicy(model, tokenizer, build(memories, model, tokenizer, key="task+observation"), memory_k=len(memories))
+    data = build_dataset(oracle_cache, tokenizer, kd=False, retrieve=policy.retrieve, val_fraction=0, progress=False)
+    assert data.counts["memories_retrieved"] == len(episodes) * (len(memories) - 1)
+    for example in data.train:
+        prompt = tokenizer.decode(example.tokens.tolist())
+        shown = {m.source[0] for m in memories if m.text in prompt}
+        assert shown == {e.id for e in episodes} - {example.id} and game_of(example.id) not in {game_of(s) for s in shown}
+
+
 def test_kd_training_lowers_val_loss_raises_agreement_and_loads_in_mlx_lm(kd_cache, tiny_model, tmp_path):
     out = tmp_path / "adapters"
     output = distill(tiny_model, kd_cache, out, "--iters", 30, "--steps-per-eval", 10, "--steps-per-report", 5, "--val-fraction", 0.34)
@@ -318,22 +336,22 @@ def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_argum
 
     calls, real = [], retrieval.retrieve
 
-    def spy(bank, model, tokenizer, query, task_type=None, k=3, memory_filter="none"):
-        calls.append((query, task_type, k, memory_filter))
-        return real(bank, model, tokenizer, query, task_type, k, memory_filter)
+    def spy(bank, model, tokenizer, query, task_type=None, k=3, memory_filter="none", observation="", exclude_games=frozenset()):
+        calls.append((query, task_type, k, memory_filter, observation, exclude_games))
+        return real(bank, model, tokenizer, query, task_type, k, memory_filter, observation, exclude_games)
 
     monkeypatch.setattr(retrieval, "retrieve", spy)
     out = tmp_path / "adapters"
     distill(tiny_model, oracle_cache, out, "--kd", "off", "--iters", 1, "--val-fraction", 0, "--memory-bank", bank,
             "--memory-k", 2, "--memory-filter", "task")
     records = read_episodes(oracle_cache)
-    assert calls == [(r["task_description"], r["task"], 2, "task") for r in records]
+    assert calls == [(r["task_description"], r["task"], 2, "task", r["steps"][0]["observation"], {r["id"].rsplit("/", 1)[0]}) for r in records]
     assert json.loads((out / "duomem.json").read_text())["memory"]["filter"] == "task"
     calls.clear()
     policy = ModelPolicy.from_options(str(tiny_model), str(out), memory_k=2, memory_filter="task")
     first = Episode.from_json(records[0]).steps[0]
     policy.start(None, TaskSpec("textworld", records[0]["task"], 0), records[0]["task_description"], StepResult(first.observation, []))
-    assert calls == [(records[0]["task_description"], records[0]["task"], 2, "task")]
+    assert calls == [(records[0]["task_description"], records[0]["task"], 2, "task", first.observation, {f"textworld/{records[0]['task']}/0"})]
 
 
 def test_retrieval_accuracy_on_a_teacher_cache(oracle_cache, tiny_model, bank):
@@ -341,7 +359,7 @@ def test_retrieval_accuracy_on_a_teacher_cache(oracle_cache, tiny_model, bank):
     from duomem_mlx.memory.retrieval import accuracy
 
     records = read_episodes(oracle_cache)
-    share = accuracy(MemoryBank.load(bank), *load(str(tiny_model)), [(r["task_description"], r["task"]) for r in records])
+    share = accuracy(MemoryBank.load(bank), *load(str(tiny_model)), [(r["task_description"], "", r["task"]) for r in records])
     output = run("memory", "search", bank, "--accuracy-on", oracle_cache)
     assert output == f"top-1 task type accuracy {share:.1%} over {len(records)} episodes\n"
 

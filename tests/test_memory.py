@@ -18,7 +18,8 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.memory.bank import FORMAT, Memory, MemoryBank, build, read_memories, write_memories
 from duomem_mlx.memory.embed import embed
 from duomem_mlx.memory.retrieval import accuracy, retrieve
-from duomem_mlx.memory.writer import first_per_task, generalise, model_memories, read_episodes, rule_memories, vet_reply, writer_content, writer_prompt
+from duomem_mlx.memory.writer import (GIST_CHARS, first_per_task, generalise, gist, model_memories, of_kind, read_episodes, rule_memories,
+                                     vet_reply, writer_content, writer_prompt)
 from duomem_mlx.models import load
 
 MEMORIES = [
@@ -80,8 +81,8 @@ def test_retrieval_is_by_similarity_alone_unless_filtered_by_task(bank, student)
 
 def test_retrieval_accuracy_is_the_share_of_top_1_memories_of_the_true_type(bank, student, tmp_path):
     queries = [(MEMORIES[0]["text"], "heat"), (MEMORIES[2]["text"], "cool"), (MEMORIES[4]["text"], "heat"), (MEMORIES[3]["text"], "cool")]
-    assert accuracy(bank, *student, queries) == 0.75
-    assert accuracy(bank, *student, [(MEMORIES[2]["text"], "heat")]) == 0.0  # the filter never helps: similarity alone
+    assert accuracy(bank, *student, [(text, "", task) for text, task in queries]) == 0.75
+    assert accuracy(bank, *student, [(MEMORIES[2]["text"], "", "heat")]) == 0.0  # the filter never helps: similarity alone
     with pytest.raises(DuomemError, match="no queries"):
         accuracy(bank, *student, [])
     log = tmp_path / "episodes.jsonl"
@@ -275,6 +276,60 @@ def test_rules_writer_and_cli_on_real_textworld_games(textworld_log, tiny_model,
     assert result.exit_code == 0 and "tw-simple: 2" in result.output and memories[0].id in result.output
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_memory_kinds_on_real_textworld_games_trajectories_and_both(textworld_log, tmp_path):
+    """MemP's kinds: a trajectory keeps each step (its observation's gist, then the action), in order;
+    both is the rule writer's script, then that trajectory; each memory records its kind and first observation."""
+    episodes = read_episodes(textworld_log)
+    scripts = {m.source[0]: m for m in rule_memories(episodes)}
+    for kind in ("trajectory", "both"):
+        assert run("write", "--episodes", textworld_log, "--kind", kind, "--out", tmp_path / f"{kind}.jsonl").exit_code == 0
+        memories = read_memories(tmp_path / f"{kind}.jsonl")
+        assert [m.source for m in memories] == [[e.id] for e in episodes] and {m.kind for m in memories} == {kind}
+        for memory, played in zip(memories, episodes):
+            lines = memory.text.splitlines()
+            if kind == "both":
+                assert lines.pop(0) == scripts[played.id].text
+            assert lines[0].startswith(f"Solved example of tw-simple: {' '.join(played.task_description.split())[:40]}")
+            assert lines[1:] == [f"{i}. {gist(s.observation)} -> {s.action}" for i, s in enumerate(played.steps, 1)]
+            assert memory.observation == played.steps[0].observation.strip() and memory.task == played.task_description.strip()
+    long = " ".join(f"word{i}" for i in range(100)) + " To the North you see the pantry."
+    assert len(gist(long)) <= GIST_CHARS + 5 and gist(long).startswith("word0 ") and gist(long).endswith("see the pantry.")
+    assert gist("You take the coin.") == "You take the coin."
+    assert of_kind(list(scripts.values()), episodes, "script") == list(scripts.values())
+    with pytest.raises(DuomemError, match="unknown memory kind"):
+        of_kind([], episodes, "story")
+    assert "unknown kind" in error_of(run("build", "--memories", write_bad_kind(tmp_path), "--embedder", "x", "--out", tmp_path / "b"))
+
+
+def write_bad_kind(tmp_path) -> Path:
+    path = tmp_path / "bad-kind.jsonl"
+    path.write_text(json.dumps({"id": "a", "text": "do it", "kind": "story"}) + "\n")
+    return path
+
+
+def test_keys_with_the_first_observation_tell_games_of_one_task_apart(student, tmp_path):
+    """Every coin game has one task text; the first observation says where the agent starts and where the exits lead."""
+    task = "Your task is to search the environment and find the coin."
+    starts = {"north": "You are in the kitchen. You see a stove. To the North you see the pantry.",
+              "west": "You are in the garage. You see a bicycle and a toolbox. To the West you see the driveway."}
+    memories = [Memory(f"coin-{way}", "coin", f"move {way}, take coin", [f"twx/coin/{i}/0"], task, "trajectory", seen)
+                for i, (way, seen) in enumerate(starts.items())]
+    by_task, by_game = build(memories, *student), build(memories, *student, key="task+observation")
+    assert by_game.info["key"] == "task+observation" and by_task.key == "task"
+    assert mx.allclose(by_task.keys[0], by_task.keys[1]).item()  # one task text: the games look alike
+    for way, seen in starts.items():
+        assert retrieve(by_game, *student, task, k=1, observation=seen)[0].id == f"coin-{way}"
+    loaded = MemoryBank.load(by_game.save(tmp_path / "bank"))
+    assert loaded.key == "task+observation" and read_memories(tmp_path / "bank" / "memories.jsonl") == memories
+    assert retrieve(loaded, *student, task, k=1, observation=starts["west"])[0].id == "coin-west"
+    # a memory written from the game being played never comes back, whoever played it (another repeat too)
+    assert [m.id for m in retrieve(loaded, *student, task, k=2, observation=starts["west"], exclude_games={"twx/coin/1"})] == ["coin-north"]
+    assert retrieve(loaded, *student, task, k=2, exclude_games={"twx/coin/0", "twx/coin/1"}) == []
+    with pytest.raises(DuomemError, match="unknown key"):
+        build(memories, *student, key="everything")
+
+
 HEAT = episode("ep/1", "heat", "Heat the apple.", ["take apple 1 from countertop 2", "heat apple 1 with microwave 1", "look"])
 
 
@@ -343,6 +398,6 @@ def test_memories_written_for_a_task_are_keyed_by_its_text(student):
 
 
 def test_write_memories_round_trip(tmp_path):
-    memories = [Memory("a", "heat", "text one", ["e1"]), Memory("b", "", "text two", [], "Heat some egg.")]
+    memories = [Memory("a", "heat", "text one", ["e1"]), Memory("b", "", "text two", [], "Heat some egg.", "both", "You are in a kitchen.")]
     write_memories(tmp_path / "m.jsonl", memories)
     assert read_memories(tmp_path / "m.jsonl") == memories

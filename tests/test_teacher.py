@@ -204,6 +204,33 @@ def test_mlx_teach_cache_equals_forward_pass(tmp_path, tiny_teacher):
         check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), arrays["topk_ids"], arrays["topk_logprobs"], slice(None))
 
 
+def test_mlx_teacher_reads_memories_and_its_shards_hold_them(tmp_path, tiny_teacher):
+    """`teach --memory`: the teacher reads the oracle's trajectories (never its own game's) while it plays; the
+    shard is the chat it saw, memories included, and its rows still equal a plain forward pass."""
+    oracle, bank, out = tmp_path / "oracle", tmp_path / "bank", tmp_path / "mlx"
+    runner = CliRunner()
+    assert runner.invoke(cli, teach("--teacher", "oracle", "--episodes", "3", "--max-steps", "40", "--memory-kind", "trajectory",
+                                    "--out", str(oracle))).exit_code == 0
+    assert len(cache_mod.read_memories(oracle)) == 3  # one a game: the teacher's two games are among them
+    assert runner.invoke(cli, ["memory", "build", "--cache", str(oracle), "--embedder", str(tiny_teacher), "--key", "task+observation",
+                               "--out", str(bank)]).exit_code == 0
+    result = runner.invoke(cli, teach("--teacher", f"mlx:{tiny_teacher}", "--memory", str(bank), "--memory-k", "1", "--memory-kind", "both",
+                                      "--episodes", "2", "--keep", "all", "--top-k", "8", "--out", str(out)))
+    assert result.exit_code == 0, result.output
+    model, tokenizer = load(str(tiny_teacher))
+    memories = {m["id"]: m for m in cache_mod.read_memories(oracle)}
+    assert verify(out) == (2, []) and json.loads((out / "manifest.json").read_text())["memory_k"] == 1
+    for episode in read_episodes(out):
+        [used] = episode["memories"]
+        assert memories[used]["source"][0].rsplit("/", 1)[0] != episode["id"].rsplit("/", 1)[0]  # another game's
+        arrays = cache_mod.load_shard(out, episode)
+        assert memories[used]["text"] in tokenizer.decode(arrays["input_ids"].tolist())
+        check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), arrays["topk_ids"], arrays["topk_logprobs"], slice(None))
+    assert {m["kind"] for m in cache_mod.read_memories(out)} <= {"both"}
+    result = runner.invoke(cli, teach("--teacher", "oracle", "--memory", str(bank), "--out", str(tmp_path / "no")))
+    assert result.exit_code == 1 and "mlx: teacher only" in result.output
+
+
 def test_oracle_cache_and_kill_resume(tmp_path, tiny_model):
     """kill -9 mid-run, then --resume: every episode exactly once; successes and memories."""
     out = tmp_path / "oracle"

@@ -3,10 +3,11 @@ memories retrieved from a bank in front of its prompt."""
 
 from pathlib import Path
 
-from ..envs.base import StepResult, TaskSpec
+from ..envs.base import StepResult, TaskSpec, episode_id
 from ..memory import retrieval
+from ..memory.bank import game_of
 from .decode import DecodeOptions
-from .prompt import prefix_messages
+from .prompt import encode, prefix_messages, system_message
 from .session import ReencodingSession, Session
 
 
@@ -23,13 +24,17 @@ class ModelPolicy:
         reencode: bool = False,
         thinking: bool = False,
         memory_filter: str = "none",
+        embedder=None,
     ):
         self.model, self.tokenizer, self.bank, self.memory_k = model, tokenizer, bank, memory_k
         self.memory_filter = memory_filter
+        self.embedder = embedder or model  # the bare model where `model` wraps it (a teacher's top-k recorder)
         session_class = ReencodingSession if reencode else Session
         options = DecodeOptions(mode=decode, temperature=temperature)
         self.session = session_class(model, tokenizer, max_context, options, thinking=thinking)
         self.memory_ids: list[str] = []
+        self.memory_texts: list[str] = []
+        self.memory_tokens = 0
 
     @classmethod
     def from_options(cls, path, adapter_path=None, memory_bank=None, memory_k=3, decode="constrained",
@@ -46,14 +51,18 @@ class ModelPolicy:
         mx.random.seed(seed)
         return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature, thinking=thinking, memory_filter=memory_filter)
 
-    def retrieve(self, query: str, task_type: str | None = None) -> list:
-        return retrieval.retrieve(self.bank, self.model, self.tokenizer, query, task_type, self.memory_k, self.memory_filter)
+    def retrieve(self, query: str, task_type: str | None = None, observation: str = "", exclude_games=frozenset()) -> list:
+        return retrieval.retrieve(self.bank, self.embedder, self.tokenizer, query, task_type, self.memory_k, self.memory_filter,
+                                  observation, exclude_games)
 
     def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):
-        memories = self.retrieve(task_description, task_type=spec.task)
-        self.memory_ids = [m.id for m in memories]
+        # a memory written from this very game would hand over its solution (a train-split game
+        # the teacher replays); no held-out game has one
+        memories = self.retrieve(task_description, spec.task, first.observation, {game_of(episode_id(spec))})
+        self.memory_ids, self.memory_texts = [m.id for m in memories], [m.text for m in memories]
+        self.memory_tokens = memory_tokens(self.tokenizer, self.memory_texts)
         self.session.reset_stats()
-        self.session.start(prefix_messages(task_description, first.observation, [m.text for m in memories]))
+        self.session.start(prefix_messages(task_description, first.observation, self.memory_texts))
         self.acted = False
 
     def act(self, state: StepResult) -> str:
@@ -63,7 +72,14 @@ class ModelPolicy:
         return self.session.generate(state.admissible)
 
     def stats(self) -> dict:
-        return {**self.session.stats(), "memories": self.memory_ids}
+        return {**self.session.stats(), "memories": self.memory_ids, "memory_tokens": self.memory_tokens}
+
+
+def memory_tokens(tokenizer, memories: list[str]) -> int:
+    """The tokens memories add to the prompt (prefilled once an episode; every step attends to them)."""
+    if not memories:
+        return 0
+    return len(encode(tokenizer, system_message(memories)["content"])) - len(encode(tokenizer, system_message()["content"]))
 
 
 def default_bank(path: str, adapter_path: str | None) -> str | None:

@@ -9,6 +9,7 @@ import numpy as np
 from ..agent.prompt import episode_messages, tokenize_with_mask
 from ..envs.base import Episode
 from ..errors import DuomemError
+from ..memory.bank import game_of
 from ..progress import Progress
 from ..teacher.cache import check_shard, load_shard, read_episodes, read_manifest
 
@@ -85,6 +86,12 @@ def teacher_rows(cache, record: dict, manifest: dict, tokens: np.ndarray, mask: 
     return arrays["topk_ids"][len(theirs) - n :], arrays["topk_logprobs"][len(theirs) - n :]
 
 
+def episode_memories(retrieve, record: dict) -> list:
+    steps = record.get("steps") or [{}]
+    return retrieve(record.get("task_description", ""), record.get("task"), observation=steps[0].get("observation", ""),
+                    exclude_games={game_of(record["id"])})
+
+
 def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """A held-out validation split by episode (never by token), fixed by the seed."""
     n_val = int(round(val_fraction * len(examples)))
@@ -97,8 +104,10 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
 
 def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool = True, val_fraction: float = 0.1,
                   max_seq_length: int = 4096, seed: int = 0, progress: bool = True, tasks: list[str] | None = None) -> Dataset:
-    """Examples of the kept episodes (of `tasks` only, when given). `retrieve(query, task_type)` is the student's own
-    retrieval (`memory.retrieval.retrieve`, as the agent calls it); its memories go in front of each prompt."""
+    """Examples of the kept episodes (of `tasks` only, when given). `retrieve(query, task_type, observation=,
+    exclude_games=)` is the student's own retrieval (`memory.retrieval.retrieve`, as the agent calls it); its
+    memories go in front of each prompt, never one written from the episode's own game (no test game hands the
+    student its own solution: it must carry a similar game's over to this one)."""
     manifest = read_manifest(cache)
     records = read_episodes(cache)
     if tasks:
@@ -114,7 +123,7 @@ def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool 
                           + ("; pass --all to train on failed ones too" if which else "; collect some with `duomem-mlx teach`"))
     examples, too_long, memories_used = [], 0, 0
     for record in Progress(kept, desc="data", unit="episode", disable=not progress):
-        memories = retrieve(record.get("task_description", ""), record.get("task")) if retrieve else []
+        memories = episode_memories(retrieve, record) if retrieve else []
         memories_used += len(memories)
         fitted = fit(tokenizer, episode_messages(Episode.from_json(record), [m.text for m in memories]), max_seq_length)
         if fitted is None:

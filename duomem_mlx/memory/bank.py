@@ -1,9 +1,10 @@
 """The memory bank: procedural memories + float16 keys in the student's space, top-k cosine in MLX.
 
-On disk (a directory): memories.jsonl (one {id, task_type, text, source, task} per line; the key
-embeds the task text the memory was written for, or its text when it has none),
-keys.safetensors ("keys": float16 [N, d], unit rows), bank.json (format, embedder path and
-fingerprint, dim, count)."""
+On disk (a directory): memories.jsonl (one {id, task_type, text, source, task, kind, observation}
+per line; the key embeds the task text the memory was written for, or its text when it has none,
+and with key "task+observation" the first observation of its episode too), keys.safetensors
+("keys": float16 [N, d], unit rows), bank.json (format, embedder path and fingerprint, dim,
+count, key)."""
 
 import hashlib
 import json
@@ -16,9 +17,11 @@ import numpy as np
 from ..errors import DuomemError
 from ..io import atomic_dir, read_json, read_jsonl, require, write_atomic
 from .embed import embed, fingerprint
+from .retrieval import KEYS, KINDS
 
 FORMAT = 1
 FILES = ("bank.json", "memories.jsonl", "keys.safetensors")
+OBSERVATION_CHARS = 300  # of the first observation, in a key and in a query
 
 
 @dataclass
@@ -28,10 +31,23 @@ class Memory:
     text: str
     source: list[str] = field(default_factory=list)
     task: str = ""  # the task text it was written for: its key, since a query is a task text (else the text is)
+    kind: str = "script"
+    observation: str = ""  # the first observation of the episode it was written from
 
-    @property
-    def key_text(self) -> str:
-        return self.task or self.text
+    def key_text(self, key: str = "task") -> str:
+        return query_text(self.task or self.text, self.observation, key)
+
+
+def query_text(task: str, observation: str, key: str = "task") -> str:
+    """What a key embeds, and what a query for a task with this first observation embeds."""
+    if key == "task" or not observation:
+        return task
+    return task + "\n" + " ".join(observation.split())[:OBSERVATION_CHARS]
+
+
+def game_of(episode_id: str) -> str:
+    """env/task/variation of an episode id (env/task/variation/repeat): the game, whoever played it."""
+    return episode_id.rsplit("/", 1)[0] if episode_id.count("/") >= 3 else episode_id
 
 
 def memory_id(text: str) -> str:
@@ -49,10 +65,13 @@ def parse_memory(data, where: str) -> Memory:
         source = [source]
     if not isinstance(source, list):
         raise DuomemError(f"{where}: \"source\" must be a list of episode ids")
-    task = data.get("task") or ""
-    if not isinstance(task, str):
-        raise DuomemError(f"{where}: \"task\" must be the task text the memory was written for")
-    return Memory(str(data.get("id") or memory_id(text)), str(data.get("task_type") or ""), text.strip(), [str(s) for s in source], task.strip())
+    task, observation, kind = data.get("task") or "", data.get("observation") or "", data.get("kind") or "script"
+    if not isinstance(task, str) or not isinstance(observation, str):
+        raise DuomemError(f"{where}: \"task\" and \"observation\" must be the task text and first observation the memory was written for")
+    if kind not in KINDS:
+        raise DuomemError(f"{where}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    return Memory(str(data.get("id") or memory_id(text)), str(data.get("task_type") or ""), text.strip(), [str(s) for s in source],
+                  task.strip(), kind, observation.strip())
 
 
 def read_memories(path: str | Path) -> list[Memory]:
@@ -150,8 +169,14 @@ class MemoryBank:
                 f"with `duomem-mlx memory build --embedder MODEL`, or use the model it was built with"
             )
 
-    def search(self, query, k: int = 3, task_type: str | None = None, model=None, tokenizer=None) -> list[tuple[Memory, float]]:
-        """Top-k (memory, cosine) for a query text (embedded with model/tokenizer) or a vector [d]."""
+    @property
+    def key(self) -> str:
+        return self.info.get("key", "task")
+
+    def search(self, query, k: int = 3, task_type: str | None = None, model=None, tokenizer=None,
+               exclude_games: set[str] = frozenset()) -> list[tuple[Memory, float]]:
+        """Top-k (memory, cosine) for a query text (embedded with model/tokenizer) or a vector [d];
+        memories written from a game in `exclude_games` (env/task/variation) never come back."""
         if isinstance(query, str):
             if model is None:
                 raise DuomemError("a text query needs the embedder model; pass --embedder or search with a vector")
@@ -162,6 +187,8 @@ class MemoryBank:
         rows = np.arange(len(self.memories))
         if task_type is not None:
             rows = rows[[m.task_type == task_type for m in self.memories]]
+        if exclude_games:
+            rows = rows[[not exclude_games & {game_of(s) for s in self.memories[i].source} for i in rows]]
         if k <= 0 or rows.size == 0:
             return []
         keys = self.keys[mx.array(rows)].astype(mx.float32)
@@ -171,15 +198,24 @@ class MemoryBank:
         return [(self.memories[rows[i]], s) for i, s in zip(top, scores)]
 
 
-def build(memories: list, model, tokenizer, embedder: str = "", adapter_path: str | None = None, progress: bool = False) -> MemoryBank:
+def recorded_key(directory: str | Path) -> str:
+    """The key of the bank in `directory` (a memories.jsonl beside no bank.json: "task")."""
+    info = Path(directory) / "bank.json"
+    return read_json(info, "the memory bank is corrupt; rebuild it", check_bank_info).get("key", "task") if info.is_file() else "task"
+
+
+def build(memories: list, model, tokenizer, embedder: str = "", adapter_path: str | None = None, progress: bool = False,
+          key: str = "task") -> MemoryBank:
     """A bank from Memory objects or memory dicts (e.g. a teacher cache's memories.jsonl rows)."""
+    if key not in KEYS:
+        raise DuomemError(f"unknown key {key!r}; use one of {', '.join(KEYS)}")
     memories = [m if isinstance(m, Memory) else parse_memory(m, f"memory {i}") for i, m in enumerate(memories)]
     if not memories:
         raise DuomemError("no memories to build a bank from; check the memory file")
     ids = [m.id for m in memories]
     if len(set(ids)) != len(ids):
         raise DuomemError(f"duplicate memory id {next(i for i in ids if ids.count(i) > 1)}; ids must be unique")
-    keys = embed(model, tokenizer, [m.key_text for m in memories], progress=progress)
+    keys = embed(model, tokenizer, [m.key_text(key) for m in memories], progress=progress)
     info = {
         "format": FORMAT,
         "embedder": embedder,
@@ -187,5 +223,6 @@ def build(memories: list, model, tokenizer, embedder: str = "", adapter_path: st
         "fingerprint": fingerprint(model, tokenizer),
         "dim": int(keys.shape[1]),
         "count": len(memories),
+        "key": key,
     }
     return MemoryBank(memories, keys.astype(mx.float16), info)

@@ -10,6 +10,7 @@ import click
 from ..config import config_option
 from ..errors import DuomemError
 from ..io import check_destination, write_atomic
+from .retrieval import KEYS, KINDS
 
 
 @click.group()
@@ -30,15 +31,17 @@ def memory():
 @click.option("--embedder", required=True, help="The student model (path or Hub id) whose hidden states are the keys.")
 @click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters loaded on the embedder.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Bank directory to write.")
+@click.option("--key", type=click.Choice(KEYS), default="task", show_default=True,
+              help="What a memory's key embeds: its task text, or that and its episode's first observation (tells games of one task apart).")
 @click.option("--force", is_flag=True, help="Replace an existing memory bank at --out.")
 @config_option
-def build_command(memories_path, cache_path, embedder, adapter_path, out, force):
+def build_command(memories_path, cache_path, embedder, adapter_path, key, out, force):
     """Embed memories with the student and write a memory bank directory.
 
     \b
     Examples:
       duomem-mlx memory build --memories runs/memories.jsonl --embedder runs/student --out runs/bank
-      duomem-mlx memory build --cache runs/cache --embedder runs/student --out runs/bank
+      duomem-mlx memory build --cache runs/cache --embedder runs/student --key task+observation --out runs/bank
     """
     from ..models import load
     from .bank import build, read_memories
@@ -51,7 +54,8 @@ def build_command(memories_path, cache_path, embedder, adapter_path, out, force)
     start = time.perf_counter()
     local = Path(embedder).expanduser()
     recorded = str(local.resolve()) if local.exists() else embedder  # so `memory search` works from any directory
-    bank = build(memories, model, tokenizer, embedder=recorded, adapter_path=adapter_path and str(Path(adapter_path).resolve()), progress=True)
+    bank = build(memories, model, tokenizer, embedder=recorded, adapter_path=adapter_path and str(Path(adapter_path).resolve()), progress=True,
+                 key=key)
     path = bank.save(out)
     size = sum(f.stat().st_size for f in path.iterdir())
     click.echo(f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s")
@@ -119,7 +123,7 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
         found = hits(bank, model, tokenizer, queries)
         click.echo(f"top-1 task type accuracy {sum(found) / len(found):.1%} over {len(queries)} episodes")
         if json_out:
-            write_accuracy(json_out, found, [task for _, task in queries])
+            write_accuracy(json_out, found, [task for *_, task in queries])
         return
     for memory, score in bank.search(query, k, task_type, model, tokenizer):
         click.echo(f"{score:.3f}  {memory.id}  [{memory.task_type}]  {memory.text}")
@@ -132,8 +136,8 @@ def write_accuracy(path: str, found: list[bool], tasks: list[str]) -> None:
     write_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
-def task_queries(path: str) -> list[tuple[str, str]]:
-    """(task description, task type) of every episode of a teacher cache or an episode log."""
+def task_queries(path: str) -> list[tuple[str, str, str]]:
+    """(task description, first observation, task type) of every episode of a teacher cache or an episode log."""
     if Path(path).is_dir():
         from ..envs.base import Episode
         from ..teacher.cache import read_episodes, read_manifest
@@ -144,7 +148,7 @@ def task_queries(path: str) -> list[tuple[str, str]]:
         from .writer import read_episodes
 
         episodes = read_episodes(path)
-    return [(e.task_description, e.task) for e in episodes]
+    return [(e.task_description, e.steps[0].observation if e.steps else "", e.task) for e in episodes]
 
 
 @memory.command("show")
@@ -175,21 +179,26 @@ def show_command(bank_path, limit):
 @click.option("--writer", default="rules", show_default=True, help="rules | model:PATH (an mlx-lm model writes each memory)")
 @click.option("--max-tokens", type=click.IntRange(1), default=160, show_default=True, help="Per memory, model writer only.")
 @click.option("--per-task", type=click.IntRange(1), help="Write up only the first N successful episodes of each task type (a model writer takes seconds an episode).")
+@click.option("--kind", type=click.Choice(KINDS), default="script", show_default=True,
+              help="script: the writer's procedure; trajectory: each successful episode itself, compact; both: the procedure, then the episode.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="memories.jsonl to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @config_option
-def write_command(episodes, writer, max_tokens, per_task, out, force):
+def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
     """Write procedural memories from the successful episodes of a log.
 
     `rules` abstracts each action sequence into a workflow (objects the task names, or that
     change between episodes of a task type, become X, Y, ...; what every episode names stays;
     near-identical workflows merge); `model:PATH` asks a model to write one per episode, and
     drops a reply that only echoes the prompt or names no step of its episode (said how many).
+    `--kind trajectory` keeps each successful episode (each observation cut to its gist, then
+    the action taken); `both` puts the writer's procedure in front of it.
 
     \b
     Examples:
       duomem-mlx memory write --episodes runs/oracle.jsonl --writer rules --out runs/memories.jsonl
       duomem-mlx memory write --episodes runs/teacher.jsonl --writer model:runs/teacher --per-task 2 --out runs/memories.jsonl
+      duomem-mlx memory write --episodes runs/student.jsonl --kind both --out runs/self-memories.jsonl
     """
     from .bank import write_memories
     from .writer import write
@@ -197,7 +206,7 @@ def write_command(episodes, writer, max_tokens, per_task, out, force):
     if Path(out).exists() and Path(episodes).exists() and Path(out).samefile(episodes):
         raise DuomemError(f"--out {out} is the episode log itself; write the memories to another file")
     check_destination(out, force)
-    written = write(episodes, writer, max_tokens, per_task)
+    written = write(episodes, writer, max_tokens, per_task, kind)
     write_memories(out, written.memories)
     dropped = f"; {written.summary()}" if written.dropped else ""
     click.echo(f"wrote {len(written.memories)} memories for {len({m.task_type for m in written.memories})} task type(s) to {out}{dropped}")

@@ -5,11 +5,16 @@ often its top memory is of the query's own task type."""
 from ..errors import DuomemError
 
 FILTERS = ("none", "task")  # none: by similarity alone; task: only memories of the episode's task type
+KINDS = ("script", "trajectory", "both")  # MemP's: a procedure, a solved episode, or the procedure then the episode
+KEYS = ("task", "task+observation")  # what a key embeds; the first observation tells instances of one task apart
 
 
-def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k: int = 3, memory_filter: str = "none") -> list:
-    """The k memories closest to `query` (top-k cosine in `model`'s space); with memory_filter
-    "task", only those of `task_type`, unless the bank holds none of that type."""
+def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k: int = 3, memory_filter: str = "none",
+             observation: str = "", exclude_games: set[str] = frozenset()) -> list:
+    """The k memories closest to the task `query` (with its first `observation` where the bank's
+    keys hold one; top-k cosine in `model`'s space); with memory_filter "task", only those of
+    `task_type`, unless the bank holds none of that type. Memories written from a game in
+    `exclude_games` are left out (training: never the episode's own game)."""
     if memory_filter not in FILTERS:
         raise DuomemError(f"unknown memory filter {memory_filter!r}; use one of {', '.join(FILTERS)}")
     if bank is None or k == 0:
@@ -19,18 +24,20 @@ def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k
         bank.checked = model
     if memory_filter == "none" or not any(m.task_type == task_type for m in bank.memories):
         task_type = None
-    return [m for m, _ in bank.search(query, k, task_type, model, tokenizer)]
+    from .bank import query_text
+
+    return [m for m, _ in bank.search(query_text(query, observation, bank.key), k, task_type, model, tokenizer, exclude_games)]
 
 
-def hits(bank, model, tokenizer, queries: list[tuple[str, str]]) -> list[bool]:
-    """For each (query, true task type): is its top-1 memory, by similarity alone, of that type?"""
+def hits(bank, model, tokenizer, queries: list[tuple[str, str, str]]) -> list[bool]:
+    """For each (task, first observation, true task type): is its top-1 memory, by similarity alone, of that type?"""
     if not queries:
         raise DuomemError("no queries to measure retrieval accuracy on")
-    tops = [retrieve(bank, model, tokenizer, query, k=1) for query, _ in queries]
-    return [top[0].task_type == true for top, (_, true) in zip(tops, queries)]
+    tops = [retrieve(bank, model, tokenizer, task, k=1, observation=observation) for task, observation, _ in queries]
+    return [top[0].task_type == true for top, (*_, true) in zip(tops, queries)]
 
 
-def accuracy(bank, model, tokenizer, queries: list[tuple[str, str]]) -> float:
-    """The share of (query, true task type) whose top-1 memory, by similarity alone, has that type."""
+def accuracy(bank, model, tokenizer, queries: list[tuple[str, str, str]]) -> float:
+    """The share of (task, first observation, true task type) whose top-1 memory, by similarity alone, has that type."""
     found = hits(bank, model, tokenizer, queries)
     return sum(found) / len(found)

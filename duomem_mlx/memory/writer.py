@@ -12,6 +12,7 @@ from ..errors import DuomemError
 from ..io import read_jsonl, require
 from ..progress import Progress
 from .bank import Memory, memory_id, merge_duplicates
+from .retrieval import KINDS
 
 PREPOSITIONS = {"from", "with", "on", "in", "into", "to", "at", "onto", "up", "down", "under", "inside", "using", "off", "for", "out"}
 ARTICLES = {"the", "a", "an"}
@@ -22,6 +23,7 @@ SIMILAR = 0.9  # workflows of one task type this alike (difflib ratio over steps
 ECHO_WORDS = 8  # prompt words that open a reply line mid-way and still count as an echo of the prompt
 STEP_WINDOW = 4  # words between an action's verb and its object in a memory ("take the red apple")
 DROPPED = ("empty", "echo only", "no episode step")  # why a model writer's reply gives no memory
+GIST_CHARS = 80  # of each observation in a trajectory memory: where the agent was, not all it read
 
 # Actions only, no observations: a 135M instruct model echoes a long trajectory back, while it
 # turns a short list of actions into numbered steps (measured on SmolLM2-135M-Instruct).
@@ -154,8 +156,47 @@ def task_memories(episodes: list[Episode]) -> list[Memory]:
             twin.source.append(episode.id)
             continue
         text = workflow_text(episode.task, steps, placeholders)
-        kept.append((steps, Memory(memory_id(text), episode.task, text, [episode.id], episode.task_description.strip())))
+        kept.append((steps, episode_memory(episode, text)))
     return [m for _, m in kept]
+
+
+def episode_memory(episode: Episode, text: str, kind: str = "script", id_text: str | None = None) -> Memory:
+    first = episode.steps[0].observation if episode.steps else ""
+    return Memory(memory_id(id_text or text), episode.task, text, [episode.id], episode.task_description.strip(), kind, first.strip())
+
+
+def gist(observation: str) -> str:
+    """Its start and its end (where the agent is; the exits, what just happened), whole words."""
+    text = " ".join(observation.split())
+    if len(text) <= GIST_CHARS:
+        return text
+    half = GIST_CHARS // 2
+    return text[:half].rsplit(" ", 1)[0] + " ... " + text[-half:].split(" ", 1)[-1]
+
+
+def trajectory_text(episode: Episode) -> str:
+    """A solved episode, compact: the task, then each observation's gist and the action taken on it."""
+    lines = [f"{i}. {gist(s.observation)} -> {s.action}" for i, s in enumerate(episode.steps[:MAX_STEPS], 1)]
+    more = [f"... ({len(episode.steps) - MAX_STEPS} more steps)"] if len(episode.steps) > MAX_STEPS else []
+    task = " ".join(episode.task_description.split())
+    return "\n".join([f"Solved example of {episode.task}: {task}", *lines, *more])
+
+
+def of_kind(scripts: list[Memory], episodes: list[Episode], kind: str) -> list[Memory]:
+    """Scripts as they are, or one memory per successful episode: its trajectory, or the script
+    written from it then the trajectory (MemP's kinds). Identical ones merge."""
+    if kind not in KINDS:
+        raise DuomemError(f"unknown memory kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind == "script":
+        return scripts
+    script_of = {source: m.text for m in scripts for source in m.source}
+    out = []
+    for episode in successful(episodes):
+        if kind == "both" and episode.id not in script_of:
+            continue  # its writer's reply was dropped
+        trajectory = trajectory_text(episode)
+        out.append(episode_memory(episode, trajectory if kind == "trajectory" else f"{script_of[episode.id]}\n{trajectory}", kind))
+    return merge_duplicates(out)
 
 
 def writer_content(episode: Episode) -> str:
@@ -246,7 +287,7 @@ def written_by(episodes: list[Episode], reply) -> Written:
         if dropped:
             written.dropped[dropped] += 1
         else:
-            written.memories.append(Memory(memory_id(episode.task + text), episode.task, text, [episode.id], episode.task_description.strip()))
+            written.memories.append(episode_memory(episode, text, id_text=episode.task + text))
     return written
 
 
@@ -271,11 +312,13 @@ def first_per_task(episodes: list[Episode], n: int | None) -> list[Episode]:
     return kept
 
 
-def write(episodes_path: str, writer: str, max_tokens: int = 160, per_task: int | None = None) -> Written:
+def write(episodes_path: str, writer: str, max_tokens: int = 160, per_task: int | None = None, kind: str = "script") -> Written:
     """`rules` or `model:PATH` over an episode log (the first `per_task` successes of each task
-    type, when given); memories with unique ids."""
+    type, when given), of a memory kind (KINDS; a trajectory needs no writer); unique ids."""
     episodes = first_per_task(read_episodes(episodes_path), per_task)
-    if writer == "rules":
+    if kind == "trajectory":
+        written = Written([], len(successful(episodes)))
+    elif writer == "rules":
         written = Written(rule_memories(episodes), len(successful(episodes)))
     elif writer.startswith("model:"):
         from ..models import load
@@ -286,5 +329,5 @@ def write(episodes_path: str, writer: str, max_tokens: int = 160, per_task: int 
             raise DuomemError(f"{writer} wrote no usable memory: {written.summary()}; use a stronger (instruction-tuned) model or --writer rules")
     else:
         raise DuomemError(f"unknown --writer {writer}; use rules or model:PATH")
-    written.memories = merge_duplicates(written.memories)
+    written.memories = merge_duplicates(of_kind(written.memories, episodes, kind))
     return written

@@ -14,11 +14,14 @@ from .base import load_tokenizer, redact, shard_arrays, teacher_memories
 
 
 def make_teacher(spec: str, top_k: int = 20, temperature: float = 0.0, tokenizer: str | None = None,
-                 decode: str = "constrained", max_context: int = 4096, seed: int = 0, max_tokens: int = 64):
+                 decode: str = "constrained", max_context: int = 4096, seed: int = 0, max_tokens: int = 64,
+                 memory_bank: str | None = None, memory_k: int = 2):
+    if memory_bank and not spec.startswith("mlx:"):
+        raise DuomemError("--memory (a bank the teacher reads) works with an mlx: teacher only")
     if spec == "oracle":
         return OracleTeacher(tokenizer)
     if spec.startswith("mlx:"):
-        return MLXTeacher(spec[4:], top_k, temperature, decode, max_context, seed)
+        return MLXTeacher(spec[4:], top_k, temperature, decode, max_context, seed, memory_bank, memory_k)
     if spec.startswith("openai:"):
         from .openai_compat import OpenAITeacher, parse_spec
 
@@ -43,10 +46,10 @@ class OracleTeacher:
     def arrays(self, episode):
         return shard_arrays(self.tokenizer, episode) if self.tokenizer else None
 
-    def memories(self, episodes, writer: str) -> list:
-        if writer != "rules":
+    def memories(self, episodes, writer: str, kind: str = "script") -> list:
+        if writer != "rules" and kind != "trajectory":
             raise DuomemError("the oracle teacher writes no text; use --memory-writer rules")
-        return teacher_memories(None, episodes, writer)
+        return teacher_memories(None, episodes, writer, kind)
 
 
 class MLXTeacher:
@@ -57,10 +60,11 @@ class MLXTeacher:
 
     backend = "mlx"
 
-    def __init__(self, path: str, top_k: int, temperature: float, decode: str, max_context: int, seed: int):
+    def __init__(self, path: str, top_k: int, temperature: float, decode: str, max_context: int, seed: int,
+                 memory_bank: str | None = None, memory_k: int = 2):
         import mlx.core as mx
 
-        from ..agent.loop import ModelPolicy
+        from ..agent.loop import ModelPolicy, load_bank
         from ..models import load
         from .topk import TopKRecorder
 
@@ -69,15 +73,17 @@ class MLXTeacher:
         self.vocab_size = self.model(mx.array([[0]])).shape[-1]
         mx.random.seed(seed)
         self.recorder = TopKRecorder(self.model, top_k, set(self.tokenizer.eos_token_ids)) if top_k else self.model
-        self.policy = ModelPolicy(self.recorder, self.tokenizer, decode=decode, max_context=max_context, temperature=temperature)
+        bank = load_bank(memory_bank, self.model, self.tokenizer) if memory_bank else None
+        self.policy = ModelPolicy(self.recorder, self.tokenizer, bank, memory_k, decode=decode, max_context=max_context,
+                                  temperature=temperature, embedder=self.model)
 
     def arrays(self, episode):
-        arrays = shard_arrays(self.tokenizer, episode)
+        arrays = shard_arrays(self.tokenizer, episode, self.policy.memory_texts)
         if self.top_k:
             arrays.update(self.recorder.rows_for(arrays["input_ids"], arrays["loss_mask"], self.policy.session.cache))
         return arrays
 
-    def memories(self, episodes, writer: str) -> list:
+    def memories(self, episodes, writer: str, kind: str = "script") -> list:
         from ..memory.writer import model_memories
 
-        return teacher_memories(lambda eps: model_memories(eps, self.model, self.tokenizer), episodes, writer)
+        return teacher_memories(lambda eps: model_memories(eps, self.model, self.tokenizer), episodes, writer, kind)

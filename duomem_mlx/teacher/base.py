@@ -12,9 +12,9 @@ from ..agent.prompt import episode_messages, tokenize_with_mask
 from ..errors import DuomemError
 
 
-def shard_arrays(tokenizer, episode) -> dict[str, np.ndarray]:
-    """input_ids / loss_mask of the chat the teacher saw while playing `episode`."""
-    ids, mask = tokenize_with_mask(tokenizer, episode_messages(episode))
+def shard_arrays(tokenizer, episode, memories: list[str] = ()) -> dict[str, np.ndarray]:
+    """input_ids / loss_mask of the chat the teacher saw while playing `episode` (with the memories it read)."""
+    ids, mask = tokenize_with_mask(tokenizer, episode_messages(episode, memories))
     return {"input_ids": np.array(ids, dtype=np.int32), "loss_mask": np.array(mask, dtype=np.uint8)}
 
 
@@ -35,16 +35,17 @@ def load_tokenizer(path: str):
     return load_wrapper(local)
 
 
-def teacher_memories(policy_memories, episodes, writer: str) -> list:
-    """Rule memories, or the teacher's own (`policy_memories`: a memory.writer.Written), saying what it dropped."""
-    from ..memory.writer import rule_memories
+def teacher_memories(policy_memories, episodes, writer: str, kind: str = "script") -> list:
+    """Rule memories, or the teacher's own (`policy_memories`: a memory.writer.Written), saying
+    what it dropped; of a memory kind (a trajectory needs no writer)."""
+    from ..memory.writer import of_kind, rule_memories
 
-    if writer == "rules":
-        return rule_memories(episodes)
+    if writer == "rules" or kind == "trajectory":
+        return of_kind(rule_memories(episodes), episodes, kind)
     written = policy_memories(episodes)
     if written.dropped:
         tqdm.write(f"note: the teacher's memory writer {written.summary()}", file=sys.stderr)
-    return written.memories
+    return of_kind(written.memories, episodes, kind)
 
 
 def redact(spec: str) -> str:

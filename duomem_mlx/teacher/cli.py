@@ -6,6 +6,7 @@ import click
 
 from ..config import config_option, csv_list, game_params_option
 from ..errors import DuomemError
+from ..memory.retrieval import KINDS
 
 
 @click.command("teach")
@@ -18,6 +19,10 @@ from ..errors import DuomemError
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="Sampling temperature of the teacher's actions (the cached top-k is always at temperature 1).")
 @click.option("--keep", type=click.Choice(["success", "all"]), default="success", show_default=True)
 @click.option("--memory-writer", type=click.Choice(["rules", "teacher"]), default="rules", show_default=True)
+@click.option("--memory-kind", type=click.Choice(KINDS), default="script", show_default=True,
+              help="Memories written from the kept episodes: script (a procedure), trajectory (the episode, compact) or both.")
+@click.option("--memory", "memory_bank", type=click.Path(), help="mlx: a memory bank the teacher reads while it plays (built with its own model).")
+@click.option("--memory-k", type=click.IntRange(0), default=2, show_default=True, help="Memories the teacher reads (with --memory).")
 @click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
 @game_params_option
 @click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle, the student's, to store tokenized chats.")
@@ -37,6 +42,7 @@ def teach(**kwargs):
     Examples:
       duomem-mlx teach --teacher oracle --env textworld --episodes 20 --out runs/cache
       duomem-mlx teach --teacher mlx:runs/teacher --env scienceworld --tasks boil --top-k 20 --out runs/cache
+      duomem-mlx teach --teacher mlx:runs/teacher --memory runs/teacher/memory --memory-kind both --env twx --out runs/cache
       duomem-mlx teach --teacher openai:http://gpu:8000/v1#Qwen/Qwen2.5-72B-Instruct \\
           --teacher-tokenizer Qwen/Qwen2.5-72B-Instruct --env textworld --episodes 50 --out runs/cache
     """

@@ -3,6 +3,7 @@
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -26,6 +27,9 @@ def collect(
     temperature: float = 0.0,
     keep: str = "success",
     memory_writer: str = "rules",
+    memory_kind: str = "script",
+    memory_bank: str | None = None,
+    memory_k: int = 2,
     max_steps: int | None = None,
     game_params: str | None = None,
     seed: int = 0,
@@ -41,7 +45,8 @@ def collect(
     if teacher == "oracle":
         top_k = 0
     check_destination(out)
-    model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed)
+    model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed,
+                         memory_bank=memory_bank, memory_k=memory_k)
     if model.tokenizer is not None and not getattr(model.tokenizer, "chat_template", None):
         raise DuomemError(f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja")
     from ..envs import make_env
@@ -53,7 +58,8 @@ def collect(
         settings = {
             "teacher": model.spec, "backend": model.backend, "top_k": top_k, "env": env_name, "tasks": tasks,
             "split": split, "game_params": game_params, "keep": keep, "temperature": temperature, "seed": seed, "max_steps": max_steps,
-            "episodes_per_task": episodes, "memory_writer": memory_writer, "vocab_size": model.vocab_size,
+            "episodes_per_task": episodes, "memory_writer": memory_writer, "memory_kind": memory_kind,
+            "memory_bank": memory_bank and str(Path(memory_bank).resolve()), "memory_k": memory_k if memory_bank else 0, "vocab_size": model.vocab_size,
             "tokenizer_fingerprint": fingerprint(model.tokenizer),
             "task_list": sorted({s.task for s in specs}),
         }
@@ -61,7 +67,7 @@ def collect(
         with CacheWriter(out, settings, resume=resume, force=force) as writer:
             play(env, specs, model, writer, max_steps, keep, keep_admissible)
             kept = [Episode.from_json(e) for e in writer.episodes]
-            memories = model.memories(kept, memory_writer) if any(e.success for e in kept) else []
+            memories = model.memories(kept, memory_writer, memory_kind) if any(e.success for e in kept) else []
             with disk_errors(out, writer):
                 writer.finish([asdict(m) for m in merge_duplicates(memories)])
     finally:

@@ -203,8 +203,8 @@ class OpenAITeacher:
             arrays.update(align_turns(self.tokenizer, arrays["input_ids"], arrays["loss_mask"], turns, self.top_k, eos, greedy))
         return arrays
 
-    def memories(self, episodes, writer: str) -> list:
-        return teacher_memories(self.write_memories, episodes, writer)
+    def memories(self, episodes, writer: str, kind: str = "script") -> list:
+        return teacher_memories(self.write_memories, episodes, writer, kind)
 
     def write_memories(self, episodes):
         from ..memory.writer import writer_content, written_by

@@ -210,11 +210,12 @@ def bank_source(memory: str | None, adapters: str | None, model_path: str) -> Pa
 
 def rebuild_bank(memories_file: Path, package: Path, final: Path) -> dict:
     """Embed the memories with the package as saved (the fingerprint `eval`/`chat` will check)."""
-    from ..memory.bank import build, read_memories
+    from ..memory.bank import build, read_memories, recorded_key
     from ..models import load
 
     model, tokenizer = load(str(package))
-    bank = build(read_memories(memories_file), model, tokenizer, embedder=str(final.resolve()), progress=True)
+    bank = build(read_memories(memories_file), model, tokenizer, embedder=str(final.resolve()), progress=True,
+                 key=recorded_key(memories_file.parent))
     bank.save(package / "memory")
     return {"count": len(bank), "dim": bank.dim, "source": str(memories_file)}
 

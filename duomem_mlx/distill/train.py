@@ -381,7 +381,7 @@ def rebuild_bank(bank, args: DistillArgs, out: Path) -> None:
     model, tokenizer = load(args.student, str(out))
     local = Path(args.student).expanduser()
     embedder = str(local.resolve()) if local.exists() else args.student
-    rebuilt = build(bank.memories, model, tokenizer, embedder=embedder, adapter_path=str(out.resolve()))
+    rebuilt = build(bank.memories, model, tokenizer, embedder=embedder, adapter_path=str(out.resolve()), key=bank.key)
     tmp = out / ".tmp.memory"
     shutil.rmtree(tmp, ignore_errors=True)
     rebuilt.save(tmp)

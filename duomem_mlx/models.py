@@ -147,6 +147,19 @@ def weight_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+def check_group_size(model, group_size: int) -> None:
+    """mlx-lm leaves a layer whose input size the group size does not divide dense, silently:
+    `convert --bits` and `quantize` refuse instead, naming those layers and the sizes that fit."""
+    layers = [(n, m.weight.shape[-1]) for n, m in model.named_modules() if hasattr(m, "to_quantized") and hasattr(m, "weight")]
+    bad = sorted(f"{n} ({d})" for n, d in layers if d % group_size)
+    if bad:
+        fits = [g for g in (32, 64, 128) if all(d % g == 0 for _, d in layers)]
+        hint = f"use --group-size {' or '.join(map(str, fits))}" if fits else "this model cannot be quantized in groups of 32-128"
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DuomemError(f"--group-size {group_size} does not divide the input size of {len(bad)} of {len(layers)} layers, "
+                          f"which would stay dense: {', '.join(bad[:3])}{more}; {hint}")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the vocabulary (token -> id): equal fingerprints mean logits can be shared."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else tokenizer.vocab

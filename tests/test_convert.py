@@ -166,6 +166,23 @@ def test_requantize_with_bits(tmp_path):
     assert (model(ids).argmax(-1) == original(ids).argmax(-1)).all().item()
 
 
+def test_convert_bits_and_quantize_refuse_a_group_size_that_leaves_layers_dense(tmp_path):
+    """One rule: a group size that does not divide some layers' input size (hidden 96 in groups of
+    64; mlx-lm would leave them dense without a word) is refused, naming them and what fits."""
+    source = make_tiny_model(tmp_path / "tiny", arch="qwen3", layers=2, hidden=96, vocab_size=300)
+    path = write_gguf(source, tmp_path / "tiny.gguf")
+    errors = []
+    for args in (["convert", str(path), str(tmp_path / "c"), "--bits", "4", "--group-size", "64"],
+                 ["quantize", "--model", str(source), "--group-size", "64", "--out", str(tmp_path / "q")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        errors += [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert "of 15 of 15 layers, which would stay dense: model.embed_tokens (96), model.layers.0.mlp.down_proj (288)" in errors[0]
+    assert errors[0].endswith("use --group-size 32")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "q").exists()
+
+
 def test_bad_input_is_one_line(tmp_path, model_root):
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_text("hello")

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import DuomemError
 from ..io import atomic_dir, read_text
-from ..models import default_dtype
+from ..models import check_group_size, default_dtype, weight_bytes
 
 DTYPES = ("float32", "float16", "bfloat16")
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")  # ids a reply may end with
@@ -97,11 +97,14 @@ def _checked_model(config: dict, weights: dict, quantized: dict):
 
 
 def _requantize(model, quantized: dict, bits: int, group_size: int) -> None:
-    """mlx-lm's affine quantization of every layer still dense (kept GGML blocks stay as they are)."""
+    """mlx-lm's affine quantization of every layer still dense (kept GGML blocks stay as they
+    are); a group size that leaves some dense is refused, as `quantize` refuses it."""
     import mlx.nn as nn
 
+    check_group_size(model, group_size)
+
     def fresh(path, module):
-        if path in quantized or not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+        if not hasattr(module, "to_quantized"):
             return False
         quantized[path] = {"bits": bits, "group_size": group_size}
         return True
@@ -111,8 +114,6 @@ def _requantize(model, quantized: dict, bits: int, group_size: int) -> None:
 
 def _write(out, model, config: dict, tokenizer, eos_ids: list[int], record: dict) -> None:
     from mlx_lm.utils import save_config, save_model
-
-    from ..models import weight_bytes
 
     with atomic_dir(out, weight_bytes(model)) as tmp:
         save_model(tmp, model)

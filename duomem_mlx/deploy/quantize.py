@@ -21,7 +21,7 @@ from mlx.utils import tree_unflatten
 from .. import __version__
 from ..errors import DuomemError
 from ..io import atomic_dir
-from ..models import default_dtype
+from ..models import check_group_size, default_dtype
 
 PACKAGE_FORMAT = 1
 MODES = {"affine": (4, 8), "mxfp4": (4,)}
@@ -40,17 +40,6 @@ def check_options(bits: int, group_size: int, mode: str, calibrate: str | None) 
         raise DuomemError(f"--mode {mode} needs --group-size {'|'.join(map(str, GROUP_SIZES[mode]))}, got {group_size}")
     if calibrate and (mode != "affine" or bits >= 8):
         raise DuomemError("--calibrate tunes affine scales below 8 bits (8-bit is near lossless); use --bits 4 --mode affine")
-
-
-def check_group_size(model: nn.Module, group_size: int) -> None:
-    """mlx-lm silently leaves layers whose input size the group size does not divide unquantized."""
-    layers = [(n, m.weight.shape[-1]) for n, m in model.named_modules() if hasattr(m, "to_quantized") and hasattr(m, "weight")]
-    bad = [(n, d) for n, d in layers if d % group_size]
-    if bad:
-        name, dim = bad[0]
-        fits = [g for g in (32, 64, 128) if all(d % g == 0 for _, d in layers)]
-        hint = f"use --group-size {' or '.join(map(str, fits))}" if fits else "this model cannot be quantized in groups of 32-128"
-        raise DuomemError(f"--group-size {group_size} does not divide the input size {dim} of {name}; {hint}")
 
 
 def load_student(model_path: str, adapters: str | None):

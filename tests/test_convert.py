@@ -154,6 +154,31 @@ def test_llama_cpp_layout_round_trips(tmp_path, arch, qtype):
     assert mx.allclose(dense(ids), kept(ids), atol=1e-3).item()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kept_blocks_are_the_files_own_values_in_any_dtype(tmp_path, dtype):
+    """--keep-quant keeps the GGML blocks' float16 scales and biases exactly (float16, or float32 in
+    a float32 model; bfloat16 rounded them): each kept matrix is exactly gguf's dequantization."""
+    source = make_tiny_model(tmp_path / "tiny", arch="qwen3", layers=2, hidden=64, vocab_size=300, seed=5)
+    files = {}
+    for qtype in ("Q4_0", "Q4_1", "Q8_0"):
+        path = write_gguf(source, tmp_path / f"{qtype}.gguf", gguf.GGMLQuantizationType[qtype])
+        convert_gguf(path, tmp_path / qtype, dtype=dtype, keep_quant=True)
+        weights = mx.load(str(tmp_path / qtype / "model.safetensors"))
+        for tensor in gguf.GGUFReader(str(path)).tensors:
+            if tensor.name == "blk.0.attn_q.weight":
+                files[qtype] = (tensor, weights, "model.layers.0.self_attn.q_proj")
+    for qtype, (tensor, weights, module) in files.items():
+        scales, biases = weights[f"{module}.scales"], weights[f"{module}.biases"]
+        assert scales.dtype == biases.dtype == (mx.float32 if dtype == "float32" else mx.float16), qtype
+        ours = mx.dequantize(weights[f"{module}.weight"], scales.astype(mx.float32), biases.astype(mx.float32), group_size=32,
+                             bits=8 if qtype == "Q8_0" else 4)
+        theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        assert mx.array_equal(ours, mx.array(theirs)).item(), qtype
+        x = mx.random.normal((3, theirs.shape[1])).astype(getattr(mx, dtype))  # the layer as the model runs it
+        out = mx.quantized_matmul(x, weights[f"{module}.weight"], scales, biases, group_size=32, bits=8 if qtype == "Q8_0" else 4)
+        assert mx.allclose(out.astype(mx.float32), x.astype(mx.float32) @ mx.array(theirs).T, rtol=1e-5, atol=1e-6).item(), qtype
+
+
 def test_requantize_with_bits(tmp_path):
     source = make_tiny_model(tmp_path / "tiny", arch="qwen3", layers=2, hidden=64, vocab_size=300)
     path = write_gguf(source, tmp_path / "tiny.gguf")

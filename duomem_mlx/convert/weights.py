@@ -1,5 +1,6 @@
 """GGUF tensors -> mlx-lm weights: renamed, un-permuted, norm-shifted, and either kept in the
-file's own quantization (MLX affine, group 32) or dequantized to the chosen dtype."""
+file's own quantization (MLX affine, group 32, the blocks' float16 scales and biases exactly) or
+dequantized to the chosen dtype."""
 
 import mlx.core as mx
 
@@ -11,6 +12,7 @@ from .gguf_file import BLOCK, KEEPABLE, affine_blocks, dequantized
 def mlx_weights(gguf, family: Family, config: dict, dtype, keep_quant: bool) -> tuple[dict, dict]:
     """(name -> mx.array, per-layer quantization {module path: {"bits", "group_size"}})."""
     weights, quantized = {}, {}
+    scale_dtype = mx.float32 if dtype == mx.float32 else mx.float16  # the blocks' float16 values exactly (bfloat16 rounds them)
     for gguf_name, tensor in Progress(list(gguf.tensors.items()), desc="tensors", unit="tensor"):
         name = mlx_name(gguf_name, family)
         if name is None:
@@ -22,7 +24,7 @@ def mlx_weights(gguf, family: Family, config: dict, dtype, keep_quant: bool) -> 
             packed, scales, biases, bits = affine_blocks(tensor)
             for suffix, rows in (("weight", packed), ("scales", scales), ("biases", biases)):
                 rows = undo_row_permutation(rows, heads) if heads else rows
-                weights[f"{module}.{suffix}"] = mx.array(rows).astype(dtype) if suffix != "weight" else mx.array(rows)
+                weights[f"{module}.{suffix}"] = mx.array(rows).astype(scale_dtype) if suffix != "weight" else mx.array(rows)
             quantized[module] = {"bits": bits, "group_size": BLOCK}
             continue
         values = dequantized(tensor)

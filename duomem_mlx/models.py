@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -10,7 +9,6 @@ from pathlib import Path
 
 from .errors import DuomemError
 
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
 CHATML = (
@@ -102,6 +100,18 @@ def default_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
+def is_repo_id(name: str) -> bool:
+    """A Hub repo id USER/NAME by huggingface_hub's own rules (letters, digits, '-', '_', '.'; no
+    '--' or '..', no '.git' end, at most 96 characters a part)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
+
+
 def resolve(path_or_repo: str) -> str:
     """A local directory, or a Hub repo id that mlx-lm may download; anything else is an error."""
     path = Path(path_or_repo).expanduser()
@@ -109,7 +119,7 @@ def resolve(path_or_repo: str) -> str:
         if not (path / "config.json").exists():
             raise DuomemError(f"{path} is not a model directory (no config.json); pass an mlx-lm model path or Hub repo id")
         return str(path)
-    if REPO_ID.match(path_or_repo) and not path_or_repo.startswith((".", "/")):
+    if is_repo_id(path_or_repo):
         return path_or_repo
     raise DuomemError(f"model path {path_or_repo} does not exist; pass a local model directory or a Hub repo id like mlx-community/Qwen3-4B-4bit")
 

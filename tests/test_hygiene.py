@@ -88,6 +88,44 @@ def test_lower_floors_do_not_reach_up(module):
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("name", ["org/model-1.0", "a--b/c", "a/b.git", "a/..b", "x" * 97 + "/y", "-a/b", "a/b/c"])
+def test_one_repo_id_rule_for_loading_and_uploading(name):
+    """`--model ID` and `upload --repo ID` take the ids huggingface_hub takes (with a namespace)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from duomem_mlx.deploy.hub import check_repo_id
+    from duomem_mlx.models import resolve
+
+    try:
+        validate_repo_id(name)
+        valid = name.count("/") == 1
+    except HFValidationError:
+        valid = False
+    for check in (resolve, check_repo_id):
+        try:
+            check(name)
+            accepted = True
+        except DuomemError:
+            accepted = False
+        assert accepted == valid, (check.__name__, name)
+
+
+def test_one_atomic_swap_and_one_bank_rebuild():
+    """Directories are replaced through io.atomic_dir alone, and a bank rebuilt in a final model's
+    space through one function (distill's adapters, quantize's package)."""
+    import re
+    from pathlib import Path
+
+    import duomem_mlx
+
+    root = Path(duomem_mlx.__file__).parent
+    for module in ("convert/__init__.py", "deploy/quantize.py", "distill/train.py"):
+        source = (root / module).read_text()
+        assert not re.findall(r"\.rename\(|os\.replace\(|\.tmp\b", source), module
+    definitions = [path for path in root.rglob("*.py") if "def rebuild_bank(" in path.read_text()]
+    assert [p.relative_to(root).as_posix() for p in definitions] == ["distill/train.py"]
+
+
 # ---------------------------------------------------------------- integrity
 
 def test_teach_cycling_variations_gets_unique_ids_and_a_valid_cache(tmp_path):

@@ -301,9 +301,7 @@ def record(path: str, row: dict) -> None:
         return
     meta = json.loads(meta_path.read_text())
     meta.setdefault("results", {})["bench"] = {k: row[k] for k in KEYS if k in row}
-    tmp = meta_path.with_name(".duomem.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(meta_path)
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
 
 
 def measure(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit) -> dict:

@@ -2,12 +2,12 @@
 in one commit (huggingface_hub `create_repo` + `upload_folder`). The token comes from HF_TOKEN
 or the stored login and is never printed or written."""
 
-import re
 from pathlib import Path
 
 import click
 
 from ..errors import DuomemError
+from ..models import is_repo_id
 
 # Weights, config, tokenizer, memory bank, provenance, card, plots; nothing else (no caches,
 # logs, dotfiles, code).
@@ -19,7 +19,6 @@ ALLOW = [
     "duomem.json", "README.md", "*.png",
 ]
 IGNORE = [".*", "*/.*", "*.py", "*.log", "*.tmp"]
-REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 def package_files(package: Path) -> list[tuple[str, int]]:
@@ -31,7 +30,7 @@ def package_files(package: Path) -> list[tuple[str, int]]:
 
 
 def check_repo_id(repo: str) -> None:
-    if not REPO.match(repo) or ".." in repo or repo.endswith((".git", ".")):
+    if not is_repo_id(repo):
         raise DuomemError(f"--repo {repo!r} is not a Hub repo id; use USER/NAME with letters, digits, '-', '_' or '.'")
 
 

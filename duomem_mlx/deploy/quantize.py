@@ -20,7 +20,7 @@ from mlx.utils import tree_unflatten
 
 from .. import __version__
 from ..errors import DuomemError
-from ..io import atomic_dir
+from ..io import atomic_dir, atomic_file
 from ..models import check_group_size, default_dtype
 
 PACKAGE_FORMAT = 1
@@ -197,18 +197,6 @@ def bank_source(memory: str | None, adapters: str | None, model_path: str) -> Pa
     return None
 
 
-def rebuild_bank(memories_file: Path, package: Path, final: Path) -> dict:
-    """Embed the memories with the package as saved (the fingerprint `eval`/`chat` will check)."""
-    from ..memory.bank import build, read_memories, recorded_key
-    from ..models import load
-
-    model, tokenizer = load(str(package))
-    bank = build(read_memories(memories_file), model, tokenizer, embedder=str(final.resolve()), progress=True,
-                 key=recorded_key(memories_file.parent))
-    bank.save(package / "memory")
-    return {"count": len(bank), "dim": bank.dim, "source": str(memories_file)}
-
-
 def model_bytes(package: Path) -> int:
     return sum(f.stat().st_size for f in package.glob("*.safetensors"))
 
@@ -298,6 +286,8 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
     """Everything goes to a temp directory next to OUT, renamed into place once complete."""
     from mlx_lm.utils import compute_bits_per_weight, save
 
+    from ..distill.train import rebuild_bank
+    from ..memory.bank import read_memories, recorded_key
     from ..models import resolve, weight_bytes
 
     with atomic_dir(out, weight_bytes(model)) as tmp:
@@ -306,7 +296,10 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
             stray.unlink()
         meta["bytes"] = model_bytes(tmp)
         meta["bits_per_weight"] = round(float(compute_bits_per_weight(model)), 3)
-        meta["memory"] = rebuild_bank(memories_file, tmp, out) if memories_file else None
+        meta["memory"] = None
+        if memories_file:  # embedded by the package as saved: the fingerprint eval / chat check
+            memories, key = read_memories(memories_file), recorded_key(memories_file.parent)
+            meta["memory"] = rebuild_bank(memories, str(tmp), tmp / "memory", str(out.resolve()), key) | {"source": str(memories_file)}
         (tmp / "duomem.json").write_text(json.dumps(meta, indent=2) + "\n")
         write_card(tmp)
     return out
@@ -375,6 +368,5 @@ duomem-mlx eval --env textworld --episodes 10 --policy model:{repo} --out result
 
 {results_table(meta)}
 """
-    tmp = package / ".README.md.tmp"
-    ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(tmp)
-    tmp.replace(package / "README.md")
+    with atomic_file(package / "README.md") as tmp:
+        ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(tmp)

@@ -120,7 +120,9 @@ def distill(args: DistillArgs) -> dict:
     }
     if world.rank() == 0:
         if bank is not None:
-            rebuild_bank(bank, args, out)
+            local = Path(args.student).expanduser()
+            embedder = str(local.resolve()) if local.exists() else args.student
+            rebuild_bank(bank.memories, args.student, out / "memory", embedder, bank.key, adapters=out)
         plot(out)
         write_atomic(out / "duomem.json", json.dumps(summary, indent=1).encode())
     return summary
@@ -373,20 +375,17 @@ def memory_mode(bank, args: DistillArgs) -> dict | None:
             "filter": args.memory_filter}
 
 
-def rebuild_bank(bank, args: DistillArgs, out: Path) -> None:
-    """The bank re-embedded by the adapted student exactly as `eval --adapter-path OUT` loads it."""
+def rebuild_bank(memories: list, model_path: str, out: Path, embedder: str, key: str, adapters: Path | None = None) -> dict:
+    """The memories embedded by the final model (`model_path` plus `adapters`, as `eval` loads it)
+    into the bank `out`, fingerprinted to `embedder`: distill's OUT/memory, quantize's package's."""
     from ..memory.bank import build
     from ..models import load
 
-    model, tokenizer = load(args.student, str(out))
-    local = Path(args.student).expanduser()
-    embedder = str(local.resolve()) if local.exists() else args.student
-    rebuilt = build(bank.memories, model, tokenizer, embedder=embedder, adapter_path=str(out.resolve()), key=bank.key)
-    tmp = out / ".tmp.memory"
-    shutil.rmtree(tmp, ignore_errors=True)
-    rebuilt.save(tmp)
-    shutil.rmtree(out / "memory", ignore_errors=True)
-    tmp.rename(out / "memory")
+    adapter_path = str(adapters.resolve()) if adapters else None
+    model, tokenizer = load(model_path, adapter_path)
+    bank = build(memories, model, tokenizer, embedder=embedder, adapter_path=adapter_path, progress=True, key=key)
+    bank.save(out)
+    return {"count": len(bank), "dim": bank.dim}
 
 
 def plot(out: Path) -> None:

@@ -230,7 +230,12 @@ def test_kd_training_lowers_val_loss_raises_agreement_and_loads_in_mlx_lm(kd_cac
     adapted, _ = mlx_lm.load(str(tiny_model), adapter_path=str(out))
     probe = mx.array([tokenizer.encode("go north")])
     assert not mx.allclose(base(probe), adapted(probe)).item()
-    assert isinstance(mlx_lm.generate(adapted, tokenizer, "open the door", max_tokens=4), str)
+    # what the adapters change: plain mlx-lm, from the prompt of the teacher's first action, now begins it as the teacher did
+    messages = episode_messages(Episode.from_json(read_episodes(kd_cache)[0]))
+    prompt = tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=False)
+    first = messages[2]["content"].split()[:1]
+    said = [mlx_lm.generate(m, tokenizer, prompt, max_tokens=4).split()[:1] for m in (base, adapted)]
+    assert said[0] != first and said[1] == first, (said, first)
     assert (out / "loss.png").stat().st_size > 0
     run("distill", "--student", tiny_model, "--cache", kd_cache, "--out", out, ok=False)  # finished: refused
 

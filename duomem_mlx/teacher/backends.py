@@ -15,9 +15,11 @@ from .base import load_tokenizer, redact, shard_arrays, teacher_memories
 
 def make_teacher(spec: str, top_k: int = 20, temperature: float = 0.0, tokenizer: str | None = None,
                  decode: str = "constrained", max_context: int = 4096, seed: int = 0, max_tokens: int = 64,
-                 memory_bank: str | None = None, memory_k: int = 2):
+                 memory_bank: str | None = None, memory_k: int = 2, max_rps: float | None = None):
     if memory_bank and not spec.startswith("mlx:"):
         raise DuomemError("--memory (a bank the teacher reads) works with an mlx: teacher only")
+    if max_rps and not spec.startswith("openai:"):
+        raise DuomemError("--max-rps limits the requests of an openai: teacher only")
     if spec == "oracle":
         return OracleTeacher(tokenizer)
     if spec.startswith("mlx:"):
@@ -25,7 +27,7 @@ def make_teacher(spec: str, top_k: int = 20, temperature: float = 0.0, tokenizer
     if spec.startswith("openai:"):
         from .openai_compat import OpenAITeacher, parse_spec
 
-        return OpenAITeacher(*parse_spec(spec), top_k, temperature, tokenizer, max_tokens)
+        return OpenAITeacher(*parse_spec(spec), top_k, temperature, tokenizer, max_tokens, max_rps)
     raise DuomemError(f"unknown --teacher {redact(spec)}; use mlx:<path-or-repo>, openai:<base-url>#<model> or oracle")
 
 

@@ -1,6 +1,7 @@
 """The teacher cache on disk (DESIGN.md, "Teacher cache").
 
-    manifest.json              format, version, teacher, tokenizer, top_k, env, tasks, counts
+    manifest.json              format, version, teacher, tokenizer, top_k, env, tasks, counts,
+                               dropped ids (played, not kept), failed ids (the server failed them: why)
     episodes.jsonl             one kept episode per line (+ "shard", "tokens", "masked")
     shards/NNNNN.safetensors   input_ids int32 [T], loss_mask uint8 [T],
                                topk_ids int32 [N,k], topk_logprobs float16 [N,k] (N = sum(mask))
@@ -69,6 +70,7 @@ def check_manifest(data, _where=None) -> dict:
     require(isinstance(data.get("counts", {}), dict), "counts must be an object")
     require(isinstance(data.get("top_k", 0), int), "top_k must be an integer")
     require(isinstance(data.get("dropped", []), list), "dropped must be a list")
+    require(isinstance(data.get("failed", {}), dict), "failed must be an object")
     return data
 
 
@@ -147,7 +149,7 @@ class CacheWriter:
             for shard in (self.out / "shards").glob("*.safetensors") if (self.out / "shards").exists() else []:
                 shard.unlink()
         (self.out / "shards").mkdir(exist_ok=True)
-        self.episodes, self.dropped = [], []
+        self.episodes, self.dropped, self.failed = [], [], {}
         self.manifest = {"format": FORMAT, "version": VERSION, **settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if resume and manifest_path.exists():
             old = read_manifest(self.out)
@@ -157,6 +159,7 @@ class CacheWriter:
                 raise DuomemError(f"--resume with different settings than {self.out} was collected with ({diff}); use the same flags or --force")
             self.manifest["created"] = old.get("created", self.manifest["created"])
             self.dropped = list(old.get("dropped", []))
+            self.failed = dict(old.get("failed", {}))
             self._truncate_torn_line()
             self.episodes = read_episodes(self.out)
         self.done = {e["id"] for e in self.episodes} | set(self.dropped)
@@ -199,12 +202,20 @@ class CacheWriter:
             os.close(fd)
         self.episodes.append(record)
         self.done.add(record["id"])
+        self.failed.pop(record["id"], None)
         self.save_manifest(complete=False)
 
     def drop(self, episode_id: str) -> None:
         """Remember a played episode that is not kept, so --resume does not replay it."""
         self.dropped.append(episode_id)
         self.done.add(episode_id)
+        self.failed.pop(episode_id, None)
+        self.save_manifest(complete=False)
+
+    def fail(self, episode_id: str, reason: str) -> None:
+        """Name an episode the teacher server failed (its requests' retries ran out) and why; it is
+        not played: --resume plays it again."""
+        self.failed[episode_id] = reason
         self.save_manifest(complete=False)
 
     def finish(self, memories: list[dict]) -> None:
@@ -227,6 +238,7 @@ class CacheWriter:
                 "memories": memories if memories is not None else self.manifest.get("counts", {}).get("memories", 0),
             },
             dropped=self.dropped,
+            failed=self.failed,
         )
         write_atomic(self.out / "manifest.json", json.dumps(self.manifest, indent=1, ensure_ascii=False), self.intact())
 
@@ -254,6 +266,7 @@ def info(cache: str | Path) -> dict:
         "complete": manifest.get("complete"),
         "episodes": len(episodes),
         "played": manifest.get("counts", {}).get("played", len(episodes)),
+        "failed": len(manifest.get("failed", {})),
         "success_rate": sum(bool(e.get("success")) for e in episodes) / max(1, len(episodes)),
         "tasks": {t: {"episodes": n, "success_rate": s / n} for t, (n, s) in sorted(tasks.items())},
         "tokens": sum(e.get("tokens", 0) for e in episodes),

@@ -33,6 +33,9 @@ from ..memory.retrieval import KINDS
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Cache directory.")
 @click.option("--resume", is_flag=True, help="Continue a killed or shorter run; cached episodes are kept and not replayed.")
 @click.option("--force", is_flag=True, help="Overwrite an existing cache.")
+@click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
+              help="Episodes in flight at once, each with its own environment (openai: and oracle teachers); the cache is the same at any N.")
+@click.option("--max-rps", type=click.FloatRange(0, min_open=True), help="openai: at most this many requests a second (a shared endpoint's limit).")
 @config_option
 def teach(**kwargs):
     """Play episodes with a teacher and cache what the student learns from: successful
@@ -44,7 +47,7 @@ def teach(**kwargs):
       duomem-mlx teach --teacher mlx:runs/teacher --env scienceworld --tasks boil --top-k 20 --out runs/cache
       duomem-mlx teach --teacher mlx:runs/teacher --memory runs/teacher/memory --memory-kind both --env twx --out runs/cache
       duomem-mlx teach --teacher openai:http://gpu:8000/v1#Qwen/Qwen2.5-72B-Instruct \\
-          --teacher-tokenizer Qwen/Qwen2.5-72B-Instruct --env textworld --episodes 50 --out runs/cache
+          --teacher-tokenizer Qwen/Qwen2.5-72B-Instruct --env textworld --episodes 50 --concurrency 32 --out runs/cache
     """
     from .collect import collect
 
@@ -101,6 +104,8 @@ def print_info(s: dict) -> None:
         f"env         {s['env']}  {'complete' if s['complete'] else 'unfinished (--resume to continue)'}",
         f"episodes    {s['episodes']} kept of {s['played']} played, success {s['success_rate']:.0%}",
     ]
+    if s["failed"]:
+        lines.append(f"failed      {s['failed']} episodes the teacher server failed (not cached; --resume plays them again)")
     lines += [f"  {task:<20} {t['episodes']:>5} episodes  success {t['success_rate']:.0%}" for task, t in s["tasks"].items()]
     lines.append(f"tokens      {s['tokens']} ({s['masked_tokens']} masked)  top-k {s['top_k']}")
     if s["bytes_per_masked_token"]:

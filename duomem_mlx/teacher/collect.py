@@ -1,6 +1,8 @@
 """`duomem-mlx teach`: play episodes with a teacher, cache the kept ones, write memories."""
 
+import copy
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +16,8 @@ from ..memory.bank import merge_duplicates
 from ..progress import Progress
 from .backends import make_teacher
 from .cache import CacheWriter, info
+from .inflight import in_order
+from .openai_compat import GaveUp
 
 
 def collect(
@@ -39,14 +43,21 @@ def collect(
     keep_admissible: bool = False,
     resume: bool = False,
     force: bool = False,
+    concurrency: int = 1,
+    max_rps: float | None = None,
 ) -> dict:
     if resume and force:
         raise DuomemError("--resume and --force contradict each other; pass one")
+    if concurrency > 1 and teacher.startswith("mlx:"):
+        raise DuomemError(
+            "--concurrency: an mlx: teacher holds one model and KV cache in this process and plays one episode at a time; "
+            "to play several at once serve the model (mlx_lm.server --model PATH batches requests) and pass --teacher openai:http://127.0.0.1:8080/v1#PATH"
+        )
     if teacher == "oracle":
         top_k = 0
     check_destination(out)
     model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed,
-                         memory_bank=memory_bank, memory_k=memory_k)
+                         memory_bank=memory_bank, memory_k=memory_k, max_rps=max_rps)
     if model.tokenizer is not None and not getattr(model.tokenizer, "chat_template", None):
         raise DuomemError(f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja")
     from ..envs import make_env
@@ -65,7 +76,8 @@ def collect(
         }
         say_cycles(specs, split)
         with CacheWriter(out, settings, resume=resume, force=force) as writer:
-            play(env, specs, model, writer, max_steps, keep, keep_admissible)
+            workers = Workers(env, lambda: make_env(env_name, game_params), model, max_steps, keep)
+            play(workers, specs, writer, keep_admissible, concurrency)
             kept = [Episode.from_json(e) for e in writer.episodes]
             memories = model.memories(kept, memory_writer, memory_kind) if any(e.success for e in kept) else []
             with disk_errors(out, writer):
@@ -75,21 +87,74 @@ def collect(
     return info(out)
 
 
-def play(env, specs, model, writer: CacheWriter, max_steps: int, keep: str, keep_admissible: bool) -> None:
+class Workers:
+    """What each episode in flight plays with: its own environment (worker 0 the run's, the others
+    started lazily in their thread, closed when they are done) and its own copy of the teacher's
+    policy; the teacher's client, model and tokenizer are shared (tokenizing takes a lock)."""
+
+    def __init__(self, env, make_env, model, max_steps: int, keep: str):
+        self.env, self.make_env, self.model, self.max_steps, self.keep = env, make_env, model, max_steps, keep
+        self.tokenizer_lock = threading.Lock()
+
+    def start(self, i: int):
+        teacher = copy.copy(self.model)
+        teacher.policy = copy.copy(self.model.policy)  # every policy's start() resets what it keeps of an episode
+        return (self.env if i == 0 else self.make_env()), teacher
+
+    def close(self, state) -> None:
+        if state[0] is not self.env:
+            state[0].close()
+
+    def play(self, state, spec) -> tuple:
+        """(spec, episode, its shard arrays when kept, None), or (spec, None, None, why) when the teacher
+        server kept failing one of its requests: not the teacher's episode, played again on --resume."""
+        env, teacher = state
+        try:
+            episode = play_episode(env, spec, teacher.policy, self.max_steps)
+        except GaveUp as e:
+            return spec, None, None, str(e)
+        if not worth_keeping(episode, self.keep):
+            return spec, episode, None, None
+        with self.tokenizer_lock:
+            return spec, episode, teacher.arrays(episode), None
+
+
+def play(workers: Workers, specs, writer: CacheWriter, keep_admissible: bool, concurrency: int) -> None:
+    """Up to `concurrency` episodes in flight; each written (kept, dropped or failed) in spec order."""
     todo = [s for s in specs if episode_id(s) not in writer.done]
     bar = Progress(total=len(specs), initial=len(specs) - len(todo), desc="teach", unit="episode")
-    for spec in todo:
-        episode = play_episode(env, spec, model.policy, max_steps)
+    client, streak = getattr(workers.model, "client", None), 0
+    for spec, episode, arrays, failure in in_order(todo, concurrency, workers.start, workers.play, workers.close):
         with disk_errors(writer.out, writer):
-            if episode.steps and (episode.success or keep == "all"):
-                writer.add(record(episode, keep_admissible), model.arrays(episode))
+            if failure:
+                writer.fail(episode_id(spec), failure)
+            elif worth_keeping(episode, workers.keep):
+                writer.add(record(episode, keep_admissible), arrays)
             else:
                 writer.drop(episode.id)
-        played = writer.manifest["counts"]["played"]
-        wins = writer.manifest["counts"]["success"]
+        streak = streak + 1 if failure else 0
+        if streak >= max(8, 2 * concurrency):
+            raise DuomemError(f"the teacher server failed {streak} episodes in a row (last: {failure}); "
+                              f"the {len(writer.episodes)} episodes cached are intact: fix the server and rerun with --resume")
         bar.update(1)
-        bar.set_postfix(success=f"{wins}/{played}", kept=len(writer.episodes))
+        bar.set_postfix(**progress(writer, client))
     bar.close()
+    if writer.failed:
+        first = next(iter(writer.failed.values()))
+        tqdm.write(f"warning: the teacher server failed {len(writer.failed)} episodes (e.g. {first}); "
+                   "they are not cached: rerun with --resume to play them again", file=sys.stderr)
+
+
+def worth_keeping(episode: Episode, keep: str) -> bool:
+    return bool(episode.steps) and (episode.success or keep == "all")
+
+
+def progress(writer: CacheWriter, client) -> dict:
+    counts = writer.manifest["counts"]
+    shown = {"success": f"{counts['success']}/{counts['played']}", "kept": counts["kept"]}
+    if client is not None:
+        shown.update(in_flight=client.in_flight, retries=client.retried, failed=len(writer.failed))
+    return shown
 
 
 def say_cycles(specs, split: str) -> None:
@@ -101,7 +166,12 @@ def say_cycles(specs, split: str) -> None:
 
 
 def record(episode: Episode, keep_admissible: bool) -> dict:
+    """The episode as the cache keeps it, without wall-clock times: they depend on the load and
+    on the episodes in flight beside it, not on the teacher (a deterministic teacher makes the
+    same bytes at any --concurrency)."""
     data = episode.to_json()
+    del data["seconds"]
+    data["stats"] = {k: v for k, v in data["stats"].items() if not k.endswith("_seconds")}
     if not keep_admissible:
         for step in data["steps"]:
             step["admissible"] = None

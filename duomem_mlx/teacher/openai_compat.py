@@ -1,8 +1,12 @@
 """The `openai:<base-url>#<model>` teacher: any OpenAI-compatible server (vLLM, llama.cpp,
 mlx_lm.server); top-k from `top_logprobs`, aligned to the local tokenization of the chat."""
 
+import email.utils
+import http.client
 import json
 import os
+import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,15 +34,23 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return url, model
 
 
-class OpenAIClient:
-    """Chat completions over urllib: timeouts, retries with exponential backoff on connection
-    errors, 429 and 5xx. The API key (OPENAI_API_KEY) goes in a header and nowhere else."""
+RETRY = (408, 429, 500, 502, 503, 504)  # a busy or restarting server: try again
 
-    def __init__(self, base_url: str, timeout: float = 120.0, retries: int = 4):
+
+class OpenAIClient:
+    """Chat completions over urllib, one client shared by every episode in flight: timeouts,
+    retries on 429, 5xx, timeouts and dropped connections (after the server's Retry-After, else
+    an exponential backoff with jitter), at most `max_rps` requests a second, and counts of the
+    requests in flight and retried. The API key (OPENAI_API_KEY) goes in a header and nowhere else."""
+
+    def __init__(self, base_url: str, timeout: float = 120.0, retries: int = 6, max_rps: float | None = None):
         base_url = base_url.rstrip("/")
         self.base = base_url if base_url.endswith("/v1") else base_url + "/v1"
         self.timeout, self.retries = timeout, retries
         self.key = os.environ.get("OPENAI_API_KEY")
+        self.pace = Pace(max_rps)
+        self.lock = threading.Lock()
+        self.in_flight = self.retried = 0
 
     def request(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
         url = self.base + path
@@ -48,28 +60,40 @@ class OpenAIClient:
         data = json.dumps(body).encode() if body is not None else None
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
+            wait = None
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
-                with urllib.request.urlopen(req, timeout=self.timeout) as response:
-                    reply = json.loads(response.read())
+                reply = self.send(urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET"))
             except urllib.error.HTTPError as e:
-                detail = error_detail(e.read().decode(errors="replace"))
-                if e.code in (429, 500, 502, 503, 504) and attempt < retries:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
-                raise HTTPStatusError(e.code, f"teacher server {url} answered HTTP {e.code}: {detail or e.reason}")
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                if attempt < retries:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
-                reason = getattr(e, "reason", e)
-                raise Unreachable(f"cannot reach the teacher server at {self.base} ({reason}) after {retries + 1} tries; start it or fix the URL")
+                message = f"teacher server {url} answered HTTP {e.code}: {error_detail(e.read().decode(errors='replace')) or e.reason}"
+                if e.code not in RETRY:
+                    raise HTTPStatusError(e.code, message)
+                failure, wait = GaveUp(f"{message} ({attempt + 1} tries)"), retry_after(e.headers)
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", None) or f"{e.__class__.__name__}: {e}".rstrip(": ")
+                failure = Unreachable(f"cannot reach the teacher server at {self.base} ({reason}) after {attempt + 1} tries; start it or fix the URL")
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise DuomemError(f"teacher server {url} did not answer JSON; is {self.base} an OpenAI-compatible API?")
-            if not isinstance(reply, dict):
-                raise DuomemError(f"teacher server {url} answered {type(reply).__name__}, not a JSON object; is {self.base} an OpenAI-compatible API?")
-            return reply
+            else:
+                if not isinstance(reply, dict):
+                    raise DuomemError(f"teacher server {url} answered {type(reply).__name__}, not a JSON object; is {self.base} an OpenAI-compatible API?")
+                return reply
+            if attempt == retries:
+                raise failure
+            with self.lock:
+                self.retried += 1
+            time.sleep(backoff(attempt) if wait is None else wait)
         raise AssertionError("unreachable")
+
+    def send(self, request: urllib.request.Request):
+        self.pace.wait()
+        with self.lock:
+            self.in_flight += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        finally:
+            with self.lock:
+                self.in_flight -= 1
 
     def chat(self, body: dict) -> dict:
         """The first choice of a chat completion, checked: {"message": {"content": ...}, ...}."""
@@ -85,6 +109,41 @@ class OpenAIClient:
         return {**choice, "usage": reply.get("usage") if isinstance(reply.get("usage"), dict) else {}}
 
 
+def backoff(attempt: int) -> float:
+    """0.5, 1, 2, ... s (at most 30), each from half to one and a half of it: episodes that failed
+    together do not come back together."""
+    return min(0.5 * 2**attempt, 30.0) * random.uniform(0.5, 1.5)
+
+
+def retry_after(headers) -> float | None:
+    """The server's Retry-After in seconds (a number or an HTTP date), at most a minute."""
+    value = headers.get("Retry-After") if headers else None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), 60.0)
+
+
+class Pace:
+    """At most `rps` requests start a second, across threads (None: no limit)."""
+
+    def __init__(self, rps: float | None):
+        self.gap, self.next, self.lock = 1 / rps if rps else 0.0, 0.0, threading.Lock()
+
+    def wait(self) -> None:
+        if not self.gap:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next)
+            self.next = start + self.gap
+        time.sleep(start - now)
+
+
 def error_detail(text: str) -> str:
     try:
         text = str(json.loads(text).get("error", text))
@@ -93,7 +152,12 @@ def error_detail(text: str) -> str:
     return " ".join(text.split())[:200]
 
 
-class Unreachable(DuomemError):
+class GaveUp(DuomemError):
+    """A request that still failed after its retries (busy, failing or unreachable server): it
+    fails its episode, not the run (`teach` records the reason and `--resume` plays it again)."""
+
+
+class Unreachable(GaveUp):
     pass
 
 
@@ -172,9 +236,10 @@ def entry_id(entry: dict) -> int:
 class OpenAITeacher:
     backend = "openai"
 
-    def __init__(self, url: str, model: str, top_k: int, temperature: float, tokenizer: str | None, max_tokens: int):
+    def __init__(self, url: str, model: str, top_k: int, temperature: float, tokenizer: str | None, max_tokens: int,
+                 max_rps: float | None = None):
         self.spec, self.top_k = f"openai:{url}#{model}", top_k
-        self.client = OpenAIClient(url)
+        self.client = OpenAIClient(url, max_rps=max_rps)
         self.model = model
         self.check_model()
         if tokenizer is None and not Path(model).expanduser().is_dir():

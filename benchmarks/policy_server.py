@@ -134,6 +134,14 @@ def handler(policy: Policy):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # every episode in flight may connect at once
+
+    def handle_error(self, request, client_address):
+        pass  # a client killed mid-request (the kill -9 run): nothing to tell
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gold", required=True, help="JSON written from gold_table")
@@ -145,9 +153,8 @@ def main():
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     args = parser.parse_args()
     policy = Policy(json.loads(Path(args.gold).read_text()), args.tokenizer, args.latency, args.faults, args.broken, args.seed)
-    ThreadingHTTPServer.request_queue_size = 128  # every episode in flight may connect at once
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), handler(policy))
-    server.daemon_threads, server.models = True, [args.tokenizer]
+    server = Server(("127.0.0.1", args.port), handler(policy))
+    server.models = [args.tokenizer]
     print(server.server_address[1], flush=True)
     try:
         server.serve_forever()

@@ -9,6 +9,7 @@ Splits are disjoint seed ranges."""
 import os
 import random
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,9 @@ STATUS_LINE = re.compile(r"\n>\s*-= .* =-[\d/]*\s*$")  # the prompt and "-= Room
 BANNER_LINE = re.compile(r"^[\s_|\\$/<>]*[_|$][\s_|\\$/<>]*$")  # the ASCII-art title
 SPLIT_SEEDS = {"train": 0, "dev": 100_000, "test": 200_000}
 SEEDS_PER_SPLIT = 100_000
+# TextWorld parses a game (and generates one) with module-level tatsu parsers: one load at a time
+# across the environments of `teach --concurrency` (their steps run side by side).
+LOADING = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -107,8 +111,9 @@ class TextWorld:
         import textworld
 
         self.close()
-        self.env = textworld.start(str(game_path(spec.task, spec.variation)), request_infos=self.infos)
-        self.state = self.env.reset()
+        with LOADING:
+            self.env = textworld.start(str(game_path(spec.task, spec.variation)), request_infos=self.infos)
+            self.state = self.env.reset()
         return self.state.objective.strip(), self.result(self.state, done=False)
 
     def step(self, action: str) -> StepResult:

@@ -245,7 +245,7 @@ def test_roofline_fraction_never_exceeds_one(tiny_model, tmp_path, monkeypatch):
         {"decode_gb_s": 3.08, "decode_roofline_fraction": 1.0, "roofline_bound": "decode"})
     assert bench.roofline(1.0, 550e6, 2.6e9)["decode_roofline_fraction"] == pytest.approx(0.55 / 2.6)
     # A probe that under-reads (a one-core sum did, against decode on every core) through the whole run:
-    monkeypatch.setattr(bench, "bandwidth", lambda: 1e3)
+    monkeypatch.setattr(bench, "bandwidth", lambda: {"best": 1e-6})
     out = tmp_path / "b.json"
     result = CliRunner().invoke(duomem, ["bench", str(tiny_model), "--steps", "2", "--repeats", "1", "--max-tokens", "2",
                                               "--json", str(out), "--no-save"])
@@ -303,7 +303,7 @@ def test_an_interrupted_bench_writes_what_it_measured(tiny_model, tmp_path, monk
     from duomem_mlx.agent.session import Session
     from duomem_mlx.deploy import bench
 
-    monkeypatch.setattr(bench, "bandwidth", lambda: 1e10)
+    monkeypatch.setattr(bench, "bandwidth", lambda: {"best": 10.0})
     calls, generate = [], Session.generate
 
     def generate_until_ctrl_c(self, *args, **kwargs):

@@ -23,8 +23,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import DuomemError
-from ..io import check_destination, write_atomic
+from ..io import cache_root, check_destination, write_atomic
 from ..progress import Progress
+from .bandwidth import bandwidth
 
 KEYS = ("load_seconds", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "step_latency_p50_ms",
         "step_latency_p95_ms", "episode_seconds", "peak_memory_mb", "model_bytes", "decode_roofline_fraction")
@@ -57,27 +58,6 @@ def machine() -> dict:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"chip": chip, "cpus": os.cpu_count(), "memory_gb": round(memory / 2**30, 1), "os": platform.platform(),
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
-
-
-def bandwidth(megabytes: int = 512, repeats: int = 4) -> float:
-    """Achievable read bandwidth in bytes/s: the fastest pass over a matrix well past any last-level
-    cache (tens of MB on CPUs, up to 96 MB on Apple chips), of a matrix-vector product and of a sum.
-    The product reads as decode does, through the same BLAS or GPU kernels on every core; an MLX sum
-    on the CPU runs on one core (3.6 against 5 GB/s on an idle 2-core EPYC) and wins only when the
-    other cores are busy."""
-    w = mx.ones((megabytes * 2**20 // 16384, 4096))
-    v = mx.ones((4096,))
-    mx.eval(w, v)
-    reads = (lambda: w @ v, lambda: w.sum())
-    for read in reads:
-        mx.eval(read())
-    return w.nbytes / min(timed(read) for read in reads for _ in range(repeats))
-
-
-def timed(read) -> float:
-    start = time.perf_counter()
-    mx.eval(read())
-    return time.perf_counter() - start
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -311,8 +291,9 @@ def measure(packages, env_name, episodes, steps, repeats, max_tokens, max_contex
     result = {"machine": machine(), "packages": []}
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
     try:
-        bw = bandwidth()
-        result["machine"]["bandwidth_gb_s"] = round(bw / 1e9, 2)
+        probe = bandwidth()
+        bw = probe["best"] * 1e9
+        result["machine"] |= {"bandwidth_gb_s": probe["best"], "bandwidth_probe_gb_s": probe}
         for path in packages:
             m = Measured(path, env_name or "synthetic")
             try:
@@ -335,8 +316,9 @@ def run_bench(packages, env_name, episodes, steps, repeats, max_tokens, max_cont
     rows = result["packages"]
     print_table(rows)
     if "bandwidth_gb_s" in result["machine"]:
+        kernels = ", ".join(f"{k} {v:.1f}" for k, v in result["machine"]["bandwidth_probe_gb_s"].items() if k not in ("best", "bytes"))
         click.echo(f"memory bandwidth {result['machine']['bandwidth_gb_s']:.1f} GB/s on {result['machine']['chip']} "
-                   f"({result['machine']['device']})")
+                   f"({result['machine']['device']}; the fastest of {kernels} GB/s; cached in {cache_root() / 'bandwidth.json'})")
     for row in rows:
         if row.get("roofline_bound") == "decode":
             click.echo(f"note: {row['package']} decodes at {row['decode_gb_s']:.2f} GB/s, above the probe's: that rate is its "

@@ -3,20 +3,27 @@
 #
 #   family          TextWorldExpress (`twx`): six game types, each its own procedure (coin, mapreader,
 #                   simonsays, peckingorder, twc, arithmetic); test-fold games held out.
+#   memories        MemP's kind `both` (DEMO_MEMORY_KIND): a script, then a solved episode (each
+#                   observation's gist and the action taken); k = 2, keyed by the task text they
+#                   were written for; never one written from the game being played.
 #   student_base    SmolLM2-135M-Instruct (from its PyPI GGUF, converted; float32 on a CPU).
-#   teacher         the same model with LoRA (rank 16, last 8 blocks) trained on the oracle's
-#                   games of all six types; it then plays the train split through
-#                   `teach --teacher mlx:` (its kept successes, real top-20 rows, rule memories).
+#   teacher         the same model with LoRA (rank 16, last 8 blocks) trained on the oracle's games of
+#                   all six types; it plays the train split through `teach --teacher mlx:` (kept
+#                   successes, real top-20 rows, its own memories written by rules from its successes).
+#                   DEMO_TEACHER_READS=1: trained and playing with the oracle's memories in front
+#                   (it won 53% of the held-out games that way, 69% without: docs/demo.md).
+#   student_selfmem the student's own memories (MemP): the same rule writer and kind over the student's
+#                   own successful train games.
 #   adapters        LoRA (rank 16, last 8 blocks) on the teacher's cache of four types only
-#                   (DEMO_ADAPTER_TASKS); the other two are known to the student through the
-#                   teacher's memories alone: what each space is for shows per task type.
-#   variants        student_base, student_selfmem (memories the student writes itself),
-#                   student_memory (the teacher's), student_lora, duomem, duomem_4bit, teacher:
-#                   the same held-out test games (checked: held out by content).
+#                   (DEMO_ADAPTER_TASKS), without memories (student_lora), with the student's own
+#                   (lora_selfmem) or with the teacher's (duomem) in every prompt; the other two types
+#                   reach the student through memories alone.
+#   variants        student_base, student_selfmem, student_memory, student_lora, lora_selfmem, duomem,
+#                   duomem_4bit, teacher: the same held-out test games (checked: held out by content).
 #
-# Sizes are environment variables (defaults aim at ~30 min on 2 free CPU cores); seeds fixed.
-# Independent jobs run side by side, two or three to a stage (their output then goes to OUT/logs/).
-# DEMO_RESUME=1 keeps OUT and skips the stages an earlier (interrupted) run finished.
+# Sizes are environment variables (defaults aim at ~45 min on 2 free CPU cores); seeds fixed.
+# Independent jobs run side by side, up to four to a stage, each with one BLAS thread (their output
+# then goes to OUT/logs/). DEMO_RESUME=1 keeps OUT and skips the stages an earlier run finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo-out}
@@ -30,9 +37,9 @@ ADAPTER_TASKS=${DEMO_ADAPTER_TASKS:-coin,simonsays,twc,arithmetic}  # the rest: 
 # Two rooms (coin, mapreader: the other room is one move away), one item to put away (twc).
 GAME_PARAMS=${DEMO_GAME_PARAMS:-coin:numLocations=2;mapreader:numLocations=2,maxDistanceApart=1;twc:numItemsToPutAway=1}
 ORACLE_GAMES=${DEMO_ORACLE_GAMES:-16}     # per type: train games whose oracle chats train the teacher
-TEACHER_GAMES=${DEMO_TEACHER_GAMES:-8}    # per type: train games the teacher plays
+TEACHER_GAMES=${DEMO_TEACHER_GAMES:-10}   # per type: train games the teacher plays
 SELF_GAMES=${DEMO_SELF_GAMES:-4}          # per type: train games the student plays for memories of its own
-TEST_GAMES=${DEMO_TEST_GAMES:-7}          # per type: held-out test games every variant plays
+TEST_GAMES=${DEMO_TEST_GAMES:-10}         # per type: held-out test games every variant plays
 PACKAGE_GAMES=${DEMO_PACKAGE_GAMES:-3}    # per type for the 4-bit package (MLX's CPU quantized kernels are slow)
 TEACHER_ITERS=${DEMO_TEACHER_ITERS:-48}
 TEACHER_LR=${DEMO_TEACHER_LR:-5e-4}
@@ -41,7 +48,10 @@ RANK=${DEMO_RANK:-16}                     # the student's LoRA, as the teacher's
 LORA_LAYERS=${DEMO_LORA_LAYERS:-8}        # ... on the last blocks only
 LR=${DEMO_LR:-5e-4}                       # 1e-3 diverges on SmolLM2 (loss 13 by step 20)
 ALPHA=${DEMO_ALPHA:-0.5}                  # loss = alpha * CE on the teacher's kept actions + (1 - alpha) * KD
-MEMORY_K=${DEMO_MEMORY_K:-1}
+MEMORY_K=${DEMO_MEMORY_K:-2}
+MEMORY_KIND=${DEMO_MEMORY_KIND:-both}     # script | trajectory | both (MemP)
+MEMORY_KEY=${DEMO_MEMORY_KEY:-task}           # task+observation: 91.7% retrieval accuracy, no better instance match (docs/demo.md)
+TEACHER_READS=${DEMO_TEACHER_READS:-0}
 MAX_STEPS=${DEMO_MAX_STEPS:-12}           # gold paths: peckingorder 9, mapreader 7, arithmetic and simonsays 5, twc 3-4, coin 2-3
 BATCH=${DEMO_BATCH:-4}
 if [ "${DEMO_RESUME:-0}" != 1 ]; then rm -rf "$OUT"; fi
@@ -69,7 +79,7 @@ stage() {  # NAME "what it does": run stage_NAME, time it; with DEMO_RESUME=1 sk
 together() {  # JOB...: run shell functions at once, each logging to OUT/logs/JOB.log; fails if one fails
   local names=("$@") pids=() name i failed=0
   echo "   in parallel: $* (logs: $OUT/logs/)"
-  for name in "${names[@]}"; do "$name" > "$OUT/logs/$name.log" 2>&1 & pids+=($!); done
+  for name in "${names[@]}"; do OPENBLAS_NUM_THREADS=1 "$name" > "$OUT/logs/$name.log" 2>&1 & pids+=($!); done
   for i in "${!names[@]}"; do
     name=${names[$i]}
     if wait "${pids[$i]}"; then
@@ -87,6 +97,12 @@ teacher_lora=(--kd off --adapter lora --rank 16 --num-layers 8 --learning-rate "
 lora=(--tasks "$ADAPTER_TASKS" --adapter lora --rank "$RANK" --num-layers "$LORA_LAYERS" --alpha "$ALPHA" --learning-rate "$LR" --batch-size "$BATCH"
       --iters "$DISTILL_ITERS" --val-fraction 0 --seed "$SEED")
 games=(--env twx --tasks "$TASKS" --game-params "$GAME_PARAMS" --max-steps "$MAX_STEPS" --seed "$SEED")
+reads=(--memory-k "$MEMORY_K")
+bank() {  # MEMORIES_OR_CACHE OUT: a bank in the student's space
+  local from=(--memories "$1")
+  if [ -d "$1" ]; then from=(--cache "$1"); fi
+  $CLI memory build "${from[@]}" --embedder "$OUT/student" --key "$MEMORY_KEY" --force --out "$2"
+}
 distill_to() {  # OUT [distill options]: a run finished in an earlier try is kept, a killed one continued
   local out=$1
   shift
@@ -104,55 +120,66 @@ stage_models() {
   if [ ! -e "$OUT/student/config.json" ]; then $CLI convert --fetch "$MODEL" "$OUT/student"; fi
 }
 
+teacher_reads=()  # with DEMO_TEACHER_READS=1: the oracle's memories, in training and (rebuilt in its space) in play
+if [ "$TEACHER_READS" = 1 ]; then teacher_reads=(--memory-bank "$OUT/oracle-bank" "${reads[@]}"); fi
+
 stage_games() {
   $CLI teach "${games[@]}" --split train --teacher oracle --teacher-tokenizer "$OUT/student" --episodes "$ORACLE_GAMES" \
-    --resume --out "$OUT/oracle-cache"
+    --memory-kind "$MEMORY_KIND" --resume --out "$OUT/oracle-cache"
   evaluate oracle --policy oracle
 }
 
-train_teacher() {
-  distill_to "$OUT/teacher-train" --student "$OUT/student" --cache "$OUT/oracle-cache" "${teacher_lora[@]}" --iters "$TEACHER_ITERS"
+train_teacher() {  # LoRA on the oracle's games, fused
+  if [ "$TEACHER_READS" = 1 ]; then bank "$OUT/oracle-cache" "$OUT/oracle-bank"; fi
+  distill_to "$OUT/teacher-train" --student "$OUT/student" --cache "$OUT/oracle-cache" ${teacher_reads[@]+"${teacher_reads[@]}"} \
+    "${teacher_lora[@]}" --iters "$TEACHER_ITERS"
   $CLI quantize --model "$OUT/student" --adapters "$OUT/teacher-train" --bits 16 --dtype float32 --force --out "$OUT/teacher"
 }
-student_alone() {  # all the student does without the teacher: student_base, and student_selfmem (its own memories)
+student_alone() {  # all the student does without the teacher: student_base, and its own memories (MemP)
   evaluate student_base --policy "model:$OUT/student"
-  $CLI eval "${games[@]}" --split train --episodes "$SELF_GAMES" --policy "model:$OUT/student" \
-    --out "$OUT/student-train.json" --log "$OUT/student-train.jsonl"
-  if $CLI memory write --episodes "$OUT/student-train.jsonl" --writer "model:$OUT/student" --per-task 2 --out "$OUT/self-memories.jsonl" --force; then
-    $CLI memory build --memories "$OUT/self-memories.jsonl" --embedder "$OUT/student" --out "$OUT/self-bank" --force
-  else
-    echo "student_selfmem skipped: the student wrote no memory of its own (it won no train game, or every reply was dropped)"
+  if [ ! -e "$OUT/student-train.json" ]; then
+    $CLI eval "${games[@]}" --split train --episodes "$SELF_GAMES" --policy "model:$OUT/student" \
+      --out "$OUT/student-train.json" --log "$OUT/student-train.jsonl"
   fi
-}
-eval_selfmem() {
-  if [ -e "$OUT/self-bank/bank.json" ]; then
-    evaluate student_selfmem --policy "model:$OUT/student" --memory "$OUT/self-bank" --memory-k "$MEMORY_K"
+  if $CLI memory write --episodes "$OUT/student-train.jsonl" --writer rules --kind "$MEMORY_KIND" --out "$OUT/self-memories.jsonl" --force; then
+    bank "$OUT/self-memories.jsonl" "$OUT/self-bank"
+    evaluate student_selfmem --policy "model:$OUT/student" --memory "$OUT/self-bank" "${reads[@]}"
+  else
+    echo "student_selfmem skipped: the student won no train game, so it has no memory of its own"
   fi
 }
 stage_teacher() {
   together train_teacher student_alone
 }
 
-teacher_plays() {
-  $CLI teach "${games[@]}" --split train --teacher "mlx:$OUT/teacher" --episodes "$TEACHER_GAMES" --top-k 20 --resume --out "$OUT/teacher-cache"
+teacher_plays() {  # its own memories from its successes (with DEMO_TEACHER_READS=1 reading the oracle's: its package's memory/)
+  local bank=()
+  if [ "$TEACHER_READS" = 1 ]; then bank=(--memory "$OUT/teacher/memory" "${reads[@]}"); fi
+  $CLI teach "${games[@]}" --split train --teacher "mlx:$OUT/teacher" ${bank[@]+"${bank[@]}"} \
+    --episodes "$TEACHER_GAMES" --top-k 20 --memory-kind "$MEMORY_KIND" --resume --out "$OUT/teacher-cache"
   $CLI cache info "$OUT/teacher-cache"
-  $CLI memory build --cache "$OUT/teacher-cache" --embedder "$OUT/student" --force --out "$OUT/bank"
+  bank "$OUT/teacher-cache" "$OUT/bank"
   $CLI memory search "$OUT/bank" --accuracy-on "$OUT/eval/oracle.jsonl" --json "$OUT/retrieval.json"
 }
-eval_teacher() { evaluate teacher --policy "model:$OUT/teacher"; }
+eval_teacher() { evaluate teacher --policy "model:$OUT/teacher" "${reads[@]}"; }
 stage_teach() {
-  together teacher_plays eval_teacher eval_selfmem
+  together teacher_plays eval_teacher
 }
 
 distill_lora() {
   distill_to "$OUT/lora" --student "$OUT/student" --cache "$OUT/teacher-cache" "${lora[@]}"
 }
-distill_duomem() {
-  distill_to "$OUT/duomem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/bank" --memory-k "$MEMORY_K" "${lora[@]}"
+distill_selfmem() {
+  if [ -e "$OUT/self-bank/bank.json" ]; then
+    distill_to "$OUT/lora-selfmem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/self-bank" "${reads[@]}" "${lora[@]}"
+  fi
 }
-eval_memory() { evaluate student_memory --policy "model:$OUT/student" --memory "$OUT/bank" --memory-k "$MEMORY_K"; }
+distill_duomem() {
+  distill_to "$OUT/duomem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/bank" "${reads[@]}" "${lora[@]}"
+}
+eval_memory() { evaluate student_memory --policy "model:$OUT/student" --memory "$OUT/bank" "${reads[@]}"; }
 stage_distill() {
-  together distill_lora distill_duomem eval_memory
+  together distill_lora distill_selfmem distill_duomem eval_memory
 }
 
 stage_heldout() {
@@ -160,16 +187,21 @@ stage_heldout() {
 }
 
 eval_lora() { evaluate student_lora --policy "model:$OUT/student" --adapter-path "$OUT/lora"; }
-eval_duomem() { evaluate duomem --policy "model:$OUT/student" --adapter-path "$OUT/duomem" --memory "$OUT/duomem/memory" --memory-k "$MEMORY_K"; }
+eval_lora_selfmem() {
+  if [ -e "$OUT/lora-selfmem/duomem.json" ]; then
+    evaluate lora_selfmem --policy "model:$OUT/student" --adapter-path "$OUT/lora-selfmem" --memory "$OUT/lora-selfmem/memory" "${reads[@]}"
+  fi
+}
+eval_duomem() { evaluate duomem --policy "model:$OUT/student" --adapter-path "$OUT/duomem" --memory "$OUT/duomem/memory" "${reads[@]}"; }
 package() {  # the winner (duomem) to 4 bit, its bank rebuilt in the quantized model's space; a subset of the games
   rm -rf "$PKG"
   $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 4 --group-size 32 --dtype float32 --out "$PKG"
   $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 16 --dtype float32 --out "$OUT/duomem-f32" --force
-  $CLI eval "${games[@]}" --split test --episodes "$PACKAGE_GAMES" --policy "model:$PKG" --memory "$PKG/memory" --memory-k "$MEMORY_K" \
+  $CLI eval "${games[@]}" --split test --episodes "$PACKAGE_GAMES" --policy "model:$PKG" --memory "$PKG/memory" "${reads[@]}" \
     --out "$OUT/eval/duomem_4bit.json" --log "$OUT/eval/duomem_4bit.jsonl"
 }
 stage_eval() {
-  together eval_lora eval_duomem package
+  together eval_lora eval_lora_selfmem eval_duomem package
 }
 
 stage_bench() {
@@ -179,28 +211,31 @@ stage_bench() {
 
 stage models "the student: $MODEL from its PyPI GGUF, converted for mlx-lm"
 stage games "games: oracle plays of the train split (the teacher's training data) and of the held-out test games"
-stage teacher "the teacher (LoRA on the oracle's chats of every type, fused) beside the student alone (student_base, its own memories)"
-stage teach "the teacher plays the train split (its kept episodes, top-20 rows, rule memories; retrieval accuracy) beside the evals of teacher and student_selfmem"
-stage distill "distill on the types $ADAPTER_TASKS: LoRA without (student_lora) and with the teacher's memories (duomem); student_memory beside"
+stage teacher "the teacher (LoRA on the oracle's chats of every type, fused) beside the student alone (student_base, student_selfmem)"
+stage teach "the teacher plays the train split (kept episodes, top-20 rows, its memories; retrieval accuracy) beside the teacher's eval"
+stage distill "distill on the types $ADAPTER_TASKS: LoRA without memories (student_lora), with the student's own (lora_selfmem), with the teacher's (duomem); student_memory beside"
 stage heldout "held-out test games, checked by content against every training game"
-stage eval "student_lora, duomem, and duomem in 4 bit ($PKG, on $PACKAGE_GAMES games a type)"
+stage eval "student_lora, lora_selfmem, duomem, and duomem in 4 bit ($PKG, on $PACKAGE_GAMES games a type)"
 stage bench "on-device speed: teacher vs float32 student vs 4-bit student, side by side"
 
 selfmem=()
 if [ -e "$OUT/eval/student_selfmem.json" ]; then
   selfmem=(--variant "student_selfmem=$OUT/eval/student_selfmem.json,memory=$OUT/self-bank")
 fi
+if [ -e "$OUT/eval/lora_selfmem.json" ]; then
+  selfmem+=(--variant "lora_selfmem=$OUT/eval/lora_selfmem.json,adapters=$OUT/lora-selfmem,memory=$OUT/lora-selfmem/memory")
+fi
 WALL=$(awk -F'\t' '{ s += $2 } END { print s + 0 }' "$STAGES")  # all stages, also across resumed runs
 $PY scripts/demo_report.py --out "$PKG" --seeds "$SEED" --wall-clock "$WALL" --student "$OUT/student" \
   --retrieval "$OUT/retrieval.json" --title "DuoMem in miniature: $MODEL on TextWorldExpress (held-out games)" \
-  --stages "$STAGES" --heldout "$OUT/heldout.json" --bench "$OUT/bench.json" \
+  --stages "$STAGES" --heldout "$OUT/heldout.json" --bench "$OUT/bench.json" --adapter-tasks "$ADAPTER_TASKS" \
   --variant "student_base=$OUT/eval/student_base.json" \
   ${selfmem[@]+"${selfmem[@]}"} \
   --variant "student_memory=$OUT/eval/student_memory.json,memory=$OUT/bank" \
   --variant "student_lora=$OUT/eval/student_lora.json,adapters=$OUT/lora" \
   --variant "duomem=$OUT/eval/duomem.json,adapters=$OUT/duomem,memory=$OUT/duomem/memory" \
   --variant "duomem_4bit=$OUT/eval/duomem_4bit.json,adapters=$OUT/duomem,memory=$PKG/memory" \
-  --teacher "$OUT/eval/teacher.json,adapters=$OUT/teacher-train"
+  --teacher "$OUT/eval/teacher.json,adapters=$OUT/teacher-train,memory=$OUT/teacher/memory"
 $CLI upload "$PKG" --repo you/duomem-demo --dry-run
 
 printf '\nstage seconds:\n'

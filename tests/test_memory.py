@@ -278,7 +278,7 @@ def test_rules_writer_and_cli_on_real_textworld_games(textworld_log, tiny_model,
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_memory_kinds_on_real_textworld_games_trajectories_and_both(textworld_log, tmp_path):
-    """MemP's kinds: a trajectory keeps each step (its observation's gist, then the action), in order;
+    """MemP's kinds: a trajectory keeps each step (the action, then the gist of what it led to), in order;
     both is the rule writer's script, then that trajectory; each memory records its kind and first observation."""
     episodes = read_episodes(textworld_log)
     scripts = {m.source[0]: m for m in rule_memories(episodes)}
@@ -291,7 +291,8 @@ def test_memory_kinds_on_real_textworld_games_trajectories_and_both(textworld_lo
             if kind == "both":
                 assert lines.pop(0) == scripts[played.id].text
             assert lines[0].startswith(f"Solved example of tw-simple: {' '.join(played.task_description.split())[:40]}")
-            assert lines[1:] == [f"{i}. {gist(s.observation)} -> {s.action}" for i, s in enumerate(played.steps, 1)]
+            results = [gist(s.observation) for s in played.steps[1:]] + ["done"]
+            assert lines[1:] == [f"{i}. {s.action} -> {result}" for i, (s, result) in enumerate(zip(played.steps, results), 1)]
             assert memory.observation == played.steps[0].observation.strip() and memory.task == played.task_description.strip()
     long = " ".join(f"word{i}" for i in range(100)) + " To the North you see the pantry."
     assert len(gist(long)) <= GIST_CHARS + 5 and gist(long).startswith("word0 ") and gist(long).endswith("see the pantry.")

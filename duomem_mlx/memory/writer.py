@@ -175,8 +175,13 @@ def gist(observation: str) -> str:
 
 
 def trajectory_text(episode: Episode) -> str:
-    """A solved episode, compact: the task, then each observation's gist and the action taken on it."""
-    lines = [f"{i}. {gist(s.observation)} -> {s.action}" for i, s in enumerate(episode.steps[:MAX_STEPS], 1)]
+    """A solved episode, compact: the task, then each action and the gist of what it led to. An
+    action then its result, not an observation then the action taken on it: the first observation
+    often comes back unchanged ("look around"), and two lines opening alike sent a reader round
+    in a loop; after an action, the line holding it says what comes next."""
+    steps = episode.steps[:MAX_STEPS]
+    results = [gist(s.observation) for s in episode.steps[1 : len(steps) + 1]] + ["done"]
+    lines = [f"{i}. {s.action} -> {result}" for i, (s, result) in enumerate(zip(steps, results), 1)]
     more = [f"... ({len(episode.steps) - MAX_STEPS} more steps)"] if len(episode.steps) > MAX_STEPS else []
     task = " ".join(episode.task_description.split())
     return "\n".join([f"Solved example of {episode.task}: {task}", *lines, *more])

@@ -191,8 +191,8 @@ def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
     change between episodes of a task type, become X, Y, ...; what every episode names stays;
     near-identical workflows merge); `model:PATH` asks a model to write one per episode, and
     drops a reply that only echoes the prompt or names no step of its episode (said how many).
-    `--kind trajectory` keeps each successful episode (each observation cut to its gist, then
-    the action taken); `both` puts the writer's procedure in front of it.
+    `--kind trajectory` keeps each successful episode (each action, then the gist of what it
+    led to); `both` puts the writer's procedure in front of it.
 
     \b
     Examples:

@@ -3,7 +3,11 @@ of input for a 1536 x 576 layer, while dequantizing that layer costs ~4 ms at an
 prefill chunk or a training batch through a 4-bit model runs ~20x slower than dense. On a CPU, a
 quantized linear layer (or a tied head) fed ROWS rows or more dequantizes its weight and runs a
 dense matmul (the same values, summed in another order); fewer rows (decoding) keep MLX's
-kernel. Metal and CUDA keep MLX's kernels throughout."""
+kernel, which runs on one thread: the layer's output rows are split across a CPU stream per core
+(the same values, each row computed as before). Metal and CUDA keep MLX's kernels throughout."""
+
+import functools
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,11 +15,26 @@ import mlx.nn as nn
 ROWS = 8  # measured crossover ~4 rows on a 2-core x86 CPU
 
 
+@functools.cache
+def cpu_streams() -> list:
+    return [mx.new_stream(mx.cpu) for _ in range(os.cpu_count() or 1)]
+
+
+def _few_rows(layer, x):
+    """MLX's kernel, which runs on one thread: the layer's output rows split across a CPU stream
+    per core (each its own thread), each part computed as the whole layer would compute it."""
+    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+    cuts = [i * w.shape[0] // len(cpu_streams()) for i in range(len(cpu_streams()) + 1)]
+    parts = [mx.quantized_matmul(x, w[a:b], scales=scales[a:b], biases=None if biases is None else biases[a:b], transpose=True,
+                                 group_size=layer.group_size, bits=layer.bits, mode=layer.mode, stream=stream)
+             for stream, a, b in zip(cpu_streams(), cuts, cuts[1:])]
+    return mx.concatenate(parts, -1)
+
+
 def _matmul(layer, x):
-    """x @ W.T of a quantized layer: MLX's kernel for few rows, dense after dequantizing for many."""
+    """x @ W.T of a quantized layer: MLX's kernel on every core for few rows, dense after dequantizing for many."""
     if x.size // x.shape[-1] < ROWS:
-        return mx.quantized_matmul(x, layer["weight"], scales=layer["scales"], biases=layer.get("biases"), transpose=True,
-                                   group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+        return _few_rows(layer, x)
     weight = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
                            mode=layer.mode, dtype=x.dtype)
     return x @ weight.T

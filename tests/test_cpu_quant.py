@@ -6,7 +6,7 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 
-from duomem_mlx.cpu_quant import ROWS, SWAPS, dense_prefill_on_cpu
+from duomem_mlx.cpu_quant import ROWS, SWAPS, cpu_streams, dense_prefill_on_cpu
 from duomem_mlx.models import load
 
 
@@ -26,7 +26,8 @@ def test_many_rows_run_dense_with_the_kernels_values(tiny_model, bits, group_siz
     try:
         assert tokens.shape[1] >= ROWS and mx.allclose(model(tokens), reference, atol=1e-4).item()
         assert calls == []  # every layer ran dense
-        assert mx.array_equal(model(tokens[:, -1:]), last).item() and len(calls) == len(layers)  # one row: the kernel
+        assert mx.array_equal(model(tokens[:, -1:]), last).item()  # one row: the kernel, on a stream per core
+        assert len(calls) == len(layers) * len(cpu_streams()) and {shape[1] for shape in calls} == {1}
     finally:
         mx.quantized_matmul = kernel
 

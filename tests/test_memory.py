@@ -273,7 +273,7 @@ def test_rules_writer_and_cli_on_real_textworld_games(textworld_log, tiny_model,
     result = run("search", tmp_path / "bank", memories[1].text, "-k", "2", "--task-type", "nothing")
     assert result.exit_code == 0 and result.output == ""
     result = run("show", tmp_path / "bank")
-    assert result.exit_code == 0 and "tw-simple: 2" in result.output and memories[0].id in result.output
+    assert result.exit_code == 0 and "tw-simple: 2" in result.output and f"{memories[0].id}  [tw-simple, script]" in result.output
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

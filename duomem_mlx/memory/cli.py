@@ -171,7 +171,7 @@ def show_command(bank_path, limit):
     for task_type, n in sorted(Counter(m.task_type for m in bank.memories).items()):
         click.echo(f"  {task_type or '(any)'}: {n}")
     for memory in bank.memories[:limit]:
-        click.echo(f"{memory.id}  [{memory.task_type}]  {memory.text}")
+        click.echo(f"{memory.id}  [{memory.task_type}, {memory.kind}]  {memory.text}")
 
 
 @memory.command("write")

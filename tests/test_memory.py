@@ -327,6 +327,8 @@ def test_keys_with_the_first_observation_tell_games_of_one_task_apart(student, t
     # a memory written from the game being played never comes back, whoever played it (another repeat too)
     assert [m.id for m in retrieve(loaded, *student, task, k=2, observation=starts["west"], exclude_games={"twx/coin/1"})] == ["coin-north"]
     assert retrieve(loaded, *student, task, k=2, exclude_games={"twx/coin/0", "twx/coin/1"}) == []
+    induced = build([Memory("coin-any", "coin", "move X, take coin", ["twx/coin/0/0", "twx/coin/5/0"], task)], *student)
+    assert [m.id for m in retrieve(induced, *student, task, k=1, exclude_games={"twx/coin/0"})] == ["coin-any"]  # not this game's alone
     with pytest.raises(DuomemError, match="unknown key"):
         build(memories, *student, key="everything")
 

@@ -176,7 +176,8 @@ class MemoryBank:
     def search(self, query, k: int = 3, task_type: str | None = None, model=None, tokenizer=None,
                exclude_games: set[str] = frozenset()) -> list[tuple[Memory, float]]:
         """Top-k (memory, cosine) for a query text (embedded with model/tokenizer) or a vector [d];
-        memories written from a game in `exclude_games` (env/task/variation) never come back."""
+        a memory written from games in `exclude_games` (env/task/variation) alone never comes back
+        (one induced from several games as well is knowledge of the task, not that game's answer)."""
         if isinstance(query, str):
             if model is None:
                 raise DuomemError("a text query needs the embedder model; pass --embedder or search with a vector")
@@ -188,7 +189,7 @@ class MemoryBank:
         if task_type is not None:
             rows = rows[[m.task_type == task_type for m in self.memories]]
         if exclude_games:
-            rows = rows[[not exclude_games & {game_of(s) for s in self.memories[i].source} for i in rows]]
+            rows = rows[[not {game_of(s) for s in self.memories[i].source} <= exclude_games for i in rows]]
         if k <= 0 or rows.size == 0:
             return []
         keys = self.keys[mx.array(rows)].astype(mx.float32)

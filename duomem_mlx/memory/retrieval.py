@@ -13,8 +13,8 @@ def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k
              observation: str = "", exclude_games: set[str] = frozenset()) -> list:
     """The k memories closest to the task `query` (with its first `observation` where the bank's
     keys hold one; top-k cosine in `model`'s space); with memory_filter "task", only those of
-    `task_type`, unless the bank holds none of that type. Memories written from a game in
-    `exclude_games` are left out (training: never the episode's own game)."""
+    `task_type`, unless the bank holds none of that type. Memories written from the games in
+    `exclude_games` alone are left out (never the episode's own game's solution)."""
     if memory_filter not in FILTERS:
         raise DuomemError(f"unknown memory filter {memory_filter!r}; use one of {', '.join(FILTERS)}")
     if bank is None or k == 0:

@@ -24,6 +24,7 @@ from ..io import atomic_dir, atomic_file
 from ..models import check_group_size, default_dtype
 
 PACKAGE_FORMAT = 1
+CPU_DECODE_TOKENS = 16
 MODES = {"affine": (4, 8), "mxfp4": (4,)}
 GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,)}
 
@@ -238,22 +239,47 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int = 64, 
     episodes = cache_episodes(calibrate_cache) if calibrate_cache else None
     student, tokenizer, config = load_student(model, adapters)
     info = {"bits": bits, "group_size": group_size if bits < 16 else None, "mode": mode if bits < 16 else None, "dtype": dtype}
-    calibration = None
+    calibration, results = None, {}
     reference = copy.deepcopy(student) if episodes else None  # the unquantized student, in its own precision
     student.set_dtype(getattr(mx, dtype))  # the unquantized weights, and the scales/biases of quantized ones
     config["torch_dtype"] = dtype
     if bits < 16:
         check_group_size(student, group_size)
+        dense_rate = cpu_decode_rate(student, tokenizer)
         student, config = quantize_model(student, config, group_size, bits, mode)
         if episodes:
             calibration = run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, getattr(mx, dtype), max_seq_length,
                                           on_epoch)
+        if dense_rate:
+            results["cpu_decode_tokens_per_s"] = {dtype: dense_rate, f"{bits}-bit {mode}": cpu_decode_rate(student, tokenizer)}
+            say_fastest_on_cpu(results["cpu_decode_tokens_per_s"], dtype)
     return write_package(out, model, student, tokenizer, config, memories_file, {
         "format": PACKAGE_FORMAT, "name": name or out.name, "base": model,
         "teacher": provenance(adapters, model).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
         "quantization": info, "calibration": calibration, "license": base_license(model),
-        "duomem_mlx": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": {},
+        "duomem_mlx": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
     })
+
+
+def cpu_decode_rate(model, tokenizer) -> float | None:
+    """Greedy decode tokens/s on a CPU (None on a GPU, where MLX's quantized kernels are the
+    fast path). A few seconds on a 135M model."""
+    if mx.default_device() != mx.cpu:
+        return None
+    from ..models import default_corpus
+    from .bench import throughput
+
+    prompt = tokenizer.encode(default_corpus())[:64]
+    return round(max(throughput(model, prompt, CPU_DECODE_TOKENS)[1] for _ in range(2)), 2)
+
+
+def say_fastest_on_cpu(rates: dict[str, float], dense: str) -> None:
+    """Which precision decodes fastest on this CPU, and by how much (on a CPU MLX's quantized
+    one-row product can be slower than a dense one)."""
+    (fast, f), (slow, s) = sorted(rates.items(), key=lambda kv: -kv[1])
+    hint = (f"; for decoding speed on this CPU, `--bits 16 --dtype {dense}` (the quantized package is smaller, and on a Mac "
+            "it is MLX's fast path)") if fast == dense else ""
+    click.echo(f"decoding on this CPU: {fast} {f:.1f} tokens/s, {slow} {s:.1f}: {fast} is {f / s:.2f}x as fast{hint}")
 
 
 def quantize_model(model, config, group_size, bits, mode):

@@ -50,6 +50,12 @@ def game_of(episode_id: str) -> str:
     return episode_id.rsplit("/", 1)[0] if episode_id.count("/") >= 3 else episode_id
 
 
+def written_from(memory: Memory, games: set[str]) -> bool:
+    """Whether the memory was written from these games alone (a memory with no source never was)."""
+    sources = {game_of(s) for s in memory.source}
+    return bool(sources) and sources <= games
+
+
 def memory_id(text: str) -> str:
     return "mem-" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -189,7 +195,7 @@ class MemoryBank:
         if task_type is not None:
             rows = rows[[m.task_type == task_type for m in self.memories]]
         if exclude_games:
-            rows = rows[[not {game_of(s) for s in self.memories[i].source} <= exclude_games for i in rows]]
+            rows = rows[[not written_from(self.memories[i], exclude_games) for i in rows]]
         if k <= 0 or rows.size == 0:
             return []
         keys = self.keys[mx.array(rows)].astype(mx.float32)

@@ -32,9 +32,7 @@ class ModelPolicy:
         session_class = ReencodingSession if reencode else Session
         options = DecodeOptions(mode=decode, temperature=temperature)
         self.session = session_class(model, tokenizer, max_context, options, thinking=thinking)
-        self.memory_ids: list[str] = []
-        self.memory_texts: list[str] = []
-        self.memory_tokens = 0
+        self.memories: list = []  # those of the episode being played
 
     @classmethod
     def from_options(cls, path, adapter_path=None, memory_bank=None, memory_k=3, decode="constrained",
@@ -58,9 +56,7 @@ class ModelPolicy:
     def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):
         # a memory written from this very game would hand over its solution (a train-split game
         # the teacher replays); no held-out game has one
-        memories = self.retrieve(task_description, spec.task, first.observation, {game_of(episode_id(spec))})
-        self.memory_ids, self.memory_texts = [m.id for m in memories], [m.text for m in memories]
-        self.memory_tokens = memory_tokens(self.tokenizer, self.memory_texts)
+        self.memories = self.retrieve(task_description, spec.task, first.observation, {game_of(episode_id(spec))})
         self.session.reset_stats()
         self.session.start(prefix_messages(task_description, first.observation, self.memory_texts))
         self.acted = False
@@ -72,7 +68,15 @@ class ModelPolicy:
         return self.session.generate(state.admissible)
 
     def stats(self) -> dict:
-        return {**self.session.stats(), "memories": self.memory_ids, "memory_tokens": self.memory_tokens}
+        return {**self.session.stats(), "memories": self.memory_ids, "memory_tokens": memory_tokens(self.tokenizer, self.memory_texts)}
+
+    @property
+    def memory_ids(self) -> list[str]:
+        return [m.id for m in self.memories]
+
+    @property
+    def memory_texts(self) -> list[str]:
+        return [m.text for m in self.memories]
 
 
 def memory_tokens(tokenizer, memories: list[str]) -> int:

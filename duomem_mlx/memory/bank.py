@@ -17,11 +17,10 @@ import numpy as np
 from ..errors import DuomemError
 from ..io import atomic_dir, read_json, read_jsonl, require, write_atomic
 from .embed import embed, fingerprint
-from .retrieval import KEYS, KINDS
+from .retrieval import KEYS, KINDS, query_text
 
 FORMAT = 1
 FILES = ("bank.json", "memories.jsonl", "keys.safetensors")
-OBSERVATION_CHARS = 300  # of the first observation, in a key and in a query
 
 
 @dataclass
@@ -36,13 +35,6 @@ class Memory:
 
     def key_text(self, key: str = "task") -> str:
         return query_text(self.task or self.text, self.observation, key)
-
-
-def query_text(task: str, observation: str, key: str = "task") -> str:
-    """What a key embeds, and what a query for a task with this first observation embeds."""
-    if key == "task" or not observation:
-        return task
-    return task + "\n" + " ".join(observation.split())[:OBSERVATION_CHARS]
 
 
 def game_of(episode_id: str) -> str:

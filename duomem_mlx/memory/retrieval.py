@@ -7,6 +7,14 @@ from ..errors import DuomemError
 FILTERS = ("none", "task")  # none: by similarity alone; task: only memories of the episode's task type
 KINDS = ("script", "trajectory", "both")  # MemP's: a procedure, a solved episode, or the procedure then the episode
 KEYS = ("task", "task+observation")  # what a key embeds; the first observation tells instances of one task apart
+OBSERVATION_CHARS = 300  # of the first observation, in a key and in a query
+
+
+def query_text(task: str, observation: str, key: str = "task") -> str:
+    """What a key embeds, and what a query for a task with this first observation embeds."""
+    if key == "task" or not observation:
+        return task
+    return task + "\n" + " ".join(observation.split())[:OBSERVATION_CHARS]
 
 
 def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k: int = 3, memory_filter: str = "none",
@@ -24,8 +32,6 @@ def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k
         bank.checked = model
     if memory_filter == "none" or not any(m.task_type == task_type for m in bank.memories):
         task_type = None
-    from .bank import query_text
-
     return [m for m, _ in bank.search(query_text(query, observation, bank.key), k, task_type, model, tokenizer, exclude_games)]
 
 

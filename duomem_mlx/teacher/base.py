@@ -40,7 +40,9 @@ def teacher_memories(policy_memories, episodes, writer: str, kind: str = "script
     what it dropped; of a memory kind (a trajectory needs no writer)."""
     from ..memory.writer import of_kind, rule_memories
 
-    if writer == "rules" or kind == "trajectory":
+    if kind == "trajectory":
+        return of_kind([], episodes, kind)
+    if writer == "rules":
         return of_kind(rule_memories(episodes), episodes, kind)
     written = policy_memories(episodes)
     if written.dropped:

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need from the system, only when missing:
-# Java for ScienceWorld, OpenBLAS for fast MLX matmuls on Linux CPU.
+# Java for ScienceWorld, OpenBLAS for fast MLX matmuls on Linux CPU and a C compiler to build
+# duomem_mlx/data/gemv_forward.c (MLX's one-row products through OpenBLAS's sgemv).
 set -euo pipefail
 missing=()
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
 if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
   missing+=(libopenblas0-pthread)
+fi
+if [ "$(uname -s)" = Linux ] && ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  missing+=(gcc libc6-dev)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

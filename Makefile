@@ -2,13 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Linux CPU wheels of MLX ship a reference BLAS; preload OpenBLAS when it is there (~30x on matmuls).
+# Linux CPU wheels of MLX ship a reference BLAS; preload OpenBLAS when it is there (~30x on matmuls),
+# after duomem_mlx/data/gemv_forward.c (one-row products to sgemv, built once by `python -m duomem_mlx.blas`).
 OPENBLAS = $(shell $(PY) -m duomem_mlx.blas 2>/dev/null)
 RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
 
 .PHONY: setup system models test demo bench clean
 
 setup: $(VENV)/.installed system
+	@$(PY) -m duomem_mlx.blas >/dev/null
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

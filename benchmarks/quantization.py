@@ -1,14 +1,19 @@
-"""Quality and size after quantization: bf16, 8-bit, 4-bit and 4-bit calibrated packages of one
-student, against the unquantized student in the same run.
+"""Every quantization recipe of one student side by side (duomem_mlx/deploy/recipes.py): bits per
+weight, bytes against bf16, greedy-action agreement with the float student, success on the same
+games, CPU decode tokens/s.
 
-Calibration uses a teacher cache of train-split episodes; greedy-action agreement is measured on
-recorded dev-split episodes (other games, the recorded history at every step), after every
-calibration epoch too (the curve); success rates come from playing dev episodes.
+The float32 student plays the dev games first (`eval`, its package's bank, `--memory-k`): its
+success, and its episodes, whose every step each recipe's package replays (the float student's
+history and memories in front, its own greedy action compared). Then each package plays the same
+games with its own rebuilt bank. Recipes that measure the agent's chats use `--calibrate` (a
+teacher cache of train-split games: other games). Rows of another run on the same games and
+student stay in `--json` (recipes can run as separate processes).
 
-    python benchmarks/quantization.py --json benchmarks/results/quantization.json
-    python benchmarks/quantization.py --model runs/student --adapters runs/adapters --episodes 10
-    python benchmarks/quantization.py --model demo-out/duomem-f32 --env twx --tasks coin,simonsays,twc,arithmetic \
-        --game-params 'coin:numLocations=2;twc:numItemsToPutAway=1' --group-size 32 --dtype float32
+    python benchmarks/quantization.py --json benchmarks/results/quantization_tiny.json --episodes 1 --max-steps 6
+    python benchmarks/quantization.py --model demo-out/student --adapters demo-out/duomem --calibrate demo-out/teacher-cache \\
+        --env twx --tasks coin,mapreader,simonsays,peckingorder,twc,arithmetic \\
+        --game-params 'coin:numLocations=2;mapreader:numLocations=2,maxDistanceApart=1;twc:numItemsToPutAway=1' \\
+        --max-steps 12 --memory-k 2 --episodes 10 --json benchmarks/results/quantization_smollm2.json
 """
 
 import argparse
@@ -19,98 +24,118 @@ import tempfile
 from pathlib import Path
 
 from common import model_config, versions, write_json
-from duomem_mlx.deploy.quantize import agreement, cache_episodes, greedy_actions, load_student, quantize_package
-from duomem_mlx.envs import make_env
-from duomem_mlx.envs.base import play_episode
-from duomem_mlx.eval import make_policy
+from duomem_mlx.deploy.quantize import agreement, greedy_actions, quantize_package
+from duomem_mlx.deploy.recipes import RECIPES
+from duomem_mlx.envs.base import Episode
+from duomem_mlx.eval import run_eval
 from duomem_mlx.models import load, make_tiny_model
 
 
-def teach(env: str, tasks: str | None, game_params: str | None, split: str, episodes: int, out: Path) -> str:
-    options = (["--tasks", tasks] if tasks else []) + (["--game-params", game_params] if game_params else [])
-    subprocess.run([sys.executable, "-m", "duomem_mlx", "teach", "--teacher", "oracle", "--env", env, *options, "--split", split,
-                    "--episodes", str(episodes), "--keep-admissible", "--out", str(out)], check=True, capture_output=True)
+def teach(args, out: Path) -> str:
+    options = (["--tasks", args.tasks] if args.tasks else []) + (["--game-params", args.game_params] if args.game_params else [])
+    subprocess.run([sys.executable, "-m", "duomem_mlx", "teach", "--teacher", "oracle", "--env", args.env, *options, "--split", "train",
+                    "--episodes", "4", "--keep-admissible", "--out", str(out)], check=True, capture_output=True)
     return str(out)
 
 
-def success_rate(path: str, env_name: str, tasks: str | None, game_params: str | None, episodes: int, max_steps: int) -> float:
-    env = make_env(env_name, game_params)
-    try:
-        policy = make_policy(f"model:{path}")
-        played = [play_episode(env, spec, policy, max_steps) for spec in env.task_specs(tasks.split(",") if tasks else None, "dev", episodes, 0)]
-    finally:
-        env.close()
-    return sum(e.success for e in played) / len(played)
+def play(args, package: Path, log: Path) -> float:
+    """Success on the dev games, the package's own bank in front (as `eval` plays it)."""
+    tasks = args.tasks.split(",") if args.tasks else None
+    return run_eval(args.env, tasks, "dev", args.episodes, f"model:{package}", None, None, args.memory_k, "constrained", 4096,
+                    args.max_steps, 0, str(log.with_suffix(".json")), str(log), game_params=args.game_params)["success_rate"]
+
+
+def replayed(package: Path, log: Path) -> tuple[list, list, list[str]]:
+    """(episodes, the memories read in front of each, every step's action) of an eval log."""
+    texts = {}
+    if (package / "memory" / "memories.jsonl").is_file():
+        texts = {m["id"]: m["text"] for m in map(json.loads, (package / "memory" / "memories.jsonl").read_text().splitlines())}
+    played = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    played = [e for e in played if e["steps"]]
+    return ([Episode.from_json(e) for e in played], [[texts[i] for i in e.get("memories") or []] for e in played],
+            [s["action"] for e in played for s in e["steps"]])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="student (default: a 4-layer hidden-256 tiny model built here)")
     parser.add_argument("--adapters")
+    parser.add_argument("--calibrate", help="teacher cache the data-driven recipes measure (default: 4 oracle train games a type)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, of: " + ", ".join(RECIPES))
     parser.add_argument("--env", default="textworld")
     parser.add_argument("--tasks", help="comma-separated task types (default: all of the env's)")
     parser.add_argument("--game-params", help="twx: TextWorldExpress game parameters, as `eval --game-params`")
-    parser.add_argument("--calibration-episodes", type=int, default=4)
-    parser.add_argument("--agreement-episodes", type=int, default=3)
-    parser.add_argument("--episodes", type=int, default=3, help="dev episodes played per package for the success rate")
+    parser.add_argument("--episodes", type=int, default=3, help="dev games a task type, played by every package")
     parser.add_argument("--max-steps", type=int, default=20)
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--memory-k", type=int, default=2)
     parser.add_argument("--max-seq-length", type=int, default=1024)
-    parser.add_argument("--epochs", type=int, default=4, help="calibration passes over its episodes")
+    parser.add_argument("--epochs", type=int, default=4, help="calibration passes over the cache's episodes")
     parser.add_argument("--learning-rate", type=float, default=1e-5, help="calibration learning rate")
-    parser.add_argument("--dtype", default="bfloat16", help="of scales and unquantized weights (float32 is ~6x faster on a Linux CPU)")
+    parser.add_argument("--work", help="keep packages and logs here (default: a temp directory); the float student's games are reused")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
 
-    work = Path(tempfile.mkdtemp())
+    work = Path(args.work or tempfile.mkdtemp())
+    work.mkdir(parents=True, exist_ok=True)
     model_path = args.model or str(make_tiny_model(work / "student", layers=4, hidden=256))
-    calibration_cache = teach(args.env, args.tasks, args.game_params, "train", args.calibration_episodes, work / "train-cache")
-    recorded = cache_episodes(teach(args.env, args.tasks, args.game_params, "dev", args.agreement_episodes, work / "dev-cache"))
+    cache = args.calibrate or teach(args, work / "train-cache")
+    games = {"model": model_path, "adapters": args.adapters, "env": args.env, "tasks": args.tasks, "game_params": args.game_params,
+             "split": "dev", "episodes_per_task": args.episodes, "max_steps": args.max_steps, "memory_k": args.memory_k}
+    previous = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
+    rows = previous.get("packages", {}) if all(previous.get(k) == v for k, v in games.items()) else {}
 
-    student, tokenizer, _ = load_student(model_path, args.adapters)
-    reference = greedy_actions(student, tokenizer, recorded)
-    curve = []
+    def package(name: str, **options) -> tuple[Path, dict]:
+        out = work / name
+        if not (out / "duomem.json").is_file():
+            quantize_package(model_path, str(out), adapters=args.adapters, force=True, max_seq_length=args.max_seq_length, **options)
+        return out, json.loads((out / "duomem.json").read_text())
 
-    def on_epoch(epoch, loss, q_model):
-        curve.append({"epoch": epoch, "loss": loss, "agreement": round(agreement(greedy_actions(q_model, tokenizer, recorded), reference), 4)})
-        print(f"calibration epoch {epoch}: loss {loss:.4f}, agreement on the dev steps {curve[-1]['agreement']:.1%}")
+    bf16 = package("bf16", bits=16, dtype="bfloat16")[1]["bytes"]
+    floats, meta = package("float32", bits=16, dtype="float32")
+    if not (work / "float32.jsonl").is_file():
+        play(args, floats, work / "float32.jsonl")
+    episodes, memories, reference = replayed(floats, work / "float32.jsonl")
+    rows["float32"] = {"bytes": meta["bytes"], "bits_per_weight": meta["bits_per_weight"], "agreement": 1.0,
+                       "success_rate": round(sum(e.success for e in episodes) / len(episodes), 4)}
+    for name in recipes:
+        curve = []
 
-    variants = {"bf16": dict(bits=16), "8bit": dict(bits=8), "4bit": dict(bits=4),
-                "4bit_calibrated": dict(bits=4, calibrate_cache=calibration_cache, max_seq_length=args.max_seq_length,
-                                        epochs=args.epochs, learning_rate=args.learning_rate, on_epoch=on_epoch)}
-    rows = {}
-    for name, options in variants.items():
-        out = quantize_package(model_path, str(work / name), adapters=args.adapters, group_size=args.group_size,
-                               dtype="bfloat16" if name == "bf16" else args.dtype, **options)
-        meta = json.loads((out / "duomem.json").read_text())
-        if name == "bf16":  # the size reference only
-            rows[name] = {"bytes": meta["bytes"], "bits_per_weight": meta["bits_per_weight"], "agreement": None, "success_rate": None}
-            continue
-        actions = greedy_actions(*load(str(out)), recorded)
-        rows[name] = {"bytes": meta["bytes"], "bits_per_weight": meta["bits_per_weight"],
-                      "agreement": round(agreement(actions, reference), 4),
-                      "success_rate": success_rate(str(out), args.env, args.tasks, args.game_params, args.episodes, args.max_steps) if args.episodes else None}
-    unquantized = success_rate(model_path, args.env, args.tasks, args.game_params, args.episodes, args.max_steps) if args.episodes and not args.adapters else None
-    if curve:
-        rows["4bit_calibrated"]["curve"] = [{"epoch": 0, "loss": None, "agreement": rows["4bit"]["agreement"]}, *curve]
-    for row in rows.values():
-        row["bytes_ratio"] = round(row["bytes"] / rows["bf16"]["bytes"], 3)  # vs bf16
-        row["success"] = row["success_rate"]
+        def on_epoch(epoch, loss, q_model):
+            curve.append({"epoch": epoch, "loss": loss, "agreement": round(agreement(greedy_actions(q_model, tokenizer, episodes, memories=memories), reference), 4)})
+            print(f"{name} calibration epoch {epoch}: loss {loss:.4f}, agreement on the dev steps {curve[-1]['agreement']:.1%}", flush=True)
 
-    print(f"{'package':18}{'MB':>9}{'x bf16':>8}{'bits/w':>8}{'agreement':>11}{'success':>9}")
+        bits = RECIPES[name].bits
+        tokenizer = load(str(floats))[1]
+        out, meta = package(name, bits=bits, recipe=name, calibrate_cache=cache if RECIPES[name].needs_data else None,
+                            epochs=args.epochs, learning_rate=args.learning_rate, on_epoch=on_epoch)
+        model, tokenizer = load(str(out))
+        rate = (meta["results"].get("cpu_decode_tokens_per_s") or {})
+        rows[name] = {"bytes": meta["bytes"], "bits_per_weight": meta["bits_per_weight"], "layers": meta["quantization"].get("layers"),
+                      "agreement": round(agreement(greedy_actions(model, tokenizer, episodes, memories=memories), reference), 4),
+                      "decode_tokens_per_s": rate.get(name), "float32_decode_tokens_per_s": rate.get("float32"),
+                      "success_rate": play(args, out, work / f"{name}.jsonl")}
+        if meta.get("calibration"):
+            c = meta["calibration"]
+            rows[name]["calibration"] = {k: c[k] for k in ("episodes", "epochs", "learning_rate", "margin", "loss_per_epoch", "agreement_before", "agreement_after")}
+            if curve:
+                rows[name]["curve"] = curve
+        print(f"{name}: {rows[name]}", flush=True)
+        for row in rows.values():
+            row["bytes_vs_bf16"] = round(row["bytes"] / bf16, 3)
+        if args.json:
+            write_json(args.json, {**games, "model_config": model_config(str(floats)), "calibration_cache": cache, "steps": len(reference),
+                                   "games": len(episodes), "bf16_bytes": bf16, "packages": rows, **versions()})
+
+    print(f"{'package':15}{'MB':>9}{'x bf16':>8}{'bits/w':>8}{'agreement':>11}{'success':>9}{'tok/s':>7}")
     for name, row in rows.items():
-        success = "-" if row["success_rate"] is None else f"{row['success_rate']:.0%}"
-        agree = "-" if row["agreement"] is None else f"{row['agreement']:.1%}"
-        print(f"{name:18}{row['bytes'] / 1e6:9.2f}{row['bytes_ratio']:8.3f}{row['bits_per_weight']:8.2f}{agree:>11}{success:>9}")
-    steps = len(reference)
-    print(f"agreement: greedy actions equal to the unquantized student's on {steps} recorded {args.env} dev steps"
-          + (f"; unquantized success {unquantized:.0%}" if unquantized is not None else ""))
-    if args.json:
-        write_json(args.json, {"model": args.model or "tiny qwen3 (4 layers, hidden 256)", "model_config": model_config(model_path),
-                               "env": args.env, "tasks": args.tasks, "game_params": args.game_params, "dtype": args.dtype, "steps": steps,
-                               "group_size": args.group_size,
-                               "success_episodes": args.episodes, "unquantized_success_rate": unquantized, "packages": rows,
-                               **versions()})
+        speed = row.get("decode_tokens_per_s")
+        print(f"{name:15}{row['bytes'] / 1e6:9.2f}{row['bytes_vs_bf16']:8.3f}{row['bits_per_weight']:8.2f}{row['agreement']:>11.1%}"
+              f"{row['success_rate']:>9.1%}{'-' if speed is None else f'{speed:.1f}':>7}")
+    print(f"agreement: greedy actions equal to the float32 student's on its {len(reference)} steps of {len(episodes)} {args.env} dev games")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def test_fused_8bit_package_acts_like_base_plus_adapters(base_kind, tiny_model, 
     assert model.layers[0].self_attn.q_proj.bits == 8
     assert greedy_actions(model, tokenizer, recorded) == expected
     meta = json.loads((tmp_path / "pkg" / "duomem.json").read_text())
-    assert meta["quantization"] == {"bits": 8, "group_size": 32, "mode": "affine", "dtype": "float32"} and meta["adapters"]
+    assert meta["quantization"] == {"bits": 8, "group_size": 32, "mode": "affine", "dtype": "float32", "recipe": "affine8",
+                                    "layers": {"8-bit g32": 15}} and meta["adapters"]
     assert "no memory bank" in result.stdout
 
 
@@ -129,6 +130,8 @@ def test_quantize_bad_input_is_one_line_and_leaves_nothing(tiny_model, tiny_teac
     assert_clean_failure(cli("quantize", "--model", tiny_model, "--group-size", "128", "--out", tmp_path / "c"),
                          "--group-size 32 or 64")
     assert_clean_failure(cli("quantize", "--model", tiny_model, "--bits", "8", "--calibrate", tmp_path, "--out", tmp_path / "d"), "--bits 4")
+    assert_clean_failure(cli("quantize", "--model", tiny_model, "--recipe", "nope", "--out", tmp_path / "g"), "unknown --recipe nope", "mixed4")
+    assert_clean_failure(cli("quantize", "--model", tiny_model, "--recipe", "mixed4", "--out", tmp_path / "h"), "--calibrate CACHE")
     bad_memories = tmp_path / "bad.jsonl"
     bad_memories.write_text("{not json\n")
     assert_clean_failure(cli("quantize", "--model", tiny_model, "--memory", bad_memories, "--group-size", "32", "--out", tmp_path / "e"), "line 1")
@@ -168,27 +171,51 @@ def test_quantize_on_a_cpu_says_which_precision_decodes_fastest(tiny_model, tmp_
     assert ("--bits 16 --dtype float32" in result.stdout) == (fastest == "float32")
 
 
-def test_calibration_brings_4bit_closer_to_the_student(tiny_model, tmp_path):
-    from duomem_mlx.deploy.quantize import cache_episodes, calibration_data
-
-    cache = tmp_path / "cache"
-    teach = cli("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", "2",
-                "--keep-admissible", "--out", cache)
+@pytest.fixture(scope="module")
+def train_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache") / "cache"
+    teach = cli("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", "2", "--keep-admissible", "--out", cache)
     assert teach.returncode == 0, teach.stderr
-    plain, calibrated = tmp_path / "plain", tmp_path / "calibrated"
-    assert cli("quantize", "--model", tiny_model, "--bits", "4", "--group-size", "32", "--out", plain).returncode == 0
-    result = cli("quantize", "--model", tiny_model, "--bits", "4", "--group-size", "32", "--calibrate", cache,
-                 "--max-seq-length", 512, "--out", calibrated)
+    return cache
+
+
+def test_mixed_recipe_spends_8_bits_where_the_actions_are_sensitive(tiny_model, train_cache, tmp_path):
+    from duomem_mlx.deploy.recipes import RECIPES, pick
+
+    assert pick(4, None, True) == "mixed4" and pick(4, None, False) == "affine4" and pick(8, None, True) == "affine8"
+    result = cli("quantize", "--model", tiny_model, "--bits", "4", "--recipe", "mixed4", "--calibrate", train_cache, "--max-seq-length", 512,
+                 "--out", tmp_path / "mixed")
     assert result.returncode == 0, result.stderr
-    assert "greedy-action agreement" in result.stdout and "after calibration" in result.stdout
-    calibration = json.loads((calibrated / "duomem.json").read_text())["calibration"]
+    assert "recipe mixed4" in result.stdout and "sensitivity" in result.stdout
+    meta = json.loads((tmp_path / "mixed" / "duomem.json").read_text())
+    layers = meta["quantization"]["layers"]
+    assert meta["quantization"]["recipe"] == "mixed4" and set(layers) == {"4-bit g64", "8-bit g64"}, layers
+    assert 4.5 < meta["bits_per_weight"] <= RECIPES["mixed4"].target_bpw + 0.05
+    model = mlx_lm.load(str(tmp_path / "mixed"))[0]
+    assert {m.bits for _, m in model.named_modules() if hasattr(m, "bits")} == {4, 8}  # mlx-lm reads the per-layer config
+
+
+def test_margin_calibration_lowers_its_hinge_on_the_students_own_actions(tiny_model, train_cache, tmp_path):
+    result = cli("quantize", "--model", tiny_model, "--bits", "4", "--group-size", "32", "--calibrate", train_cache, "--max-seq-length", 512,
+                 "--recipe", "mixed4-margin", "--learning-rate", "1e-4", "--out", tmp_path / "calibrated")
+    assert result.returncode == 0, result.stderr
+    assert "recipe mixed4-margin" in result.stdout and "after calibration" in result.stdout
+    calibration = json.loads((tmp_path / "calibrated" / "duomem.json").read_text())["calibration"]
     assert calibration["steps"] > 0 and 0 <= calibration["agreement_before"] <= 1 and 0 <= calibration["agreement_after"] <= 1
-    assert calibration["action_tokens"] > 0 and len(calibration["loss_per_epoch"]) == calibration["epochs"]
-    student, tokenizer = mlx_lm.load(str(tiny_model))
-    sequences = calibration_data(tokenizer, cache_episodes(str(cache)), 512)
-    kl_plain = mean_kl(mlx_lm.load(str(plain))[0], student, sequences)
-    kl_calibrated = mean_kl(mlx_lm.load(str(calibrated))[0], student, sequences)
-    assert kl_calibrated < kl_plain
+    assert calibration["margin"] > 0 and len(calibration["loss_per_epoch"]) == calibration["epochs"]
+    assert calibration["loss_per_epoch"][-1] < calibration["loss_per_epoch"][0] / 2
+
+
+def test_quantized_package_stores_16_bit_scales_and_a_cpu_computes_in_float32(tiny_model, tmp_path):
+    from duomem_mlx.models import load
+
+    result = cli("quantize", "--model", tiny_model, "--bits", "4", "--out", tmp_path / "q")
+    assert result.returncode == 0, result.stderr
+    stored = mx.load(str(tmp_path / "q" / "model.safetensors"))
+    assert stored["model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16
+    assert 4.5 <= json.loads((tmp_path / "q" / "duomem.json").read_text())["bits_per_weight"] < 4.6  # 16-bit scales and biases, groups of 64
+    layer = load(str(tmp_path / "q"))[0].layers[0].self_attn.q_proj
+    assert layer.scales.dtype == (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
 
 
 @pytest.fixture(scope="module")

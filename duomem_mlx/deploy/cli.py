@@ -11,20 +11,22 @@ from ..errors import DuomemError
 @click.option("--adapters", type=click.Path(exists=True, file_okay=False), help="mlx-lm adapters to fuse (from `duomem-mlx distill`).")
 @click.option("--memory", help="Memory bank directory or memories.jsonl to rebuild in the package's space (default: ADAPTERS/memory or MODEL/memory).")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True, help="16: fuse only, not quantized (--dtype).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Must divide every layer's input size.")
+@click.option("--recipe", help="How the bits are spent (default: mixed4 for --bits 4 given the agent's chats, affine4 "
+                                "without; affine8): affine8, affine4, affine4-g32, mixed4, mixed4-margin (benchmarks/quantization.py).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="Overrides the recipe's (64); must divide every layer's input size.")
 @click.option("--mode", type=click.Choice(["affine", "mxfp4"]), default="affine", show_default=True)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
-              help="Of unquantized weights and of the quantization scales (default: bfloat16 on a GPU, float32 on a "
-                   "CPU, where MLX's bf16 and quantized bf16 matmuls run 3-10x slower).")
+              help="Of unquantized weights and of the quantization scales as stored (quantized: float16, what a Mac computes with; "
+                   "a CPU converts them to float32 at load). --bits 16: bfloat16 on a GPU, float32 on a CPU (MLX emulates bf16 there).")
 @click.option("--calibrate", "calibrate_cache", type=click.Path(exists=True, file_okay=False),
-              help="Teacher cache: tune the quantized scales/biases to the unquantized student at the action tokens of its episodes (DWQ).")
+              help="Teacher cache whose chats the recipe measures (layer sensitivities) and calibrates on (default: the one the adapters were distilled from).")
 @click.option("--epochs", type=click.IntRange(1), default=4, show_default=True, help="Passes over the cache's episodes when calibrating.")
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True, help="Calibration learning rate (Adam).")
 @click.option("--max-seq-length", type=click.IntRange(16), default=2048, show_default=True, help="Calibration: tokens kept per episode.")
 @click.option("--out", type=click.Path(file_okay=False), help="Package directory (default: converted/<model name>-<bits>bit).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @config_option
-def quantize(model, adapters, memory, bits, group_size, mode, dtype, calibrate_cache, epochs, learning_rate, max_seq_length, out, force):
+def quantize(model, adapters, memory, bits, recipe, group_size, mode, dtype, calibrate_cache, epochs, learning_rate, max_seq_length, out, force):
     """Fuse adapters, quantize and package the student in converted/NAME.
 
     The package loads with plain `mlx_lm.load`, carries its memory bank rebuilt in the
@@ -33,7 +35,7 @@ def quantize(model, adapters, memory, bits, group_size, mode, dtype, calibrate_c
     \b
     Examples:
       duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --out converted/student-4bit
-      duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --calibrate runs/cache
+      duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --recipe affine4
       duomem-mlx quantize --model runs/teacher --bits 16 --out converted/teacher-bf16
     """
     from pathlib import Path
@@ -42,8 +44,8 @@ def quantize(model, adapters, memory, bits, group_size, mode, dtype, calibrate_c
 
     bits = int(bits)
     out = out or str(Path("converted") / f"{Path(model.rstrip('/')).name}-{'bf16' if bits == 16 else f'{bits}bit'}")
-    path = quantize_package(model, out, bits, int(group_size), mode, adapters, memory, calibrate_cache, epochs, learning_rate, force, dtype=dtype,
-                             max_seq_length=max_seq_length)
+    path = quantize_package(model, out, bits, group_size and int(group_size), mode, adapters, memory, calibrate_cache, epochs, learning_rate,
+                            force, dtype=dtype, max_seq_length=max_seq_length, recipe=recipe)
     import json
 
     meta = json.loads((path / "duomem.json").read_text())

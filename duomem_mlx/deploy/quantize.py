@@ -10,6 +10,7 @@ in the final model's space and write a self-contained package (DESIGN.md, "Conve
 
 import copy
 import json
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -22,14 +23,17 @@ from .. import __version__
 from ..errors import DuomemError
 from ..io import atomic_dir, atomic_file
 from ..models import check_group_size, default_dtype
+from ..teacher.topk import masked_positions
 
 PACKAGE_FORMAT = 1
 CPU_DECODE_TOKENS = 16
+MARGIN = 1.0  # nats: calibration's hinge on the float student's choice over its runners-up
+SENSITIVITY_EPISODES = 16  # of the cache, spread over it: mixed recipes' layer sensitivities (~10 s each on SmolLM2)
 MODES = {"affine": (4, 8), "mxfp4": (4,)}
 GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,)}
 
 
-def check_options(bits: int, group_size: int, mode: str, calibrate: str | None) -> None:
+def check_options(bits: int, group_size: int | None, mode: str, calibrate: str | None) -> None:
     if bits == 16:
         if calibrate:
             raise DuomemError("--calibrate tunes quantized scales; it needs --bits 4 (a 16-bit package is not quantized)")
@@ -37,7 +41,7 @@ def check_options(bits: int, group_size: int, mode: str, calibrate: str | None) 
     if bits not in MODES.get(mode, ()):
         raise DuomemError(f"--mode {mode} does not support --bits {bits}; use " + "; ".join(
             f"--mode {m} with --bits {'|'.join(map(str, b))}" for m, b in MODES.items()) + ", or --bits 16 for bf16")
-    if group_size not in GROUP_SIZES[mode]:
+    if group_size is not None and group_size not in GROUP_SIZES[mode]:
         raise DuomemError(f"--mode {mode} needs --group-size {'|'.join(map(str, GROUP_SIZES[mode]))}, got {group_size}")
     if calibrate and (mode != "affine" or bits >= 8):
         raise DuomemError("--calibrate tunes affine scales below 8 bits (8-bit is near lossless); use --bits 4 --mode affine")
@@ -85,8 +89,9 @@ def cache_episodes(cache: str) -> list:
     return episodes
 
 
-def greedy_actions(model, tokenizer, episodes, max_context: int = 4096) -> list[str]:
-    """The model's greedy action at every recorded step, the history being the recorded one.
+def greedy_actions(model, tokenizer, episodes, max_context: int = 4096, memories: list[list[str]] | None = None) -> list[str]:
+    """The model's greedy action at every recorded step, the history being the recorded one
+    (with `memories[i]` in front of episode i's prompt, as the agent that played it read them).
 
     The session is restarted with the recorded chat before each step, so its cache keeps the
     common prefix and feeds only what changed (the recorded action and the next observation)."""
@@ -95,8 +100,8 @@ def greedy_actions(model, tokenizer, episodes, max_context: int = 4096) -> list[
     from ..agent.session import Session
 
     actions = []
-    for episode in episodes:
-        messages = episode_messages(episode)
+    for i, episode in enumerate(episodes):
+        messages = episode_messages(episode, memories[i] if memories else ())
         constrained = all(step.admissible for step in episode.steps)
         session = Session(model, tokenizer, max_context, DecodeOptions(mode="constrained" if constrained else "free"))
         for i, step in enumerate(episode.steps):
@@ -130,31 +135,34 @@ def unfreeze_scales(model) -> None:
 
 def calibrate(q_model, float_model, tokenizer, episodes, epochs: int, learning_rate: float, max_seq_length: int = 2048,
               top_k: int = 32, seed: int = 0, on_epoch=None) -> dict:
-    """DWQ scored where the agent is scored: the quantized layers' scales and biases learn the
-    unquantized student's distribution (KL over its top-k tokens and a tail bucket, the distill
-    loss at temperature 1, exact over those buckets) at the action tokens of the cache's chats,
-    one episode a step. mlx-lm's `dwq_quantize` scores every token, most of them observations the
-    agent never generates: on the tiny demo student that lowered action agreement (94% -> 92%).
+    """DWQ scored on what the agent does: the quantized layers' scales and biases learn to keep
+    the token the unquantized student took at every action token of the chats (its own greedy
+    actions) ahead of the other tokens of its top-k by MARGIN nats (a hinge: a token already chosen by that margin costs
+    nothing), one episode a step. KL to the student's whole distribution (the distill loss,
+    mlx-lm's `dwq_quantize` over every token) spent the scales on tokens the agent never picks
+    and lowered SmolLM2's action agreement (89% -> 82% after one epoch).
     `on_epoch(epoch, mean_loss, q_model)` runs after each pass."""
     import numpy as np
     import mlx.optimizers as optimizers
 
     from ..agent.decode import logits_at
-    from ..distill.losses import sparse_kd
     from ..progress import Progress
-    from ..teacher.topk import masked_positions, topk_logprobs
+    from ..teacher.topk import topk_logprobs
 
     data = [(ids, mx.array(masked_positions(mask))) for ids, mask in calibration_data(tokenizer, episodes, max_seq_length) if sum(mask[1:])]
     k = min(top_k, q_model.args.vocab_size)
-    targets = []  # the unquantized student's top-k rows, as the distill cache keeps a teacher's
+    targets = []  # (the token taken, the unquantized student's top-k tokens) at each action token
     for ids, rows in data:
-        targets.append(topk_logprobs(logits_at(float_model, mx.array(ids)[None], rows), k))
+        taken = mx.array(ids)[rows + 1][:, None]
+        targets.append((taken, topk_logprobs(logits_at(float_model, mx.array(ids)[None], rows), k)[0]))
         mx.eval(targets[-1])
     unfreeze_scales(q_model)
 
-    def loss(model, inputs, rows, top, logprobs):
-        logits = logits_at(model, inputs, rows)
-        return sparse_kd(logits, top, logprobs).mean()
+    def loss(model, inputs, rows, target):
+        taken, top = target
+        logits = logits_at(model, inputs, rows).astype(mx.float32)
+        others = mx.where(top == taken, -mx.inf, mx.take_along_axis(logits, top, axis=-1))
+        return nn.relu(MARGIN - mx.take_along_axis(logits, taken, axis=-1)[:, 0] + others.max(axis=-1)).mean()
 
     loss_and_grad = nn.value_and_grad(q_model, loss)
     optimizer = optimizers.Adam(learning_rate=learning_rate)
@@ -165,8 +173,8 @@ def calibrate(q_model, float_model, tokenizer, episodes, epochs: int, learning_r
     for epoch in range(epochs):
         losses = []
         for i in order.permutation(len(data)):
-            (ids, rows), (top, logprobs) = data[i], targets[i]
-            value, grads = loss_and_grad(q_model, mx.array(ids)[None], rows, top, logprobs)
+            (ids, rows), top = data[i], targets[i]
+            value, grads = loss_and_grad(q_model, mx.array(ids)[None], rows, top)
             optimizer.update(q_model, grads)
             mx.eval(value, q_model.parameters(), optimizer.state)
             losses.append(value.item())
@@ -178,7 +186,7 @@ def calibrate(q_model, float_model, tokenizer, episodes, epochs: int, learning_r
     bar.close()
     q_model.eval()
     return {"episodes": len(data), "tokens": sum(len(ids) for ids, _ in data), "action_tokens": sum(rows.size for _, rows in data),
-            "epochs": epochs, "max_seq_length": max_seq_length, "learning_rate": learning_rate, "top_k": k,
+            "epochs": epochs, "max_seq_length": max_seq_length, "learning_rate": learning_rate, "top_k": k, "margin": MARGIN,
             "loss_per_epoch": curve}
 
 
@@ -226,39 +234,84 @@ def base_license(model_path: str) -> str | None:
         return None
 
 
-def quantize_package(model: str, out: str, bits: int = 4, group_size: int = 64, mode: str = "affine",
+def agent_chats(calibrate_cache: str | None, adapters: str | None) -> str | None:
+    """The teacher cache a recipe measures the agent on: --calibrate, else the one the adapters were distilled from."""
+    if calibrate_cache:
+        return calibrate_cache
+    recorded = provenance(adapters, "").get("cache") if adapters else None
+    return recorded if recorded and (Path(recorded) / "manifest.json").is_file() else None
+
+
+def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None = None, mode: str = "affine",
                      adapters: str | None = None, memory: str | None = None, calibrate_cache: str | None = None,
                      epochs: int = 4, learning_rate: float = 1e-5, force: bool = False, name: str | None = None,
-                     dtype: str | None = None, max_seq_length: int = 2048, on_epoch=None) -> Path:
+                     dtype: str | None = None, max_seq_length: int = 2048, on_epoch=None, recipe: str | None = None) -> Path:
+    """bits 16: fused only, in `dtype`. Otherwise a recipe (recipes.py; by default the best measured
+    one the data allows) quantizes in float32, and the package stores its scales, biases and
+    unquantized weights in `dtype` (default float16: what a Mac computes with; a CPU converts at load)."""
+    from .recipes import RECIPES, pick
+
     check_options(bits, group_size, mode, calibrate_cache)
-    dtype = dtype or default_dtype()
     out = Path(out)
     if out.exists() and not force:
         raise DuomemError(f"{out} already exists; pass --force to replace it or choose another --out")
     memories_file = bank_source(memory, adapters, model)
-    episodes = cache_episodes(calibrate_cache) if calibrate_cache else None
+    chats = agent_chats(calibrate_cache, adapters) if bits < 16 and mode == "affine" else None
+    chosen = pick(bits, recipe, chats is not None) if bits < 16 and mode == "affine" else None
+    plan = RECIPES[chosen] if chosen else None
+    if plan and group_size:
+        plan = replace(plan, group_size=group_size)
+    episodes = cache_episodes(chats) if plan and plan.needs_data else None
     student, tokenizer, config = load_student(model, adapters)
-    info = {"bits": bits, "group_size": group_size if bits < 16 else None, "mode": mode if bits < 16 else None, "dtype": dtype}
+    dtype = dtype or (default_dtype() if bits == 16 else "float16")
+    info = {"bits": bits, "group_size": (plan.group_size if plan else group_size or 32) if bits < 16 else None,
+            "mode": mode if bits < 16 else None, "dtype": dtype, "recipe": chosen}
     calibration, results = None, {}
-    reference = copy.deepcopy(student) if episodes else None  # the unquantized student, in its own precision
-    student.set_dtype(getattr(mx, dtype))  # the unquantized weights, and the scales/biases of quantized ones
     config["torch_dtype"] = dtype
-    if bits < 16:
-        check_group_size(student, group_size)
+    if bits == 16:
+        student.set_dtype(getattr(mx, dtype))
+    else:
+        student.set_dtype(mx.float32)
+        check_group_size(student, info["group_size"])
         dense_rate = cpu_decode_rate(student, tokenizer)
-        student, config = quantize_model(student, config, group_size, bits, mode)
-        if episodes:
-            calibration = run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, getattr(mx, dtype), max_seq_length,
-                                          on_epoch)
+        if chosen:
+            click.echo(f"recipe {chosen}: {plan.summary}" + (f" (measured on {chats})" if episodes else ""))
+        reference = copy.deepcopy(student) if plan and plan.calibrate else None
+        student, config, info["layers"] = quantize_with(student, config, tokenizer, plan, episodes, bits, mode, max_seq_length)
+        as_stored(student, dtype)
+        if reference is not None:
+            calibration = run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, dtype, max_seq_length, on_epoch)
         if dense_rate:
-            results["cpu_decode_tokens_per_s"] = {dtype: dense_rate, f"{bits}-bit {mode}": cpu_decode_rate(student, tokenizer)}
-            say_fastest_on_cpu(results["cpu_decode_tokens_per_s"], dtype)
+            results["cpu_decode_tokens_per_s"] = {"float32": dense_rate, f"{chosen or f'{bits}-bit {mode}'}": cpu_decode_rate(student, tokenizer)}
+            say_fastest_on_cpu(results["cpu_decode_tokens_per_s"], "float32")
+        student.set_dtype(getattr(mx, dtype))
     return write_package(out, model, student, tokenizer, config, memories_file, {
         "format": PACKAGE_FORMAT, "name": name or out.name, "base": model,
         "teacher": provenance(adapters, model).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
         "quantization": info, "calibration": calibration, "license": base_license(model),
         "duomem_mlx": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
     })
+
+
+def quantize_with(student, config, tokenizer, plan, episodes, bits: int, mode: str, max_seq_length: int):
+    """(model, config, layers at each precision): the recipe's mixed precision measured on the
+    agent's chats when it has one, else every layer alike."""
+    from collections import Counter
+
+    from .recipes import predicate, sensitivities
+
+    if plan is None:  # mxfp4
+        model, config = quantize_model(student, config, 32, bits, mode)
+    else:
+        sensitivity = None
+        if plan.high:
+            spread = episodes[:: max(1, len(episodes) // SENSITIVITY_EPISODES)][:SENSITIVITY_EPISODES]
+            sequences = [(ids, mx.array(masked_positions(mask))) for ids, mask in calibration_data(tokenizer, spread, max_seq_length) if sum(mask[1:])]
+            click.echo(f"measuring each layer's sensitivity on {len(sequences)} episode(s)")
+            sensitivity = sensitivities(student, sequences, plan)
+        model, config = quantize_model(student, config, plan.group_size, plan.bits, mode, predicate(student, plan, sensitivity))
+    layers = Counter(f"{m.bits}-bit g{m.group_size}" for _, m in model.named_modules() if hasattr(m, "bits"))
+    return model, config, dict(layers)
 
 
 def cpu_decode_rate(model, tokenizer) -> float | None:
@@ -282,30 +335,43 @@ def say_fastest_on_cpu(rates: dict[str, float], dense: str) -> None:
     click.echo(f"decoding on this CPU: {fast} {f:.1f} tokens/s, {slow} {s:.1f}: {fast} is {f / s:.2f}x as fast{hint}")
 
 
-def quantize_model(model, config, group_size, bits, mode):
+def quantize_model(model, config, group_size, bits, mode, quant_predicate=None):
     """mlx-lm's quantization; on a CPU the layers then run many rows dense, as a loaded package
     does (cpu_quant): calibration and its agreement checks feed whole episodes."""
     from mlx_lm.utils import quantize_model as mlx_quantize
 
     from ..cpu_quant import dense_prefill_on_cpu
 
-    model, config = mlx_quantize(model, config, group_size, bits, mode=mode)
+    model, config = mlx_quantize(model, config, group_size, bits, mode=mode, quant_predicate=quant_predicate)
     dense_prefill_on_cpu(model)
     return model, config
 
 
 def run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, dtype, max_seq_length, on_epoch=None) -> dict:
-    """Agreement is measured on the package as saved (in `dtype`); the tuning runs in float32
-    (bf16 quantized matmuls are several times slower than float32 ones on a CPU)."""
+    """Tuned and measured in float32 (on a CPU, 16-bit quantized matmuls are several times slower),
+    with the scales rounded to `dtype` as the package stores them."""
     click.echo(f"calibrating on {len(episodes)} recorded episode(s)")
     expected = greedy_actions(reference, tokenizer, episodes)
     before = agreement(greedy_actions(student, tokenizer, episodes), expected)
-    student.set_dtype(mx.float32)
-    result = calibrate(student, reference, tokenizer, episodes, epochs, learning_rate, max_seq_length=max_seq_length, on_epoch=on_epoch)
-    student.set_dtype(dtype)
+    result = calibrate(student, reference, tokenizer, own_actions(episodes, expected), epochs, learning_rate, max_seq_length=max_seq_length,
+                       on_epoch=on_epoch)
+    as_stored(student, dtype)
     after = agreement(greedy_actions(student, tokenizer, episodes), expected)
     click.echo(f"greedy-action agreement with the unquantized student on {len(expected)} steps: {before:.1%} before, {after:.1%} after calibration")
     return {**result, "steps": len(expected), "agreement_before": round(before, 4), "agreement_after": round(after, 4)}
+
+
+def own_actions(episodes, actions: list[str]) -> list:
+    """The episodes with every step's action replaced by the float student's greedy one: the token
+    prefixes its decisions are made at (a teacher's action leads elsewhere where the two differ)."""
+    actions = iter(actions)
+    return [replace(e, steps=[replace(step, action=next(actions)) for step in e.steps]) for e in episodes]
+
+
+def as_stored(model, dtype: str) -> None:
+    """Round the float weights (scales, biases, norms) to the package's dtype; computing stays float32."""
+    model.set_dtype(getattr(mx, dtype))
+    model.set_dtype(mx.float32)
 
 
 def write_package(out: Path, source: str, model, tokenizer, config, memories_file, meta: dict) -> Path:
@@ -333,7 +399,8 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
 
 def results_table(meta: dict) -> str:
     q = meta.get("quantization") or {}
-    rows = [("weights", f"{q.get('bits')}-bit {q.get('mode')} (group {q.get('group_size')})" if q.get("mode") else "bf16 (not quantized)"),
+    rows = [("weights", (f"{q.get('bits')}-bit {q.get('mode')} (group {q.get('group_size')})" + (f", recipe {q['recipe']}" if q.get("recipe") else ""))
+             if q.get("mode") else "bf16 (not quantized)"),
             ("bits per weight", meta.get("bits_per_weight")),
             ("model bytes", f"{meta.get('bytes', 0) / 1e6:.1f} MB"),
             ("memories", (meta.get("memory") or {}).get("count", "none"))]

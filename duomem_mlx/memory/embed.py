@@ -57,9 +57,11 @@ def fingerprint(model, tokenizer) -> str:
     fine-tune, LoRA adapter or quantization gives another fingerprint."""
     h = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
     for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        head = p.reshape(-1)[:SAMPLE]
+        head, dtype = p.reshape(-1)[:SAMPLE], p.dtype
+        if name.endswith((".scales", ".biases")):  # stored in 16 bits, converted to float32 by a CPU at load (cpu_quant)
+            head, dtype = head.astype(mx.float16), "16-bit"
         if head.dtype == mx.bfloat16:
             head = head.view(mx.uint16)
-        h.update(json.dumps([name, p.shape, str(p.dtype)]).encode())
+        h.update(json.dumps([name, p.shape, str(dtype)]).encode())
         h.update(memoryview(head))
     return h.hexdigest()

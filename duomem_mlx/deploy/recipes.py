@@ -1,0 +1,121 @@
+"""Quantization recipes: how many bits each layer gets, chosen on the agent's own chats.
+
+A recipe is a `quant_predicate` for mlx-lm's `quantize_model`. The mixed ones follow mlx-lm's
+`dynamic_quant`: a first-order estimate of how much each layer's 4-bit rounding moves a loss
+(the gradient at the 4-bit model times the weight change to the higher precision), then the most
+sensitive layers keep the higher precision up to a bits-per-weight budget, most sensitive first.
+mlx-lm scores every token of a text corpus; here the loss is the KL from the unquantized student
+at the action tokens of the agent's chats, where the agent is judged."""
+
+import copy
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from ..errors import DuomemError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    bits: int
+    group_size: int
+    summary: str
+    high: tuple[int, int] | None = None  # (bits, group size) of the most sensitive layers
+    target_bpw: float | None = None  # as stored: float16 scales, biases and unquantized weights
+    calibrate: bool = False  # then tune the scales to the float student's action margins
+
+    @property
+    def needs_data(self) -> bool:
+        return self.high is not None or self.calibrate
+
+
+RECIPES = {
+    "affine8": Recipe(8, 64, "8-bit, groups of 64"),
+    "affine4": Recipe(4, 64, "4-bit, groups of 64 (mlx-lm's default)"),
+    "affine4-g32": Recipe(4, 32, "4-bit, groups of 32"),
+    "mixed4": Recipe(4, 64, "4-bit groups of 64; the layers whose rounding moves the agent's actions most at 8 bits, 4.75 bits a weight",
+                     high=(8, 64), target_bpw=4.75),
+    "mixed4-margin": Recipe(4, 64, "mixed4, then its scales tuned to the float student's action margins", high=(8, 64), target_bpw=4.75,
+                            calibrate=True),
+}
+DEFAULT = {8: "affine8", 4: "mixed4"}  # with the agent's chats (mixed4-margin: not shown to raise agreement yet)
+NO_DATA = {8: "affine8", 4: "affine4"}
+
+
+def pick(bits: int, name: str | None, has_data: bool) -> str:
+    """The recipe `quantize` uses: the one named, else the best measured for BITS that the data at hand allows."""
+    if name is None:
+        return (DEFAULT if has_data else NO_DATA)[bits]
+    if name not in RECIPES:
+        raise DuomemError(f"unknown --recipe {name}; choose one of {', '.join(RECIPES)}")
+    if RECIPES[name].needs_data and not has_data:
+        raise DuomemError(f"--recipe {name} measures the agent's chats; pass --calibrate CACHE (a teacher cache)")
+    return name
+
+
+def quantizable(model) -> dict:
+    layers = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return {k: m for k, m in layers if hasattr(m, "to_quantized")}
+
+
+def fake_quantized(w, bits: int, group_size: int):
+    return mx.dequantize(*mx.quantize(w, group_size, bits), group_size, bits).astype(w.dtype)
+
+
+def sensitivities(model, sequences, recipe: Recipe) -> dict[str, float]:
+    """Per quantizable layer, the first-order loss drop from keeping it at `recipe.high` instead of
+    its low precision (mlx-lm's `estimate_sensitivities`, the loss at action tokens only).
+    `sequences`: (token ids, rows of the action tokens' logits) per episode."""
+    from ..agent.decode import logits_at
+    from mlx_lm.tuner.losses import kl_div_loss
+
+    low, high = (recipe.bits, recipe.group_size), recipe.high
+    q_model = copy.deepcopy(model)
+    q_model.freeze()
+    layers = quantizable(q_model)
+    for layer in layers.values():
+        layer.weight = fake_quantized(layer.weight, *low)
+        layer.unfreeze(keys=["weight"], recurse=False)
+
+    def loss(inputs, rows, target):
+        return kl_div_loss(logits_at(q_model, inputs, rows).astype(mx.float32), target).mean()
+
+    grad = nn.value_and_grad(q_model, loss)
+    total = None
+    for ids, rows in sequences:
+        inputs = mx.array(ids)[None]
+        target = logits_at(model, inputs, rows).astype(mx.float32)
+        _, g = grad(inputs, rows, target)
+        total = g if total is None else tree_map(mx.add, total, g)
+        mx.eval(total)
+    originals = quantizable(model)
+    return {name: ((dict(tree_flatten(total))[f"{name}.weight"] / len(sequences))
+                   * (layer.weight - fake_quantized(originals[name].weight, *high))).sum().item() / (layer.weight.size / 1e6)
+            for name, layer in layers.items()}
+
+
+def bits_per_weight(bits: int, group_size: int) -> float:
+    return bits + 32 / group_size  # a 16-bit scale and bias per group
+
+
+def predicate(model, recipe: Recipe, sensitivity: dict[str, float] | None):
+    """mlx-lm's `quant_predicate` for the recipe (None: every layer alike). The most sensitive
+    layers go to the higher precision, most sensitive first, while the whole model stays within
+    `recipe.target_bpw` as stored (mlx-lm's `estimate_threshold` bisects to a threshold that can
+    land a layer past the budget: 4.95 bits a weight for a 4.75 target on a tiny model)."""
+    if recipe.high is None:
+        return None
+    layers = {name: m.weight.size for name, m in quantizable(model).items()}
+    total = sum(p.size for _, p in tree_flatten(model.parameters()))
+    low = bits_per_weight(recipe.bits, recipe.group_size)
+    budget = recipe.target_bpw * total - low * sum(layers.values()) - 16 * (total - sum(layers.values()))
+    extra = bits_per_weight(*recipe.high) - low
+    chosen = set()
+    for name in sorted(layers, key=lambda n: -sensitivity.get(n, 0)):
+        if sensitivity.get(name, 0) > 0 and layers[name] * extra <= budget:
+            chosen.add(name)
+            budget -= layers[name] * extra
+    high = {"bits": recipe.high[0], "group_size": recipe.high[1]}
+    return lambda path, module: hasattr(module, "to_quantized") and (high if path in chosen else True)

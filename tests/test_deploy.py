@@ -182,7 +182,9 @@ def train_cache(tmp_path_factory):
 def test_mixed_recipe_spends_8_bits_where_the_actions_are_sensitive(tiny_model, train_cache, tmp_path):
     from duomem_mlx.deploy.recipes import RECIPES, pick
 
-    assert pick(4, None, True) == "mixed4" and pick(4, None, False) == "affine4" and pick(8, None, True) == "affine8"
+    assert pick(4, None, True) == "affine4" and pick(4, None, False) == "affine4" and pick(8, None, True) == "affine8"
+    plain = cli("quantize", "--model", tiny_model, "--bits", "4", "--calibrate", train_cache, "--out", tmp_path / "plain")
+    assert plain.returncode == 0 and "recipe affine4" in plain.stdout and "is unused" in plain.stdout, plain.stdout + plain.stderr
     result = cli("quantize", "--model", tiny_model, "--bits", "4", "--recipe", "mixed4", "--calibrate", train_cache, "--max-seq-length", 512,
                  "--out", tmp_path / "mixed")
     assert result.returncode == 0, result.stderr

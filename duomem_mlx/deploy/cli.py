@@ -11,8 +11,8 @@ from ..errors import DuomemError
 @click.option("--adapters", type=click.Path(exists=True, file_okay=False), help="mlx-lm adapters to fuse (from `duomem-mlx distill`).")
 @click.option("--memory", help="Memory bank directory or memories.jsonl to rebuild in the package's space (default: ADAPTERS/memory or MODEL/memory).")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True, help="16: fuse only, not quantized (--dtype).")
-@click.option("--recipe", help="How the bits are spent (default: mixed4 for --bits 4 given the agent's chats, affine4 "
-                                "without; affine8): affine8, affine4, affine4-g32, mixed4, mixed4-margin (benchmarks/quantization.py).")
+@click.option("--recipe", help="How the bits are spent (default: affine4 for --bits 4, the best measured on the demo's student; "
+                                "affine8): affine8, affine4, affine4-g32, mixed4, mixed4-margin (benchmarks/quantization.py).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="Overrides the recipe's (64); must divide every layer's input size.")
 @click.option("--mode", type=click.Choice(["affine", "mxfp4"]), default="affine", show_default=True)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),

@@ -16,10 +16,10 @@
 #                   (it won 53% of the held-out games that way, 69% without: docs/demo.md).
 #   student_selfmem the student's own memories (MemP): the same rule writer and kind over the student's
 #                   own successful train games.
-#   adapters        LoRA (rank 16, last 8 blocks) on the teacher's cache of three types only
-#                   (DEMO_ADAPTER_TASKS), without memories (student_lora), with the student's own
-#                   (lora_selfmem) or with the teacher's (duomem) in every prompt; mapreader reaches
-#                   the student through memories alone.
+#   adapters        LoRA (rank 16, last 8 blocks) on the teacher's cache of every type, as the paper
+#                   trains on every ALFWorld task type (DEMO_ADAPTER_TASKS=coin,simonsays,twc leaves
+#                   mapreader to the memories alone: run 10, docs/demo.md), without memories
+#                   (student_lora), with the student's own (lora_selfmem) or with the teacher's (duomem).
 #   variants        student_base, student_selfmem, student_memory, student_lora, lora_selfmem, duomem,
 #                   duomem_4bit, teacher: the same held-out test games (checked: held out by content).
 #
@@ -35,7 +35,7 @@ PY=${DUOMEM_PYTHON:-.venv/bin/python}
 SEED=${DEMO_SEED:-0}
 MODEL=${DEMO_MODEL:-smollm2-135m-instruct}   # `duomem-mlx convert --list`
 TASKS=${DEMO_TASKS:-coin,mapreader,simonsays,twc}
-ADAPTER_TASKS=${DEMO_ADAPTER_TASKS:-coin,simonsays,twc}  # the rest: teacher memories only
+ADAPTER_TASKS=${DEMO_ADAPTER_TASKS:-$TASKS}  # any left out reach the student through memories alone
 # Two rooms (coin, mapreader: the other room is one move away), one item to put away (twc).
 GAME_PARAMS=${DEMO_GAME_PARAMS:-coin:numLocations=2;mapreader:numLocations=2,maxDistanceApart=1;twc:numItemsToPutAway=1}
 ORACLE_GAMES=${DEMO_ORACLE_GAMES:-24}     # per type: train games whose oracle chats train the teacher
@@ -197,7 +197,7 @@ eval_lora_selfmem() {
 eval_duomem() { evaluate duomem --policy "model:$OUT/student" --adapter-path "$OUT/duomem" --memory "$OUT/duomem/memory" "${reads[@]}"; }
 package() {  # the winner (duomem) to 4 bit, its bank rebuilt in the quantized model's space; a subset of the games
   rm -rf "$PKG"
-  $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 4 --group-size 32 --dtype float32 --out "$PKG"
+  $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 4 --out "$PKG"  # recipe mixed4: measured on the adapters' cache
   $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 16 --dtype float32 --out "$OUT/duomem-f32" --force
   $CLI eval "${games[@]}" --split test --episodes "$PACKAGE_GAMES" --policy "model:$PKG" --memory "$PKG/memory" "${reads[@]}" \
     --out "$OUT/eval/duomem_4bit.json" --log "$OUT/eval/duomem_4bit.jsonl"

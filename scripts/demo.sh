@@ -197,7 +197,7 @@ eval_lora_selfmem() {
 eval_duomem() { evaluate duomem --policy "model:$OUT/student" --adapter-path "$OUT/duomem" --memory "$OUT/duomem/memory" "${reads[@]}"; }
 package() {  # the winner (duomem) to 4 bit, its bank rebuilt in the quantized model's space; a subset of the games
   rm -rf "$PKG"
-  $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 4 --out "$PKG"  # recipe mixed4: measured on the adapters' cache
+  $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 4 --out "$PKG"  # quantize picks the recipe measured best (issue 28)
   $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 16 --dtype float32 --out "$OUT/duomem-f32" --force
   $CLI eval "${games[@]}" --split test --episodes "$PACKAGE_GAMES" --policy "model:$PKG" --memory "$PKG/memory" "${reads[@]}" \
     --out "$OUT/eval/duomem_4bit.json" --log "$OUT/eval/duomem_4bit.jsonl"

@@ -23,11 +23,11 @@ def cpu_streams() -> list:
 def _few_rows(layer, x):
     """MLX's kernel, which runs on one thread: the layer's output rows split across a CPU stream
     per core (each its own thread), each part computed as the whole layer would compute it."""
-    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
-    cuts = [i * w.shape[0] // len(cpu_streams()) for i in range(len(cpu_streams()) + 1)]
+    w, scales, biases, streams = layer["weight"], layer["scales"], layer.get("biases"), cpu_streams()
+    cuts = [i * w.shape[0] // len(streams) for i in range(len(streams) + 1)]
     parts = [mx.quantized_matmul(x, w[a:b], scales=scales[a:b], biases=None if biases is None else biases[a:b], transpose=True,
                                  group_size=layer.group_size, bits=layer.bits, mode=layer.mode, stream=stream)
-             for stream, a, b in zip(cpu_streams(), cuts, cuts[1:])]
+             for stream, a, b in zip(streams, cuts, cuts[1:])]
     return mx.concatenate(parts, -1)
 
 

@@ -10,8 +10,8 @@ in the final model's space and write a self-contained package (DESIGN.md, "Conve
 
 import copy
 import json
-from dataclasses import replace
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -100,8 +100,8 @@ def greedy_actions(model, tokenizer, episodes, max_context: int = 4096, memories
     from ..agent.session import Session
 
     actions = []
-    for i, episode in enumerate(episodes):
-        messages = episode_messages(episode, memories[i] if memories else ())
+    for episode, read in zip(episodes, memories or [()] * len(episodes)):
+        messages = episode_messages(episode, read)
         constrained = all(step.admissible for step in episode.steps)
         session = Session(model, tokenizer, max_context, DecodeOptions(mode="constrained" if constrained else "free"))
         for i, step in enumerate(episode.steps):

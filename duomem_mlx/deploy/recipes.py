@@ -44,13 +44,12 @@ RECIPES = {
 # 60 dev games) mixed4 kept no more of the float student's actions than affine4 (94.1% both) at 0.297x bf16
 # against 0.282x, so the measurement picks affine4 (mixed4-margin: not shown to raise agreement yet)
 DEFAULT = {8: "affine8", 4: "affine4"}
-NO_DATA = {8: "affine8", 4: "affine4"}
 
 
 def pick(bits: int, name: str | None, has_data: bool) -> str:
-    """The recipe `quantize` uses: the one named, else the best measured for BITS that the data at hand allows."""
+    """The recipe `quantize` uses: the one named (refused where it needs chats and has none), else the best measured for BITS."""
     if name is None:
-        return (DEFAULT if has_data else NO_DATA)[bits]
+        return DEFAULT[bits]
     if name not in RECIPES:
         raise DuomemError(f"unknown --recipe {name}; choose one of {', '.join(RECIPES)}")
     if RECIPES[name].needs_data and not has_data:
@@ -93,8 +92,8 @@ def sensitivities(model, sequences, recipe: Recipe) -> dict[str, float]:
         _, g = grad(inputs, rows, target)
         total = g if total is None else tree_map(mx.add, total, g)
         mx.eval(total)
-    originals = quantizable(model)
-    return {name: ((dict(tree_flatten(total))[f"{name}.weight"] / len(sequences))
+    originals, grads = quantizable(model), dict(tree_flatten(total))
+    return {name: ((grads[f"{name}.weight"] / len(sequences))
                    * (layer.weight - fake_quantized(originals[name].weight, *high))).sum().item() / (layer.weight.size / 1e6)
             for name, layer in layers.items()}
 

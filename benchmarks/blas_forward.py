@@ -22,17 +22,11 @@ from pathlib import Path
 from common import write_json
 
 CHILD = r"""
-import json, os, sys, time
+import json, os, sys
 sys.path.insert(0, {bench!r})
 import mlx.core as mx
+from duomem_mlx.deploy.bandwidth import best
 mx.set_default_device(mx.cpu)
-
-def best(run, repeats):
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter(); run(); times.append(time.perf_counter() - start)
-    return min(times)
 
 result = {{"load": os.getloadavg()[0]}}
 w = mx.random.normal((400 * 2**20 // 4 // 576, 576)); x = mx.random.normal((1, 576)); mx.eval(w, x)

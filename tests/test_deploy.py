@@ -197,6 +197,25 @@ def test_mixed_recipe_spends_8_bits_where_the_actions_are_sensitive(tiny_model, 
     assert {m.bits for _, m in model.named_modules() if hasattr(m, "bits")} == {4, 8}  # mlx-lm reads the per-layer config
 
 
+@pytest.mark.parametrize("recipe", ["gptq4", "awq4"])
+def test_gptq_and_awq_round_with_the_chats_and_keep_the_logits_closer_than_rounding_to_nearest(recipe, tiny_model, train_cache, tmp_path):
+    from duomem_mlx.deploy.quantize import cache_episodes, calibration_data
+    from duomem_mlx.deploy.recipes import chat_windows
+    from duomem_mlx.models import load
+
+    for name in ("affine4", recipe):
+        result = cli("quantize", "--model", tiny_model, "--bits", "4", "--recipe", name, "--calibrate", train_cache, "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+    assert f"{recipe.rstrip('4').upper()} on the chats" in result.stdout
+    meta = json.loads((tmp_path / recipe / "duomem.json").read_text())
+    assert meta["quantization"]["recipe"] == recipe and set(meta["quantization"]["layers"]) == {"4-bit g64"}
+    assert 4.5 <= meta["bits_per_weight"] < 4.6
+    dense, tokenizer = load(str(tiny_model))
+    windows = chat_windows([ids for ids, _ in calibration_data(tokenizer, cache_episodes(str(train_cache)), 2048)])
+    error = {name: ((load(str(tmp_path / name))[0](windows) - dense(windows)) ** 2).mean().item() for name in ("affine4", recipe)}
+    assert error[recipe] < error["affine4"], error
+
+
 def test_margin_calibration_lowers_its_hinge_on_the_students_own_actions(tiny_model, train_cache, tmp_path):
     result = cli("quantize", "--model", tiny_model, "--bits", "4", "--group-size", "32", "--calibrate", train_cache, "--max-seq-length", 512,
                  "--recipe", "mixed4-margin", "--learning-rate", "1e-4", "--out", tmp_path / "calibrated")

@@ -12,14 +12,14 @@ from ..errors import DuomemError
 @click.option("--memory", help="Memory bank directory or memories.jsonl to rebuild in the package's space (default: ADAPTERS/memory or MODEL/memory).")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default="4", show_default=True, help="16: fuse only, not quantized (--dtype).")
 @click.option("--recipe", help="How the bits are spent (default: affine4 for --bits 4, the best measured on the demo's student; "
-                                "affine8): affine8, affine4, affine4-g32, mixed4, mixed4-margin (benchmarks/quantization.py).")
+                                "affine8): affine8, affine4, affine4-g32, mixed4, mixed4-margin, gptq4, awq4 (benchmarks/quantization.py).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="Overrides the recipe's (64); must divide every layer's input size.")
 @click.option("--mode", type=click.Choice(["affine", "mxfp4"]), default="affine", show_default=True)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
               help="Of unquantized weights and of the quantization scales as stored (quantized: float16, what a Mac computes with; "
                    "a CPU converts them to float32 at load). --bits 16: bfloat16 on a GPU, float32 on a CPU (MLX emulates bf16 there).")
 @click.option("--calibrate", "calibrate_cache", type=click.Path(exists=True, file_okay=False),
-              help="Teacher cache whose chats the recipe measures (layer sensitivities) and calibrates on (default: the one the adapters were distilled from).")
+              help="Teacher cache whose chats the recipe measures (layer sensitivities, GPTQ, AWQ) and calibrates on (default: the one the adapters were distilled from).")
 @click.option("--epochs", type=click.IntRange(1), default=4, show_default=True, help="Passes over the cache's episodes when calibrating.")
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True, help="Calibration learning rate (Adam).")
 @click.option("--max-seq-length", type=click.IntRange(16), default=2048, show_default=True, help="Calibration: tokens kept per episode.")
@@ -36,6 +36,7 @@ def quantize(model, adapters, memory, bits, recipe, group_size, mode, dtype, cal
     Examples:
       duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --out converted/student-4bit
       duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --recipe affine4
+      duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --recipe gptq4 --calibrate runs/teacher-cache
       duomem-mlx quantize --model runs/teacher --bits 16 --out converted/teacher-bf16
     """
     from pathlib import Path

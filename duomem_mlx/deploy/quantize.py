@@ -300,10 +300,15 @@ def quantize_with(student, config, tokenizer, plan, episodes, bits: int, mode: s
     agent's chats when it has one, else every layer alike."""
     from collections import Counter
 
-    from .recipes import predicate, sensitivities
+    from ..cpu_quant import dense_prefill_on_cpu
+    from .recipes import chat_windows, predicate, sensitivities, with_method
 
     if plan is None:  # mxfp4
         model, config = quantize_model(student, config, 32, bits, mode)
+    elif plan.method != "rtn":
+        click.echo(f"{plan.method.upper()} on the chats of {len(episodes)} episode(s)")
+        model, config = with_method(student, config, chat_windows([ids for ids, _ in calibration_data(tokenizer, episodes, max_seq_length)]), plan)
+        dense_prefill_on_cpu(model)
     else:
         sensitivity = None
         if plan.high:

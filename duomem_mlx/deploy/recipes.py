@@ -5,7 +5,8 @@ A recipe is a `quant_predicate` for mlx-lm's `quantize_model`. The mixed ones fo
 (the gradient at the 4-bit model times the weight change to the higher precision), then the most
 sensitive layers keep the higher precision up to a bits-per-weight budget, most sensitive first.
 mlx-lm scores every token of a text corpus; here the loss is the KL from the unquantized student
-at the action tokens of the agent's chats, where the agent is judged."""
+at the action tokens of the agent's chats, where the agent is judged. gptq4 and awq4 hand the
+same chats, cut into rows, to mlx-lm's GPTQ and AWQ."""
 
 import copy
 from dataclasses import dataclass
@@ -25,10 +26,11 @@ class Recipe:
     high: tuple[int, int] | None = None  # (bits, group size) of the most sensitive layers
     target_bpw: float | None = None  # as stored: float16 scales, biases and unquantized weights
     calibrate: bool = False  # then tune the scales to the float student's action margins
+    method: str = "rtn"  # round to nearest, or mlx-lm's "gptq" / "awq" fed the agent's chats
 
     @property
     def needs_data(self) -> bool:
-        return self.high is not None or self.calibrate
+        return self.high is not None or self.calibrate or self.method != "rtn"
 
 
 RECIPES = {
@@ -39,6 +41,10 @@ RECIPES = {
                      high=(8, 64), target_bpw=4.75),
     "mixed4-margin": Recipe(4, 64, "mixed4, then its scales tuned to the float student's action margins", high=(8, 64), target_bpw=4.75,
                             calibrate=True),
+    "gptq4": Recipe(4, 64, "4-bit groups of 64, GPTQ (mlx-lm) on the agent's chats: each column's rounding error moved onto the "
+                    "columns not yet rounded, weighted by the chats' activations", method="gptq"),
+    "awq4": Recipe(4, 64, "4-bit groups of 64, AWQ (mlx-lm) on the agent's chats: channel scales and clipping searched to keep "
+                   "each block's outputs", method="awq"),
 }
 # with the agent's chats: on the demo's SmolLM2 student (benchmarks/results/quantization_smollm2.json, 424 steps of
 # 60 dev games) mixed4 kept no more of the float student's actions than affine4 (94.1% both) at 0.297x bf16
@@ -121,3 +127,37 @@ def predicate(model, recipe: Recipe, sensitivity: dict[str, float] | None):
             budget -= layers[name] * extra
     high = {"bits": recipe.high[0], "group_size": recipe.high[1]}
     return lambda path, module: hasattr(module, "to_quantized") and (high if path in chosen else True)
+
+
+CHAT_WINDOW = 512  # tokens a row of the chats GPTQ and AWQ measure, as mlx-lm's calibration set has them
+CHAT_WINDOWS = 16  # rows: AWQ's search runs every block ~60 times over them (~10 s a block on SmolLM2, 2 CPU cores)
+
+
+def chat_windows(token_lists: list[list[int]]) -> mx.array:
+    """The agent's chats end to end, cut into at most CHAT_WINDOWS rows of CHAT_WINDOW tokens, spread over them."""
+    stream = [t for ids in token_lists for t in ids]
+    rows = len(stream) // CHAT_WINDOW
+    if rows == 0:
+        raise DuomemError(f"the agent's chats hold {len(stream)} tokens; GPTQ and AWQ need {CHAT_WINDOW}: record more episodes with `duomem-mlx teach`")
+    windows = mx.array(stream[: rows * CHAT_WINDOW]).reshape(rows, CHAT_WINDOW)
+    return windows[:: max(1, rows // CHAT_WINDOWS)][:CHAT_WINDOWS]
+
+
+def with_method(model, config, windows, recipe: Recipe):
+    """(model, config) quantized by mlx-lm's GPTQ or AWQ on the chat windows; the layers either
+    leaves alone (GPTQ: the embedding; AWQ: none) are rounded to nearest at the recipe's precision."""
+    if recipe.method == "gptq":
+        from mlx_lm.quant.gptq import gptq_quantize
+
+        model, config["quantization"] = gptq_quantize(model, windows, recipe.bits, recipe.group_size, recipe.bits, recipe.group_size,
+                                                      batch_size=4)
+    else:
+        from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+
+        if model.model_type not in AWQ_MODEL_CONFIGS:
+            raise DuomemError(f"mlx-lm's AWQ does not know {model.model_type} models; use --recipe gptq4 or affine4")
+        awq_quantize(model, windows, AWQ_MODEL_CONFIGS[model.model_type], recipe.group_size, recipe.bits,
+                     embed_group_size=recipe.group_size, embed_bits=recipe.bits)
+        config = update_config(model, config)
+    config["quantization_config"] = config["quantization"]
+    return model, config

@@ -201,7 +201,7 @@ class LlamaCppServer(Peer):
 
     def __init__(self, gguf: str, context: int, no_repack: bool = False):
         try:
-            import llama_cpp.server  # noqa: F401
+            import llama_cpp.server.app  # noqa: F401  (the package imports without the [server] extras; its app does not)
         except ImportError:
             raise SystemExit("Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
                              "(builds llama.cpp from source with cmake and a C++ compiler: ~6 min on 2 cores for 0.3.36)")

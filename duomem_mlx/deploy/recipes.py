@@ -130,7 +130,7 @@ def predicate(model, recipe: Recipe, sensitivity: dict[str, float] | None):
 
 
 CHAT_WINDOW = 512  # tokens a row of the chats GPTQ and AWQ measure, as mlx-lm's calibration set has them
-CHAT_WINDOWS = 16  # rows: AWQ's search runs every block ~60 times over them (~10 s a block on SmolLM2, 2 CPU cores)
+CHAT_WINDOWS = 16  # rows: AWQ runs every block ~60 times over them (SmolLM2: 67-85 s a block, 37 min, on 2 shared CPU cores)
 
 
 def chat_windows(token_lists: list[list[int]]) -> mx.array:

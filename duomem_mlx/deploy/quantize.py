@@ -276,8 +276,8 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
         dense_rate = cpu_decode_rate(student, tokenizer)
         if chosen:
             click.echo(f"recipe {chosen}: {plan.summary}" + (f" (measured on {chats})" if episodes else "")
-                       + (f"; it reads no chats, so {calibrate_cache} is unused (--recipe mixed4 or mixed4-margin measure them)"
-                          if calibrate_cache and not episodes else ""))
+                       + (f"; it reads no chats, so {calibrate_cache} is unused (--recipe {' or '.join(n for n, r in RECIPES.items() if r.needs_data)} "
+                          "measure them)" if calibrate_cache and not episodes else ""))
         reference = copy.deepcopy(student) if plan and plan.calibrate else None
         student, config, info["layers"] = quantize_with(student, config, tokenizer, plan, episodes, bits, mode, max_seq_length)
         as_stored(student, dtype)

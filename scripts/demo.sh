@@ -110,10 +110,10 @@ lora=(--tasks "$ADAPTER_TASKS" --adapter lora --rank "$RANK" --num-layers "$LORA
       --iters "$DISTILL_ITERS" --val-fraction 0 --seed "$SEED")
 games=(--env twx --tasks "$TASKS" --game-params "$GAME_PARAMS" --max-steps "$MAX_STEPS" --seed "$SEED")
 reads=(--memory-k "$MEMORY_K")
-bank() {  # MEMORIES_OR_CACHE OUT: a bank in the student's space
+bank() {  # MEMORIES_OR_CACHE OUT [--adapter-path ADAPTERS]: a bank in the student's space (as those adapters read it)
   local from=(--memories "$1")
   if [ -d "$1" ]; then from=(--cache "$1"); fi
-  $CLI memory build "${from[@]}" --embedder "$OUT/student" --key "$MEMORY_KEY" --force --out "$2"
+  $CLI memory build "${from[@]}" --embedder "$OUT/student" --key "$MEMORY_KEY" --force --out "$2" "${@:3}"
 }
 distill_to() {  # OUT [distill options]: a run finished in an earlier try is kept, a killed one continued
   local out=$1
@@ -186,23 +186,20 @@ distill_selfmem() {
     distill_to "$OUT/lora-selfmem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/self-bank" "${reads[@]}" "${lora[@]}"
   fi
 }
-distill_duomem() {  # adapters of its own only with DEMO_DUOMEM_ADAPTERS=teacher (or when the student has no memory of its own)
-  if [ "$(duomem_adapters)" = "$OUT/duomem" ]; then
+swapped() {  # duomem = lora_selfmem's adapters reading the teacher's memories (else adapters of its own: DEMO_DUOMEM_ADAPTERS=teacher, or no self-bank)
+  [ "$DUOMEM_ADAPTERS" = selfmem ] && [ -e "$OUT/self-bank/bank.json" ]
+}
+duomem_adapters() { if swapped; then echo "$OUT/lora-selfmem"; else echo "$OUT/duomem"; fi; }
+duomem_bank() { if swapped; then echo "$OUT/duomem-bank"; else echo "$OUT/duomem/memory"; fi; }
+distill_duomem() {
+  if ! swapped; then
     distill_to "$OUT/duomem" --student "$OUT/student" --cache "$OUT/teacher-cache" --memory-bank "$OUT/bank" "${reads[@]}" "${lora[@]}"
   fi
-}
-duomem_adapters() {
-  if [ "$DUOMEM_ADAPTERS" = selfmem ] && [ -e "$OUT/self-bank/bank.json" ]; then echo "$OUT/lora-selfmem"; else echo "$OUT/duomem"; fi
 }
 eval_memory() { evaluate student_memory --policy "model:$OUT/student" --memory "$OUT/bank" "${reads[@]}"; }
 stage_distill() {
   together distill_lora distill_selfmem distill_duomem eval_memory
-  if [ "$(duomem_adapters)" = "$OUT/lora-selfmem" ]; then  # the teacher's memories embedded as those adapters read them
-    $CLI memory build --cache "$OUT/teacher-cache" --embedder "$OUT/student" --adapter-path "$OUT/lora-selfmem" --key "$MEMORY_KEY" --force --out "$OUT/duomem-bank"
-  fi
-}
-duomem_bank() {
-  if [ "$(duomem_adapters)" = "$OUT/lora-selfmem" ]; then echo "$OUT/duomem-bank"; else echo "$OUT/duomem/memory"; fi
+  if swapped; then bank "$OUT/teacher-cache" "$OUT/duomem-bank" --adapter-path "$OUT/lora-selfmem"; fi
 }
 
 stage_heldout() {

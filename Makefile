@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Linux CPU wheels of MLX ship a reference BLAS; preload OpenBLAS when it is there (~30x on matmuls),
 # after duomem_mlx/data/gemv_forward.c (one-row products to sgemv, built once by `python -m duomem_mlx.blas`).
+# `python -m duomem_mlx.cpu_kernel` builds the CPU quantized kernel (data/quantized_matvec.cpp) once.
 OPENBLAS = $(shell $(PY) -m duomem_mlx.blas 2>/dev/null)
 RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
 
@@ -11,6 +12,7 @@ RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
 
 setup: $(VENV)/.installed system
 	@$(PY) -m duomem_mlx.blas >/dev/null
+	@$(PY) -m duomem_mlx.cpu_kernel
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -2,9 +2,10 @@
 tokens), then its parts timed apart on the same shapes: the blocks' matrix-vector products, the
 head, attention (RoPE + scaled_dot_product_attention over the cache), norms and elementwise ops
 (RMSNorm, SwiGLU, residual adds), and the Python side (building the lazy graph, before eval). What
-the parts leave is scheduling and what timing them apart misses. Each model twice: as the package
-loads it (quantized one-row products on a CPU stream per core, `cpu_quant`) and as before (MLX's
-quantized kernel on one thread), with the greedy tokens of both compared; `--column-major` adds
+the parts leave is scheduling and what timing them apart misses. Each model three times: as the
+package loads it (quantized one-row products through the kernel `cpu_kernel` builds), with MLX's
+quantized kernel on a CPU stream per core (`streams`, the package before that kernel) and on one
+thread (`before`, as mlx-lm runs it), with the greedy tokens compared; `--column-major` adds
 the pass with dense weights stored transposed (what FACTS.md measured 17.9 against 10.5 GB/s on
 one matrix; no gain on a whole model here, so the package keeps the saved layout).
 
@@ -14,6 +15,7 @@ one matrix; no gain on a whole model here, so the package keeps the saved layout
 """
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -22,12 +24,12 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from common import model_config, versions, write_json
-from duomem_mlx import cpu_quant
+from duomem_mlx import cpu_kernel, cpu_quant
 from duomem_mlx.agent.decode import forward
 from duomem_mlx.deploy.bandwidth import best
 from duomem_mlx.models import default_corpus, load
 
-FORMS = ("before", "package", "column_major")
+FORMS = ("before", "streams", "package", "column_major")
 
 
 def best_ms(run, repeats: int) -> float:
@@ -100,6 +102,19 @@ def profile(model, tokens: list[int], steps: int, repeats: int) -> dict:
             "unaccounted_ms": total - sum(parts.values()) - building, "greedy_tokens": ids}
 
 
+@contextlib.contextmanager
+def mlx_kernel(one_thread: bool):
+    """MLX's quantized kernel instead of the package's: on a CPU stream per core, or on one thread."""
+    kernel, streams = cpu_kernel.quantized_matvec, cpu_quant.cpu_streams
+    cpu_kernel.quantized_matvec = lambda: None
+    if one_thread:
+        cpu_quant.cpu_streams = lambda: [mx.default_stream(mx.cpu)]
+    try:
+        yield
+    finally:
+        cpu_kernel.quantized_matvec, cpu_quant.cpu_streams = kernel, streams
+
+
 def column_major(model) -> None:
     """Every dense Linear and Embedding weight stored transposed: the same values and shape."""
     for _, module in model.named_modules():
@@ -117,25 +132,26 @@ def main():
     parser.add_argument("--column-major", action="store_true", help="also with dense weights stored transposed")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    rows, streams = [], cpu_quant.cpu_streams
+    rows = []
     for path in args.model:
         model, tokenizer = load(path)
         tokens = (tokenizer.encode(default_corpus()) * 4)[: args.context]
         row = {"model": path, "model_config": model_config(path), "package": profile(model, tokens, args.tokens, args.repeats)}
-        cpu_quant.cpu_streams = lambda: [mx.default_stream(mx.cpu)]  # MLX's quantized kernel on one thread
-        row["before"] = profile(model, tokens, args.tokens, args.repeats)
-        cpu_quant.cpu_streams = streams
+        if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+            for form, one_thread in (("streams", False), ("before", True)):
+                with mlx_kernel(one_thread):
+                    row[form] = profile(model, tokens, args.tokens, args.repeats)
         if args.column_major:
             column_major(model)
             row["column_major"] = profile(model, tokens, args.tokens, args.repeats)
         row["same_greedy_tokens"] = all(row[f]["greedy_tokens"] == row["package"]["greedy_tokens"] for f in row if f in FORMS)
         rows.append(row)
         del model
-    forms = [f for f in FORMS if f in rows[0]]
+    columns = [(r, form) for r in rows for form in FORMS if form in r]
     keys = [k for k in rows[0]["package"] if k.endswith("_ms")]
-    print(f"{'ms a token':22}" + "".join(f"{Path(r['model']).name[:22] + ' ' + form:>32}" for r in rows for form in forms))
+    print(f"{'ms a token':22}" + "".join(f"{Path(r['model']).name[:22] + ' ' + form:>32}" for r, form in columns))
     for key in keys:
-        print(f"{key:22}" + "".join(f"{r[form][key]:32.2f}" for r in rows for form in forms))
+        print(f"{key:22}" + "".join(f"{r[form][key]:32.2f}" for r, form in columns))
     print("same greedy tokens: " + ", ".join(f"{Path(r['model']).name} {r['same_greedy_tokens']}" for r in rows))
     write_json(args.json, {"context": args.context, "decode_tokens": args.tokens, "repeats": args.repeats, "models": rows, **versions()})
 

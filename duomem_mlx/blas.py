@@ -56,8 +56,26 @@ def compiler() -> str | None:
     return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
 
 
+def compile_library(command: list[str], path: Path) -> str | None:
+    """Run a compiler `command` that writes (`-o`) a shared library atomically into `path`; what went
+    wrong, in one line, or None."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run([*command, "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, path)
+        return None
+    except subprocess.CalledProcessError as error:
+        return " ".join(error.stderr.split())[:300] or f"{command[0]} exited with status {error.returncode}"
+    except OSError as error:
+        return str(error)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def build_gemv_forward() -> Path | None:
-    """Build the forwarding library once (atomically); None off Linux or without a C compiler."""
+    """Build the forwarding library once; None off Linux or without a C compiler."""
     if sys.platform != "linux":
         return None
     path = gemv_forward_path()
@@ -66,17 +84,9 @@ def build_gemv_forward() -> Path | None:
     cc = compiler()
     if cc is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, "-O2", "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-ldl"], check=True,
-                       capture_output=True, text=True)
-        os.replace(tmp, path)
-    except (OSError, subprocess.CalledProcessError) as error:
-        Path(tmp).unlink(missing_ok=True)
-        detail = getattr(error, "stderr", "") or str(error)
-        print(f"duomem-mlx: could not build {path.name} with {cc}: {detail.strip()[:300]}", file=sys.stderr)
+    failure = compile_library([cc, "-O2", "-fPIC", "-shared", str(SOURCE), "-ldl"], path)
+    if failure:
+        print(f"duomem-mlx: could not build {path.name} with {cc}: {failure}", file=sys.stderr)
         return None
     return path
 

@@ -2,15 +2,18 @@
 of input for a 1536 x 576 layer, while dequantizing that layer costs ~4 ms at any row count: a
 prefill chunk or a training batch through a 4-bit model runs ~20x slower than dense. On a CPU, a
 quantized linear layer (or a tied head) fed ROWS rows or more dequantizes its weight and runs a
-dense matmul (the same values, summed in another order); fewer rows (decoding) keep MLX's
-kernel, which runs on one thread: the layer's output rows are split across a CPU stream per core
-(the same values, each row computed as before). Metal and CUDA keep MLX's kernels throughout."""
+dense matmul (the same values, summed in another order); fewer rows (decoding) go to the kernel
+`cpu_kernel` builds (AVX2, on every core; 4 and 8 bits, float32), else to MLX's kernel, which runs
+on one thread, with the layer's output rows split across a CPU stream per core (each row computed
+as before). Metal and CUDA keep MLX's kernels throughout."""
 
 import functools
 import os
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import cpu_kernel
 
 ROWS = 8  # measured crossover ~4 rows on a 2-core x86 CPU
 
@@ -31,9 +34,17 @@ def _few_rows(layer, x):
     return mx.concatenate(parts, -1)
 
 
+def _fast_kernel_fits(layer, x) -> bool:
+    return (layer.mode == "affine" and layer.bits in (4, 8) and x.dtype == mx.float32 and "biases" in layer
+            and layer["scales"].dtype == mx.float32)
+
+
 def _matmul(layer, x):
-    """x @ W.T of a quantized layer: MLX's kernel on every core for few rows, dense after dequantizing for many."""
+    """x @ W.T of a quantized layer: a kernel on every core for few rows, dense after dequantizing for many."""
     if x.size // x.shape[-1] < ROWS:
+        kernel = cpu_kernel.quantized_matvec()
+        if kernel is not None and _fast_kernel_fits(layer, x):
+            return kernel(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
         return _few_rows(layer, x)
     weight = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
                            mode=layer.mode, dtype=x.dtype)

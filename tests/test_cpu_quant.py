@@ -1,35 +1,103 @@
-"""On a CPU, quantized layers fed many rows dequantize and run dense: the same outputs as MLX's
-quantized kernel, which keeps the rows of decoding."""
+"""On a CPU, quantized layers fed many rows dequantize and run dense, and the rows of decoding go
+to the kernel `cpu_kernel` builds (else MLX's kernel on a stream per core): the same outputs as
+MLX's quantized kernel."""
+
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
 
+from duomem_mlx import cpu_kernel
 from duomem_mlx.cpu_quant import ROWS, SWAPS, cpu_streams, dense_prefill_on_cpu
 from duomem_mlx.models import load
 
+needs_kernel = pytest.mark.skipif(sys.platform != "linux", reason="the CPU quantized kernel is built on Linux only")
 
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
-def test_many_rows_run_dense_with_the_kernels_values(tiny_model, bits, group_size):
+
+def quantized_tiny(tiny_model, bits, group_size):
     model, _ = mlx_lm.load(str(tiny_model))
     nn.quantize(model, group_size=group_size, bits=bits)
+    return model
+
+
+def count_calls(monkeypatch, owner, name) -> list:
+    calls, original = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
+def test_many_rows_run_dense_and_one_row_the_cpu_kernel(tiny_model, bits, group_size, monkeypatch):
+    kernel = cpu_kernel.quantized_matvec()  # built, loaded and probed before MLX's kernel is counted
+    model = quantized_tiny(tiny_model, bits, group_size)
     tokens = mx.array([[5, 9, 14, 3, 7, 11, 2, 8, 40, 41, 42, 43]])
-    reference = model(tokens)
-    last = model(tokens[:, -1:])
+    reference, last = model(tokens), model(tokens[:, -1:])
     dense_prefill_on_cpu(model)
     layers = [m for _, m in model.named_modules() if isinstance(m, tuple(SWAPS))]
     assert len(layers) > 1 and all(type(m) in SWAPS.values() for m in layers)  # the tied head's embedding too
-    calls = []
-    kernel = mx.quantized_matmul
-    mx.quantized_matmul = lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k)
-    try:
-        assert tokens.shape[1] >= ROWS and mx.allclose(model(tokens), reference, atol=1e-4).item()
-        assert calls == []  # every layer ran dense
-        assert mx.array_equal(model(tokens[:, -1:]), last).item()  # one row: the kernel, on a stream per core
-        assert len(calls) == len(layers) * len(cpu_streams()) and {shape[1] for shape in calls} == {1}
-    finally:
-        mx.quantized_matmul = kernel
+    mlx_calls = count_calls(monkeypatch, mx, "quantized_matmul")
+    assert tokens.shape[1] >= ROWS and mx.allclose(model(tokens), reference, atol=1e-4).item()
+    assert mlx_calls == []  # every layer ran dense
+    if sys.platform == "linux":
+        assert kernel is not None  # `make setup` built it; its absence here is a failure, not a skip
+        kernel_calls = []
+        monkeypatch.setattr(cpu_kernel, "quantized_matvec", lambda: lambda *a: kernel_calls.append(a[0].shape) or kernel(*a))
+        assert mx.allclose(model(tokens[:, -1:]), last, atol=1e-4).item()
+        assert mlx_calls == [] and len(kernel_calls) == len(layers) and {shape[1] for shape in kernel_calls} == {1}
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
+def test_without_the_cpu_kernel_one_row_runs_mlxs_kernel_on_a_stream_per_core(tiny_model, bits, group_size, monkeypatch):
+    model = quantized_tiny(tiny_model, bits, group_size)
+    last = model(mx.array([[43]]))
+    dense_prefill_on_cpu(model)
+    layers = [m for _, m in model.named_modules() if isinstance(m, tuple(SWAPS))]
+    monkeypatch.setattr(cpu_kernel, "quantized_matvec", lambda: None)
+    calls = count_calls(monkeypatch, mx, "quantized_matmul")
+    assert mx.array_equal(model(mx.array([[43]])), last).item()  # each row computed as MLX's kernel computes it
+    assert len(calls) == len(layers) * len(cpu_streams()) and {shape[1] for shape in calls} == {1}
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_cpu_kernel_gives_mlxs_values(bits, group_size):
+    kernel = cpu_kernel.quantized_matvec()
+    weight = mx.random.normal((200, 384), key=mx.random.key(bits + group_size))
+    w, scales, biases = mx.quantize(weight, group_size=group_size, bits=bits)
+    for rows in (1, 2, 5, 8):
+        x = mx.random.normal((1, rows, 384), key=mx.random.key(rows))
+        for inputs in (x, mx.swapaxes(mx.swapaxes(x, 1, 2) * 1, 1, 2)):  # row-contiguous and a strided view
+            expected = mx.quantized_matmul(inputs, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+            got = kernel(inputs, w, scales, biases, group_size, bits)
+            assert got.shape == (1, rows, 200) and mx.allclose(got, expected, atol=1e-4, rtol=1e-5).item()
+
+
+@needs_kernel
+def test_cpu_kernel_refuses_what_it_cannot_compute():
+    kernel = cpu_kernel.quantized_matvec()
+    w, scales, biases = mx.quantize(mx.ones((64, 128)), group_size=64, bits=4)
+    x = mx.ones((1, 128))
+    for args in ((x.astype(mx.float16), w, scales, biases, 64, 4), (mx.ones((9, 128)), w, scales, biases, 64, 4),
+                 (x, w, scales, biases, 64, 3), (mx.ones((1, 64)), w, scales, biases, 64, 4)):
+        with pytest.raises(ValueError, match="quantized_matvec"):
+            kernel(*args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("env,note", [({"DUOMEM_CPU_KERNEL": "0"}, ""), ({"CXX": "false"}, "could not build")])
+def test_without_a_built_kernel_quantized_matvec_is_none(tmp_path, env, note):
+    code = "from duomem_mlx import cpu_kernel; print(cpu_kernel.quantized_matvec())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "DUOMEM_CACHE": str(tmp_path), **env})
+    assert result.returncode == 0 and result.stdout.strip() == "None"
+    lines = result.stderr.strip().splitlines()
+    assert (note in lines[-1] and "make setup" in lines[-1] and len(lines) <= 2) if note else lines == []
+    assert not list(tmp_path.glob("cpu_kernel/*.so"))
 
 
 def test_load_swaps_quantized_layers(tiny_model, tmp_path):

@@ -105,14 +105,14 @@ def profile(model, tokens: list[int], steps: int, repeats: int) -> dict:
 @contextlib.contextmanager
 def mlx_kernel(one_thread: bool):
     """MLX's quantized kernel instead of the package's: on a CPU stream per core, or on one thread."""
-    kernel, streams = cpu_kernel.quantized_matvec, cpu_quant.cpu_streams
-    cpu_kernel.quantized_matvec = lambda: None
+    kernels, streams = cpu_kernel.kernels, cpu_quant.cpu_streams
+    cpu_kernel.kernels = lambda: None
     if one_thread:
         cpu_quant.cpu_streams = lambda: [mx.default_stream(mx.cpu)]
     try:
         yield
     finally:
-        cpu_kernel.quantized_matvec, cpu_quant.cpu_streams = kernel, streams
+        cpu_kernel.kernels, cpu_quant.cpu_streams = kernels, streams
 
 
 def column_major(model) -> None:

@@ -1,13 +1,13 @@
-"""Quantized decoding on a Linux CPU: `data/quantized_matvec.cpp`, an MLX extension (a primitive
-of its own, bound with nanobind in MLX's domain) built here once with the system's C++ compiler.
+"""Quantized layers on a Linux CPU: `data/quantized_matvec.cpp`, an MLX extension (a primitive of
+its own, bound with nanobind in MLX's domain) built here once with the system's C++ compiler.
 
-MLX's CPU quantized kernel is a scalar loop on one thread (~1.5 G weights/s on an x86 core), so a
-4-bit package decoded 3x slower than float32. This one unpacks eight weights at a time (AVX2) and
-splits a layer's output rows across the cores (OpenMP): 8x faster on one 1536 x 576 layer, 16x on
-SmolLM2's head. `cpu_quant` sends decoding rows to it when it built and agrees with MLX's kernel
-on a probe layer; otherwise MLX's kernel, with a one-line note. `make setup` builds it
-(`python -m duomem_mlx.cpu_kernel`); DUOMEM_CPU_KERNEL=0 turns it off. Never on macOS, where
-MLX's Metal kernels are the fast path."""
+MLX's CPU quantized product and dequantize are scalar loops on one thread (~1.5 G weights/s on an
+x86 core), so a 4-bit package decoded 3x slower than float32 and spent most of a short prefill
+dequantizing. The extension's `quantized_matvec` (1 to 8 rows) and `dequantize` unpack eight
+weights at a time (AVX2) and split a layer's output rows across the cores (OpenMP). `cpu_quant`
+uses them when the extension built and gives MLX's values on a probe layer; otherwise MLX's
+kernels, with a one-line note. `make setup` builds it (`python -m duomem_mlx.cpu_kernel`);
+DUOMEM_CPU_KERNEL=0 turns it off. Never on macOS, where MLX's Metal kernels are the fast path."""
 
 import functools
 import hashlib
@@ -85,24 +85,27 @@ def build() -> Path | None:
     return path
 
 
-def agrees(kernel) -> bool:
-    """The kernel gives MLX's values on a probe layer, 4 and 8 bits, one and three rows."""
+def agrees(kernels) -> bool:
+    """The extension gives MLX's values on a probe layer, 4 and 8 bits, one and three rows."""
     import mlx.core as mx
 
     weight = mx.random.normal((96, 256), key=mx.random.key(0))
     for bits in (4, 8):
         w, scales, biases = mx.quantize(weight, group_size=64, bits=bits)
+        if not mx.allclose(kernels.dequantize(w, scales, biases, 64, bits), mx.dequantize(w, scales, biases, 64, bits), atol=1e-6).item():
+            return False
         for rows in (1, 3):
             x = mx.random.normal((rows, 256), key=mx.random.key(rows))
             expected = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=bits)
-            if not mx.allclose(kernel(x, w, scales, biases, 64, bits), expected, atol=1e-4).item():
+            if not mx.allclose(kernels.quantized_matvec(x, w, scales, biases, 64, bits), expected, atol=1e-4).item():
                 return False
     return True
 
 
 @functools.cache
-def quantized_matvec():
-    """The extension's `quantized_matvec(x, w, scales, biases, group_size, bits)`, or None."""
+def kernels():
+    """The extension module (`quantized_matvec(x, w, scales, biases, group_size, bits)` and
+    `dequantize(w, scales, biases, group_size, bits)`), or None."""
     if sys.platform != "linux" or os.environ.get("DUOMEM_CPU_KERNEL", "1") == "0":
         return None
     path = build()
@@ -113,8 +116,8 @@ def quantized_matvec():
         spec = importlib.util.spec_from_file_location(MODULE, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        if agrees(module.quantized_matvec):
-            return module.quantized_matvec
+        if agrees(module):
+            return module
         reason = "it disagrees with MLX's kernel on a probe layer"
     except (ImportError, TypeError, ValueError) as error:  # TypeError: MLX's arrays not shared with it (nanobind ABI)
         reason = " ".join(str(error).split())[:200]
@@ -124,5 +127,4 @@ def quantized_matvec():
 
 
 if __name__ == "__main__":  # `python -m duomem_mlx.cpu_kernel` builds it and says whether it is used
-    kernel = quantized_matvec()
-    print(f"CPU quantized kernel: {library_path() if kernel else 'not used (MLX kernel)'}")
+    print(f"CPU quantized kernel: {library_path() if kernels() else 'not used (MLX kernel)'}")

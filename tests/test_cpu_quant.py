@@ -5,6 +5,7 @@ MLX's quantized kernel."""
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,24 +31,34 @@ def count_calls(monkeypatch, owner, name) -> list:
     return calls
 
 
+def counting(kernels, calls: list):
+    """The extension with each call's name and first argument's shape recorded."""
+    record = lambda name: lambda *a: calls.append((name, a[0].shape)) or getattr(kernels, name)(*a)
+    return SimpleNamespace(quantized_matvec=record("quantized_matvec"), dequantize=record("dequantize"))
+
+
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
-def test_many_rows_run_dense_and_one_row_the_cpu_kernel(tiny_model, bits, group_size, monkeypatch):
-    kernel = cpu_kernel.quantized_matvec()  # built, loaded and probed before MLX's kernel is counted
+def test_many_rows_run_dense_and_one_row_a_quantized_product(tiny_model, bits, group_size, monkeypatch):
+    kernels = cpu_kernel.kernels()  # built, loaded and probed before MLX's kernels are counted
     model = quantized_tiny(tiny_model, bits, group_size)
     tokens = mx.array([[5, 9, 14, 3, 7, 11, 2, 8, 40, 41, 42, 43]])
     reference, last = model(tokens), model(tokens[:, -1:])
     dense_prefill_on_cpu(model)
     layers = [m for _, m in model.named_modules() if isinstance(m, tuple(SWAPS))]
     assert len(layers) > 1 and all(type(m) in SWAPS.values() for m in layers)  # the tied head's embedding too
-    mlx_calls = count_calls(monkeypatch, mx, "quantized_matmul")
+    if sys.platform == "linux":
+        assert kernels is not None  # `make setup` built it; its absence here is a failure, not a skip
+    own_calls, mlx_calls = [], count_calls(monkeypatch, mx, "quantized_matmul")
+    if kernels:
+        monkeypatch.setattr(cpu_kernel, "kernels", lambda: counting(kernels, own_calls))
     assert tokens.shape[1] >= ROWS and mx.allclose(model(tokens), reference, atol=1e-4).item()
     assert mlx_calls == []  # every layer ran dense
-    if sys.platform == "linux":
-        assert kernel is not None  # `make setup` built it; its absence here is a failure, not a skip
-        kernel_calls = []
-        monkeypatch.setattr(cpu_kernel, "quantized_matvec", lambda: lambda *a: kernel_calls.append(a[0].shape) or kernel(*a))
-        assert mx.allclose(model(tokens[:, -1:]), last, atol=1e-4).item()
-        assert mlx_calls == [] and len(kernel_calls) == len(layers) and {shape[1] for shape in kernel_calls} == {1}
+    assert sorted(own_calls) == (sorted(("dequantize", m.weight.shape) for m in layers) if kernels else [])
+    own_calls.clear()
+    assert mx.allclose(model(tokens[:, -1:]), last, atol=1e-4).item()
+    if kernels:
+        assert mlx_calls == [] and len(own_calls) == len(layers)
+        assert {(name, shape[1]) for name, shape in own_calls} == {("quantized_matvec", 1)}
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
@@ -56,7 +67,7 @@ def test_without_the_cpu_kernel_one_row_runs_mlxs_kernel_on_a_stream_per_core(ti
     last = model(mx.array([[43]]))
     dense_prefill_on_cpu(model)
     layers = [m for _, m in model.named_modules() if isinstance(m, tuple(SWAPS))]
-    monkeypatch.setattr(cpu_kernel, "quantized_matvec", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "kernels", lambda: None)
     calls = count_calls(monkeypatch, mx, "quantized_matmul")
     assert mx.array_equal(model(mx.array([[43]])), last).item()  # each row computed as MLX's kernel computes it
     assert len(calls) == len(layers) * len(cpu_streams()) and {shape[1] for shape in calls} == {1}
@@ -65,33 +76,38 @@ def test_without_the_cpu_kernel_one_row_runs_mlxs_kernel_on_a_stream_per_core(ti
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_cpu_kernel_gives_mlxs_values(bits, group_size):
-    kernel = cpu_kernel.quantized_matvec()
+def test_cpu_kernels_give_mlxs_values(bits, group_size):
+    kernels = cpu_kernel.kernels()
     weight = mx.random.normal((200, 384), key=mx.random.key(bits + group_size))
     w, scales, biases = mx.quantize(weight, group_size=group_size, bits=bits)
+    dense = kernels.dequantize(w, scales, biases, group_size, bits)
+    assert dense.dtype == mx.float32 and mx.allclose(dense, mx.dequantize(w, scales, biases, group_size, bits), atol=1e-6).item()
     for rows in (1, 2, 5, 8):
         x = mx.random.normal((1, rows, 384), key=mx.random.key(rows))
         for inputs in (x, mx.swapaxes(mx.swapaxes(x, 1, 2) * 1, 1, 2)):  # row-contiguous and a strided view
             expected = mx.quantized_matmul(inputs, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
-            got = kernel(inputs, w, scales, biases, group_size, bits)
+            got = kernels.quantized_matvec(inputs, w, scales, biases, group_size, bits)
             assert got.shape == (1, rows, 200) and mx.allclose(got, expected, atol=1e-4, rtol=1e-5).item()
 
 
 @needs_kernel
-def test_cpu_kernel_refuses_what_it_cannot_compute():
-    kernel = cpu_kernel.quantized_matvec()
+def test_cpu_kernels_refuse_what_they_cannot_compute():
+    kernels = cpu_kernel.kernels()
     w, scales, biases = mx.quantize(mx.ones((64, 128)), group_size=64, bits=4)
     x = mx.ones((1, 128))
     for args in ((x.astype(mx.float16), w, scales, biases, 64, 4), (mx.ones((9, 128)), w, scales, biases, 64, 4),
-                 (x, w, scales, biases, 64, 3), (mx.ones((1, 64)), w, scales, biases, 64, 4)):
-        with pytest.raises(ValueError, match="quantized_matvec"):
-            kernel(*args)
+                 (x, w, scales, biases, 64, 3), (mx.ones((1, 64)), w, scales, biases, 64, 4),
+                 (x, w, scales.astype(mx.float16), biases, 64, 4)):
+        with pytest.raises(ValueError, match="cpu_kernel"):
+            kernels.quantized_matvec(*args)
+    with pytest.raises(ValueError, match="cpu_kernel"):
+        kernels.dequantize(w, scales, biases, 32, 4)
 
 
 @needs_kernel
 @pytest.mark.parametrize("env,note", [({"DUOMEM_CPU_KERNEL": "0"}, ""), ({"CXX": "false"}, "could not build")])
-def test_without_a_built_kernel_quantized_matvec_is_none(tmp_path, env, note):
-    code = "from duomem_mlx import cpu_kernel; print(cpu_kernel.quantized_matvec())"
+def test_without_a_built_extension_there_are_no_kernels(tmp_path, env, note):
+    code = "from duomem_mlx import cpu_kernel; print(cpu_kernel.kernels())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "DUOMEM_CACHE": str(tmp_path), **env})
     assert result.returncode == 0 and result.stdout.strip() == "None"

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx_lm
@@ -244,12 +245,12 @@ def test_quantized_package_stores_16_bit_scales_and_a_cpu_computes_in_float32(ti
     # what a decoded token hands a CPU kernel (the package's or MLX's), tied head included: 16-bit scales
     # run MLX's ~50x slower (SmolLM2 4-bit: 0.1 against 5 tokens/s in one process) and skip the package's
     seen = []
-    kernel, fast = mx.quantized_matmul, cpu_kernel.quantized_matvec()
+    kernel, own = mx.quantized_matmul, cpu_kernel.kernels()
     monkeypatch.setattr(mx, "quantized_matmul", lambda x, w, scales=None, biases=None, **k: seen.append(
         (x.dtype, scales.dtype, biases.dtype)) or kernel(x, w, scales=scales, biases=biases, **k))
-    if fast is not None:
-        monkeypatch.setattr(cpu_kernel, "quantized_matvec", lambda: lambda x, w, scales, biases, *a: seen.append(
-            (x.dtype, scales.dtype, biases.dtype)) or fast(x, w, scales, biases, *a))
+    if own is not None:
+        monkeypatch.setattr(cpu_kernel, "kernels", lambda: SimpleNamespace(quantized_matvec=lambda x, w, scales, biases, *a: seen.append(
+            (x.dtype, scales.dtype, biases.dtype)) or own.quantized_matvec(x, w, scales, biases, *a)))
     mx.eval(model(mx.array([[5]])))
     layers = sum(1 for _, m in model.named_modules() if hasattr(m, "scales"))
     assert len(seen) >= layers and set(seen) == {(mx.float32, mx.float32, mx.float32)}

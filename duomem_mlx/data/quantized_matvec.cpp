@@ -1,12 +1,13 @@
-// A quantized matrix-vector product for MLX's CPU backend, for decoding: x (1 to 8 rows) @ W.T with W
-// affine-quantized in 4 or 8 bits. duomem_mlx/cpu_kernel.py builds it as an MLX extension on Linux.
+// Quantized layers on MLX's CPU backend: a matrix-vector product for decoding (x, 1 to 8 rows, @ W.T)
+// and a dequantize for prefill, W affine-quantized in 4 or 8 bits. duomem_mlx/cpu_kernel.py builds
+// it as an MLX extension on Linux.
 //
-// MLX's own CPU kernel (QuantizedMatmul) runs a scalar loop on one thread, ~1.5 G weights/s on an
-// x86 core: 14x slower than OpenBLAS's sgemv reads the same layer in float32, so a 4-bit model
-// decoded 3x slower than float32. Per group of `group_size` weights this computes
-// scale * (q . x) + bias * sum(x), eight weights unpacked at a time (AVX2), the output rows split
-// across threads (OpenMP) for layers of 64 K weights or more: the sum of dequantizing first, in
-// another order.
+// MLX's own CPU kernels are scalar loops on one thread: its quantized product reads ~1.5 G weights/s
+// on an x86 core, 14x slower than OpenBLAS's sgemv reads the same layer in float32 (a 4-bit model
+// decoded 3x slower than float32), and its dequantize ~1.2 G/s (a 50-token agent step spent ~150 ms
+// dequantizing SmolLM2). Here eight weights are unpacked at a time (AVX2), the product summed per
+// group as scale * (q . x) + bias * sum(x) (the sum of dequantizing first, in another order), and a
+// layer's output rows split across threads (OpenMP) from 64 K weights up.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
@@ -38,6 +39,7 @@ inline vec unpack(const uint32_t* w) {
   }
 }
 inline vec load(const float* x) { return _mm256_loadu_ps(x); }
+inline void store(float* out, vec v) { _mm256_storeu_ps(out, v); }
 inline vec zero() { return _mm256_setzero_ps(); }
 inline vec splat(float v) { return _mm256_set1_ps(v); }
 inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -122,6 +124,31 @@ void matvec(const float* x, const uint32_t* w, const float* scales, const float*
   }
 }
 
+// W as float32: scale * q + bias, weight by weight, the output rows split across threads.
+template <int bits>
+void dequantize_rows(const uint32_t* w, const float* scales, const float* biases, float* out, int n_out, int k,
+                     int group_size) {
+  const int groups = k / group_size;
+  const size_t words_per_row = static_cast<size_t>(k) * bits / 32;
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(n_out) * k >= (1 << 16))
+  for (int n = 0; n < n_out; ++n) {
+    const uint32_t* w_row = w + n * words_per_row;
+    float* out_row = out + static_cast<size_t>(n) * k;
+    for (int g = 0; g < groups; ++g) {
+      float scale = scales[static_cast<size_t>(n) * groups + g], bias = biases[static_cast<size_t>(n) * groups + g];
+#ifdef DUOMEM_SIMD
+      for (int i = g * group_size; i < (g + 1) * group_size; i += LANES) {
+        store(out_row + i, fma(unpack<bits>(w_row + i * bits / 32), splat(scale), splat(bias)));
+      }
+#else
+      for (int i = g * group_size; i < (g + 1) * group_size; ++i) {
+        out_row[i] = scale * static_cast<float>((w_row[i * bits / 32] >> (bits * (i % (32 / bits)))) & ((1u << bits) - 1)) + bias;
+      }
+#endif
+    }
+  }
+}
+
 using Kernel = void (*)(const float*, const uint32_t*, const float*, const float*, float*, int, int, int);
 
 // The kernels for 1 to MAX_ROWS rows, each compiled with its row count fixed (accumulators in registers).
@@ -139,59 +166,86 @@ Kernel kernel_for(int bits, int rows) {
   return bits == 4 ? pick<4>(rows, sizes) : pick<8>(rows, sizes);
 }
 
-class QuantizedMatvec : public UnaryPrimitive {
+// Both operations as one primitive: `dequantize_` says which (inputs x, w, scales, biases, or w, scales, biases).
+class QuantizedCpu : public UnaryPrimitive {
  public:
-  QuantizedMatvec(Stream stream, int group_size, int bits)
-      : UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+  QuantizedCpu(Stream stream, int group_size, int bits, bool dequantize)
+      : UnaryPrimitive(stream), group_size_(group_size), bits_(bits), dequantize_(dequantize) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     auto& encoder = cpu::get_command_encoder(stream());
-    auto& in = inputs;
-    for (auto& a : in) encoder.set_input_array(a);
+    for (auto& a : inputs) encoder.set_input_array(a);
     out.set_data(allocator::malloc(out.nbytes()));
     encoder.set_output_array(out);
-    int k = in[0].shape(-1), n_out = out.shape(-1), rows = in[0].size() / k;
-    encoder.dispatch([x = array::unsafe_weak_copy(in[0]), w = array::unsafe_weak_copy(in[1]),
-                      s = array::unsafe_weak_copy(in[2]), b = array::unsafe_weak_copy(in[3]),
-                      out = array::unsafe_weak_copy(out), rows, n_out, k, gs = group_size_, bits = bits_]() mutable {
-      kernel_for(bits, rows)(x.data<float>(), w.data<uint32_t>(), s.data<float>(), b.data<float>(), out.data<float>(),
-                             n_out, k, gs);
+    std::vector<array> in;
+    for (auto& a : inputs) in.push_back(array::unsafe_weak_copy(a));
+    encoder.dispatch([in = std::move(in), out = array::unsafe_weak_copy(out), gs = group_size_, bits = bits_,
+                      dequantize = dequantize_]() mutable {
+      const array& w = in[dequantize ? 0 : 1];
+      const float* scales = in[dequantize ? 1 : 2].data<float>();
+      const float* biases = in[dequantize ? 2 : 3].data<float>();
+      int n_out = w.shape(0), k = w.shape(1) * 32 / bits;
+      if (dequantize) {
+        (bits == 4 ? dequantize_rows<4> : dequantize_rows<8>)(w.data<uint32_t>(), scales, biases, out.data<float>(),
+                                                              n_out, k, gs);
+      } else {
+        kernel_for(bits, in[0].size() / k)(in[0].data<float>(), w.data<uint32_t>(), scales, biases,
+                                           out.data<float>(), n_out, k, gs);
+      }
     });
   }
 
   void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("[quantized_matvec] CPU only: use mx.quantized_matmul on a GPU.");
+    throw std::runtime_error("[duomem_mlx cpu_kernel] CPU only: use MLX's quantized ops on a GPU.");
   }
 
-  const char* name() const override { return "QuantizedMatvec"; }
+  const char* name() const override { return dequantize_ ? "DuomemDequantize" : "DuomemQuantizedMatvec"; }
 
   bool is_equivalent(const Primitive& other) const override {
-    auto& o = static_cast<const QuantizedMatvec&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_;
+    auto& o = static_cast<const QuantizedCpu&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && dequantize_ == o.dequantize_;
   }
 
  private:
   int group_size_;
   int bits_;
+  bool dequantize_;
 };
+
+void check_weights(const array& w, const array& scales, const array& biases, int group_size, int bits) {
+  if ((bits != 4 && bits != 8) || group_size % 32 != 0 || w.dtype() != uint32 || scales.dtype() != float32 ||
+      biases.dtype() != float32 || w.ndim() != 2 || biases.shape() != scales.shape() || scales.ndim() != 2 ||
+      scales.shape(0) != w.shape(0) || scales.shape(1) * group_size != w.shape(1) * 32 / bits) {
+    throw std::invalid_argument(
+        "[duomem_mlx cpu_kernel] uint32 w with float32 scales and biases of its shape, 4 or 8 bits, groups of 32, 64 "
+        "or 128");
+  }
+}
+
+std::vector<array> contiguous_all(std::initializer_list<array> arrays, Stream stream) {
+  std::vector<array> out;
+  for (auto& a : arrays) out.push_back(contiguous(a, false, stream));
+  return out;
+}
 
 array quantized_matvec(const array& x, const array& w, const array& scales, const array& biases, int group_size,
                        int bits, StreamOrDevice s) {
-  if ((bits != 4 && bits != 8) || group_size % 32 != 0 || x.dtype() != float32 || scales.dtype() != float32 ||
-      biases.dtype() != float32 || w.dtype() != uint32 || x.size() / x.shape(-1) > MAX_ROWS) {
-    throw std::invalid_argument("[quantized_matvec] float32 x, scales and biases, uint32 w, 4 or 8 bits, groups of 32, 64 or 128, at most 8 rows");
-  }
-  int k = x.shape(-1);
-  if (w.ndim() != 2 || w.shape(1) * 32 / bits != k || scales.shape(1) * group_size != k ||
-      biases.shape() != scales.shape() || scales.shape(0) != w.shape(0)) {
-    throw std::invalid_argument("[quantized_matvec] shapes of x, w, scales and biases do not agree");
+  check_weights(w, scales, biases, group_size, bits);
+  if (x.dtype() != float32 || x.ndim() == 0 || x.shape(-1) != w.shape(1) * 32 / bits || x.size() / x.shape(-1) > MAX_ROWS) {
+    throw std::invalid_argument("[duomem_mlx cpu_kernel] quantized_matvec takes 1 to 8 rows of float32 x as wide as W");
   }
   auto shape = x.shape();
   shape.back() = w.shape(0);
   auto stream = to_stream(s);
-  std::vector<array> inputs;
-  for (auto& a : {x, w, scales, biases}) inputs.push_back(contiguous(a, false, stream));
-  return array(shape, float32, std::make_shared<QuantizedMatvec>(stream, group_size, bits), inputs);
+  return array(shape, float32, std::make_shared<QuantizedCpu>(stream, group_size, bits, false),
+               contiguous_all({x, w, scales, biases}, stream));
+}
+
+array dequantize_weights(const array& w, const array& scales, const array& biases, int group_size, int bits, StreamOrDevice s) {
+  check_weights(w, scales, biases, group_size, bits);
+  auto stream = to_stream(s);
+  return array({w.shape(0), w.shape(1) * 32 / bits}, float32,
+               std::make_shared<QuantizedCpu>(stream, group_size, bits, true), contiguous_all({w, scales, biases}, stream));
 }
 
 }  // namespace
@@ -199,5 +253,7 @@ array quantized_matvec(const array& x, const array& w, const array& scales, cons
 NB_MODULE(_quantized_matvec, m) {
   m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         nb::kw_only(), "stream"_a = nb::none(),
-        "x @ dequantize(w, scales, biases).T on a CPU stream, for few rows of float32 x (affine, 4 or 8 bits).");
+        "x @ dequantize(w, scales, biases).T on a CPU stream, for 1 to 8 rows of float32 x (affine, 4 or 8 bits).");
+  m.def("dequantize", &dequantize_weights, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "mx.dequantize's float32 values on a CPU stream, on every core (affine, 4 or 8 bits).");
 }

@@ -51,6 +51,14 @@ inline float sum(vec v) {
 }
 #endif
 
+// Layers this large split their output rows across threads (OpenMP). Smaller ones stay on MLX's
+// stream thread: a parallel region ends at a barrier that waits for every thread, and when another
+// process holds a core (llama.cpp's spinning threads beside ours) 210 barriers a token cost a
+// SmolLM2 4-bit agent step 822 ms against 214 on one thread. A head is one region a token.
+#ifndef THREADED_WEIGHTS
+#define THREADED_WEIGHTS (1 << 22)
+#endif
+
 #ifdef DUOMEM_SIMD
 // One output row: sum over groups of scale * (q . x) + bias * sum(x), for `rows` rows of x at once.
 // `chains` independent accumulators a row hide the FMA's latency (4 cycles) when rows are few.
@@ -117,7 +125,7 @@ void matvec(const float* x, const uint32_t* w, const float* scales, const float*
       x_sums[m * groups + g] = s;
     }
   }
-#pragma omp parallel for schedule(static) if (static_cast<size_t>(n_out) * k >= (1 << 16))
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(n_out) * k >= THREADED_WEIGHTS)
   for (int n = 0; n < n_out; ++n) {
     output_row<bits, rows>(x, w + n * words_per_row, scales + static_cast<size_t>(n) * groups,
                            biases + static_cast<size_t>(n) * groups, x_sums.data(), out + n, n_out, k, group_size);
@@ -130,7 +138,7 @@ void dequantize_rows(const uint32_t* w, const float* scales, const float* biases
                      int group_size) {
   const int groups = k / group_size;
   const size_t words_per_row = static_cast<size_t>(k) * bits / 32;
-#pragma omp parallel for schedule(static) if (static_cast<size_t>(n_out) * k >= (1 << 16))
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(n_out) * k >= THREADED_WEIGHTS)
   for (int n = 0; n < n_out; ++n) {
     const uint32_t* w_row = w + n * words_per_row;
     float* out_row = out + static_cast<size_t>(n) * k;

@@ -4,7 +4,7 @@ its own, bound with nanobind in MLX's domain) built here once with the system's 
 MLX's CPU quantized product and dequantize are scalar loops on one thread (~1.5 G weights/s on an
 x86 core), so a 4-bit package decoded 3x slower than float32 and spent most of a short prefill
 dequantizing. The extension's `quantized_matvec` (1 to 8 rows) and `dequantize` unpack eight
-weights at a time (AVX2) and split a layer's output rows across the cores (OpenMP). `cpu_quant`
+weights at a time (AVX2); a head's output rows are split across the cores (OpenMP). `cpu_quant`
 uses them when the extension built and gives MLX's values on a probe layer; otherwise MLX's
 kernels, with a one-line note. `make setup` builds it (`python -m duomem_mlx.cpu_kernel`);
 DUOMEM_CPU_KERNEL=0 turns it off. Never on macOS, where MLX's Metal kernels are the fast path."""
@@ -111,7 +111,7 @@ def kernels():
     path = build()
     if path is None:
         return None
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # idle OpenMP threads sleep: MLX's and BLAS's threads share the cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # idle OpenMP threads sleep: MLX's and BLAS's threads need the cores
     try:
         spec = importlib.util.spec_from_file_location(MODULE, path)
         module = importlib.util.module_from_spec(spec)

@@ -3,7 +3,7 @@
 or a training batch through a 4-bit model runs several times slower than dense. On a CPU, a
 quantized linear layer (or a tied head) fed ROWS rows or more dequantizes its weight and runs a
 dense matmul (the same values, summed in another order); fewer rows (decoding) run a quantized
-product. Both go to the kernels `cpu_kernel` builds (AVX2, on every core; 4 and 8 bits, float32)
+product. Both go to the kernels `cpu_kernel` builds (AVX2; 4 and 8 bits, float32)
 where it did, else to MLX's: its product runs on one thread, so the layer's output rows are split
 across a CPU stream per core (each row computed as before). Metal and CUDA keep MLX's kernels."""
 

@@ -6,8 +6,8 @@
 // on an x86 core, 14x slower than OpenBLAS's sgemv reads the same layer in float32 (a 4-bit model
 // decoded 3x slower than float32), and its dequantize ~1.2 G/s (a 50-token agent step spent ~150 ms
 // dequantizing SmolLM2). Here eight weights are unpacked at a time (AVX2), the product summed per
-// group as scale * (q . x) + bias * sum(x) (the sum of dequantizing first, in another order), and a
-// layer's output rows split across threads (OpenMP) from 64 K weights up.
+// group as scale * (q . x) + bias * sum(x) (the sum of dequantizing first, in another order), and the
+// output rows of a layer of 4 M weights or more (a head) split across threads (OpenMP).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>

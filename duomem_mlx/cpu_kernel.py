@@ -34,11 +34,16 @@ def cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
 
 
+def mlx_dir() -> str:
+    spec = importlib.util.find_spec("mlx")
+    return str(Path(spec.submodule_search_locations[0]).resolve())
+
+
 def library_path() -> Path:
     """Where the extension for this source, MLX, nanobind, Python and CPU lives (built or not)."""
     from .io import cache_root
 
-    key = [SOURCE.read_text(), sys.version, platform.machine(), cpu_flags()]
+    key = [SOURCE.read_text(), sys.version, platform.machine(), cpu_flags(), mlx_dir()]  # it links this MLX's libmlx
     key += [importlib.metadata.version(name) for name in ("mlx", "nanobind")]
     digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:12]
     return cache_root() / "cpu_kernel" / f"{MODULE}-{digest}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
@@ -49,15 +54,14 @@ def cxx() -> str | None:
 
 
 def compile_command(compiler: str) -> list[str]:
-    import mlx
     import nanobind
 
-    mlx_dir, nb = Path(mlx.__path__[0]), Path(nanobind.__file__).parent
+    mlx, nb = Path(mlx_dir()), Path(nanobind.__file__).parent
     return [compiler, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden",
             "-fno-strict-aliasing", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx",  # MLX binds its arrays in domain mlx
-            f"-I{mlx_dir / 'include'}", f"-I{nb / 'include'}", f"-I{nb / 'ext' / 'robin_map' / 'include'}",
+            f"-I{mlx / 'include'}", f"-I{nb / 'include'}", f"-I{nb / 'ext' / 'robin_map' / 'include'}",
             f"-I{sysconfig.get_paths()['include']}", str(SOURCE), str(nb / "src" / "nb_combined.cpp"),
-            f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}"]
+            f"-L{mlx / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx / 'lib'}"]
 
 
 def build() -> Path | None:

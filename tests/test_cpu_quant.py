@@ -123,3 +123,20 @@ def test_load_swaps_quantized_layers(tiny_model, tmp_path):
     model, _ = load(str(package))
     kinds = {type(m) for _, m in model.named_modules() if isinstance(m, tuple(SWAPS))}
     assert kinds == (set(SWAPS.values()) if mx.default_device() == mx.cpu else set(SWAPS))
+
+
+@needs_kernel
+def test_cpu_kernels_give_mlxs_gradients():
+    """Calibration trains scales and biases through a quantized layer: the same gradients as MLX's ops."""
+    kernels = cpu_kernel.kernels()
+    w, scales, biases = mx.quantize(mx.random.normal((64, 128), key=mx.random.key(0)), group_size=64, bits=4)
+    x, row = mx.random.normal((3, 128), key=mx.random.key(1)), mx.random.normal((1, 128), key=mx.random.key(2))
+
+    def loss(dequantize, matvec):
+        return lambda s, b, x: (x @ dequantize(s, b).T).square().sum() + matvec(row * x[:1], s, b).sum()
+
+    own = loss(lambda s, b: kernels.dequantize(w, s, b, 64, 4), lambda x, s, b: kernels.quantized_matvec(x, w, s, b, 64, 4))
+    mlx = loss(lambda s, b: mx.dequantize(w, s, b, 64, 4),
+               lambda x, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4))
+    for got, expected in zip(mx.grad(own, argnums=(0, 1, 2))(scales, biases, x), mx.grad(mlx, argnums=(0, 1, 2))(scales, biases, x)):
+        assert mx.allclose(got, expected, atol=1e-3, rtol=1e-4).item()

@@ -207,6 +207,23 @@ class QuantizedCpu : public UnaryPrimitive {
     throw std::runtime_error("[duomem_mlx cpu_kernel] CPU only: use MLX's quantized ops on a GPU.");
   }
 
+  // The gradients MLX's own ops give (calibration trains scales and biases through a dequantize).
+  std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>& cotangents,
+                         const std::vector<int>& argnums, const std::vector<array>&) override {
+    std::vector<array> wrt;
+    for (int i : argnums) wrt.push_back(primals[i]);
+    auto reference = [&](const std::vector<array>& values) {
+      auto in = primals;
+      for (size_t j = 0; j < argnums.size(); ++j) in[argnums[j]] = values[j];
+      if (dequantize_) {
+        return std::vector<array>{
+            mlx::core::dequantize(in[0], in[1], in[2], group_size_, bits_, "affine", std::nullopt, float32, stream())};
+      }
+      return std::vector<array>{quantized_matmul(in[0], in[1], in[2], in[3], true, group_size_, bits_, "affine", stream())};
+    };
+    return mlx::core::vjp(reference, wrt, cotangents).second;
+  }
+
   const char* name() const override { return dequantize_ ? "DuomemDequantize" : "DuomemQuantizedMatvec"; }
 
   bool is_equivalent(const Primitive& other) const override {

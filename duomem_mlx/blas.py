@@ -52,8 +52,9 @@ def gemv_forward_path() -> Path:
     return cache_root() / "blas" / f"libgemv_forward-{digest}.so"
 
 
-def compiler() -> str | None:
-    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+def compiler(env: str = "CC", names: tuple[str, ...] = ("cc", "gcc", "clang")) -> str | None:
+    """The compiler `$env` names, else the first of `names` on PATH."""
+    return next((c for c in (os.environ.get(env), *names) if c and shutil.which(c)), None)
 
 
 def compile_library(command: list[str], path: Path) -> str | None:

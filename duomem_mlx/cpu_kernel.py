@@ -16,7 +16,6 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -49,10 +48,6 @@ def library_path() -> Path:
     return cache_root() / "cpu_kernel" / f"{MODULE}-{digest}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
 
 
-def cxx() -> str | None:
-    return next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
-
-
 def compile_command(compiler: str) -> list[str]:
     import nanobind
 
@@ -66,13 +61,13 @@ def compile_command(compiler: str) -> list[str]:
 
 def build() -> Path | None:
     """Build the extension once; None (with a note) where it cannot be built."""
-    from .blas import compile_library
+    from .blas import compile_library, compiler
 
     path = library_path()
     if path.exists():
         return path
-    compiler = cxx()
-    if compiler is None or importlib.util.find_spec("nanobind") is None:
+    cxx = compiler("CXX", ("c++", "g++", "clang++"))
+    if cxx is None or importlib.util.find_spec("nanobind") is None:
         print("duomem-mlx: no C++ compiler or no nanobind to build the CPU quantized kernel, so quantized packages "
               "decode through MLX's kernel, ~3x slower; install g++ and run 'make setup'", file=sys.stderr)
         return None
@@ -81,9 +76,9 @@ def build() -> Path | None:
               "and run 'make setup'", file=sys.stderr)
         return None
     print("duomem-mlx: building the CPU quantized kernel once (~10 s)", file=sys.stderr)
-    failure = compile_library(compile_command(compiler), path)
+    failure = compile_library(compile_command(cxx), path)
     if failure:
-        print(f"duomem-mlx: could not build the CPU quantized kernel with {compiler} ({failure}), so quantized "
+        print(f"duomem-mlx: could not build the CPU quantized kernel with {cxx} ({failure}), so quantized "
               "packages decode through MLX's kernel, ~3x slower; fix that and run 'make setup'", file=sys.stderr)
         return None
     return path

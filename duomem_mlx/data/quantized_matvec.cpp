@@ -59,6 +59,12 @@ inline float sum(vec v) {
 #define THREADED_WEIGHTS (1 << 22)
 #endif
 
+// Weight i of a packed row as a float (the plain C++ paths).
+template <int bits>
+inline float weight_at(const uint32_t* w, int i) {
+  return static_cast<float>((w[i * bits / 32] >> (bits * (i % (32 / bits)))) & ((1u << bits) - 1));
+}
+
 #ifdef DUOMEM_SIMD
 // One output row: sum over groups of scale * (q . x) + bias * sum(x), for `rows` rows of x at once.
 // `chains` independent accumulators a row hide the FMA's latency (4 cycles) when rows are few.
@@ -94,7 +100,6 @@ void output_row(const float* x, const uint32_t* w, const float* scales, const fl
 template <int bits, int rows>
 void output_row(const float* x, const uint32_t* w, const float* scales, const float* biases, const float* x_sums,
                 float* out, int n_out, int k, int group_size) {
-  constexpr uint32_t mask = (1u << bits) - 1;
   const int groups = k / group_size;
   for (int m = 0; m < rows; ++m) {
     float total = 0.0f;
@@ -102,8 +107,7 @@ void output_row(const float* x, const uint32_t* w, const float* scales, const fl
       float acc = 0.0f;
       for (int i = 0; i < group_size; ++i) {
         int index = g * group_size + i;
-        float q = static_cast<float>((w[index * bits / 32] >> (bits * (index % (32 / bits)))) & mask);
-        acc += q * x[m * k + index];
+        acc += weight_at<bits>(w, index) * x[m * k + index];
       }
       total += scales[g] * acc + biases[g] * x_sums[m * groups + g];
     }
@@ -150,7 +154,7 @@ void dequantize_rows(const uint32_t* w, const float* scales, const float* biases
       }
 #else
       for (int i = g * group_size; i < (g + 1) * group_size; ++i) {
-        out_row[i] = scale * static_cast<float>((w_row[i * bits / 32] >> (bits * (i % (32 / bits)))) & ((1u << bits) - 1)) + bias;
+        out_row[i] = scale * weight_at<bits>(w_row, i) + bias;
       }
 #endif
     }

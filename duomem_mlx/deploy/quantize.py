@@ -1,6 +1,6 @@
 """`duomem-mlx quantize`: fuse adapters into the student, quantize it with mlx-lm, optionally
 calibrate the quantized scales/biases on the agent's own data (DWQ), rebuild the memory bank
-in the final model's space and write a self-contained package (DESIGN.md, "Converted package").
+in the final model's space and write a self-contained package (docs/design.md, "Converted package").
 
     converted/NAME/   config.json, model*.safetensors, tokenizer files   (plain mlx_lm.load)
                       memory/        bank rebuilt with this exact model

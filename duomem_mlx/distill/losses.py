@@ -1,4 +1,4 @@
-"""Distillation losses over the cached top-k rows (DESIGN.md, "Distillation").
+"""Distillation losses over the cached top-k rows (docs/design.md, "Distillation").
 
 Per masked token: `alpha * CE + (1 - alpha) * T^2 * KD`, where KD compares teacher and student
 over k + 1 buckets: the teacher's top-k ids and one tail bucket holding the rest of the mass,

@@ -1,4 +1,4 @@
-"""The teacher cache on disk (DESIGN.md, "Teacher cache").
+"""The teacher cache on disk (docs/design.md, "Teacher cache").
 
     manifest.json              format, version, teacher, tokenizer, top_k, env, tasks, counts,
                                dropped ids (played, not kept), failed ids (the server failed them: why)

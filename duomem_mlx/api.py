@@ -1,18 +1,7 @@
-"""The Python API: a distilled agent in your own program, no environment object needed.
-
-    import duomem_mlx
-
-    agent = duomem_mlx.load("runs/student-4bit")            # a package: its memory bank comes with it
-    agent.start("Find the coin.", "You are in the kitchen. ...", admissible=["go north", "open fridge"])
-    action = agent.act()                                      # one of the admissible commands
-    agent.observe("You go north. ...", admissible=[...])      # the environment's answer
-    action = agent.act()
-
-    answer = agent.chat("how do I boil water?")
-    answer.text, [m.id for m in answer.memories]
-
-mlx and mlx-lm are imported by `load`, not by `import duomem_mlx`.
-"""
+"""The Python API (`duomem_mlx.load` -> `Agent`; usage in the package docstring): a distilled agent
+in your own program, fed the task text and observations of any environment, no environment object.
+Every step goes through the paths the CLI uses (ModelPolicy.from_options / begin / act, chat.Chat),
+and mlx / mlx-lm are imported by `load`, not by `import duomem_mlx`."""
 
 from collections import namedtuple
 
@@ -116,12 +105,13 @@ class Agent:
             raise DuomemError("observe() answers an action: call act() first")
         self.state = StepResult(observation, list(admissible or []))
 
-    def chat(self, question: str, max_tokens: int = 256, follow_up: bool = False) -> Answer:
+    def chat(self, question: str, max_tokens: int = 256, follow_up: bool = False, on_text=None) -> Answer:
         """Answer a question with the memories it retrieves; `follow_up=True` continues the last
-        conversation (same memories) instead of starting a new one.
+        conversation (same memories) instead of starting a new one; `on_text(piece)` streams the answer.
 
-            >>> answer = agent.chat("how do I boil water?")
-            >>> print(answer.text, [m.id for m in answer.memories])
+            >>> answer = agent.chat("how do I boil water?", on_text=lambda piece: print(piece, end=""))
+            >>> [m.id for m in answer.memories]
+            ['boil-1']
         """
         from .chat import Chat
 
@@ -130,5 +120,5 @@ class Agent:
         elif not follow_up:
             self.conversation.reset()
         self.conversation.session.options.max_tokens = max_tokens
-        text = self.conversation.reply(question)
+        text = self.conversation.reply(question, on_text)
         return Answer(text, list(self.conversation.memories))

@@ -84,8 +84,10 @@ def test_api_without_admissible_actions_writes_free_text(smollm2_agent):
 
 def test_api_chat_answers_with_the_memories_it_used(smollm2_agent):
     # questions that are the memories' keys: which memory comes back is the wiring's doing, not the 135M's judgement
-    answer = smollm2_agent.chat("boil water", max_tokens=12)
+    pieces = []
+    answer = smollm2_agent.chat("boil water", max_tokens=12, on_text=pieces.append)
     assert answer.text.strip() and [m.id for m in answer.memories] == ["boil-1"]
+    assert "".join(pieces).strip() == answer.text  # streamed as it was decoded
     follow_up = smollm2_agent.chat("And then?", max_tokens=12, follow_up=True)
     assert follow_up.text.strip() and [m.id for m in follow_up.memories] == ["boil-1"]
     assert len(smollm2_agent.conversation.session.messages) == 5  # system, two questions, two answers

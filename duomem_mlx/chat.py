@@ -26,15 +26,26 @@ class Chat:
         self.memories = None  # retrieved on the conversation's first request
         self.session.reset_stats()
 
-    def ask(self, text: str):
+    def recall(self, text: str) -> list:
+        """Start the conversation with the memories its first request retrieves; returns them."""
+        self.memories = self.policy.retrieve(text)
+        self.session.start([system_message([m.text for m in self.memories], base=CHAT_SYSTEM)])
+        return self.memories
+
+    def reply(self, text: str, on_text=None) -> str:
+        """The model's answer to `text`, next in this conversation (`on_text` gets it as it streams)."""
         if self.memories is None:
-            self.memories = self.policy.retrieve(text)
-            for memory in self.memories:
-                click.secho(f"[memory {memory.id}] {memory.text}", fg="cyan")
-            self.session.start([system_message([m.text for m in self.memories], base=CHAT_SYSTEM)])
+            self.recall(text)
         self.session.append([{"role": "user", "content": text}])
+        return self.session.generate(on_text=on_text)
+
+    def ask(self, text: str):
+        """The REPL's turn: memories shown when retrieved, the answer streamed, Ctrl-C stops it."""
+        if self.memories is None:
+            for memory in self.recall(text):
+                click.secho(f"[memory {memory.id}] {memory.text}", fg="cyan")
         try:
-            self.session.generate(on_text=lambda piece: click.echo(piece, nl=False))
+            self.reply(text, on_text=lambda piece: click.echo(piece, nl=False))
         except KeyboardInterrupt:
             self.session.messages.pop()
             click.echo("\n[stopped]")

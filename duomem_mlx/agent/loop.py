@@ -56,9 +56,13 @@ class ModelPolicy:
     def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):
         # a memory written from this very game would hand over its solution (a train-split game
         # the teacher replays); no held-out game has one
-        self.memories = self.retrieve(task_description, spec.task, first.observation, {game_of(episode_id(spec))})
+        self.begin(task_description, first.observation, spec.task, {game_of(episode_id(spec))})
+
+    def begin(self, task_description: str, observation: str, task_type: str | None = None, exclude_games=frozenset()):
+        """Start an episode from its task text and first observation alone (no environment objects)."""
+        self.memories = self.retrieve(task_description, task_type, observation, exclude_games)
         self.session.reset_stats()
-        self.session.start(prefix_messages(task_description, first.observation, self.memory_texts))
+        self.session.start(prefix_messages(task_description, observation, self.memory_texts))
         self.acted = False
 
     def act(self, state: StepResult) -> str:

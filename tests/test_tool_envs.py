@@ -115,7 +115,7 @@ def test_an_entry_point_names_a_packaged_environment(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     env = make_env("my-calendar")
     assert env.name == "calendar" and env.task_names() == ["book", "cancel", "move"]
-    with pytest.raises(DuomemError, match="use one of .*twx, my-calendar"):
+    with pytest.raises(DuomemError, match="use one of .*bfcl, my-calendar"):
         make_env("calendr")
 
 

@@ -15,6 +15,7 @@ BUILTIN = {
     "textworld": "duomem_mlx.envs.textworld:TextWorld",
     "alfworld": "duomem_mlx.envs.alfworld:ALFWorld",
     "twx": "duomem_mlx.envs.twx:TextWorldExpress",
+    "bfcl": "duomem_mlx.envs.bfcl:BFCLMultiTurn",
 }
 NAMES = tuple(BUILTIN)
 GROUP = "duomem_mlx.envs"

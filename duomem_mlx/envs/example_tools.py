@@ -21,7 +21,8 @@ TASKS = ("book", "cancel", "move")
 SPLIT_SEEDS = {"train": range(0, 1000), "dev": range(1000, 2000), "test": range(2000, 3000)}
 TOOLS = [
     {"name": "list_events", "description": "The events of a day, by hour.",
-     "parameters": {"type": "object", "properties": {"day": {"type": "string", "enum": list(DAYS)}}, "required": ["day"]}},
+     "parameters": {"type": "object", "properties": {"day": {"type": "string", "enum": list(DAYS)}},
+                    "required": ["day"]}},
     {"name": "add_event", "description": "Add an event at a free hour; returns its id.",
      "parameters": {"type": "object", "properties": {"day": {"type": "string", "enum": list(DAYS)},
                                                      "hour": {"type": "integer", "enum": list(HOURS)},
@@ -71,22 +72,22 @@ class Calendar:
     def plan_book(self, rng) -> tuple[str, list[str]]:
         day = rng.choice([d for d in DAYS if self.free(d)])
         title = rng.choice(TITLES)
-        return (f"Book a {title} on {day} at its first free hour.",
-                [call("list_events", day=day), call("add_event", day=day, hour=self.free(day)[0], title=title), call("finish")])
+        add = call("add_event", day=day, hour=self.free(day)[0], title=title)
+        return f"Book a {title} on {day} at its first free hour.", [call("list_events", day=day), add, call("finish")]
 
     def plan_cancel(self, rng) -> tuple[str, list[str]]:
         day = rng.choice(sorted({d for d, _, _ in self.events.values()}))
         ids = [i for i, (d, _, _) in sorted(self.events.items()) if d == day]
-        return f"Cancel every event on {day}.", [call("list_events", day=day), *(call("cancel_event", event_id=i) for i in ids),
-                                                 call("finish")]
+        cancels = [call("cancel_event", event_id=i) for i in ids]
+        return f"Cancel every event on {day}.", [call("list_events", day=day), *cancels, call("finish")]
 
     def plan_move(self, rng) -> tuple[str, list[str]]:
         moves = [(i, to) for i, (d, h, _) in self.events.items() for to in DAYS if to != d and h in self.free(to)]
         i, to = rng.choice(sorted(moves))
         day, hour, title = self.events[i]
         return (f"Move the {title} at {hour} on {day} to {to}, same hour.",
-                [call("list_events", day=day), call("cancel_event", event_id=i), call("add_event", day=to, hour=hour, title=title),
-                 call("finish")])
+                [call("list_events", day=day), call("cancel_event", event_id=i),
+                 call("add_event", day=to, hour=hour, title=title), call("finish")])
 
     def free(self, day: str) -> list[int]:
         taken = {h for d, h, _ in self.events.values() if d == day}
@@ -106,7 +107,8 @@ class Calendar:
             return self.state(f"Error: not a call of {', '.join(t['name'] for t in TOOLS)}: {action[:80]!r}")
         if parsed.name == "finish":
             won = sorted(self.events.values()) == self.goal
-            return StepResult("Done." if won else "Finished, but the calendar is not as asked.", [], 0.0, float(won), True, won)
+            text = "Done." if won else "Finished, but the calendar is not as asked."
+            return StepResult(text, [], 0.0, float(won), True, won)
         return self.state(self.run(parsed))
 
     def run(self, parsed: Call) -> str:
@@ -116,7 +118,8 @@ class Calendar:
             return f"Error: {e}"
 
     def tool_list_events(self, day):
-        return json.dumps({h: f"#{i} {t}" for i, (d, h, t) in sorted(self.events.items(), key=lambda e: e[1][1]) if d == day})
+        by_hour = sorted(self.events.items(), key=lambda e: e[1][1])
+        return json.dumps({h: f"#{i} {t}" for i, (d, h, t) in by_hour if d == day})
 
     def tool_add_event(self, day, hour, title):
         if day not in DAYS or hour not in HOURS or title not in TITLES:

@@ -38,7 +38,8 @@ def test_the_oracle_wins_every_entry_of_every_category(env):
 
 def test_eval_reports_accuracy_per_category(tmp_path):
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(cli, ["eval", "--env", "bfcl", "--split", "test", "--episodes", 8, "--policy", "oracle", "--out", out])
+    args = ["eval", "--env", "bfcl", "--split", "test", "--episodes", 8, "--policy", "oracle", "--out", out]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
     assert set(results["per_task"]) == set(CATEGORIES) and results["success_rate"] == 1.0
@@ -54,7 +55,8 @@ def test_splits_are_held_out_by_first_user_turn():
         assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
         assert all(len(i) > 25 for i in ids) and sum(map(len, ids)) == 200
     train_turns = {t for c in CATEGORIES for i in splits["train"][c] for t in user_turns(load_category(c)[0][i])}
-    held_out = [user_turns(load_category(c)[0][i])[0] for s in ("dev", "test") for c in CATEGORIES for i in splits[s][c]]
+    held_out = [user_turns(load_category(c)[0][i])[0]
+                for s in ("dev", "test") for c in CATEGORIES for i in splits[s][c]]
     assert not train_turns & set(held_out)
 
 
@@ -68,10 +70,11 @@ def test_reset_refuses_an_entry_of_another_split(env):
 
 def test_a_wrong_call_fails_the_turn_and_the_score_counts_turns_passed(env):
     _, first = env.reset(spec("base", 0))  # turn 0: cd document, mkdir temp, mv final_report.pdf temp
-    assert first.observation.startswith("Tools:\n") and "mkdir(dir_name)" in first.observation and first.admissible == []
+    assert first.observation.startswith("Tools:\n") and "mkdir(dir_name)" in first.observation
+    assert first.admissible == []
     gold = env.expert_actions()
-    assert gold[:4] == ["cd(folder='document')", "mkdir(dir_name='temp')", "mv(source='final_report.pdf', destination='temp')",
-                        END_OF_TURN]
+    assert gold[:4] == ["cd(folder='document')", "mkdir(dir_name='temp')",
+                        "mv(source='final_report.pdf', destination='temp')", END_OF_TURN]
     for action in gold[:4]:
         state = env.step(action)
     assert not state.done and "grep" in state.observation and state.score == pytest.approx(1 / 4)  # the next user turn
@@ -94,7 +97,8 @@ def test_long_results_are_cut(env):
     env.reset(spec("long_context", 0))
     for action in env.expert_actions()[:6]:
         state = env.step(action)  # grep in long_context's padded report
-    assert OBSERVATION_CHARS < len(state.observation) < OBSERVATION_CHARS + 40 and state.observation.endswith("more chars)")
+    assert OBSERVATION_CHARS < len(state.observation) < OBSERVATION_CHARS + 40
+    assert state.observation.endswith("more chars)")
 
 
 def test_model_output_never_runs_as_code(env, tmp_path, monkeypatch):
@@ -126,12 +130,13 @@ def test_model_output_never_runs_as_code(env, tmp_path, monkeypatch):
     for source in evaluated:
         call = ast.parse(source, mode="eval").body
         assert isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name), source
-        [ast.literal_eval(a) for a in [*call.args, *(k.value for k in call.keywords)]]  # raises on anything but a literal
+        [ast.literal_eval(a) for a in [*call.args, *(k.value for k in call.keywords)]]  # raises on a non-literal
 
 
 def test_without_bfcl_eval_the_error_names_the_install(monkeypatch):
     for name in ["bfcl_eval", *(m for m in sys.modules if m.startswith("bfcl_eval."))]:
         monkeypatch.setitem(sys.modules, name, None)  # import fails
     monkeypatch.setattr(bfcl_module, "bfcl", bfcl_module.bfcl.__wrapped__)  # not the cached import
-    with pytest.raises(DuomemError, match=r"^--env bfcl needs BFCL's data and checker .*pip install --no-deps bfcl-eval==2026\.3\.23"):
+    install = r"pip install --no-deps bfcl-eval==2026\.3\.23"
+    with pytest.raises(DuomemError, match=rf"^--env bfcl needs BFCL's data and checker .*{install}"):
         make_env("bfcl")

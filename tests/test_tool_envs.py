@@ -38,7 +38,8 @@ def test_calls_parse_to_literals_and_write_back(text, expected):
 
 
 @pytest.mark.parametrize("text", [
-    "cd(folder=__import__('os').system('touch /tmp/pwned'))", "os.system('ls')", "cd(folder=x)", "cd(**{'folder': 'a'})",
+    "cd(folder=__import__('os').system('touch /tmp/pwned'))", "os.system('ls')", "cd(folder=x)",
+    "cd(**{'folder': 'a'})",
     "cd(*['a'])", "f(x=1e999)", "a(); b()", "[cd(folder='a'), ls()]", "I moved the file.", "", "cd(folder='a'",
     '{"name": "__import__(\'os\')", "arguments": {}}', '{"name": "cd", "arguments": {"not an identifier": 1}}',
     "(lambda: 1)()", "f(x=[i for i in range(3)])",
@@ -96,14 +97,16 @@ def test_bad_environments_end_in_one_line(tmp_path, monkeypatch):
     cases = {
         "no_such_module_xyz:Env": "no module named 'no_such_module_xyz'",
         "duomem_mlx.envs.twx:NoSuchClass": "module duomem_mlx.envs.twx has no class 'NoSuchClass'",
-        "half_env:HalfEnv": "HalfEnv lacks the Env protocol's method(s) task_names, task_specs, step, expert_actions, close",
+        "half_env:HalfEnv": "HalfEnv lacks the Env protocol's method(s) task_names, task_specs, step, expert_actions, "
+                            "close",
         "broken_env:Env": "needs 'not_a_real_dependency_xyz', which is not installed",
         "minecraft": "unknown environment 'minecraft'; use one of scienceworld",
     }
     for env, message in cases.items():
         assert message in one_line_error("eval", "--env", env, "--policy", "oracle", "--out", out), env
     assert "takes none" in one_line_error("eval", "--env", CALENDAR, "--game-params", "numLocations=2", "--out", out)
-    assert "no module named" in one_line_error("teach", "--teacher", "oracle", "--env", "nope.nope:X", "--out", tmp_path / "c")
+    teach = ("teach", "--teacher", "oracle", "--env", "nope.nope:X", "--out", tmp_path / "c")
+    assert "no module named" in one_line_error(*teach)
     assert not (tmp_path / "r.json").exists()
 
 
@@ -127,13 +130,14 @@ def test_calendar_through_teach_memory_distill_eval(tiny_model, tmp_path):
     episodes = [json.loads(line) for line in (cache / "episodes.jsonl").read_text().splitlines()]
     assert all(e["success"] and e["steps"][-1]["action"] == "finish()" for e in episodes)
     run("memory", "build", "--cache", cache, "--embedder", tiny_model, "--out", bank)
-    assert {m["task_type"] for m in map(json.loads, (bank / "memories.jsonl").read_text().splitlines())} == {"book", "cancel", "move"}
-    run("distill", "--student", tiny_model, "--cache", cache, "--out", adapters, "--kd", "off", "--iters", 2, "--batch-size", 2,
-        "--val-fraction", 0, "--memory-bank", bank)
-    run("eval", "--env", CALENDAR, "--split", "test", "--episodes", 3, "--max-steps", 3, "--policy", f"model:{tiny_model}",
-        "--adapter-path", adapters, "--out", out, "--log", tmp_path / "log.jsonl")
+    memories = [json.loads(line) for line in (bank / "memories.jsonl").read_text().splitlines()]
+    assert {m["task_type"] for m in memories} == {"book", "cancel", "move"}
+    run("distill", "--student", tiny_model, "--cache", cache, "--out", adapters, "--kd", "off", "--iters", 2,
+        "--batch-size", 2, "--val-fraction", 0, "--memory-bank", bank)
+    run("eval", "--env", CALENDAR, "--split", "test", "--episodes", 3, "--max-steps", 3,
+        "--policy", f"model:{tiny_model}", "--adapter-path", adapters, "--out", out, "--log", tmp_path / "log.jsonl")
     results = json.loads(out.read_text())
     assert set(results["per_task"]) == {"book", "cancel", "move"} and results["env"] == CALENDAR
     played = [Episode.from_json(json.loads(line)) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(e.memories for e in played)  # read from the bank distill rebuilt beside the adapters
-    assert all(parse_call(s.action) and s.action in s.admissible for e in played for s in e.steps)  # constrained: a call
+    assert all(parse_call(s.action) and s.action in s.admissible for e in played for s in e.steps)  # constrained

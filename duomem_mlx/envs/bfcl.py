@@ -162,7 +162,7 @@ class BFCLMultiTurn:
         try:
             module = importlib.import_module(backends.CLASS_FILE_PATH_MAPPING[api_class])
         except ImportError as e:  # MathAPI imports mpmath
-            raise DuomemError(f"BFCL's {api_class} needs {e.name}: pip install 'duomem-mlx[envs]' (or pip install {e.name})")
+            raise DuomemError(f"BFCL's {api_class} needs {e.name}: pip install {e.name} (in duomem-mlx[envs])")
         api = getattr(module, api_class)()
         if api_class not in backends.STATELESS_CLASSES:
             config = copy.deepcopy(self.entry["initial_config"].get(api_class, {}))

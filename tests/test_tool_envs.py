@@ -42,7 +42,8 @@ def test_calls_parse_to_literals_and_write_back(text, expected):
     "cd(**{'folder': 'a'})",
     "cd(*['a'])", "f(x=1e999)", "a(); b()", "[cd(folder='a'), ls()]", "I moved the file.", "", "cd(folder='a'",
     '{"name": "__import__(\'os\')", "arguments": {}}', '{"name": "cd", "arguments": {"not an identifier": 1}}',
-    "(lambda: 1)()", "f(x=[i for i in range(3)])",
+    "(lambda: 1)()", "f(x=[i for i in range(3)])", "f(x=" + "[" * 100_000 + "]" * 100_000 + ")",
+    '{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}",
 ])
 def test_anything_but_one_literal_call_is_not_a_call(text):
     assert parse_call(text) is None

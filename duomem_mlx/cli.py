@@ -4,10 +4,10 @@ import click
 
 from . import __version__
 from .config import config_option, csv_list, game_params_option
+from .envs import ENV_HELP
 from .errors import DuomemError
 from .memory.retrieval import FILTERS
 
-ENVS = click.Choice(["scienceworld", "textworld", "alfworld", "twx"])
 SPLITS = click.Choice(["train", "dev", "test"])
 
 
@@ -78,7 +78,7 @@ def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, 
 
 
 @cli.command("eval")
-@click.option("--env", "env_name", type=ENVS, required=True)
+@click.option("--env", "env_name", required=True, help=ENV_HELP)
 @click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
 @click.option("--split", type=SPLITS, default="dev", show_default=True)
 @click.option("--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise.")
@@ -122,7 +122,7 @@ def eval_command(**kwargs):
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="Per reply.")
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
-@click.option("--env", "env_name", type=ENVS, help="Watch the model play an episode of this environment instead.")
+@click.option("--env", "env_name", help="Watch the model play an episode of this environment instead: " + ENV_HELP)
 @click.option("--tasks", callback=csv_list, help="Task for --env (default: the first).")
 @click.option("--split", type=SPLITS, default="dev", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -3,6 +3,7 @@
 import click
 
 from ..config import config_option
+from ..envs import ENV_HELP
 from ..errors import DuomemError
 
 
@@ -58,7 +59,7 @@ def quantize(model, adapters, memory, bits, recipe, group_size, mode, dtype, cal
 
 @click.command("bench")
 @click.argument("packages", nargs=-1, required=True)
-@click.option("--env", "env_name", type=click.Choice(["scienceworld", "textworld", "alfworld", "twx"]), help="Play real episodes (default: a synthetic episode, offline).")
+@click.option("--env", "env_name", help="Play real episodes (default: a synthetic episode, offline): " + ENV_HELP)
 @click.option("--episodes", type=click.IntRange(1), default=1, show_default=True, help="With --env.")
 @click.option("--steps", type=click.IntRange(2), default=20, show_default=True, help="Steps of the synthetic episode.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Loads, episodes and throughput runs per package (medians).")

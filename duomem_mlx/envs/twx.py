@@ -116,7 +116,7 @@ class TextWorldExpress(JavaBacked):
             from textworld_express import TextWorldExpressEnv
         except ImportError:
             raise DuomemError(f"TextWorldExpress is not installed: {INSTALL}")
-        self.params = resolve_params(game_params)
+        self.params = resolve_params(game_params_option(game_params) if isinstance(game_params, str) else game_params)
         self._make = lambda: TextWorldExpressEnv(envStepLimit=step_limit)
         self.env = self._make()
         self.gold: list[str] = []

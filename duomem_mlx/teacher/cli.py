@@ -5,13 +5,14 @@ import json
 import click
 
 from ..config import config_option, csv_list, game_params_option
+from ..envs import ENV_HELP
 from ..errors import DuomemError
 from ..memory.retrieval import KINDS
 
 
 @click.command("teach")
 @click.option("--teacher", required=True, help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)")
-@click.option("--env", "env_name", type=click.Choice(["scienceworld", "textworld", "alfworld", "twx"]), required=True)
+@click.option("--env", "env_name", required=True, help=ENV_HELP)
 @click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="train", show_default=True)
 @click.option("--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise.")

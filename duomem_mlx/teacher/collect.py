@@ -153,7 +153,7 @@ def progress(writer: CacheWriter, client) -> dict:
     counts = writer.manifest["counts"]
     shown = {"success": f"{counts['success']}/{counts['played']}", "kept": counts["kept"]}
     if client is not None:
-        shown.update(in_flight=client.in_flight, retries=client.retried, failed=len(writer.failed))
+        shown.update(in_flight=client.in_flight, retries=client.retried, abandoned=client.abandoned, failed=len(writer.failed))
     return shown
 
 

@@ -116,7 +116,8 @@ def checked(path: Path) -> str | None:
             "sys.exit(0 if cpu_kernel.agrees(cpu_kernel.load(sys.argv[1])) else 3)")
     package_parent = str(Path(__file__).resolve().parents[1])
     try:
-        child = subprocess.run([sys.executable, "-c", code, str(path), package_parent], capture_output=True, text=True, timeout=600)
+        child = subprocess.run([sys.executable, "-c", code, str(path), package_parent], capture_output=True, text=True,
+                               timeout=600)
         problem = probe_problem(child.returncode, child.stderr)
     except (OSError, subprocess.TimeoutExpired) as error:
         problem = f"its probe could not run ({error})"
@@ -178,7 +179,8 @@ def kernels():
     failed = known_failure()
     if failed:
         print(f"duomem-mlx: not using the CPU quantized kernel ({failed}, remembered in {failed_path().name}); "
-              "quantized packages decode through MLX's kernel; fix that and run 'make setup' to try again", file=sys.stderr)
+              "quantized packages decode through MLX's kernel; fix that and run 'make setup' to try again",
+              file=sys.stderr)
         return None
     path = build()
     if path is None:
@@ -191,7 +193,7 @@ def kernels():
             if agrees(module):
                 return module
             reason = "it disagrees with MLX's kernel on a probe layer"
-        except (ImportError, TypeError, ValueError, RuntimeError) as error:  # TypeError: MLX's arrays not shared with it (nanobind ABI)
+        except (ImportError, TypeError, ValueError, RuntimeError) as error:  # TypeError: nanobind ABI mismatch
             reason = " ".join(str(error).split())[:200]
         remember_failure(path, reason)
     print(f"duomem-mlx: not using the CPU quantized kernel {path.name} ({reason}); quantized packages decode "
@@ -217,6 +219,6 @@ def forget() -> None:
             stale.unlink(missing_ok=True)
 
 
-if __name__ == "__main__":  # `python -m duomem_mlx.cpu_kernel` builds it (again after a failure) and says whether it is used
+if __name__ == "__main__":  # `python -m duomem_mlx.cpu_kernel` builds it (again after a failure), says if it is used
     forget()
     print(f"CPU quantized kernel: {library_path() if kernels() else 'not used (MLX kernel)'}")

@@ -157,7 +157,8 @@ def recover(out: Path) -> None:
         if kind == "old" and not os.path.lexists(out):
             os.replace(leftover, out)
             fsync(out.parent)
-            print(f"duomem-mlx: the writer replacing {out} was killed; its previous version is back in place", file=sys.stderr)
+            print(f"duomem-mlx: the writer replacing {out} was killed; its previous version is back in place",
+                  file=sys.stderr)
         elif leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:

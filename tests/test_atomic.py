@@ -34,8 +34,9 @@ with io.atomic_dir(out) as tmp:
 
 
 def killed_writer(out, when: str) -> int:
-    """Run atomic_dir(out) in a child that SIGKILLs itself between the renames ('rename') or during the work ('work')."""
-    child = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(out), when], capture_output=True, timeout=120)
+    """atomic_dir(out) in a child that SIGKILLs itself between the renames ('rename') or during the work ('work')."""
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(out), when], capture_output=True,
+                           timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr
     return child.returncode
 
@@ -50,8 +51,9 @@ def out(tmp_path):
 
 def test_a_kill_between_the_renames_loses_nothing(out, capsys):
     killed_writer(out, "rename")
-    assert not out.exists() and sorted(p.name.split("-")[0] for p in out.parent.iterdir()) == [".package.old", ".package.tmp"]
-    with pytest.raises(DuomemError, match="already exists; pass --force"):  # a rerun without --force: the old output is back
+    assert not out.exists()
+    assert sorted(p.name.split("-")[0] for p in out.parent.iterdir()) == [".package.old", ".package.tmp"]
+    with pytest.raises(DuomemError, match="already exists; pass --force"):  # a rerun: the old one is back
         check_destination(out, force=False)
     assert (out / "weights").read_text() == "old" and "previous version is back" in capsys.readouterr().err
     assert [p.name for p in out.parent.iterdir()] == ["package"]

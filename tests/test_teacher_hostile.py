@@ -59,16 +59,21 @@ def serving(answer):
 
 def send(handler, code: int, body: bytes, headers: dict | None = None):
     handler.send_response(code)
-    for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}.items():
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
+    for name, value in headers.items():
         handler.send_header(name, value)
     handler.end_headers()
     handler.wfile.write(body)
 
 
-def chat_reply(top_logprobs: str = '[{"id": 5, "logprob": -0.1}, {"id": 7, "logprob": -2.5}]', token: str = '"token_id:5"') -> bytes:
+GOOD_ROW = '[{"id": 5, "logprob": -0.1}, {"id": 7, "logprob": -2.5}]'
+
+
+def chat_reply(top_logprobs: str = GOOD_ROW, token: str = '"token_id:5"') -> bytes:
     """A chat completion of one token whose logprobs entry is written as raw JSON text."""
+    entry = f'{{"token": {token}, "logprob": -0.1, "top_logprobs": {top_logprobs}}}'
     return (f'{{"choices": [{{"message": {{"content": "look"}}, "finish_reason": "stop", "logprobs": {{"content": '
-            f'[{{"token": {token}, "logprob": -0.1, "top_logprobs": {top_logprobs}}}]}}}}], "usage": {{"prompt_tokens": 9}}}}').encode()
+            f'[{entry}]}}}}], "usage": {{"prompt_tokens": 9}}}}').encode()
 
 
 def policy(url: str, vocab: int = 100) -> OpenAIPolicy:
@@ -80,7 +85,8 @@ def policy(url: str, vocab: int = 100) -> OpenAIPolicy:
 def test_retry_after_nan_is_a_backoff_not_a_crash(monkeypatch):
     monkeypatch.setattr(openai_compat, "backoff", lambda attempt: 0.01)
     assert retry_after({"Retry-After": "nan"}) is None and retry_after({"Retry-After": "inf"}) is None
-    answers = iter([(503, b'{"error": "busy"}', {"Retry-After": "nan"}), (429, b"{}", {"Retry-After": "-inf"}), (200, b'{"ok": 1}', {})])
+    answers = iter([(503, b'{"error": "busy"}', {"Retry-After": "nan"}), (429, b"{}", {"Retry-After": "-inf"}),
+                    (200, b'{"ok": 1}', {})])
     with serving(lambda h: send(h, *next(answers))) as (url, seen):
         assert OpenAIClient(url, retries=3).request("/models") == {"ok": 1} and len(seen) == 3
 
@@ -124,7 +130,7 @@ def test_hostile_json_and_sampled_tokens():
     with serving(lambda h: send(h, 200, deep)) as (url, _):
         with pytest.raises(GaveUp, match="nested too deep"):
             policy(url).act(StepResult("obs", []))
-    with serving(lambda h: send(h, 200, chat_reply(token='"token_id:x7"'))) as (url, _):  # a bad sampled token: read from text
+    with serving(lambda h: send(h, 200, chat_reply(token='"token_id:x7"'))) as (url, _):  # bad sampled token: from text
         played = policy(url)
         assert played.act(StepResult("obs", [])) == "look" and played.turns[0].sampled is None
         assert played.turns[0].rows == [[(5, -0.1), (7, -2.5)]]
@@ -169,9 +175,9 @@ def test_teach_fails_the_episodes_of_a_hostile_server_and_caches_nothing_bad(tin
 
     out = tmp_path / "cache"
     with serving(answer) as (url, _):
-        result = CliRunner().invoke(cli, ["teach", "--teacher", f"openai:{url}#m", "--teacher-tokenizer", str(tiny_model),
-                                          "--env", "twx", "--episodes", "2", "--max-steps", "2", "--top-k", "2",
-                                          "--keep", "all", "--concurrency", "2", "--out", str(out)])
+        result = CliRunner().invoke(cli, ["teach", "--teacher", f"openai:{url}#m", "--teacher-tokenizer",
+                                          str(tiny_model), "--env", "twx", "--episodes", "2", "--max-steps", "2",
+                                          "--top-k", "2", "--keep", "all", "--concurrency", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     failed = json.loads((out / "manifest.json").read_text())["failed"]
     assert len(failed) == 2 and all("NaN" in why for why in failed.values()) and "--resume" in result.output
@@ -181,8 +187,10 @@ def test_teach_fails_the_episodes_of_a_hostile_server_and_caches_nothing_bad(tin
 def test_cache_verify_rejects_poisoned_rows():
     ids, logprobs = np.array([[5, 7], [-1, -1]], np.int32), np.array([[-0.1, -2.0], [0.0, 0.0]], np.float32)
     assert check_topk(ids, logprobs, 100) == []
-    assert check_topk(ids, np.array([[np.nan, np.inf], [0, 0]], np.float32), 100) == ["topk_logprobs holds 2 non-finite values (NaN or inf)"]
-    assert check_topk(ids, np.array([[0.7, -1], [0, 0]], np.float32), 100) == ["topk_logprobs holds 1 positive values (a logprob is <= 0)"]
+    non_finite = np.array([[np.nan, np.inf], [0, 0]], np.float32)
+    assert check_topk(ids, non_finite, 100) == ["topk_logprobs holds 2 non-finite values (NaN or inf)"]
+    positive = np.array([[0.7, -1], [0, 0]], np.float32)
+    assert check_topk(ids, positive, 100) == ["topk_logprobs holds 1 positive values (a logprob is <= 0)"]
     assert check_topk(np.array([[5, 100]], np.int32), logprobs[:1], 100) == ["topk_ids outside the vocabulary [0, 100)"]
 
 

@@ -74,8 +74,8 @@ class OpenAIClient:
                 timeouts += 1
                 with self.lock:
                     self.abandoned += 1
-                failure = Unreachable(f"the teacher server at {self.base} gave no complete answer within {self.timeout:g} s "
-                                      f"({attempt + 1} tries); is it overloaded?")
+                failure = Unreachable(f"the teacher server at {self.base} gave no complete answer within "
+                                      f"{self.timeout:g} s ({attempt + 1} tries); is it overloaded?")
                 if timeouts > TIMEOUT_RETRIES:
                     raise failure
             except (OSError, http.client.HTTPException) as e:
@@ -86,8 +86,9 @@ class OpenAIClient:
                     return parse_reply(url, self.base, raw)
                 message = f"teacher server {url} answered HTTP {status}: {error_detail(raw.decode(errors='replace'))}"
                 if 300 <= status < 400:
-                    raise DuomemError(f"teacher server {url} redirects (HTTP {status}) to {redact(str(reply_headers.get('Location')))}; "
-                                      "requests with the API key are never redirected: pass the final URL in --teacher")
+                    target = redact(str(reply_headers.get("Location")))
+                    raise DuomemError(f"teacher server {url} redirects (HTTP {status}) to {target}; requests with the "
+                                      "API key are never redirected: pass the final URL in --teacher")
                 if status not in RETRY:
                     raise HTTPStatusError(status, message)
                 failure, wait = GaveUp(f"{message} ({attempt + 1} tries)"), retry_after(reply_headers)
@@ -123,7 +124,8 @@ class OpenAIClient:
         try:
             connection.connect()  # within `timeout` too (its own socket timeout)
             sockets.append(connection.sock)
-            connection.request("POST" if data else "GET", parts.path + (f"?{parts.query}" if parts.query else ""), data, headers)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            connection.request("POST" if data else "GET", target, data, headers)
             response = connection.getresponse()
             body = read_body(response, MAX_BODY if 200 <= response.status < 300 else 65536)
         except (OSError, http.client.HTTPException):
@@ -161,21 +163,24 @@ def read_body(response, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             if response.status < 300:
-                raise BadReply(f"the teacher server answered more than {limit // 2**20} MB; is it an OpenAI-compatible API?")
+                raise BadReply(f"the teacher server answered more than {limit // 2**20} MB; "
+                               "is it an OpenAI-compatible API?")
             break
     return b"".join(chunks)[:limit]
 
 
 def parse_reply(url: str, base: str, raw: bytes) -> dict:
     """A JSON object, strictly: NaN, Infinity, numbers that overflow to inf, or nesting too deep
-    for the parser are a BadReply (its episode fails), never a value in the cache."""
+    for the parser are a BadReply (its episode fails), never a value in the cache; JSON that is
+    not an object is another API (the run ends)."""
     try:
         reply = json.loads(raw, parse_constant=no_constant, parse_float=finite_float)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = "JSON nested too deep" if isinstance(e, RecursionError) else " ".join(str(e).split())[:120]
         raise BadReply(f"teacher server {url} did not answer valid JSON ({why}); is {base} an OpenAI-compatible API?")
-    if not isinstance(reply, dict):
-        raise BadReply(f"teacher server {url} answered {type(reply).__name__}, not a JSON object; is {base} an OpenAI-compatible API?")
+    if not isinstance(reply, dict):  # another API, not a bad answer: the run ends here
+        raise DuomemError(f"teacher server {url} answered {type(reply).__name__}, not a JSON object; "
+                          f"is {base} an OpenAI-compatible API?")
     return reply
 
 
@@ -266,7 +271,8 @@ class Turn:
 
 
 class OpenAIPolicy:
-    def __init__(self, client: OpenAIClient, model: str, top_k: int, temperature: float, max_tokens: int, vocab_size: int):
+    def __init__(self, client: OpenAIClient, model: str, top_k: int, temperature: float, max_tokens: int,
+                 vocab_size: int):
         self.client, self.model, self.top_k, self.vocab_size = client, model, top_k, vocab_size
         self.temperature, self.max_tokens = temperature, max_tokens
         self.turns: list[Turn] = []
@@ -317,10 +323,11 @@ def top_row(entries, vocab_size: int) -> list[tuple[int, float]]:
     for t in entries:
         token, logprob = entry_id(t), t.get("logprob")
         if not 0 <= token < vocab_size:
-            raise BadReply(f"the teacher server returned top_logprobs id {token}, outside the vocabulary [0, {vocab_size}); "
-                           "is --teacher-tokenizer the served model's tokenizer?")
+            raise BadReply(f"the teacher server returned top_logprobs id {token}, outside the vocabulary "
+                           f"[0, {vocab_size}); is --teacher-tokenizer the served model's tokenizer?")
         if not isinstance(logprob, (int, float)) or isinstance(logprob, bool) or not -math.inf < logprob <= 1e-3:
-            raise BadReply(f"the teacher server returned a logprob of {str(logprob)[:20]}; a logprob is a finite number <= 0")
+            raise BadReply(f"the teacher server returned a logprob of {str(logprob)[:20]}; "
+                           "a logprob is a finite number <= 0")
         row.append((token, min(float(logprob), 0.0)))  # a rounding error's +1e-6 is 0
     return sorted(row, key=lambda p: -p[1])
 

@@ -16,7 +16,7 @@ from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import StepResult
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.teacher import openai_compat
-from duomem_mlx.teacher.cache import check_topk, read_episodes, verify
+from duomem_mlx.teacher.cache import CacheWriter, check_topk, read_episodes, verify
 from duomem_mlx.teacher.inflight import in_order
 from duomem_mlx.teacher.openai_compat import GaveUp, OpenAIClient, OpenAIPolicy, retry_after
 
@@ -234,3 +234,18 @@ def test_a_failed_job_joins_and_closes_every_worker():
             pass
     assert sorted(closed) == sorted(started) == [0, 1, 2]
     assert not [t for t in threading.enumerate() if t.name.startswith("teach-")]
+
+
+@pytest.mark.parametrize("ids,logprobs,problem", [
+    ([[5, 7]], [[np.nan, -1.0]], "non-finite"), ([[5, 7]], [[-np.inf, -1.0]], "non-finite"),
+    ([[5, 7]], [[0.7, -1.0]], "positive"), ([[5, 100]], [[-0.1, -1.0]], "outside the vocabulary"),
+])
+def test_cache_verify_rejects_a_poisoned_shard(ids, logprobs, problem, tmp_path):
+    out = tmp_path / "cache"
+    settings = {"teacher": "openai:x#m", "backend": "openai", "top_k": 2, "env": "twx", "vocab_size": 100}
+    with CacheWriter(out, settings) as writer:
+        arrays = {"input_ids": np.arange(4, dtype=np.int32), "loss_mask": np.array([0, 0, 0, 1], np.uint8),
+                  "topk_ids": np.array(ids, np.int32), "topk_logprobs": np.array(logprobs, np.float16)}
+        writer.add({"id": "ep0", "task": "t"}, arrays)
+    result = CliRunner().invoke(cli, ["cache", "verify", str(out)])
+    assert result.exit_code == 1 and "00000.safetensors" in result.output and problem in result.output

@@ -86,7 +86,7 @@ def build() -> Path | None:
     print("duomem-mlx: building the CPU quantized kernel once (~10 s)", file=sys.stderr)
     failure = compile_library(compile_command(cxx), path)
     if failure:
-        remember_failure(path, f"could not build it with {cxx}: {failure}")
+        remember(path, "failed", f"could not build it with {cxx}: {failure}")
         print(f"duomem-mlx: could not build the CPU quantized kernel with {cxx} ({failure}), so quantized "
               "packages decode through MLX's kernel, ~3x slower; fix that and run 'make setup'", file=sys.stderr)
         return None
@@ -97,17 +97,20 @@ def marker(path: Path, kind: str) -> Path:
     return path.with_name(f"{path.name}.{kind}")
 
 
-def remember_failure(path: Path, reason: str) -> None:
+def remember(path: Path, kind: str, text: str) -> None:
+    """Write the library's `.ok` or `.failed` marker; a read-only cache remembers nothing."""
+    from .errors import DuomemError
     from .io import write_atomic
 
-    write_atomic(marker(path, "failed"), reason + "\n")
+    try:
+        write_atomic(marker(path, kind), text + "\n")
+    except DuomemError:
+        pass
 
 
 def checked(path: Path) -> str | None:
     """None when the library at `path` is the one a child process loaded and probed (its sha256 is
     in `.ok`); else probe it in a child process now: what went wrong, remembered, or None."""
-    from .io import write_atomic
-
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     stamp = marker(path, "ok")
     if stamp.exists() and stamp.read_text().strip() == digest:
@@ -121,11 +124,8 @@ def checked(path: Path) -> str | None:
         problem = probe_problem(child.returncode, child.stderr)
     except (OSError, subprocess.TimeoutExpired) as error:
         problem = f"its probe could not run ({error})"
-    if problem:
-        remember_failure(path, problem)
-        return problem
-    write_atomic(stamp, digest + "\n")
-    return None
+    remember(path, "failed" if problem else "ok", problem or digest)
+    return problem
 
 
 def probe_problem(returncode: int, stderr: str) -> str | None:
@@ -195,7 +195,7 @@ def kernels():
             reason = "it disagrees with MLX's kernel on a probe layer"
         except (ImportError, TypeError, ValueError, RuntimeError) as error:  # TypeError: nanobind ABI mismatch
             reason = " ".join(str(error).split())[:200]
-        remember_failure(path, reason)
+        remember(path, "failed", reason)
     print(f"duomem-mlx: not using the CPU quantized kernel {path.name} ({reason}); quantized packages decode "
           "through MLX's kernel; fix that and run 'make setup' to try again", file=sys.stderr)
     return None

@@ -18,7 +18,7 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.teacher import openai_compat
 from duomem_mlx.teacher.cache import CacheWriter, check_topk, read_episodes, verify
 from duomem_mlx.teacher.inflight import in_order
-from duomem_mlx.teacher.openai_compat import GaveUp, OpenAIClient, OpenAIPolicy, retry_after
+from duomem_mlx.teacher.openai_compat import GaveUp, OpenAIClient, OpenAIPolicy, backoff, pause, retry_after
 
 
 @contextmanager
@@ -89,6 +89,12 @@ def test_retry_after_nan_is_a_backoff_not_a_crash(monkeypatch):
                     (200, b'{"ok": 1}', {})])
     with serving(lambda h: send(h, *next(answers))) as (url, seen):
         assert OpenAIClient(url, retries=3).request("/models") == {"ok": 1} and len(seen) == 3
+
+
+def test_retries_are_jittered_and_capped():
+    told = [pause(0, 2.0) for _ in range(200)]
+    assert 2.0 <= min(told) and max(told) <= 3.0 and len(set(told)) > 100  # not in lockstep
+    assert max(pause(0, 59.0) for _ in range(50)) <= 60.0 and max(backoff(20) for _ in range(50)) <= 45.0
 
 
 @pytest.mark.parametrize("code", [301, 302, 307, 308])

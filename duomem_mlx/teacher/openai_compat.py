@@ -96,7 +96,7 @@ class OpenAIClient:
                 raise failure
             with self.lock:
                 self.retried += 1
-            time.sleep(backoff(attempt) if wait is None else min(wait * random.uniform(1.0, 1.5), 60.0))
+            time.sleep(pause(attempt, wait))
         raise AssertionError("unreachable")
 
     def send(self, url: str, data: bytes | None, headers: dict) -> tuple[int, http.client.HTTPMessage, bytes]:
@@ -193,6 +193,12 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text[:20]} overflows a float")
     return value
+
+
+def pause(attempt: int, retry_after: float | None) -> float:
+    """Seconds before the next try: the server's Retry-After plus up to half of it (workers told the
+    same do not come back in lockstep), at most a minute; else `backoff`."""
+    return backoff(attempt) if retry_after is None else min(retry_after * random.uniform(1.0, 1.5), 60.0)
 
 
 def backoff(attempt: int) -> float:

@@ -58,14 +58,18 @@ def compiler(env: str = "CC", names: tuple[str, ...] = ("cc", "gcc", "clang")) -
 
 
 def compile_library(command: list[str], path: Path) -> str | None:
-    """Run a compiler `command` that writes (`-o`) a shared library atomically into `path`; what went
+    """Run a compiler `command` that writes (`-o`) a shared library atomically (fsynced) into `path`; what went
     wrong, in one line, or None."""
+    from .io import fsync
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         subprocess.run([*command, "-o", tmp], check=True, capture_output=True, text=True)
+        fsync(Path(tmp))  # a power cut after the rename must not leave a truncated library (SIGBUS on load)
         os.replace(tmp, path)
+        fsync(path.parent)
         return None
     except subprocess.CalledProcessError as error:
         return " ".join(error.stderr.split())[:300] or f"{command[0]} exited with status {error.returncode}"

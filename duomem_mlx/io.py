@@ -1,11 +1,14 @@
 """Files users hand us and files we write, in one place: a JSON / JSONL reader that turns a
 damaged file (bad bytes, bad JSON, a wrong shape) into one `Error:` line naming the file and
 line, and writers that check the destination before the work and write under a temporary
-name, renamed when complete, so an unwritable --out or a crash never leaves half a file."""
+name, fsynced and renamed when complete, so an unwritable --out, a crash or a power cut never
+leaves half a file, and a replaced output is never lost (an interrupted replace is put back)."""
 
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +89,7 @@ def check_destination(path: str | Path, force: bool | None = None, option: str =
     exists or is created and does); with `force` given, an existing file or non-empty directory
     at `path` is refused unless force is True."""
     path = Path(path).expanduser()
+    recover(path)
     if force is False and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise DuomemError(f"{path} already exists; pass --force to overwrite it or choose another {option}")
     where = path if path.is_dir() else path.absolute().parent
@@ -115,15 +119,63 @@ def failed_write(e: BaseException, path: Path, out: Path, need: int | None, hint
     return DuomemError(f"could not write {path} ({reason}{space}); nothing was left behind, {out} is as it was: {hint}")
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename is durable once its directory is),
+    to the disk. (On macOS the drive may still cache it: fcntl F_FULLFSYNC would wait for that too.)"""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for parent, _, files in os.walk(root):
+        for name in files:
+            fsync(Path(parent, name))
+        fsync(Path(parent))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover(out: Path) -> None:
+    """Put right what an interrupted `atomic_dir` of a dead process left beside `out`: a kill between
+    its two renames leaves `out` missing and the previous output in `.OUT.old-PID`, which is put back
+    (and said so); any other `.OUT.old-PID` or `.OUT.tmp-PID` of a dead process is deleted."""
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")) if out.parent.is_dir() else []:
+        kind, _, pid = leftover.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("old", "tmp") or not pid.isdigit() or int(pid) == os.getpid() or alive(int(pid)):
+            continue
+        if kind == "old" and not os.path.lexists(out):
+            os.replace(leftover, out)
+            fsync(out.parent)
+            print(f"duomem-mlx: the writer replacing {out} was killed; its previous version is back in place",
+                  file=sys.stderr)
+        elif leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_file(path: str | Path, need: int | None = None, hint: str = HINT):
-    """Yield a temporary name beside `path` (same suffix) to write; renamed over `path` when the
-    block ends without error, deleted otherwise. A failed write (`write_failed`) is one DuomemError."""
+    """Yield a temporary name beside `path` (same suffix) to write; fsynced and renamed over `path`
+    when the block ends without error, deleted otherwise. A failed write (`write_failed`) is one DuomemError."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}.{path.name}")
     try:
         yield tmp
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if write_failed(e):
@@ -136,22 +188,23 @@ def write_atomic(path: str | Path, data: bytes | str, hint: str = HINT) -> None:
     data = data.encode() if isinstance(data, str) else data
     with atomic_file(path, len(data), hint) as tmp, open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @contextmanager
 def atomic_dir(out: str | Path, need: int | None = None, hint: str = HINT):
-    """Yield a temporary directory next to `out`; when the block ends without error it
-    replaces `out` (an existing `out` is swapped out, then deleted), otherwise it is deleted.
+    """Yield a temporary directory next to `out`; when the block ends without error it is fsynced and
+    replaces `out` (an existing `out` is swapped out, then deleted), otherwise it is deleted. A kill
+    between the two renames is put right by the next `recover` (`check_destination` runs it).
     A failed write (`write_failed`) is one DuomemError naming the file it was writing."""
     out = Path(out)
+    recover(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         yield tmp
+        fsync_tree(tmp)
         if out.exists():
             os.replace(out, old)
         try:
@@ -160,6 +213,7 @@ def atomic_dir(out: str | Path, need: int | None = None, hint: str = HINT):
             if old.exists():
                 os.replace(old, out)
             raise
+        fsync(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         if not write_failed(e):

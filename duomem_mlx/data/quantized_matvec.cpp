@@ -242,12 +242,15 @@ class QuantizedCpu : public UnaryPrimitive {
 };
 
 void check_weights(const array& w, const array& scales, const array& biases, int group_size, int bits) {
-  if ((bits != 4 && bits != 8) || group_size % 32 != 0 || w.dtype() != uint32 || scales.dtype() != float32 ||
-      biases.dtype() != float32 || w.ndim() != 2 || biases.shape() != scales.shape() || scales.ndim() != 2 ||
-      scales.shape(0) != w.shape(0) || scales.shape(1) * group_size != w.shape(1) * 32 / bits) {
+  // Every value the kernels divide by or index with is checked here, before an array is made: an
+  // empty W or a group size of 0 would be a division by zero (SIGFPE), not an exception.
+  if ((bits != 4 && bits != 8) || group_size <= 0 || group_size % 32 != 0 || w.dtype() != uint32 ||
+      scales.dtype() != float32 || biases.dtype() != float32 || w.ndim() != 2 || w.shape(0) == 0 || w.shape(1) == 0 ||
+      biases.shape() != scales.shape() || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
+      scales.shape(1) * group_size != w.shape(1) * 32 / bits) {
     throw std::invalid_argument(
-        "[duomem_mlx cpu_kernel] uint32 w with float32 scales and biases of its shape, 4 or 8 bits, groups of 32, 64 "
-        "or 128");
+        "[duomem_mlx cpu_kernel] a non-empty uint32 w with float32 scales and biases of its shape, 4 or 8 bits, groups "
+        "of 32, 64 or 128");
   }
 }
 
@@ -260,7 +263,8 @@ std::vector<array> contiguous_all(std::initializer_list<array> arrays, Stream st
 array quantized_matvec(const array& x, const array& w, const array& scales, const array& biases, int group_size,
                        int bits, StreamOrDevice s) {
   check_weights(w, scales, biases, group_size, bits);
-  if (x.dtype() != float32 || x.ndim() == 0 || x.shape(-1) != w.shape(1) * 32 / bits || x.size() / x.shape(-1) > MAX_ROWS) {
+  if (x.dtype() != float32 || x.ndim() == 0 || x.shape(-1) != w.shape(1) * 32 / bits || x.size() == 0 ||
+      x.size() / x.shape(-1) > MAX_ROWS) {
     throw std::invalid_argument("[duomem_mlx cpu_kernel] quantized_matvec takes 1 to 8 rows of float32 x as wide as W");
   }
   auto shape = x.shape();

@@ -333,7 +333,19 @@ def check_shard(arrays: dict, episode: dict, k: int, vocab: int | None) -> list[
         for name in ("topk_ids", "topk_logprobs"):
             if list(arrays[name].shape) != [n, k]:
                 problems.append(f"{name} is {list(arrays[name].shape)}, expected [{n}, {k}] (masked tokens x top_k)")
-        top = arrays["topk_ids"]
-        if not problems and top.size and (top.min() < -1 or (vocab and top.max() >= vocab)):
-            problems.append(f"topk_ids outside the vocabulary [0, {vocab})")
+        if not problems:
+            problems += check_topk(arrays["topk_ids"], arrays["topk_logprobs"].astype(np.float32), vocab)
+    return problems
+
+
+def check_topk(ids: np.ndarray, logprobs: np.ndarray, vocab: int | None) -> list[str]:
+    """Ids in the vocabulary (or -1, no teacher distribution), logprobs finite and at most 0."""
+    problems = []
+    if ids.size and (ids.min() < -1 or (vocab and ids.max() >= vocab)):
+        problems.append(f"topk_ids outside the vocabulary [0, {vocab})")
+    finite = np.isfinite(logprobs)
+    if not finite.all():
+        problems.append(f"topk_logprobs holds {int((~finite).sum())} non-finite values (NaN or inf)")
+    if (logprobs[finite] > 0).any():
+        problems.append(f"topk_logprobs holds {int((logprobs[finite] > 0).sum())} positive values (a logprob is <= 0)")
     return problems

@@ -3,7 +3,7 @@
 import copy
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,20 +124,23 @@ def play(workers: Workers, specs, writer: CacheWriter, keep_admissible: bool, co
     todo = [s for s in specs if episode_id(s) not in writer.done]
     bar = Progress(total=len(specs), initial=len(specs) - len(todo), desc="teach", unit="episode")
     client, streak = getattr(workers.model, "client", None), 0
-    for spec, episode, arrays, failure in in_order(todo, concurrency, workers.start, workers.play, workers.close):
-        with disk_errors(writer.out, writer):
-            if failure:
-                writer.fail(episode_id(spec), failure)
-            elif worth_keeping(episode, workers.keep):
-                writer.add(record(episode, keep_admissible), arrays)
-            else:
-                writer.drop(episode.id)
-        streak = streak + 1 if failure else 0
-        if streak >= max(8, 2 * concurrency):
-            raise DuomemError(f"the teacher server failed {streak} episodes in a row (last: {failure}); "
-                              f"the {len(writer.episodes)} episodes cached are intact: fix the server and rerun with --resume")
-        bar.update(1)
-        bar.set_postfix(**progress(writer, client))
+    # closing: on an error too, every worker stops and is joined before the run's environment closes
+    with closing(in_order(todo, concurrency, workers.start, workers.play, workers.close)) as results:
+        for spec, episode, arrays, failure in results:
+            with disk_errors(writer.out, writer):
+                if failure:
+                    writer.fail(episode_id(spec), failure)
+                elif worth_keeping(episode, workers.keep):
+                    writer.add(record(episode, keep_admissible), arrays)
+                else:
+                    writer.drop(episode.id)
+            streak = streak + 1 if failure else 0
+            if streak >= max(8, 2 * concurrency):
+                raise DuomemError(f"the teacher server failed {streak} episodes in a row (last: {failure}); "
+                                  f"the {len(writer.episodes)} episodes cached are intact: "
+                                  "fix the server and rerun with --resume")
+            bar.update(1)
+            bar.set_postfix(**progress(writer, client))
     bar.close()
     if writer.failed:
         first = next(iter(writer.failed.values()))
@@ -153,7 +156,8 @@ def progress(writer: CacheWriter, client) -> dict:
     counts = writer.manifest["counts"]
     shown = {"success": f"{counts['success']}/{counts['played']}", "kept": counts["kept"]}
     if client is not None:
-        shown.update(in_flight=client.in_flight, retries=client.retried, failed=len(writer.failed))
+        shown.update(in_flight=client.in_flight, retries=client.retried, abandoned=client.abandoned,
+                     failed=len(writer.failed))
     return shown
 
 

@@ -12,7 +12,11 @@ def in_order(jobs: list, n: int, start: Callable[[int], Any], run: Callable[[Any
     Worker i makes its state with start(i) in its own thread on its first job (an environment
     started lazily) and closes it when the jobs run out or the caller stops reading. An exception
     of a job (or of start) is raised here at that job's turn; the workers then take no new job.
-    With n = 1 the jobs run in this thread (an mlx: teacher's model stays on the thread that loaded it)."""
+    A worker takes a new job only while fewer than n finished results wait for their turn (one slow
+    job cannot make the others pile up results in memory, lost by a kill). When the caller stops
+    reading (or a job fails) the workers finish the job in hand, close their state, and are joined
+    before this returns. With n = 1 the jobs run in this thread (an mlx: teacher's model stays on
+    the thread that loaded it)."""
     if n == 1:
         yield from in_turn(jobs, start, run, close)
         return
@@ -23,9 +27,10 @@ def in_order(jobs: list, n: int, start: Callable[[int], Any], run: Callable[[Any
     def worker(i: int) -> None:
         state = None
         try:
-            while not stop.is_set():
+            while True:
                 with ready:
-                    index, job = next(queue, (None, None))
+                    ready.wait_for(lambda: stop.is_set() or len(results) < n)
+                    index, job = (None, None) if stop.is_set() else next(queue, (None, None))
                 if index is None:
                     return
                 try:
@@ -48,13 +53,16 @@ def in_order(jobs: list, n: int, start: Callable[[int], Any], run: Callable[[Any
             with ready:
                 ready.wait_for(lambda: index in results)
                 ok, value = results.pop(index)
+                ready.notify_all()  # room for a worker waiting to take a job
             if not ok:
                 raise value
             yield value
     finally:
-        stop.set()
-    for thread in threads:
-        thread.join()
+        with ready:
+            stop.set()
+            ready.notify_all()
+        for thread in threads:
+            thread.join()
 
 
 def in_turn(jobs: list, start: Callable[[int], Any], run: Callable[[Any, Any], Any], close: Callable[[Any], None]) -> Iterator:

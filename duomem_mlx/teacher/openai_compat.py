@@ -4,12 +4,13 @@ mlx_lm.server); top-k from `top_logprobs`, aligned to the local tokenization of 
 import email.utils
 import http.client
 import json
+import math
 import os
 import random
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +36,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 RETRY = (408, 429, 500, 502, 503, 504)  # a busy or restarting server: try again
+MAX_BODY = 32 * 2**20  # an answer of 160 tokens with 20 top logprobs each is ~100 KB
+TIMEOUT_RETRIES = 1  # a timed-out request may still run on the server: try it once more, not six times
 
 
 class OpenAIClient:
-    """Chat completions over urllib, one client shared by every episode in flight: timeouts,
-    retries on 429, 5xx, timeouts and dropped connections (after the server's Retry-After, else
-    an exponential backoff with jitter), at most `max_rps` requests a second, and counts of the
-    requests in flight and retried. The API key (OPENAI_API_KEY) goes in a header and nowhere else."""
+    """Chat completions over http.client, one client shared by every episode in flight. Every
+    request has a total deadline (`timeout`, however slowly the server sends), a body size limit,
+    no redirects (the Authorization header goes to the URL given and nowhere else) and strict JSON
+    (no NaN or Infinity). Retries on 429, 5xx and dropped connections, after the server's
+    Retry-After (with jitter) or an exponential backoff with jitter, both capped; a timeout is
+    retried once and counted as abandoned (the server may still compute it). At most `max_rps`
+    requests start a second. The API key (OPENAI_API_KEY) goes in a header and nowhere else."""
 
     def __init__(self, base_url: str, timeout: float = 120.0, retries: int = 6, max_rps: float | None = None):
         base_url = base_url.rstrip("/")
@@ -50,50 +56,90 @@ class OpenAIClient:
         self.key = os.environ.get("OPENAI_API_KEY")
         self.pace = Pace(max_rps)
         self.lock = threading.Lock()
-        self.in_flight = self.retried = 0
+        self.in_flight = self.retried = self.abandoned = 0
 
     def request(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
         url = self.base + path
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
         data = json.dumps(body).encode() if body is not None else None
         retries = self.retries if retries is None else retries
+        timeouts = 0
         for attempt in range(retries + 1):
             wait = None
             try:
-                reply = self.send(urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET"))
-            except urllib.error.HTTPError as e:
-                message = f"teacher server {url} answered HTTP {e.code}: {error_detail(e.read().decode(errors='replace')) or e.reason}"
-                if e.code not in RETRY:
-                    raise HTTPStatusError(e.code, message)
-                failure, wait = GaveUp(f"{message} ({attempt + 1} tries)"), retry_after(e.headers)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", None) or f"{e.__class__.__name__}: {e}".rstrip(": ")
+                status, reply_headers, raw = self.send(url, data, headers)
+            except TimeoutError:
+                timeouts += 1
+                with self.lock:
+                    self.abandoned += 1
+                failure = Unreachable(f"the teacher server at {self.base} gave no complete answer within "
+                                      f"{self.timeout:g} s ({attempt + 1} tries); is it overloaded?")
+                if timeouts > TIMEOUT_RETRIES:
+                    raise failure
+            except (OSError, http.client.HTTPException) as e:
+                reason = f"{e.__class__.__name__}: {e}".rstrip(": ")
                 failure = Unreachable(f"cannot reach the teacher server at {self.base} ({reason}) after {attempt + 1} tries; start it or fix the URL")
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise DuomemError(f"teacher server {url} did not answer JSON; is {self.base} an OpenAI-compatible API?")
             else:
-                if not isinstance(reply, dict):
-                    raise DuomemError(f"teacher server {url} answered {type(reply).__name__}, not a JSON object; is {self.base} an OpenAI-compatible API?")
-                return reply
+                if 200 <= status < 300:
+                    return parse_reply(url, self.base, raw)
+                message = f"teacher server {url} answered HTTP {status}: {error_detail(raw.decode(errors='replace'))}"
+                if 300 <= status < 400:
+                    target = redact(str(reply_headers.get("Location")))
+                    raise DuomemError(f"teacher server {url} redirects (HTTP {status}) to {target}; requests with the "
+                                      "API key are never redirected: pass the final URL in --teacher")
+                if status not in RETRY:
+                    raise HTTPStatusError(status, message)
+                failure, wait = GaveUp(f"{message} ({attempt + 1} tries)"), retry_after(reply_headers)
             if attempt == retries:
                 raise failure
             with self.lock:
                 self.retried += 1
-            time.sleep(backoff(attempt) if wait is None else wait)
+            time.sleep(pause(attempt, wait))
         raise AssertionError("unreachable")
 
-    def send(self, request: urllib.request.Request):
+    def send(self, url: str, data: bytes | None, headers: dict) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """(status, headers, body) of one request, whatever the status; TimeoutError once `timeout`
+        seconds have passed since it started (a watchdog shuts the socket: a server that sends a
+        byte a second cannot hold it longer)."""
         self.pace.wait()
+        parts = urllib.parse.urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=self.timeout)
+        expired, sockets = threading.Event(), []
+
+        def cut() -> None:
+            expired.set()
+            for sock in sockets:  # the response may hold the socket after the connection let it go
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+
+        watchdog = threading.Timer(self.timeout, cut)
         with self.lock:
             self.in_flight += 1
+        watchdog.start()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
+            connection.connect()  # within `timeout` too (its own socket timeout)
+            sockets.append(connection.sock)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            connection.request("POST" if data else "GET", target, data, headers)
+            response = connection.getresponse()
+            body = read_body(response, MAX_BODY if 200 <= response.status < 300 else 65536)
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise TimeoutError
+            raise
         finally:
+            watchdog.cancel()
+            connection.close()
             with self.lock:
                 self.in_flight -= 1
+        if expired.is_set():
+            raise TimeoutError
+        return response.status, response.headers, body
 
     def chat(self, body: dict) -> dict:
         """The first choice of a chat completion, checked: {"message": {"content": ...}, ...}."""
@@ -107,6 +153,52 @@ class OpenAIClient:
         if content is not None and not isinstance(content, str):
             raise DuomemError(f"teacher server {self.base} answered a non-text message content; is it an OpenAI-compatible chat completions API?")
         return {**choice, "usage": reply.get("usage") if isinstance(reply.get("usage"), dict) else {}}
+
+
+def read_body(response, limit: int) -> bytes:
+    """The body, refused (BadReply) past `limit` bytes; error bodies are cut at `limit` instead."""
+    chunks, size = [], 0
+    while chunk := response.read1(65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            if response.status < 300:
+                raise BadReply(f"the teacher server answered more than {limit // 2**20} MB; "
+                               "is it an OpenAI-compatible API?")
+            break
+    return b"".join(chunks)[:limit]
+
+
+def parse_reply(url: str, base: str, raw: bytes) -> dict:
+    """A JSON object, strictly: NaN, Infinity, numbers that overflow to inf, or nesting too deep
+    for the parser are a BadReply (its episode fails), never a value in the cache; JSON that is
+    not an object is another API (the run ends)."""
+    try:
+        reply = json.loads(raw, parse_constant=no_constant, parse_float=finite_float)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = "JSON nested too deep" if isinstance(e, RecursionError) else " ".join(str(e).split())[:120]
+        raise BadReply(f"teacher server {url} did not answer valid JSON ({why}); is {base} an OpenAI-compatible API?")
+    if not isinstance(reply, dict):  # another API, not a bad answer: the run ends here
+        raise DuomemError(f"teacher server {url} answered {type(reply).__name__}, not a JSON object; "
+                          f"is {base} an OpenAI-compatible API?")
+    return reply
+
+
+def no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} overflows a float")
+    return value
+
+
+def pause(attempt: int, retry_after: float | None) -> float:
+    """Seconds before the next try: the server's Retry-After plus up to half of it (workers told the
+    same do not come back in lockstep), at most a minute; else `backoff`."""
+    return backoff(attempt) if retry_after is None else min(retry_after * random.uniform(1.0, 1.5), 60.0)
 
 
 def backoff(attempt: int) -> float:
@@ -125,7 +217,7 @@ def retry_after(headers) -> float | None:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-    return min(max(seconds, 0.0), 60.0)
+    return min(max(seconds, 0.0), 60.0) if math.isfinite(seconds) else None
 
 
 class Pace:
@@ -161,6 +253,11 @@ class Unreachable(GaveUp):
     pass
 
 
+class BadReply(GaveUp):
+    """An answer that cannot be used (not strict JSON, too large, a top-logprobs row with a
+    non-finite or positive logprob or an id outside the vocabulary): it fails its episode."""
+
+
 class HTTPStatusError(DuomemError):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -180,8 +277,9 @@ class Turn:
 
 
 class OpenAIPolicy:
-    def __init__(self, client: OpenAIClient, model: str, top_k: int, temperature: float, max_tokens: int):
-        self.client, self.model, self.top_k = client, model, top_k
+    def __init__(self, client: OpenAIClient, model: str, top_k: int, temperature: float, max_tokens: int,
+                 vocab_size: int):
+        self.client, self.model, self.top_k, self.vocab_size = client, model, top_k, vocab_size
         self.temperature, self.max_tokens = temperature, max_tokens
         self.turns: list[Turn] = []
 
@@ -208,28 +306,53 @@ class OpenAIPolicy:
         content = choice["message"].get("content") or ""
         turn = Turn(choice["usage"].get("prompt_tokens"), content, choice.get("finish_reason"))
         if self.top_k:
-            entries = (choice.get("logprobs") or {}).get("content")
+            logprobs = choice.get("logprobs")
+            entries = logprobs.get("content") if isinstance(logprobs, dict) else None
             if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) or not entries:
                 raise DuomemError(f"the teacher server at {self.client.base} returned no logprobs; use one that supports top_logprobs (vLLM, mlx_lm.server) or --top-k 0")
-            try:
-                turn.rows = [sorted(((entry_id(t), float(t["logprob"])) for t in e.get("top_logprobs", [])), key=lambda p: -p[1]) for e in entries]
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise DuomemError(f"the teacher server at {self.client.base} returned malformed top_logprobs ({e.__class__.__name__}: {e}); use vLLM or mlx_lm.server, or --top-k 0")
-            sampled = [e.get("token", "") for e in entries]
-            if all(isinstance(s, str) and s.startswith("token_id:") for s in sampled):
-                turn.sampled = [int(s[9:]) for s in sampled]
+            turn.rows = [top_row(e.get("top_logprobs", []), self.vocab_size) for e in entries]
+            sampled = [token_id(e.get("token")) for e in entries]
+            if all(t is not None for t in sampled):
+                turn.sampled = sampled
         self.turns.append(turn)
         action = content.strip().split("\n")[0].strip()
         self.messages.append({"role": "assistant", "content": action})
         return action
 
 
-def entry_id(entry: dict) -> int:
-    if isinstance(entry.get("id"), int):
-        return entry["id"]
-    token = entry.get("token", "")
-    if isinstance(token, str) and token.startswith("token_id:"):
+def top_row(entries, vocab_size: int) -> list[tuple[int, float]]:
+    """One position's (id, logprob) pairs, most likely first; BadReply (the episode fails, not the
+    run) unless every logprob is finite and at most 0 and every id is in the vocabulary."""
+    if not isinstance(entries, list) or not all(isinstance(t, dict) for t in entries):
+        raise BadReply("the teacher server returned malformed top_logprobs (not a list of objects)")
+    row = []
+    for t in entries:
+        token, logprob = entry_id(t), t.get("logprob")
+        if not 0 <= token < vocab_size:
+            raise BadReply(f"the teacher server returned top_logprobs id {token}, outside the vocabulary "
+                           f"[0, {vocab_size}); is --teacher-tokenizer the served model's tokenizer?")
+        if not isinstance(logprob, (int, float)) or isinstance(logprob, bool) or not -math.inf < logprob <= 1e-3:
+            raise BadReply(f"the teacher server returned a logprob of {str(logprob)[:20]}; "
+                           "a logprob is a finite number <= 0")
+        row.append((token, min(float(logprob), 0.0)))  # a rounding error's +1e-6 is 0
+    return sorted(row, key=lambda p: -p[1])
+
+
+def token_id(token) -> int | None:
+    """N of a vLLM `token_id:N` token, or None."""
+    if isinstance(token, str) and token.startswith("token_id:") and token[9:].isdigit() and len(token) < 30:
         return int(token[9:])
+    return None
+
+
+def entry_id(entry: dict) -> int:
+    if isinstance(entry.get("id"), int) and not isinstance(entry["id"], bool):
+        return entry["id"]
+    token = token_id(entry.get("token"))
+    if token is not None:
+        return token
+    if isinstance(entry.get("token"), str) and entry["token"].startswith("token_id:"):
+        raise BadReply(f"the teacher server returned a malformed token id {entry['token'][:30]!r}")
     raise DuomemError("the teacher server returns top_logprobs without token ids; start vLLM with --return-tokens-as-token-ids or use mlx_lm.server")
 
 
@@ -246,7 +369,7 @@ class OpenAITeacher:
             raise DuomemError(f"the served model {model} is not a local directory; pass --teacher-tokenizer with its tokenizer (a local dir or Hub repo)")
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.vocab_size = len(self.tokenizer.get_vocab())
-        self.policy = OpenAIPolicy(self.client, model, top_k, temperature, max_tokens)
+        self.policy = OpenAIPolicy(self.client, model, top_k, temperature, max_tokens, self.vocab_size)
 
     def check_model(self):
         try:

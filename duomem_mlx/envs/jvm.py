@@ -1,7 +1,6 @@
 """What the two Java-backed environments (ScienceWorld, TextWorldExpress) share: a py4j gateway
 to a JVM that can die mid-episode, be told apart from a failed step, and be restarted."""
 
-import functools
 import logging
 import os
 import shutil
@@ -28,7 +27,6 @@ def require_java(package: str):
         raise DuomemError(f"{package} needs Java 11+ and {problem}: {JAVA_HINT}")
 
 
-@functools.cache
 def _java_problem() -> str | None:
     """None once a `java` that runs is first on PATH (py4j starts plain `java`); else what went wrong.
     A macOS /usr/bin/java without a JDK is a stub that fails, so finding it is not enough: it must run."""

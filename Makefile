@@ -52,7 +52,7 @@ models: setup
 	@for m in $(REAL_MODELS); do $(RUN) $(PY) -m duomem_mlx convert --fetch $$m || exit 1; done
 
 test: models
-	@$(PY) -c 'import importlib.metadata as m, sys; print("tested on: Python " + sys.version.split()[0], *(f"{p} {m.version(p)}" for p in sys.argv[1:]), sep=", ")' $(VERSIONS)
+	@$(PY) -c 'import importlib.metadata as m, sys; print("tested on: Python " + sys.version.split()[0], *(f"{p} {next((d.version for d in m.distributions(name=p)), None)}" for p in sys.argv[1:]), sep=", ")' $(VERSIONS)
 	$(RUN) $(PY) -m pytest -q
 
 demo: demo-setup

@@ -25,8 +25,8 @@ elif command -v apt-get >/dev/null 2>&1; then
   exit 1
 elif [ "$(uname -s)" = Darwin ]; then
   echo "Error: no Java runs; ScienceWorld and TextWorldExpress need Java 11+: brew install openjdk, then" \
-    "export JAVA_HOME=\$(brew --prefix openjdk)/libexec/openjdk.jdk/Contents/Home (or put \$(brew --prefix openjdk)/bin" \
-    "first on PATH)" >&2
+    "export JAVA_HOME=\$(brew --prefix openjdk)/libexec/openjdk.jdk/Contents/Home" \
+    "(or put \$(brew --prefix openjdk)/bin first on PATH)" >&2
   exit 1
 else
   echo "note: ${missing[*]} not found; ScienceWorld and TextWorldExpress need Java 11+" >&2

@@ -112,6 +112,25 @@ def test_java_home_wins_over_a_java_on_path_that_does_not_run(tmp_path):
     assert "100.0%" in result.stdout
 
 
+def test_system_deps_on_a_mac_without_a_jdk_stop_with_the_hint(tmp_path):
+    """scripts/install_system_deps.sh where `uname` says Darwin and `java` is macOS's stub; JAVA_HOME then fixes it."""
+    stubs = java_stub(tmp_path / "bin")
+    (stubs / "uname").write_text("#!/bin/sh\necho Darwin\n")
+    (stubs / "uname").chmod(0o755)
+
+    def run(**env):
+        return subprocess.run(["/bin/bash", str(ROOT / "scripts" / "install_system_deps.sh")], capture_output=True,
+                              text=True, env={"PATH": str(stubs), **env}, timeout=60)
+
+    stopped = run()
+    assert stopped.returncode == 1 and len(stopped.stderr.strip().splitlines()) == 1, stopped.stderr
+    assert stopped.stderr.startswith("Error: no Java runs") and "brew install openjdk" in stopped.stderr
+    assert "export JAVA_HOME=$(brew --prefix openjdk)/libexec/openjdk.jdk/Contents/Home" in stopped.stderr
+    java = shutil.which("java")
+    if java and subprocess.run([java, "-version"], capture_output=True).returncode == 0:
+        assert run(JAVA_HOME=str(Path(os.path.realpath(java)).parents[1])).returncode == 0
+
+
 def run_make(path: Path, *args) -> subprocess.CompletedProcess:
     """make in the repository with only `path` on PATH (the Pythons it may find), its venv in a temporary folder."""
     make = shutil.which("make")

@@ -43,8 +43,9 @@ def resolve(pyproject: Path, platform: str, python: str) -> subprocess.Popen:
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
     out, err = process.communicate(timeout=300)
-    if process.returncode and any(sign in err for sign in REGISTRY_DOWN):
-        pytest.skip(f"the package registry does not answer uv: {err.strip().splitlines()[0]}")
+    down = [line.strip() for line in err.splitlines() if any(sign in line for sign in REGISTRY_DOWN)]
+    if process.returncode and down:
+        pytest.skip(f"the package registry does not answer uv ({down[0]})")
     return process.returncode, out, err
 
 
@@ -71,6 +72,14 @@ def test_the_check_fails_when_a_pin_has_no_wheel_there(tmp_path):
     (tmp_path / "pyproject.toml").write_text(unmarked)
     code, _, err = finish(resolve(tmp_path / "pyproject.toml", "aarch64-apple-darwin", "3.11"))
     assert code != 0 and "textworld" in err and "wheels" in err, err
+
+
+def test_the_check_skips_where_the_registry_does_not_answer(tmp_path, monkeypatch):
+    monkeypatch.setenv("UV_DEFAULT_INDEX", "http://127.0.0.1:9/simple")  # nothing listens on the discard port
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("UV_HTTP_RETRIES", "0")
+    with pytest.raises(pytest.skip.Exception, match=r"registry does not answer uv \(.*Failed to fetch"):
+        finish(resolve(ROOT / "pyproject.toml", "aarch64-apple-darwin", "3.11"))
 
 
 def java_stub(directory: Path) -> Path:

@@ -20,7 +20,9 @@ PLATFORMS = [
     ("aarch64-apple-darwin", "3.12", False),
     ("aarch64-apple-darwin", "3.13", False),
     ("x86_64-manylinux_2_35", "3.11", True),  # MLX's Linux wheels are manylinux_2_35
+    ("x86_64-manylinux_2_35", "3.13", True),
     ("aarch64-manylinux_2_35", "3.11", False),
+    ("aarch64-manylinux_2_35", "3.13", False),
 ]
 # jericho, the Z-machine TextWorld plays its games on, is published as source only (a C compiler builds it);
 # every other package must come as a wheel.
@@ -29,7 +31,7 @@ REGISTRY_DOWN = ("Failed to fetch", "Could not connect", "dns error", "error sen
 
 
 def resolve(pyproject: Path, platform: str, python: str) -> subprocess.Popen:
-    """`uv pip compile` for `platform` from wheels alone (uv's own index settings: PyPI unless UV_INDEX_URL)."""
+    """`uv pip compile` for `platform` from wheels alone (uv's own index settings: PyPI unless UV_DEFAULT_INDEX says otherwise)."""
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not installed: pip install -e '.[dev]'")

@@ -31,7 +31,7 @@ REGISTRY_DOWN = ("Failed to fetch", "Could not connect", "dns error", "error sen
 
 
 def resolve(pyproject: Path, platform: str, python: str) -> subprocess.Popen:
-    """`uv pip compile` for `platform` from wheels alone (uv's own index settings: PyPI unless UV_DEFAULT_INDEX says otherwise)."""
+    """`uv pip compile` for `platform` from wheels alone (uv's own index: PyPI unless UV_DEFAULT_INDEX names one)."""
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not installed: pip install -e '.[dev]'")

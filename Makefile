@@ -1,5 +1,7 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-PYTHON ?= python3
+# The first Python >= 3.11 of python3.13, python3.12, python3.11, python3 (a stock Mac's python3 is Xcode's 3.9).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { command -v $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 # Linux CPU wheels of MLX ship a reference BLAS; preload OpenBLAS when it is there (~30x on matmuls),
@@ -8,22 +10,40 @@ PY := $(VENV)/bin/python
 OPENBLAS = $(shell $(PY) -m duomem_mlx.blas 2>/dev/null)
 RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
 
-.PHONY: setup system models test demo bench clean
+# What each installs: the tests every environment with wheels here (pyproject.toml), the demo TextWorldExpress.
+EXTRAS_test = envs,dev
+EXTRAS_demo = twx,plot
 
-setup: $(VENV)/.installed $(VENV)/.bfcl system
-	@$(PY) -m duomem_mlx.blas >/dev/null
-	@$(PY) -m duomem_mlx.cpu_kernel
+.PHONY: setup demo-setup system models test demo bench clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+define native
+@$(PY) -m duomem_mlx.blas >/dev/null
+@$(PY) -m duomem_mlx.cpu_kernel
+endef
+
+setup: $(VENV)/.installed-test $(VENV)/.bfcl system
+	$(native)
+
+demo-setup: $(VENV)/.installed-demo system
+	$(native)
+
+$(PY):
+	@test -n "$(PYTHON)" || { echo "Error: duomem-mlx needs Python 3.11+ and none of python3.13, python3.12," \
+	  "python3.11, python3 is one: brew install python@3.12 (macOS), apt-get install python3.11, or make PYTHON=..." >&2; \
+	  exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# A venv made by uv has no pip: ensurepip gives it one.
+$(VENV)/.installed-%: pyproject.toml | $(PY)
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[envs,dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS_$*)]'
 	touch $@
 
 # BFCL's data, checker and API backends (--env bfcl): its own requirements pin numpy==1.26.4 and
 # hosted-model clients, none of which the multi-turn checker imports, hence --no-deps.
 BFCL = bfcl-eval==2026.3.23
-$(VENV)/.bfcl: $(VENV)/.installed
+$(VENV)/.bfcl: $(VENV)/.installed-test
 	$(PY) -m pip install -q --no-deps $(BFCL)
 	touch $@
 
@@ -39,10 +59,10 @@ models: setup
 	@for m in $(REAL_MODELS); do $(RUN) $(PY) -m duomem_mlx convert --fetch $$m || exit 1; done
 
 test: models
-	@$(PY) -c 'import importlib.metadata as m, sys; print("tested on: Python " + sys.version.split()[0], *(f"{p} {m.version(p)}" for p in sys.argv[1:]), sep=", ")' $(VERSIONS)
+	@$(PY) -c 'import importlib.metadata as m, sys; print("tested on: Python " + sys.version.split()[0], *(f"{p} {next((d.version for d in m.distributions(name=p)), None)}" for p in sys.argv[1:]), sep=", ")' $(VERSIONS)
 	$(RUN) $(PY) -m pytest -q
 
-demo: setup
+demo: demo-setup
 	$(RUN) bash scripts/demo.sh
 
 bench: setup

@@ -1,8 +1,11 @@
 """Shared fixtures: tiny models built on the spot (offline), session-scoped to stay fast."""
 
+import importlib.util
+
 import pytest
 
 pytest.register_assert_rewrite("cachecheck")
+pytest_plugins = ["pytester"]  # test_install.py runs a test session of its own
 
 from duomem_mlx.convert.fetch import cache_dir
 from duomem_mlx.models import make_tiny_model
@@ -35,6 +38,41 @@ def game_cache(tmp_path_factory):
         os.environ.pop("DUOMEM_CACHE", None)
     else:
         os.environ["DUOMEM_CACHE"] = previous
+
+
+ENV_PACKAGES = {"twx": "textworld_express", "scienceworld": "scienceworld", "textworld": "textworld",
+                "alfworld": "alfworld"}  # the environment (and its extra in pyproject.toml): the module it needs
+
+
+def pytest_collection_modifyitems(items):
+    """A test that plays an environment (by its fixture, a parameter naming it, or `@pytest.mark.env(NAME)`) is
+    skipped when the environment's package is not installed: `envs` installs only those with wheels there."""
+    for item in items:
+        reason = not_installed(envs_played(item))
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def envs_played(item) -> set[str]:
+    named = {env for mark in item.iter_markers("env") for env in mark.args}
+    params = item.callspec.params.values() if hasattr(item, "callspec") else ()
+    return named | (set(ENV_PACKAGES) & set(item.fixturenames)) | {
+        value for value in params if isinstance(value, str) and value in ENV_PACKAGES}
+
+
+def not_installed(envs: set[str]) -> str | None:
+    missing = [env for env in sorted(envs) if importlib.util.find_spec(ENV_PACKAGES[env]) is None]
+    return f"{missing[0]} is not installed: pip install -e '.[{missing[0]}]'" if missing else None
+
+
+@pytest.fixture(scope="session")
+def need_env():
+    """For a fixture that plays an environment: `need_env("textworld")` skips what uses it where it is missing."""
+    def need(env: str):
+        reason = not_installed({env})
+        if reason:
+            pytest.skip(reason)
+    return need
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 KEYS = {"peer", "model_config", "bytes_of_weights", "mode", "steps", "peer_step_ms", "ours_step_ms", "speedup_mean", "speedup_p50", "forward_passes_per_action",
         "prefill_tokens_per_step", "decode_tokens_per_step", "same_actions", "machine", "mlx", "mlx_lm"}
 
 
+@pytest.mark.env("textworld")
 def test_agent_vs_server_two_steps(tiny_model, tmp_path):
     out = tmp_path / "result.json"
     script = Path(__file__).parents[1] / "benchmarks" / "agent_vs_server.py"

@@ -26,9 +26,9 @@ def oracle_eval(tmp_path: Path, split: str, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def games(tmp_path_factory):
+def games(tmp_path_factory, need_env):
     """A teacher cache of two train games (coin, peckingorder), and oracle evals of two test and the two train games."""
-    pytest.importorskip("textworld_express")
+    need_env("twx")
     tmp_path = tmp_path_factory.mktemp("demo")
     cache = tmp_path / "train-cache"
     subprocess.run([*CLI, "teach", "--teacher", "oracle", "--env", "twx", "--tasks", "coin,peckingorder", "--split", "train",

@@ -87,6 +87,7 @@ def test_fused_8bit_package_acts_like_base_plus_adapters(base_kind, tiny_model, 
     assert "no memory bank" in result.stdout
 
 
+@pytest.mark.env("textworld")
 def test_package_with_bank_loads_everywhere(tiny_model, tmp_path):
     memories = tmp_path / "memories.jsonl"
     memories.write_text(json.dumps({"id": "tw-1", "task_type": "simple", "text": "open the chest, take the key, unlock the door"}) + "\n")
@@ -174,7 +175,8 @@ def test_quantize_on_a_cpu_says_which_precision_decodes_fastest(tiny_model, tmp_
 
 
 @pytest.fixture(scope="module")
-def train_cache(tmp_path_factory):
+def train_cache(tmp_path_factory, need_env):
+    need_env("textworld")
     cache = tmp_path_factory.mktemp("cache") / "cache"
     teach = cli("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", "2", "--keep-admissible", "--out", cache)
     assert teach.returncode == 0, teach.stderr

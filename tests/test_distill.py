@@ -118,7 +118,8 @@ def run(*args, ok=True):
 
 
 @pytest.fixture(scope="module")
-def oracle_cache(tmp_path_factory):
+def oracle_cache(tmp_path_factory, need_env):
+    need_env("textworld")
     out = tmp_path_factory.mktemp("distill") / "oracle"
     run("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", 4, "--out", out)
     return out

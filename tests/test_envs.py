@@ -140,6 +140,7 @@ def test_twx_folds_are_different_games(twx):
         twx.reset(same_seed[1])
 
 
+@pytest.mark.env("twx")
 def test_twx_test_games_of_coin_in_two_rooms_are_not_train_games():
     env = make_env("twx", game_params="coin:numLocations=2")  # ~40 distinct games a fold: the folds overlap
     try:
@@ -187,6 +188,7 @@ def test_twx_game_params_option_names_games_or_keys():
         make_env("textworld", game_params="numLocations=2")
 
 
+@pytest.mark.env("twx")
 def test_twx_out_of_range_params_fail_at_start():
     with pytest.raises(DuomemError, match="rejects coin params .*numLocations=99"):
         make_env("twx", game_params={"coin": "numLocations=99"})
@@ -196,11 +198,15 @@ def test_twx_without_java_or_package_names_the_fix(monkeypatch):
     import shutil
     import sys
 
+    from duomem_mlx.envs import jvm
+
     monkeypatch.setitem(sys.modules, "textworld_express", None)  # import fails
-    with pytest.raises(DuomemError, match=r"not installed: pip install 'duomem-mlx\[envs\]'"):
+    with pytest.raises(DuomemError, match=r"not installed: pip install 'duomem-mlx\[twx\]'"):
         make_env("twx")
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(DuomemError, match="TextWorldExpress needs Java .*apt-get install"):
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no JDK anywhere
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setattr(jvm, "_from_macos_java_home", lambda: None)
+    with pytest.raises(DuomemError, match=r"TextWorldExpress needs Java 11\+ and none was found: "):
         make_env("twx")
 
 
@@ -211,6 +217,7 @@ def test_any_model_text_is_a_safe_twx_action(twx, action):
     assert state.observation and state.admissible and not state.won
 
 
+@pytest.mark.env("twx")
 def test_twx_is_an_env_choice_everywhere_and_eval_runs_it(tmp_path):
     import json
 

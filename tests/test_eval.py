@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from duomem_mlx.envs.base import Episode
 
 
@@ -18,6 +20,7 @@ def assert_clean_failure(result, *phrases):
         assert phrase in result.stderr, result.stderr
 
 
+@pytest.mark.env("textworld")
 def test_eval_oracle_textworld_writes_results_and_log(tmp_path):
     out, log = tmp_path / "r" / "results.json", tmp_path / "episodes.jsonl"
     result = cli("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "2", "--policy", "oracle",
@@ -31,6 +34,7 @@ def test_eval_oracle_textworld_writes_results_and_log(tmp_path):
     assert "simple" in result.stdout and "100.0%" in result.stdout
 
 
+@pytest.mark.env("twx")
 def test_eval_game_params_change_the_games_and_are_recorded(tmp_path):
     def oracle(*params):
         out = tmp_path / f"{len(params)}.json"
@@ -47,6 +51,7 @@ def test_eval_game_params_change_the_games_and_are_recorded(tmp_path):
                          "coin takes no game param 'rooms'")
 
 
+@pytest.mark.env("textworld", "scienceworld")
 def test_eval_model_policy_with_memories_on_real_episodes(tiny_model, tmp_path):
     memories = tmp_path / "memories.jsonl"
     memories.write_text("\n".join(json.dumps(m) for m in [
@@ -68,6 +73,7 @@ def test_eval_model_policy_with_memories_on_real_episodes(tiny_model, tmp_path):
         assert episode.stats["prefill_tokens"] < sum(episode.stats["prompt_tokens"])  # incremental
 
 
+@pytest.mark.env("textworld")
 def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     assert_clean_failure(cli("eval", "--env", "minecraft", "--out", str(tmp_path / "r.json")), "minecraft")
     assert_clean_failure(cli("eval", "--env", "textworld", "--split", "val", "--out", str(tmp_path / "r.json")), "val")
@@ -81,7 +87,7 @@ def test_missing_java_names_the_fix(tmp_path):
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # no java on this PATH
     result = subprocess.run([sys.executable, "-m", "duomem_mlx", "eval", "--env", "scienceworld", "--out", str(tmp_path / "r.json")],
                             capture_output=True, text=True, env=env, timeout=120)
-    assert_clean_failure(result, "Java", "apt-get install")
+    assert_clean_failure(result, "Java 11+", "JAVA_HOME")  # the hint, Debian's or Homebrew's
 
 
 def test_missing_alfworld_names_the_fix(tmp_path):

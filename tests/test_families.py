@@ -221,6 +221,7 @@ def test_training_layout(family_models, arch):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.env("textworld")
 def test_teach_mlx_teacher(family_dirs, tmp_path, arch):
     out = tmp_path / "cache"
     args = ["teach", "--env", "textworld", "--max-steps", "4", "--teacher", f"mlx:{family_dirs[arch]}",

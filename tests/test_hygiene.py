@@ -128,6 +128,7 @@ def test_one_atomic_swap_and_one_bank_rebuild():
 
 # ---------------------------------------------------------------- integrity
 
+@pytest.mark.env("scienceworld")
 def test_teach_cycling_variations_gets_unique_ids_and_a_valid_cache(tmp_path):
     out = tmp_path / "cache"
     result = run("teach", "--teacher", "oracle", "--env", "scienceworld", "--tasks", "identify-life-stages-2",
@@ -146,6 +147,7 @@ def test_teach_cycling_variations_gets_unique_ids_and_a_valid_cache(tmp_path):
     "openai:user:secret@host#M",
     "opnai:http://user:secret@host/v1#M",
 ])
+@pytest.mark.env("textworld")
 def test_teacher_url_credentials_never_printed(spec, tmp_path):
     result = subprocess.run([sys.executable, "-m", "duomem_mlx", "teach", "--teacher", spec, "--env", "textworld", "--out", str(tmp_path / "c")],
                             capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "DUOMEM_OPENBLAS": "0"})
@@ -157,6 +159,7 @@ def test_teacher_url_credentials_never_printed(spec, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.env("textworld")
 def test_a_second_teach_on_a_locked_cache_is_refused(tmp_path, tiny_model):
     out = tmp_path / "cache"
     args = ["teach", "--teacher", "oracle", "--teacher-tokenizer", tiny_model, "--env", "textworld", "--episodes", "1", "--max-steps", "3", "--keep", "all", "--out", out]
@@ -170,6 +173,7 @@ def test_a_second_teach_on_a_locked_cache_is_refused(tmp_path, tiny_model):
 
 # ---------------------------------------------------------------- damaged files
 
+@pytest.mark.env("textworld")
 def test_memories_with_a_bad_byte_or_shape_are_one_line_everywhere(tmp_path, tiny_model, bank_dir):
     bad_byte = tmp_path / "bytes.jsonl"
     bad_byte.write_bytes(json.dumps(MEMORIES[0]).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
@@ -200,6 +204,7 @@ def test_episode_logs_and_configs_of_the_wrong_shape(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["tokens", "task", "memory", "counts", "shard"])
+@pytest.mark.env("textworld")
 def test_cache_verify_checks_what_info_reads(damage, tmp_path, tiny_model):
     out = tmp_path / "cache"
     args = ["teach", "--teacher", "oracle", "--teacher-tokenizer", tiny_model, "--env", "textworld", "--episodes", "1", "--max-steps", "3", "--keep", "all", "--out", out]
@@ -220,6 +225,7 @@ def test_cache_verify_checks_what_info_reads(damage, tmp_path, tiny_model):
 
 # ---------------------------------------------------------------- unwritable destinations and overwrites
 
+@pytest.mark.env("textworld")
 def test_unwritable_destinations_fail_before_the_work(tmp_path, tiny_model):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -239,6 +245,7 @@ def test_unwritable_destinations_fail_before_the_work(tmp_path, tiny_model):
     assert not log.exists() and not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.env("textworld")
 def test_overwrites_need_force(tmp_path, tiny_model, bank_dir):
     log = tmp_path / "oracle.jsonl"
     assert run("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--out", tmp_path / "r.json", "--log", log).exit_code == 0
@@ -290,6 +297,7 @@ class Broken(BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("reply", [{"id": "x"}, {"choices": []}, {"choices": [{"message": "hi"}]}, {"choices": [{"message": {"content": 3}}]}, []])
+@pytest.mark.env("textworld")
 def test_a_200_reply_without_usable_choices(reply, tmp_path, tiny_model):
     server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Broken,), {"replies": {**Broken.replies, "/v1/chat/completions": reply}}))
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -227,7 +227,8 @@ def test_rules_writer_generalises_what_varies_and_keeps_what_is_constant():
 
 
 def play_textworld(tmp_path, seed) -> Episode:
-    textworld = pytest.importorskip("textworld")
+    import textworld
+
     game = tmp_path / f"game{seed}.z8"
     tw_make = Path(sys.executable).parent / "tw-make"
     subprocess.run([str(tw_make), "tw-simple", "--rewards", "dense", "--goal", "detailed", "--seed", str(seed), "--output", str(game), "-f", "--silent"], check=True)
@@ -243,7 +244,8 @@ def play_textworld(tmp_path, seed) -> Episode:
 
 
 @pytest.fixture(scope="module")
-def textworld_log(tmp_path_factory):
+def textworld_log(tmp_path_factory, need_env):
+    need_env("textworld")
     tmp_path = tmp_path_factory.mktemp("textworld")
     episodes = [play_textworld(tmp_path, seed) for seed in (1, 3)]
     log = tmp_path / "episodes.jsonl"

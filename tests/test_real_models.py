@@ -35,6 +35,7 @@ def oracle_cache(real_models, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,decode", [(SMOLLM2, "constrained"), (SMOLLM2, "free"), (GEMMA3, "constrained")])
+@pytest.mark.env("twx")
 def test_eval(real_models, tmp_path, name, decode):
     out = tmp_path / "r.json"
     invoke("eval", "--env", "twx", "--tasks", "coin", "--split", "test", "--episodes", "1", "--max-steps", "3",
@@ -52,6 +53,7 @@ def test_chat_answers(real_models):
 
 
 @pytest.mark.parametrize("name", [SMOLLM2, GEMMA3])
+@pytest.mark.env("twx")
 def test_teach_with_a_real_mlx_teacher(real_models, tmp_path, name):
     out = tmp_path / "cache"
     invoke("teach", "--teacher", f"mlx:{real_models[name]}", "--env", "twx", "--tasks", "coin", "--episodes", "1",
@@ -67,6 +69,7 @@ def test_memory_in_the_real_models_space(real_models, oracle_cache, tmp_path):
     assert "coin" in result.output.lower()
 
 
+@pytest.mark.env("twx")
 def test_memory_write_with_a_real_model(real_models, tmp_path):
     invoke("eval", "--env", "twx", "--tasks", "coin", "--split", "train", "--episodes", "2", "--policy", "oracle",
            "--out", tmp_path / "r.json", "--log", tmp_path / "ep.jsonl")

@@ -62,6 +62,7 @@ def by_id(out: Path) -> dict[str, tuple[dict, bytes]]:
     return {e["id"]: ({k: v for k, v in e.items() if k != "shard"}, (out / e["shard"]).read_bytes()) for e in read_episodes(out)}
 
 
+@pytest.mark.env("twx")
 def test_concurrency_writes_the_same_cache(reference, server, tiny_model, tmp_path):
     out = tmp_path / "n4"
     run(teach(server, tiny_model, out, "--concurrency", "4"))
@@ -70,6 +71,7 @@ def test_concurrency_writes_the_same_cache(reference, server, tiny_model, tmp_pa
     assert cache_bytes(out) == cache_bytes(reference) and verify(out) == (len(kept), [])
 
 
+@pytest.mark.env("twx")
 def test_transient_faults_lose_nothing(reference, gold, tiny_model, tmp_path):
     """429 (Retry-After), 503 and dropped connections on 30% of requests: every request retried, the same cache."""
     with policy_server.running(gold, tiny_model, tmp_path, latency=0.02, faults=0.3) as url:
@@ -79,6 +81,7 @@ def test_transient_faults_lose_nothing(reference, gold, tiny_model, tmp_path):
     assert cache_bytes(tmp_path / "cache") == cache_bytes(reference) and not json.loads((tmp_path / "cache" / "manifest.json").read_text())["failed"]
 
 
+@pytest.mark.env("twx")
 def test_a_request_that_keeps_failing_fails_its_episode_not_the_run(reference, gold, server, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(openai_compat, "backoff", lambda attempt: 0.0)
     out = tmp_path / "cache"
@@ -95,6 +98,7 @@ def test_a_request_that_keeps_failing_fails_its_episode_not_the_run(reference, g
     assert not json.loads((out / "manifest.json").read_text())["failed"]
 
 
+@pytest.mark.env("twx")
 def test_kill_with_episodes_in_flight_then_resume(reference, server, tiny_model, tmp_path):
     out = tmp_path / "cache"
     args = [sys.executable, "-m", "duomem_mlx", *teach(server, tiny_model, out, "--concurrency", "4")]
@@ -110,6 +114,7 @@ def test_kill_with_episodes_in_flight_then_resume(reference, server, tiny_model,
     assert cache_bytes(out) == cache_bytes(reference) and verify(out)[1] == []
 
 
+@pytest.mark.env("twx")
 def test_mlx_teacher_refuses_concurrency(tiny_teacher, tmp_path):
     result = CliRunner().invoke(cli, ["teach", "--teacher", f"mlx:{tiny_teacher}", "--env", "twx", "--concurrency", "2", "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "mlx_lm.server" in result.output and len(result.output.strip().splitlines()) == 1

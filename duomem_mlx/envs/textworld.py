@@ -87,7 +87,7 @@ class TextWorld:
         try:
             import textworld
         except ImportError:
-            raise DuomemError("TextWorld is not installed: pip install 'duomem-mlx[envs]'")
+            raise DuomemError("TextWorld is not installed: pip install 'duomem-mlx[textworld]'")
         self.infos = textworld.EnvInfos(admissible_commands=True, won=True, lost=True, score=True,
                                         max_score=True, objective=True, extras=["walkthrough"])
         self.env = None

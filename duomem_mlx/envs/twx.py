@@ -19,7 +19,7 @@ from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
 from .jvm import JavaBacked, require_java
 from .scienceworld import sample
 
-INSTALL = "pip install 'duomem-mlx[envs]' (or: pip install textworld-express)"
+INSTALL = "pip install 'duomem-mlx[twx]' (or: pip install textworld-express)"
 SPLIT_SEEDS = {"train": range(0, 1000), "dev": range(10_000, 11_000), "test": range(20_000, 21_000)}
 # The keys each game accepts (GameGenerator.scala in textworld-express 1.1.0) and our defaults.
 KNOWN_PARAMS = {

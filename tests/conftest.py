@@ -41,7 +41,8 @@ def game_cache(tmp_path_factory):
 
 
 ENV_PACKAGES = {"twx": "textworld_express", "scienceworld": "scienceworld", "textworld": "textworld",
-                "alfworld": "alfworld"}  # the environment (and its extra in pyproject.toml): the module it needs
+                "alfworld": "alfworld", "bfcl": "bfcl_eval"}  # the environment (its extra in pyproject.toml): its module
+INSTALL_HINTS = {"bfcl": "make setup (pip install --no-deps bfcl-eval==2026.3.23, then pip install -e '.[bfcl]')"}
 
 
 def pytest_collection_modifyitems(items):
@@ -62,7 +63,10 @@ def envs_played(item) -> set[str]:
 
 def not_installed(envs: set[str]) -> str | None:
     missing = [env for env in sorted(envs) if importlib.util.find_spec(ENV_PACKAGES[env]) is None]
-    return f"{missing[0]} is not installed: pip install -e '.[{missing[0]}]'" if missing else None
+    if not missing:
+        return None
+    hint = INSTALL_HINTS.get(missing[0], f"pip install -e '.[{missing[0]}]'")
+    return f"{missing[0]} is not installed: {hint}"
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.envs import bfcl as bfcl_module
 from duomem_mlx.envs.bfcl import CATEGORIES, END_OF_TURN, OBSERVATION_CHARS, load_category, split_indices, user_turns
 
+pytestmark = pytest.mark.env("bfcl")
+
 
 @pytest.fixture(scope="module")
 def env():

@@ -71,6 +71,7 @@ def test_calendar_answers_bad_calls_as_a_tool_would():
     assert done.done and not done.won
 
 
+@pytest.mark.env("twx")
 def test_a_class_by_module_path_plays_as_its_short_name(tmp_path):
     results = {}
     for env in ("twx", "duomem_mlx.envs.twx:TextWorldExpress"):

@@ -1,5 +1,6 @@
 """Deployment: quantized packages (fuse, QLoRA, calibration, memory bank), bench, Hub upload."""
 
+import hashlib
 import json
 import math
 import os
@@ -434,41 +435,32 @@ def test_dry_run_lists_allow_listed_files_and_never_the_token(package):
 
 
 class FakeHub:
-    """The few Hub endpoints huggingface_hub's create_repo + upload_folder use, recording calls."""
+    """The Hub endpoints huggingface_hub uses to upload (create_repo + upload_folder) and to
+    download (snapshot_download: a revision's info, its file tree, HEAD and GET of
+    /{repo}/resolve/{commit}/{file}), over loopback, recording calls. A repo serves the files its
+    commits sent; its commit hash is that of its contents."""
 
     def __init__(self):
         import http.server
         import threading
 
         self.calls = []
+        self.repos: dict[str, dict[str, bytes]] = {}
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 hub.calls.append((self.command, self.path, dict(self.headers), body))
-                path = self.path.split("?")[0]
-                if path == "/api/repos/create":
-                    name = json.loads(body)["name"]
-                    answer = {"url": f"{hub.endpoint}/me/{name}"}
-                elif path == "/api/validate-yaml":
-                    answer = {"errors": [], "warnings": []}
-                elif path.endswith("/preupload/main"):
-                    files = json.loads(body)["files"]
-                    answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
-                elif path.endswith("/commit/main"):
-                    answer = {"commitUrl": f"{hub.endpoint}/me/student-4bit/commit/{'a' * 40}", "commitOid": "a" * 40}
-                else:
-                    self.send_error(404)
-                    return
-                data = json.dumps(answer).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+                status, headers, data = hub.answer(self.command, self.path.split("?")[0], body)
+                self.send_response(status)
+                for key, value in {"Content-Length": str(len(data)), **headers}.items():
+                    self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
-            do_GET = do_PUT = do_POST
+            do_GET = do_PUT = do_HEAD = do_POST
 
             def log_message(self, *args):
                 pass
@@ -476,6 +468,48 @@ class FakeHub:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def commit(self, repo: str) -> str:
+        files = sorted((path, hashlib.sha256(data).hexdigest()) for path, data in self.repos[repo].items())
+        return hashlib.sha1(json.dumps(files).encode()).hexdigest()
+
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:
+        import base64
+        import re
+        from urllib.parse import unquote
+
+        path = unquote(path)
+        api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree|preupload|commit)/[^/]+", path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
+        repo = (api or resolve).group(1) if api or resolve else None
+        if path == "/api/repos/create":
+            return self.json({"url": f"{self.endpoint}/me/{json.loads(body)['name']}"})
+        if path == "/api/validate-yaml":
+            return self.json({"errors": [], "warnings": []})
+        if api and api.group(2) == "preupload":
+            files = json.loads(body)["files"]
+            return self.json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        if api and api.group(2) == "commit":
+            lines = [json.loads(line) for line in body.splitlines()]
+            self.repos.setdefault(repo, {}).update(
+                {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"})
+            return self.json({"commitUrl": f"{self.endpoint}/{repo}/commit/{self.commit(repo)}", "commitOid": self.commit(repo)})
+        if repo not in self.repos:
+            return 404, {"X-Error-Code": "RepoNotFound"}, b""
+        files = self.repos[repo]
+        if api and api.group(2) == "revision":
+            return self.json({"id": repo, "sha": self.commit(repo), "siblings": [{"rfilename": f} for f in files]})
+        if api and api.group(2) == "tree":
+            return self.json([{"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                              for f, data in files.items()])
+        if resolve and resolve.group(2) in files:
+            data = files[resolve.group(2)]
+            return 200, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": self.commit(repo)}, data
+        return 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": self.commit(repo)}, b""
+
+    @staticmethod
+    def json(answer) -> tuple[int, dict, bytes]:
+        return 200, {"Content-Type": "application/json"}, json.dumps(answer).encode()
 
 
 def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
@@ -504,6 +538,47 @@ def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
     for _, _, headers, body in hub.calls:
         assert {k.lower(): v for k, v in headers.items()}["authorization"] == f"Bearer {token}"
         assert sum(token in v for v in headers.values()) == 1 and token.encode() not in body
+
+
+def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp_path):
+    """upload, then chat / eval / bench with the Hub id: the snapshot they download holds the
+    package's bank (the memory ids shown are its), bench measures the real files, and a repo's
+    code and pickles never come down."""
+    hub = FakeHub()
+    env = {**os.environ, "HF_TOKEN": "hf_loopback", "HF_ENDPOINT": hub.endpoint, "NO_PROXY": "127.0.0.1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    try:
+        assert cli("upload", package, "--repo", "me/student-4bit", env=env).returncode == 0
+        hub.repos["me/student-4bit"] |= {"modeling_student.py": b"raise SystemExit('remote code ran')", "pytorch_model.bin": b"pickle"}
+        chat = cli("chat", "--model", "me/student-4bit", "--max-tokens", "4", stdin="open the door\n/memory\n", env=env)
+        log = tmp_path / "ep.jsonl"
+        ran = cli("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--policy", "model:me/student-4bit",
+                  "--max-steps", "3", "--out", tmp_path / "r.json", "--log", log, env=env)
+        bench = cli("bench", "me/student-4bit", "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", tmp_path / "b.json", env=env)
+        missing = cli("chat", "--model", "me/no-such-package", stdin="", env=env)
+    finally:
+        hub.server.shutdown()
+    assert chat.returncode == 0, chat.stderr
+    assert "[memory m-1] look around, then open the door" in chat.stdout  # only the package's bank holds m-1
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(log.read_text())["memories"] == ["m-1"]
+    assert bench.returncode == 0, bench.stderr
+    row = json.loads((tmp_path / "b.json").read_text())["packages"][0]
+    assert row["package"] == "me/student-4bit" and row["model_bytes"] == (package / "model.safetensors").stat().st_size
+    assert row["model_config"]["hidden_size"] == json.loads((package / "config.json").read_text())["hidden_size"]
+    [snapshot] = (tmp_path / "hf" / "hub" / "models--me--student-4bit" / "snapshots").iterdir()
+    assert {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()} == UPLOADED
+    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for method, path, _, _ in hub.calls if method == "GET" and "/resolve/" in path}
+    assert fetched == UPLOADED
+    assert_clean_failure(missing, "me/no-such-package is neither a local directory nor a model on the Hub", "HF_TOKEN")
+
+    offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    cached = cli("chat", "--model", "me/student-4bit", "--max-tokens", "2", stdin="open the door\n/memory\n", env=offline)
+    assert cached.returncode == 0 and "m-1" in cached.stdout, cached.stderr  # the Hub cache serves it offline
+    assert_clean_failure(cli("bench", "me/other", "--json", tmp_path / "x.json", env=offline), "not in the Hub cache", "HF_HUB_OFFLINE")
+    unreachable = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}
+    assert_clean_failure(cli("quantize", "--model", "me/other", "--out", tmp_path / "q", env=unreachable), "cannot reach the Hub",
+                         "HF_ENDPOINT")
 
 
 def test_upload_bad_input(package, tmp_path):

@@ -47,14 +47,12 @@ def check_options(bits: int, group_size: int | None, mode: str, calibrate: str |
         raise DuomemError("--calibrate tunes affine scales below 8 bits (8-bit is near lossless); use --bits 4 --mode affine")
 
 
-def load_student(model_path: str, adapters: str | None):
-    """(model, tokenizer, config) with adapters fused and a quantized (QLoRA) base dequantized first."""
+def load_student(source: str, adapters: str | None, model_path: str):
+    """(model, tokenizer, config) of the model directory `source` (`model_path` as the user named
+    it), with adapters fused and a quantized (QLoRA) base dequantized first."""
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, load
 
-    from ..models import resolve
-
-    source = resolve(model_path)
     try:
         model, tokenizer, config = load(source, return_config=True)
     except (OSError, ValueError) as e:
@@ -255,14 +253,17 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
     out = Path(out)
     if out.exists() and not force:
         raise DuomemError(f"{out} already exists; pass --force to replace it or choose another --out")
-    memories_file = bank_source(memory, adapters, model)
+    from ..models import resolve
+
+    source = resolve(model)  # a Hub id's snapshot: its memory/, duomem.json and card are read as a local package's
+    memories_file = bank_source(memory, adapters, source)
     chats = agent_chats(calibrate_cache, adapters) if bits < 16 and mode == "affine" else None
     chosen = pick(bits, recipe, chats is not None) if bits < 16 and mode == "affine" else None
     plan = RECIPES[chosen] if chosen else None
     if plan and group_size:
         plan = replace(plan, group_size=group_size)
     episodes = cache_episodes(chats) if plan and plan.needs_data else None
-    student, tokenizer, config = load_student(model, adapters)
+    student, tokenizer, config = load_student(source, adapters, model)
     dtype = dtype or (default_dtype() if bits == 16 else "float16")
     info = {"bits": bits, "group_size": (plan.group_size if plan else group_size or 32) if bits < 16 else None,
             "mode": mode if bits < 16 else None, "dtype": dtype, "recipe": chosen}
@@ -288,10 +289,10 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
             results["cpu_decode_tokens_per_s"] = {"float32": dense_rate, f"{chosen or f'{bits}-bit {mode}'}": quantized_rate}
             say_fastest_on_cpu(results["cpu_decode_tokens_per_s"], "float32")
         student.set_dtype(getattr(mx, dtype))
-    return write_package(out, model, student, tokenizer, config, memories_file, {
+    return write_package(out, source, student, tokenizer, config, memories_file, {
         "format": PACKAGE_FORMAT, "name": name or out.name, "base": model,
-        "teacher": provenance(adapters, model).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
-        "quantization": info, "calibration": calibration, "license": base_license(model),
+        "teacher": provenance(adapters, source).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
+        "quantization": info, "calibration": calibration, "license": base_license(source),
         "duomem_mlx": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
     })
 
@@ -388,10 +389,10 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
 
     from ..distill.train import rebuild_bank
     from ..memory.bank import read_memories, recorded_key
-    from ..models import resolve, weight_bytes
+    from ..models import weight_bytes
 
     with atomic_dir(out, weight_bytes(model)) as tmp:
-        save(tmp, resolve(source), model, tokenizer, config, donate_model=False)
+        save(tmp, source, model, tokenizer, config, donate_model=False)
         for stray in tmp.glob("*.py"):  # mlx-lm copies a source model's code; a package never runs any
             stray.unlink()
         meta["bytes"] = model_bytes(tmp)

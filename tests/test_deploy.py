@@ -278,6 +278,25 @@ UPLOADED = {"README.md", "config.json", "duomem.json", "model.safetensors", "mod
             "tokenizer_config.json", "chat_template.jinja", "memory/bank.json", "memory/memories.jsonl", "memory/keys.safetensors"}
 
 
+def test_the_cards_install_lines_work_as_written(package):
+    """duomem-mlx is not on PyPI: the card pip-installs mlx-lm, and duomem-mlx only from a public
+    URL pip recorded for this install (pinned to its commit), else from its source."""
+    from duomem_mlx.deploy.quantize import direct_url, duomem_install
+
+    card = (package / "README.md").read_text()
+    pip_lines = [line for line in card.splitlines() if line.startswith("pip install")]
+    assert pip_lines == ["pip install mlx-lm", *filter(None, [duomem_install(direct_url())[1].strip()])]
+    assert ("`pip install .` in a checkout of duomem-mlx" in card) == (len(pip_lines) == 1)
+    git = {"url": "https://example.org/duomem-mlx.git", "vcs_info": {"vcs": "git", "commit_id": "a" * 40}}
+    assert duomem_install(git)[1] == f'pip install "duomem-mlx @ git+https://example.org/duomem-mlx.git@{"a" * 40}"\n'
+    assert duomem_install({"url": "https://example.org/duomem_mlx-0.1.0.tar.gz", "archive_info": {}})[1].startswith(
+        'pip install "duomem-mlx @ https://example.org/')
+    local = {"url": "file:///work/duomem-mlx", "dir_info": {"editable": True}}
+    for record in ({**git, "url": "https://user:token@example.org/r.git"}, {**git, "url": "file:///w/r"}, local, {}):
+        how, line = duomem_install(record)
+        assert line == "" and "`pip install .` in a checkout of duomem-mlx" in how
+
+
 def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
     from duomem_mlx.deploy.bench import KEYS
 
@@ -556,6 +575,10 @@ def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp
                   "--max-steps", "3", "--out", tmp_path / "r.json", "--log", log, env=env)
         bench = cli("bench", "me/student-4bit", "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", tmp_path / "b.json", env=env)
         missing = cli("chat", "--model", "me/no-such-package", stdin="", env=env)
+        requantized = cli("quantize", "--model", "me/student-4bit", "--bits", "8", "--group-size", "32", "--out", tmp_path / "8bit",
+                          env=env)
+        bank = cli("memory", "build", "--memories", package / "memory" / "memories.jsonl", "--embedder", "me/student-4bit",
+                   "--out", tmp_path / "bank", env=env)
     finally:
         hub.server.shutdown()
     assert chat.returncode == 0, chat.stderr
@@ -571,6 +594,11 @@ def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp
     fetched = {path.split("/resolve/")[1].split("/", 1)[1] for method, path, _, _ in hub.calls if method == "GET" and "/resolve/" in path}
     assert fetched == UPLOADED
     assert_clean_failure(missing, "me/no-such-package is neither a local directory nor a model on the Hub", "HF_TOKEN")
+    assert requantized.returncode == 0, requantized.stderr  # the downloaded bank, re-embedded, and the base named by its id
+    meta = json.loads((tmp_path / "8bit" / "duomem.json").read_text())
+    assert meta["base"] == "me/student-4bit" and meta["memory"]["count"] == 1 and meta["memory"]["source"].startswith(str(snapshot))
+    assert bank.returncode == 0, bank.stderr
+    assert json.loads((tmp_path / "bank" / "bank.json").read_text())["embedder"] == "me/student-4bit"  # `memory search` finds it again
 
     offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     cached = cli("chat", "--model", "me/student-4bit", "--max-tokens", "2", stdin="open the door\n/memory\n", env=offline)

@@ -440,6 +440,7 @@ def write_card(package: Path, repo_id: str | None = None) -> None:
     adapters = "its distillation adapters fused into the weights" if meta.get("adapters") else "no adapters"
     memory = ("its memory bank rebuilt in this model's space (`memory/`, read automatically by duomem-mlx)"
               if meta.get("memory") else "no memory bank")
+    how, pip_line = duomem_install(direct_url())
     text = f"""
 # {meta.get('name', package.name)}
 
@@ -448,8 +449,10 @@ A DuoMem student packaged by duomem-mlx {meta.get('duomem_mlx', '')}: base `{bas
 
 ## Use
 
+With mlx-lm alone (the weights; the memories need duomem-mlx):
+
 ```bash
-pip install mlx-lm duomem-mlx
+pip install mlx-lm
 ```
 
 ```python
@@ -461,8 +464,10 @@ prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 print(generate(model, tokenizer, prompt=prompt, max_tokens=32))
 ```
 
+With duomem-mlx, which downloads `memory/` with the weights and retrieves from it ({how}):
+
 ```bash
-duomem-mlx chat --model {repo}
+{pip_line}duomem-mlx chat --model {repo}
 duomem-mlx eval --env textworld --episodes 10 --policy model:{repo} --out results.json
 ```
 
@@ -472,3 +477,28 @@ duomem-mlx eval --env textworld --episodes 10 --policy model:{repo} --out result
 """
     with atomic_file(package / "README.md") as tmp:
         ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(tmp)
+
+
+def direct_url() -> dict:
+    """pip's record of where this duomem-mlx was installed from (PEP 610 direct_url.json), or {}."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        return json.loads(distribution("duomem-mlx").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def duomem_install(record: dict) -> tuple[str, str]:
+    """(how, pip line) for the card's duomem-mlx, which is not on PyPI: the public git or archive URL
+    pip installed it from, pinned; else (a local checkout) installing from its source."""
+    from urllib.parse import urlsplit
+
+    url, vcs = record.get("url", ""), record.get("vcs_info")
+    public = url.startswith("https://") and urlsplit(url).username is None
+    if public and vcs and vcs.get("commit_id"):
+        pinned = f'{vcs["vcs"]}+{url}@{vcs["commit_id"]}'
+        return "installed from the source it was packaged with", f'pip install "duomem-mlx @ {pinned}"\n'
+    if public and "archive_info" in record:
+        return "installed from the archive it was packaged with", f'pip install "duomem-mlx @ {url}"\n'
+    return f"not on PyPI: install it from its source, `pip install .` in a checkout of duomem-mlx {__version__}", ""

@@ -125,9 +125,11 @@ def resolve(path_or_repo: str) -> str:
     if not path.exists() and is_repo_id(path_or_repo):
         path = hub_snapshot(path_or_repo)
     elif not path.exists():
-        raise DuomemError(f"model path {path_or_repo} does not exist; pass a local model directory or a Hub repo id like mlx-community/Qwen3-4B-4bit")
+        raise DuomemError(f"model path {path_or_repo} does not exist; pass a local model directory or a Hub repo id "
+                          "like mlx-community/Qwen3-4B-4bit")
     if not (path / "config.json").exists():
-        raise DuomemError(f"{path_or_repo} is not a model directory (no config.json in {path}); pass an mlx-lm model path or Hub repo id")
+        raise DuomemError(f"{path_or_repo} is not a model directory (no config.json in {path}); "
+                          "pass an mlx-lm model path or Hub repo id")
     return str(path)
 
 
@@ -140,10 +142,11 @@ def hub_snapshot(repo: str, allow_patterns: list[str] = HUB_FILES) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=allow_patterns))
     except GatedRepoError:
-        raise DuomemError(f"{repo} is gated on the Hub: accept its terms on its page, then set HF_TOKEN or run `hf auth login`")
+        raise DuomemError(f"{repo} is gated on the Hub: accept its terms on its page, "
+                          "then set HF_TOKEN or run `hf auth login`")
     except RepositoryNotFoundError:
-        raise DuomemError(f"{repo} is neither a local directory nor a model on the Hub at {constants.ENDPOINT}; check the "
-                          "path or id (a private repo needs HF_TOKEN or `hf auth login`)")
+        raise DuomemError(f"{repo} is neither a local directory nor a model on the Hub at {constants.ENDPOINT}; "
+                          "check the path or id (a private repo needs HF_TOKEN or `hf auth login`)")
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             raise DuomemError(f"{repo} is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
@@ -152,11 +155,12 @@ def hub_snapshot(repo: str, allow_patterns: list[str] = HUB_FILES) -> Path:
                           f"cache ({constants.HF_HUB_CACHE}); check the network, HF_ENDPOINT or HTTPS_PROXY")
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
-        hint = "check HF_TOKEN (or `hf auth login`)" if status in (401, 403) else "try again, or set HF_HUB_OFFLINE=1 to use the cache"
+        hint = ("check HF_TOKEN (or `hf auth login`)" if status in (401, 403)
+                else "try again, or set HF_HUB_OFFLINE=1 to use the cache")
         raise DuomemError(f"the Hub answered HTTP {status} for {repo}; {hint}")
     except transport_error() as e:
-        raise DuomemError(f"downloading {repo} from {constants.ENDPOINT} failed ({type(e).__name__}); check the network "
-                          "and run again (finished files are kept in the Hub cache)")
+        raise DuomemError(f"downloading {repo} from {constants.ENDPOINT} failed ({type(e).__name__}); "
+                          "check the network and run again (finished files are kept in the Hub cache)")
     except OSError as e:
         raise DuomemError(f"cannot write {repo} into the Hub cache {constants.HF_HUB_CACHE} ({e.strerror or e}); "
                           "free some space or point HF_HUB_CACHE elsewhere")

@@ -507,12 +507,13 @@ class FakeHub:
             return self.json({"errors": [], "warnings": []})
         if api and api.group(2) == "preupload":
             files = json.loads(body)["files"]
-            return self.json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+            return self.json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                        for f in files]})
         if api and api.group(2) == "commit":
-            lines = [json.loads(line) for line in body.splitlines()]
-            self.repos.setdefault(repo, {}).update(
-                {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"})
-            return self.json({"commitUrl": f"{self.endpoint}/{repo}/commit/{self.commit(repo)}", "commitOid": self.commit(repo)})
+            sent = [json.loads(line)["value"] for line in body.splitlines() if json.loads(line)["key"] == "file"]
+            self.repos.setdefault(repo, {}).update({file["path"]: base64.b64decode(file["content"]) for file in sent})
+            commit = self.commit(repo)
+            return self.json({"commitUrl": f"{self.endpoint}/{repo}/commit/{commit}", "commitOid": commit})
         if repo not in self.repos:
             return 404, {"X-Error-Code": "RepoNotFound"}, b""
         files = self.repos[repo]
@@ -560,25 +561,25 @@ def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
 
 
 def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp_path):
-    """upload, then chat / eval / bench with the Hub id: the snapshot they download holds the
-    package's bank (the memory ids shown are its), bench measures the real files, and a repo's
-    code and pickles never come down."""
-    hub = FakeHub()
+    """upload, then chat / eval / bench / quantize / memory with the Hub id: the snapshot they
+    download holds the package's bank (the memory ids shown are its), bench measures the real
+    files, a repo's code and pickles never come down, and the Hub cache serves it offline."""
+    hub, repo = FakeHub(), "me/student-4bit"
     env = {**os.environ, "HF_TOKEN": "hf_loopback", "HF_ENDPOINT": hub.endpoint, "NO_PROXY": "127.0.0.1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    log, bench_json, memories = tmp_path / "ep.jsonl", tmp_path / "b.json", package / "memory" / "memories.jsonl"
     try:
-        assert cli("upload", package, "--repo", "me/student-4bit", env=env).returncode == 0
-        hub.repos["me/student-4bit"] |= {"modeling_student.py": b"raise SystemExit('remote code ran')", "pytorch_model.bin": b"pickle"}
-        chat = cli("chat", "--model", "me/student-4bit", "--max-tokens", "4", stdin="open the door\n/memory\n", env=env)
-        log = tmp_path / "ep.jsonl"
-        ran = cli("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--policy", "model:me/student-4bit",
+        assert cli("upload", package, "--repo", repo, env=env).returncode == 0
+        hub.repos[repo] |= {"modeling_student.py": b"raise SystemExit('code ran')", "pytorch_model.bin": b"pickle"}
+        chat = cli("chat", "--model", repo, "--max-tokens", "4", stdin="open the door\n/memory\n", env=env)
+        ran = cli("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--policy", f"model:{repo}",
                   "--max-steps", "3", "--out", tmp_path / "r.json", "--log", log, env=env)
-        bench = cli("bench", "me/student-4bit", "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", tmp_path / "b.json", env=env)
+        bench = cli("bench", repo, "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", bench_json, env=env)
         missing = cli("chat", "--model", "me/no-such-package", stdin="", env=env)
-        requantized = cli("quantize", "--model", "me/student-4bit", "--bits", "8", "--group-size", "32", "--out", tmp_path / "8bit",
+        requantized = cli("quantize", "--model", repo, "--bits", "8", "--group-size", "32", "--out", tmp_path / "8bit",
                           env=env)
-        bank = cli("memory", "build", "--memories", package / "memory" / "memories.jsonl", "--embedder", "me/student-4bit",
-                   "--out", tmp_path / "bank", env=env)
+        bank = cli("memory", "build", "--memories", memories, "--embedder", repo, "--out", tmp_path / "bank", env=env)
     finally:
         hub.server.shutdown()
     assert chat.returncode == 0, chat.stderr
@@ -586,27 +587,45 @@ def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp
     assert ran.returncode == 0, ran.stderr
     assert json.loads(log.read_text())["memories"] == ["m-1"]
     assert bench.returncode == 0, bench.stderr
-    row = json.loads((tmp_path / "b.json").read_text())["packages"][0]
-    assert row["package"] == "me/student-4bit" and row["model_bytes"] == (package / "model.safetensors").stat().st_size
+    row = json.loads(bench_json.read_text())["packages"][0]
+    assert row["package"] == repo and row["model_bytes"] == (package / "model.safetensors").stat().st_size
     assert row["model_config"]["hidden_size"] == json.loads((package / "config.json").read_text())["hidden_size"]
     [snapshot] = (tmp_path / "hf" / "hub" / "models--me--student-4bit" / "snapshots").iterdir()
     assert {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()} == UPLOADED
-    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for method, path, _, _ in hub.calls if method == "GET" and "/resolve/" in path}
+    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for method, path, _, _ in hub.calls
+               if method == "GET" and "/resolve/" in path}
     assert fetched == UPLOADED
     assert_clean_failure(missing, "me/no-such-package is neither a local directory nor a model on the Hub", "HF_TOKEN")
-    assert requantized.returncode == 0, requantized.stderr  # the downloaded bank, re-embedded, and the base named by its id
+    assert requantized.returncode == 0, requantized.stderr  # the downloaded bank, re-embedded; the base named by its id
     meta = json.loads((tmp_path / "8bit" / "duomem.json").read_text())
-    assert meta["base"] == "me/student-4bit" and meta["memory"]["count"] == 1 and meta["memory"]["source"].startswith(str(snapshot))
+    assert meta["base"] == repo and meta["memory"]["count"] == 1 and meta["memory"]["source"].startswith(str(snapshot))
     assert bank.returncode == 0, bank.stderr
-    assert json.loads((tmp_path / "bank" / "bank.json").read_text())["embedder"] == "me/student-4bit"  # `memory search` finds it again
+    assert json.loads((tmp_path / "bank" / "bank.json").read_text())["embedder"] == repo  # what `memory search` loads
 
     offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
-    cached = cli("chat", "--model", "me/student-4bit", "--max-tokens", "2", stdin="open the door\n/memory\n", env=offline)
-    assert cached.returncode == 0 and "m-1" in cached.stdout, cached.stderr  # the Hub cache serves it offline
-    assert_clean_failure(cli("bench", "me/other", "--json", tmp_path / "x.json", env=offline), "not in the Hub cache", "HF_HUB_OFFLINE")
-    unreachable = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}
-    assert_clean_failure(cli("quantize", "--model", "me/other", "--out", tmp_path / "q", env=unreachable), "cannot reach the Hub",
-                         "HF_ENDPOINT")
+    cached = cli("chat", "--model", repo, "--max-tokens", "2", stdin="open the door\n/memory\n", env=offline)
+    assert cached.returncode == 0 and "m-1" in cached.stdout, cached.stderr
+    assert_clean_failure(cli("bench", "me/other", "--json", tmp_path / "x.json", env=offline),
+                         "not in the Hub cache", "HF_HUB_OFFLINE")
+
+
+def test_every_command_that_takes_a_model_gets_a_hub_id_from_the_one_download(package, train_cache, tmp_path):
+    """chat, eval, bench, quantize, memory, teach (mlx: and its tokenizer) and distill all reach the
+    Hub through models.hub_snapshot: with it unreachable and nothing cached, each says so in its one line."""
+    hub = "http://127.0.0.1:9"
+    env = {**os.environ, "HF_ENDPOINT": hub, "HF_HUB_CACHE": str(tmp_path / "hub"), "NO_PROXY": "127.0.0.1"}
+    out, memories, textworld = tmp_path / "out", package / "memory" / "memories.jsonl", ("--env", "textworld")
+    commands = [("chat", "--model", "me/absent"),
+                ("eval", *textworld, "--policy", "model:me/absent", "--out", out),
+                ("bench", "me/absent", "--json", out),
+                ("quantize", "--model", "me/absent", "--out", out),
+                ("memory", "build", "--memories", memories, "--embedder", "me/absent", "--out", out),
+                ("teach", "--teacher", "mlx:me/absent", *textworld, "--episodes", "1", "--out", out),
+                ("teach", "--teacher", "oracle", "--teacher-tokenizer", "me/absent", *textworld, "--out", out),
+                ("distill", "--student", "me/absent", "--cache", train_cache, "--out", out)]
+    for args in commands:
+        assert_clean_failure(cli(*args, stdin="", env=env), f"cannot reach the Hub at {hub} to download me/absent")
+        assert not out.exists() or not any(out.iterdir()), args  # distill leaves its empty OUT
 
 
 def test_upload_bad_input(package, tmp_path):

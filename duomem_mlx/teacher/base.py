@@ -27,7 +27,8 @@ def load_tokenizer(path: str):
     local = Path(path).expanduser()
     if not local.is_dir():
         if not is_repo_id(path):
-            raise DuomemError(f"the teacher tokenizer {path} is neither a local directory nor a Hub repo id; pass --teacher-tokenizer LOCAL_DIR")
+            raise DuomemError(f"the teacher tokenizer {path} is neither a local directory nor a Hub repo id; "
+                              "pass --teacher-tokenizer LOCAL_DIR")
         try:
             local = hub_snapshot(path, ["*.json", "*.jinja", "*.model", "*.txt"])
         except DuomemError as e:

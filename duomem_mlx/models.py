@@ -113,7 +113,8 @@ def is_repo_id(name: str) -> bool:
 
 
 # What a model or a package needs from the Hub: weights, config, tokenizer, the memory bank and
-# duomem.json, the card (its license). mlx-lm's own list less "*.py": never code, never pickles.
+# duomem.json, the card (its license): mlx-lm's own list less "*.py", plus the bank's keys and the
+# card. Never code, never pickles.
 HUB_FILES = ["*.json", "*.jsonl", "model*.safetensors", "memory/keys.safetensors", "tokenizer.model", "*.tiktoken",
              "tiktoken.model", "*.txt", "*.jinja", "README.md"]
 

@@ -22,7 +22,7 @@ from mlx.utils import tree_unflatten
 from .. import __version__
 from ..errors import DuomemError
 from ..io import atomic_dir, atomic_file
-from ..models import check_group_size, default_dtype
+from ..models import check_group_size, default_dtype, resolve
 from ..teacher.topk import masked_positions
 
 PACKAGE_FORMAT = 1
@@ -253,8 +253,6 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
     out = Path(out)
     if out.exists() and not force:
         raise DuomemError(f"{out} already exists; pass --force to replace it or choose another --out")
-    from ..models import resolve
-
     source = resolve(model)  # a Hub id's snapshot: its memory/, duomem.json and card are read as a local package's
     memories_file = bank_source(memory, adapters, source)
     chats = agent_chats(calibrate_cache, adapters) if bits < 16 and mode == "affine" else None

@@ -112,16 +112,68 @@ def is_repo_id(name: str) -> bool:
     return name.count("/") == 1
 
 
+# What a model or a package needs from the Hub: weights, config, tokenizer, the memory bank and
+# duomem.json, the card (its license): mlx-lm's own list less "*.py", plus the bank's keys and the
+# card. Never code, never pickles.
+HUB_FILES = ["*.json", "*.jsonl", "model*.safetensors", "memory/keys.safetensors", "tokenizer.model", "*.tiktoken",
+             "tiktoken.model", "*.txt", "*.jinja", "README.md"]
+
+
 def resolve(path_or_repo: str) -> str:
-    """A local directory, or a Hub repo id that mlx-lm may download; anything else is an error."""
+    """The local directory of a model: the path itself, or a Hub repo id's downloaded snapshot
+    (HUB_FILES only; the Hub cache serves it again, offline too). Anything else is an error."""
     path = Path(path_or_repo).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise DuomemError(f"{path} is not a model directory (no config.json); pass an mlx-lm model path or Hub repo id")
-        return str(path)
-    if is_repo_id(path_or_repo):
-        return path_or_repo
-    raise DuomemError(f"model path {path_or_repo} does not exist; pass a local model directory or a Hub repo id like mlx-community/Qwen3-4B-4bit")
+    if not path.exists() and is_repo_id(path_or_repo):
+        path = hub_snapshot(path_or_repo)
+    elif not path.exists():
+        raise DuomemError(f"model path {path_or_repo} does not exist; pass a local model directory or a Hub repo id "
+                          "like mlx-community/Qwen3-4B-4bit")
+    if not (path / "config.json").exists():
+        raise DuomemError(f"{path_or_repo} is not a model directory (no config.json in {path}); "
+                          "pass an mlx-lm model path or Hub repo id")
+    return str(path)
+
+
+def hub_snapshot(repo: str, allow_patterns: list[str] = HUB_FILES) -> Path:
+    """huggingface_hub's snapshot_download of `repo`'s files matching `allow_patterns`; each way
+    it can fail is one line naming the fix."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=allow_patterns))
+    except GatedRepoError:
+        raise DuomemError(f"{repo} is gated on the Hub: accept its terms on its page, "
+                          "then set HF_TOKEN or run `hf auth login`")
+    except RepositoryNotFoundError:
+        raise DuomemError(f"{repo} is neither a local directory nor a model on the Hub at {constants.ENDPOINT}; "
+                          "check the path or id (a private repo needs HF_TOKEN or `hf auth login`)")
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise DuomemError(f"{repo} is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+                              "unset HF_HUB_OFFLINE to download it, or pass a local model directory")
+        raise DuomemError(f"cannot reach the Hub at {constants.ENDPOINT} to download {repo}, and it is not in the Hub "
+                          f"cache ({constants.HF_HUB_CACHE}); check the network, HF_ENDPOINT or HTTPS_PROXY")
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        hint = ("check HF_TOKEN (or `hf auth login`)" if status in (401, 403)
+                else "try again, or set HF_HUB_OFFLINE=1 to use the cache")
+        raise DuomemError(f"the Hub answered HTTP {status} for {repo}; {hint}")
+    except transport_error() as e:
+        raise DuomemError(f"downloading {repo} from {constants.ENDPOINT} failed ({type(e).__name__}); "
+                          "check the network and run again (finished files are kept in the Hub cache)")
+    except OSError as e:
+        raise DuomemError(f"cannot write {repo} into the Hub cache {constants.HF_HUB_CACHE} ({e.strerror or e}); "
+                          "free some space or point HF_HUB_CACHE elsewhere")
+
+
+def transport_error() -> type:
+    """The network error class of huggingface_hub's HTTP client."""
+    try:
+        from httpx2 import TransportError  # huggingface_hub >= 2.4
+    except ImportError:
+        from httpx import TransportError
+    return TransportError
 
 
 def load(path_or_repo: str, adapter_path: str | None = None):

@@ -1,5 +1,6 @@
 """Deployment: quantized packages (fuse, QLoRA, calibration, memory bank), bench, Hub upload."""
 
+import hashlib
 import json
 import math
 import os
@@ -279,6 +280,25 @@ UPLOADED = {"README.md", "config.json", "duomem.json", "model.safetensors", "mod
             "tokenizer_config.json", "chat_template.jinja", "memory/bank.json", "memory/memories.jsonl", "memory/keys.safetensors"}
 
 
+def test_the_cards_install_lines_work_as_written(package):
+    """duomem-mlx is not on PyPI: the card pip-installs mlx-lm, and duomem-mlx only from a public
+    URL pip recorded for this install (pinned to its commit), else from its source."""
+    from duomem_mlx.deploy.quantize import direct_url, duomem_install
+
+    card = (package / "README.md").read_text()
+    pip_lines = [line for line in card.splitlines() if line.startswith("pip install")]
+    assert pip_lines == ["pip install mlx-lm", *filter(None, [duomem_install(direct_url())[1].strip()])]
+    assert ("`pip install .` in a checkout of duomem-mlx" in card) == (len(pip_lines) == 1)
+    git = {"url": "https://example.org/duomem-mlx.git", "vcs_info": {"vcs": "git", "commit_id": "a" * 40}}
+    assert duomem_install(git)[1] == f'pip install "duomem-mlx @ git+https://example.org/duomem-mlx.git@{"a" * 40}"\n'
+    assert duomem_install({"url": "https://example.org/duomem_mlx-0.1.0.tar.gz", "archive_info": {}})[1].startswith(
+        'pip install "duomem-mlx @ https://example.org/')
+    local = {"url": "file:///work/duomem-mlx", "dir_info": {"editable": True}}
+    for record in ({**git, "url": "https://user:token@example.org/r.git"}, {**git, "url": "file:///w/r"}, local, {}):
+        how, line = duomem_install(record)
+        assert line == "" and "`pip install .` in a checkout of duomem-mlx" in how
+
+
 def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
     from duomem_mlx.deploy.bench import KEYS
 
@@ -436,41 +456,32 @@ def test_dry_run_lists_allow_listed_files_and_never_the_token(package):
 
 
 class FakeHub:
-    """The few Hub endpoints huggingface_hub's create_repo + upload_folder use, recording calls."""
+    """The Hub endpoints huggingface_hub uses to upload (create_repo + upload_folder) and to
+    download (snapshot_download: a revision's info, its file tree, HEAD and GET of
+    /{repo}/resolve/{commit}/{file}), over loopback, recording calls. A repo serves the files its
+    commits sent; its commit hash is that of its contents."""
 
     def __init__(self):
         import http.server
         import threading
 
         self.calls = []
+        self.repos: dict[str, dict[str, bytes]] = {}
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 hub.calls.append((self.command, self.path, dict(self.headers), body))
-                path = self.path.split("?")[0]
-                if path == "/api/repos/create":
-                    name = json.loads(body)["name"]
-                    answer = {"url": f"{hub.endpoint}/me/{name}"}
-                elif path == "/api/validate-yaml":
-                    answer = {"errors": [], "warnings": []}
-                elif path.endswith("/preupload/main"):
-                    files = json.loads(body)["files"]
-                    answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
-                elif path.endswith("/commit/main"):
-                    answer = {"commitUrl": f"{hub.endpoint}/me/student-4bit/commit/{'a' * 40}", "commitOid": "a" * 40}
-                else:
-                    self.send_error(404)
-                    return
-                data = json.dumps(answer).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+                status, headers, data = hub.answer(self.command, self.path.split("?")[0], body)
+                self.send_response(status)
+                for key, value in {"Content-Length": str(len(data)), **headers}.items():
+                    self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
-            do_GET = do_PUT = do_POST
+            do_GET = do_PUT = do_HEAD = do_POST
 
             def log_message(self, *args):
                 pass
@@ -478,6 +489,49 @@ class FakeHub:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def commit(self, repo: str) -> str:
+        files = sorted((path, hashlib.sha256(data).hexdigest()) for path, data in self.repos[repo].items())
+        return hashlib.sha1(json.dumps(files).encode()).hexdigest()
+
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:
+        import base64
+        import re
+        from urllib.parse import unquote
+
+        path = unquote(path)
+        api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree|preupload|commit)/[^/]+", path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
+        repo = (api or resolve).group(1) if api or resolve else None
+        if path == "/api/repos/create":
+            return self.json({"url": f"{self.endpoint}/me/{json.loads(body)['name']}"})
+        if path == "/api/validate-yaml":
+            return self.json({"errors": [], "warnings": []})
+        if api and api.group(2) == "preupload":
+            files = json.loads(body)["files"]
+            return self.json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                        for f in files]})
+        if api and api.group(2) == "commit":
+            sent = [json.loads(line)["value"] for line in body.splitlines() if json.loads(line)["key"] == "file"]
+            self.repos.setdefault(repo, {}).update({file["path"]: base64.b64decode(file["content"]) for file in sent})
+            commit = self.commit(repo)
+            return self.json({"commitUrl": f"{self.endpoint}/{repo}/commit/{commit}", "commitOid": commit})
+        if repo not in self.repos:
+            return 404, {"X-Error-Code": "RepoNotFound"}, b""
+        files = self.repos[repo]
+        if api and api.group(2) == "revision":
+            return self.json({"id": repo, "sha": self.commit(repo), "siblings": [{"rfilename": f} for f in files]})
+        if api and api.group(2) == "tree":
+            return self.json([{"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                              for f, data in files.items()])
+        if resolve and resolve.group(2) in files:
+            data = files[resolve.group(2)]
+            return 200, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": self.commit(repo)}, data
+        return 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": self.commit(repo)}, b""
+
+    @staticmethod
+    def json(answer) -> tuple[int, dict, bytes]:
+        return 200, {"Content-Type": "application/json"}, json.dumps(answer).encode()
 
 
 def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
@@ -506,6 +560,74 @@ def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
     for _, _, headers, body in hub.calls:
         assert {k.lower(): v for k, v in headers.items()}["authorization"] == f"Bearer {token}"
         assert sum(token in v for v in headers.values()) == 1 and token.encode() not in body
+
+
+def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp_path):
+    """upload, then chat / eval / bench / quantize / memory with the Hub id: the snapshot they
+    download holds the package's bank (the memory ids shown are its), bench measures the real
+    files, a repo's code and pickles never come down, and the Hub cache serves it offline."""
+    hub, repo = FakeHub(), "me/student-4bit"
+    env = {**os.environ, "HF_TOKEN": "hf_loopback", "HF_ENDPOINT": hub.endpoint, "NO_PROXY": "127.0.0.1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    log, bench_json, memories = tmp_path / "ep.jsonl", tmp_path / "b.json", package / "memory" / "memories.jsonl"
+    try:
+        assert cli("upload", package, "--repo", repo, env=env).returncode == 0
+        hub.repos[repo] |= {"modeling_student.py": b"raise SystemExit('code ran')", "pytorch_model.bin": b"pickle"}
+        chat = cli("chat", "--model", repo, "--max-tokens", "4", stdin="open the door\n/memory\n", env=env)
+        ran = cli("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--policy", f"model:{repo}",
+                  "--max-steps", "3", "--out", tmp_path / "r.json", "--log", log, env=env)
+        bench = cli("bench", repo, "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", bench_json, env=env)
+        missing = cli("chat", "--model", "me/no-such-package", stdin="", env=env)
+        requantized = cli("quantize", "--model", repo, "--bits", "8", "--group-size", "32", "--out", tmp_path / "8bit",
+                          env=env)
+        bank = cli("memory", "build", "--memories", memories, "--embedder", repo, "--out", tmp_path / "bank", env=env)
+    finally:
+        hub.server.shutdown()
+    assert chat.returncode == 0, chat.stderr
+    assert "[memory m-1] look around, then open the door" in chat.stdout  # only the package's bank holds m-1
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(log.read_text())["memories"] == ["m-1"]
+    assert bench.returncode == 0, bench.stderr
+    row = json.loads(bench_json.read_text())["packages"][0]
+    assert row["package"] == repo and row["model_bytes"] == (package / "model.safetensors").stat().st_size
+    assert row["model_config"]["hidden_size"] == json.loads((package / "config.json").read_text())["hidden_size"]
+    [snapshot] = (tmp_path / "hf" / "hub" / "models--me--student-4bit" / "snapshots").iterdir()
+    assert {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()} == UPLOADED
+    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for method, path, _, _ in hub.calls
+               if method == "GET" and "/resolve/" in path}
+    assert fetched == UPLOADED
+    assert_clean_failure(missing, "me/no-such-package is neither a local directory nor a model on the Hub", "HF_TOKEN")
+    assert requantized.returncode == 0, requantized.stderr  # the downloaded bank, re-embedded; the base named by its id
+    meta = json.loads((tmp_path / "8bit" / "duomem.json").read_text())
+    assert meta["base"] == repo and meta["memory"]["count"] == 1 and meta["memory"]["source"].startswith(str(snapshot))
+    assert bank.returncode == 0, bank.stderr
+    assert json.loads((tmp_path / "bank" / "bank.json").read_text())["embedder"] == repo  # what `memory search` loads
+
+    offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    cached = cli("chat", "--model", repo, "--max-tokens", "2", stdin="open the door\n/memory\n", env=offline)
+    assert cached.returncode == 0 and "m-1" in cached.stdout, cached.stderr
+    assert_clean_failure(cli("bench", "me/other", "--json", tmp_path / "x.json", env=offline),
+                         "not in the Hub cache", "HF_HUB_OFFLINE")
+
+
+def test_every_command_that_takes_a_model_gets_a_hub_id_from_the_one_download(package, train_cache, tmp_path):
+    """chat, eval, bench, quantize, memory, teach (mlx: and its tokenizer) and distill all reach the
+    Hub through models.hub_snapshot: with it unreachable and nothing cached, each says so in its one line."""
+    hub = "http://127.0.0.1:9"
+    env = {**os.environ, "HF_ENDPOINT": hub, "HF_HUB_CACHE": str(tmp_path / "hub"), "NO_PROXY": "127.0.0.1"}
+    out, memories, textworld = tmp_path / "out", package / "memory" / "memories.jsonl", ("--env", "textworld")
+    commands = [("chat", "--model", "me/absent"),
+                ("eval", *textworld, "--policy", "model:me/absent", "--out", out),
+                ("bench", "me/absent", "--json", out),
+                ("quantize", "--model", "me/absent", "--out", out),
+                ("memory", "build", "--memories", memories, "--embedder", "me/absent", "--out", out),
+                ("teach", "--teacher", "mlx:me/absent", *textworld, "--episodes", "1", "--out", out),
+                ("teach", "--teacher", "oracle", "--teacher-tokenizer", "me/absent", *textworld, "--out", out),
+                ("distill", "--student", "me/absent", "--cache", train_cache, "--out", out)]
+    for args in commands:
+        assert_clean_failure(cli(*args, stdin="", env=env), f"cannot reach the Hub at {hub} to download me/absent")
+        assert not out.exists() or not any(out.iterdir()), args  # distill leaves its empty OUT
 
 
 def test_upload_bad_input(package, tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import click
 import pytest
@@ -89,25 +90,30 @@ def test_lower_floors_do_not_reach_up(module):
 
 
 @pytest.mark.parametrize("name", ["org/model-1.0", "a--b/c", "a/b.git", "a/..b", "x" * 97 + "/y", "-a/b", "a/b/c"])
-def test_one_repo_id_rule_for_loading_and_uploading(name):
-    """`--model ID` and `upload --repo ID` take the ids huggingface_hub takes (with a namespace)."""
+def test_one_repo_id_rule_for_loading_and_uploading(name, monkeypatch):
+    """`--model ID` (its download: test_deploy's loopback Hub) and `upload --repo ID` take the ids
+    huggingface_hub takes (with a namespace)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    from duomem_mlx import models
     from duomem_mlx.deploy.hub import check_repo_id
-    from duomem_mlx.models import resolve
 
     try:
         validate_repo_id(name)
         valid = name.count("/") == 1
     except HFValidationError:
         valid = False
-    for check in (resolve, check_repo_id):
-        try:
-            check(name)
-            accepted = True
-        except DuomemError:
-            accepted = False
-        assert accepted == valid, (check.__name__, name)
+    downloads = []
+    monkeypatch.setattr(models, "hub_snapshot", lambda repo: downloads.append(repo) or Path(repo))
+    with pytest.raises(DuomemError, match="not a model directory" if valid else "does not exist"):
+        models.resolve(name)
+    assert downloads == ([name] if valid else [])
+    try:
+        check_repo_id(name)
+        accepted = True
+    except DuomemError:
+        accepted = False
+    assert accepted == valid, name
 
 
 def test_one_atomic_swap_and_one_bank_rebuild():

@@ -39,12 +39,11 @@ class ModelPolicy:
                      max_context=4096, seed=0, temperature=0.0, thinking=False, memory_filter="none"):
         import mlx.core as mx
 
-        from pathlib import Path
+        from ..models import load, resolve
 
-        from ..models import load
-
-        model, tokenizer = load(path, adapter_path)
-        memory_bank = memory_bank or default_bank(path, adapter_path)
+        source = resolve(path)  # a Hub id's snapshot, its memory/ included
+        model, tokenizer = load(source, adapter_path)
+        memory_bank = memory_bank or default_bank(source, adapter_path)
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
         mx.random.seed(seed)
         return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature, thinking=thinking, memory_filter=memory_filter)

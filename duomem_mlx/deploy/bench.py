@@ -287,6 +287,10 @@ def record(path: str, row: dict) -> None:
 def measure(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit) -> dict:
     """The results of every package. A run cut short (Ctrl-C, SIGTERM, the time limit) returns what
     it measured, marked partial: `stopped` says why and the package it cut is `partial`."""
+    from ..models import resolve
+
+    for path in packages:  # a bad path or id stops here, before the probe; a Hub id is downloaded here, untimed
+        resolve(path)
     deadline = time.monotonic() + time_limit if time_limit else math.inf
     result = {"machine": machine(), "packages": []}
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does

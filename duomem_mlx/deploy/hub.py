@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import DuomemError
-from ..models import is_repo_id
+from ..models import is_repo_id, transport_error
 
 # Weights, config, tokenizer, memory bank, provenance, card, plots; nothing else (no caches,
 # logs, dotfiles, code).
@@ -52,14 +52,6 @@ def upload(package: str, repo: str, private: bool = False, dry_run: bool = False
         click.echo(f"{len(files)} files, {sum(s for _, s in files) / 1e6:.2f} MB would go to {repo} (dry run: nothing sent)")
         return files
     return push(package, repo, private, message or f"Upload {package.name} with duomem-mlx", files)
-
-
-def transport_error() -> type:
-    try:
-        from httpx2 import TransportError  # huggingface_hub >= 2.4
-    except ImportError:
-        from httpx import TransportError
-    return TransportError
 
 
 def push(package: Path, repo: str, private: bool, message: str, files) -> list[tuple[str, int]]:

@@ -22,7 +22,7 @@ from mlx.utils import tree_unflatten
 from .. import __version__
 from ..errors import DuomemError
 from ..io import atomic_dir, atomic_file
-from ..models import check_group_size, default_dtype
+from ..models import check_group_size, default_dtype, resolve
 from ..teacher.topk import masked_positions
 
 PACKAGE_FORMAT = 1
@@ -47,14 +47,12 @@ def check_options(bits: int, group_size: int | None, mode: str, calibrate: str |
         raise DuomemError("--calibrate tunes affine scales below 8 bits (8-bit is near lossless); use --bits 4 --mode affine")
 
 
-def load_student(model_path: str, adapters: str | None):
-    """(model, tokenizer, config) with adapters fused and a quantized (QLoRA) base dequantized first."""
+def load_student(source: str, adapters: str | None, model_path: str):
+    """(model, tokenizer, config) of the model directory `source` (`model_path` as the user named
+    it), with adapters fused and a quantized (QLoRA) base dequantized first."""
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, load
 
-    from ..models import resolve
-
-    source = resolve(model_path)
     try:
         model, tokenizer, config = load(source, return_config=True)
     except (OSError, ValueError) as e:
@@ -255,14 +253,15 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
     out = Path(out)
     if out.exists() and not force:
         raise DuomemError(f"{out} already exists; pass --force to replace it or choose another --out")
-    memories_file = bank_source(memory, adapters, model)
+    source = resolve(model)  # a Hub id's snapshot: its memory/, duomem.json and card are read as a local package's
+    memories_file = bank_source(memory, adapters, source)
     chats = agent_chats(calibrate_cache, adapters) if bits < 16 and mode == "affine" else None
     chosen = pick(bits, recipe, chats is not None) if bits < 16 and mode == "affine" else None
     plan = RECIPES[chosen] if chosen else None
     if plan and group_size:
         plan = replace(plan, group_size=group_size)
     episodes = cache_episodes(chats) if plan and plan.needs_data else None
-    student, tokenizer, config = load_student(model, adapters)
+    student, tokenizer, config = load_student(source, adapters, model)
     dtype = dtype or (default_dtype() if bits == 16 else "float16")
     info = {"bits": bits, "group_size": (plan.group_size if plan else group_size or 32) if bits < 16 else None,
             "mode": mode if bits < 16 else None, "dtype": dtype, "recipe": chosen}
@@ -288,10 +287,10 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
             results["cpu_decode_tokens_per_s"] = {"float32": dense_rate, f"{chosen or f'{bits}-bit {mode}'}": quantized_rate}
             say_fastest_on_cpu(results["cpu_decode_tokens_per_s"], "float32")
         student.set_dtype(getattr(mx, dtype))
-    return write_package(out, model, student, tokenizer, config, memories_file, {
+    return write_package(out, source, student, tokenizer, config, memories_file, {
         "format": PACKAGE_FORMAT, "name": name or out.name, "base": model,
-        "teacher": provenance(adapters, model).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
-        "quantization": info, "calibration": calibration, "license": base_license(model),
+        "teacher": provenance(adapters, source).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
+        "quantization": info, "calibration": calibration, "license": base_license(source),
         "duomem_mlx": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
     })
 
@@ -388,10 +387,10 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
 
     from ..distill.train import rebuild_bank
     from ..memory.bank import read_memories, recorded_key
-    from ..models import resolve, weight_bytes
+    from ..models import weight_bytes
 
     with atomic_dir(out, weight_bytes(model)) as tmp:
-        save(tmp, resolve(source), model, tokenizer, config, donate_model=False)
+        save(tmp, source, model, tokenizer, config, donate_model=False)
         for stray in tmp.glob("*.py"):  # mlx-lm copies a source model's code; a package never runs any
             stray.unlink()
         meta["bytes"] = model_bytes(tmp)
@@ -439,6 +438,7 @@ def write_card(package: Path, repo_id: str | None = None) -> None:
     adapters = "its distillation adapters fused into the weights" if meta.get("adapters") else "no adapters"
     memory = ("its memory bank rebuilt in this model's space (`memory/`, read automatically by duomem-mlx)"
               if meta.get("memory") else "no memory bank")
+    how, pip_line = duomem_install(direct_url())
     text = f"""
 # {meta.get('name', package.name)}
 
@@ -447,8 +447,10 @@ A DuoMem student packaged by duomem-mlx {meta.get('duomem_mlx', '')}: base `{bas
 
 ## Use
 
+With mlx-lm alone (the weights; the memories need duomem-mlx):
+
 ```bash
-pip install mlx-lm duomem-mlx
+pip install mlx-lm
 ```
 
 ```python
@@ -460,8 +462,10 @@ prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 print(generate(model, tokenizer, prompt=prompt, max_tokens=32))
 ```
 
+With duomem-mlx, which downloads `memory/` with the weights and retrieves from it ({how}):
+
 ```bash
-duomem-mlx chat --model {repo}
+{pip_line}duomem-mlx chat --model {repo}
 duomem-mlx eval --env textworld --episodes 10 --policy model:{repo} --out results.json
 ```
 
@@ -471,3 +475,28 @@ duomem-mlx eval --env textworld --episodes 10 --policy model:{repo} --out result
 """
     with atomic_file(package / "README.md") as tmp:
         ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(tmp)
+
+
+def direct_url() -> dict:
+    """pip's record of where this duomem-mlx was installed from (PEP 610 direct_url.json), or {}."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        return json.loads(distribution("duomem-mlx").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def duomem_install(record: dict) -> tuple[str, str]:
+    """(how, pip line) for the card's duomem-mlx, which is not on PyPI: the public git or archive URL
+    pip installed it from, pinned; else (a local checkout) installing from its source."""
+    from urllib.parse import urlsplit
+
+    url, vcs = record.get("url", ""), record.get("vcs_info")
+    public = url.startswith("https://") and urlsplit(url).username is None
+    if public and vcs and vcs.get("commit_id"):
+        pinned = f'{vcs["vcs"]}+{url}@{vcs["commit_id"]}'
+        return "installed from the source it was packaged with", f'pip install "duomem-mlx @ {pinned}"\n'
+    if public and "archive_info" in record:
+        return "installed from the archive it was packaged with", f'pip install "duomem-mlx @ {url}"\n'
+    return f"not on PyPI: install it from its source, `pip install .` in a checkout of duomem-mlx {__version__}", ""

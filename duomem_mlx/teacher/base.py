@@ -22,14 +22,17 @@ def load_tokenizer(path: str):
     """An mlx-lm TokenizerWrapper from a local model dir, or a Hub repo (tokenizer files only)."""
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
+    from ..models import hub_snapshot, is_repo_id
+
     local = Path(path).expanduser()
     if not local.is_dir():
-        from huggingface_hub import snapshot_download
-
+        if not is_repo_id(path):
+            raise DuomemError(f"the teacher tokenizer {path} is neither a local directory nor a Hub repo id; "
+                              "pass --teacher-tokenizer LOCAL_DIR")
         try:
-            local = Path(snapshot_download(path, allow_patterns=["*.json", "*.jinja", "*.model", "*.txt"]))
-        except Exception as e:  # offline, unknown repo, gated: all say the same thing to the user
-            raise DuomemError(f"cannot get the teacher tokenizer {path} ({e.__class__.__name__}); pass --teacher-tokenizer LOCAL_DIR")
+            local = hub_snapshot(path, ["*.json", "*.jinja", "*.model", "*.txt"])
+        except DuomemError as e:
+            raise DuomemError(f"{e} (or pass --teacher-tokenizer LOCAL_DIR)")
     if not (local / "tokenizer.json").exists() and not (local / "tokenizer_config.json").exists():
         raise DuomemError(f"{local} holds no tokenizer; pass --teacher-tokenizer with the served model's directory")
     return load_wrapper(local)

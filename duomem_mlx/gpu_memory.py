@@ -33,8 +33,8 @@ def wired_limit():
             mx.set_wired_limit(previous)
 
 
-def gb(n: int) -> str:
-    return f"{n / 2**30:.1f} GB"
+def bytes_text(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
 def warn_if_over(nbytes: int, what: str, fix: str) -> bool:
@@ -45,8 +45,8 @@ def warn_if_over(nbytes: int, what: str, fix: str) -> bool:
         return False
     info = mx.device_info()
     device = info.get("device_name") or info.get("architecture", "this GPU")
-    total = f", of {gb(info['memory_size'])} memory" if info.get("memory_size") else ""
-    click.echo(f"warning: {what} takes {gb(nbytes)}, more than the {gb(limit)} {device} recommends keeping in use{total} "
+    total = f", of {bytes_text(info['memory_size'])} memory" if info.get("memory_size") else ""
+    click.echo(f"warning: {what} takes {bytes_text(nbytes)}, more than the {bytes_text(limit)} {device} recommends keeping in use{total} "
                f"(mx.device_info()): it will page and run slowly; {fix}", err=True)
     return True
 

@@ -76,7 +76,8 @@ def test_the_wired_limit_is_the_working_set_inside_and_restored_after_even_on_an
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "cache"
-    run("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", 2, "--keep-admissible", "--out", out)
+    run("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", 2, "--keep-admissible",
+        "--out", out)
     return out
 
 
@@ -88,20 +89,24 @@ def commands(model, cache, tmp_path):
 
     return {
         "chat": (["chat", "--model", model, "--max-tokens", 4], Session, "generate"),
-        "eval": (["eval", "--env", "textworld", "--tasks", "simple", "--episodes", 1, "--max-steps", 2, "--policy", f"model:{model}",
-                  "--out", tmp_path / "r.json"], Session, "generate"),
-        "bench": (["bench", model, "--steps", 2, "--repeats", 1, "--max-tokens", 2, "--json", tmp_path / "b.json", "--no-save"],
-                  Session, "generate"),
-        "distill": (["distill", "--student", model, "--cache", cache, "--out", tmp_path / "d", "--all", "--kd", "off", "--batch-size", 1, "--iters", 2,
-                     "--val-fraction", 0], train, "batch_for"),
-        "quantize": (["quantize", "--model", model, "--bits", 4, "--recipe", "mixed4-margin", "--calibrate", cache, "--epochs", 1,
-                      "--max-seq-length", 512, "--out", tmp_path / "q"], quantize, "calibrate"),
+        "eval": (["eval", "--env", "textworld", "--tasks", "simple", "--episodes", 1, "--max-steps", 2,
+                  "--policy", f"model:{model}", "--out", tmp_path / "r.json"], Session, "generate"),
+        "bench": (["bench", model, "--steps", 2, "--repeats", 1, "--max-tokens", 2, "--json", tmp_path / "b.json",
+                   "--no-save"], Session, "generate"),
+        "distill": (distill_args(model, cache, tmp_path / "d", 2), train, "batch_for"),
+        "quantize": (["quantize", "--model", model, "--bits", 4, "--recipe", "mixed4-margin", "--calibrate", cache,
+                      "--epochs", 1, "--max-seq-length", 512, "--out", tmp_path / "q"], quantize, "calibrate"),
     }
 
 
+def distill_args(model, cache, out, iters):
+    return ["distill", "--student", model, "--cache", cache, "--out", out, "--all", "--kd", "off", "--batch-size", 1,
+            "--iters", iters, "--val-fraction", 0]
+
+
 @pytest.mark.parametrize("command", ["chat", "eval", "bench", "distill", "quantize"])
-def test_generation_training_and_bench_run_under_the_wired_limit_and_restore_it(command, tiny_model, cache, tmp_path, metal,
-                                                                                 monkeypatch):
+def test_generation_training_and_bench_run_under_the_wired_limit_and_restore_it(command, tiny_model, cache, tmp_path,
+                                                                                 metal, monkeypatch):
     device = metal()
     args, owner, name = commands(tiny_model, cache, tmp_path)[command]
     real, wired_at_work = getattr(owner, name), []
@@ -130,7 +135,8 @@ def test_loading_a_model_larger_than_the_working_set_says_so_first_in_one_line(t
         load(str(tiny_model))
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"warning: loading {tiny_model} takes {weights / 2**20:.1f} MB, more than the "
-                           f"{weights / 2 / 2**20:.1f} MB Apple M3 Pro recommends keeping in use, of 36.0 GB memory"), line
+                           f"{weights / 2 / 2**20:.1f} MB Apple M3 Pro recommends keeping in use, of 36.0 GB "
+                           "memory (mx.device_info()): it will page and run slowly"), line
     assert "quantize --bits 4" in line
 
 
@@ -138,16 +144,17 @@ def test_a_training_step_larger_than_the_working_set_is_named_once(tiny_model, c
     weights = (tiny_model / "model.safetensors").stat().st_size
     metal(working_set=weights + 1)  # the model loads without a word; a step with its activations is larger
     mx.reset_peak_memory()
-    result = run("distill", "--student", tiny_model, "--cache", cache, "--out", tmp_path / "d", "--all", "--kd", "off", "--batch-size", 1,
-                 "--iters", 3, "--val-fraction", 0)
+    result = run(*distill_args(tiny_model, cache, tmp_path / "d", 3))
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: training step 1 (") and "--grad-checkpoint" in warnings[0], warnings
+    assert len(warnings) == 1 and warnings[0].startswith("warning: training step 1 ("), warnings
+    assert "--batch-size" in warnings[0] and "--grad-checkpoint" in warnings[0]
 
 
 @pytest.fixture(scope="module")
 def bigger(tmp_path_factory):
     """56 MB of float32 weights: a load outweighs what a short bench computes."""
-    return make_tiny_model(tmp_path_factory.mktemp("gpu") / "bigger", layers=4, hidden=512, vocab_size=4096, template="chatml")
+    out = tmp_path_factory.mktemp("gpu") / "bigger"
+    return make_tiny_model(out, layers=4, hidden=512, vocab_size=4096, template="chatml")
 
 
 def test_bench_holds_one_model_at_a_time(bigger):
@@ -193,7 +200,8 @@ def test_quantize_on_a_gpu_keeps_the_source_dtype_and_stores_bf16(bf16_source, t
     and stores float16 scales (converted at load, cpu_quant)."""
     if mx.default_device() == mx.cpu:
         assert quantized_in(bf16_source, tmp_path / "cpu", monkeypatch) == {mx.float32}
-        assert mx.load(str(tmp_path / "cpu" / "model.safetensors"))["model.layers.0.mlp.up_proj.scales"].dtype == mx.float16
+        stored = mx.load(str(tmp_path / "cpu" / "model.safetensors"))
+        assert stored["model.layers.0.mlp.up_proj.scales"].dtype == mx.float16
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu, 0))
     assert quantized_in(bf16_source, tmp_path / "gpu", monkeypatch) == {mx.bfloat16}
     stored = mx.load(str(tmp_path / "gpu" / "model.safetensors"))
@@ -212,8 +220,8 @@ def wide_scales(bf16_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "wide"
     shutil.copytree(bf16_source, out)
     weights = mx.load(str(out / "model.safetensors"))
-    mx.save_safetensors(str(out / "model.safetensors"), {k: v * 8 if k.endswith("proj.weight") else v for k, v in weights.items()},
-                        metadata={"format": "mlx"})
+    wide = {k: v * 8 if k.endswith("proj.weight") else v for k, v in weights.items()}
+    mx.save_safetensors(str(out / "model.safetensors"), wide, metadata={"format": "mlx"})
     return out
 
 
@@ -235,7 +243,7 @@ def test_calibration_on_a_gpu_computes_in_bf16_and_its_steps_land(wide_scales, c
         return result
 
     monkeypatch.setattr(quantize, "calibrate", spy)
-    quantize.quantize_package(str(wide_scales), str(tmp_path / "q"), bits=4, recipe="mixed4-margin", calibrate_cache=str(cache),
-                              epochs=2, max_seq_length=512)
+    quantize.quantize_package(str(wide_scales), str(tmp_path / "q"), bits=4, recipe="mixed4-margin",
+                              calibrate_cache=str(cache), epochs=2, max_seq_length=512)
     losses = json.loads((tmp_path / "q" / "duomem.json").read_text())["calibration"]["loss_per_epoch"]
     assert set(computed) == {mx.bfloat16} and moved[0] > 0 and losses[-1] < losses[0], (moved, losses)

@@ -213,8 +213,8 @@ def calibrate(q_model, targets: Targets, epochs: int, learning_rate: float, max_
     bar.close()
     q_model.eval()
     return {"episodes": len(data), "tokens": sum(len(ids) for ids, _ in data), "action_tokens": sum(rows.size for _, rows in data),
-            "epochs": epochs, "max_seq_length": max_seq_length, "learning_rate": learning_rate, "top_k": targets.k, "margin": MARGIN,
-            "loss_per_epoch": curve}
+            "epochs": epochs, "max_seq_length": max_seq_length, "learning_rate": learning_rate, "top_k": targets.k,
+            "margin": MARGIN, "loss_per_epoch": curve}
 
 
 def bank_source(memory: str | None, adapters: str | None, model_path: str) -> Path | None:
@@ -305,7 +305,7 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
     if bits == 16:
         student.set_dtype(getattr(mx, dtype))
     else:
-        if mx.default_device() == mx.cpu:  # MLX's CPU emulates 16-bit floats, several times slower; a GPU keeps the source's
+        if mx.default_device() == mx.cpu:  # MLX's CPU emulates 16-bit floats, slowly; a GPU keeps the source's
             student.set_dtype(mx.float32)
         check_group_size(student, info["group_size"])
         dense_rate = cpu_decode_rate(student, tokenizer)
@@ -318,7 +318,8 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
         quantized_rate = dense_rate and cpu_decode_rate(student, tokenizer)  # float32 scales, as a CPU loads the package
         as_stored(student, dtype)
         if targets is not None:
-            calibration = run_calibration(student, tokenizer, episodes, targets, epochs, learning_rate, dtype, max_seq_length, on_epoch)
+            calibration = run_calibration(student, tokenizer, episodes, targets, epochs, learning_rate, dtype,
+                                          max_seq_length, on_epoch)
         if dense_rate:
             results["cpu_decode_tokens_per_s"] = {"float32": dense_rate, f"{chosen or f'{bits}-bit {mode}'}": quantized_rate}
             say_fastest_on_cpu(results["cpu_decode_tokens_per_s"], "float32")
@@ -390,7 +391,8 @@ def quantize_model(model, config, group_size, bits, mode, quant_predicate=None):
     return model, config
 
 
-def run_calibration(student, tokenizer, episodes, targets: Targets, epochs, learning_rate, dtype, max_seq_length, on_epoch=None) -> dict:
+def run_calibration(student, tokenizer, episodes, targets: Targets, epochs, learning_rate, dtype, max_seq_length,
+                    on_epoch=None) -> dict:
     """Tuned and measured as the package computes (a CPU: float32, where 16-bit quantized matmuls
     are several times slower), with the scales rounded to `dtype` as the package stores them."""
     click.echo(f"calibrating on {len(episodes)} recorded episode(s)")
@@ -398,9 +400,10 @@ def run_calibration(student, tokenizer, episodes, targets: Targets, epochs, lear
     result = calibrate(student, targets, epochs, learning_rate, max_seq_length=max_seq_length, on_epoch=on_epoch)
     as_stored(student, dtype)
     after = agreement(greedy_actions(student, tokenizer, episodes), targets.actions)
-    click.echo(f"greedy-action agreement with the unquantized student on {len(targets.actions)} steps: {before:.1%} before, "
+    steps = len(targets.actions)
+    click.echo(f"greedy-action agreement with the unquantized student on {steps} steps: {before:.1%} before, "
                f"{after:.1%} after calibration")
-    return {**result, "steps": len(targets.actions), "agreement_before": round(before, 4), "agreement_after": round(after, 4)}
+    return {**result, "steps": steps, "agreement_before": round(before, 4), "agreement_after": round(after, 4)}
 
 
 def own_actions(episodes, actions: list[str]) -> list:

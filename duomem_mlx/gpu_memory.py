@@ -22,14 +22,16 @@ def working_set() -> int | None:
 def wired_limit():
     """The wired limit at the recommended working set while the block runs, the previous one after
     (mlx-lm's `generate.wired_limit`, without its model-size warning: `warn_if_over` says it once)."""
+    from mlx_lm.generate import generation_stream
     from mlx_lm.utils import maybe_set_recommended_wired_limit
 
     previous = maybe_set_recommended_wired_limit()
     try:
         yield
     finally:
-        if previous is not None:
-            mx.synchronize()  # the limit must not change under a running evaluation
+        if previous is not None:  # the limit must not change under a running evaluation: mlx-lm's generate_step
+            mx.synchronize(generation_stream)  # (bench's throughput) evaluates ahead on a stream of its own
+            mx.synchronize()
             mx.set_wired_limit(previous)
 
 

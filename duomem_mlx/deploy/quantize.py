@@ -52,9 +52,11 @@ def load_student(model_path: str, adapters: str | None):
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, load
 
+    from ..gpu_memory import warn_before_loading
     from ..models import resolve
 
     source = resolve(model_path)
+    warn_before_loading(source)
     try:
         model, tokenizer, config = load(source, return_config=True)
     except (OSError, ValueError) as e:

@@ -10,6 +10,7 @@ from .agent.decode import DecodeOptions
 from .agent.loop import ModelPolicy
 from .agent.prompt import system_message
 from .agent.session import Session
+from .gpu_memory import wired_limit
 
 CHAT_SYSTEM = "You are a helpful assistant for procedural tasks. Answer concisely, step by step."
 HELP = "/memory  memories in use · /reset  new conversation · /stats  speed and memory · /quit"
@@ -80,6 +81,7 @@ class Chat:
         return True
 
 
+@wired_limit()
 def run_chat(policy: ModelPolicy, max_tokens: int, max_context: int, temperature: float):
     chat = Chat(policy, max_tokens, max_context, temperature)
     # Bytes that are not UTF-8 would reach the tokenizer as lone surrogates (a TypeError there): show them as U+FFFD.
@@ -137,7 +139,8 @@ def watch_episode(policy: ModelPolicy, env_name: str, tasks, split: str, seed: i
     env = make_env(env_name, game_params)
     try:
         spec = env.task_specs(tasks, split, 1, seed)[0]
-        episode = play_episode(env, spec, Narrated(policy, step), max_steps)
+        with wired_limit():
+            episode = play_episode(env, spec, Narrated(policy, step), max_steps)
     finally:
         env.close()
     verdict = "won" if episode.success else "not won"

@@ -12,6 +12,7 @@ from .envs import make_env
 from .envs.base import Episode, play_episode
 from .envs.policies import OraclePolicy, RandomPolicy
 from .errors import DuomemError
+from .gpu_memory import wired_limit
 from .io import check_destination, write_atomic
 from .progress import Progress
 
@@ -47,6 +48,7 @@ def print_table(per_task: dict, overall: dict):
         click.echo(f"{task:{width}} {row['episodes']:8d} {row['success_rate']:8.1%} {row['mean_score']:7.2f} {row['mean_steps']:7.1f}")
 
 
+@wired_limit()
 def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
     episodes = []
     bar = Progress(specs, desc="episodes", unit="ep")

@@ -182,10 +182,12 @@ def load(path_or_repo: str, adapter_path: str | None = None):
     import mlx_lm
 
     from .cpu_quant import dense_prefill_on_cpu
+    from .gpu_memory import warn_before_loading
 
     source = resolve(path_or_repo)
     if adapter_path and not (Path(adapter_path) / "adapter_config.json").exists():
         raise DuomemError(f"no adapter_config.json in {adapter_path}; pass an mlx-lm adapter directory (adapters.safetensors + adapter_config.json)")
+    warn_before_loading(source)
     try:
         model, tokenizer = mlx_lm.load(source, adapter_path=adapter_path)
     except (OSError, ValueError) as e:

@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import DuomemError
+from ..gpu_memory import wired_limit
 from ..io import cache_root, check_destination, write_atomic
 from ..progress import Progress
 from .bandwidth import bandwidth
@@ -186,6 +187,7 @@ class TimeLimit(Exception):
     """--time-limit spent: the run stops where it is and writes what it measured."""
 
 
+@wired_limit()
 def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, repeats: int, max_tokens: int,
                   max_context: int, seed: int, deadline: float) -> None:
     """Measure one package into `m`, a step at a time. The synthetic prefix (its memories) and the
@@ -209,6 +211,7 @@ def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, 
         m.model_config = size_of(source)
         bar.set_postfix(phase="load")
         for _ in range(repeats):
+            model = tokenizer = None  # the last load freed first: peak memory is one model's, as a user runs it
             start = time.perf_counter()
             model, tokenizer = load(source)
             mx.eval(model.parameters())
@@ -219,13 +222,7 @@ def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, 
         bar.set_postfix(phase="warm-up")
         for _ in play_synthetic(model, tokenizer, 1, max_context, seed + 1, memories=0):
             done()
-        if env_name:
-            bar.set_postfix(phase="episodes")
-            for step_seconds, seconds in play_env(source, env_name, episodes, seed):
-                m.episodes.append(step_seconds)
-                m.episode_seconds.append(seconds)
-                done()
-        else:
+        if not env_name:
             for r in range(repeats):
                 bar.set_postfix(phase=f"episode {r + 1}/{repeats}")
                 played, start = [], time.perf_counter()
@@ -234,12 +231,19 @@ def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, 
                     played.append(seconds)
                     done()
                 m.episode_seconds.append(time.perf_counter() - start)
-        if not any(m.episodes):
-            raise DuomemError(f"{m.package}: no step was played; use more --steps or another --env")
         for r in range(repeats):
             bar.set_postfix(phase=f"throughput {r + 1}/{repeats}")
             m.rates.append(throughput(model, prompt, max_tokens))
             done()
+        if env_name:
+            model = tokenizer = None  # eval's policy loads the package again, with its memory bank: one model at a time
+            bar.set_postfix(phase="episodes")
+            for step_seconds, seconds in play_env(source, env_name, episodes, seed):
+                m.episodes.append(step_seconds)
+                m.episode_seconds.append(seconds)
+                done()
+        if not any(m.episodes):
+            raise DuomemError(f"{m.package}: no step was played; use more --steps or another --env")
     finally:
         bar.close()
 

@@ -17,8 +17,9 @@ from ..errors import DuomemError
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="Overrides the recipe's (64); must divide every layer's input size.")
 @click.option("--mode", type=click.Choice(["affine", "mxfp4"]), default="affine", show_default=True)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
-              help="Of unquantized weights and of the quantization scales as stored (quantized: float16, what a Mac computes with; "
-                   "a CPU converts them to float32 at load). --bits 16: bfloat16 on a GPU, float32 on a CPU (MLX emulates bf16 there).")
+              help="Of unquantized weights and of the quantization scales as stored (default: bfloat16 on a GPU, "
+                   "as mlx-community ships; on a CPU, where MLX emulates bf16, float16 scales, converted to float32 "
+                   "at load, and float32 for --bits 16).")
 @click.option("--calibrate", "calibrate_cache", type=click.Path(exists=True, file_okay=False),
               help="Teacher cache whose chats the recipe measures (layer sensitivities, GPTQ, AWQ) and calibrates on (default: the one the adapters were distilled from).")
 @click.option("--epochs", type=click.IntRange(1), default=4, show_default=True, help="Passes over the cache's episodes when calibrating.")

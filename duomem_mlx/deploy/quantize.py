@@ -8,19 +8,19 @@ in the final model's space and write a self-contained package (docs/design.md, "
                       README.md      model card with Hub front matter and a results table
 """
 
-import copy
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import __version__
 from ..errors import DuomemError
+from ..gpu_memory import warn_before_loading, wired_limit
 from ..io import atomic_dir, atomic_file
 from ..models import check_group_size, default_dtype, resolve
 from ..teacher.topk import masked_positions
@@ -53,6 +53,7 @@ def load_student(source: str, adapters: str | None, model_path: str):
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, load
 
+    warn_before_loading(source)
     try:
         model, tokenizer, config = load(source, return_config=True)
     except (OSError, ValueError) as e:
@@ -131,61 +132,88 @@ def unfreeze_scales(model) -> None:
     model.apply_to_modules(unfreeze)
 
 
-def calibrate(q_model, float_model, tokenizer, episodes, epochs: int, learning_rate: float, max_seq_length: int = 2048,
-              top_k: int = 32, seed: int = 0, on_epoch=None) -> dict:
+@dataclass
+class Targets:
+    """What calibration needs of the unquantized student, taken before it is quantized (no copy of
+    it is kept, as mlx-lm's DWQ precomputes its targets): its greedy action at every recorded
+    step, and the chats replayed with those actions: (token ids, action-token rows) and, at each
+    row, the token it took and its top-k tokens."""
+    actions: list[str]
+    data: list
+    top: list
+    k: int
+
+
+def float_targets(model, tokenizer, episodes, max_seq_length: int, top_k: int = 32) -> Targets:
+    from ..agent.decode import logits_at
+    from ..teacher.topk import topk_logprobs
+
+    actions = greedy_actions(model, tokenizer, episodes)
+    chats = calibration_data(tokenizer, own_actions(episodes, actions), max_seq_length)
+    data = [(ids, mx.array(masked_positions(mask))) for ids, mask in chats if sum(mask[1:])]
+    k = min(top_k, model.args.vocab_size)
+    top = []
+    for ids, rows in data:
+        top.append((mx.array(ids)[rows + 1][:, None], topk_logprobs(logits_at(model, mx.array(ids)[None], rows), k)[0]))
+        mx.eval(top[-1])
+    return Targets(actions, data, top, k)
+
+
+def calibrate(q_model, targets: Targets, epochs: int, learning_rate: float, max_seq_length: int = 2048, seed: int = 0,
+              on_epoch=None) -> dict:
     """DWQ scored on what the agent does: the quantized layers' scales and biases learn to keep
     the token the unquantized student took at every action token of the chats (its own greedy
     actions) ahead of the other tokens of its top-k by MARGIN nats (a hinge: a token already chosen by that margin costs
     nothing), one episode a step. KL to the student's whole distribution (the distill loss,
     mlx-lm's `dwq_quantize` over every token) spent the scales on tokens the agent never picks
-    and lowered SmolLM2's action agreement (89% -> 82% after one epoch).
-    `on_epoch(epoch, mean_loss, q_model)` runs after each pass."""
+    and lowered SmolLM2's action agreement (89% -> 82% after one epoch). As in `dwq_quantize`,
+    Adam updates a float32 copy of the scales and the model computes in its own dtype (a bf16
+    scale of 0.01 moves in steps of 6e-5: Adam's of ~1e-5 would round away). `on_epoch(epoch,
+    mean_loss, q_model)` runs after each pass."""
     import numpy as np
     import mlx.optimizers as optimizers
+    from mlx.utils import tree_map
 
     from ..agent.decode import logits_at
     from ..progress import Progress
-    from ..teacher.topk import topk_logprobs
 
-    data = [(ids, mx.array(masked_positions(mask))) for ids, mask in calibration_data(tokenizer, episodes, max_seq_length) if sum(mask[1:])]
-    k = min(top_k, q_model.args.vocab_size)
-    targets = []  # (the token taken, the unquantized student's top-k tokens) at each action token
-    for ids, rows in data:
-        taken = mx.array(ids)[rows + 1][:, None]
-        targets.append((taken, topk_logprobs(logits_at(float_model, mx.array(ids)[None], rows), k)[0]))
-        mx.eval(targets[-1])
     unfreeze_scales(q_model)
+    params = tree_map(lambda p: p.astype(mx.float32), q_model.trainable_parameters())
+    dtype = next(p.dtype for _, p in tree_flatten(q_model.trainable_parameters()))
 
-    def loss(model, inputs, rows, target):
+    def loss(params, inputs, rows, target):
+        q_model.update(tree_map(lambda p: p.astype(dtype), params))
         taken, top = target
-        logits = logits_at(model, inputs, rows).astype(mx.float32)
+        logits = logits_at(q_model, inputs, rows).astype(mx.float32)
         others = mx.where(top == taken, -mx.inf, mx.take_along_axis(logits, top, axis=-1))
         return nn.relu(MARGIN - mx.take_along_axis(logits, taken, axis=-1)[:, 0] + others.max(axis=-1)).mean()
 
-    loss_and_grad = nn.value_and_grad(q_model, loss)
+    loss_and_grad = mx.value_and_grad(loss)
     optimizer = optimizers.Adam(learning_rate=learning_rate)
     order = np.random.default_rng(seed)
+    data = targets.data
     curve = []
     q_model.train()
     bar = Progress(total=epochs * len(data), desc="calibrate", unit="episode")
     for epoch in range(epochs):
         losses = []
         for i in order.permutation(len(data)):
-            (ids, rows), top = data[i], targets[i]
-            value, grads = loss_and_grad(q_model, mx.array(ids)[None], rows, top)
-            optimizer.update(q_model, grads)
-            mx.eval(value, q_model.parameters(), optimizer.state)
+            (ids, rows), target = data[i], targets.top[i]
+            value, grads = loss_and_grad(params, mx.array(ids)[None], rows, target)
+            params = optimizer.apply_gradients(grads, params)
+            mx.eval(value, params, optimizer.state)
             losses.append(value.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update()
         curve.append(round(float(np.mean(losses)), 5))
+        q_model.update(tree_map(lambda p: p.astype(dtype), params))
         if on_epoch:
             on_epoch(epoch + 1, curve[-1], q_model)
     bar.close()
     q_model.eval()
     return {"episodes": len(data), "tokens": sum(len(ids) for ids, _ in data), "action_tokens": sum(rows.size for _, rows in data),
-            "epochs": epochs, "max_seq_length": max_seq_length, "learning_rate": learning_rate, "top_k": k, "margin": MARGIN,
-            "loss_per_epoch": curve}
+            "epochs": epochs, "max_seq_length": max_seq_length, "learning_rate": learning_rate, "top_k": targets.k,
+            "margin": MARGIN, "loss_per_epoch": curve}
 
 
 def bank_source(memory: str | None, adapters: str | None, model_path: str) -> Path | None:
@@ -240,13 +268,20 @@ def agent_chats(calibrate_cache: str | None, adapters: str | None) -> str | None
     return recorded if recorded and (Path(recorded) / "manifest.json").is_file() else None
 
 
+def package_dtype(bits: int) -> str:
+    """What a package stores by default: bfloat16 on a GPU, as mlx-community ships; on a CPU float32
+    unquantized (default_dtype) and float16 scales (a Mac computes with 16 bits, a CPU converts them at load)."""
+    return default_dtype() if bits == 16 or mx.default_device() != mx.cpu else "float16"
+
+
+@wired_limit()
 def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None = None, mode: str = "affine",
                      adapters: str | None = None, memory: str | None = None, calibrate_cache: str | None = None,
                      epochs: int = 4, learning_rate: float = 1e-5, force: bool = False, name: str | None = None,
                      dtype: str | None = None, max_seq_length: int = 2048, on_epoch=None, recipe: str | None = None) -> Path:
     """bits 16: fused only, in `dtype`. Otherwise a recipe (recipes.py; by default the best measured
-    one the data allows) quantizes in float32, and the package stores its scales, biases and
-    unquantized weights in `dtype` (default float16: what a Mac computes with; a CPU converts at load)."""
+    one the data allows) quantizes in the source's dtype on a GPU, in float32 on a CPU, and the
+    package stores its scales, biases and unquantized weights in `dtype` (default: package_dtype)."""
     from .recipes import RECIPES, pick
 
     check_options(bits, group_size, mode, calibrate_cache)
@@ -262,7 +297,7 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
         plan = replace(plan, group_size=group_size)
     episodes = cache_episodes(chats) if plan and plan.needs_data else None
     student, tokenizer, config = load_student(source, adapters, model)
-    dtype = dtype or (default_dtype() if bits == 16 else "float16")
+    dtype = dtype or package_dtype(bits)
     info = {"bits": bits, "group_size": (plan.group_size if plan else group_size or 32) if bits < 16 else None,
             "mode": mode if bits < 16 else None, "dtype": dtype, "recipe": chosen}
     calibration, results = None, {}
@@ -270,19 +305,21 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
     if bits == 16:
         student.set_dtype(getattr(mx, dtype))
     else:
-        student.set_dtype(mx.float32)
+        if mx.default_device() == mx.cpu:  # MLX's CPU emulates 16-bit floats, slowly; a GPU keeps the source's
+            student.set_dtype(mx.float32)
         check_group_size(student, info["group_size"])
         dense_rate = cpu_decode_rate(student, tokenizer)
         if chosen:
             click.echo(f"recipe {chosen}: {plan.summary}" + (f" (measured on {chats})" if episodes else "")
                        + (f"; it reads no chats, so {calibrate_cache} is unused (--recipe {' or '.join(n for n, r in RECIPES.items() if r.needs_data)} "
                           "measure them)" if calibrate_cache and not episodes else ""))
-        reference = copy.deepcopy(student) if plan and plan.calibrate else None
+        targets = float_targets(student, tokenizer, episodes, max_seq_length) if plan and plan.calibrate else None
         student, config, info["layers"] = quantize_with(student, config, tokenizer, plan, episodes, bits, mode, max_seq_length)
         quantized_rate = dense_rate and cpu_decode_rate(student, tokenizer)  # float32 scales, as a CPU loads the package
         as_stored(student, dtype)
-        if reference is not None:
-            calibration = run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, dtype, max_seq_length, on_epoch)
+        if targets is not None:
+            calibration = run_calibration(student, tokenizer, episodes, targets, epochs, learning_rate, dtype,
+                                          max_seq_length, on_epoch)
         if dense_rate:
             results["cpu_decode_tokens_per_s"] = {"float32": dense_rate, f"{chosen or f'{bits}-bit {mode}'}": quantized_rate}
             say_fastest_on_cpu(results["cpu_decode_tokens_per_s"], "float32")
@@ -354,18 +391,19 @@ def quantize_model(model, config, group_size, bits, mode, quant_predicate=None):
     return model, config
 
 
-def run_calibration(student, reference, tokenizer, episodes, epochs, learning_rate, dtype, max_seq_length, on_epoch=None) -> dict:
-    """Tuned and measured in float32 (on a CPU, 16-bit quantized matmuls are several times slower),
-    with the scales rounded to `dtype` as the package stores them."""
+def run_calibration(student, tokenizer, episodes, targets: Targets, epochs, learning_rate, dtype, max_seq_length,
+                    on_epoch=None) -> dict:
+    """Tuned and measured as the package computes (a CPU: float32, where 16-bit quantized matmuls
+    are several times slower), with the scales rounded to `dtype` as the package stores them."""
     click.echo(f"calibrating on {len(episodes)} recorded episode(s)")
-    expected = greedy_actions(reference, tokenizer, episodes)
-    before = agreement(greedy_actions(student, tokenizer, episodes), expected)
-    result = calibrate(student, reference, tokenizer, own_actions(episodes, expected), epochs, learning_rate, max_seq_length=max_seq_length,
-                       on_epoch=on_epoch)
+    before = agreement(greedy_actions(student, tokenizer, episodes), targets.actions)
+    result = calibrate(student, targets, epochs, learning_rate, max_seq_length=max_seq_length, on_epoch=on_epoch)
     as_stored(student, dtype)
-    after = agreement(greedy_actions(student, tokenizer, episodes), expected)
-    click.echo(f"greedy-action agreement with the unquantized student on {len(expected)} steps: {before:.1%} before, {after:.1%} after calibration")
-    return {**result, "steps": len(expected), "agreement_before": round(before, 4), "agreement_after": round(after, 4)}
+    after = agreement(greedy_actions(student, tokenizer, episodes), targets.actions)
+    steps = len(targets.actions)
+    click.echo(f"greedy-action agreement with the unquantized student on {steps} steps: {before:.1%} before, "
+               f"{after:.1%} after calibration")
+    return {**result, "steps": steps, "agreement_before": round(before, 4), "agreement_after": round(after, 4)}
 
 
 def own_actions(episodes, actions: list[str]) -> list:
@@ -376,9 +414,11 @@ def own_actions(episodes, actions: list[str]) -> list:
 
 
 def as_stored(model, dtype: str) -> None:
-    """Round the float weights (scales, biases, norms) to the package's dtype; computing stays float32."""
+    """Round the float weights (scales, biases, norms) to the package's dtype; a CPU computes on in
+    float32, as it runs the package (cpu_quant), a GPU in the package's dtype."""
     model.set_dtype(getattr(mx, dtype))
-    model.set_dtype(mx.float32)
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)
 
 
 def write_package(out: Path, source: str, model, tokenizer, config, memories_file, meta: dict) -> Path:

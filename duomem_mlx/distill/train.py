@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import DuomemError
+from ..gpu_memory import warn_if_over, wired_limit
 from ..io import atomic_file, write_atomic
 from ..progress import Progress
 from ..agent.decode import logits_at
@@ -285,6 +286,7 @@ def evaluate(model, data: Dataset, args: DistillArgs) -> dict:
     return {"val_loss": total / toks, "val_ce": ce / toks, "val_top1": agree / (rows if data.top_k else toks)}
 
 
+@wired_limit()
 def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, out: Path) -> list[dict]:
     from mlx.nn.utils import average_gradients
 
@@ -309,6 +311,7 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
     model.train()
     bar = Progress(total=args.iters, initial=step, desc="distill", unit="step", disable=not rank0)
     sums, seconds = np.zeros(6), 0.0
+    warned = False
     try:
         while step < args.iters:
             batch, tokens = batch_for(data, args, step, world)
@@ -317,6 +320,8 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
             parts = train_step(*batch)
             mx.eval(state, parts)
             seconds += time.perf_counter() - tic
+            warned = warned or warn_if_over(mx.get_peak_memory(), f"training step {step + 1} ({tokens} tokens)",
+                                            "pass a smaller --batch-size or --max-seq-length, or --grad-checkpoint")
             local = np.array(parts.astype(mx.float32))
             check_finite(local[0], world, step + 1, out)
             sums += [*local, tokens]

@@ -269,6 +269,7 @@ def decode_action(model, tokenizer, cache, prompt: list[int], admissible, option
     if options.mode == "constrained" and grammar is not None:
         text, ids, fallback = grammar_decode(model, tokenizer, cache, prompt, *grammar, options)
         stats.fallbacks += fallback
+        text = text.strip()
         if on_text:
             on_text(text)
         return text, ids

@@ -32,12 +32,14 @@ MIXED = [*TOOLS, {"name": "send", "description": "Send a message.", "parameters"
 
 
 def schema_errors(call: Call, tools: list[dict]) -> list[str]:
-    """What in a call its tool's schema refuses: the name, unknown or missing arguments, types, enums."""
+    """What in a call its tool's schema refuses: the name, unknown, missing or reordered arguments, types, enums."""
     tool = next((t for t in tools if t["name"] == call.name), None)
     if tool is None or call.args:
         return [f"no tool {call.name} / positional arguments"]
     props, required = tool["parameters"].get("properties", {}), tool["parameters"].get("required", [])
     errors = [f"unknown {k}" for k in call.kwargs if k not in props] + [f"missing {k}" for k in required if k not in call.kwargs]
+    if list(call.kwargs) != [k for k in props if k in call.kwargs]:
+        errors.append("arguments out of their declared order")
     for k, v in call.kwargs.items():
         spec = props.get(k, {})
         kind = TYPES.get(spec.get("type"))

@@ -220,11 +220,11 @@ def text_reply(g: Grammar) -> int:
     """A line of text that `parse_call` reads as no call: it starts with neither a name
     followed by `(` nor `{`, `[`, `<`, a fence or a space (a word then `.`, `,`, `!`, or a space and no `(`).
     A newline ends it, as it ends a free-decoded action."""
-    rest = g.star(lambda c: c != "\n" and c >= " ", "a", g.alt(g.accept, g.lit("\n", g.accept)))
-    after_word = g.alt(g.accept, g.char(lambda c: not word_char(c) and c not in "( \t\n" and c >= " ", ".", rest),
-                       g.lit(" ", g.char(lambda c: c not in "(\n" and not c.isspace() and c >= " ", "a", rest)))
+    rest = g.star(str.isprintable, "a", g.alt(g.accept, g.lit("\n", g.accept)))
+    after_word = g.alt(g.accept, g.char(lambda c: not word_char(c) and c not in "( \t\n" and c.isprintable(), ".", rest),
+                       g.lit(" ", g.char(lambda c: c not in "(\n" and not c.isspace() and c.isprintable(), "a", rest)))
     word = g.plus(word_char, "a", after_word)
-    other = g.char(lambda c: not word_char(c) and c not in "{`([< \t\n\r" and c >= " " and not c.isspace(), ".", rest)
+    other = g.char(lambda c: not word_char(c) and c not in "{`([< \t\n\r" and c.isprintable() and not c.isspace(), ".", rest)
     return g.alt(word, other)
 
 

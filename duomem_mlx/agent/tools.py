@@ -145,7 +145,7 @@ class Tools:
         return "" if self.format.in_template else tool_prompt(self.specs, self.text_replies)
 
     def grammar(self):
-        return cached_grammar(self.tokenizer, self.format, json.dumps(self.specs, sort_keys=True), self.text_replies)
+        return cached_grammar(self.tokenizer, self.format, json.dumps(self.specs), self.text_replies)
 
     def reply_message(self, text: str) -> tuple[dict, str]:
         """(the assistant message the chat keeps, the action for the environment)."""

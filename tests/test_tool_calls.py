@@ -9,6 +9,7 @@ import random
 import mlx.core as mx
 import mlx_lm
 import pytest
+from click.testing import CliRunner
 from test_families import FAMILIES
 
 from duomem_mlx.agent.decode import DecodeOptions, decode_action, end_of_turn
@@ -17,6 +18,8 @@ from duomem_mlx.agent.loop import ModelPolicy
 from duomem_mlx.agent.prompt import encode, prefix_messages, render
 from duomem_mlx.agent.session import ReencodingSession, Session
 from duomem_mlx.agent.tools import Tools, call_message, read_call
+from duomem_mlx.cli import cli
+from duomem_mlx.deploy.bench import play_env
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.calls import Call, parse_call
@@ -37,7 +40,8 @@ def schema_errors(call: Call, tools: list[dict]) -> list[str]:
     if tool is None or call.args:
         return [f"no tool {call.name} / positional arguments"]
     props, required = tool["parameters"].get("properties", {}), tool["parameters"].get("required", [])
-    errors = [f"unknown {k}" for k in call.kwargs if k not in props] + [f"missing {k}" for k in required if k not in call.kwargs]
+    errors = [f"unknown {k}" for k in call.kwargs if k not in props]
+    errors += [f"missing {k}" for k in required if k not in call.kwargs]
     if list(call.kwargs) != [k for k in props if k in call.kwargs]:
         errors.append("arguments out of their declared order")
     for k, v in call.kwargs.items():
@@ -53,7 +57,8 @@ def schema_errors(call: Call, tools: list[dict]) -> list[str]:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("tool-families")
-    return {arch: mlx_lm.load(str(make_tiny_model(root / arch, arch=arch, vocab_size=1024, seed=2))) for arch in FAMILIES}
+    return {arch: mlx_lm.load(str(make_tiny_model(root / arch, arch=arch, vocab_size=1024, seed=2)))
+            for arch in FAMILIES}
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -82,7 +87,8 @@ def test_each_family_round_trips_a_call(arch, families):
     assert result["role"] == ("tool" if templated else "user")
     after = render(tokenizer, chat + [message, result], True, tools=tools.template_tools)
     assert after.count("add_event") == full.count("add_event") and '{"id": 7}' in after
-    assert ("<tool_response>" in after) == (arch == "qwen3") and ("ipython<|end_header_id|>" in after) == (arch == "llama")
+    assert ("<tool_response>" in after) == (arch == "qwen3")
+    assert ("ipython<|end_header_id|>" in after) == (arch == "llama")
 
 
 @pytest.mark.parametrize("text_replies", [False, True])
@@ -93,7 +99,8 @@ def test_constrained_calls_always_fit_the_schema(arch, text_replies, tmp_path):
     decodes greedily, the others sample (temperature 1) to reach more of the grammar."""
     seen = set()
     for seed in range(4):
-        model, tokenizer = mlx_lm.load(str(make_tiny_model(tmp_path / f"{arch}{seed}", arch=arch, vocab_size=1024, seed=seed)))
+        path = make_tiny_model(tmp_path / f"{arch}{seed}", arch=arch, vocab_size=1024, seed=seed)
+        model, tokenizer = mlx_lm.load(str(path))
         tools = Tools(tokenizer, MIXED, text_replies)
         mx.random.seed(seed)
         options = DecodeOptions(mode="constrained", max_tokens=40, temperature=float(seed > 0))
@@ -107,6 +114,24 @@ def test_constrained_calls_always_fit_the_schema(arch, text_replies, tmp_path):
             seen.add(call.name if call else "text")
             session.append([tools.result_message(f"result {step}", call is not None)])
     assert text_replies or len(seen) >= 3  # not one degenerate call
+
+
+@pytest.mark.parametrize("spelling", ["python", "json"])
+def test_what_the_grammar_accepts_is_a_valid_call_or_no_call(spelling):
+    """Random strings over the characters that matter to a parser: whatever the grammar
+    accepts is a call its schema takes, or a text `parse_call` reads as none (`foó(x=1)` is a call)."""
+    grammar, start = call_grammar(MIXED, Spelling(spelling), text_replies=True)
+    rng, alphabet, accepted = random.Random(0), "sendo_1 (){}[]<>'\"=.,:#`\u0301é\t-", 0
+    tricky = ["foo\u0301(x=1)", "foo (x=1)", "send (to='a')", "```send(to='a')```", " send(to='a')", '{"name": "f"}',
+              "[finish()]", "(finish)()", "f\t(x=1)", "ｆoo(x=1)", "send(to='a', to='b')", "send(to='a',)"]
+    texts = tricky + [rng.choice(["", "send(", "finish", "{"]) + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9)))
+                      for _ in range(20000)]
+    for text in texts:
+        if grammar.matches(start, text):
+            accepted += 1
+            call = parse_call(text)
+            assert call is None or not schema_errors(call, MIXED), text
+    assert accepted > 1000
 
 
 @pytest.mark.parametrize("spelling", ["python", "json"])
@@ -174,3 +199,16 @@ def test_real_smollm2_calls_fit_the_schema_on_calendar_and_bfcl(real_models):
             assert call is not None and not schema_errors(call, env.tools()), step.action
         env.close()
     assert "You can call these functions" in policy.session.messages[0]["content"]
+
+
+def test_chat_and_bench_play_an_env_of_tools(tmp_path):
+    """`chat --env` and `bench --env`'s episodes on the calendar, a Qwen3-family model: the tools through
+    its template, every action a call."""
+    model = make_tiny_model(tmp_path / "qwen3", arch="qwen3", vocab_size=1024)
+    calendar = "duomem_mlx.envs.example_tools:Calendar"
+    chat = CliRunner().invoke(cli, ["chat", "--model", str(model), "--env", calendar, "--max-steps", "3"])
+    assert chat.exit_code == 0, chat.output
+    actions = [line[2:].rsplit("   (", 1)[0] for line in chat.output.splitlines() if line.startswith("> ")]
+    assert len(actions) == 3 and all(not schema_errors(parse_call(a), TOOLS) for a in actions), chat.output
+    (steps, seconds), = play_env(str(model), calendar, 1, 0)  # what `bench --env` times
+    assert steps and seconds > 0

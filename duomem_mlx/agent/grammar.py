@@ -104,8 +104,14 @@ def digit(c):
     return c.isdigit() and c.isascii()
 
 
+def printable(c):
+    """A character of a text reply's first words: printable, no space."""
+    return c.isprintable() and not c.isspace()
+
+
 def word_char(c):
-    return c.isalnum() or c == "_"
+    """A character Python reads as part of a name (letters, digits, `_`, combining marks)."""
+    return ("a" + c).isidentifier()
 
 
 class Spelling:
@@ -221,10 +227,10 @@ def text_reply(g: Grammar) -> int:
     followed by `(` nor `{`, `[`, `<`, a fence or a space (a word then `.`, `,`, `!`, or a space and no `(`).
     A newline ends it, as it ends a free-decoded action."""
     rest = g.star(str.isprintable, "a", g.alt(g.accept, g.lit("\n", g.accept)))
-    after_word = g.alt(g.accept, g.char(lambda c: not word_char(c) and c not in "( \t\n" and c.isprintable(), ".", rest),
-                       g.lit(" ", g.char(lambda c: c not in "(\n" and not c.isspace() and c.isprintable(), "a", rest)))
+    after_word = g.alt(g.accept, g.char(lambda c: not word_char(c) and c != "(" and printable(c), ".", rest),
+                       g.lit(" ", g.char(lambda c: c != "(" and printable(c), "a", rest)))
     word = g.plus(word_char, "a", after_word)
-    other = g.char(lambda c: not word_char(c) and c not in "{`([< \t\n\r" and c.isprintable() and not c.isspace(), ".", rest)
+    other = g.char(lambda c: not word_char(c) and c not in "{`([<" and printable(c), ".", rest)
     return g.alt(word, other)
 
 

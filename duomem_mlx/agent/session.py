@@ -217,7 +217,8 @@ class Session:
         self.decode_tokens += len(ids)
         self.prompt_tokens.append(len(target))
         self.step_seconds.append(time.perf_counter() - start)
-        message, action = self.tools.reply_message(text) if self.tools else ({"role": "assistant", "content": text}, text)
+        message, action = (self.tools.reply_message(text) if self.tools
+                           else ({"role": "assistant", "content": text}, text))
         self.append([message])
         return action
 

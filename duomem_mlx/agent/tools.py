@@ -27,7 +27,8 @@ PROMPT_FORMAT = (
 )
 TEXT_REPLIES = " When no call is needed, reply in plain text."
 PROBE_TOOL = {"name": "probe_fn", "description": "A probe.",
-              "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}}, "required": ["probe_arg"]}}
+              "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}},
+                             "required": ["probe_arg"]}}
 PROBE_ARGS = {"probe_arg": "probe_value"}
 
 

@@ -124,7 +124,8 @@ def test_what_the_grammar_accepts_is_a_valid_call_or_no_call(spelling):
     rng, alphabet, accepted = random.Random(0), "sendo_1 (){}[]<>'\"=.,:#`\u0301é\t-", 0
     tricky = ["foo\u0301(x=1)", "foo (x=1)", "send (to='a')", "```send(to='a')```", " send(to='a')", '{"name": "f"}',
               "[finish()]", "(finish)()", "f\t(x=1)", "ｆoo(x=1)", "send(to='a', to='b')", "send(to='a',)"]
-    texts = tricky + [rng.choice(["", "send(", "finish", "{"]) + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9)))
+    heads = ["", "send(", "finish", "{"]
+    texts = tricky + [rng.choice(heads) + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9)))
                       for _ in range(20000)]
     for text in texts:
         if grammar.matches(start, text):

@@ -21,7 +21,8 @@ from duomem_mlx.agent.tools import Tools, call_message, read_call
 from duomem_mlx.cli import cli
 from duomem_mlx.deploy.bench import play_env
 from duomem_mlx.envs import make_env
-from duomem_mlx.envs.base import play_episode
+from duomem_mlx.envs.base import TaskSpec, play_episode
+from duomem_mlx.envs.bfcl import split_indices
 from duomem_mlx.envs.calls import Call, parse_call
 from duomem_mlx.envs.example_tools import TOOLS
 from duomem_mlx.models import make_tiny_model
@@ -213,3 +214,23 @@ def test_chat_and_bench_play_an_env_of_tools(tmp_path):
     assert len(actions) == 3 and all(not schema_errors(parse_call(a), TOOLS) for a in actions), chat.output
     (steps, seconds), = play_env(str(model), calendar, 1, 0)  # what `bench --env` times
     assert steps and seconds > 0
+
+
+def test_tools_added_mid_episode_reach_the_prompt_and_the_grammar(tiny_model):
+    """BFCL's miss_func offers a withheld tool at a later turn: the policy's system docs (prompt
+    format) and its grammar take it from the next step on."""
+    policy = ModelPolicy.from_options(str(tiny_model), max_context=32768)
+    env = make_env("bfcl")
+    split = next(s for s in ("train", "dev", "test") if 0 in split_indices(s)["miss_func"])
+    spec = TaskSpec("bfcl", "miss_func", 0, split)  # miss_func_0: `sort` comes back at turn 3
+    task, state = env.reset(spec)
+    policy.start(env, spec, task, state)
+    policy.act(state)
+    assert "sort" not in policy.session.messages[0]["content"]
+    for action in env.expert_actions()[:8]:
+        state = env.step(action)
+    action = policy.act(state)
+    assert '"name": "sort"' in policy.session.messages[0]["content"]
+    index, start = policy.tools.grammar()
+    assert index.grammar.matches(start, "sort(file_name='a.txt')")
+    assert parse_call(action) is None or not schema_errors(parse_call(action), env.tools())

@@ -79,10 +79,14 @@ class ModelPolicy:
             self.options, max_tokens=max(self.options.max_tokens, CALL_TOKENS),
             single_line=not self.tools.format.in_template)  # a templated call spans lines
         prefix = prefix_messages(task_description, observation, self.memory_texts)
-        if self.tools and self.tools.system_text():
-            prefix[0] = system_message(self.memory_texts, base=f"{SYSTEM_PROMPT}\n\n{self.tools.system_text()}")
+        prefix[0] = self.system()
         self.session.start(prefix, self.tools)
         self.acted, self.called = False, False
+
+    def system(self) -> dict:
+        """The system message: the memories, and the function docs where the template takes no tools."""
+        docs = self.tools.system_text() if self.tools else ""
+        return system_message(self.memory_texts, base=f"{SYSTEM_PROMPT}\n\n{docs}" if docs else SYSTEM_PROMPT)
 
     def act(self, state: StepResult) -> str:
         if self.acted:
@@ -91,6 +95,7 @@ class ModelPolicy:
             offered = self.env.tools() if self.tools and hasattr(self.env, "tools") else None
             if offered is not None and offered != self.tools.specs:
                 self.session.set_tools(list(offered))
+                self.session.messages[0] = self.system()
         self.acted = True
         action = self.session.generate(None if self.tools else state.admissible)
         self.called = bool(self.tools) and parse_call(action) is not None

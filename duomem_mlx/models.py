@@ -16,10 +16,15 @@ CHATML = (
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# Qwen3's published template, tools left out: an assistant turn after the last user message
-# carries its <think> block (empty when none), earlier ones lose it; enable_thinking=false
-# writes an empty think block into the generation prompt.
-QWEN3 = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+# Qwen3's published template: an assistant turn after the last user message carries its
+# <think> block (empty when none), earlier ones lose it; enable_thinking=false writes an empty
+# think block into the generation prompt; tools go into the system turn, calls as <tool_call>
+# JSON, results as <tool_response> in a user turn.
+QWEN3 = """{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
 {%- set ns = namespace(last_query_index=messages|length - 1) %}
 {%- for message in messages[::-1] %}{%- if message.role == 'user' %}{%- set ns.last_query_index = messages|length - 1 - loop.index0 %}{%- break %}{%- endif %}{%- endfor %}
 {%- for message in messages %}
@@ -36,22 +41,49 @@ QWEN3 = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + m
 {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
 {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
 {%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
+{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}
+{%- if (loop.first and content) or (not loop.first) %}{{- '\\n' }}{%- endif %}
+{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}
+{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}
+{{- '}\\n</tool_call>' }}{%- endfor %}{%- endif %}
 {{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
 {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
 {%- endif %}"""
-# Llama 3.1's: bos, a system header with its date lines, <|eot_id|> closing every turn.
+# Llama 3.1's: bos, a system header with its date lines, <|eot_id|> closing every turn; tools
+# in the first user turn, a call as bare JSON with "parameters", results in an ipython turn.
 LLAMA3 = """{{- bos_token }}
 {%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}
+{%- if not tools is defined %}{%- set tools = none %}{%- endif %}
 {%- if messages[0].role == 'system' %}{%- set system_message = messages[0].content | trim %}{%- set messages = messages[1:] %}
 {%- else %}{%- set system_message = "" %}{%- endif %}
 {{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}
+{%- if tools is not none %}{{- 'Environment: ipython\\n' }}{%- endif %}
 {{- 'Cutting Knowledge Date: December 2023\\nToday Date: ' + date_string + '\\n\\n' }}
 {{- system_message + '<|eot_id|>' }}
+{%- if tools is not none %}
+{%- set first_user_message = messages[0].content | trim %}{%- set messages = messages[1:] %}
+{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}
+{{- 'Given the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.\\n\\n' }}
+{{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.Do not use variables.\\n\\n' }}
+{%- for t in tools %}{{- t | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}
+{{- first_user_message + '<|eot_id|>' }}
+{%- endif %}
 {%- for message in messages %}
+{%- if message.tool_calls %}{%- set tool_call = message.tool_calls[0].function %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n{"name": "' + tool_call.name + '", "parameters": ' }}{{- tool_call.arguments | tojson }}{{- '}<|eot_id|>' }}
+{%- elif message.role == 'tool' or message.role == 'ipython' %}
+{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}
+{%- else %}
 {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' + message.content | trim + '<|eot_id|>' }}
+{%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"""
 # Gemma 3's: bos, the system text folded into the first user turn, roles user/model alternating.
@@ -83,7 +115,8 @@ class Template:
 TEMPLATES = {
     "chatml": Template(CHATML, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<|im_end|>",), pad="<|endoftext|>"),
     "qwen3": Template(QWEN3, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<|im_end|>", "<|endoftext|>"),
-                      pad="<|endoftext|>", added=("<think>", "</think>")),
+                      pad="<|endoftext|>", added=("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
+                                                  "</tool_response>")),
     "llama3": Template(LLAMA3, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                        "<|end_of_text|>", ("<|end_of_text|>", "<|eot_id|>"), bos="<|begin_of_text|>", pad="<|end_of_text|>"),
     "gemma": Template(GEMMA, ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), "<eos>",

@@ -258,12 +258,21 @@ class View:
 
 
 def decode_action(model, tokenizer, cache, prompt: list[int], admissible, options: DecodeOptions, on_text=None,
-                  history: list[int] = (), stats: DecodeStats | None = None):
-    """Feed `prompt` into `cache` (which holds `history`) and decode one action.
-    Returns (action text, generated ids); the cache then holds prompt + a prefix of the ids."""
+                  history: list[int] = (), stats: DecodeStats | None = None, grammar=None):
+    """Feed `prompt` into `cache` (which holds `history`) and decode one action; constrained
+    with a `grammar` (a (TokenIndex, start state) of agent/grammar.py), to its language
+    instead of the admissible commands. Returns (action text, generated ids); the cache then
+    holds prompt + a prefix of the ids."""
     stats = stats if stats is not None else DecodeStats()
     stats.actions += 1
     model = Counted(model, stats)
+    if options.mode == "constrained" and grammar is not None:
+        text, ids, fallback = grammar_decode(model, tokenizer, cache, prompt, *grammar, options)
+        stats.fallbacks += fallback
+        text = text.strip()
+        if on_text:
+            on_text(text)
+        return text, ids
     if options.mode == "constrained":
         trie = build_trie(tokenizer, admissible)
         decode = jump_forward if options.fast else constrained_plain
@@ -301,6 +310,39 @@ def jump_forward(model, tokenizer, cache, prompt, trie, options):
         pending.append(token)
         node = node[token]
     return command, ids, False
+
+
+def grammar_decode(model, tokenizer, cache, prompt, index, state, options):
+    """Decoding constrained to a grammar's language, token by token: a pass computes the
+    logits of the tokens the state allows (the end of turn among them once the text so far
+    is complete); a state that allows one token costs no pass, and an accepted text that can
+    go no further ends without one. Greedy, this is the argmax over the allowed tokens at each
+    step. Out of tokens mid-call, the grammar's shortest completion ends the text (a fallback).
+    Returns (text, ids, fell back); the cache holds prompt + ids minus the unfed forced tail."""
+    sampler = make_sampler(options.temperature)
+    chunk, eot, texts = options.prefill_chunk(), end_of_turn(tokenizer), index.texts
+    accepts = index.grammar.accepts
+    ids, pending, text = [], list(prompt), ""
+    while True:
+        allowed = index(state)
+        if accepts(state) and not allowed:
+            return text, [*ids, eot], False
+        if len(ids) == options.max_tokens:
+            return text + index.grammar.shortest_completion(state), ids, True
+        candidates = sorted([*allowed, eot] if accepts(state) else allowed)
+        if len(candidates) == 1:
+            token = candidates[0]
+        else:
+            few = len(candidates) <= 4096  # the head's rows of a few tokens; else all of it, then the columns
+            logits = forward(model, cache, pending, chunk, vocab=candidates if few else None)[0]
+            logits = logits if few else logits[mx.array(candidates)]
+            token = candidates[sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item()]
+            pending = []
+        ids.append(token)
+        pending.append(token)
+        if token == eot:
+            return text, ids, False
+        text, state = text + texts[token], allowed[token]
 
 
 def constrained_plain(model, tokenizer, cache, prompt, trie, options):

@@ -1,14 +1,19 @@
 """The model policy: an mlx-lm model playing an environment through a Session, reading
 memories retrieved from a bank in front of its prompt."""
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..envs.base import StepResult, TaskSpec, episode_id
+from ..envs.calls import parse_call
 from ..memory import retrieval
 from ..memory.bank import game_of
 from .decode import DecodeOptions
-from .prompt import encode, prefix_messages, system_message
+from .prompt import SYSTEM_PROMPT, encode, prefix_messages, system_message
 from .session import ReencodingSession, Session
+from .tools import Tools
+
+CALL_TOKENS = 160  # a call's budget: BFCL's string arguments (a tweet, a file's text) run long
 
 
 class ModelPolicy:
@@ -30,8 +35,9 @@ class ModelPolicy:
         self.memory_filter = memory_filter
         self.embedder = embedder or model  # the bare model where `model` wraps it (a teacher's top-k recorder)
         session_class = ReencodingSession if reencode else Session
-        options = DecodeOptions(mode=decode, temperature=temperature)
-        self.session = session_class(model, tokenizer, max_context, options, thinking=thinking)
+        self.options = DecodeOptions(mode=decode, temperature=temperature)
+        self.session = session_class(model, tokenizer, max_context, self.options, thinking=thinking)
+        self.env = self.tools = None
         self.memories: list = []  # those of the episode being played
 
     @classmethod
@@ -55,20 +61,44 @@ class ModelPolicy:
     def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):
         # a memory written from this very game would hand over its solution (a train-split game
         # the teacher replays); no held-out game has one
-        self.begin(task_description, first.observation, spec.task, {game_of(episode_id(spec))})
+        self.env = env
+        tools = env.tools() if hasattr(env, "tools") else None
+        self.begin(task_description, first.observation, spec.task, {game_of(episode_id(spec))}, tools,
+                   getattr(env, "text_replies", False))
 
-    def begin(self, task_description: str, observation: str, task_type: str | None = None, exclude_games=frozenset()):
-        """Start an episode from its task text and first observation alone (no environment objects)."""
+    def begin(self, task_description: str, observation: str, task_type: str | None = None, exclude_games=frozenset(),
+              tools: list[dict] | None = None, text_replies: bool = False):
+        """Start an episode from its task text and first observation alone (no environment objects).
+        With `tools` (JSON-schema function docs) every action is a call of one of them (or, with
+        `text_replies`, a line of text), rendered and decoded as agent/tools.py says."""
         self.memories = self.retrieve(task_description, task_type, observation, exclude_games)
         self.session.reset_stats()
-        self.session.start(prefix_messages(task_description, observation, self.memory_texts))
-        self.acted = False
+        self.tools = Tools(self.tokenizer, list(tools), text_replies) if tools else None
+        self.session.options = self.options if not self.tools else replace(
+            self.options, max_tokens=max(self.options.max_tokens, CALL_TOKENS),
+            single_line=not self.tools.format.in_template)  # a templated call spans lines
+        prefix = prefix_messages(task_description, observation, self.memory_texts)
+        prefix[0] = self.system()
+        self.session.start(prefix, self.tools)
+        self.acted, self.called = False, False
+
+    def system(self) -> dict:
+        """The system message: the memories, and the function docs where the template takes no tools."""
+        docs = self.tools.system_text() if self.tools else ""
+        return system_message(self.memory_texts, base=f"{SYSTEM_PROMPT}\n\n{docs}" if docs else SYSTEM_PROMPT)
 
     def act(self, state: StepResult) -> str:
         if self.acted:
-            self.session.append([{"role": "user", "content": state.observation.strip()}])
+            message = {"role": "user", "content": state.observation.strip()}
+            self.session.append([self.tools.result_message(state.observation, self.called) if self.tools else message])
+            offered = self.env.tools() if self.tools and hasattr(self.env, "tools") else None
+            if offered is not None and offered != self.tools.specs:
+                self.session.set_tools(list(offered))
+                self.session.messages[0] = self.system()
         self.acted = True
-        return self.session.generate(state.admissible)
+        action = self.session.generate(None if self.tools else state.admissible)
+        self.called = bool(self.tools) and parse_call(action) is not None
+        return action
 
     def stats(self) -> dict:
         return {**self.session.stats(), "memories": self.memory_ids, "memory_tokens": memory_tokens(self.tokenizer, self.memory_texts)}

@@ -40,13 +40,15 @@ def turn_messages(action: str, observation: str) -> list[dict]:
     return [{"role": "assistant", "content": action}, {"role": "user", "content": observation.strip()}]
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool, thinking: bool = False) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool, thinking: bool = False,
+           tools: list[dict] | None = None) -> str:
     """The chat as the template writes it; `enable_thinking` reaches templates that know it
-    (Qwen3: False writes an empty think block into the generation prompt), others ignore it."""
+    (Qwen3: False writes an empty think block into the generation prompt), others ignore it;
+    `tools` (OpenAI-form function schemas) those that render tools (agent/tools.py)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DuomemError("the tokenizer has no chat template; use an instruct/chat model or add chat_template.jinja")
     return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=False, enable_thinking=thinking
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False, enable_thinking=thinking, tools=tools
     )
 
 

@@ -64,8 +64,10 @@ class Session:
         self.render_seconds: list[float] = []  # host time building the prompt's tokens
         self.decode_stats = DecodeStats()
 
-    def start(self, prefix: list[dict]):
-        """Begin an episode / conversation; `prefix` stays in the window for its whole life."""
+    def start(self, prefix: list[dict], tools=None):
+        """Begin an episode / conversation; `prefix` stays in the window for its whole life.
+        `tools` (agent/tools.py's Tools): rendered as the family expects, replies decoded as calls."""
+        self.tools = tools
         self.messages: list[dict] = list(prefix)
         self.n_prefix = len(prefix)
         self.prompt = Rendered(self.tokenizer)
@@ -77,8 +79,15 @@ class Session:
     def append(self, messages: list[dict]):
         self.messages += messages
 
+    def set_tools(self, specs: list[dict]):
+        """The tools offered changed (BFCL's miss_func adds some): the chat is rendered anew."""
+        self.tools.specs = specs
+        self.head_text = self.window = None
+        self.rendered = 0
+
     def render(self, messages, add_generation_prompt: bool) -> str:
-        return render(self.tokenizer, messages, add_generation_prompt, self.thinking)
+        tools = self.tools.template_tools if self.tools else None
+        return render(self.tokenizer, messages, add_generation_prompt, self.thinking, tools)
 
     def render_prompt(self):
         """Bring self.prompt to the chat plus generation prompt. It renders a window: a fixed
@@ -196,8 +205,9 @@ class Session:
                 self.feed(target[len(self.fed) : mark])
                 self.snapshot()
             at = len(self.fed)
+            grammar = self.tools.grammar() if self.tools else None
             text, ids = decode_action(self.model, self.tokenizer, self.cache, target[at:], admissible, self.options, on_text,
-                                      history=self.fed, stats=self.decode_stats)
+                                      history=self.fed, stats=self.decode_stats, grammar=grammar)
         except KeyboardInterrupt:  # a stopped reply: `fed` is still exact; the layers may hold part of a pass more
             self.fed.append(-1)  # an unknown tail, cut off
             self.rewind(len(self.fed) - 1)
@@ -207,8 +217,10 @@ class Session:
         self.decode_tokens += len(ids)
         self.prompt_tokens.append(len(target))
         self.step_seconds.append(time.perf_counter() - start)
-        self.append([{"role": "assistant", "content": text}])
-        return text
+        message, action = (self.tools.reply_message(text) if self.tools
+                           else ({"role": "assistant", "content": text}, text))
+        self.append([message])
+        return action
 
     def stats(self) -> dict:
         return {

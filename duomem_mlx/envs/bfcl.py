@@ -117,6 +117,7 @@ def result_text(result) -> str:
 class BFCLMultiTurn:
     name = "bfcl"
     default_max_steps = 40  # the longest gold path: 37 steps (a long_context entry)
+    text_replies = True  # a line of text is an action too: it ends the user's turn
 
     def __init__(self):
         bfcl()

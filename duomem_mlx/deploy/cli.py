@@ -4,7 +4,6 @@ import click
 
 from ..config import config_option
 from ..envs import ENV_HELP
-from ..errors import DuomemError
 
 
 @click.command("quantize")

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from ..errors import DuomemError
-from .base import StepResult, TaskSpec, parser_safe
+from .base import StepResult, TaskSpec, check_tasks, parser_safe
 
 TASK_TYPES = [
     "pick_and_place_simple",
@@ -64,9 +64,7 @@ class ALFWorld:
         return self.games[split]
 
     def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
-        unknown = [t for t in tasks or [] if t not in TASK_TYPES]
-        if unknown:
-            raise DuomemError(f"unknown ALFWorld task {unknown[0]}; valid: {', '.join(TASK_TYPES)}")
+        check_tasks(tasks, TASK_TYPES, "ALFWorld task")
         games = self.split_games(split)
         rng = random.Random(seed)
         if tasks:

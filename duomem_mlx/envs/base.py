@@ -4,6 +4,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from ..errors import DuomemError
+
 
 @dataclass
 class TaskSpec:
@@ -110,6 +112,13 @@ def parser_safe(action: str, max_bytes: int = 190) -> str:
     TextWorld's Z-machine; a model's free text can contain anything)."""
     text = " ".join("".join(c if c.isprintable() else " " for c in action).split())
     return text.encode()[:max_bytes].decode(errors="ignore")
+
+
+def check_tasks(tasks, valid, what: str) -> None:
+    """One line naming the first unknown task type (`what`: "TextWorld task", "BFCL category", ...)."""
+    unknown = [t for t in tasks or [] if t not in valid]
+    if unknown:
+        raise DuomemError(f"unknown {what} {unknown[0]}; valid: {', '.join(valid)}")
 
 
 def number_repeats(specs: list[TaskSpec]) -> list[TaskSpec]:

@@ -30,7 +30,7 @@ from functools import cache
 from types import SimpleNamespace
 
 from ..errors import DuomemError
-from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
+from .base import EnvCrashed, StepResult, TaskSpec, check_tasks, number_repeats
 from .calls import Call, parse_call
 from .scienceworld import sample
 
@@ -128,9 +128,7 @@ class BFCLMultiTurn:
         return list(CATEGORIES)
 
     def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
-        unknown = [t for t in tasks or [] if t not in CATEGORIES]
-        if unknown:
-            raise DuomemError(f"unknown BFCL category {unknown[0]}; valid: {', '.join(CATEGORIES)}")
+        check_tasks(tasks, CATEGORIES, "BFCL category")
         indices, rng = split_indices(check_split(split)), random.Random(seed)
         if tasks:
             drawn = [(t, i) for t in tasks for i in sample(rng, indices[t], episodes)]

@@ -11,7 +11,7 @@ import json
 import random
 
 from ..errors import DuomemError
-from .base import StepResult, TaskSpec, number_repeats
+from .base import StepResult, TaskSpec, check_tasks, number_repeats
 from .calls import Call, parse_call
 
 DAYS = ("mon", "tue", "wed", "thu", "fri")
@@ -47,9 +47,7 @@ class Calendar:
         return list(TASKS)
 
     def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
-        unknown = [t for t in tasks or [] if t not in TASKS]
-        if unknown:
-            raise DuomemError(f"unknown calendar task {unknown[0]}; valid: {', '.join(TASKS)}")
+        check_tasks(tasks, TASKS, "calendar task")
         seeds = random.Random(seed).sample(seed_range(split), episodes * len(tasks or [None]))
         names = tasks or [TASKS[i % len(TASKS)] for i in range(episodes)]
         per_task = episodes if tasks else 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import DuomemError
 from ..io import cache_root
-from .base import StepResult, TaskSpec, parser_safe
+from .base import StepResult, TaskSpec, check_tasks, parser_safe
 
 CHALLENGES = {
     "simple": ["tw-simple", "--rewards", "dense", "--goal", "detailed"],
@@ -97,9 +97,7 @@ class TextWorld:
         return list(CHALLENGES)
 
     def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
-        unknown = [t for t in tasks or [] if t not in CHALLENGES]
-        if unknown:
-            raise DuomemError(f"unknown TextWorld task {unknown[0]}; valid: {', '.join(CHALLENGES)}")
+        check_tasks(tasks, CHALLENGES, "TextWorld task")
         rng = random.Random(seed)
         seeds = lambda n: [SPLIT_SEEDS[split] + s for s in rng.sample(range(SEEDS_PER_SPLIT), n)]
         if tasks:

@@ -15,7 +15,7 @@ from importlib.metadata import version
 
 from ..errors import DuomemError
 from ..io import cache_root, write_atomic
-from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
+from .base import EnvCrashed, StepResult, TaskSpec, check_tasks, number_repeats
 from .jvm import JavaBacked, require_java
 from .scienceworld import sample
 
@@ -132,9 +132,7 @@ class TextWorldExpress(JavaBacked):
         return list(GAMES)
 
     def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
-        unknown = [t for t in tasks or [] if t not in GAMES]
-        if unknown:
-            raise DuomemError(f"unknown TextWorldExpress game {unknown[0]}; valid: {', '.join(GAMES)}")
+        check_tasks(tasks, GAMES, "TextWorldExpress game")
         rng = random.Random(seed)
         if tasks:
             return number_repeats([TaskSpec(self.name, t, s, split) for t in tasks for s in self.seeds(rng, t, split, episodes)])

@@ -199,3 +199,47 @@ def fingerprint(tokenizer) -> str | None:
 
     return tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
 
+
+
+def collect_chats(
+    from_chats: str,
+    out: str,
+    teacher_tokenizer: str | None = None,
+    keep: str = "success",
+    memory_writer: str = "rules",
+    memory_kind: str = "script",
+    skip_bad: bool = False,
+    force: bool = False,
+) -> dict:
+    """A teacher cache from logged conversations (teacher/chats.py): every record is read and
+    tokenized before the cache is opened, so a bad one leaves nothing written."""
+    from .base import load_tokenizer, shard_arrays, teacher_memories
+    from .chats import read_chats
+
+    if memory_writer != "rules" and memory_kind != "trajectory":
+        raise DuomemError("--from-chats has no model to write memories with; use --memory-writer rules")
+    check_destination(out)
+    chats = read_chats(from_chats, skip_bad=skip_bad)
+    tokenizer = load_tokenizer(teacher_tokenizer) if teacher_tokenizer else None
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise DuomemError(f"the tokenizer {teacher_tokenizer} has no chat template; name an instruct/chat model's")
+    kept = [e for e in chats.episodes if worth_keeping(e, keep)]
+    arrays = [shard_arrays(tokenizer, e) if tokenizer else None for e in kept]
+    memories = teacher_memories(None, [e for e in kept if e.success], memory_writer, memory_kind) if kept else []
+    settings = {
+        "teacher": f"chats:{Path(from_chats).resolve()}", "backend": "chats", "top_k": 0, "env": "chats",
+        "keep": keep, "memory_writer": memory_writer, "memory_kind": memory_kind, "skip_bad": skip_bad,
+        "vocab_size": len(tokenizer.get_vocab()) if tokenizer else None, "tokenizer_fingerprint": fingerprint(tokenizer),
+        "task_list": sorted({e.task for e in kept}),
+        "chats": {"read": chats.read, "bad": chats.bad},
+    }
+    with CacheWriter(out, settings, force=force) as writer, disk_errors(out, writer):
+        for episode, shard in zip(kept, arrays):
+            writer.add(record(episode, keep_admissible=False), shard)
+        for episode in chats.episodes:
+            if not worth_keeping(episode, keep):
+                writer.drop(episode.id)
+        writer.finish([asdict(m) for m in merge_duplicates(memories)])
+    if chats.bad:
+        tqdm.write(f"note: skipped {chats.bad} bad record(s) of {chats.read} in {from_chats}", file=sys.stderr)
+    return info(out)

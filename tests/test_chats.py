@@ -115,3 +115,35 @@ def test_bad_records_end_in_one_line_naming_the_line(tiny_model, tmp_path, playe
     chats = write_jsonl(tmp_path / "ok.jsonl", [good])
     assert "drop --env" in one_line_error("teach", "--from-chats", chats, "--env", CALENDAR, "--out", tmp_path / "x")
     assert "missing --teacher" in one_line_error("teach", "--env", CALENDAR, "--out", tmp_path / "x")
+
+
+def test_logged_logprobs_become_the_caches_top_k(tiny_model, tmp_path, played):
+    """A log with each reply's token ids and top_logprobs (vLLM's `token_id:N`): the cache holds
+    them as top-k rows, aligned to the student's masked tokens, and KD distills from them. An
+    entry of a record naming no ids (OpenAI's text tokens) gives no rows, never wrong ones."""
+    from duomem_mlx.teacher.base import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    records = [chat_record(e) for e in played[:2]]
+    for message in (m for m in records[0]["messages"] if m["role"] == "assistant"):
+        function = message["tool_calls"][0]["function"]
+        text = parse_call(json.dumps({"name": function["name"], "arguments": function["arguments"]})).text
+        ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        message["logprobs"] = {"content": [
+            {"token": f"token_id:{t}", "logprob": -0.25,
+             "top_logprobs": [{"token": f"token_id:{t}", "logprob": -0.25}, {"token": f"token_id:{t + 1}", "logprob": -1.5}]}
+            for t in ids]}
+    records[1]["messages"][2]["logprobs"] = {"content": [{"token": "list", "logprob": -0.1, "top_logprobs": []}]}
+    cache, adapters = tmp_path / "cache", tmp_path / "adapters"
+    run("teach", "--from-chats", write_jsonl(tmp_path / "c.jsonl", records), "--teacher-tokenizer", tiny_model,
+        "--out", cache)
+    assert "ok: 2 shards" in run("cache", "verify", cache)
+    first, second = read_episodes(cache)
+    assert json.loads((cache / "manifest.json").read_text())["top_k"] == 2
+    assert first["unaligned_rows"] == 0 and second["unaligned_rows"] == second["masked"]
+    shard = read_safetensors(cache / first["shard"])
+    masked = shard["input_ids"][shard["loss_mask"] == 1]
+    assert np.array_equal(shard["topk_ids"][:, 0], masked) and np.array_equal(shard["topk_ids"][:, 1], masked + 1)
+    assert np.allclose(shard["topk_logprobs"].astype(np.float32), [-0.25, -1.5])
+    run("distill", "--student", tiny_model, "--cache", cache, "--out", adapters, "--kd", "on", "--iters", 1,
+        "--batch-size", 1, "--val-fraction", 0)

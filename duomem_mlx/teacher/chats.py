@@ -7,6 +7,12 @@ One OpenAI-format conversation a line:
      "success": true,            (or "reward": 1.0: a success when > 0)
      "task": "book"}             (optional: the task type memories are filed under; default "chat")
 
+An assistant message may carry the server's `logprobs` ({"content": [{"token": ..., "logprob": ...,
+"top_logprobs": [...]}]}, token ids as vLLM's `token_id:N` or an "id"); read with the teacher's
+tokenizer, they become the cache's top-k rows wherever the tokens it generated are those the
+chat renders (openai_compat.align_turns), the rest marked unaligned. A message of several calls
+has none (its rows cannot be split between the actions).
+
 Each becomes an Episode as if the student's agent had played it: the first user turn is the
 task, each assistant reply an action (a `tool_calls` entry a call, one action each; text
 content a text action, or nothing beside calls), and what answers it (its `tool` result, found
@@ -21,6 +27,7 @@ from pathlib import Path
 from ..envs.base import Episode, Step
 from ..envs.calls import Call, parse_call
 from ..errors import DuomemError
+from .openai_compat import Turn, entry_id, token_id, top_row
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -34,12 +41,17 @@ class Chats:
     episodes: list[Episode]  # one a good record
     read: int  # records read
     bad: int  # records skipped with skip_bad
+    turns: dict[str, list[Turn]]  # episode id -> the server's rows of each action (read with a vocabulary)
+
+    @property
+    def top_k(self) -> int:
+        return max((len(row) for turns in self.turns.values() for t in turns for row in t.rows), default=0)
 
 
-def read_chats(path: str | Path, skip_bad: bool = False) -> Chats:
-    """Every record of the file as an Episode; a bad record is a DuomemError naming its line,
-    or, with skip_bad, skipped and counted."""
-    episodes, read, bad = [], 0, 0
+def read_chats(path: str | Path, skip_bad: bool = False, vocab_size: int | None = None) -> Chats:
+    """Every record of the file as an Episode (and its logprobs, given the teacher's vocabulary);
+    a bad record is a DuomemError naming its line, or, with skip_bad, skipped and counted."""
+    chats = Chats([], 0, 0, {})
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -47,14 +59,20 @@ def read_chats(path: str | Path, skip_bad: bool = False) -> Chats:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        read += 1
+        chats.read += 1
         try:
-            episodes.append(chat_episode(parse_json(line), number))
+            record = parse_json(line)
+            episode = chat_episode(record, number)
+            turns = server_turns(record["messages"], vocab_size) if vocab_size else []
         except BadRecord as e:
             if not skip_bad:
                 raise DuomemError(f"{path} line {number}: {e}; fix the record or pass --skip-bad to skip bad records")
-            bad += 1
-    return Chats(episodes, read, bad)
+            chats.bad += 1
+            continue
+        chats.episodes.append(episode)
+        if any(t.rows for t in turns):
+            chats.turns[episode.id] = turns
+    return chats
 
 
 def parse_json(line: str):
@@ -162,3 +180,35 @@ def tool_call(call, i: int) -> Call:
     if parsed is None:
         raise BadRecord(f"message {i}: the call of {name} has arguments that are no JSON object of literals")
     return parsed
+
+
+def server_turns(messages: list, vocab_size: int) -> list[Turn]:
+    """One Turn an action, in order: its message's rows and sampled ids; none where it has no
+    logprobs with token ids (OpenAI's own name tokens by text only) or made several calls."""
+    turns = []
+    for i, message in enumerate(messages, 1):
+        if message["role"] != "assistant":
+            continue
+        calls = message.get("tool_calls") or []
+        logprobs = message.get("logprobs")
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if entries is not None and (not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries)):
+            raise BadRecord(f"message {i}: logprobs.content must be a list of objects")
+        if len(calls) > 1 or not entries or not all(map(names_ids, entries)):
+            turns += [Turn(None, "", None)] * max(1, len(calls))
+            continue
+        try:
+            rows = [top_row(e.get("top_logprobs") or [e], vocab_size) for e in entries]
+        except DuomemError as e:
+            raise BadRecord(f"message {i}: logprobs: {e}")
+        turns.append(Turn(None, "", "stop", rows, [entry_id(e) for e in entries]))
+    return turns
+
+
+def names_ids(entry: dict) -> bool:
+    """Whether a logprobs entry and its top_logprobs name token ids."""
+    def has_id(e) -> bool:
+        return isinstance(e, dict) and (type(e.get("id")) is int or token_id(e.get("token")) is not None)
+
+    tops = entry.get("top_logprobs") or []
+    return has_id(entry) and isinstance(tops, list) and all(map(has_id, tops))

@@ -26,7 +26,8 @@ def chat_record(episode, success: bool = True) -> dict:
     for i, (step, following) in enumerate(zip(episode.steps, [*episode.steps[1:], None])):
         call = parse_call(step.action)
         messages.append({"role": "assistant", "content": None, "tool_calls": [
-            {"id": f"call_{i}", "type": "function", "function": {"name": call.name, "arguments": json.dumps(call.kwargs)}}]})
+            {"id": f"call_{i}", "type": "function",
+             "function": {"name": call.name, "arguments": json.dumps(call.kwargs)}}]})
         if following is not None:
             messages.append({"role": "tool", "tool_call_id": f"call_{i}", "content": following.observation})
     return {"messages": messages, "tools": [{"type": "function", "function": t} for t in TOOLS], "success": success,
@@ -83,7 +84,8 @@ def test_parallel_calls_and_text_replies_become_one_action_each():
         {"role": "tool", "tool_call_id": "a", "content": '{"9": "#1 call"}'},
         {"role": "assistant", "content": "Shall I cancel #1?"},
         {"role": "user", "content": "Yes."},
-        {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "cancel_event", "arguments": '{"event_id": 1}'}}]},
+        {"role": "assistant",
+         "tool_calls": [{"id": "c", "function": {"name": "cancel_event", "arguments": '{"event_id": 1}'}}]},
     ], "tools": TOOLS, "reward": 0.5}
     episode = chat_episode(record, 7)
     assert [(s.observation, s.action) for s in episode.steps] == [
@@ -131,7 +133,8 @@ def test_logged_logprobs_become_the_caches_top_k(tiny_model, tmp_path, played):
         ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
         message["logprobs"] = {"content": [
             {"token": f"token_id:{t}", "logprob": -0.25,
-             "top_logprobs": [{"token": f"token_id:{t}", "logprob": -0.25}, {"token": f"token_id:{t + 1}", "logprob": -1.5}]}
+             "top_logprobs": [{"token": f"token_id:{t}", "logprob": -0.25},
+                              {"token": f"token_id:{t + 1}", "logprob": -1.5}]}
             for t in ids]}
     records[1]["messages"][2]["logprobs"] = {"content": [{"token": "list", "logprob": -0.1, "top_logprobs": []}]}
     cache, adapters = tmp_path / "cache", tmp_path / "adapters"

@@ -38,7 +38,8 @@ def prefix_messages(task_description: str, first_observation: str, memories: lis
 
 
 def turn_messages(action: str, observation: str, tools=None) -> list[dict]:
-    """An action and what it led to; with `tools` (agent/tools.py's Tools) as the family writes a call and its result."""
+    """An action and what it led to; with `tools` (agent/tools.py's Tools) as the family writes
+    a call and its result."""
     if not tools:
         return [{"role": "assistant", "content": action}, {"role": "user", "content": observation.strip()}]
     return [tools.reply_message(action)[0], tools.result_message(observation, parse_call(action) is not None)]

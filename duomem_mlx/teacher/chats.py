@@ -175,7 +175,7 @@ def tool_call(call, i: int) -> Call:
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise BadRecord(f"message {i}: a tool call without a function name")
-    arguments = function.get("arguments", {})
+    arguments = function.get("arguments") or {}  # a call without arguments may log "" or null
     parsed = parse_call(json.dumps({"name": name, "arguments": arguments}))
     if parsed is None:
         raise BadRecord(f"message {i}: the call of {name} has arguments that are no JSON object of literals")

@@ -15,9 +15,10 @@ from ..memory.retrieval import KINDS
 @click.option("--teacher", help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)")
 @click.option("--env", "env_name", help=ENV_HELP)
 @click.option("--from-chats", type=click.Path(exists=True, dir_okay=False),
-              help="Instead of playing: a JSONL of OpenAI-format conversations (messages with tool_calls and tool results, "
-                   "tools, success or reward), tokenized with --teacher-tokenizer (the student's).")
-@click.option("--skip-bad", is_flag=True, help="--from-chats: skip malformed records (counted) instead of stopping at the first.")
+              help="Instead of playing: a JSONL of OpenAI-format conversations (messages with tool_calls and "
+                   "tool results, tools, success or reward), tokenized with --teacher-tokenizer (the student's).")
+@click.option("--skip-bad", is_flag=True,
+              help="--from-chats: skip malformed records (counted) instead of stopping at the first.")
 @click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="train", show_default=True)
 @click.option("--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise.")
@@ -31,7 +32,7 @@ from ..memory.retrieval import KINDS
 @click.option("--memory-k", type=click.IntRange(0), default=2, show_default=True, help="Memories the teacher reads (with --memory).")
 @click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
 @game_params_option
-@click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle, the student's, to store tokenized chats.")
+@click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle and --from-chats, the student's, to store tokenized chats.")
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True, help="mlx: teacher action decoding.")
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
 @click.option("--keep-admissible", is_flag=True, help="Store each step's admissible commands (large for ScienceWorld).")
@@ -64,7 +65,8 @@ def teach(**kwargs):
     else:
         for option, name in (("teacher", "--teacher"), ("env_name", "--env")):
             if not kwargs[option]:
-                raise DuomemError(f"missing {name}: teach plays with --teacher on --env, or reads --from-chats FILE.jsonl")
+                raise DuomemError(f"missing {name}: teach plays with --teacher on --env, "
+                                  "or reads --from-chats FILE.jsonl")
         summary = collect(**kwargs)
     print_info(summary)
 

@@ -226,7 +226,7 @@ def collect_chats(
     chats = read_chats(from_chats, skip_bad=skip_bad, vocab_size=vocab_size)
     kept = [e for e in chats.episodes if worth_keeping(e, keep)]
     arrays = [chat_arrays(tokenizer, e, chats) if tokenizer else None for e in kept]
-    memories = teacher_memories(None, [e for e in kept if e.success], memory_writer, memory_kind) if kept else []
+    memories = teacher_memories(None, kept, memory_writer, memory_kind) if any(e.success for e in kept) else []
     settings = {
         "teacher": f"chats:{Path(from_chats).resolve()}", "backend": "chats", "top_k": chats.top_k, "env": "chats",
         "keep": keep, "memory_writer": memory_writer, "memory_kind": memory_kind, "skip_bad": skip_bad,

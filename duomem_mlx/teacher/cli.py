@@ -45,8 +45,9 @@ from ..memory.retrieval import KINDS
 @click.option("--max-rps", type=click.FloatRange(0, min_open=True), help="openai: at most this many requests a second (a shared endpoint's limit).")
 @config_option
 def teach(**kwargs):
-    """Play episodes with a teacher and cache what the student learns from: successful
-    trajectories, the teacher's top-k token distributions, and procedural memories.
+    """Play episodes with a teacher (or read a big model's logged conversations, --from-chats:
+    docs/chats.md) and cache what the student learns from: successful trajectories, the
+    teacher's top-k token distributions, and procedural memories.
 
     \b
     Examples:

@@ -233,3 +233,27 @@ def test_tools_added_mid_episode_reach_the_prompt_and_the_grammar(tiny_model):
     index, start = policy.tools.grammar()
     assert index.grammar.matches(start, "sort(file_name='a.txt')")
     assert parse_call(action) is None or not schema_errors(parse_call(action), env.tools())
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_training_renders_the_chat_and_tools_the_agent_saw(arch, families):
+    """A played episode of tools, rendered for training (teach shards, distill), is the chat the
+    session held at run time, tools and memories included, to the character."""
+    from duomem_mlx.agent.prompt import tokenize_with_mask
+    from duomem_mlx.agent.tools import episode_chat
+    from duomem_mlx.envs.base import Episode
+
+    model, tokenizer = families[arch]
+    policy = ModelPolicy(model, tokenizer, max_context=4096)
+    policy.retrieve = lambda *a, **k: [type("M", (), {"text": "list the day first", "id": "m"})()]
+    env = make_env("duomem_mlx.envs.example_tools:Calendar")
+    episode = play_episode(env, env.task_specs(["move"], "dev", 1, 0)[0], policy, 4)
+    assert len(episode.steps) == 4 and episode.tools == TOOLS
+    messages, tools = episode_chat(tokenizer, Episode.from_json(json.loads(json.dumps(episode.to_json()))),
+                                   ["list the day first"])
+    session = policy.session
+    assert messages == session.messages and tools == (session.tools.template_tools)
+    assert render(tokenizer, messages, False, tools=tools) == session.render(session.messages, False)
+    ids, mask = tokenize_with_mask(tokenizer, messages, tools=tools)
+    trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert all(parse_call(s.action).name in trained for s in episode.steps)  # the loss is on the calls

@@ -4,12 +4,12 @@ memories retrieved from a bank in front of its prompt."""
 from dataclasses import replace
 from pathlib import Path
 
-from ..envs.base import StepResult, TaskSpec, episode_id
+from ..envs.base import StepResult, TaskSpec, episode_id, offered_tools
 from ..envs.calls import parse_call
 from ..memory import retrieval
 from ..memory.bank import game_of
 from .decode import DecodeOptions
-from .prompt import SYSTEM_PROMPT, encode, prefix_messages, system_message
+from .prompt import encode, prefix_messages, system_message
 from .session import ReencodingSession, Session
 from .tools import Tools
 
@@ -62,9 +62,7 @@ class ModelPolicy:
         # a memory written from this very game would hand over its solution (a train-split game
         # the teacher replays); no held-out game has one
         self.env = env
-        tools = env.tools() if hasattr(env, "tools") else None
-        self.begin(task_description, first.observation, spec.task, {game_of(episode_id(spec))}, tools,
-                   getattr(env, "text_replies", False))
+        self.begin(task_description, first.observation, spec.task, {game_of(episode_id(spec))}, *offered_tools(env))
 
     def begin(self, task_description: str, observation: str, task_type: str | None = None, exclude_games=frozenset(),
               tools: list[dict] | None = None, text_replies: bool = False):
@@ -83,9 +81,7 @@ class ModelPolicy:
         self.acted, self.called = False, False
 
     def system(self) -> dict:
-        """The system message: the memories, and the function docs where the template takes no tools."""
-        docs = self.tools.system_text() if self.tools else ""
-        return system_message(self.memory_texts, base=f"{SYSTEM_PROMPT}\n\n{docs}" if docs else SYSTEM_PROMPT)
+        return self.tools.system_message(self.memory_texts) if self.tools else system_message(self.memory_texts)
 
     def act(self, state: StepResult) -> str:
         if self.acted:

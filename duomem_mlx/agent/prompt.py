@@ -12,6 +12,7 @@ tokens up to date in time proportional to a change, not to the chat.
 import bisect
 import re
 
+from ..envs.calls import parse_call
 from ..errors import DuomemError
 
 SYSTEM_PROMPT = (
@@ -36,8 +37,12 @@ def prefix_messages(task_description: str, first_observation: str, memories: lis
     return [system_message(memories), {"role": "user", "content": observation}]
 
 
-def turn_messages(action: str, observation: str) -> list[dict]:
-    return [{"role": "assistant", "content": action}, {"role": "user", "content": observation.strip()}]
+def turn_messages(action: str, observation: str, tools=None) -> list[dict]:
+    """An action and what it led to; with `tools` (agent/tools.py's Tools) as the family writes
+    a call and its result."""
+    if not tools:
+        return [{"role": "assistant", "content": action}, {"role": "user", "content": observation.strip()}]
+    return [tools.reply_message(action)[0], tools.result_message(observation, parse_call(action) is not None)]
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool, thinking: bool = False,
@@ -107,7 +112,8 @@ class Rendered:
         return self.marks[k][1] if k < len(self.marks) and self.marks[k][0] == char else None
 
 
-def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False) -> tuple[list[int], list[int]]:
+def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False,
+                       tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask) of an episode's chat; the mask is 1 on each assistant action and
     the end-of-turn token that closes it, i.e. exactly what the agent generates.
 
@@ -119,26 +125,31 @@ def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False) 
     DeepSeek-R1 the reasoning) cannot be exact for every action in one sequence: here each
     action but the last lacks that block right before it (Qwen3, thinking off: 4 tokens),
     and the last action's context is exact. It measured closer to the agent's contexts than
-    keeping each reply in its generated form (benchmarks/training_layout.py)."""
-    ids = encode(tokenizer, render(tokenizer, messages, False, thinking))
+    keeping each reply in its generated form (benchmarks/training_layout.py). `tools`: those
+    the template renders (agent/tools.py's `episode_chat` gives them with the messages)."""
+    ids = encode(tokenizer, render(tokenizer, messages, False, thinking, tools))
     mask = [0] * len(ids)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = common_prefix(ids, encode(tokenizer, render(tokenizer, messages[:i], True, thinking)))
+        start = common_prefix(ids, encode(tokenizer, render(tokenizer, messages[:i], True, thinking, tools)))
         end = next((j + 1 for j in range(start, len(ids)) if ids[j] in eos), len(ids))
         mask[start:end] = [1] * (end - start)
     return ids, mask
 
 
-def episode_messages(episode, memories: list[str] = ()) -> list[dict]:
-    """The chat an agent saw while playing `episode` (an envs.base.Episode), up to its last action."""
+def episode_messages(episode, memories: list[str] = (), tools=None) -> list[dict]:
+    """The chat an agent saw while playing `episode` (an envs.base.Episode), up to its last action.
+    With `tools` (agent/tools.py's Tools of the episode's tool set) the system prompt, each action
+    and each result are the messages ModelPolicy wrote at run time."""
     steps = episode.steps
     if not steps:
         return []
     messages = prefix_messages(episode.task_description, steps[0].observation, memories)
+    if tools:
+        messages[0] = tools.system_message(memories)
     for step, following in zip(steps, steps[1:]):
-        messages += turn_messages(step.action, following.observation)
-    messages.append({"role": "assistant", "content": steps[-1].action})
+        messages += turn_messages(step.action, following.observation, tools)
+    messages.append(turn_messages(steps[-1].action, "", tools)[0])
     return messages

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..envs.calls import Call, parse_call
 from .grammar import Spelling, TokenIndex, call_grammar
-from .prompt import render
+from .prompt import SYSTEM_PROMPT, episode_messages, render, system_message
 
 PROMPT_FORMAT = (
     "You can call these functions (JSON Schema):\n{docs}\n\n"
@@ -145,6 +145,11 @@ class Tools:
         """What the prompt format adds to the system prompt ("" where the template takes the tools)."""
         return "" if self.format.in_template else tool_prompt(self.specs, self.text_replies)
 
+    def system_message(self, memories: list[str] = ()) -> dict:
+        """The system prompt: the memories, and the function docs where the template takes no tools."""
+        docs = self.system_text()
+        return system_message(memories, base=f"{SYSTEM_PROMPT}\n\n{docs}" if docs else SYSTEM_PROMPT)
+
     def grammar(self):
         return cached_grammar(self.tokenizer, self.format, json.dumps(self.specs), self.text_replies)
 
@@ -159,3 +164,10 @@ class Tools:
     def result_message(self, observation: str, after_call: bool) -> dict:
         role = "tool" if after_call and self.format.tool_role else "user"
         return {"role": role, "content": observation.strip()}
+
+
+def episode_chat(tokenizer, episode, memories: list[str] = ()) -> tuple[list[dict], list[dict] | None]:
+    """(messages, template tools) of a played episode for `prompt.tokenize_with_mask`: the chat
+    and tools its agent saw at run time, in `tokenizer`'s family format; a text game's as before."""
+    tools = Tools(tokenizer, list(episode.tools), episode.text_replies) if episode.tools else None
+    return episode_messages(episode, memories, tools), tools.template_tools if tools else None

@@ -116,9 +116,12 @@ def agreement(a: list[str], b: list[str]) -> float:
 
 def calibration_data(tokenizer, episodes, max_seq_length: int) -> list[tuple[list[int], list[int]]]:
     """(token ids, action mask) of each episode's chat, cut to `max_seq_length` tokens."""
-    from ..agent.prompt import episode_messages, tokenize_with_mask
+    from ..agent.prompt import tokenize_with_mask
+    from ..agent.tools import episode_chat
 
-    return [tuple(part[:max_seq_length] for part in tokenize_with_mask(tokenizer, episode_messages(e))) for e in episodes]
+    chats = [episode_chat(tokenizer, e) for e in episodes]
+    return [tuple(part[:max_seq_length] for part in tokenize_with_mask(tokenizer, messages, tools=tools))
+            for messages, tools in chats]
 
 
 def unfreeze_scales(model) -> None:

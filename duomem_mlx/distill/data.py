@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..agent.prompt import episode_messages, tokenize_with_mask
+from ..agent.prompt import tokenize_with_mask
+from ..agent.tools import episode_chat
 from ..envs.base import Episode
 from ..errors import DuomemError
 from ..memory.bank import game_of
@@ -53,21 +54,30 @@ def drop_turns(messages: list[dict], n: int) -> list[dict]:
     return messages[:2] + messages[2 + 2 * n :]
 
 
-def fit(tokenizer, messages: list[dict], max_len: int):
-    """(ids, mask) of the chat, oldest whole turns dropped until it fits; None if it never does."""
-    ids, mask = tokenize_with_mask(tokenizer, messages)
+def fit(tokenizer, messages: list[dict], max_len: int, tools: list[dict] | None = None):
+    """(ids, mask) of the chat (with the template's `tools`), oldest whole turns dropped until it fits;
+    None if it never does."""
+    def tokenize(chat):
+        return tokenize_with_mask(tokenizer, chat, tools=tools)
+
+    ids, mask = tokenize(messages)
     if len(ids) <= max_len:
         return ids, mask
     lo, hi = 1, (len(messages) - 3) // 2  # the fewest drops that fit lie in [lo, hi]
-    if hi < 1 or len(tokenize_with_mask(tokenizer, drop_turns(messages, hi))[0]) > max_len:
+    if hi < 1 or len(tokenize(drop_turns(messages, hi))[0]) > max_len:
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(tokenize_with_mask(tokenizer, drop_turns(messages, mid))[0]) <= max_len:
+        if len(tokenize(drop_turns(messages, mid))[0]) <= max_len:
             hi = mid
         else:
             lo = mid + 1
-    return tokenize_with_mask(tokenizer, drop_turns(messages, lo))
+    return tokenize(drop_turns(messages, lo))
+
+
+def fit_episode(tokenizer, episode: Episode, memories: list[str], max_len: int):
+    messages, tools = episode_chat(tokenizer, episode, memories)
+    return fit(tokenizer, messages, max_len, tools)
 
 
 def teacher_rows(cache, record: dict, manifest: dict, tokens: np.ndarray, mask: np.ndarray):
@@ -125,7 +135,7 @@ def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool 
     for record in Progress(kept, desc="data", unit="episode", disable=not progress):
         memories = episode_memories(retrieve, record) if retrieve else []
         memories_used += len(memories)
-        fitted = fit(tokenizer, episode_messages(Episode.from_json(record), [m.text for m in memories]), max_seq_length)
+        fitted = fit_episode(tokenizer, Episode.from_json(record), [m.text for m in memories], max_seq_length)
         if fitted is None:
             too_long += 1
             continue

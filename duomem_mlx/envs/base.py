@@ -49,12 +49,18 @@ class Episode:
     error: str | None = None
     memories: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # policy-specific: token counts, latency
+    # the function docs offered for the last action (None: actions are lines of text) and whether a
+    # reply may be text instead of a call: what training renders the chat with (agent/tools.py)
+    tools: list[dict] | None = None
+    text_replies: bool = False
 
     def to_json(self, compact: bool = False) -> dict:
         """compact (eval --log): ScienceWorld's admissible lists run to 20 KB a step and barely
         change, so each command is written once (`admissible_commands`), a step's list as
         indices into it, and a list equal to the step before's as `admissible_same`."""
         data = asdict(self)
+        if self.tools is None:  # a text environment's record is as it always was
+            del data["tools"], data["text_replies"]
         if compact:
             index: dict[str, int] = {}
             for before, step, out in zip([None, *self.steps], self.steps, data["steps"]):
@@ -142,6 +148,7 @@ def play_episode(env: Env, spec: TaskSpec, policy: Policy, max_steps: int) -> Ep
         episode.task_description, state = env.reset(spec)
         policy.start(env, spec, episode.task_description, state)
         for _ in range(max_steps):
+            episode.tools, episode.text_replies = offered_tools(env)
             action = policy.act(state)
             episode.steps.append(Step(state.observation, action, list(state.admissible)))
             state = env.step(action)
@@ -155,6 +162,12 @@ def play_episode(env: Env, spec: TaskSpec, policy: Policy, max_steps: int) -> Ep
     episode.stats.update(getattr(policy, "stats", dict)())
     episode.memories = list(episode.stats.pop("memories", []))
     return episode
+
+
+def offered_tools(env) -> tuple[list[dict] | None, bool]:
+    """(the tools an environment offers now, whether it takes text replies); (None, False) for a text game."""
+    tools = env.tools() if hasattr(env, "tools") else None
+    return (list(tools) if tools else None), bool(tools) and getattr(env, "text_replies", False)
 
 
 class EnvCrashed(RuntimeError):

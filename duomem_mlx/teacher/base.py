@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..agent.prompt import episode_messages, tokenize_with_mask
+from ..agent.prompt import tokenize_with_mask
+from ..agent.tools import episode_chat
 from ..errors import DuomemError
 
 
 def shard_arrays(tokenizer, episode, memories: list[str] = ()) -> dict[str, np.ndarray]:
     """input_ids / loss_mask of the chat the teacher saw while playing `episode` (with the memories it read)."""
-    ids, mask = tokenize_with_mask(tokenizer, episode_messages(episode, memories))
+    messages, tools = episode_chat(tokenizer, episode, memories)
+    ids, mask = tokenize_with_mask(tokenizer, messages, tools=tools)
     return {"input_ids": np.array(ids, dtype=np.int32), "loss_mask": np.array(mask, dtype=np.uint8)}
 
 

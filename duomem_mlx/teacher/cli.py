@@ -3,6 +3,7 @@
 import json
 
 import click
+from click.core import ParameterSource
 
 from ..config import config_option, csv_list, game_params_option
 from ..envs import ENV_HELP
@@ -11,8 +12,13 @@ from ..memory.retrieval import KINDS
 
 
 @click.command("teach")
-@click.option("--teacher", required=True, help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)")
-@click.option("--env", "env_name", required=True, help=ENV_HELP)
+@click.option("--teacher", help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)")
+@click.option("--env", "env_name", help=ENV_HELP)
+@click.option("--from-chats", type=click.Path(exists=True, dir_okay=False),
+              help="Instead of playing: a JSONL of OpenAI-format conversations (messages with tool_calls and "
+                   "tool results, tools, success or reward), tokenized with --teacher-tokenizer (the student's).")
+@click.option("--skip-bad", is_flag=True,
+              help="--from-chats: skip malformed records (counted) instead of stopping at the first.")
 @click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="train", show_default=True)
 @click.option("--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise.")
@@ -26,7 +32,7 @@ from ..memory.retrieval import KINDS
 @click.option("--memory-k", type=click.IntRange(0), default=2, show_default=True, help="Memories the teacher reads (with --memory).")
 @click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
 @game_params_option
-@click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle, the student's, to store tokenized chats.")
+@click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle and --from-chats, the student's, to store tokenized chats.")
 @click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True, help="mlx: teacher action decoding.")
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
 @click.option("--keep-admissible", is_flag=True, help="Store each step's admissible commands (large for ScienceWorld).")
@@ -39,8 +45,9 @@ from ..memory.retrieval import KINDS
 @click.option("--max-rps", type=click.FloatRange(0, min_open=True), help="openai: at most this many requests a second (a shared endpoint's limit).")
 @config_option
 def teach(**kwargs):
-    """Play episodes with a teacher and cache what the student learns from: successful
-    trajectories, the teacher's top-k token distributions, and procedural memories.
+    """Play episodes with a teacher (or read a big model's logged conversations, --from-chats:
+    docs/chats.md) and cache what the student learns from: successful trajectories, the
+    teacher's top-k token distributions, and procedural memories.
 
     \b
     Examples:
@@ -49,11 +56,35 @@ def teach(**kwargs):
       duomem-mlx teach --teacher mlx:runs/teacher --memory runs/teacher/memory --memory-kind both --env twx --out runs/cache
       duomem-mlx teach --teacher openai:http://gpu:8000/v1#Qwen/Qwen2.5-72B-Instruct \\
           --teacher-tokenizer Qwen/Qwen2.5-72B-Instruct --env textworld --episodes 50 --concurrency 32 --out runs/cache
+      duomem-mlx teach --from-chats logs/agent.jsonl --teacher-tokenizer runs/student --out runs/cache
     """
-    from .collect import collect
+    from .collect import collect, collect_chats
 
-    summary = collect(**kwargs)
+    from_chats, skip_bad = kwargs.pop("from_chats"), kwargs.pop("skip_bad")
+    if from_chats:
+        summary = collect_chats(from_chats, **chat_options(kwargs), skip_bad=skip_bad)
+    else:
+        for option, name in (("teacher", "--teacher"), ("env_name", "--env")):
+            if not kwargs[option]:
+                raise DuomemError(f"missing {name}: teach plays with --teacher on --env, "
+                                  "or reads --from-chats FILE.jsonl")
+        summary = collect(**kwargs)
     print_info(summary)
+
+
+CHAT_OPTIONS = ("out", "teacher_tokenizer", "keep", "memory_writer", "memory_kind", "force")
+
+
+def chat_options(kwargs: dict) -> dict:
+    """The options --from-chats takes; one that only playing uses is refused, not ignored."""
+    source = click.get_current_context().get_parameter_source
+    given = [k for k in kwargs
+             if k not in CHAT_OPTIONS and source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+    if given:
+        names = ", ".join("--" + ("env" if k == "env_name" else "memory" if k == "memory_bank" else k.replace("_", "-"))
+                          for k in given)
+        raise DuomemError(f"--from-chats reads its episodes instead of playing them; drop {names}")
+    return {k: kwargs[k] for k in CHAT_OPTIONS}
 
 
 @click.group("cache")

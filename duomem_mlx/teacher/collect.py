@@ -199,3 +199,62 @@ def fingerprint(tokenizer) -> str | None:
 
     return tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
 
+
+
+def collect_chats(
+    from_chats: str,
+    out: str,
+    teacher_tokenizer: str | None = None,
+    keep: str = "success",
+    memory_writer: str = "rules",
+    memory_kind: str = "script",
+    skip_bad: bool = False,
+    force: bool = False,
+) -> dict:
+    """A teacher cache from logged conversations (teacher/chats.py): every record is read and
+    tokenized before the cache is opened, so a bad one leaves nothing written."""
+    from .base import load_tokenizer, teacher_memories
+    from .chats import read_chats
+
+    if memory_writer != "rules" and memory_kind != "trajectory":
+        raise DuomemError("--from-chats has no model to write memories with; use --memory-writer rules")
+    check_destination(out)
+    tokenizer = load_tokenizer(teacher_tokenizer) if teacher_tokenizer else None
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise DuomemError(f"the tokenizer {teacher_tokenizer} has no chat template; name an instruct/chat model's")
+    vocab_size = len(tokenizer.get_vocab()) if tokenizer else None
+    chats = read_chats(from_chats, skip_bad=skip_bad, vocab_size=vocab_size)
+    kept = [e for e in chats.episodes if worth_keeping(e, keep)]
+    arrays = [chat_arrays(tokenizer, e, chats) if tokenizer else None for e in kept]
+    memories = teacher_memories(None, kept, memory_writer, memory_kind) if any(e.success for e in kept) else []
+    settings = {
+        "teacher": f"chats:{Path(from_chats).resolve()}", "backend": "chats", "top_k": chats.top_k, "env": "chats",
+        "keep": keep, "memory_writer": memory_writer, "memory_kind": memory_kind, "skip_bad": skip_bad,
+        "vocab_size": vocab_size, "tokenizer_fingerprint": fingerprint(tokenizer),
+        "task_list": sorted({e.task for e in kept}),
+        "chats": {"read": chats.read, "bad": chats.bad},
+    }
+    with CacheWriter(out, settings, force=force) as writer, disk_errors(out, writer):
+        for episode, shard in zip(kept, arrays):
+            writer.add(record(episode, keep_admissible=False), shard)
+        for episode in chats.episodes:
+            if not worth_keeping(episode, keep):
+                writer.drop(episode.id)
+        writer.finish([asdict(m) for m in merge_duplicates(memories)])
+    if chats.bad:
+        tqdm.write(f"note: skipped {chats.bad} bad record(s) of {chats.read} in {from_chats}", file=sys.stderr)
+    return info(out)
+
+
+def chat_arrays(tokenizer, episode: Episode, chats) -> dict:
+    """The shard of a logged episode: its chat tokenized as the agent sees it, and the server's
+    top-k rows where the log has them (every row unaligned in an episode without)."""
+    from .base import shard_arrays
+    from .openai_compat import Turn, align_turns
+
+    arrays = shard_arrays(tokenizer, episode)
+    if chats.top_k:
+        turns = chats.turns.get(episode.id) or [Turn(None, "", None)] * len(episode.steps)
+        eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+        arrays.update(align_turns(tokenizer, arrays["input_ids"], arrays["loss_mask"], turns, chats.top_k, eos, False))
+    return arrays

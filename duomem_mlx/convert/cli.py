@@ -41,8 +41,9 @@ def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_
     from ..io import check_destination
 
     if list_known:
+        width = max(map(len, KNOWN))
         for name, spec in KNOWN.items():
-            click.echo(f"{name:24s} {spec.about}")
+            click.echo(f"{name:{width}s} {spec.about}")
         return
     bits = int(bits) if bits else None
     if fetch_name:

@@ -252,15 +252,16 @@ def provenance(adapters: str | None, model_path: str) -> dict:
 
 
 def base_license(model_path: str) -> str | None:
+    """The base model's card's license, else the upstream one `convert --fetch` recorded in duomem.json."""
     readme = Path(model_path) / "README.md"
-    if not readme.is_file():
-        return None
-    from huggingface_hub import ModelCard
+    if readme.is_file():
+        from huggingface_hub import ModelCard
 
-    try:
-        return ModelCard.load(readme).data.license
-    except Exception:  # a card without valid front matter just has no known license
-        return None
+        try:
+            return ModelCard.load(readme).data.license
+        except Exception:  # a card without valid front matter just has no known license
+            return None
+    return (provenance(None, model_path).get("source") or {}).get("license")
 
 
 def agent_chats(calibrate_cache: str | None, adapters: str | None) -> str | None:

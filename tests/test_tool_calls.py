@@ -3,6 +3,7 @@ never writes a call its schema refuses (random-init tiny models of every family,
 SmolLM2 on the calendar and BFCL), it is the argmax over the allowed tokens, and the session
 with tools still equals re-encoding."""
 
+import json
 import random
 
 import mlx.core as mx

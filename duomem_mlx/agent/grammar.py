@@ -268,11 +268,20 @@ class TokenIndex:
     def __init__(self, grammar: Grammar, tokenizer):
         self.grammar, self.trie, self.texts = grammar, char_trie(tokenizer), token_texts(tokenizer)
         self.allowed: dict[frozenset, dict[int, frozenset]] = {}
+        self.sorted: dict[frozenset, list[int]] = {}
 
     def __call__(self, state: frozenset) -> dict[int, frozenset]:
         if state not in self.allowed:
             self.allowed[state] = self.walk(state)
         return self.allowed[state]
+
+    def candidates(self, state: frozenset, eot: int) -> list[int]:
+        """The tokens `state` allows in id order, the end of turn `eot` among them once the text
+        is complete (a string state allows most of the vocabulary: sorted once, not per token)."""
+        if state not in self.sorted:
+            allowed = self(state)
+            self.sorted[state] = sorted([*allowed, eot] if self.grammar.accepts(state) else allowed)
+        return self.sorted[state]
 
     def walk(self, state: frozenset) -> dict[int, frozenset]:
         out: dict[int, frozenset] = {}

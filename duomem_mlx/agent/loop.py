@@ -87,9 +87,10 @@ class ModelPolicy:
         if self.acted:
             message = {"role": "user", "content": state.observation.strip()}
             self.session.append([self.tools.result_message(state.observation, self.called) if self.tools else message])
-            offered = self.env.tools() if self.tools and hasattr(self.env, "tools") else None
+            offered = offered_tools(self.env)[0] if self.tools else None
             if offered is not None and offered != self.tools.specs:
-                self.session.set_tools(list(offered))
+                self.tools = replace(self.tools, specs=offered)
+                self.session.set_tools(self.tools)
                 self.session.messages[0] = self.system()
         self.acted = True
         action = self.session.generate(None if self.tools else state.admissible)

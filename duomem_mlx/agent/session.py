@@ -79,9 +79,9 @@ class Session:
     def append(self, messages: list[dict]):
         self.messages += messages
 
-    def set_tools(self, specs: list[dict]):
+    def set_tools(self, tools):
         """The tools offered changed (BFCL's miss_func adds some): the chat is rendered anew."""
-        self.tools.specs = specs
+        self.tools = tools
         self.head_text = self.window = None
         self.rendered = 0
 

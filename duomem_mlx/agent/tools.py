@@ -114,7 +114,9 @@ def read_call(tokenizer, fmt: ToolFormat, text: str, tools: list[dict]) -> Call 
             parsed = parser(inner, [schema_of(t) for t in tools])
         except (ValueError, json.JSONDecodeError):
             return None
-        parsed = parsed[0] if isinstance(parsed, list) else parsed
+        parsed = (parsed[0] if parsed else None) if isinstance(parsed, list) else parsed
+        if not isinstance(parsed, dict):  # a model's reply: anything but a call is no call
+            return None
         return parse_call(json.dumps({"name": parsed.get("name"), "arguments": parsed.get("arguments", {})}))
     return parse_call(text)
 
@@ -136,6 +138,7 @@ class Tools:
 
     def __post_init__(self):
         self.format = tool_format(self.tokenizer)
+        self.specs_json = json.dumps(self.specs)  # the grammar cache's key, once (a new Tools when they change)
 
     @property
     def template_tools(self) -> list[dict] | None:
@@ -151,7 +154,7 @@ class Tools:
         return system_message(memories, base=f"{SYSTEM_PROMPT}\n\n{docs}" if docs else SYSTEM_PROMPT)
 
     def grammar(self):
-        return cached_grammar(self.tokenizer, self.format, json.dumps(self.specs), self.text_replies)
+        return cached_grammar(self.tokenizer, self.format, self.specs_json, self.text_replies)
 
     def reply_message(self, text: str) -> tuple[dict, str]:
         """(the assistant message the chat keeps, the action for the environment)."""

@@ -21,6 +21,7 @@ not kept: training renders the agent's own (agent/tools.py), as the student will
 time. A reply that is text makes the episode take text replies (the prompt says so)."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +106,9 @@ def outcome(record: dict) -> tuple[bool, float]:
     success, reward = record.get("success"), record.get("reward")
     if success is not None and not isinstance(success, bool):
         raise BadRecord('"success" must be true or false')
-    if reward is not None and (not isinstance(reward, (int, float)) or isinstance(reward, bool)):
-        raise BadRecord('"reward" must be a number')
+    if reward is not None and (not isinstance(reward, (int, float)) or isinstance(reward, bool)
+                               or not math.isfinite(reward)):
+        raise BadRecord('"reward" must be a finite number')
     if success is None and reward is None:
         raise BadRecord('neither "success" nor "reward": say how the conversation went')
     success = success if success is not None else reward > 0

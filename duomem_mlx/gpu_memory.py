@@ -7,9 +7,9 @@ or a training step larger than that size is named in one line before it crawls. 
 report no such size: there the limit is left alone and nothing is said."""
 
 import contextlib
+import sys
 from pathlib import Path
 
-import click
 import mlx.core as mx
 
 
@@ -48,13 +48,13 @@ def warn_if_over(nbytes: int, what: str, fix: str) -> bool:
     info = mx.device_info()
     device = info.get("device_name") or info.get("architecture", "this GPU")
     total = f", of {bytes_text(info['memory_size'])} memory" if info.get("memory_size") else ""
-    click.echo(f"warning: {what} takes {bytes_text(nbytes)}, more than the {bytes_text(limit)} {device} recommends "
-               f"keeping in use{total} (mx.device_info()): it will page and run slowly; {fix}", err=True)
+    print(f"warning: {what} takes {bytes_text(nbytes)}, more than the {bytes_text(limit)} {device} recommends "
+          f"keeping in use{total} (mx.device_info()): it will page and run slowly; {fix}", file=sys.stderr)
     return True
 
 
 def warn_before_loading(model_dir: str) -> None:
-    """Before a load: the weights' bytes on disk against the working set (a Hub id not yet
-    downloaded has nothing to measure)."""
+    """Before a load: the weights' bytes on disk (a local directory: a Hub id's snapshot) against
+    the working set."""
     weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     warn_if_over(weights, f"loading {model_dir}", "use a smaller or quantized model (duomem-mlx quantize --bits 4)")

@@ -5,9 +5,9 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 VENV := .venv
 PY := $(VENV)/bin/python
 # Linux CPU wheels of MLX ship a reference BLAS; preload OpenBLAS when it is there (~30x on matmuls),
-# after duomem_mlx/data/gemv_forward.c (one-row products to sgemv, built once by `python -m duomem_mlx.blas`).
-# `python -m duomem_mlx.cpu_kernel` builds the CPU quantized kernel (data/quantized_matvec.cpp) once.
-OPENBLAS = $(shell $(PY) -m duomem_mlx.blas 2>/dev/null)
+# after duomem_mlx/cpu/gemv_forward.c (one-row products to sgemv, built once by `python -m duomem_mlx.cpu.blas`).
+# `python -m duomem_mlx.cpu.kernel` builds the CPU quantized kernel (cpu/quantized_matvec.cpp) once.
+OPENBLAS = $(shell $(PY) -m duomem_mlx.cpu.blas 2>/dev/null)
 RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
 
 # What each installs: the tests every environment with wheels here (pyproject.toml), the demo TextWorldExpress.
@@ -17,8 +17,8 @@ EXTRAS_demo = twx,plot
 .PHONY: setup demo-setup system models test demo bench clean
 
 define native
-@$(PY) -m duomem_mlx.blas >/dev/null
-@$(PY) -m duomem_mlx.cpu_kernel
+@$(PY) -m duomem_mlx.cpu.blas >/dev/null
+@$(PY) -m duomem_mlx.cpu.kernel
 endef
 
 setup: $(VENV)/.installed-test $(VENV)/.bfcl system

@@ -42,16 +42,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from common import llama_cpp_server_command, model_config, versions, write_json
-from duomem_mlx.agent.decode import DecodeOptions
-from duomem_mlx.agent.prompt import episode_messages, prefix_messages, tokenize_with_mask
-from duomem_mlx.agent.session import Session
+
 from duomem_mlx.convert.export import export_gguf, source_of
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
-from duomem_mlx.models import default_corpus, load
+from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.models import default_corpus, load
+from duomem_mlx.runtime.prompt import episode_messages, prefix_messages, tokenize_with_mask
+from duomem_mlx.runtime.session import Session
 
 
 def record_episode(env_name: str, task: str | None, steps: int, seed: int):
@@ -136,7 +136,9 @@ def pad_head(model, rows: int):
     embed = model.model.embed_tokens
     if "lm_head" in model or not isinstance(embed, nn.Embedding) or rows <= embed.weight.shape[0]:
         raise SystemExit("Error: --vocab-rows needs a tied, unquantized head with fewer rows than asked")
-    embed.weight = mx.concatenate([embed.weight, mx.zeros((rows - embed.weight.shape[0], embed.weight.shape[1]), embed.weight.dtype)])
+    embed.weight = mx.concatenate(
+        [embed.weight, mx.zeros((rows - embed.weight.shape[0], embed.weight.shape[1]), embed.weight.dtype)]
+    )
     model.args.vocab_size = rows
 
 
@@ -151,6 +153,7 @@ def head_share(model) -> float:
 
 class Peer:
     """A real OpenAI-compatible server on loopback, started and stopped here."""
+
     label = ""
 
     def __init__(self, command: list[str], model: str):
@@ -159,8 +162,12 @@ class Peer:
             self.port = s.getsockname()[1]
         self.model = model
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -168,16 +175,26 @@ class Peer:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise SystemExit(f"Error: {self.label} exited at start; run `{' '.join(command)}` by hand to see why")
+                    raise SystemExit(
+                        f"Error: {self.label} exited at start; run `{' '.join(command)}` by hand to see why"
+                    )
                 time.sleep(0.2)
         self.close()
         raise SystemExit(f"Error: {self.label} did not start within 120 s")
 
     def chat(self, messages: list[dict], **body) -> dict:
-        data = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
-                           "chat_template_kwargs": {"enable_thinking": False}, **body}).encode()  # as our Session renders
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=data,
-                                         headers={"Content-Type": "application/json"})
+        data = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": 0.0,
+                "chat_template_kwargs": {"enable_thinking": False},
+                **body,
+            }
+        ).encode()  # as our Session renders
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions", data=data, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=300) as response:
             return json.loads(response.read())
 
@@ -188,6 +205,7 @@ class Peer:
 
 class MlxLmServer(Peer):
     """`mlx_lm.server` on the model directory, default settings."""
+
     label = "mlx_lm.server"
 
     def __init__(self, model_path: str):
@@ -197,16 +215,31 @@ class MlxLmServer(Peer):
 
 class LlamaCppServer(Peer):
     """llama-cpp-python's server on a GGUF file: its default settings but the context and threads ours has."""
+
     label = "llama.cpp server"
 
     def __init__(self, gguf: str, context: int, no_repack: bool = False):
         try:
             import llama_cpp.server.app  # noqa: F401  (the package imports without the [server] extras; its app does not)
         except ImportError:
-            raise SystemExit("Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
-                             "(builds llama.cpp from source with cmake and a C++ compiler: ~6 min on 2 cores for 0.3.36)")
-        super().__init__([*llama_cpp_server_command(no_repack), "--model", gguf, "--n_ctx", str(context),
-                          "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())], gguf)
+            raise SystemExit(
+                "Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
+                "(builds llama.cpp from source with cmake and a C++ compiler: ~6 min on 2 cores for 0.3.36)"
+            )
+        super().__init__(
+            [
+                *llama_cpp_server_command(no_repack),
+                "--model",
+                gguf,
+                "--n_ctx",
+                str(context),
+                "--n_threads",
+                str(os.cpu_count()),
+                "--n_threads_batch",
+                str(os.cpu_count()),
+            ],
+            gguf,
+        )
         self.bytes = Path(gguf).stat().st_size
 
 
@@ -236,7 +269,12 @@ def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run
         def peer_step():
             nonlocal peer_action
             if i:
-                messages.extend([{"role": "assistant", "content": peer_action}, {"role": "user", "content": state.observation.strip()}])
+                messages.extend(
+                    [
+                        {"role": "assistant", "content": peer_action},
+                        {"role": "user", "content": state.observation.strip()},
+                    ]
+                )
             start = time.perf_counter()
             reply = peer.chat(messages, **peer_body)
             seconds = time.perf_counter() - start
@@ -253,8 +291,13 @@ def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run
                 session.append([{"role": "user", "content": state.observation.strip()}])
             action = session.generate(state.admissible)
             seconds = time.perf_counter() - start
-            return action, seconds, session.prefill_tokens - before[0], session.decode_tokens - before[1], \
-                session.decode_stats.forward_passes - before[2]
+            return (
+                action,
+                seconds,
+                session.prefill_tokens - before[0],
+                session.decode_tokens - before[1],
+                session.decode_stats.forward_passes - before[2],
+            )
 
         if i % 2:
             ours = our_step()
@@ -263,12 +306,21 @@ def run_episode(peer, session, episode, memories, steps, mode, reply_tokens, run
             peer_row = peer_step()
             ours = our_step()
         if record is not None:
-            record.append({
-                "peer_ms": peer_row[0] * 1000, "peer_prefill": peer_row[1], "peer_decode": peer_row[2],
-                "ours_ms": ours[1] * 1000, "ours_prefill": ours[2], "ours_decode": ours[3], "ours_passes": ours[4],
-                "same": peer_action == ours[0], "peer_action": peer_action, "ours_action": ours[0],
-                "peer_admissible": peer_action in (state.admissible or ()),
-            })
+            record.append(
+                {
+                    "peer_ms": peer_row[0] * 1000,
+                    "peer_prefill": peer_row[1],
+                    "peer_decode": peer_row[2],
+                    "ours_ms": ours[1] * 1000,
+                    "ours_prefill": ours[2],
+                    "ours_decode": ours[3],
+                    "ours_passes": ours[4],
+                    "same": peer_action == ours[0],
+                    "peer_action": peer_action,
+                    "ours_action": ours[0],
+                    "peer_admissible": peer_action in (state.admissible or ()),
+                }
+            )
 
 
 def mean_or_none(values: list) -> float | None:
@@ -277,9 +329,11 @@ def mean_or_none(values: list) -> float | None:
 
 def summary(values: list[float]) -> dict:
     ordered = sorted(values)
-    return {"p50": round(statistics.median(ordered), 2),
-            "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2),
-            "mean": round(statistics.fmean(ordered), 2)}
+    return {
+        "p50": round(statistics.median(ordered), 2),
+        "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2),
+        "mean": round(statistics.fmean(ordered), 2),
+    }
 
 
 def plot(rows: list[dict], path: str, title: str, peer: str):
@@ -305,25 +359,44 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--mode", choices=["equal-work", "agent"], default="agent")
     parser.add_argument("--peer", choices=["mlx_lm", "llama_cpp"], default="mlx_lm")
-    parser.add_argument("--gguf", help="llama_cpp: serve this GGUF file as it is (default: ours' weights exported, below)")
-    parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0", "q4_1", "q4_0"],
-                        help="llama_cpp: type of the matrices in the exported GGUF")
-    parser.add_argument("--gguf-source", help="llama_cpp: the GGUF whose metadata the export copies "
-                                              "(default: the one --model was converted from)")
-    parser.add_argument("--no-repack", action="store_true",
-                        help="llama_cpp: no weight repacking or AMX buffers, as llama.cpp's --no-repack (0.3.36 built here "
-                             "segfaults on quantized files without it)")
+    parser.add_argument(
+        "--gguf", help="llama_cpp: serve this GGUF file as it is (default: ours' weights exported, below)"
+    )
+    parser.add_argument(
+        "--gguf-type",
+        default="f32",
+        choices=["f32", "f16", "q8_0", "q4_1", "q4_0"],
+        help="llama_cpp: type of the matrices in the exported GGUF",
+    )
+    parser.add_argument(
+        "--gguf-source",
+        help="llama_cpp: the GGUF whose metadata the export copies (default: the one --model was converted from)",
+    )
+    parser.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="llama_cpp: no weight repacking or AMX buffers, as llama.cpp's --no-repack (0.3.36 built here "
+        "segfaults on quantized files without it)",
+    )
     parser.add_argument("--env", choices=["scienceworld", "textworld", "twx"], default="scienceworld")
     parser.add_argument("--task", help="task of the recorded episode (default: the env's first dev tasks)")
     parser.add_argument("--train-steps", type=int, default=0, help="first fit the model to the oracle trajectory")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of --train-steps")
-    parser.add_argument("--train-layers", type=int, help="--train-steps on the last N blocks only (default: the whole model)")
-    parser.add_argument("--vocab-rows", type=int, help="pad the tied head with zero rows to this many, as real families "
-                                                         "pad theirs (Qwen3: 151936)")
+    parser.add_argument(
+        "--train-layers", type=int, help="--train-steps on the last N blocks only (default: the whole model)"
+    )
+    parser.add_argument(
+        "--vocab-rows",
+        type=int,
+        help="pad the tied head with zero rows to this many, as real families pad theirs (Qwen3: 151936)",
+    )
     parser.add_argument("--save-trained", help="keep the trained (padded) model here (pass it as --model next time)")
     parser.add_argument("--reply-tokens", type=int, default=8, help="equal-work: tokens per reply on both sides")
-    parser.add_argument("--fresh-system-prompt", action="store_true",
-                        help="tag each run's system prompt, so neither side reuses it (default: shared, as in an eval)")
+    parser.add_argument(
+        "--fresh-system-prompt",
+        action="store_true",
+        help="tag each run's system prompt, so neither side reuses it (default: shared, as in an eval)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", required=True, help="write the results here")
     parser.add_argument("--plot", help="write a PNG of per-step latency")
@@ -344,14 +417,33 @@ def main():
             pad_head(model, args.vocab_rows)
         if args.train_steps or args.vocab_rows:
             model_path = str(save_trained(model, Path(args.model), Path(args.save_trained or Path(tmp) / "trained")))
-        options = DecodeOptions() if args.mode == "agent" else \
-            DecodeOptions(mode="free", max_tokens=args.reply_tokens, single_line=False)
+        options = (
+            DecodeOptions()
+            if args.mode == "agent"
+            else DecodeOptions(mode="free", max_tokens=args.reply_tokens, single_line=False)
+        )
         session = Session(model, tokenizer, 8192, options)
         served = {"model_config": model_config(model_path), "bytes_ours": weight_bytes(model_path)}
-        peer = MlxLmServer(model_path) if args.peer == "mlx_lm" else LlamaCppServer(peer_gguf(args, model_path, tmp), 8192, args.no_repack)
+        peer = (
+            MlxLmServer(model_path)
+            if args.peer == "mlx_lm"
+            else LlamaCppServer(peer_gguf(args, model_path, tmp), 8192, args.no_repack)
+        )
         try:
+
             def play(n, run, rows):
-                run_episode(peer, session, episode, memories, n, args.mode, args.reply_tokens, run, rows, args.fresh_system_prompt)
+                run_episode(
+                    peer,
+                    session,
+                    episode,
+                    memories,
+                    n,
+                    args.mode,
+                    args.reply_tokens,
+                    run,
+                    rows,
+                    args.fresh_system_prompt,
+                )
 
             play(min(2, steps), "warm-up", None)
             rows: list[dict] = []
@@ -360,9 +452,12 @@ def main():
         finally:
             peer.close()
     result = report(rows, args, steps, model.args.vocab_size, head_share(model))
-    result |= {"peer_server": peer.label, "peer_no_repack": args.no_repack if args.peer == "llama_cpp" else None,
-               "model_config": served["model_config"],
-               "bytes_of_weights": {"peer": peer.bytes, "ours": served["bytes_ours"]}}
+    result |= {
+        "peer_server": peer.label,
+        "peer_no_repack": args.no_repack if args.peer == "llama_cpp" else None,
+        "model_config": served["model_config"],
+        "bytes_of_weights": {"peer": peer.bytes, "ours": served["bytes_ours"]},
+    }
     print_table(result)
     if args.plot:
         plot(rows, args.plot, f"{args.mode}: per-step latency, steps interleaved", peer.label)
@@ -391,16 +486,24 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
         "speedup_p50": round(peer["p50"] / ours["p50"], 2),
         # the peer: at least one prefill pass, then one pass per generated token (mlx-lm feeds each
         # token before it yields it); ours: counted
-        "forward_passes_per_action": {"peer": round(sum(1 + r["peer_decode"] for r in rows) / n, 2),
-                                      "ours": round(sum(r["ours_passes"] for r in rows) / n, 2)},
-        "prefill_tokens_per_step": {"peer": mean_or_none([r["peer_prefill"] for r in rows]),
-                                    "ours": round(sum(r["ours_prefill"] for r in rows) / n, 1)},
-        "decode_tokens_per_step": {"peer": round(sum(r["peer_decode"] for r in rows) / n, 1),
-                                   "ours": round(sum(r["ours_decode"] for r in rows) / n, 1)},
+        "forward_passes_per_action": {
+            "peer": round(sum(1 + r["peer_decode"] for r in rows) / n, 2),
+            "ours": round(sum(r["ours_passes"] for r in rows) / n, 2),
+        },
+        "prefill_tokens_per_step": {
+            "peer": mean_or_none([r["peer_prefill"] for r in rows]),
+            "ours": round(sum(r["ours_prefill"] for r in rows) / n, 1),
+        },
+        "decode_tokens_per_step": {
+            "peer": round(sum(r["peer_decode"] for r in rows) / n, 1),
+            "ours": round(sum(r["ours_decode"] for r in rows) / n, 1),
+        },
         "same_actions": round(sum(r["same"] for r in rows) / n, 3),
         # ours is constrained to the admissible commands; the peer decodes freely
         "peer_admissible": round(sum(r["peer_admissible"] for r in rows) / n, 3),
-        "same_actions_where_admissible": round(sum(r["same"] for r in admissible) / len(admissible), 3) if admissible else None,
+        "same_actions_where_admissible": round(sum(r["same"] for r in admissible) / len(admissible), 3)
+        if admissible
+        else None,
         "actions": [[r["peer_action"], r["ours_action"]] for r in rows[:steps]],
         "step_ms": [[round(r["peer_ms"], 1), round(r["ours_ms"], 1)] for r in rows],  # peer, ours; all repeats
         **versions(),
@@ -408,16 +511,20 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
 
 
 def print_table(result: dict):
-    print(f"peer {result['peer_server']}, mode {result['mode']}, {result['steps']} steps x {result['repeats']}, system prompt {result['system_prompt']}, "
-          f"same actions {result['same_actions']} (peer admissible {result['peer_admissible']}); head {result['vocab_rows']:,} rows, "
-          f"{result['head_share_of_weights']:.0%} of the weights")
+    print(
+        f"peer {result['peer_server']}, mode {result['mode']}, {result['steps']} steps x {result['repeats']}, system prompt {result['system_prompt']}, "
+        f"same actions {result['same_actions']} (peer admissible {result['peer_admissible']}); head {result['vocab_rows']:,} rows, "
+        f"{result['head_share_of_weights']:.0%} of the weights"
+    )
     print(f"{'':26}{'peer':>10}{'ours':>10}")
     for key in ("p50", "p95", "mean"):
         print(f"{'ms per step ' + key:26}{result['peer_step_ms'][key]:10.1f}{result['ours_step_ms'][key]:10.1f}")
     for key in ("forward_passes_per_action", "prefill_tokens_per_step", "decode_tokens_per_step"):
         peer = "n/a" if result[key]["peer"] is None else f"{result[key]['peer']:.1f}"
         print(f"{key.replace('_', ' '):26}{peer:>10}{result[key]['ours']:10.1f}")
-    print(f"speedup: mean {result['speedup_mean']}x, p50 {result['speedup_p50']}x (timings on a shared machine are noisy)")
+    print(
+        f"speedup: mean {result['speedup_mean']}x, p50 {result['speedup_p50']}x (timings on a shared machine are noisy)"
+    )
 
 
 if __name__ == "__main__":

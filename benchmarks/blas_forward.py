@@ -1,5 +1,5 @@
 """MLX on a Linux CPU under each BLAS preload, alternating in one run: OpenBLAS alone, and the
-one-row forward (duomem_mlx/data/gemv_forward.c) before it, as duomem-mlx preloads them. Per
+one-row forward (duomem_mlx/cpu/gemv_forward.c) before it, as duomem-mlx preloads them. Per
 preload, in a fresh process each: a one-row product `x @ W.T` over ~400 MB of float32 (GB/s),
 SmolLM2's 1536 x 576 layer on one row (us), a 1024² matmul (GFLOP/s), and prefill / decode
 tokens/s of each --model as benchmarks/kernels_vs_llama_cpp.py measures ours (512-token prompt,
@@ -38,7 +38,7 @@ a, b = mx.random.normal((1024, 1024)), mx.random.normal((1024, 1024)); mx.eval(a
 result["matmul_1024_gflop_s"] = round(2 * 1024**3 / best(lambda: mx.eval(a @ b), 7) / 1e9, 1)
 if {model!r}:
     from real_models import speeds
-    from duomem_mlx.models import default_corpus, load
+    from duomem_mlx.runtime.models import default_corpus, load
     model, tokenizer = load({model!r})
     tokens = (tokenizer.encode(default_corpus()) * 4)[:512]
     result |= speeds(model, tokens, 32, 3)
@@ -55,11 +55,13 @@ def main():
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from duomem_mlx import blas
+    from duomem_mlx.cpu import blas
 
     preloads = {"openblas": [blas.openblas_path()], "gemv_forward+openblas": blas.preload()}
     if None in preloads["openblas"] or len(preloads["gemv_forward+openblas"]) < 2:
-        sys.exit("needs Linux, Debian's OpenBLAS and a C compiler (python -m duomem_mlx.blas says which is missing)")
+        sys.exit(
+            "needs Linux, Debian's OpenBLAS and a C compiler (python -m duomem_mlx.cpu.blas says which is missing)"
+        )
     preloads |= {name: libs.split(":") for name, libs in (p.split("=", 1) for p in args.preload)}
     bench = str(Path(__file__).resolve().parent)
     runs = []
@@ -67,15 +69,26 @@ def main():
         for model in [None, *args.model]:
             for name, libs in preloads.items():
                 env = dict(os.environ, LD_PRELOAD=" ".join(libs), DUOMEM_OPENBLAS="0")
-                out = subprocess.run([sys.executable, "-c", CHILD.format(bench=bench, model=model)], env=env,
-                                     capture_output=True, text=True)
+                out = subprocess.run(
+                    [sys.executable, "-c", CHILD.format(bench=bench, model=model)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 if out.returncode:
                     sys.exit(f"{name}: {out.stderr[-2000:]}")
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 runs.append({"round": round_, "preload": name, "model": model, **result})
                 print(json.dumps(runs[-1]), flush=True)
-    write_json(args.json, {"preloads": preloads, "runs": runs, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           "cpu_count": os.cpu_count()})
+    write_json(
+        args.json,
+        {
+            "preloads": preloads,
+            "runs": runs,
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "cpu_count": os.cpu_count(),
+        },
+    )
 
 
 if __name__ == "__main__":

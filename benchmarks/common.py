@@ -8,15 +8,20 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from duomem_mlx.models import size_of
+from duomem_mlx.runtime.models import size_of
 
 
 def versions() -> dict:
     from importlib.metadata import version
 
-    return {"machine": f"{platform.machine()} {platform.system()} {platform.processor() or ''}".strip(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "device": str(mx.default_device())}
+    return {
+        "machine": f"{platform.machine()} {platform.system()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": version("mlx"),
+        "mlx_lm": version("mlx-lm"),
+        "device": str(mx.default_device()),
+    }
 
 
 model_config = size_of  # hidden_size, num_hidden_layers, vocab_size of a model directory
@@ -51,6 +56,8 @@ def llama_cpp_server_command(no_repack: bool) -> list[str]:
     """llama-cpp-python's OpenAI server, optionally with `llama_cpp_no_repack` applied first."""
     if not no_repack:
         return [sys.executable, "-m", "llama_cpp.server"]
-    launch = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import common; common.llama_cpp_no_repack(); "
-              "from llama_cpp.server.__main__ import main; main()")
+    launch = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import common; common.llama_cpp_no_repack(); "
+        "from llama_cpp.server.__main__ import main; main()"
+    )
     return [sys.executable, "-c", launch]

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from common import model_config, versions, write_json
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from common import model_config, versions, write_json
-from duomem_mlx import cpu_kernel, cpu_quant
-from duomem_mlx.agent.decode import forward
+from duomem_mlx.cpu import kernel as cpu_kernel
+from duomem_mlx.cpu import quant as cpu_quant
 from duomem_mlx.deploy.bandwidth import best
-from duomem_mlx.models import default_corpus, load
+from duomem_mlx.runtime.decode import forward
+from duomem_mlx.runtime.models import default_corpus, load
 
 FORMS = ("before", "streams", "package", "column_major")
 
@@ -49,8 +50,14 @@ def decode(model, cache, token: int, steps: int) -> tuple[list[int], float]:
 
 
 def blocks_linears(model) -> list:
-    return [m for name, m in model.named_modules() if ".layers." in f".{name}" and hasattr(m, "weight") and m.weight.ndim == 2
-            and not isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))]
+    return [
+        m
+        for name, m in model.named_modules()
+        if ".layers." in f".{name}"
+        and hasattr(m, "weight")
+        and m.weight.ndim == 2
+        and not isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))
+    ]
 
 
 def head_of(model):
@@ -67,28 +74,45 @@ def parts_ms(model, context: int, repeats: int) -> dict:
     hidden, heads = args.hidden_size, args.num_attention_heads
     kv_heads = getattr(args, "num_key_value_heads", heads) or heads
     head_dim = getattr(args, "head_dim", None) or hidden // heads
-    dtype = next(p.dtype for _, p in nn.utils.tree_flatten(model.parameters()) if p.dtype in (mx.float32, mx.float16, mx.bfloat16))
+    dtype = next(
+        p.dtype
+        for _, p in nn.utils.tree_flatten(model.parameters())
+        if p.dtype in (mx.float32, mx.float16, mx.bfloat16)
+    )
     linears = blocks_linears(model)
-    inputs = [mx.random.normal((1, 1, m.weight.shape[1] * (32 // m.bits if hasattr(m, "bits") else 1))).astype(dtype) for m in linears]
+    inputs = [
+        mx.random.normal((1, 1, m.weight.shape[1] * (32 // m.bits if hasattr(m, "bits") else 1))).astype(dtype)
+        for m in linears
+    ]
     x = mx.random.normal((1, 1, hidden)).astype(dtype)
     q = mx.random.normal((1, heads, 1, head_dim)).astype(dtype)
     k, v = (mx.random.normal((1, kv_heads, context, head_dim)).astype(dtype) for _ in range(2))
     gate = mx.random.normal((1, 1, args.intermediate_size)).astype(dtype)
     norm = mx.ones((hidden,), dtype)
     mx.eval(inputs, x, q, k, v, gate, norm)
-    rope = nn.RoPE(head_dim, traditional=getattr(args, "rope_traditional", False), base=getattr(args, "rope_theta", 10000))
+    rope = nn.RoPE(
+        head_dim, traditional=getattr(args, "rope_traditional", False), base=getattr(args, "rope_theta", 10000)
+    )
     head = head_of(model)
 
     def attention():
-        return [mx.fast.scaled_dot_product_attention(rope(q, offset=context), k, v, scale=head_dim**-0.5) for _ in range(layers)]
+        return [
+            mx.fast.scaled_dot_product_attention(rope(q, offset=context), k, v, scale=head_dim**-0.5)
+            for _ in range(layers)
+        ]
 
     def elementwise():
-        return [(mx.fast.rms_norm(x, norm, 1e-5) + x, mx.fast.rms_norm(x, norm, 1e-5) + x, nn.silu(gate) * gate) for _ in range(layers)]
+        return [
+            (mx.fast.rms_norm(x, norm, 1e-5) + x, mx.fast.rms_norm(x, norm, 1e-5) + x, nn.silu(gate) * gate)
+            for _ in range(layers)
+        ]
 
-    return {"matmuls_ms": best_ms(lambda: mx.eval([m(i) for m, i in zip(linears, inputs)]), repeats),
-            "head_ms": best_ms(lambda: mx.eval(head(x)), repeats),
-            "attention_ms": best_ms(lambda: mx.eval(attention()), repeats),
-            "norms_elementwise_ms": best_ms(lambda: mx.eval(elementwise()), repeats)}
+    return {
+        "matmuls_ms": best_ms(lambda: mx.eval([m(i) for m, i in zip(linears, inputs)]), repeats),
+        "head_ms": best_ms(lambda: mx.eval(head(x)), repeats),
+        "attention_ms": best_ms(lambda: mx.eval(attention()), repeats),
+        "norms_elementwise_ms": best_ms(lambda: mx.eval(elementwise()), repeats),
+    }
 
 
 def profile(model, tokens: list[int], steps: int, repeats: int) -> dict:
@@ -98,8 +122,13 @@ def profile(model, tokens: list[int], steps: int, repeats: int) -> dict:
     total = best_ms(lambda: decode(model, cache, tokens[-1], steps), repeats) / steps
     building = min(decode(model, cache, tokens[-1], steps)[1] for _ in range(repeats)) * 1000 / steps
     parts = parts_ms(model, len(tokens), repeats)
-    return {"token_ms": total, **parts, "python_graph_ms": building,
-            "unaccounted_ms": total - sum(parts.values()) - building, "greedy_tokens": ids}
+    return {
+        "token_ms": total,
+        **parts,
+        "python_graph_ms": building,
+        "unaccounted_ms": total - sum(parts.values()) - building,
+        "greedy_tokens": ids,
+    }
 
 
 @contextlib.contextmanager
@@ -136,7 +165,11 @@ def main():
     for path in args.model:
         model, tokenizer = load(path)
         tokens = (tokenizer.encode(default_corpus()) * 4)[: args.context]
-        row = {"model": path, "model_config": model_config(path), "package": profile(model, tokens, args.tokens, args.repeats)}
+        row = {
+            "model": path,
+            "model_config": model_config(path),
+            "package": profile(model, tokens, args.tokens, args.repeats),
+        }
         if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
             for form, one_thread in (("streams", False), ("before", True)):
                 with mlx_kernel(one_thread):
@@ -144,7 +177,9 @@ def main():
         if args.column_major:
             column_major(model)
             row["column_major"] = profile(model, tokens, args.tokens, args.repeats)
-        row["same_greedy_tokens"] = all(row[f]["greedy_tokens"] == row["package"]["greedy_tokens"] for f in row if f in FORMS)
+        row["same_greedy_tokens"] = all(
+            row[f]["greedy_tokens"] == row["package"]["greedy_tokens"] for f in row if f in FORMS
+        )
         rows.append(row)
         del model
     columns = [(r, form) for r in rows for form in FORMS if form in r]
@@ -153,7 +188,10 @@ def main():
     for key in keys:
         print(f"{key:22}" + "".join(f"{r[form][key]:32.2f}" for r, form in columns))
     print("same greedy tokens: " + ", ".join(f"{Path(r['model']).name} {r['same_greedy_tokens']}" for r in rows))
-    write_json(args.json, {"context": args.context, "decode_tokens": args.tokens, "repeats": args.repeats, "models": rows, **versions()})
+    write_json(
+        args.json,
+        {"context": args.context, "decode_tokens": args.tokens, "repeats": args.repeats, "models": rows, **versions()},
+    )
 
 
 if __name__ == "__main__":

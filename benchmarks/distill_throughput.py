@@ -25,7 +25,7 @@ REPORT = 5
 
 def make_cache(model_path: str, out: Path, episodes: int, steps: int, k: int) -> None:
     from duomem_mlx.envs.base import Episode, Step
-    from duomem_mlx.models import load, tokenizer_fingerprint
+    from duomem_mlx.runtime.models import load, tokenizer_fingerprint
     from duomem_mlx.teacher.base import shard_arrays
     from duomem_mlx.teacher.cache import CacheWriter
     from duomem_mlx.teacher.topk import forward_topk
@@ -34,13 +34,29 @@ def make_cache(model_path: str, out: Path, episodes: int, steps: int, k: int) ->
     from teacher_cache import synthetic_steps
 
     model, tokenizer = load(model_path)
-    writer = CacheWriter(out, {"teacher": f"mlx:{model_path}", "backend": "mlx", "top_k": k, "env": "bench",
-                               "vocab_size": model.model.embed_tokens.weight.shape[0],
-                               "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
+    writer = CacheWriter(
+        out,
+        {
+            "teacher": f"mlx:{model_path}",
+            "backend": "mlx",
+            "top_k": k,
+            "env": "bench",
+            "vocab_size": model.model.embed_tokens.weight.shape[0],
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        },
+    )
     for i in range(episodes):
         states = synthetic_steps(steps + i % 4, seed=i)
-        episode = Episode(f"bench/{i}", "bench", "boil", i, "Your task is to boil water.", True, 1.0,
-                          [Step(s.observation, s.admissible[0]) for s in states])
+        episode = Episode(
+            f"bench/{i}",
+            "bench",
+            "boil",
+            i,
+            "Your task is to boil water.",
+            True,
+            1.0,
+            [Step(s.observation, s.admissible[0]) for s in states],
+        )
         arrays = shard_arrays(tokenizer, episode)
         arrays.update(forward_topk(model, arrays["input_ids"], arrays["loss_mask"], k))
         writer.add(episode.to_json(), arrays)
@@ -53,11 +69,29 @@ def run_duomem(args, kd: str) -> dict:
     from duomem_mlx.distill.train import DistillArgs, distill
 
     out = Path(tempfile.mkdtemp()) / "adapters"
-    distill(DistillArgs(student=args.model, cache=args.cache, out=str(out), kd=kd, iters=args.steps, batch_size=args.batch_size,
-                        num_layers=args.num_layers, only_success=False, val_fraction=0, warmup=0, steps_per_report=REPORT,
-                        steps_per_eval=10**9, save_every=10**9, learning_rate=1e-5))
+    distill(
+        DistillArgs(
+            student=args.model,
+            cache=args.cache,
+            out=str(out),
+            kd=kd,
+            iters=args.steps,
+            batch_size=args.batch_size,
+            num_layers=args.num_layers,
+            only_success=False,
+            val_fraction=0,
+            warmup=0,
+            steps_per_report=REPORT,
+            steps_per_eval=10**9,
+            save_every=10**9,
+            learning_rate=1e-5,
+        )
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rows[1:]])), "peak_mb": mx.get_peak_memory() / 1e6}
+    return {
+        "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rows[1:]])),
+        "peak_mb": mx.get_peak_memory() / 1e6,
+    }
 
 
 def run_mlx_lm(args) -> dict:
@@ -68,7 +102,7 @@ def run_mlx_lm(args) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from duomem_mlx.distill.data import build_dataset
-    from duomem_mlx.models import load
+    from duomem_mlx.runtime.models import load
 
     model, tokenizer = load(args.model)
     data = build_dataset(args.cache, tokenizer, kd=False, only_success=False, val_fraction=0, progress=False)
@@ -82,11 +116,25 @@ def run_mlx_lm(args) -> dict:
             reports.append(info)
 
     adapter_file = Path(tempfile.mkdtemp()) / "adapters.safetensors"
-    train(model, optim.Adam(learning_rate=1e-5), [(e.tokens.tolist(), 0) for e in data.train],
-          args=TrainingArgs(batch_size=args.batch_size, iters=args.steps, steps_per_report=REPORT, steps_per_eval=10**9,
-                            steps_per_save=10**9, adapter_file=str(adapter_file), max_seq_length=4096),
-          training_callback=Callback())
-    return {"tokens_per_s": float(np.mean([r["tokens_per_second"] for r in reports[1:]])), "peak_mb": mx.get_peak_memory() / 1e6}
+    train(
+        model,
+        optim.Adam(learning_rate=1e-5),
+        [(e.tokens.tolist(), 0) for e in data.train],
+        args=TrainingArgs(
+            batch_size=args.batch_size,
+            iters=args.steps,
+            steps_per_report=REPORT,
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            adapter_file=str(adapter_file),
+            max_seq_length=4096,
+        ),
+        training_callback=Callback(),
+    )
+    return {
+        "tokens_per_s": float(np.mean([r["tokens_per_second"] for r in reports[1:]])),
+        "peak_mb": mx.get_peak_memory() / 1e6,
+    }
 
 
 def main():
@@ -103,40 +151,72 @@ def main():
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = run_mlx_lm(args) if args.worker == "mlx_lm" else run_duomem(args, "on" if args.worker == "kd" else "off")
+        result = (
+            run_mlx_lm(args) if args.worker == "mlx_lm" else run_duomem(args, "on" if args.worker == "kd" else "off")
+        )
         print("RESULT " + json.dumps(result))
         return
     tmp = Path(tempfile.mkdtemp())
     if not args.model:
-        from duomem_mlx.models import make_tiny_model
+        from duomem_mlx.runtime.models import make_tiny_model
 
         args.model = str(make_tiny_model(tmp / "model", layers=4, hidden=256))
     make_cache(args.model, tmp / "cache", args.episodes, args.episode_steps, args.top_k)
     results = {}
     for worker in ("mlx_lm", "kd", "ce"):
         start = time.perf_counter()
-        command = [sys.executable, __file__, "--worker", worker, "--cache", str(tmp / "cache"), "--model", args.model,
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--num-layers", str(args.num_layers)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            worker,
+            "--cache",
+            str(tmp / "cache"),
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-layers",
+            str(args.num_layers),
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[worker] = json.loads(output.split("RESULT ", 1)[1])
-        print(f"{worker:7} {results[worker]['tokens_per_s']:10.0f} tok/s  peak {results[worker]['peak_mb']:8.1f} MB  "
-              f"({time.perf_counter() - start:.0f}s)", file=sys.stderr)
+        print(
+            f"{worker:7} {results[worker]['tokens_per_s']:10.0f} tok/s  peak {results[worker]['peak_mb']:8.1f} MB  "
+            f"({time.perf_counter() - start:.0f}s)",
+            file=sys.stderr,
+        )
     from common import model_config, versions, write_json
 
     summary = {
-        "model": args.model, "model_config": model_config(args.model), "num_layers": args.num_layers, "steps": args.steps, "batch_size": args.batch_size, "top_k": args.top_k,
-        "duomem_tokens_per_s": results["kd"]["tokens_per_s"], "mlx_lm_lora_tokens_per_s": results["mlx_lm"]["tokens_per_s"],
-        "duomem_peak_mb": results["kd"]["peak_mb"], "mlx_lm_lora_peak_mb": results["mlx_lm"]["peak_mb"],
+        "model": args.model,
+        "model_config": model_config(args.model),
+        "num_layers": args.num_layers,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "top_k": args.top_k,
+        "duomem_tokens_per_s": results["kd"]["tokens_per_s"],
+        "mlx_lm_lora_tokens_per_s": results["mlx_lm"]["tokens_per_s"],
+        "duomem_peak_mb": results["kd"]["peak_mb"],
+        "mlx_lm_lora_peak_mb": results["mlx_lm"]["peak_mb"],
         "duomem_kd_off_tokens_per_s": results["ce"]["tokens_per_s"],
         "speed_vs_mlx_lm": results["kd"]["tokens_per_s"] / results["mlx_lm"]["tokens_per_s"],
         "memory_vs_mlx_lm": results["kd"]["peak_mb"] / results["mlx_lm"]["peak_mb"],
         "kd_overhead": results["ce"]["tokens_per_s"] / results["kd"]["tokens_per_s"],
     }
     print(f"\n{'trainer':28} {'tokens/s':>10} {'peak MB':>9}")
-    for name, key in (("mlx_lm.lora (CE)", "mlx_lm"), ("duomem-mlx distill (CE+KD)", "kd"), ("duomem-mlx distill (CE)", "ce")):
+    for name, key in (
+        ("mlx_lm.lora (CE)", "mlx_lm"),
+        ("duomem-mlx distill (CE+KD)", "kd"),
+        ("duomem-mlx distill (CE)", "ce"),
+    ):
         print(f"{name:28} {results[key]['tokens_per_s']:10.0f} {results[key]['peak_mb']:9.1f}")
-    print(f"\nduomem/mlx-lm speed {summary['speed_vs_mlx_lm']:.2f}x, peak memory {summary['memory_vs_mlx_lm']:.2f}x; "
-          f"KD overhead (KD off / on tokens/s) {summary['kd_overhead']:.2f}x")
+    print(
+        f"\nduomem/mlx-lm speed {summary['speed_vs_mlx_lm']:.2f}x, peak memory {summary['memory_vs_mlx_lm']:.2f}x; "
+        f"KD overhead (KD off / on tokens/s) {summary['kd_overhead']:.2f}x"
+    )
     if args.json:
         write_json(args.json, summary | versions())
 

@@ -13,18 +13,24 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-
 from common import llama_cpp_no_repack, model_config, versions, write_json
-from duomem_mlx.convert.export import export_gguf, source_of
-from duomem_mlx.models import default_corpus, load
 from real_models import speeds
+
+from duomem_mlx.convert.export import export_gguf, source_of
+from duomem_mlx.runtime.models import default_corpus, load
 
 
 def llama_cpp_speeds(gguf: str, tokens: list[int], decode_tokens: int, repeats: int) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(gguf, n_ctx=max(2048, len(tokens) + decode_tokens + 16), n_threads=os.cpu_count(),
-                n_threads_batch=os.cpu_count(), n_batch=512, verbose=False)
+    llm = Llama(
+        gguf,
+        n_ctx=max(2048, len(tokens) + decode_tokens + 16),
+        n_threads=os.cpu_count(),
+        n_threads_batch=os.cpu_count(),
+        n_batch=512,
+        verbose=False,
+    )
 
     def best(run) -> float:
         times = []
@@ -40,8 +46,10 @@ def llama_cpp_speeds(gguf: str, tokens: list[int], decode_tokens: int, repeats: 
         for token in tokens[16 : 16 + decode_tokens]:  # one token a pass, as decoding feeds them
             llm.eval([token])
 
-    return {"prefill_tokens_per_s": round(len(tokens) / best(lambda: llm.eval(tokens)), 1),
-            "decode_tokens_per_s": round(decode_tokens / best(decode), 2)}
+    return {
+        "prefill_tokens_per_s": round(len(tokens) / best(lambda: llm.eval(tokens)), 1),
+        "decode_tokens_per_s": round(decode_tokens / best(decode), 2),
+    }
 
 
 def main():
@@ -50,8 +58,12 @@ def main():
     parser.add_argument("--gguf", help="llama.cpp's file (default: --model exported as --gguf-type)")
     parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0", "q4_1", "q4_0"])
     parser.add_argument("--gguf-source", help="metadata for the export (default: the GGUF --model was converted from)")
-    parser.add_argument("--no-repack", action="store_true", help="llama.cpp without weight repacking or AMX buffers "
-                                                                      "(0.3.36 built here segfaults on quantized files without it)")
+    parser.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="llama.cpp without weight repacking or AMX buffers "
+        "(0.3.36 built here segfaults on quantized files without it)",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -71,9 +83,22 @@ def main():
     print(f"{'tokens/s':12}{'MLX (ours)':>12}{'llama.cpp':>12}{'ratio':>8}")
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         print(f"{key.split('_')[0]:12}{ours[key]:12.1f}{theirs[key]:12.1f}{theirs[key] / ours[key]:8.2f}x")
-    write_json(args.json, {"model": args.model, "model_config": model_config(args.model), "gguf_type": "as given" if args.gguf else args.gguf_type,
-                           "gguf_bytes": gguf_bytes, "no_repack": args.no_repack, "prompt_tokens": len(tokens), "decode_tokens": args.decode_tokens,
-                           "ours_mlx": ours, "llama_cpp": theirs, "device": str(mx.default_device()), **versions()})
+    write_json(
+        args.json,
+        {
+            "model": args.model,
+            "model_config": model_config(args.model),
+            "gguf_type": "as given" if args.gguf else args.gguf_type,
+            "gguf_bytes": gguf_bytes,
+            "no_repack": args.no_repack,
+            "prompt_tokens": len(tokens),
+            "decode_tokens": args.decode_tokens,
+            "ours_mlx": ours,
+            "llama_cpp": theirs,
+            "device": str(mx.default_device()),
+            **versions(),
+        },
+    )
 
 
 if __name__ == "__main__":

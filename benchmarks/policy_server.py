@@ -28,7 +28,7 @@ FAULTS = ("429", "503", "drop")
 
 def gold_table(env, specs) -> dict[str, list[str]]:
     """First user message of each spec's chat (as the openai: teacher writes it) -> the gold path."""
-    from duomem_mlx.agent.prompt import prefix_messages
+    from duomem_mlx.runtime.prompt import prefix_messages
 
     table = {}
     for spec in specs:
@@ -38,13 +38,31 @@ def gold_table(env, specs) -> dict[str, list[str]]:
 
 
 @contextmanager
-def running(gold: dict, model_dir, tmp, latency: float = 0.2, faults: float = 0.0, broken: int = 0, seed: int = 0, port: int = 0):
+def running(
+    gold: dict, model_dir, tmp, latency: float = 0.2, faults: float = 0.0, broken: int = 0, seed: int = 0, port: int = 0
+):
     """The server in its own process (its own interpreter, as a remote server is); yields its /v1 URL.
     `port` 0 takes a free one; another server's port is its restart (the URL a cache was collected from)."""
     path = Path(tmp) / "gold.json"
     path.write_text(json.dumps(gold))
-    argv = [sys.executable, __file__, "--gold", str(path), "--tokenizer", str(model_dir), "--latency", str(latency),
-            "--faults", str(faults), "--broken", str(broken), "--seed", str(seed), "--port", str(port)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--gold",
+        str(path),
+        "--tokenizer",
+        str(model_dir),
+        "--latency",
+        str(latency),
+        "--faults",
+        str(faults),
+        "--broken",
+        str(broken),
+        "--seed",
+        str(seed),
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         yield f"http://127.0.0.1:{int(proc.stdout.readline())}/v1"
@@ -109,7 +127,11 @@ def handler(policy: Policy):
         def reply(self, code: int, data: dict, headers: dict | None = None):
             raw = json.dumps(data).encode()
             self.send_response(code)
-            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(raw)), **(headers or {})}.items():
+            for name, value in {
+                "Content-Type": "application/json",
+                "Content-Length": str(len(raw)),
+                **(headers or {}),
+            }.items():
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(raw)
@@ -145,14 +167,22 @@ class Server(ThreadingHTTPServer):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gold", required=True, help="JSON written from gold_table")
-    parser.add_argument("--tokenizer", required=True, help="model dir whose tokenizer.json names the token ids (also the served model's name)")
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        help="model dir whose tokenizer.json names the token ids (also the served model's name)",
+    )
     parser.add_argument("--latency", type=float, default=0.2, help="seconds before each answer")
-    parser.add_argument("--faults", type=float, default=0.0, help="share of chat requests that fail (429 / 503 / dropped)")
+    parser.add_argument(
+        "--faults", type=float, default=0.0, help="share of chat requests that fail (429 / 503 / dropped)"
+    )
     parser.add_argument("--broken", type=int, default=0, help="the first N games of the table fail every request (503)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     args = parser.parse_args()
-    policy = Policy(json.loads(Path(args.gold).read_text()), args.tokenizer, args.latency, args.faults, args.broken, args.seed)
+    policy = Policy(
+        json.loads(Path(args.gold).read_text()), args.tokenizer, args.latency, args.faults, args.broken, args.seed
+    )
     server = Server(("127.0.0.1", args.port), handler(policy))
     server.models = [args.tokenizer]
     print(server.server_address[1], flush=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from duomem_mlx.agent.decode import forward
-from duomem_mlx.models import default_corpus, load
+from duomem_mlx.runtime.decode import forward
+from duomem_mlx.runtime.models import default_corpus, load
 
 
 def prefill_ms(model, tokens: list[int], chunk: int) -> float:
@@ -35,15 +35,22 @@ def main():
     model, tokenizer = load(args.model)
     tokens = tokenizer.encode(default_corpus())[: args.tokens]
     prefill_ms(model, tokens, args.chunks[0])  # warm-up
-    rows = {chunk: round(min(prefill_ms(model, tokens, chunk) for _ in range(args.repeats)), 1) for chunk in args.chunks}
+    rows = {
+        chunk: round(min(prefill_ms(model, tokens, chunk) for _ in range(args.repeats)), 1) for chunk in args.chunks
+    }
     base = rows[args.chunks[0]]
     print(f"{'chunk':>6}{'ms':>9}{'x ' + str(args.chunks[0]):>10}   ({len(tokens)} tokens, {mx.default_device()})")
     for chunk, ms in rows.items():
         print(f"{chunk:6d}{ms:9.1f}{base / ms:10.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": args.model, "tokens": len(tokens), "device": str(mx.default_device()),
-                                               "prefill_ms": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {"model": args.model, "tokens": len(tokens), "device": str(mx.default_device()), "prefill_ms": rows},
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from duomem_mlx.agent.decode import DecodeOptions
-from duomem_mlx.agent.prompt import encode, prefix_messages, render
-from duomem_mlx.agent.session import Session
-from duomem_mlx.models import TEMPLATES, load, make_tiny_model
-
 from agent_session import synthetic_episode
+
+from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.models import TEMPLATES, load, make_tiny_model
+from duomem_mlx.runtime.prompt import encode, prefix_messages, render
+from duomem_mlx.runtime.session import Session
 
 
 def old_segments(tokenizer, messages, n_new, thinking):
@@ -27,9 +27,9 @@ def old_segments(tokenizer, messages, n_new, thinking):
     for upto in range(len(messages) - n_new + 1, len(messages) + 1):
         before = render(tokenizer, messages[: upto - 1], False, thinking)
         after = render(tokenizer, messages[:upto], False, thinking)
-        out += encode(tokenizer, after[len(before):])
+        out += encode(tokenizer, after[len(before) :])
     gen = render(tokenizer, messages, True, thinking)
-    return out + encode(tokenizer, gen[len(render(tokenizer, messages, False, thinking)):])
+    return out + encode(tokenizer, gen[len(render(tokenizer, messages, False, thinking)) :])
 
 
 def measure(model, tokenizer, steps, thinking):
@@ -39,8 +39,12 @@ def measure(model, tokenizer, steps, thinking):
     times = {"old": [], "full": [], "incremental": []}
     session.prompt_ids()
     for i in range(steps):
-        session.append([{"role": "assistant", "content": f"take item {i} from table"},
-                        {"role": "user", "content": observations[i + 1]}])
+        session.append(
+            [
+                {"role": "assistant", "content": f"take item {i} from table"},
+                {"role": "user", "content": observations[i + 1]},
+            ]
+        )
         t0 = time.perf_counter()
         ids = session.prompt_ids()
         t1 = time.perf_counter()
@@ -66,16 +70,26 @@ def main():
     root = Path(tempfile.mkdtemp())
     rows = []
     print("ms per step over the last 10 steps (incr@10: incremental over the first 10, a short chat)")
-    print(f"{'template':10}{'tokens':>8}{'old ms':>9}{'full ms':>9}{'incr ms':>9}{'incr@10':>9}{'old/incr':>10}{'full/incr':>10}")
+    print(
+        f"{'template':10}{'tokens':>8}{'old ms':>9}{'full ms':>9}{'incr ms':>9}{'incr@10':>9}{'old/incr':>10}{'full/incr':>10}"
+    )
     for template in TEMPLATES:
         model, tokenizer = load(str(make_tiny_model(root / template, template=template)))
         tokens, ms = measure(model, tokenizer, args.steps, thinking=False)
-        rows.append({"template": template, "prompt_tokens": tokens, **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
-                     "old_over_incremental": round(ms["old"] / ms["incremental"], 2),
-                     "full_over_incremental": round(ms["full"] / ms["incremental"], 2)})
+        rows.append(
+            {
+                "template": template,
+                "prompt_tokens": tokens,
+                **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
+                "old_over_incremental": round(ms["old"] / ms["incremental"], 2),
+                "full_over_incremental": round(ms["full"] / ms["incremental"], 2),
+            }
+        )
         r = rows[-1]
-        print(f"{template:10}{tokens:8d}{ms['old']:9.2f}{ms['full']:9.2f}{ms['incremental']:9.2f}{ms['incremental_first10']:9.2f}"
-              f"{r['old_over_incremental']:9.1f}x{r['full_over_incremental']:9.1f}x")
+        print(
+            f"{template:10}{tokens:8d}{ms['old']:9.2f}{ms['full']:9.2f}{ms['incremental']:9.2f}{ms['incremental_first10']:9.2f}"
+            f"{r['old_over_incremental']:9.1f}x{r['full_over_incremental']:9.1f}x"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2) + "\n")

@@ -34,27 +34,65 @@ import tempfile
 from pathlib import Path
 
 from common import model_config, versions, write_json
+
+from duomem_mlx.agent.eval import run_eval
 from duomem_mlx.deploy.quantize import agreement, bank_source, greedy_actions, quantize_package
 from duomem_mlx.deploy.recipes import RECIPES
 from duomem_mlx.distill.train import rebuild_bank
 from duomem_mlx.envs.base import Episode
-from duomem_mlx.eval import run_eval
 from duomem_mlx.memory.bank import read_memories, recorded_key
-from duomem_mlx.models import load, make_tiny_model
+from duomem_mlx.runtime.models import load, make_tiny_model
 
 
 def teach(args, out: Path) -> str:
-    options = (["--tasks", args.tasks] if args.tasks else []) + (["--game-params", args.game_params] if args.game_params else [])
-    subprocess.run([sys.executable, "-m", "duomem_mlx", "teach", "--teacher", "oracle", "--env", args.env, *options, "--split", "train",
-                    "--episodes", "4", "--keep-admissible", "--out", str(out)], check=True, capture_output=True)
+    options = (["--tasks", args.tasks] if args.tasks else []) + (
+        ["--game-params", args.game_params] if args.game_params else []
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "duomem_mlx",
+            "teach",
+            "--teacher",
+            "oracle",
+            "--env",
+            args.env,
+            *options,
+            "--split",
+            "train",
+            "--episodes",
+            "4",
+            "--keep-admissible",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(out)
 
 
 def play(args, package: Path, log: Path, adapters: str | None = None, bank: Path | None = None) -> float:
     """Success on the dev games, the package's own bank in front (as `eval` plays it)."""
     tasks = args.tasks.split(",") if args.tasks else None
-    return run_eval(args.env, tasks, "dev", args.episodes, f"model:{package}", adapters, bank and str(bank), args.memory_k, "constrained",
-                    4096, args.max_steps, 0, str(log.with_suffix(".json")), str(log), game_params=args.game_params)["success_rate"]
+    return run_eval(
+        args.env,
+        tasks,
+        "dev",
+        args.episodes,
+        f"model:{package}",
+        adapters,
+        bank and str(bank),
+        args.memory_k,
+        "constrained",
+        4096,
+        args.max_steps,
+        0,
+        str(log.with_suffix(".json")),
+        str(log),
+        game_params=args.game_params,
+    )["success_rate"]
 
 
 def qlora_row(args, work: Path, memories_file: Path | None, episodes, memories, reference) -> dict:
@@ -63,35 +101,65 @@ def qlora_row(args, work: Path, memories_file: Path | None, episodes, memories, 
     base, adapters = Path(args.qlora_base), Path(args.qlora_adapters)
     bank = work / "qlora4-bank"
     if memories_file and not (bank / "bank.json").is_file():
-        rebuild_bank(read_memories(memories_file), str(base), bank, str(base.resolve()), recorded_key(memories_file.parent), adapters=adapters)
+        rebuild_bank(
+            read_memories(memories_file),
+            str(base),
+            bank,
+            str(base.resolve()),
+            recorded_key(memories_file.parent),
+            adapters=adapters,
+        )
     model, tokenizer = load(str(base), str(adapters))
     meta = json.loads((base / "duomem.json").read_text())
-    return {"bytes": meta["bytes"] + (adapters / "adapters.safetensors").stat().st_size, "bits_per_weight": meta["bits_per_weight"],
-            "adapters": str(adapters.resolve()), "agreement": round(agreement(greedy_actions(model, tokenizer, episodes, memories=memories), reference), 4),
-            "success_rate": play(args, base, work / "qlora4.jsonl", str(adapters), bank if memories_file else None)}
+    return {
+        "bytes": meta["bytes"] + (adapters / "adapters.safetensors").stat().st_size,
+        "bits_per_weight": meta["bits_per_weight"],
+        "adapters": str(adapters.resolve()),
+        "agreement": round(agreement(greedy_actions(model, tokenizer, episodes, memories=memories), reference), 4),
+        "success_rate": play(args, base, work / "qlora4.jsonl", str(adapters), bank if memories_file else None),
+    }
 
 
 def replayed(package: Path, log: Path) -> tuple[list, list, list[str]]:
     """(episodes, the memories read in front of each, every step's action) of an eval log."""
     texts = {}
     if (package / "memory" / "memories.jsonl").is_file():
-        texts = {m["id"]: m["text"] for m in map(json.loads, (package / "memory" / "memories.jsonl").read_text().splitlines())}
+        texts = {
+            m["id"]: m["text"]
+            for m in map(json.loads, (package / "memory" / "memories.jsonl").read_text().splitlines())
+        }
     played = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     played = [e for e in played if e["steps"]]
-    return ([Episode.from_json(e) for e in played], [[texts[i] for i in e.get("memories") or []] for e in played],
-            [s["action"] for e in played for s in e["steps"]])
+    return (
+        [Episode.from_json(e) for e in played],
+        [[texts[i] for i in e.get("memories") or []] for e in played],
+        [s["action"] for e in played for s in e["steps"]],
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="student (default: a 4-layer hidden-256 tiny model built here)")
     parser.add_argument("--adapters")
-    parser.add_argument("--memory", help="memory bank (or memories.jsonl) every package reads, rebuilt in its space (default: ADAPTERS/memory)")
-    parser.add_argument("--qlora-base", help="a 4-bit package of --model without adapters (`quantize --bits 4`) that --qlora-adapters trained on")
-    parser.add_argument("--qlora-adapters", help="adapters `distill --student QLORA_BASE` trained, as --adapters were on --model: rows "
-                        "qlora4 (unfused, on the 4-bit base) and qlora4-fused (fused and re-quantized, as `quantize` ships them)")
-    parser.add_argument("--calibrate", help="teacher cache the data-driven recipes measure (default: 4 oracle train games a type)")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, of: " + ", ".join(RECIPES) + " ('' for none)")
+    parser.add_argument(
+        "--memory",
+        help="memory bank (or memories.jsonl) every package reads, rebuilt in its space (default: ADAPTERS/memory)",
+    )
+    parser.add_argument(
+        "--qlora-base",
+        help="a 4-bit package of --model without adapters (`quantize --bits 4`) that --qlora-adapters trained on",
+    )
+    parser.add_argument(
+        "--qlora-adapters",
+        help="adapters `distill --student QLORA_BASE` trained, as --adapters were on --model: rows "
+        "qlora4 (unfused, on the 4-bit base) and qlora4-fused (fused and re-quantized, as `quantize` ships them)",
+    )
+    parser.add_argument(
+        "--calibrate", help="teacher cache the data-driven recipes measure (default: 4 oracle train games a type)"
+    )
+    parser.add_argument(
+        "--recipes", default=",".join(RECIPES), help="comma-separated, of: " + ", ".join(RECIPES) + " ('' for none)"
+    )
     parser.add_argument("--env", default="textworld")
     parser.add_argument("--tasks", help="comma-separated task types (default: all of the env's)")
     parser.add_argument("--game-params", help="twx: TextWorldExpress game parameters, as `eval --game-params`")
@@ -101,7 +169,9 @@ def main():
     parser.add_argument("--max-seq-length", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=4, help="calibration passes over the cache's episodes")
     parser.add_argument("--learning-rate", type=float, default=1e-5, help="calibration learning rate")
-    parser.add_argument("--work", help="keep packages and logs here (default: a temp directory); the float student's games are reused")
+    parser.add_argument(
+        "--work", help="keep packages and logs here (default: a temp directory); the float student's games are reused"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     recipes = [r for r in args.recipes.split(",") if r]  # none: only the QLoRA rows, beside those --json holds
@@ -115,15 +185,35 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     model_path = args.model or str(make_tiny_model(work / "student", layers=4, hidden=256))
     cache = args.calibrate or teach(args, work / "train-cache")
-    games = {"model": model_path, "adapters": args.adapters, "memory": args.memory, "env": args.env, "tasks": args.tasks, "game_params": args.game_params,
-             "split": "dev", "episodes_per_task": args.episodes, "max_steps": args.max_steps, "memory_k": args.memory_k}
+    games = {
+        "model": model_path,
+        "adapters": args.adapters,
+        "memory": args.memory,
+        "env": args.env,
+        "tasks": args.tasks,
+        "game_params": args.game_params,
+        "split": "dev",
+        "episodes_per_task": args.episodes,
+        "max_steps": args.max_steps,
+        "memory_k": args.memory_k,
+    }
     previous = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
     rows = previous.get("packages", {}) if all(previous.get(k) == v for k, v in games.items()) else {}
 
-    def package(name: str, model: str = model_path, adapters: str | None = args.adapters, **options) -> tuple[Path, dict]:
+    def package(
+        name: str, model: str = model_path, adapters: str | None = args.adapters, **options
+    ) -> tuple[Path, dict]:
         out = work / name
         if not (out / "duomem.json").is_file():
-            quantize_package(model, str(out), adapters=adapters, memory=args.memory, force=True, max_seq_length=args.max_seq_length, **options)
+            quantize_package(
+                model,
+                str(out),
+                adapters=adapters,
+                memory=args.memory,
+                force=True,
+                max_seq_length=args.max_seq_length,
+                **options,
+            )
         return out, json.loads((out / "duomem.json").read_text())
 
     bf16 = package("bf16", bits=16, dtype="bfloat16")[1]["bytes"]
@@ -131,15 +221,31 @@ def main():
     if not (work / "float32.jsonl").is_file():
         play(args, floats, work / "float32.jsonl")
     episodes, memories, reference = replayed(floats, work / "float32.jsonl")
-    rows["float32"] = {"bytes": meta["bytes"], "bits_per_weight": meta["bits_per_weight"], "agreement": 1.0,
-                       "success_rate": round(sum(e.success for e in episodes) / len(episodes), 4)}
+    rows["float32"] = {
+        "bytes": meta["bytes"],
+        "bits_per_weight": meta["bits_per_weight"],
+        "agreement": 1.0,
+        "success_rate": round(sum(e.success for e in episodes) / len(episodes), 4),
+    }
+
     def save(name: str) -> None:
         print(f"{name}: {rows[name]}", flush=True)
         for row in rows.values():
             row["bytes_vs_bf16"] = round(row["bytes"] / bf16, 3)
         if args.json:
-            write_json(args.json, {**games, "model_config": model_config(str(floats)), "calibration_cache": cache, "steps": len(reference),
-                                   "games": len(episodes), "bf16_bytes": bf16, "packages": rows, **versions()})
+            write_json(
+                args.json,
+                {
+                    **games,
+                    "model_config": model_config(str(floats)),
+                    "calibration_cache": cache,
+                    "steps": len(reference),
+                    "games": len(episodes),
+                    "bf16_bytes": bf16,
+                    "packages": rows,
+                    **versions(),
+                },
+            )
 
     # (row, recipe, what it quantizes): the QLoRA adapters fused into their 4-bit base are re-quantized at that base's recipe
     packages = [(name, name, {}) for name in recipes]
@@ -149,34 +255,75 @@ def main():
         curve = []
 
         def on_epoch(epoch, loss, q_model):
-            curve.append({"epoch": epoch, "loss": loss, "agreement": round(agreement(greedy_actions(q_model, tokenizer, episodes, memories=memories), reference), 4)})
-            print(f"{name} calibration epoch {epoch}: loss {loss:.4f}, agreement on the dev steps {curve[-1]['agreement']:.1%}", flush=True)
+            curve.append(
+                {
+                    "epoch": epoch,
+                    "loss": loss,
+                    "agreement": round(
+                        agreement(greedy_actions(q_model, tokenizer, episodes, memories=memories), reference), 4
+                    ),
+                }
+            )
+            print(
+                f"{name} calibration epoch {epoch}: loss {loss:.4f}, agreement on the dev steps {curve[-1]['agreement']:.1%}",
+                flush=True,
+            )
 
         tokenizer = load(str(floats))[1]
-        out, meta = package(name, bits=RECIPES[recipe].bits, recipe=recipe, calibrate_cache=cache if RECIPES[recipe].needs_data else None,
-                            epochs=args.epochs, learning_rate=args.learning_rate, on_epoch=on_epoch, **source)
+        out, meta = package(
+            name,
+            bits=RECIPES[recipe].bits,
+            recipe=recipe,
+            calibrate_cache=cache if RECIPES[recipe].needs_data else None,
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            on_epoch=on_epoch,
+            **source,
+        )
         model, tokenizer = load(str(out))
-        rate = (meta["results"].get("cpu_decode_tokens_per_s") or {})
-        rows[name] = {"bytes": meta["bytes"], "bits_per_weight": meta["bits_per_weight"], "layers": meta["quantization"].get("layers"),
-                      "agreement": round(agreement(greedy_actions(model, tokenizer, episodes, memories=memories), reference), 4),
-                      "decode_tokens_per_s": rate.get(recipe), "float32_decode_tokens_per_s": rate.get("float32"),
-                      "success_rate": play(args, out, work / f"{name}.jsonl")}
+        rate = meta["results"].get("cpu_decode_tokens_per_s") or {}
+        rows[name] = {
+            "bytes": meta["bytes"],
+            "bits_per_weight": meta["bits_per_weight"],
+            "layers": meta["quantization"].get("layers"),
+            "agreement": round(agreement(greedy_actions(model, tokenizer, episodes, memories=memories), reference), 4),
+            "decode_tokens_per_s": rate.get(recipe),
+            "float32_decode_tokens_per_s": rate.get("float32"),
+            "success_rate": play(args, out, work / f"{name}.jsonl"),
+        }
         if meta.get("calibration"):
             c = meta["calibration"]
-            rows[name]["calibration"] = {k: c[k] for k in ("episodes", "epochs", "learning_rate", "margin", "loss_per_epoch", "agreement_before", "agreement_after")}
+            rows[name]["calibration"] = {
+                k: c[k]
+                for k in (
+                    "episodes",
+                    "epochs",
+                    "learning_rate",
+                    "margin",
+                    "loss_per_epoch",
+                    "agreement_before",
+                    "agreement_after",
+                )
+            }
             if curve:
                 rows[name]["curve"] = curve
         save(name)
     if args.qlora_base:
-        rows["qlora4"] = qlora_row(args, work, bank_source(args.memory, args.adapters, model_path), episodes, memories, reference)
+        rows["qlora4"] = qlora_row(
+            args, work, bank_source(args.memory, args.adapters, model_path), episodes, memories, reference
+        )
         save("qlora4")
 
     print(f"{'package':15}{'MB':>9}{'x bf16':>8}{'bits/w':>8}{'agreement':>11}{'success':>9}{'tok/s':>7}")
     for name, row in rows.items():
         speed = row.get("decode_tokens_per_s")
-        print(f"{name:15}{row['bytes'] / 1e6:9.2f}{row['bytes_vs_bf16']:8.3f}{row['bits_per_weight']:8.2f}{row['agreement']:>11.1%}"
-              f"{row['success_rate']:>9.1%}{'-' if speed is None else f'{speed:.1f}':>7}")
-    print(f"agreement: greedy actions equal to the float32 student's on its {len(reference)} steps of {len(episodes)} {args.env} dev games")
+        print(
+            f"{name:15}{row['bytes'] / 1e6:9.2f}{row['bytes_vs_bf16']:8.3f}{row['bits_per_weight']:8.2f}{row['agreement']:>11.1%}"
+            f"{row['success_rate']:>9.1%}{'-' if speed is None else f'{speed:.1f}':>7}"
+        )
+    print(
+        f"agreement: greedy actions equal to the float32 student's on its {len(reference)} steps of {len(episodes)} {args.env} dev games"
+    )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import mlx.optimizers as optim
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from duomem_mlx.agent.decode import forward
 from duomem_mlx.convert import convert_gguf
 from duomem_mlx.convert.fetch import fetch_gguf
-from duomem_mlx.models import default_corpus, load
+from duomem_mlx.runtime.decode import forward
+from duomem_mlx.runtime.models import default_corpus, load
 
 FORMS = {  # name -> convert options
     "float32": {"dtype": "float32"},
@@ -51,8 +51,10 @@ def speeds(model, tokens: list[int], decode_tokens: int, repeats: int) -> dict:
             mx.eval(token)
 
     prefill()  # warm-up
-    return {"prefill_tokens_per_s": round(len(tokens) / timed(prefill, repeats), 1),
-            "decode_tokens_per_s": round(decode_tokens / timed(decode, repeats), 2)}
+    return {
+        "prefill_tokens_per_s": round(len(tokens) / timed(prefill, repeats), 1),
+        "decode_tokens_per_s": round(decode_tokens / timed(decode, repeats), 2),
+    }
 
 
 def lora_step_seconds(model, tokens: list[int], layers: int) -> float:
@@ -98,23 +100,41 @@ def main():
                 mx.eval(model.parameters())
                 load_s = time.perf_counter() - start
                 tokens = tokenizer.encode(default_corpus())[: args.prompt_tokens]
-                row = {"model": name, "form": form, "convert_s": round(convert_s, 1), "load_s": round(load_s, 2),
-                       "bytes": sum(f.stat().st_size for f in (Path(tmp) / "m").glob("*.safetensors")),
-                       **speeds(model, tokens, args.decode_tokens, args.repeats)}
+                row = {
+                    "model": name,
+                    "form": form,
+                    "convert_s": round(convert_s, 1),
+                    "load_s": round(load_s, 2),
+                    "bytes": sum(f.stat().st_size for f in (Path(tmp) / "m").glob("*.safetensors")),
+                    **speeds(model, tokens, args.decode_tokens, args.repeats),
+                }
                 if form == "float32":
                     row["lora_step_s"] = round(lora_step_seconds(model, tokens, args.lora_layers), 2)
                 config = json.loads((Path(tmp) / "m" / "config.json").read_text())
                 row["model_config"] = {k: config[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
             rows.append(row)
-            print(f"{name:22s} {form:20s} convert {row['convert_s']:5.1f}s  load {row['load_s']:5.2f}s  "
-                  f"{row['bytes'] / 1e6:7.1f} MB  prefill {row['prefill_tokens_per_s']:7.1f} tok/s  "
-                  f"decode {row['decode_tokens_per_s']:6.2f} tok/s" + (f"  LoRA step {row['lora_step_s']} s" if "lora_step_s" in row else ""),
-                  flush=True)
+            print(
+                f"{name:22s} {form:20s} convert {row['convert_s']:5.1f}s  load {row['load_s']:5.2f}s  "
+                f"{row['bytes'] / 1e6:7.1f} MB  prefill {row['prefill_tokens_per_s']:7.1f} tok/s  "
+                f"decode {row['decode_tokens_per_s']:6.2f} tok/s"
+                + (f"  LoRA step {row['lora_step_s']} s" if "lora_step_s" in row else ""),
+                flush=True,
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "prompt_tokens": args.prompt_tokens,
-                                               "decode_tokens": args.decode_tokens, "lora_layers": args.lora_layers,
-                                               "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": str(mx.default_device()),
+                    "prompt_tokens": args.prompt_tokens,
+                    "decode_tokens": args.decode_tokens,
+                    "lora_layers": args.lora_layers,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

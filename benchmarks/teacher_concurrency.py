@@ -26,18 +26,28 @@ from agent_vs_server import MlxLmServer  # noqa: E402
 from common import versions, write_json  # noqa: E402
 
 from duomem_mlx.envs import make_env  # noqa: E402
-from duomem_mlx.models import make_tiny_model  # noqa: E402
+from duomem_mlx.runtime.models import make_tiny_model  # noqa: E402
 from duomem_mlx.teacher.cache import read_episodes, verify  # noqa: E402
 from duomem_mlx.teacher.collect import collect  # noqa: E402
 
 
 def cache_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in [out / "episodes.jsonl", *sorted((out / "shards").glob("*"))]}
+    return {
+        str(p.relative_to(out)): p.read_bytes() for p in [out / "episodes.jsonl", *sorted((out / "shards").glob("*"))]
+    }
 
 
 def options(args, url: str, model: Path, out: Path, concurrency: int, **more) -> dict:
-    return dict(teacher=f"openai:{url}#{model}", env_name=args.env, tasks=args.tasks, episodes=args.episodes, top_k=args.top_k,
-                out=str(out), concurrency=concurrency, **more)
+    return dict(
+        teacher=f"openai:{url}#{model}",
+        env_name=args.env,
+        tasks=args.tasks,
+        episodes=args.episodes,
+        top_k=args.top_k,
+        out=str(out),
+        concurrency=concurrency,
+        **more,
+    )
 
 
 def timed(args, url, model, out, concurrency, **more) -> dict:
@@ -45,8 +55,13 @@ def timed(args, url, model, out, concurrency, **more) -> dict:
     collect(**options(args, url, model, out, concurrency, **more))
     seconds = time.perf_counter() - start
     checked, problems = verify(out)
-    return {"concurrency": concurrency, "seconds": round(seconds, 2), "episodes_per_s": round(args.episodes / seconds, 3),
-            "kept": len(read_episodes(out)), "verify": problems or f"ok: {checked} shards"}
+    return {
+        "concurrency": concurrency,
+        "seconds": round(seconds, 2),
+        "episodes_per_s": round(args.episodes / seconds, 3),
+        "kept": len(read_episodes(out)),
+        "verify": problems or f"ok: {checked} shards",
+    }
 
 
 def latency_runs(args, url, model, tmp) -> list[dict]:
@@ -54,7 +69,10 @@ def latency_runs(args, url, model, tmp) -> list[dict]:
     for n in args.concurrency:
         runs.append(timed(args, url, model, tmp / f"n{n}", n))
         runs[-1]["same_cache_as_n1"] = cache_bytes(tmp / f"n{n}") == cache_bytes(tmp / f"n{args.concurrency[0]}")
-        print(f"N={n:<3} {runs[-1]['seconds']:>7.1f} s  {runs[-1]['episodes_per_s']:>6.2f} episodes/s  same cache: {runs[-1]['same_cache_as_n1']}", flush=True)
+        print(
+            f"N={n:<3} {runs[-1]['seconds']:>7.1f} s  {runs[-1]['episodes_per_s']:>6.2f} episodes/s  same cache: {runs[-1]['same_cache_as_n1']}",
+            flush=True,
+        )
     return runs
 
 
@@ -63,16 +81,36 @@ def fault_run(args, gold, model, tmp, reference: Path) -> dict:
         run = timed(args, url, model, tmp / "faults", 16)
         injected = policy_server.stats(url)
     manifest_failed = json.loads((tmp / "faults" / "manifest.json").read_text())["failed"]
-    return {**run, "fault_share": args.faults, "injected": injected, "failed_episodes": len(manifest_failed),
-            "same_cache_as_n1": cache_bytes(tmp / "faults") == cache_bytes(reference)}
+    return {
+        **run,
+        "fault_share": args.faults,
+        "injected": injected,
+        "failed_episodes": len(manifest_failed),
+        "same_cache_as_n1": cache_bytes(tmp / "faults") == cache_bytes(reference),
+    }
 
 
 def kill_resume(args, url, model, tmp, reference: Path) -> dict:
     """kill -9 once two episodes are written (16 in flight), then --resume with 16."""
     out = tmp / "killed"
-    cli = ["teach", "--teacher", f"openai:{url}#{model}", "--env", args.env, "--episodes", str(args.episodes),
-           "--top-k", str(args.top_k), "--concurrency", "16", "--out", str(out)] + (["--tasks", ",".join(args.tasks)] if args.tasks else [])
-    proc = subprocess.Popen([sys.executable, "-m", "duomem_mlx", *cli], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli = [
+        "teach",
+        "--teacher",
+        f"openai:{url}#{model}",
+        "--env",
+        args.env,
+        "--episodes",
+        str(args.episodes),
+        "--top-k",
+        str(args.top_k),
+        "--concurrency",
+        "16",
+        "--out",
+        str(out),
+    ] + (["--tasks", ",".join(args.tasks)] if args.tasks else [])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "duomem_mlx", *cli], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     lines = out / "episodes.jsonl"
     while proc.poll() is None and not (lines.exists() and lines.read_bytes().count(b"\n") >= 2):
         time.sleep(0.01)
@@ -83,8 +121,12 @@ def kill_resume(args, url, model, tmp, reference: Path) -> dict:
     written = len(read_episodes(out, torn_ok=True))
     collect(**options(args, url, model, out, 16, resume=True))
     checked, problems = verify(out)
-    return {"killed_mid_run": killed, "written_at_kill": written, "same_cache_as_n1": cache_bytes(out) == cache_bytes(reference),
-            "verify": problems or f"ok: {checked} shards"}
+    return {
+        "killed_mid_run": killed,
+        "written_at_kill": written,
+        "same_cache_as_n1": cache_bytes(out) == cache_bytes(reference),
+        "verify": problems or f"ok: {checked} shards",
+    }
 
 
 def mlx_lm_server(args, model, tmp) -> list[dict]:
@@ -93,9 +135,22 @@ def mlx_lm_server(args, model, tmp) -> list[dict]:
     try:
         small = argparse.Namespace(**{**vars(args), "episodes": args.mlx_episodes})
         for n in (1, 4):
-            runs.append(timed(small, f"http://127.0.0.1:{server.port}/v1", model, tmp / f"mlx{n}", n, keep="all", max_steps=args.mlx_steps))
+            runs.append(
+                timed(
+                    small,
+                    f"http://127.0.0.1:{server.port}/v1",
+                    model,
+                    tmp / f"mlx{n}",
+                    n,
+                    keep="all",
+                    max_steps=args.mlx_steps,
+                )
+            )
             runs[-1]["same_cache_as_n1"] = cache_bytes(tmp / f"mlx{n}") == cache_bytes(tmp / "mlx1")
-            print(f"mlx_lm.server N={n}: {runs[-1]['episodes_per_s']:.2f} episodes/s  same cache: {runs[-1]['same_cache_as_n1']}", flush=True)
+            print(
+                f"mlx_lm.server N={n}: {runs[-1]['episodes_per_s']:.2f} episodes/s  same cache: {runs[-1]['same_cache_as_n1']}",
+                flush=True,
+            )
         return runs
     finally:
         server.close()
@@ -104,7 +159,9 @@ def mlx_lm_server(args, model, tmp) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="textworld", choices=["textworld", "twx"])
-    parser.add_argument("--tasks", type=lambda s: s.split(","), help="comma-separated (default: every kind, alternating)")
+    parser.add_argument(
+        "--tasks", type=lambda s: s.split(","), help="comma-separated (default: every kind, alternating)"
+    )
     parser.add_argument("--episodes", type=int, default=48)
     parser.add_argument("--latency", type=float, default=0.2, help="seconds the policy server takes per request")
     parser.add_argument("--concurrency", type=lambda s: [int(n) for n in s.split(",")], default=[1, 4, 16])
@@ -126,17 +183,35 @@ def main():
         with policy_server.running(gold, model, tmp, latency=args.latency) as url:
             runs = latency_runs(args, url, model, tmp)
             killed = kill_resume(args, url, model, tmp, reference)
-        print(f"kill -9 at {killed['written_at_kill']} written, --resume: same cache {killed['same_cache_as_n1']}", flush=True)
+        print(
+            f"kill -9 at {killed['written_at_kill']} written, --resume: same cache {killed['same_cache_as_n1']}",
+            flush=True,
+        )
         faults = fault_run(args, gold, model, tmp, reference)
-        print(f"faults {args.faults:.0%}: {faults['injected']}, same cache {faults['same_cache_as_n1']}, {faults['verify']}", flush=True)
+        print(
+            f"faults {args.faults:.0%}: {faults['injected']}, same cache {faults['same_cache_as_n1']}, {faults['verify']}",
+            flush=True,
+        )
         mlx = mlx_lm_server(args, model, tmp) if args.mlx_episodes else []
     rate = {r["concurrency"]: r["episodes_per_s"] for r in runs}
-    result = {"env": args.env, "tasks": args.tasks, "episodes": args.episodes, "latency_s": args.latency, "top_k": args.top_k,
-              "latency_server": runs, "speedup": {f"{n}_vs_{runs[0]['concurrency']}": round(rate[n] / rate[runs[0]["concurrency"]], 2) for n in rate},
-              "faults": faults, "kill_resume": killed, "mlx_lm_server": mlx, **versions()}
+    result = {
+        "env": args.env,
+        "tasks": args.tasks,
+        "episodes": args.episodes,
+        "latency_s": args.latency,
+        "top_k": args.top_k,
+        "latency_server": runs,
+        "speedup": {f"{n}_vs_{runs[0]['concurrency']}": round(rate[n] / rate[runs[0]["concurrency"]], 2) for n in rate},
+        "faults": faults,
+        "kill_resume": killed,
+        "mlx_lm_server": mlx,
+        **versions(),
+    }
     print(f"\n{'N':>4}{'seconds':>10}{'episodes/s':>12}{'speedup':>9}{'same cache':>12}")
     for r in runs:
-        print(f"{r['concurrency']:>4}{r['seconds']:>10.1f}{r['episodes_per_s']:>12.2f}{rate[r['concurrency']] / rate[runs[0]['concurrency']]:>9.1f}{str(r['same_cache_as_n1']):>12}")
+        print(
+            f"{r['concurrency']:>4}{r['seconds']:>10.1f}{r['episodes_per_s']:>12.2f}{rate[r['concurrency']] / rate[runs[0]['concurrency']]:>9.1f}{str(r['same_cache_as_n1']):>12}"
+        )
     if args.json:
         write_json(args.json, result)
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from agent_session import synthetic_episode
 from mlx_lm.utils import common_prefix_len
 
-from duomem_mlx.agent.prompt import encode, prefix_messages, render, tokenize_with_mask
-from duomem_mlx.models import load, make_tiny_model
-
-from agent_session import synthetic_episode
+from duomem_mlx.runtime.models import load, make_tiny_model
+from duomem_mlx.runtime.prompt import encode, prefix_messages, render, tokenize_with_mask
 
 
 def top1(model, ids, positions):
@@ -34,7 +33,10 @@ def episode_chat(steps):
     memories, task, observations, admissible = synthetic_episode(steps)
     messages = prefix_messages(task, observations[0], memories[:2])
     for i in range(steps):
-        messages += [{"role": "assistant", "content": admissible[i][0]}, {"role": "user", "content": observations[i + 1]}]
+        messages += [
+            {"role": "assistant", "content": admissible[i][0]},
+            {"role": "user", "content": observations[i + 1]},
+        ]
     return messages[:-1]
 
 
@@ -45,7 +47,7 @@ def exact_rows(model, tokenizer, messages):
         if m["role"] == "assistant":
             prompt_text = render(tokenizer, messages[:i], True)
             prompt = encode(tokenizer, prompt_text)
-            reply = encode(tokenizer, render(tokenizer, messages[: i + 1], False)[len(prompt_text):])
+            reply = encode(tokenizer, render(tokenizer, messages[: i + 1], False)[len(prompt_text) :])
             action = reply[: reply.index(tokenizer.eos_token_id) + 1]
             t, l = top1(model, prompt + action, np.arange(len(prompt) - 1, len(prompt) + len(action) - 1))
             tops.append(t)
@@ -64,11 +66,11 @@ def generated_layout(tokenizer, messages):
         prompt_text = render(tokenizer, messages[:i], True)
         context = encode(tokenizer, prompt_text)
         if context[: len(ids)] == ids:
-            new = context[len(ids):]
+            new = context[len(ids) :]
         else:  # skip the rewritten previous reply: resume after its end of turn and newline
             end = context.index(eos, common_prefix_len(ids, context)) + 2
             new = context[end:]
-        reply = encode(tokenizer, render(tokenizer, messages[: i + 1], False)[len(prompt_text):])
+        reply = encode(tokenizer, render(tokenizer, messages[: i + 1], False)[len(prompt_text) :])
         answer = reply[: reply.index(eos) + 1]
         ids += new + reply
         mask += [0] * len(new) + [1] * len(answer) + [0] * (len(reply) - len(answer))
@@ -84,11 +86,15 @@ def main():
     messages = episode_chat(args.steps)
     result = {"steps": args.steps, "template": "qwen3 (enable_thinking=False)", "rows": []}
     for seed in range(args.seeds):
-        model, tokenizer = load(str(make_tiny_model(Path(tempfile.mkdtemp()) / "t", template="qwen3", layers=4, hidden=128, seed=seed)))
+        model, tokenizer = load(
+            str(make_tiny_model(Path(tempfile.mkdtemp()) / "t", template="qwen3", layers=4, hidden=128, seed=seed))
+        )
         exact, exact_logits = exact_rows(model, tokenizer, messages)
         row = {"seed": seed, "action_tokens": len(exact)}
-        for name, (ids, mask) in {"generated": generated_layout(tokenizer, messages),
-                                  "history": tokenize_with_mask(tokenizer, messages)}.items():
+        for name, (ids, mask) in {
+            "generated": generated_layout(tokenizer, messages),
+            "history": tokenize_with_mask(tokenizer, messages),
+        }.items():
             positions = np.flatnonzero(mask) - 1
             top, logits = top1(model, ids, positions)
             assert len(top) == len(exact), (name, len(top), len(exact))
@@ -97,12 +103,18 @@ def main():
         result["rows"].append(row)
     for key in ("generated_top1_agreement", "history_top1_agreement"):
         result[key] = round(float(np.mean([r[key] for r in result["rows"]])), 4)
-    print(f"{'seed':>5}{'tokens':>8}{'generated top-1':>17}{'history top-1':>15}{'gen max|dlogit|':>17}{'hist max|dlogit|':>18}")
+    print(
+        f"{'seed':>5}{'tokens':>8}{'generated top-1':>17}{'history top-1':>15}{'gen max|dlogit|':>17}{'hist max|dlogit|':>18}"
+    )
     for r in result["rows"]:
-        print(f"{r['seed']:5d}{r['action_tokens']:8d}{r['generated_top1_agreement']:17.3f}{r['history_top1_agreement']:15.3f}"
-              f"{r['generated_max_abs_logit_diff']:17.3f}{r['history_max_abs_logit_diff']:18.3f}")
-    print(f"mean top-1 agreement with the agent's own contexts: generated {result['generated_top1_agreement']:.3f}, "
-          f"history {result['history_top1_agreement']:.3f}")
+        print(
+            f"{r['seed']:5d}{r['action_tokens']:8d}{r['generated_top1_agreement']:17.3f}{r['history_top1_agreement']:15.3f}"
+            f"{r['generated_max_abs_logit_diff']:17.3f}{r['history_max_abs_logit_diff']:18.3f}"
+        )
+    print(
+        f"mean top-1 agreement with the agent's own contexts: generated {result['generated_top1_agreement']:.3f}, "
+        f"history {result['history_top1_agreement']:.3f}"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -12,11 +12,12 @@ The Python API (mlx and mlx-lm load with the model, not with this package):
 
     answer = agent.chat("how do I find a coin?")    # answer.text, answer.memories (ids, texts)
 """
+
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" noise
 
-from .api import Agent, Answer, load  # noqa: E402  (light: mlx is imported inside load)
+from duomem_mlx.api import Agent, Answer, load  # noqa: E402  (light: mlx is imported inside load)
 
 __version__ = "0.1.0"
 __all__ = ["Agent", "Answer", "load"]

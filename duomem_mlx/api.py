@@ -5,7 +5,7 @@ and mlx / mlx-lm are imported by `load`, not by `import duomem_mlx`."""
 
 from collections import namedtuple
 
-from .errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 DECODES = (None, "constrained", "free")
 
@@ -17,9 +17,18 @@ class Answer(namedtuple("Answer", "text memories")):
     __slots__ = ()
 
 
-def load(model: str, adapter_path: str | None = None, memory_bank: str | None = None, memory_k: int = 3,
-         decode: str | None = None, max_context: int = 4096, temperature: float = 0.0, seed: int = 0,
-         thinking: bool = False, memory_filter: str = "none") -> "Agent":
+def load(
+    model: str,
+    adapter_path: str | None = None,
+    memory_bank: str | None = None,
+    memory_k: int = 3,
+    decode: str | None = None,
+    max_context: int = 4096,
+    temperature: float = 0.0,
+    seed: int = 0,
+    thinking: bool = False,
+    memory_filter: str = "none",
+) -> "Agent":
     """Load an agent: a package directory (its memory/ bank is read too) or a Hub id, or a model
     with `adapter_path` (LoRA adapters) and `memory_bank` (a bank directory from `memory build`).
 
@@ -28,12 +37,22 @@ def load(model: str, adapter_path: str | None = None, memory_bank: str | None = 
 
         >>> agent = duomem_mlx.load("mlx-community/SmolLM2-135M-Instruct", memory_bank="runs/bank")
     """
-    from .agent.loop import ModelPolicy
+    from duomem_mlx.runtime.policy import ModelPolicy
 
     if decode not in DECODES:
         raise DuomemError(f"unknown decode {decode!r}; use None (by step), 'constrained' or 'free'")
-    policy = ModelPolicy.from_options(model, adapter_path, memory_bank, memory_k, decode or "constrained", max_context,
-                                      seed, temperature, thinking, memory_filter)
+    policy = ModelPolicy.from_options(
+        model,
+        adapter_path,
+        memory_bank,
+        memory_k,
+        decode or "constrained",
+        max_context,
+        seed,
+        temperature,
+        thinking,
+        memory_filter,
+    )
     return Agent(policy, decode, max_context, temperature)
 
 
@@ -68,7 +87,7 @@ class Agent:
 
             >>> agent.start("Cook the meal.", "You are in a kitchen. There is a stove here.")
         """
-        from .envs.base import StepResult
+        from duomem_mlx.envs.base import StepResult
 
         self.policy.begin(task, observation, task_type)
         self.playing = True
@@ -77,16 +96,18 @@ class Agent:
     def act(self) -> str:
         """The next action, answering the last observation (start's, then observe's).
 
-            >>> agent.act()
-            'open fridge'
+        >>> agent.act()
+        'open fridge'
         """
         if not self.playing:
             raise DuomemError("act() before start(): call start(task, observation) first")
         if self.state is None:
             raise DuomemError("act() answers an observation: call observe(...) with the environment's answer first")
         if self.decode == "constrained" and not self.state.admissible:
-            raise DuomemError("decode='constrained' needs the admissible actions: pass admissible= to start() and "
-                              "observe(), or load with decode=None")
+            raise DuomemError(
+                "decode='constrained' needs the admissible actions: pass admissible= to start() and "
+                "observe(), or load with decode=None"
+            )
         self.policy.session.options.mode = self.decode or ("constrained" if self.state.admissible else "free")
         action = self.policy.act(self.state)
         self.state = None
@@ -95,9 +116,9 @@ class Agent:
     def observe(self, observation: str, admissible: list[str] | None = None):
         """Feed the environment's answer to the last action (and the commands it accepts now).
 
-            >>> agent.observe("You open the fridge. It holds an egg.", ["take egg", "close fridge"])
+        >>> agent.observe("You open the fridge. It holds an egg.", ["take egg", "close fridge"])
         """
-        from .envs.base import StepResult
+        from duomem_mlx.envs.base import StepResult
 
         if not self.playing:
             raise DuomemError("observe() before start(): call start(task, observation) first")
@@ -113,7 +134,7 @@ class Agent:
             >>> [m.id for m in answer.memories]
             ['boil-1']
         """
-        from .chat import Chat
+        from duomem_mlx.agent.chat import Chat
 
         if self.conversation is None:
             self.conversation = Chat(self.policy, max_tokens, self.max_context, self.temperature)

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 import yaml
 
-from .errors import DuomemError
-from .io import read_text
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import read_text
 
 SCALARS = (str, int, float, bool)
 
@@ -26,6 +26,9 @@ def load_config(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise DuomemError(f"config {path} must be a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+SPLITS = click.Choice(["train", "dev", "test"])
 
 
 def csv_list(_ctx, _param, value):
@@ -54,7 +57,11 @@ def option_keys(command: click.Command) -> dict[str, click.Parameter]:
 def check_value(ctx, path, key: str, param: click.Parameter, value):
     """One line for a value of the wrong kind or type (click's own message, without its usage block)."""
     lists = param.multiple or param.nargs != 1 or param.callback is csv_list
-    ok = value is None or isinstance(value, SCALARS) or (lists and isinstance(value, list) and all(isinstance(v, SCALARS) for v in value))
+    ok = (
+        value is None
+        or isinstance(value, SCALARS)
+        or (lists and isinstance(value, list) and all(isinstance(v, SCALARS) for v in value))
+    )
     if not ok:
         wanted = "a value or a list of values" if lists else "a single value"
         raise DuomemError(f"config {path}: {key} must be {wanted}, not {type(value).__name__} {value!r}")
@@ -100,5 +107,5 @@ config_option = click.option(
 game_params_option = click.option(
     "--game-params",
     help="TextWorldExpress game parameters over the small defaults: 'numLocations=2' for every game that takes "
-         "the key, or 'coin:numLocations=2;twc:numItemsToPutAway=3' game by game.",
+    "the key, or 'coin:numLocations=2;twc:numItemsToPutAway=3' game by game.",
 )

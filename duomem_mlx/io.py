@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 
 def cache_root() -> Path:
@@ -151,14 +151,16 @@ def recover(out: Path) -> None:
     its two renames leaves `out` missing and the previous output in `.OUT.old-PID`, which is put back
     (and said so); any other `.OUT.old-PID` or `.OUT.tmp-PID` of a dead process is deleted."""
     for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")) if out.parent.is_dir() else []:
-        kind, _, pid = leftover.name[len(out.name) + 2:].rpartition("-")
+        kind, _, pid = leftover.name[len(out.name) + 2 :].rpartition("-")
         if kind not in ("old", "tmp") or not pid.isdigit() or int(pid) == os.getpid() or alive(int(pid)):
             continue
         if kind == "old" and not os.path.lexists(out):
             os.replace(leftover, out)
             fsync(out.parent)
-            print(f"duomem-mlx: the writer replacing {out} was killed; its previous version is back in place",
-                  file=sys.stderr)
+            print(
+                f"duomem-mlx: the writer replacing {out} was killed; its previous version is back in place",
+                file=sys.stderr,
+            )
         elif leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:

@@ -13,8 +13,15 @@ LINE = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]
 
 
 class Progress:
-    def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0,
-                 disable: bool = False):
+    def __init__(
+        self,
+        iterable=None,
+        total: int | None = None,
+        desc: str = "",
+        unit: str = "it",
+        initial: int = 0,
+        disable: bool = False,
+    ):
         self.iterable = iterable
         self.total = len(iterable) if total is None and iterable is not None else total
         self.bar = tqdm(total=self.total, initial=initial, desc=desc, unit=unit, disable=True if disable else None)
@@ -44,8 +51,19 @@ class Progress:
 
     def line(self) -> None:
         now = time.monotonic()
-        print(tqdm.format_meter(self.n, self.total, now - self.start, prefix=self.desc, unit=self.unit, postfix=self.postfix,
-                                bar_format=LINE, initial=self.initial), flush=True)
+        print(
+            tqdm.format_meter(
+                self.n,
+                self.total,
+                now - self.start,
+                prefix=self.desc,
+                unit=self.unit,
+                postfix=self.postfix,
+                bar_format=LINE,
+                initial=self.initial,
+            ),
+            flush=True,
+        )
         self.printed_at, self.printed_n = now, self.n
 
     def close(self) -> None:

@@ -39,11 +39,19 @@ def main():
             sys.exit(f"Error: test game {game} repeats a training game's actions and first observation")
         same_path += path in paths
         same_world += world in worlds
-    counts = {"train_games": len(train), "test_games": len(test), "distinct_train_paths": len(paths),
-              "test_same_path": same_path, "test_same_world": same_world, "test_same_both": 0}
-    print(f"held out by content: none of the {len(test)} test games repeats the actions and first observation of any "
-          f"of the {len(train)} training games ({same_path} share an action sequence, {same_world} a first observation; "
-          f"{len(paths)} distinct training action sequences)")
+    counts = {
+        "train_games": len(train),
+        "test_games": len(test),
+        "distinct_train_paths": len(paths),
+        "test_same_path": same_path,
+        "test_same_world": same_world,
+        "test_same_both": 0,
+    }
+    print(
+        f"held out by content: none of the {len(test)} test games repeats the actions and first observation of any "
+        f"of the {len(train)} training games ({same_path} share an action sequence, {same_world} a first observation; "
+        f"{len(paths)} distinct training action sequences)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(counts, indent=2) + "\n")
 

@@ -18,8 +18,24 @@ import math
 from pathlib import Path
 
 # The paper's rows (Qwen3-4B student, Qwen2.5-72B teacher, ALFWorld unseen), as reported from its tables.
-PAPER = {"student_base": 4.3, "student_selfmem": 55.0, "student_memory": 56.4, "lora_selfmem": 72.1, "duomem": 77.9, "teacher": 87.1}
-ORDER = ["student_base", "student_selfmem", "student_memory", "student_lora", "lora_selfmem", "duomem", "duomem_4bit", "teacher"]
+PAPER = {
+    "student_base": 4.3,
+    "student_selfmem": 55.0,
+    "student_memory": 56.4,
+    "lora_selfmem": 72.1,
+    "duomem": 77.9,
+    "teacher": 87.1,
+}
+ORDER = [
+    "student_base",
+    "student_selfmem",
+    "student_memory",
+    "student_lora",
+    "lora_selfmem",
+    "duomem",
+    "duomem_4bit",
+    "teacher",
+]
 
 
 def dir_bytes(path: str | None) -> int:
@@ -72,7 +88,10 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
     if not n:
         return [0.0, 1.0]
     p = successes / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    centre, half = (
+        (p + z * z / (2 * n)) / (1 + z * z / n),
+        z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n),
+    )
     return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
@@ -96,8 +115,13 @@ def paired(variants: dict, against: str = "duomem") -> dict:
             continue
         wins = sum(ref[g] and not v["games"][g] for g in shared)
         losses = sum(v["games"][g] and not ref[g] for g in shared)
-        out[name] = {"games": len(shared), f"{against}_wins": wins, f"{against}_losses": losses,
-                     "difference_points": round(100 * (wins - losses) / len(shared), 1), "mcnemar_p": round(mcnemar_exact(wins, losses), 4)}
+        out[name] = {
+            "games": len(shared),
+            f"{against}_wins": wins,
+            f"{against}_losses": losses,
+            "difference_points": round(100 * (wins - losses) / len(shared), 1),
+            "mcnemar_p": round(mcnemar_exact(wins, losses), 4),
+        }
     return out
 
 
@@ -108,9 +132,14 @@ def unseen_rate(v: dict, adapter_tasks: set[str]) -> float | None:
 
 
 def paired_table(pairs: dict) -> str:
-    rows = ["| row vs duomem | games | duomem wins | duomem loses | difference | McNemar exact p |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| row vs duomem | games | duomem wins | duomem loses | difference | McNemar exact p |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, p in pairs.items():
-        rows.append(f"| {name} | {p['games']} | {p['duomem_wins']} | {p['duomem_losses']} | {p['difference_points']:+.1f} pts | {p['mcnemar_p']:.3f} |")
+        rows.append(
+            f"| {name} | {p['games']} | {p['duomem_wins']} | {p['duomem_losses']} | {p['difference_points']:+.1f} pts | {p['mcnemar_p']:.3f} |"
+        )
     return "\n".join(rows)
 
 
@@ -118,28 +147,38 @@ def student_info(path: str | None) -> dict | None:
     if not path:
         return None
     config = json.loads((Path(path) / "config.json").read_text())
-    return {"model": str(path), "hidden_size": config.get("hidden_size"), "num_hidden_layers": config.get("num_hidden_layers")}
+    return {
+        "model": str(path),
+        "hidden_size": config.get("hidden_size"),
+        "num_hidden_layers": config.get("num_hidden_layers"),
+    }
 
 
 def per_task_table(variants: dict) -> str:
     tasks = sorted({t for v in variants.values() for t in v["per_task"]})
     rows = ["| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for name, v in variants.items():
-        rows.append(f"| {name} | " + " | ".join(f"{v['per_task'][t]:.0%}" if t in v["per_task"] else "-" for t in tasks) + " |")
+        rows.append(
+            f"| {name} | " + " | ".join(f"{v['per_task'][t]:.0%}" if t in v["per_task"] else "-" for t in tasks) + " |"
+        )
     return "\n".join(rows)
 
 
 def table(variants: dict) -> str:
-    rows = ["| variant | success (95% CI) | unseen types | score | trainable params | memory | memory tokens / episode | s / episode | tokens / step | paper (ALFWorld) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | success (95% CI) | unseen types | score | trainable params | memory | memory tokens / episode | s / episode | tokens / step | paper (ALFWorld) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, v in variants.items():
         paper = PAPER.get(name)
         low, high = v["interval95"]
         unseen = f"{v['unseen_types']:.0%}" if v.get("unseen_types") is not None else "-"
-        rows.append(f"| {name} | {v['success_rate']:.0%} ({v['successes']}/{v['episodes']}; {low:.0%}-{high:.0%}) | {unseen} | "
-                    f"{v['mean_score']:.2f} | {v['trainable_params']:,} | {v['memory_bytes'] / 1e3:.1f} kB | "
-                    f"{v['memory_tokens_per_episode']:.0f} | {v['seconds_per_episode']:.2f} | "
-                    f"{v['tokens_per_step'] or '-'} | {f'{paper}%' if paper is not None else '-'} |")
+        rows.append(
+            f"| {name} | {v['success_rate']:.0%} ({v['successes']}/{v['episodes']}; {low:.0%}-{high:.0%}) | {unseen} | "
+            f"{v['mean_score']:.2f} | {v['trainable_params']:,} | {v['memory_bytes'] / 1e3:.1f} kB | "
+            f"{v['memory_tokens_per_episode']:.0f} | {v['seconds_per_episode']:.2f} | "
+            f"{v['tokens_per_step'] or '-'} | {f'{paper}%' if paper is not None else '-'} |"
+        )
     return "\n".join(rows)
 
 
@@ -150,18 +189,22 @@ def plot(variants: dict, path: Path, title: str):
     import matplotlib.pyplot as plt
 
     names = list(variants)
-    panels = [("success on held-out games (%)", lambda v: 100 * v["success_rate"]),
-              ("trainable parameters", lambda v: v["trainable_params"]),
-              ("memory (kB)", lambda v: v["memory_bytes"] / 1e3),
-              ("seconds per episode", lambda v: v["seconds_per_episode"])]
+    panels = [
+        ("success on held-out games (%)", lambda v: 100 * v["success_rate"]),
+        ("trainable parameters", lambda v: v["trainable_params"]),
+        ("memory (kB)", lambda v: v["memory_bytes"] / 1e3),
+        ("seconds per episode", lambda v: v["seconds_per_episode"]),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 4))
     colors = ["#888" if n in ("teacher", "student_base") else "#3b7dd8" for n in names]
     for i, (ax, (label, value)) in enumerate(zip(axes, panels)):
         heights = [value(variants[n]) for n in names]
         errors = None
         if i == 0:  # the 95% interval of each success rate
-            errors = [[h - 100 * variants[n]["interval95"][0] for n, h in zip(names, heights)],
-                      [100 * variants[n]["interval95"][1] - h for n, h in zip(names, heights)]]
+            errors = [
+                [h - 100 * variants[n]["interval95"][0] for n, h in zip(names, heights)],
+                [100 * variants[n]["interval95"][1] - h for n, h in zip(names, heights)],
+            ]
         ax.bar(names, heights, color=colors, yerr=errors, capsize=3)
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", rotation=40, labelsize=8)
@@ -174,14 +217,20 @@ def plot(variants: dict, path: Path, title: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--variant", action="append", default=[], help="NAME=EVAL_JSON[,adapters=DIR][,memory=BANK][,log=LOG]")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="NAME=EVAL_JSON[,adapters=DIR][,memory=BANK][,log=LOG]"
+    )
     parser.add_argument("--teacher", required=True, help="EVAL_JSON[,memory=BANK] of the teacher")
     parser.add_argument("--bench", help="`duomem-mlx bench --json` output")
     parser.add_argument("--heldout", help="scripts/check_heldout.py --json output")
     parser.add_argument("--stages", help="tab-separated stage, wall seconds, CPU seconds")
     parser.add_argument("--student", help="the student model directory (its config.json)")
-    parser.add_argument("--retrieval", help='JSON {"accuracy": share of held-out episodes whose top memory is of their task type, ...}')
-    parser.add_argument("--adapter-tasks", default="", help="comma-separated task types the adapters trained on (the rest: unseen)")
+    parser.add_argument(
+        "--retrieval", help='JSON {"accuracy": share of held-out episodes whose top memory is of their task type, ...}'
+    )
+    parser.add_argument(
+        "--adapter-tasks", default="", help="comma-separated task types the adapters trained on (the rest: unseen)"
+    )
     parser.add_argument("--title", default="DuoMem in miniature (held-out games)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--wall-clock", type=float)
@@ -191,7 +240,9 @@ def main():
     variants = dict(map(variant, args.variant))
     _, teacher = variant("teacher=" + args.teacher)
     variants["teacher"] = teacher
-    variants = {name: variants[name] for name in sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))}
+    variants = {
+        name: variants[name] for name in sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+    }
     adapter_tasks = {t for t in args.adapter_tasks.split(",") if t}
     for v in variants.values():
         v["unseen_types"] = unseen_rate(v, adapter_tasks)
@@ -202,11 +253,19 @@ def main():
     retrieval = json.loads(Path(args.retrieval).read_text()) if args.retrieval else {}
     stages = [line.split("\t") for line in Path(args.stages).read_text().splitlines()] if args.stages else []
     results = {
-        "variants": variants, "teacher": teacher, "student": student_info(args.student),
-        "paired": pairs, "gap_recovered": gap_recovered, "adapter_tasks": sorted(adapter_tasks),
-        "unseen_tasks": sorted({g.split("/")[0] for v in variants.values() for g in v["games"]} - adapter_tasks) if adapter_tasks else [],
-        "retrieval_accuracy": retrieval.get("accuracy"), "retrieval": retrieval or None,
-        "wall_clock_seconds": args.wall_clock, "seeds": [int(s) for s in args.seeds.split(",")],
+        "variants": variants,
+        "teacher": teacher,
+        "student": student_info(args.student),
+        "paired": pairs,
+        "gap_recovered": gap_recovered,
+        "adapter_tasks": sorted(adapter_tasks),
+        "unseen_tasks": sorted({g.split("/")[0] for v in variants.values() for g in v["games"]} - adapter_tasks)
+        if adapter_tasks
+        else [],
+        "retrieval_accuracy": retrieval.get("accuracy"),
+        "retrieval": retrieval or None,
+        "wall_clock_seconds": args.wall_clock,
+        "seeds": [int(s) for s in args.seeds.split(",")],
         "stages": {name: {"seconds": float(wall), "cpu_seconds": float(cpu)} for name, wall, cpu in stages},
         "heldout": json.loads(Path(args.heldout).read_text()) if args.heldout else None,
         "bench": json.loads(Path(args.bench).read_text()) if args.bench else None,
@@ -214,14 +273,29 @@ def main():
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     md = [f"# {args.title}", "", table(variants), "", "Success per task type:", "", per_task_table(variants), ""]
     if pairs:
-        md += ["Paired on the same games (McNemar's exact test; p < 0.05 is an effect, anything else is not):", "",
-               paired_table(pairs), ""]
+        md += [
+            "Paired on the same games (McNemar's exact test; p < 0.05 is an effect, anything else is not):",
+            "",
+            paired_table(pairs),
+            "",
+        ]
     if gap_recovered is not None:
-        md += [f"Gap recovered, (duomem - student_base) / (teacher - student_base): {gap_recovered:.2f} (paper: 0.89)", ""]
+        md += [
+            f"Gap recovered, (duomem - student_base) / (teacher - student_base): {gap_recovered:.2f} (paper: 0.89)",
+            "",
+        ]
     if retrieval:
-        md += [f"Retrieval accuracy (top memory of the episode's own task type, by similarity alone): {retrieval['accuracy']:.0%}", ""]
+        md += [
+            f"Retrieval accuracy (top memory of the episode's own task type, by similarity alone): {retrieval['accuracy']:.0%}",
+            "",
+        ]
     if stages:
-        md += ["| stage | wall s | CPU s |", "|---|---|---|", *(f"| {name} | {float(w):.0f} | {float(c):.0f} |" for name, w, c in stages), ""]
+        md += [
+            "| stage | wall s | CPU s |",
+            "|---|---|---|",
+            *(f"| {name} | {float(w):.0f} | {float(c):.0f} |" for name, w, c in stages),
+            "",
+        ]
     (out / "results.md").write_text("\n".join(md))
     plot(variants, out / "results.png", args.title)
     print(table(variants) + "\n\n" + per_task_table(variants) + ("\n\n" + paired_table(pairs) if pairs else ""))

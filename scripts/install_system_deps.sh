@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need from the system, only when missing:
 # Java for ScienceWorld and TextWorldExpress, OpenBLAS for fast MLX matmuls on Linux CPU and a C compiler to build
-# duomem_mlx/data/gemv_forward.c (MLX's one-row products through OpenBLAS's sgemv).
+# duomem_mlx/cpu/gemv_forward.c (MLX's one-row products through OpenBLAS's sgemv).
 set -euo pipefail
 missing=()
 java_runs() {  # `java` must run: macOS's /usr/bin/java is a stub that fails when no JDK is installed

@@ -8,7 +8,7 @@ pytest.register_assert_rewrite("cachecheck")
 pytest_plugins = ["pytester"]  # test_install.py runs a test session of its own
 
 from duomem_mlx.convert.fetch import cache_dir
-from duomem_mlx.models import make_tiny_model
+from duomem_mlx.runtime.models import make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +40,13 @@ def game_cache(tmp_path_factory):
         os.environ["DUOMEM_CACHE"] = previous
 
 
-ENV_PACKAGES = {"twx": "textworld_express", "scienceworld": "scienceworld", "textworld": "textworld",
-                "alfworld": "alfworld", "bfcl": "bfcl_eval"}  # the environment (its extra in pyproject.toml): its module
+ENV_PACKAGES = {
+    "twx": "textworld_express",
+    "scienceworld": "scienceworld",
+    "textworld": "textworld",
+    "alfworld": "alfworld",
+    "bfcl": "bfcl_eval",
+}  # the environment (its extra in pyproject.toml): its module
 INSTALL_HINTS = {"bfcl": "make setup (pip install --no-deps bfcl-eval==2026.3.23, then pip install -e '.[bfcl]')"}
 
 
@@ -57,8 +62,11 @@ def pytest_collection_modifyitems(items):
 def envs_played(item) -> set[str]:
     named = {env for mark in item.iter_markers("env") for env in mark.args}
     params = item.callspec.params.values() if hasattr(item, "callspec") else ()
-    return named | (set(ENV_PACKAGES) & set(item.fixturenames)) | {
-        value for value in params if isinstance(value, str) and value in ENV_PACKAGES}
+    return (
+        named
+        | (set(ENV_PACKAGES) & set(item.fixturenames))
+        | {value for value in params if isinstance(value, str) and value in ENV_PACKAGES}
+    )
 
 
 def not_installed(envs: set[str]) -> str | None:
@@ -72,10 +80,12 @@ def not_installed(envs: set[str]) -> str | None:
 @pytest.fixture(scope="session")
 def need_env():
     """For a fixture that plays an environment: `need_env("textworld")` skips what uses it where it is missing."""
+
     def need(env: str):
         reason = not_installed({env})
         if reason:
             pytest.skip(reason)
+
     return need
 
 

@@ -41,7 +41,7 @@ def write_gguf(model_dir: Path, path: Path, qtype=gguf.GGMLQuantizationType.F32)
             _, _, layer, rest = stem.split(".", 3)
             gguf_name = f"blk.{layer}.{names[rest]}.{kind}"
         else:
-            gguf_name = f"{ {v: k for k, v in GLOBAL_TENSORS.items()}[stem]}.{kind}"
+            gguf_name = f"{ {v: k for k, v in GLOBAL_TENSORS.items()}[stem] }.{kind}"
         values, kind = gguf_tensor(gguf_name, values, family, config, qtype)
         writer.add_tensor(gguf_name, values, raw_dtype=kind)
     writer.write_header_to_file()

@@ -3,13 +3,13 @@ import random
 import mlx.core as mx
 import mlx_lm
 import pytest
-
 from cachecheck import assert_cache_holds
-from duomem_mlx.agent.decode import DecodeOptions
-from duomem_mlx.agent.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
-from duomem_mlx.agent.session import ReencodingSession, Session
+
 from duomem_mlx.envs.base import Episode, Step
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
+from duomem_mlx.runtime.session import ReencodingSession, Session
 
 WORDS = "open close door to kitchen go north south take apple from table look inventory examine heat pot".split()
 
@@ -21,8 +21,12 @@ def loaded(tiny_model):
 
 def play(session_class, model, tokenizer, mode, max_context, steps=10, temperature=0.0):
     rng = random.Random(7)
-    session = session_class(model, tokenizer, max_context, DecodeOptions(mode=mode, max_tokens=12, temperature=temperature))
-    session.start(prefix_messages("boil water", "You are in the hallway. " * 15, ["to boil: take pot, fill it, heat it"]))
+    session = session_class(
+        model, tokenizer, max_context, DecodeOptions(mode=mode, max_tokens=12, temperature=temperature)
+    )
+    session.start(
+        prefix_messages("boil water", "You are in the hallway. " * 15, ["to boil: take pot, fill it, heat it"])
+    )
     actions, offered = [], []
     for i in range(steps):
         admissible = [" ".join(rng.sample(WORDS, rng.randint(1, 4))) for _ in range(8)]
@@ -73,8 +77,16 @@ def test_empty_admissible_list_is_a_clear_error(loaded):
 
 def test_training_tokens_match_the_chat_and_mask_the_actions(loaded):
     _, tokenizer = loaded
-    episode = Episode("e", "textworld", "simple", 0, "find the key", True, 1.0,
-                      steps=[Step("You see a box.", "open box"), Step("It holds a key.", "take key")])
+    episode = Episode(
+        "e",
+        "textworld",
+        "simple",
+        0,
+        "find the key",
+        True,
+        1.0,
+        steps=[Step("You see a box.", "open box"), Step("It holds a key.", "take key")],
+    )
     messages = episode_messages(episode)
     ids, mask = tokenize_with_mask(tokenizer, messages)  # layout per template: tests/test_families.py
     assert ids[: mask.index(1)] == encode(tokenizer, render(tokenizer, messages[:2], add_generation_prompt=True))
@@ -106,7 +118,13 @@ def test_the_task_is_written_once_whether_or_not_the_observation_repeats_it(load
     task = "You are hungry! Let's cook a delicious meal. Check the cookbook in the kitchen for the recipe."
     repeated = "You are hungry! Let's cook a delicious meal.\nCheck the  cookbook in the kitchen for the recipe.\n\n-= Kitchen =-\nYou see a fridge."
     for observation, task_line in ((repeated, False), ("-= Kitchen =-\nYou see a fridge.", True)):
-        text = render(tokenizer, prefix_messages(task, observation, ["read the cookbook first"]), add_generation_prompt=True)
+        text = render(
+            tokenizer, prefix_messages(task, observation, ["read the cookbook first"]), add_generation_prompt=True
+        )
         assert (" ".join(text.split()).count(" ".join(task.split())), "Task: " in text) == (1, task_line)
-        episode = Episode("e", "textworld", "cooking", 0, task, True, 1.0, steps=[Step(observation, "examine cookbook")])
-        assert episode_messages(episode, ["read the cookbook first"])[:2] == prefix_messages(task, observation, ["read the cookbook first"])
+        episode = Episode(
+            "e", "textworld", "cooking", 0, task, True, 1.0, steps=[Step(observation, "examine cookbook")]
+        )
+        assert episode_messages(episode, ["read the cookbook first"])[:2] == prefix_messages(
+            task, observation, ["read the cookbook first"]
+        )

@@ -7,16 +7,52 @@ from pathlib import Path
 
 import pytest
 
-KEYS = {"peer", "model_config", "bytes_of_weights", "mode", "steps", "peer_step_ms", "ours_step_ms", "speedup_mean", "speedup_p50", "forward_passes_per_action",
-        "prefill_tokens_per_step", "decode_tokens_per_step", "same_actions", "machine", "mlx", "mlx_lm"}
+KEYS = {
+    "peer",
+    "model_config",
+    "bytes_of_weights",
+    "mode",
+    "steps",
+    "peer_step_ms",
+    "ours_step_ms",
+    "speedup_mean",
+    "speedup_p50",
+    "forward_passes_per_action",
+    "prefill_tokens_per_step",
+    "decode_tokens_per_step",
+    "same_actions",
+    "machine",
+    "mlx",
+    "mlx_lm",
+}
 
 
 @pytest.mark.env("textworld")
 def test_agent_vs_server_two_steps(tiny_model, tmp_path):
     out = tmp_path / "result.json"
     script = Path(__file__).parents[1] / "benchmarks" / "agent_vs_server.py"
-    subprocess.run([sys.executable, str(script), "--model", str(tiny_model), "--env", "textworld", "--steps", "2",
-                    "--train-steps", "2", "--vocab-rows", "4096", "--mode", "agent", "--json", str(out)], check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            str(tiny_model),
+            "--env",
+            "textworld",
+            "--steps",
+            "2",
+            "--train-steps",
+            "2",
+            "--vocab-rows",
+            "4096",
+            "--mode",
+            "agent",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        timeout=600,
+    )
     result = json.loads(out.read_text())
     assert KEYS <= result.keys()
     assert result["mode"] == "agent" and result["steps"] == 2

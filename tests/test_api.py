@@ -7,18 +7,26 @@ import sys
 import pytest
 
 import duomem_mlx
-from duomem_mlx.agent.loop import ModelPolicy
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.memory.bank import Memory, build
-from duomem_mlx.models import load as load_model
+from duomem_mlx.runtime.models import load as load_model
+from duomem_mlx.runtime.policy import ModelPolicy
 
 SMOLLM2 = "smollm2-135m-instruct"
 MEMORIES = [
-    Memory("boil-1", "boil", "to boil water: fill a pot with water, put it on the stove, turn the stove on",
-           task="boil water"),
-    Memory("coin-1", "coin", "to find the coin: open every door, move through each room, look around, take coin",
-           task="find the coin"),
+    Memory(
+        "boil-1",
+        "boil",
+        "to boil water: fill a pot with water, put it on the stove, turn the stove on",
+        task="boil water",
+    ),
+    Memory(
+        "coin-1",
+        "coin",
+        "to find the coin: open every door, move through each room, look around, take coin",
+        task="find the coin",
+    ),
 ]
 
 

@@ -35,8 +35,9 @@ with io.atomic_dir(out) as tmp:
 
 def killed_writer(out, when: str) -> int:
     """atomic_dir(out) in a child that SIGKILLs itself between the renames ('rename') or during the work ('work')."""
-    child = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(out), when], capture_output=True,
-                           timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(out), when], capture_output=True, timeout=120
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr
     return child.returncode
 

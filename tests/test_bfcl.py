@@ -9,13 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
+from duomem_mlx.envs import bfcl as bfcl_module
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import TaskSpec, play_episode
+from duomem_mlx.envs.bfcl import CATEGORIES, END_OF_TURN, OBSERVATION_CHARS, load_category, split_indices, user_turns
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
-
-from duomem_mlx.envs import bfcl as bfcl_module
-from duomem_mlx.envs.bfcl import CATEGORIES, END_OF_TURN, OBSERVATION_CHARS, load_category, split_indices, user_turns
 
 pytestmark = pytest.mark.env("bfcl")
 
@@ -57,8 +56,9 @@ def test_splits_are_held_out_by_first_user_turn():
         assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
         assert all(len(i) > 25 for i in ids) and sum(map(len, ids)) == 200
     train_turns = {t for c in CATEGORIES for i in splits["train"][c] for t in user_turns(load_category(c)[0][i])}
-    held_out = [user_turns(load_category(c)[0][i])[0]
-                for s in ("dev", "test") for c in CATEGORIES for i in splits[s][c]]
+    held_out = [
+        user_turns(load_category(c)[0][i])[0] for s in ("dev", "test") for c in CATEGORIES for i in splits[s][c]
+    ]
     assert not train_turns & set(held_out)
 
 
@@ -75,8 +75,12 @@ def test_a_wrong_call_fails_the_turn_and_the_score_counts_turns_passed(env):
     assert first.observation.startswith("Tools:\n") and "mkdir(dir_name)" in first.observation
     assert first.admissible == []
     gold = env.expert_actions()
-    assert gold[:4] == ["cd(folder='document')", "mkdir(dir_name='temp')",
-                        "mv(source='final_report.pdf', destination='temp')", END_OF_TURN]
+    assert gold[:4] == [
+        "cd(folder='document')",
+        "mkdir(dir_name='temp')",
+        "mv(source='final_report.pdf', destination='temp')",
+        END_OF_TURN,
+    ]
     for action in gold[:4]:
         state = env.step(action)
     assert not state.done and "grep" in state.observation and state.score == pytest.approx(1 / 4)  # the next user turn
@@ -118,9 +122,12 @@ def test_model_output_never_runs_as_code(env, tmp_path, monkeypatch):
     monkeypatch.setattr(multi_turn_utils, "eval", recording_eval, raising=False)
     pwned = [tmp_path / f"pwned{i}" for i in range(4)]
     env.reset(spec("base", 0))
-    attacks = [f"cd(folder=__import__('os').system('touch {pwned[0]}'))", f"exec(\"open('{pwned[1]}', 'w')\")",
-               f"eval(\"__import__('os').system('touch {pwned[2]}')\")",
-               f"cd(folder=\"__import__('os').system('touch {pwned[3]}')\")"]
+    attacks = [
+        f"cd(folder=__import__('os').system('touch {pwned[0]}'))",
+        f"exec(\"open('{pwned[1]}', 'w')\")",
+        f"eval(\"__import__('os').system('touch {pwned[2]}')\")",
+        f"cd(folder=\"__import__('os').system('touch {pwned[3]}')\")",
+    ]
     assert env.step(attacks[1]).observation == "Error during execution: no tool named 'exec'"
     assert env.step(attacks[2]).observation == "Error during execution: no tool named 'eval'"
     assert "Unsupported path" in env.step(attacks[3]).observation  # a folder name like any other

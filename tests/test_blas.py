@@ -1,5 +1,5 @@
 """The preloaded BLAS on a Linux CPU: OpenBLAS, and before it the library that sends one-row and
-one-column sgemm calls to sgemv (duomem_mlx/data/gemv_forward.c). Results, never timings."""
+one-column sgemm calls to sgemv (duomem_mlx/cpu/gemv_forward.c). Results, never timings."""
 
 import os
 import subprocess
@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from duomem_mlx import blas
+from duomem_mlx.cpu import blas
 
-linux_openblas = pytest.mark.skipif(blas.openblas_path() is None or blas.compiler() is None,
-                                    reason="needs Linux, OpenBLAS and a C compiler")
+linux_openblas = pytest.mark.skipif(
+    blas.openblas_path() is None or blas.compiler() is None, reason="needs Linux, OpenBLAS and a C compiler"
+)
 
 
 @pytest.fixture

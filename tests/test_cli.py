@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
-from duomem_mlx.models import tokenizer_fingerprint
+from duomem_mlx.runtime.models import tokenizer_fingerprint
 
 
 def all_commands(group: click.Group, prefix=()):
@@ -30,19 +30,35 @@ def test_every_command_has_help_with_an_example(path):
 
 def test_expected_commands_exist():
     names = {" ".join(p) for p in all_commands(cli)}
-    assert {"tiny-model", "eval", "chat", "teach", "cache info", "cache verify", "memory build", "memory search"} <= names
+    assert {
+        "tiny-model",
+        "eval",
+        "chat",
+        "teach",
+        "cache info",
+        "cache verify",
+        "memory build",
+        "memory search",
+    } <= names
 
 
 def test_tiny_models_load_and_generate_with_plain_mlx_lm(tmp_path):
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     runner = CliRunner()
-    assert runner.invoke(cli, ["tiny-model", str(teacher), "--arch", "llama", "--layers", "3", "--hidden", "96"]).exit_code == 0
-    assert runner.invoke(cli, ["tiny-model", str(student), "--tokenizer-from", str(teacher), "--seed", "3"]).exit_code == 0
+    assert (
+        runner.invoke(cli, ["tiny-model", str(teacher), "--arch", "llama", "--layers", "3", "--hidden", "96"]).exit_code
+        == 0
+    )
+    assert (
+        runner.invoke(cli, ["tiny-model", str(student), "--tokenizer-from", str(teacher), "--seed", "3"]).exit_code == 0
+    )
     models = {name: mlx_lm.load(str(path)) for name, path in [("teacher", teacher), ("student", student)]}
     assert tokenizer_fingerprint(models["teacher"][1]) == tokenizer_fingerprint(models["student"][1])
     model, tokenizer = models["student"]
     assert model.args.num_hidden_layers == 2 and model.args.hidden_size == 64
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "open the door"}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "open the door"}], add_generation_prompt=True, tokenize=False
+    )
     assert mlx_lm.generate(model, tokenizer, prompt, max_tokens=5)
     other = runner.invoke(cli, ["tiny-model", str(tmp_path / "other"), "--vocab-size", "1024"])
     assert other.exit_code == 0
@@ -54,7 +70,10 @@ def test_vocab_size_past_the_tokenizer_pads_the_head(tmp_path):
     with --tokenizer-from keeps its source's rows, so it covers every id the source can emit."""
     runner = CliRunner()
     assert runner.invoke(cli, ["tiny-model", str(tmp_path / "big"), "--vocab-size", "5000"]).exit_code == 0
-    assert runner.invoke(cli, ["tiny-model", str(tmp_path / "copy"), "--tokenizer-from", str(tmp_path / "big")]).exit_code == 0
+    assert (
+        runner.invoke(cli, ["tiny-model", str(tmp_path / "copy"), "--tokenizer-from", str(tmp_path / "big")]).exit_code
+        == 0
+    )
     for name in ("big", "copy"):
         model, tokenizer = mlx_lm.load(str(tmp_path / name))
         assert model.args.vocab_size == 5000 > len(tokenizer)
@@ -69,12 +88,18 @@ def test_config_file_sets_options_and_flags_override(tmp_path):
     assert "llama (3 layers, hidden 64)" in result.output
 
 
-@pytest.mark.parametrize("text, message", [("layerz: 3\n", "unknown option(s) layerz"), ("- 1\n- 2\n", "must be a mapping"), ("a: [\n", "not valid YAML")])
+@pytest.mark.parametrize(
+    "text, message",
+    [("layerz: 3\n", "unknown option(s) layerz"), ("- 1\n- 2\n", "must be a mapping"), ("a: [\n", "not valid YAML")],
+)
 def test_bad_config_is_one_clear_line(tmp_path, text, message):
     config = tmp_path / "bad.yaml"
     config.write_text(text)
-    result = subprocess.run([sys.executable, "-m", "duomem_mlx", "tiny-model", str(tmp_path / "m"), "-c", str(config)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "duomem_mlx", "tiny-model", str(tmp_path / "m"), "-c", str(config)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 

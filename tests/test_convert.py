@@ -17,12 +17,14 @@ from duomem_mlx.cli import cli
 from duomem_mlx.convert import convert_gguf
 from duomem_mlx.convert.export import permute
 from duomem_mlx.convert.fetch import fetch_gguf
-from duomem_mlx.models import make_tiny_model
+from duomem_mlx.runtime.models import make_tiny_model
 
-PARAGRAPH = ("The history of the city begins in the early Middle Ages, when a small settlement grew up around a bridge "
-             "over the river. Merchants came to trade wool and grain, and by the thirteenth century the town had a "
-             "market, a church and a wall. Over the following centuries it became known for its university, its "
-             "printing houses and its many libraries.")
+PARAGRAPH = (
+    "The history of the city begins in the early Middle Ages, when a small settlement grew up around a bridge "
+    "over the river. Merchants came to trade wool and grain, and by the thirteenth century the town had a "
+    "market, a church and a wall. Over the following centuries it became known for its university, its "
+    "printing houses and its many libraries."
+)
 # Measured on PARAGRAPH: SmolLM2 15.8, Gemma 3 270M 12.3; SmolLM2 with Q/K rows left in llama.cpp's order 73.
 PERPLEXITY_BOUND = 25
 ROUND_TRIP = "Digits 0123456789, spaces  and\ttabs, unicode: ça, 日本語, emoji 🙂, end.\n\nNew paragraph."
@@ -50,8 +52,9 @@ def gemma3(real_models):
 
 def test_smollm2_answers_and_reads_english(smollm2, real_models):
     model, tokenizer = smollm2
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     assert "Paris" in greedy(model, tokenizer, prompt)
     assert perplexity(model, tokenizer) < PERPLEXITY_BOUND
     record = json.loads((real_models["smollm2-135m-instruct"] / "duomem.json").read_text())
@@ -98,7 +101,9 @@ def test_tokenizer_round_trips(real_models, name):
     assert tokenizer.decode(ids) == ROUND_TRIP
     specials = ["<|im_start|>", "<|im_end|>"] if name.startswith("smollm2") else ["<start_of_turn>", "<end_of_turn>"]
     for special in specials:
-        assert tokenizer.encode(f"a{special}b", add_special_tokens=False)[1:2] == [tokenizer.convert_tokens_to_ids(special)]
+        assert tokenizer.encode(f"a{special}b", add_special_tokens=False)[1:2] == [
+            tokenizer.convert_tokens_to_ids(special)
+        ]
     generation = json.loads((real_models[name] / "generation_config.json").read_text())
     assert generation["eos_token_id"] == ([2] if name.startswith("smollm2") else [1, 106])
 
@@ -109,11 +114,16 @@ def test_gemma3_base_model(gemma3, real_models):
     assert perplexity(model, tokenizer) < PERPLEXITY_BOUND
     few_shot = "Q: What is the capital of Italy?\nA: Rome.\nQ: What is the capital of France?\nA:"
     assert greedy(model, tokenizer, few_shot, 3).strip().startswith("Paris")
-    chat = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-                                         add_generation_prompt=True, tokenize=False)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert chat == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
     record = json.loads((real_models["gemma3-270m"] / "duomem.json").read_text())
-    assert record["chat_template"].startswith("gemma") and {"Q5_0", "Q4_K", "Q6_K", "Q8_0"} <= set(record["gguf"]["types"])
+    assert record["chat_template"].startswith("gemma") and {"Q5_0", "Q4_K", "Q6_K", "Q8_0"} <= set(
+        record["gguf"]["types"]
+    )
 
 
 def test_gemma3_sliding_window_in_cached_chunks(gemma3):
@@ -125,7 +135,7 @@ def test_gemma3_sliding_window_in_cached_chunks(gemma3):
     whole = model.model(mx.array(ids)[None])[0, -1]  # the backbone: the same hidden state gives the same logits
     cache = make_prompt_cache(model)
     for start in range(0, len(ids), 256):
-        last = model.model(mx.array(ids[start:start + 256])[None], cache=cache)[0, -1]
+        last = model.model(mx.array(ids[start : start + 256])[None], cache=cache)[0, -1]
     assert mx.allclose(whole, last, atol=1e-3, rtol=1e-3).item()
 
 
@@ -170,13 +180,22 @@ def test_kept_blocks_are_the_files_own_values_in_any_dtype(tmp_path, dtype):
     for qtype, (tensor, weights, module) in files.items():
         scales, biases = weights[f"{module}.scales"], weights[f"{module}.biases"]
         assert scales.dtype == biases.dtype == (mx.float32 if dtype == "float32" else mx.float16), qtype
-        ours = mx.dequantize(weights[f"{module}.weight"], scales.astype(mx.float32), biases.astype(mx.float32), group_size=32,
-                             bits=8 if qtype == "Q8_0" else 4)
+        ours = mx.dequantize(
+            weights[f"{module}.weight"],
+            scales.astype(mx.float32),
+            biases.astype(mx.float32),
+            group_size=32,
+            bits=8 if qtype == "Q8_0" else 4,
+        )
         theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         assert mx.array_equal(ours, mx.array(theirs)).item(), qtype
         x = mx.random.normal((3, theirs.shape[1])).astype(getattr(mx, dtype))  # the layer as the model runs it
-        out = mx.quantized_matmul(x, weights[f"{module}.weight"], scales, biases, group_size=32, bits=8 if qtype == "Q8_0" else 4)
-        assert mx.allclose(out.astype(mx.float32), x.astype(mx.float32) @ mx.array(theirs).T, rtol=1e-5, atol=1e-6).item(), qtype
+        out = mx.quantized_matmul(
+            x, weights[f"{module}.weight"], scales, biases, group_size=32, bits=8 if qtype == "Q8_0" else 4
+        )
+        assert mx.allclose(
+            out.astype(mx.float32), x.astype(mx.float32) @ mx.array(theirs).T, rtol=1e-5, atol=1e-6
+        ).item(), qtype
 
 
 def test_requantize_with_bits(tmp_path):
@@ -197,13 +216,18 @@ def test_convert_bits_and_quantize_refuse_a_group_size_that_leaves_layers_dense(
     source = make_tiny_model(tmp_path / "tiny", arch="qwen3", layers=2, hidden=96, vocab_size=300)
     path = write_gguf(source, tmp_path / "tiny.gguf")
     errors = []
-    for args in (["convert", str(path), str(tmp_path / "c"), "--bits", "4", "--group-size", "64"],
-                 ["quantize", "--model", str(source), "--group-size", "64", "--out", str(tmp_path / "q")]):
+    for args in (
+        ["convert", str(path), str(tmp_path / "c"), "--bits", "4", "--group-size", "64"],
+        ["quantize", "--model", str(source), "--group-size", "64", "--out", str(tmp_path / "q")],
+    ):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         errors += [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 2 and errors[0] == errors[1], errors
-    assert "of 15 of 15 layers, which would stay dense: model.embed_tokens (96), model.layers.0.mlp.down_proj (288)" in errors[0]
+    assert (
+        "of 15 of 15 layers, which would stay dense: model.embed_tokens (96), model.layers.0.mlp.down_proj (288)"
+        in errors[0]
+    )
     assert errors[0].endswith("use --group-size 32")
     assert not (tmp_path / "c").exists() and not (tmp_path / "q").exists()
 
@@ -213,7 +237,7 @@ def test_bad_input_is_one_line(tmp_path, model_root):
     not_gguf.write_text("hello")
     truncated = tmp_path / "t.gguf"
     source = fetch_gguf("smollm2-135m-instruct", root=model_root)
-    truncated.write_bytes(source.read_bytes()[: 4_000_000])
+    truncated.write_bytes(source.read_bytes()[:4_000_000])
     other = tmp_path / "mamba.gguf"
     writer = gguf.GGUFWriter(str(other), "mamba")
     writer.add_block_count(1)
@@ -224,7 +248,11 @@ def test_bad_input_is_one_line(tmp_path, model_root):
     for path, words in ((not_gguf, "not a GGUF file"), (truncated, "damaged or truncated"), (other, "not supported")):
         result = CliRunner().invoke(cli, ["convert", str(path), str(tmp_path / "out")])
         assert result.exit_code == 1 and "Traceback" not in result.output
-        assert result.output.startswith("Error: ") and words in result.output and len(result.output.strip().splitlines()) == 1
+        assert (
+            result.output.startswith("Error: ")
+            and words in result.output
+            and len(result.output.strip().splitlines()) == 1
+        )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     result = CliRunner().invoke(cli, ["convert", "--fetch", "no-such-model"])
     assert result.exit_code == 1 and "known: smollm2-135m-instruct" in result.output

@@ -10,17 +10,23 @@ import textwrap
 
 import pytest
 
-from duomem_mlx import cpu_kernel
+from duomem_mlx.cpu import kernel as cpu_kernel
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the CPU quantized kernel is built on Linux only")
 
-KERNELS = "from duomem_mlx import cpu_kernel; print(cpu_kernel.kernels())"
+KERNELS = "from duomem_mlx.cpu import kernel as cpu_kernel; print(cpu_kernel.kernels())"
 
 
 def child(code: str, cache=None, cwd=None, **env) -> subprocess.CompletedProcess:
     extra = {"DUOMEM_CACHE": str(cache)} if cache else {}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **extra, **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **extra, **env},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +63,13 @@ def test_a_failed_build_is_remembered_until_make_setup(tmp_path):
     assert failed.stdout.strip() == "None" and "could not build" in failed.stderr
     again = child(KERNELS, tmp_path)  # a working compiler now, but no build in every process's first forward
     assert again.stdout.strip() == "None" and "building" not in again.stderr and "remembered" in again.stderr
-    setup = child("import runpy; runpy.run_module('duomem_mlx.cpu_kernel', run_name='__main__')", tmp_path, CXX="false")
+    setup = child("import runpy; runpy.run_module('duomem_mlx.cpu.kernel', run_name='__main__')", tmp_path, CXX="false")
     assert "could not build" in setup.stderr and "remembered" not in setup.stderr  # make setup tries again
 
 
 def test_an_mlx_folder_in_the_working_directory_is_not_mlx(tmp_path):
     (tmp_path / "mlx" / "include").mkdir(parents=True)
-    result = child("from duomem_mlx import cpu_kernel; print(cpu_kernel.mlx_dir())", cwd=tmp_path)
+    result = child("from duomem_mlx.cpu import kernel as cpu_kernel; print(cpu_kernel.mlx_dir())", cwd=tmp_path)
     assert result.stdout.strip() == cpu_kernel.mlx_dir() != str(tmp_path / "mlx")
     assert (cpu_kernel.Path(cpu_kernel.mlx_dir()) / "include").is_dir()
 
@@ -78,7 +84,7 @@ def test_without_nanobind_the_first_forward_falls_back(tmp_path):
             raise metadata.PackageNotFoundError(name)
         return version(name)
     metadata.version = without_nanobind
-    from duomem_mlx import cpu_kernel
+    from duomem_mlx.cpu import kernel as cpu_kernel
     print(cpu_kernel.kernels())
     """
     result = child(code, tmp_path)
@@ -89,7 +95,7 @@ def test_inputs_the_kernel_cannot_take_are_a_value_error(built):
     """0 rows (SIGSEGV), group_size 0 or an empty W (SIGFPE) are refused before a kernel runs."""
     code = """
     import mlx.core as mx
-    from duomem_mlx import cpu_kernel
+    from duomem_mlx.cpu import kernel as cpu_kernel
     kernels = cpu_kernel.kernels()
     w, scales, biases = mx.quantize(mx.ones((64, 128)), group_size=64, bits=4)
     empty = mx.zeros((64, 0), mx.uint32), mx.zeros((64, 0)), mx.zeros((64, 0))

@@ -12,9 +12,9 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 
-from duomem_mlx import cpu_kernel
-from duomem_mlx.cpu_quant import ROWS, SWAPS, cpu_streams, dense_prefill_on_cpu
-from duomem_mlx.models import load
+from duomem_mlx.cpu import kernel as cpu_kernel
+from duomem_mlx.cpu.quant import ROWS, SWAPS, cpu_streams, dense_prefill_on_cpu
+from duomem_mlx.runtime.models import load
 
 needs_kernel = pytest.mark.skipif(sys.platform != "linux", reason="the CPU quantized kernel is built on Linux only")
 
@@ -62,7 +62,9 @@ def test_many_rows_run_dense_and_one_row_a_quantized_product(tiny_model, bits, g
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
-def test_without_the_cpu_kernel_one_row_runs_mlxs_kernel_on_a_stream_per_core(tiny_model, bits, group_size, monkeypatch):
+def test_without_the_cpu_kernel_one_row_runs_mlxs_kernel_on_a_stream_per_core(
+    tiny_model, bits, group_size, monkeypatch
+):
     model = quantized_tiny(tiny_model, bits, group_size)
     last = model(mx.array([[43]]))
     dense_prefill_on_cpu(model)
@@ -81,7 +83,10 @@ def test_cpu_kernels_give_mlxs_values(bits, group_size):
     weight = mx.random.normal((200, 384), key=mx.random.key(bits + group_size))
     w, scales, biases = mx.quantize(weight, group_size=group_size, bits=bits)
     dense = kernels.dequantize(w, scales, biases, group_size, bits)
-    assert dense.dtype == mx.float32 and mx.allclose(dense, mx.dequantize(w, scales, biases, group_size, bits), atol=1e-6).item()
+    assert (
+        dense.dtype == mx.float32
+        and mx.allclose(dense, mx.dequantize(w, scales, biases, group_size, bits), atol=1e-6).item()
+    )
     for rows in (1, 2, 5, 8):
         x = mx.random.normal((1, rows, 384), key=mx.random.key(rows))
         for inputs in (x, mx.swapaxes(mx.swapaxes(x, 1, 2) * 1, 1, 2)):  # row-contiguous and a strided view
@@ -95,9 +100,13 @@ def test_cpu_kernels_refuse_what_they_cannot_compute():
     kernels = cpu_kernel.kernels()
     w, scales, biases = mx.quantize(mx.ones((64, 128)), group_size=64, bits=4)
     x = mx.ones((1, 128))
-    for args in ((x.astype(mx.float16), w, scales, biases, 64, 4), (mx.ones((9, 128)), w, scales, biases, 64, 4),
-                 (x, w, scales, biases, 64, 3), (mx.ones((1, 64)), w, scales, biases, 64, 4),
-                 (x, w, scales.astype(mx.float16), biases, 64, 4)):
+    for args in (
+        (x.astype(mx.float16), w, scales, biases, 64, 4),
+        (mx.ones((9, 128)), w, scales, biases, 64, 4),
+        (x, w, scales, biases, 64, 3),
+        (mx.ones((1, 64)), w, scales, biases, 64, 4),
+        (x, w, scales.astype(mx.float16), biases, 64, 4),
+    ):
         with pytest.raises(ValueError, match="cpu_kernel"):
             kernels.quantized_matvec(*args)
     with pytest.raises(ValueError, match="cpu_kernel"):
@@ -107,9 +116,14 @@ def test_cpu_kernels_refuse_what_they_cannot_compute():
 @needs_kernel
 @pytest.mark.parametrize("env,note", [({"DUOMEM_CPU_KERNEL": "0"}, ""), ({"CXX": "false"}, "could not build")])
 def test_without_a_built_extension_there_are_no_kernels(tmp_path, env, note):
-    code = "from duomem_mlx import cpu_kernel; print(cpu_kernel.kernels())"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "DUOMEM_CACHE": str(tmp_path), **env})
+    code = "from duomem_mlx.cpu import kernel as cpu_kernel; print(cpu_kernel.kernels())"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DUOMEM_CACHE": str(tmp_path), **env},
+    )
     assert result.returncode == 0 and result.stdout.strip() == "None"
     lines = result.stderr.strip().splitlines()
     assert (note in lines[-1] and "make setup" in lines[-1] and len(lines) <= 2) if note else lines == []
@@ -135,8 +149,14 @@ def test_cpu_kernels_give_mlxs_gradients():
     def loss(dequantize, matvec):
         return lambda s, b, x: (x @ dequantize(s, b).T).square().sum() + matvec(row * x[:1], s, b).sum()
 
-    own = loss(lambda s, b: kernels.dequantize(w, s, b, 64, 4), lambda x, s, b: kernels.quantized_matvec(x, w, s, b, 64, 4))
-    mlx = loss(lambda s, b: mx.dequantize(w, s, b, 64, 4),
-               lambda x, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4))
-    for got, expected in zip(mx.grad(own, argnums=(0, 1, 2))(scales, biases, x), mx.grad(mlx, argnums=(0, 1, 2))(scales, biases, x)):
+    own = loss(
+        lambda s, b: kernels.dequantize(w, s, b, 64, 4), lambda x, s, b: kernels.quantized_matvec(x, w, s, b, 64, 4)
+    )
+    mlx = loss(
+        lambda s, b: mx.dequantize(w, s, b, 64, 4),
+        lambda x, s, b: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4),
+    )
+    for got, expected in zip(
+        mx.grad(own, argnums=(0, 1, 2))(scales, biases, x), mx.grad(mlx, argnums=(0, 1, 2))(scales, biases, x)
+    ):
         assert mx.allclose(got, expected, atol=1e-3, rtol=1e-4).item()

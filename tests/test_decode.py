@@ -3,15 +3,15 @@ TextWorld episodes, with exact forward-pass counts; the template's own end-of-tu
 
 import mlx_lm
 import pytest
+from cachecheck import assert_cache_holds
 from mlx_lm.utils import common_prefix_len
 
-from cachecheck import assert_cache_holds
-from duomem_mlx.agent.decode import END, DecodeOptions, build_trie, end_of_turn, single_completion
-from duomem_mlx.agent.prompt import encode, prefix_messages
-from duomem_mlx.agent.session import Session
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
-from duomem_mlx.models import make_tiny_model
+from duomem_mlx.runtime.decode import END, DecodeOptions, build_trie, end_of_turn, single_completion
+from duomem_mlx.runtime.models import make_tiny_model
+from duomem_mlx.runtime.prompt import encode, prefix_messages
+from duomem_mlx.runtime.session import Session
 
 
 class CountingModel:

@@ -19,15 +19,21 @@ from duomem_mlx.cli import cli as duomem
 from duomem_mlx.deploy.quantize import greedy_actions
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
-from duomem_mlx.memory.bank import MemoryBank
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.memory.bank import MemoryBank
 
 LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 
 
 def cli(*args, stdin=None, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "duomem_mlx", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "duomem_mlx", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def assert_clean_failure(result, *phrases):
@@ -45,11 +51,15 @@ def make_adapters(base, out, seed=0):
     model.freeze()
     mx.random.seed(seed)  # lora_a too: drawn from the state earlier tests left, its rounding flipped an action
     linear_to_lora_layers(model, 2, LORA)
-    weights = {name: (mx.random.normal(p.shape) * 0.1 if name.endswith("lora_b") else p)
-               for name, p in tree_flatten(model.trainable_parameters())}
+    weights = {
+        name: (mx.random.normal(p.shape) * 0.1 if name.endswith("lora_b") else p)
+        for name, p in tree_flatten(model.trainable_parameters())
+    }
     out.mkdir(parents=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    (out / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA}))
+    (out / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA})
+    )
     return out
 
 
@@ -75,23 +85,49 @@ def test_fused_8bit_package_acts_like_base_plus_adapters(base_kind, tiny_model, 
     adapters = make_adapters(base, tmp_path / "adapters")
     expected = greedy_actions(*mlx_lm.load(str(base), adapter_path=str(adapters)), recorded)
     assert expected != greedy_actions(*mlx_lm.load(str(base)), recorded)  # the adapters change the actions
-    result = cli("quantize", "--model", base, "--adapters", adapters, "--bits", "8", "--group-size", "32",
-                 "--dtype", "float32", "--out", tmp_path / "pkg")  # only the 8-bit rounding differs from base + adapters
+    result = cli(
+        "quantize",
+        "--model",
+        base,
+        "--adapters",
+        adapters,
+        "--bits",
+        "8",
+        "--group-size",
+        "32",
+        "--dtype",
+        "float32",
+        "--out",
+        tmp_path / "pkg",
+    )  # only the 8-bit rounding differs from base + adapters
     assert result.returncode == 0, result.stderr
     model, tokenizer = mlx_lm.load(str(tmp_path / "pkg"))
     assert not any("lora" in name for name, _ in tree_flatten(model.parameters()))
     assert model.layers[0].self_attn.q_proj.bits == 8
     assert greedy_actions(model, tokenizer, recorded) == expected
     meta = json.loads((tmp_path / "pkg" / "duomem.json").read_text())
-    assert meta["quantization"] == {"bits": 8, "group_size": 32, "mode": "affine", "dtype": "float32", "recipe": "affine8",
-                                    "layers": {"8-bit g32": 15}} and meta["adapters"]
+    assert (
+        meta["quantization"]
+        == {
+            "bits": 8,
+            "group_size": 32,
+            "mode": "affine",
+            "dtype": "float32",
+            "recipe": "affine8",
+            "layers": {"8-bit g32": 15},
+        }
+        and meta["adapters"]
+    )
     assert "no memory bank" in result.stdout
 
 
 @pytest.mark.env("textworld")
 def test_package_with_bank_loads_everywhere(tiny_model, tmp_path):
     memories = tmp_path / "memories.jsonl"
-    memories.write_text(json.dumps({"id": "tw-1", "task_type": "simple", "text": "open the chest, take the key, unlock the door"}) + "\n")
+    memories.write_text(
+        json.dumps({"id": "tw-1", "task_type": "simple", "text": "open the chest, take the key, unlock the door"})
+        + "\n"
+    )
     bank = tmp_path / "bank"
     assert cli("memory", "build", "--memories", memories, "--embedder", tiny_model, "--out", bank).returncode == 0
     pkg = tmp_path / "converted" / "student-4bit"
@@ -114,38 +150,74 @@ def test_package_with_bank_loads_everywhere(tiny_model, tmp_path):
     assert mlx_lm.load(str(tmp_path / "bf16"))[0].layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
     card = (pkg / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: mlx" in card and "- duomem" in card
-    assert f"load(\"{pkg.parent.name}/{pkg.name}\")" in card and "| memories | 1 |" in card
+    assert f'load("{pkg.parent.name}/{pkg.name}")' in card and "| memories | 1 |" in card
 
     chat = cli("chat", "--model", pkg, "--max-tokens", "4", stdin="open the door\n/memory\n")
     assert chat.returncode == 0 and "tw-1" in chat.stdout, chat.stderr
     log = tmp_path / "ep.jsonl"
-    ran = cli("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--policy", f"model:{pkg}",
-              "--max-steps", "3", "--out", tmp_path / "r.json", "--log", log)
+    ran = cli(
+        "eval",
+        "--env",
+        "textworld",
+        "--tasks",
+        "simple",
+        "--episodes",
+        "1",
+        "--policy",
+        f"model:{pkg}",
+        "--max-steps",
+        "3",
+        "--out",
+        tmp_path / "r.json",
+        "--log",
+        log,
+    )
     assert ran.returncode == 0, ran.stderr
     assert json.loads(log.read_text())["memories"] == ["tw-1"]  # the package's bank, found on its own
 
 
 def test_quantize_bad_input_is_one_line_and_leaves_nothing(tiny_model, tiny_teacher, tmp_path):
     wrong = make_adapters(tiny_teacher, tmp_path / "teacher-adapters")
-    assert_clean_failure(cli("quantize", "--model", tiny_model, "--adapters", wrong, "--out", tmp_path / "a"),
-                         str(wrong), str(tiny_model), "do not match")
-    assert_clean_failure(cli("quantize", "--model", tiny_model, "--bits", "8", "--mode", "mxfp4", "--out", tmp_path / "b"), "mxfp4")
-    assert_clean_failure(cli("quantize", "--model", tiny_model, "--group-size", "128", "--out", tmp_path / "c"),
-                         "--group-size 32 or 64")
-    assert_clean_failure(cli("quantize", "--model", tiny_model, "--bits", "8", "--calibrate", tmp_path, "--out", tmp_path / "d"), "--bits 4")
-    assert_clean_failure(cli("quantize", "--model", tiny_model, "--recipe", "nope", "--out", tmp_path / "g"), "unknown --recipe nope", "mixed4")
-    assert_clean_failure(cli("quantize", "--model", tiny_model, "--recipe", "mixed4", "--out", tmp_path / "h"), "--calibrate CACHE")
+    assert_clean_failure(
+        cli("quantize", "--model", tiny_model, "--adapters", wrong, "--out", tmp_path / "a"),
+        str(wrong),
+        str(tiny_model),
+        "do not match",
+    )
+    assert_clean_failure(
+        cli("quantize", "--model", tiny_model, "--bits", "8", "--mode", "mxfp4", "--out", tmp_path / "b"), "mxfp4"
+    )
+    assert_clean_failure(
+        cli("quantize", "--model", tiny_model, "--group-size", "128", "--out", tmp_path / "c"), "--group-size 32 or 64"
+    )
+    assert_clean_failure(
+        cli("quantize", "--model", tiny_model, "--bits", "8", "--calibrate", tmp_path, "--out", tmp_path / "d"),
+        "--bits 4",
+    )
+    assert_clean_failure(
+        cli("quantize", "--model", tiny_model, "--recipe", "nope", "--out", tmp_path / "g"),
+        "unknown --recipe nope",
+        "mixed4",
+    )
+    assert_clean_failure(
+        cli("quantize", "--model", tiny_model, "--recipe", "mixed4", "--out", tmp_path / "h"), "--calibrate CACHE"
+    )
     bad_memories = tmp_path / "bad.jsonl"
     bad_memories.write_text("{not json\n")
-    assert_clean_failure(cli("quantize", "--model", tiny_model, "--memory", bad_memories, "--group-size", "32", "--out", tmp_path / "e"), "line 1")
+    assert_clean_failure(
+        cli("quantize", "--model", tiny_model, "--memory", bad_memories, "--group-size", "32", "--out", tmp_path / "e"),
+        "line 1",
+    )
     (tmp_path / "f").mkdir()
-    assert_clean_failure(cli("quantize", "--model", tiny_model, "--group-size", "32", "--out", tmp_path / "f"), "--force")
+    assert_clean_failure(
+        cli("quantize", "--model", tiny_model, "--group-size", "32", "--out", tmp_path / "f"), "--force"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "f", "teacher-adapters"]
 
 
 def mean_kl(model, reference, sequences):
     """KL(reference || model) per action token, where the agent is scored and calibration trains."""
-    from duomem_mlx.agent.decode import logits_at
+    from duomem_mlx.runtime.decode import logits_at
     from duomem_mlx.teacher.topk import masked_positions
 
     total, count = 0.0, 0
@@ -169,7 +241,9 @@ def test_quantize_on_a_cpu_says_which_precision_decodes_fastest(tiny_model, tmp_
     if mx.default_device() != mx.cpu:
         assert rates is None and "decoding on this CPU" not in result.stdout
         return
-    assert set(rates) == {"float32", "affine4"} and all(v > 0 for v in rates.values())  # keyed by recipe, as benchmarks/quantization.py reads it
+    assert set(rates) == {"float32", "affine4"} and all(
+        v > 0 for v in rates.values()
+    )  # keyed by recipe, as benchmarks/quantization.py reads it
     fastest = max(rates, key=rates.get)
     assert f"decoding on this CPU: {fastest} " in result.stdout
     assert ("--bits 16 --dtype float32" in result.stdout) == (fastest == "float32")
@@ -179,7 +253,20 @@ def test_quantize_on_a_cpu_says_which_precision_decodes_fastest(tiny_model, tmp_
 def train_cache(tmp_path_factory, need_env):
     need_env("textworld")
     cache = tmp_path_factory.mktemp("cache") / "cache"
-    teach = cli("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", "2", "--keep-admissible", "--out", cache)
+    teach = cli(
+        "teach",
+        "--teacher",
+        "oracle",
+        "--env",
+        "textworld",
+        "--tasks",
+        "simple",
+        "--episodes",
+        "2",
+        "--keep-admissible",
+        "--out",
+        cache,
+    )
     assert teach.returncode == 0, teach.stderr
     return cache
 
@@ -188,10 +275,27 @@ def test_mixed_recipe_spends_8_bits_where_the_actions_are_sensitive(tiny_model, 
     from duomem_mlx.deploy.recipes import RECIPES, pick
 
     assert pick(4, None, True) == "affine4" and pick(4, None, False) == "affine4" and pick(8, None, True) == "affine8"
-    plain = cli("quantize", "--model", tiny_model, "--bits", "4", "--calibrate", train_cache, "--out", tmp_path / "plain")
-    assert plain.returncode == 0 and "recipe affine4" in plain.stdout and "is unused" in plain.stdout, plain.stdout + plain.stderr
-    result = cli("quantize", "--model", tiny_model, "--bits", "4", "--recipe", "mixed4", "--calibrate", train_cache, "--max-seq-length", 512,
-                 "--out", tmp_path / "mixed")
+    plain = cli(
+        "quantize", "--model", tiny_model, "--bits", "4", "--calibrate", train_cache, "--out", tmp_path / "plain"
+    )
+    assert plain.returncode == 0 and "recipe affine4" in plain.stdout and "is unused" in plain.stdout, (
+        plain.stdout + plain.stderr
+    )
+    result = cli(
+        "quantize",
+        "--model",
+        tiny_model,
+        "--bits",
+        "4",
+        "--recipe",
+        "mixed4",
+        "--calibrate",
+        train_cache,
+        "--max-seq-length",
+        512,
+        "--out",
+        tmp_path / "mixed",
+    )
     assert result.returncode == 0, result.stderr
     assert "recipe mixed4" in result.stdout and "sensitivity" in result.stdout
     meta = json.loads((tmp_path / "mixed" / "duomem.json").read_text())
@@ -199,17 +303,34 @@ def test_mixed_recipe_spends_8_bits_where_the_actions_are_sensitive(tiny_model, 
     assert meta["quantization"]["recipe"] == "mixed4" and set(layers) == {"4-bit g64", "8-bit g64"}, layers
     assert 4.5 < meta["bits_per_weight"] <= RECIPES["mixed4"].target_bpw + 0.05
     model = mlx_lm.load(str(tmp_path / "mixed"))[0]
-    assert {m.bits for _, m in model.named_modules() if hasattr(m, "bits")} == {4, 8}  # mlx-lm reads the per-layer config
+    assert {m.bits for _, m in model.named_modules() if hasattr(m, "bits")} == {
+        4,
+        8,
+    }  # mlx-lm reads the per-layer config
 
 
 @pytest.mark.parametrize("recipe", ["gptq4", "awq4"])
-def test_gptq_and_awq_round_with_the_chats_and_keep_the_logits_closer_than_rounding_to_nearest(recipe, tiny_model, train_cache, tmp_path):
+def test_gptq_and_awq_round_with_the_chats_and_keep_the_logits_closer_than_rounding_to_nearest(
+    recipe, tiny_model, train_cache, tmp_path
+):
     from duomem_mlx.deploy.quantize import cache_episodes, calibration_data
     from duomem_mlx.deploy.recipes import chat_windows
-    from duomem_mlx.models import load
+    from duomem_mlx.runtime.models import load
 
     for name in ("affine4", recipe):
-        result = cli("quantize", "--model", tiny_model, "--bits", "4", "--recipe", name, "--calibrate", train_cache, "--out", tmp_path / name)
+        result = cli(
+            "quantize",
+            "--model",
+            tiny_model,
+            "--bits",
+            "4",
+            "--recipe",
+            name,
+            "--calibrate",
+            train_cache,
+            "--out",
+            tmp_path / name,
+        )
         assert result.returncode == 0, result.stderr
     assert f"{recipe.rstrip('4').upper()} on the chats" in result.stdout
     meta = json.loads((tmp_path / recipe / "duomem.json").read_text())
@@ -217,30 +338,56 @@ def test_gptq_and_awq_round_with_the_chats_and_keep_the_logits_closer_than_round
     assert 4.5 <= meta["bits_per_weight"] < 4.6
     dense, tokenizer = load(str(tiny_model))
     windows = chat_windows([ids for ids, _ in calibration_data(tokenizer, cache_episodes(str(train_cache)), 2048)])
-    error = {name: ((load(str(tmp_path / name))[0](windows) - dense(windows)) ** 2).mean().item() for name in ("affine4", recipe)}
+    error = {
+        name: ((load(str(tmp_path / name))[0](windows) - dense(windows)) ** 2).mean().item()
+        for name in ("affine4", recipe)
+    }
     assert error[recipe] < error["affine4"], error
 
 
 def test_margin_calibration_lowers_its_hinge_on_the_students_own_actions(tiny_model, train_cache, tmp_path):
-    result = cli("quantize", "--model", tiny_model, "--bits", "4", "--group-size", "32", "--calibrate", train_cache, "--max-seq-length", 512,
-                 "--recipe", "mixed4-margin", "--learning-rate", "1e-4", "--out", tmp_path / "calibrated")
+    result = cli(
+        "quantize",
+        "--model",
+        tiny_model,
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--calibrate",
+        train_cache,
+        "--max-seq-length",
+        512,
+        "--recipe",
+        "mixed4-margin",
+        "--learning-rate",
+        "1e-4",
+        "--out",
+        tmp_path / "calibrated",
+    )
     assert result.returncode == 0, result.stderr
     assert "recipe mixed4-margin" in result.stdout and "after calibration" in result.stdout
     calibration = json.loads((tmp_path / "calibrated" / "duomem.json").read_text())["calibration"]
-    assert calibration["steps"] > 0 and 0 <= calibration["agreement_before"] <= 1 and 0 <= calibration["agreement_after"] <= 1
+    assert (
+        calibration["steps"] > 0
+        and 0 <= calibration["agreement_before"] <= 1
+        and 0 <= calibration["agreement_after"] <= 1
+    )
     assert calibration["margin"] > 0 and len(calibration["loss_per_epoch"]) == calibration["epochs"]
     assert calibration["loss_per_epoch"][-1] < calibration["loss_per_epoch"][0] / 2
 
 
 def test_quantized_package_stores_16_bit_scales_and_a_cpu_computes_in_float32(tiny_model, tmp_path, monkeypatch):
-    from duomem_mlx import cpu_kernel
-    from duomem_mlx.models import load
+    from duomem_mlx.cpu import kernel as cpu_kernel
+    from duomem_mlx.runtime.models import load
 
     result = cli("quantize", "--model", tiny_model, "--bits", "4", "--out", tmp_path / "q")
     assert result.returncode == 0, result.stderr
     stored = mx.load(str(tmp_path / "q" / "model.safetensors"))
     assert stored["model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16
-    assert 4.5 <= json.loads((tmp_path / "q" / "duomem.json").read_text())["bits_per_weight"] < 4.6  # 16-bit scales and biases, groups of 64
+    assert (
+        4.5 <= json.loads((tmp_path / "q" / "duomem.json").read_text())["bits_per_weight"] < 4.6
+    )  # 16-bit scales and biases, groups of 64
     model = load(str(tmp_path / "q"))[0]
     layer = model.layers[0].self_attn.q_proj
     assert layer.scales.dtype == (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
@@ -250,11 +397,23 @@ def test_quantized_package_stores_16_bit_scales_and_a_cpu_computes_in_float32(ti
     # run MLX's ~50x slower (SmolLM2 4-bit: 0.1 against 5 tokens/s in one process) and skip the package's
     seen = []
     kernel, own = mx.quantized_matmul, cpu_kernel.kernels()
-    monkeypatch.setattr(mx, "quantized_matmul", lambda x, w, scales=None, biases=None, **k: seen.append(
-        (x.dtype, scales.dtype, biases.dtype)) or kernel(x, w, scales=scales, biases=biases, **k))
+    monkeypatch.setattr(
+        mx,
+        "quantized_matmul",
+        lambda x, w, scales=None, biases=None, **k: (
+            seen.append((x.dtype, scales.dtype, biases.dtype)) or kernel(x, w, scales=scales, biases=biases, **k)
+        ),
+    )
     if own is not None:
-        monkeypatch.setattr(cpu_kernel, "kernels", lambda: SimpleNamespace(quantized_matvec=lambda x, w, scales, biases, *a: seen.append(
-            (x.dtype, scales.dtype, biases.dtype)) or own.quantized_matvec(x, w, scales, biases, *a)))
+        monkeypatch.setattr(
+            cpu_kernel,
+            "kernels",
+            lambda: SimpleNamespace(
+                quantized_matvec=lambda x, w, scales, biases, *a: (
+                    seen.append((x.dtype, scales.dtype, biases.dtype)) or own.quantized_matvec(x, w, scales, biases, *a)
+                )
+            ),
+        )
     mx.eval(model(mx.array([[5]])))
     layers = sum(1 for _, m in model.named_modules() if hasattr(m, "scales"))
     assert len(seen) >= layers and set(seen) == {(mx.float32, mx.float32, mx.float32)}
@@ -267,7 +426,9 @@ def package(tiny_model, tmp_path_factory):
     memories = root / "memories.jsonl"
     memories.write_text(json.dumps({"id": "m-1", "task_type": "", "text": "look around, then open the door"}) + "\n")
     pkg = root / "student-4bit"
-    result = cli("quantize", "--model", tiny_model, "--memory", memories, "--bits", "4", "--group-size", "32", "--out", pkg)
+    result = cli(
+        "quantize", "--model", tiny_model, "--memory", memories, "--bits", "4", "--group-size", "32", "--out", pkg
+    )
     assert result.returncode == 0, result.stderr
     for junk in (".env", "run.log", "modeling.py", "memory/.keys.safetensors.tmp"):
         (pkg / junk).write_text("junk")
@@ -276,8 +437,20 @@ def package(tiny_model, tmp_path_factory):
     return pkg
 
 
-UPLOADED = {"README.md", "config.json", "duomem.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "generation_config.json",
-            "tokenizer_config.json", "chat_template.jinja", "memory/bank.json", "memory/memories.jsonl", "memory/keys.safetensors"}
+UPLOADED = {
+    "README.md",
+    "config.json",
+    "duomem.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "memory/bank.json",
+    "memory/memories.jsonl",
+    "memory/keys.safetensors",
+}
 
 
 def test_the_cards_install_lines_work_as_written(package):
@@ -292,7 +465,8 @@ def test_the_cards_install_lines_work_as_written(package):
     git = {"url": "https://example.org/duomem-mlx.git", "vcs_info": {"vcs": "git", "commit_id": "a" * 40}}
     assert duomem_install(git)[1] == f'pip install "duomem-mlx @ git+https://example.org/duomem-mlx.git@{"a" * 40}"\n'
     assert duomem_install({"url": "https://example.org/duomem_mlx-0.1.0.tar.gz", "archive_info": {}})[1].startswith(
-        'pip install "duomem-mlx @ https://example.org/')
+        'pip install "duomem-mlx @ https://example.org/'
+    )
     local = {"url": "file:///work/duomem-mlx", "dir_info": {"editable": True}}
     for record in ({**git, "url": "https://user:token@example.org/r.git"}, {**git, "url": "file:///w/r"}, local, {}):
         how, line = duomem_install(record)
@@ -311,10 +485,14 @@ def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
     for row in report["packages"]:
         assert all(row[key] > 0 for key in KEYS), row
         assert row["step_latency_p95_ms"] >= row["step_latency_p50_ms"]
-        assert row["model_config"] == {k: json.loads((tiny_model / "config.json").read_text())[k]
-                                       for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+        assert row["model_config"] == {
+            k: json.loads((tiny_model / "config.json").read_text())[k]
+            for k in ("hidden_size", "num_hidden_layers", "vocab_size")
+        }
     small, big = report["packages"][1], report["packages"][0]
-    assert small["model_bytes"] < big["model_bytes"] and small["bytes_per_decoded_token"] < big["bytes_per_decoded_token"]
+    assert (
+        small["model_bytes"] < big["model_bytes"] and small["bytes_per_decoded_token"] < big["bytes_per_decoded_token"]
+    )
     assert png.read_bytes().startswith(b"\x89PNG")
     assert "decode_roofline_fraction" in result.stdout
     assert json.loads((package / "duomem.json").read_text())["results"]["bench"]["ttft_ms"] == small["ttft_ms"]
@@ -331,9 +509,13 @@ def test_bytes_per_token_reads_a_tied_embedding_once_as_the_head(tiny_model):
     tied, _ = mlx_lm.load(str(tiny_model))
     embedding = tied.model.embed_tokens.weight.nbytes
     kv = bytes_per_token(tied, 100) - bytes_per_token(tied, 0)
-    assert kv == 2 * len(tied.layers) * tied.args.num_key_value_heads * tied.args.head_dim * 100 * 4  # float32 model: 4 bytes
+    assert (
+        kv == 2 * len(tied.layers) * tied.args.num_key_value_heads * tied.args.head_dim * 100 * 4
+    )  # float32 model: 4 bytes
     assert bytes_per_token(tied, 0) == weights(tied)  # the matrix once: the head reads it, the lookup one row of it
-    args = llama.ModelArgs("llama", 64, 2, 192, 2, 1e-6, tied.args.vocab_size, num_key_value_heads=1, tie_word_embeddings=False)
+    args = llama.ModelArgs(
+        "llama", 64, 2, 192, 2, 1e-6, tied.args.vocab_size, num_key_value_heads=1, tie_word_embeddings=False
+    )
     untied = llama.Model(args)
     assert bytes_per_token(untied, 0) == weights(untied) - untied.model.embed_tokens.weight.nbytes
     assert weights(untied) - bytes_per_token(untied, 0) == embedding  # the lookup-only table is the one left out
@@ -345,13 +527,28 @@ def test_roofline_fraction_never_exceeds_one(tiny_model, tmp_path, monkeypatch):
     # The reported case: 5.6 tokens/s x 550 MB against a 2.6 GB/s probe read as 1.18 of the roofline.
     assert 5.6 * 550e6 / 2.6e9 > 1
     assert bench.roofline(5.6, 550e6, 2.6e9) == pytest.approx(
-        {"decode_gb_s": 3.08, "decode_roofline_fraction": 1.0, "roofline_bound": "decode"})
+        {"decode_gb_s": 3.08, "decode_roofline_fraction": 1.0, "roofline_bound": "decode"}
+    )
     assert bench.roofline(1.0, 550e6, 2.6e9)["decode_roofline_fraction"] == pytest.approx(0.55 / 2.6)
     # A probe that under-reads (a one-core sum did, against decode on every core) through the whole run:
     monkeypatch.setattr(bench, "bandwidth", lambda: {"best": 1e-6})
     out = tmp_path / "b.json"
-    result = CliRunner().invoke(duomem, ["bench", str(tiny_model), "--steps", "2", "--repeats", "1", "--max-tokens", "2",
-                                              "--json", str(out), "--no-save"])
+    result = CliRunner().invoke(
+        duomem,
+        [
+            "bench",
+            str(tiny_model),
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--max-tokens",
+            "2",
+            "--json",
+            str(out),
+            "--no-save",
+        ],
+    )
     assert result.exit_code == 0, result.output
     row = json.loads(out.read_text())["packages"][0]
     assert row["decode_tokens_per_s"] * row["bytes_per_decoded_token"] > 1e3  # the old fraction: far above 1
@@ -362,7 +559,9 @@ def test_roofline_fraction_never_exceeds_one(tiny_model, tmp_path, monkeypatch):
 def test_small_bench_is_small_and_says_how_it_goes(tiny_model, tmp_path):
     out = tmp_path / "b.json"
     env = {**os.environ, "DUOMEM_PROGRESS_SECONDS": "0"}
-    result = cli("bench", tiny_model, "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", out, "--no-save", env=env)
+    result = cli(
+        "bench", tiny_model, "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", out, "--no-save", env=env
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(f"{tiny_model.name}: ")]
     total = 1 + 1 + 2 + 1  # a load, the warm-up step, the episode's steps, a throughput run
@@ -373,14 +572,16 @@ def test_small_bench_is_small_and_says_how_it_goes(tiny_model, tmp_path):
 
 
 def test_a_small_run_feeds_few_tokens(tiny_model, monkeypatch):
-    from duomem_mlx.agent.session import Session
     from duomem_mlx.deploy import bench
+    from duomem_mlx.runtime.session import Session
 
     def fed(steps, max_tokens):
         tokens, decoded = [], []
         feed = Session.feed
         monkeypatch.setattr(Session, "feed", lambda self, ids: (tokens.append(len(ids)), feed(self, ids)))
-        monkeypatch.setattr(bench, "throughput", lambda model, prompt, n: (tokens.append(len(prompt)), decoded.append(n), (1.0, 1.0))[2])
+        monkeypatch.setattr(
+            bench, "throughput", lambda model, prompt, n: (tokens.append(len(prompt)), decoded.append(n), (1.0, 1.0))[2]
+        )
         bench.bench_package(bench.Measured(str(tiny_model)), None, 1, steps, 1, max_tokens, 4096, 0, math.inf)
         return sum(tokens), decoded
 
@@ -394,17 +595,19 @@ def test_bench_runs_a_package_as_chat_loads_it(package, monkeypatch):
     dense (cpu_quant) as in chat and eval; plain mlx_lm.load kept MLX's per-row kernel there
     (a SmolLM2 4-bit package prefilled 15.6 tokens/s in bench against 259 through the loader)."""
     from duomem_mlx.deploy import bench
-    from duomem_mlx.models import load
+    from duomem_mlx.runtime.models import load
 
     seen = []
-    monkeypatch.setattr(bench, "throughput", lambda model, prompt, n: (seen.append({type(m) for m in model.modules()}), (1.0, 1.0))[1])
+    monkeypatch.setattr(
+        bench, "throughput", lambda model, prompt, n: (seen.append({type(m) for m in model.modules()}), (1.0, 1.0))[1]
+    )
     bench.bench_package(bench.Measured(str(package)), None, 1, 2, 1, 2, 4096, 0, math.inf)
     assert seen and seen[0] == {type(m) for m in load(str(package))[0].modules()}
 
 
 def test_an_interrupted_bench_writes_what_it_measured(tiny_model, tmp_path, monkeypatch):
-    from duomem_mlx.agent.session import Session
     from duomem_mlx.deploy import bench
+    from duomem_mlx.runtime.session import Session
 
     monkeypatch.setattr(bench, "bandwidth", lambda: {"best": 10.0})
     calls, generate = [], Session.generate
@@ -417,8 +620,12 @@ def test_an_interrupted_bench_writes_what_it_measured(tiny_model, tmp_path, monk
 
     monkeypatch.setattr(Session, "generate", generate_until_ctrl_c)
     out = tmp_path / "b.json"
-    result = CliRunner().invoke(duomem, ["bench", str(tiny_model), "--steps", "5", "--repeats", "1", "--json", str(out), "--no-save"])
-    assert result.exit_code == 1 and "Error: interrupted in" in result.output and "after 2 steps" in result.output, result.output
+    result = CliRunner().invoke(
+        duomem, ["bench", str(tiny_model), "--steps", "5", "--repeats", "1", "--json", str(out), "--no-save"]
+    )
+    assert result.exit_code == 1 and "Error: interrupted in" in result.output and "after 2 steps" in result.output, (
+        result.output
+    )
     report = json.loads(out.read_text())
     assert report["partial"] is True and report["stopped"] == "interrupted"
     (row,) = report["packages"]
@@ -429,8 +636,24 @@ def test_an_interrupted_bench_writes_what_it_measured(tiny_model, tmp_path, monk
 def test_sigterm_and_time_limit_leave_a_partial_json(tiny_model, tmp_path):
     out = tmp_path / "b.json"
     env = {**os.environ, "DUOMEM_PROGRESS_SECONDS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "duomem_mlx", "bench", str(tiny_model), "--steps", "200", "--json", str(out),
-                             "--no-save"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "duomem_mlx",
+            "bench",
+            str(tiny_model),
+            "--steps",
+            "200",
+            "--json",
+            str(out),
+            "--no-save",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout.readline().startswith(f"{tiny_model.name}: 1/")  # the first load is done
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -509,8 +732,9 @@ class FakeHub:
             return self.json({"errors": [], "warnings": []})
         if api and api.group(2) == "preupload":
             files = json.loads(body)["files"]
-            return self.json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                        for f in files]})
+            return self.json(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if api and api.group(2) == "commit":
             sent = [json.loads(line)["value"] for line in body.splitlines() if json.loads(line)["key"] == "file"]
             self.repos.setdefault(repo, {}).update({file["path"]: base64.b64decode(file["content"]) for file in sent})
@@ -522,8 +746,12 @@ class FakeHub:
         if api and api.group(2) == "revision":
             return self.json({"id": repo, "sha": self.commit(repo), "siblings": [{"rfilename": f} for f in files]})
         if api and api.group(2) == "tree":
-            return self.json([{"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                              for f, data in files.items()])
+            return self.json(
+                [
+                    {"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for f, data in files.items()
+                ]
+            )
         if resolve and resolve.group(2) in files:
             data = files[resolve.group(2)]
             return 200, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": self.commit(repo)}, data
@@ -540,7 +768,13 @@ def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
 
     hub = FakeHub()
     token = "hf_secret_loopback_token"
-    env = {**os.environ, "HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint, "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        **os.environ,
+        "HF_TOKEN": token,
+        "HF_ENDPOINT": hub.endpoint,
+        "NO_PROXY": "127.0.0.1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     try:
         result = cli("upload", package, "--repo", "me/student-4bit", "--private", "--message", "first", env=env)
     finally:
@@ -549,14 +783,18 @@ def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
     assert token not in result.stdout + result.stderr
     paths = [path.split("?")[0] for _, path, _, _ in hub.calls]
     commits = [call for call in hub.calls if call[1].startswith("/api/models/me/student-4bit/commit/")]
-    assert len(commits) == 1 and all(p in ("/api/repos/create", "/api/validate-yaml") or "/me/student-4bit/" in p for p in paths)
+    assert len(commits) == 1 and all(
+        p in ("/api/repos/create", "/api/validate-yaml") or "/me/student-4bit/" in p for p in paths
+    )
     assert json.loads(hub.calls[0][3])["visibility"] == "private"
     lines = [json.loads(line) for line in commits[0][3].splitlines()]
     assert lines[0]["key"] == "header" and lines[0]["value"]["summary"] == "first"
     sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:]}
     assert set(sent) == UPLOADED
     assert sent["model.safetensors"] == (package / "model.safetensors").read_bytes()
-    assert b"library_name: mlx" in sent["README.md"] and b"me/student-4bit" in sent["README.md"]  # card refreshed for the repo
+    assert (
+        b"library_name: mlx" in sent["README.md"] and b"me/student-4bit" in sent["README.md"]
+    )  # card refreshed for the repo
     for _, _, headers, body in hub.calls:
         assert {k.lower(): v for k, v in headers.items()}["authorization"] == f"Bearer {token}"
         assert sum(token in v for v in headers.values()) == 1 and token.encode() not in body
@@ -567,20 +805,43 @@ def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp
     download holds the package's bank (the memory ids shown are its), bench measures the real
     files, a repo's code and pickles never come down, and the Hub cache serves it offline."""
     hub, repo = FakeHub(), "me/student-4bit"
-    env = {**os.environ, "HF_TOKEN": "hf_loopback", "HF_ENDPOINT": hub.endpoint, "NO_PROXY": "127.0.0.1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    env = {
+        **os.environ,
+        "HF_TOKEN": "hf_loopback",
+        "HF_ENDPOINT": hub.endpoint,
+        "NO_PROXY": "127.0.0.1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+    }
     log, bench_json, memories = tmp_path / "ep.jsonl", tmp_path / "b.json", package / "memory" / "memories.jsonl"
     try:
         assert cli("upload", package, "--repo", repo, env=env).returncode == 0
         hub.repos[repo] |= {"modeling_student.py": b"raise SystemExit('code ran')", "pytorch_model.bin": b"pickle"}
         chat = cli("chat", "--model", repo, "--max-tokens", "4", stdin="open the door\n/memory\n", env=env)
-        ran = cli("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--policy", f"model:{repo}",
-                  "--max-steps", "3", "--out", tmp_path / "r.json", "--log", log, env=env)
+        ran = cli(
+            "eval",
+            "--env",
+            "textworld",
+            "--tasks",
+            "simple",
+            "--episodes",
+            "1",
+            "--policy",
+            f"model:{repo}",
+            "--max-steps",
+            "3",
+            "--out",
+            tmp_path / "r.json",
+            "--log",
+            log,
+            env=env,
+        )
         bench = cli("bench", repo, "--steps", "2", "--repeats", "1", "--max-tokens", "2", "--json", bench_json, env=env)
         missing = cli("chat", "--model", "me/no-such-package", stdin="", env=env)
-        requantized = cli("quantize", "--model", repo, "--bits", "8", "--group-size", "32", "--out", tmp_path / "8bit",
-                          env=env)
+        requantized = cli(
+            "quantize", "--model", repo, "--bits", "8", "--group-size", "32", "--out", tmp_path / "8bit", env=env
+        )
         bank = cli("memory", "build", "--memories", memories, "--embedder", repo, "--out", tmp_path / "bank", env=env)
     finally:
         hub.server.shutdown()
@@ -594,8 +855,11 @@ def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp
     assert row["model_config"]["hidden_size"] == json.loads((package / "config.json").read_text())["hidden_size"]
     [snapshot] = (tmp_path / "hf" / "hub" / "models--me--student-4bit" / "snapshots").iterdir()
     assert {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()} == UPLOADED
-    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for method, path, _, _ in hub.calls
-               if method == "GET" and "/resolve/" in path}
+    fetched = {
+        path.split("/resolve/")[1].split("/", 1)[1]
+        for method, path, _, _ in hub.calls
+        if method == "GET" and "/resolve/" in path
+    }
     assert fetched == UPLOADED
     assert_clean_failure(missing, "me/no-such-package is neither a local directory nor a model on the Hub", "HF_TOKEN")
     assert requantized.returncode == 0, requantized.stderr  # the downloaded bank, re-embedded; the base named by its id
@@ -607,8 +871,9 @@ def test_a_package_from_the_loopback_hub_runs_with_its_own_memories(package, tmp
     offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     cached = cli("chat", "--model", repo, "--max-tokens", "2", stdin="open the door\n/memory\n", env=offline)
     assert cached.returncode == 0 and "m-1" in cached.stdout, cached.stderr
-    assert_clean_failure(cli("bench", "me/other", "--json", tmp_path / "x.json", env=offline),
-                         "not in the Hub cache", "HF_HUB_OFFLINE")
+    assert_clean_failure(
+        cli("bench", "me/other", "--json", tmp_path / "x.json", env=offline), "not in the Hub cache", "HF_HUB_OFFLINE"
+    )
 
 
 def test_every_command_that_takes_a_model_gets_a_hub_id_from_the_one_download(package, train_cache, tmp_path):
@@ -617,14 +882,16 @@ def test_every_command_that_takes_a_model_gets_a_hub_id_from_the_one_download(pa
     hub = "http://127.0.0.1:9"
     env = {**os.environ, "HF_ENDPOINT": hub, "HF_HUB_CACHE": str(tmp_path / "hub"), "NO_PROXY": "127.0.0.1"}
     out, memories, textworld = tmp_path / "out", package / "memory" / "memories.jsonl", ("--env", "textworld")
-    commands = [("chat", "--model", "me/absent"),
-                ("eval", *textworld, "--policy", "model:me/absent", "--out", out),
-                ("bench", "me/absent", "--json", out),
-                ("quantize", "--model", "me/absent", "--out", out),
-                ("memory", "build", "--memories", memories, "--embedder", "me/absent", "--out", out),
-                ("teach", "--teacher", "mlx:me/absent", *textworld, "--episodes", "1", "--out", out),
-                ("teach", "--teacher", "oracle", "--teacher-tokenizer", "me/absent", *textworld, "--out", out),
-                ("distill", "--student", "me/absent", "--cache", train_cache, "--out", out)]
+    commands = [
+        ("chat", "--model", "me/absent"),
+        ("eval", *textworld, "--policy", "model:me/absent", "--out", out),
+        ("bench", "me/absent", "--json", out),
+        ("quantize", "--model", "me/absent", "--out", out),
+        ("memory", "build", "--memories", memories, "--embedder", "me/absent", "--out", out),
+        ("teach", "--teacher", "mlx:me/absent", *textworld, "--episodes", "1", "--out", out),
+        ("teach", "--teacher", "oracle", "--teacher-tokenizer", "me/absent", *textworld, "--out", out),
+        ("distill", "--student", "me/absent", "--cache", train_cache, "--out", out),
+    ]
     for args in commands:
         assert_clean_failure(cli(*args, stdin="", env=env), f"cannot reach the Hub at {hub} to download me/absent")
         assert not out.exists() or not any(out.iterdir()), args  # distill leaves its empty OUT
@@ -636,6 +903,8 @@ def test_upload_bad_input(package, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     assert_clean_failure(cli("upload", package, "--repo", "me/bad name!", env=env), "not a Hub repo id")
     assert_clean_failure(cli("upload", package, "--repo", "me/x", env={**env, "HF_HOME": str(tmp_path)}), "HF_TOKEN")
-    assert_clean_failure(cli("upload", package, "--repo", "me/x", env={**env, "HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"}),
-                         "cannot reach the Hub")
+    assert_clean_failure(
+        cli("upload", package, "--repo", "me/x", env={**env, "HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+        "cannot reach the Hub",
+    )
     assert_clean_failure(cli("upload", tmp_path, "--repo", "me/x", "--dry-run"), "not a model package")

@@ -62,7 +62,9 @@ def test_distill_loss_gradient_matches_finite_differences(kind):
         up, down = base.copy(), base.copy()
         up[i] += eps
         down[i] -= eps
-        numeric = (f(mx.array(up.reshape(logits.shape))).item() - f(mx.array(down.reshape(logits.shape))).item()) / (2 * eps)
+        numeric = (f(mx.array(up.reshape(logits.shape))).item() - f(mx.array(down.reshape(logits.shape))).item()) / (
+            2 * eps
+        )
         assert math.isclose(grad[i], numeric, rel_tol=2e-2, abs_tol=2e-3), (i, grad[i], numeric)
 
 
@@ -97,18 +99,20 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from duomem_mlx.agent.loop import ModelPolicy
-from duomem_mlx.agent.prompt import episode_messages, tokenize_with_mask
 from duomem_mlx.cli import cli
 from duomem_mlx.distill.data import build_dataset
 from duomem_mlx.envs.base import Episode
 from duomem_mlx.memory.bank import Memory, build
-from duomem_mlx.models import load, make_tiny_model
+from duomem_mlx.runtime.models import load, make_tiny_model
+from duomem_mlx.runtime.policy import ModelPolicy
+from duomem_mlx.runtime.prompt import episode_messages, tokenize_with_mask
 from duomem_mlx.teacher.cache import load_shard, read_episodes
 
-MEMORIES = [Memory("m1", "simple", "to open a locked door: take the key, unlock the door with the key, open it"),
-            Memory("m2", "simple", "look at the room first, then go to the exits one by one"),
-            Memory("m3", "cooking", "read the cookbook, take the ingredients, prepare the meal, eat it")]
+MEMORIES = [
+    Memory("m1", "simple", "to open a locked door: take the key, unlock the door with the key, open it"),
+    Memory("m2", "simple", "look at the room first, then go to the exits one by one"),
+    Memory("m3", "cooking", "read the cookbook, take the ingredients, prepare the meal, eat it"),
+]
 
 
 def run(*args, ok=True):
@@ -133,8 +137,29 @@ def teacher(tmp_path_factory, tiny_model, oracle_cache):
 
     root = tmp_path_factory.mktemp("distill")
     raw = make_tiny_model(root / "raw", "llama", 2, 64, seed=3, tokenizer_from=tiny_model)
-    run("distill", "--student", raw, "--cache", oracle_cache, "--out", root / "full", "--kd", "off", "--adapter", "full",
-        "--num-layers", -1, "--iters", 40, "--batch-size", 2, "--learning-rate", 3e-3, "--val-fraction", 0)
+    run(
+        "distill",
+        "--student",
+        raw,
+        "--cache",
+        oracle_cache,
+        "--out",
+        root / "full",
+        "--kd",
+        "off",
+        "--adapter",
+        "full",
+        "--num-layers",
+        -1,
+        "--iters",
+        40,
+        "--batch-size",
+        2,
+        "--learning-rate",
+        3e-3,
+        "--val-fraction",
+        0,
+    )
     model, _ = load(str(raw), str(root / "full"))
     out = root / "teacher"
     shutil.copytree(raw, out, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -145,8 +170,25 @@ def teacher(tmp_path_factory, tiny_model, oracle_cache):
 @pytest.fixture(scope="module")
 def kd_cache(tmp_path_factory, teacher):
     out = tmp_path_factory.mktemp("distill") / "cache"
-    run("teach", "--teacher", f"mlx:{teacher}", "--env", "textworld", "--tasks", "simple", "--episodes", 4,
-        "--max-steps", 6, "--keep", "all", "--top-k", 16, "--out", out)
+    run(
+        "teach",
+        "--teacher",
+        f"mlx:{teacher}",
+        "--env",
+        "textworld",
+        "--tasks",
+        "simple",
+        "--episodes",
+        4,
+        "--max-steps",
+        6,
+        "--keep",
+        "all",
+        "--top-k",
+        16,
+        "--out",
+        out,
+    )
     return out
 
 
@@ -157,8 +199,24 @@ def bank(tmp_path_factory, tiny_model):
 
 
 def distill(student, cache, out, *extra, ok=True):
-    return run("distill", "--student", student, "--cache", cache, "--out", out, "--all", "--batch-size", 2,
-               "--learning-rate", 3e-3, "--warmup", 0, *extra, ok=ok)
+    return run(
+        "distill",
+        "--student",
+        student,
+        "--cache",
+        cache,
+        "--out",
+        out,
+        "--all",
+        "--batch-size",
+        2,
+        "--learning-rate",
+        3e-3,
+        "--warmup",
+        0,
+        *extra,
+        ok=ok,
+    )
 
 
 def metrics(out):
@@ -167,10 +225,12 @@ def metrics(out):
 
 def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, tiny_model, bank):
     model, tokenizer = load(str(tiny_model))
-    from duomem_mlx.agent.loop import load_bank
+    from duomem_mlx.runtime.policy import load_bank
 
     policy = ModelPolicy(model, tokenizer, load_bank(str(bank), model, tokenizer), memory_k=2, memory_filter="task")
-    data = build_dataset(kd_cache, tokenizer, kd=True, retrieve=policy.retrieve, only_success=False, val_fraction=0.3, progress=False)
+    data = build_dataset(
+        kd_cache, tokenizer, kd=True, retrieve=policy.retrieve, only_success=False, val_fraction=0.3, progress=False
+    )
     records = {r["id"]: r for r in read_episodes(kd_cache)}
     assert len(data.train) + len(data.val) == len(records) and len(data.val) == 1
     assert not {e.id for e in data.train} & {e.id for e in data.val}  # split by episode
@@ -178,13 +238,25 @@ def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, t
         record = records[example.id]
         memories = policy.retrieve(record["task_description"], record["task"])
         assert len(memories) == 2 and all(m.task_type == "simple" for m in memories)
-        ids, mask = tokenize_with_mask(tokenizer, episode_messages(Episode.from_json(record), [m.text for m in memories]))
+        ids, mask = tokenize_with_mask(
+            tokenizer, episode_messages(Episode.from_json(record), [m.text for m in memories])
+        )
         assert example.tokens.tolist() == ids and example.mask.tolist() == mask
         shard = load_shard(kd_cache, record)
-        assert np.array_equal(example.topk_ids, shard["topk_ids"]) and np.array_equal(example.tokens[example.mask == 1], shard["input_ids"][shard["loss_mask"] == 1])
+        assert np.array_equal(example.topk_ids, shard["topk_ids"]) and np.array_equal(
+            example.tokens[example.mask == 1], shard["input_ids"][shard["loss_mask"] == 1]
+        )
     # too long: the oldest whole turns go, the last action and its rows stay
     longest = max(data.train + data.val, key=len)
-    short = build_dataset(kd_cache, tokenizer, kd=True, only_success=False, val_fraction=0, max_seq_length=len(longest) - 150, progress=False)
+    short = build_dataset(
+        kd_cache,
+        tokenizer,
+        kd=True,
+        only_success=False,
+        val_fraction=0,
+        max_seq_length=len(longest) - 150,
+        progress=False,
+    )
     cut = next(e for e in short.train if e.id == longest.id)
     full = load_shard(kd_cache, records[longest.id])
     n = int(cut.mask.sum())
@@ -204,18 +276,34 @@ def test_training_prompts_never_hold_a_memory_of_their_own_game(oracle_cache, ti
     episodes = [Episode.from_json(r) for r in read_episodes(oracle_cache)]
     memories = of_kind([], episodes, "trajectory")
     assert len(memories) == len(episodes) >= 3
-    policy = ModelPolicy(model, tokenizer, build(memories, model, tokenizer, key="task+observation"), memory_k=len(memories))
+    policy = ModelPolicy(
+        model, tokenizer, build(memories, model, tokenizer, key="task+observation"), memory_k=len(memories)
+    )
     data = build_dataset(oracle_cache, tokenizer, kd=False, retrieve=policy.retrieve, val_fraction=0, progress=False)
     assert data.counts["memories_retrieved"] == len(episodes) * (len(memories) - 1)
     for example in data.train:
         prompt = tokenizer.decode(example.tokens.tolist())
         shown = {m.source[0] for m in memories if m.text in prompt}
-        assert shown == {e.id for e in episodes} - {example.id} and game_of(example.id) not in {game_of(s) for s in shown}
+        assert shown == {e.id for e in episodes} - {example.id} and game_of(example.id) not in {
+            game_of(s) for s in shown
+        }
 
 
 def test_kd_training_lowers_val_loss_raises_agreement_and_loads_in_mlx_lm(kd_cache, tiny_model, tmp_path):
     out = tmp_path / "adapters"
-    output = distill(tiny_model, kd_cache, out, "--iters", 30, "--steps-per-eval", 10, "--steps-per-report", 5, "--val-fraction", 0.34)
+    output = distill(
+        tiny_model,
+        kd_cache,
+        out,
+        "--iters",
+        30,
+        "--steps-per-eval",
+        10,
+        "--steps-per-report",
+        5,
+        "--val-fraction",
+        0.34,
+    )
     assert "top-1" in output
     rows = [r for r in metrics(out) if "val_loss" in r]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] and rows[-1]["val_top1"] > rows[0]["val_top1"]
@@ -246,14 +334,40 @@ def cli_command(*args):
 
 
 def train_args(student, cache, out, iters):
-    return ("distill", "--student", student, "--cache", cache, "--out", out, "--all", "--batch-size", 2, "--iters", iters,
-            "--learning-rate", 3e-3, "--warmup", 0, "--steps-per-report", 1, "--val-fraction", 0)
+    return (
+        "distill",
+        "--student",
+        student,
+        "--cache",
+        cache,
+        "--out",
+        out,
+        "--all",
+        "--batch-size",
+        2,
+        "--iters",
+        iters,
+        "--learning-rate",
+        3e-3,
+        "--warmup",
+        0,
+        "--steps-per-report",
+        1,
+        "--val-fraction",
+        0,
+    )
 
 
 def test_kill_9_and_resume_reach_the_same_losses(kd_cache, tiny_model, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(cli_command(*train_args(tiny_model, kd_cache, straight, 40), "--save-every", 4), check=True, capture_output=True)
-    proc = subprocess.Popen(cli_command(*train_args(tiny_model, kd_cache, killed, 40), "--save-every", 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        cli_command(*train_args(tiny_model, kd_cache, straight, 40), "--save-every", 4), check=True, capture_output=True
+    )
+    proc = subprocess.Popen(
+        cli_command(*train_args(tiny_model, kd_cache, killed, 40), "--save-every", 4),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = killed / "checkpoint" / "state.json"
     while proc.poll() is None and not (state.exists() and json.loads(state.read_text())["step"] >= 8):
         time.sleep(0.01)
@@ -261,13 +375,23 @@ def test_kill_9_and_resume_reach_the_same_losses(kd_cache, tiny_model, tmp_path)
     proc.wait()
     at = json.loads(state.read_text())["step"]
     assert at < 40 and not (killed / "duomem.json").exists()
-    again = subprocess.run(cli_command(*train_args(tiny_model, kd_cache, killed, 40), "--save-every", 4), capture_output=True, text=True)
+    again = subprocess.run(
+        cli_command(*train_args(tiny_model, kd_cache, killed, 40), "--save-every", 4), capture_output=True, text=True
+    )
     assert again.returncode != 0 and "--resume" in again.stderr  # an unfinished run is not overwritten silently
-    subprocess.run(cli_command(*train_args(tiny_model, kd_cache, killed, 40), "--save-every", 4, "--resume"), check=True, capture_output=True)
+    subprocess.run(
+        cli_command(*train_args(tiny_model, kd_cache, killed, 40), "--save-every", 4, "--resume"),
+        check=True,
+        capture_output=True,
+    )
     a, b = metrics(straight), metrics(killed)
     assert [r["step"] for r in b] == list(range(1, 41))
     assert np.allclose([r["train_loss"] for r in a], [r["train_loss"] for r in b], rtol=1e-5)
-    changed = subprocess.run(cli_command(*train_args(tiny_model, kd_cache, killed, 40), "--resume", "--alpha", 0.9), capture_output=True, text=True)
+    changed = subprocess.run(
+        cli_command(*train_args(tiny_model, kd_cache, killed, 40), "--resume", "--alpha", 0.9),
+        capture_output=True,
+        text=True,
+    )
     assert changed.returncode != 0 and "finished" in changed.stderr
 
 
@@ -276,8 +400,12 @@ def test_two_processes_match_one(kd_cache, tiny_model, tmp_path):
     launch = Path(sys.executable).with_name("mlx.launch")
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(cli_command(*train_args(tiny_model, kd_cache, one, 6)), check=True, capture_output=True)
-    result = subprocess.run([str(launch), "--backend", "ring", "-n", "2", "--", *cli_command(*train_args(tiny_model, kd_cache, two, 6))],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(launch), "--backend", "ring", "-n", "2", "--", *cli_command(*train_args(tiny_model, kd_cache, two, 6))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((two / "duomem.json").read_text())["world_size"] == 2
     a, b = metrics(one), metrics(two)
@@ -309,25 +437,41 @@ def test_a_non_finite_loss_on_one_process_stops_them_all(oracle_cache, tiny_mode
     script.write_text(NAN_ON_RANK_1)
     launch = Path(sys.executable).with_name("mlx.launch")
     args = (*train_args(tiny_model, oracle_cache, out, 6), "--kd", "off", "--save-every", 2)
-    result = subprocess.run([str(launch), "--backend", "ring", "-n", "2", "--", sys.executable, str(script), *map(str, args)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(launch), "--backend", "ring", "-n", "2", "--", sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "Traceback" not in result.stderr, result.stderr[-2000:]  # mlx.launch exits 0 whatever its processes do
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("Error: "))
-    assert [e.split(" at step 4;")[0] for e in errors] == ["Error: the loss became nan",
-                                                           "Error: the loss became non-finite on 1 of 2 processes"], result.stderr[-2000:]
+    assert [e.split(" at step 4;")[0] for e in errors] == [
+        "Error: the loss became nan",
+        "Error: the loss became non-finite on 1 of 2 processes",
+    ], result.stderr[-2000:]
     assert all("(step 2) is intact" in e for e in errors)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
-    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["0000002.adapters.safetensors", "0000002.optimizer.safetensors", "state.json"]
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
+        "0000002.adapters.safetensors",
+        "0000002.optimizer.safetensors",
+        "state.json",
+    ]
 
 
 def test_memory_bank_is_rebuilt_for_the_adapters_and_eval_uses_it(kd_cache, tiny_model, bank, tmp_path):
     out = tmp_path / "adapters"
     distill(tiny_model, kd_cache, out, "--iters", 3, "--memory-bank", bank, "--memory-k", 2, "--val-fraction", 0)
     summary = json.loads((out / "duomem.json").read_text())
-    assert summary["memory"]["mode"] == "other" and summary["data"]["memories_retrieved"] == 2 * summary["data"]["train"]
+    assert (
+        summary["memory"]["mode"] == "other" and summary["data"]["memories_retrieved"] == 2 * summary["data"]["train"]
+    )
     policy = ModelPolicy.from_options(str(tiny_model), str(out))  # no --memory: OUT/memory, no fingerprint error
     assert policy.bank is not None and len(policy.bank) == len(MEMORIES)
-    assert sorted(m.id for m in policy.retrieve("open the locked door", "simple")) == ["m1", "m2", "m3"]  # k = 3, any type
+    assert sorted(m.id for m in policy.retrieve("open the locked door", "simple")) == [
+        "m1",
+        "m2",
+        "m3",
+    ]  # k = 3, any type
     policy.memory_filter = "task"
     assert sorted(m.id for m in policy.retrieve("open the locked door", "simple")) == ["m1", "m2"]
     from duomem_mlx.errors import DuomemError
@@ -336,36 +480,82 @@ def test_memory_bank_is_rebuilt_for_the_adapters_and_eval_uses_it(kd_cache, tiny
         ModelPolicy.from_options(str(tiny_model), str(out), memory_bank=str(bank))  # the base bank does not fit
 
 
-def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_arguments(oracle_cache, tiny_model, bank, tmp_path, monkeypatch):
+def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_arguments(
+    oracle_cache, tiny_model, bank, tmp_path, monkeypatch
+):
     from duomem_mlx.envs.base import StepResult, TaskSpec
-    from duomem_mlx.memory import retrieval
+    from duomem_mlx.runtime import retrieval
 
     calls, real = [], retrieval.retrieve
 
-    def spy(bank, model, tokenizer, query, task_type=None, k=3, memory_filter="none", observation="", exclude_games=frozenset()):
+    def spy(
+        bank,
+        model,
+        tokenizer,
+        query,
+        task_type=None,
+        k=3,
+        memory_filter="none",
+        observation="",
+        exclude_games=frozenset(),
+    ):
         calls.append((query, task_type, k, memory_filter, observation, exclude_games))
         return real(bank, model, tokenizer, query, task_type, k, memory_filter, observation, exclude_games)
 
     monkeypatch.setattr(retrieval, "retrieve", spy)
     out = tmp_path / "adapters"
-    distill(tiny_model, oracle_cache, out, "--kd", "off", "--iters", 1, "--val-fraction", 0, "--memory-bank", bank,
-            "--memory-k", 2, "--memory-filter", "task")
+    distill(
+        tiny_model,
+        oracle_cache,
+        out,
+        "--kd",
+        "off",
+        "--iters",
+        1,
+        "--val-fraction",
+        0,
+        "--memory-bank",
+        bank,
+        "--memory-k",
+        2,
+        "--memory-filter",
+        "task",
+    )
     records = read_episodes(oracle_cache)
-    assert calls == [(r["task_description"], r["task"], 2, "task", r["steps"][0]["observation"], {r["id"].rsplit("/", 1)[0]}) for r in records]
+    assert calls == [
+        (r["task_description"], r["task"], 2, "task", r["steps"][0]["observation"], {r["id"].rsplit("/", 1)[0]})
+        for r in records
+    ]
     assert json.loads((out / "duomem.json").read_text())["memory"]["filter"] == "task"
     calls.clear()
     policy = ModelPolicy.from_options(str(tiny_model), str(out), memory_k=2, memory_filter="task")
     first = Episode.from_json(records[0]).steps[0]
-    policy.start(None, TaskSpec("textworld", records[0]["task"], 0), records[0]["task_description"], StepResult(first.observation, []))
-    assert calls == [(records[0]["task_description"], records[0]["task"], 2, "task", first.observation, {f"textworld/{records[0]['task']}/0"})]
+    policy.start(
+        None,
+        TaskSpec("textworld", records[0]["task"], 0),
+        records[0]["task_description"],
+        StepResult(first.observation, []),
+    )
+    assert calls == [
+        (
+            records[0]["task_description"],
+            records[0]["task"],
+            2,
+            "task",
+            first.observation,
+            {f"textworld/{records[0]['task']}/0"},
+        )
+    ]
 
 
 def test_retrieval_accuracy_on_a_teacher_cache(oracle_cache, tiny_model, bank):
     from duomem_mlx.memory.bank import MemoryBank
-    from duomem_mlx.memory.retrieval import accuracy
+    from duomem_mlx.runtime.retrieval import accuracy
 
     records = read_episodes(oracle_cache)
-    share = accuracy(MemoryBank.load(bank), *load(str(tiny_model)), [(r["task_description"], "", r["task"]) for r in records])
+    share = accuracy(
+        MemoryBank.load(bank), *load(str(tiny_model)), [(r["task_description"], "", r["task"]) for r in records]
+    )
     output = run("memory", "search", bank, "--accuracy-on", oracle_cache)
     assert output == f"top-1 task type accuracy {share:.1%} over {len(records)} episodes\n"
 
@@ -376,21 +566,44 @@ def test_oracle_cache_trains_with_kd_off_and_bad_inputs_say_how(oracle_cache, kd
     out = tmp_path / "ce"
     distill(tiny_model, oracle_cache, out, "--kd", "off", "--iters", 4, "--val-fraction", 0.25)
     assert json.loads((out / "duomem.json").read_text())["data"]["train"] == 3
-    assert "no manifest.json" in run("distill", "--student", tiny_model, "--cache", tmp_path, "--out", tmp_path / "y", ok=False)
+    assert "no manifest.json" in run(
+        "distill", "--student", tiny_model, "--cache", tmp_path, "--out", tmp_path / "y", ok=False
+    )
     other = make_tiny_model(tmp_path / "other", vocab_size=600)
     assert "--kd off" in run("distill", "--student", other, "--cache", kd_cache, "--out", tmp_path / "z", ok=False)
     config = tmp_path / "c.yaml"
     config.write_text("iters: 3\nlearning_rat: 0.1\n")
-    assert "learning_rat" in run("distill", "-c", config, "--student", tiny_model, "--cache", kd_cache, "--out", tmp_path / "w", ok=False)
-    assert "--batch-size" in run("distill", "--student", tiny_model, "--cache", oracle_cache, "--kd", "off", "--batch-size", 8, "--out", tmp_path / "v", ok=False)
+    assert "learning_rat" in run(
+        "distill", "-c", config, "--student", tiny_model, "--cache", kd_cache, "--out", tmp_path / "w", ok=False
+    )
+    assert "--batch-size" in run(
+        "distill",
+        "--student",
+        tiny_model,
+        "--cache",
+        oracle_cache,
+        "--kd",
+        "off",
+        "--batch-size",
+        8,
+        "--out",
+        tmp_path / "v",
+        ok=False,
+    )
 
 
 def test_distill_into_a_log_file_prints_progress_lines(oracle_cache, tiny_model, tmp_path):
     log = tmp_path / "distill.log"
     env = {**os.environ, "DUOMEM_PROGRESS_SECONDS": "0"}
     with open(log, "w") as f:
-        subprocess.run(cli_command(*train_args(tiny_model, oracle_cache, tmp_path / "out", 3), "--kd", "off"), stdout=f,
-                       stderr=subprocess.STDOUT, env=env, check=True, timeout=300)
+        subprocess.run(
+            cli_command(*train_args(tiny_model, oracle_cache, tmp_path / "out", 3), "--kd", "off"),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=True,
+            timeout=300,
+        )
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("distill: ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], text

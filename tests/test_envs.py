@@ -109,17 +109,37 @@ def test_alfworld_without_package_or_data_says_how_to_get_it(tmp_path, monkeypat
         env.task_specs(None, "test", 1, 0)
 
 
-TWX_FOLD_OBJECTS = ["cookingworld", "twc", "arithmetic", "sorting", "simonsays", "peckingorder"]  # objects drawn per fold
+TWX_FOLD_OBJECTS = [
+    "cookingworld",
+    "twc",
+    "arithmetic",
+    "sorting",
+    "simonsays",
+    "peckingorder",
+]  # objects drawn per fold
 
 
 def test_twx_oracle_wins_every_game_and_random_does_not(twx):
-    assert twx.task_names() == ["cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder"]
+    assert twx.task_names() == [
+        "cookingworld",
+        "twc",
+        "coin",
+        "mapreader",
+        "arithmetic",
+        "sorting",
+        "simonsays",
+        "peckingorder",
+    ]
     specs = twx.task_specs(None, "test", 16, seed=0)  # no game named: the eight alternate
     assert sorted(s.task for s in specs) == sorted(twx.task_names() * 2)
     oracle = play_all(twx, specs, OraclePolicy(), max_steps=twx.default_max_steps)
-    assert all(e.success and e.score == 1.0 and e.error is None for e in oracle), [(e.id, e.score, e.error) for e in oracle]
+    assert all(e.success and e.score == 1.0 and e.error is None for e in oracle), [
+        (e.id, e.score, e.error) for e in oracle
+    ]
     assert all(2 <= len(e.steps) <= 20 for e in oracle)  # small default game params
-    assert all(step.action in step.admissible for e in oracle for step in e.steps)  # the gold action is always admissible
+    assert all(
+        step.action in step.admissible for e in oracle for step in e.steps
+    )  # the gold action is always admissible
     assert all(step.admissible == sorted(step.admissible) for e in oracle for step in e.steps)
     assert all(e.task_description and step.observation == step.observation.strip() for e in oracle for step in e.steps)
     random_runs = play_all(twx, specs, RandomPolicy(seed=0), max_steps=10)
@@ -127,8 +147,13 @@ def test_twx_oracle_wins_every_game_and_random_does_not(twx):
 
 
 def test_twx_folds_are_different_games(twx):
-    train, test = twx.task_specs(TWX_FOLD_OBJECTS, "train", 2, seed=1), twx.task_specs(TWX_FOLD_OBJECTS, "test", 2, seed=1)
-    assert {s.variation for s in train} <= set(range(1000)) and {s.variation for s in test} <= set(range(20_000, 21_000))
+    train, test = (
+        twx.task_specs(TWX_FOLD_OBJECTS, "train", 2, seed=1),
+        twx.task_specs(TWX_FOLD_OBJECTS, "test", 2, seed=1),
+    )
+    assert {s.variation for s in train} <= set(range(1000)) and {s.variation for s in test} <= set(
+        range(20_000, 21_000)
+    )
 
     def games(specs):
         return {(twx.reset(s)[1].observation, tuple(twx.expert_actions())) for s in specs}
@@ -165,13 +190,19 @@ def test_twx_game_params_merge_key_by_key_and_bad_ones_are_clear():
     assert resolve_params(None) == DEFAULT_PARAMS
     per_game = resolve_params({"coin": "numLocations=5"})
     assert per_game["coin"] == "numLocations=5,numDistractorItems=2,includeDoors=0,limitInventorySize=0"
-    assert {g: p for g, p in per_game.items() if g != "coin"} == {g: p for g, p in DEFAULT_PARAMS.items() if g != "coin"}
+    assert {g: p for g, p in per_game.items() if g != "coin"} == {
+        g: p for g, p in DEFAULT_PARAMS.items() if g != "coin"
+    }
     everywhere = resolve_params("includeDoors=1")
     assert all("includeDoors=1" in everywhere[g] for g in ("cookingworld", "twc", "coin", "mapreader"))
     assert everywhere["arithmetic"] == "" and everywhere["simonsays"] == DEFAULT_PARAMS["simonsays"]
-    for bad, message in [({"coin": "numRooms=2"}, "coin takes no game param 'numRooms'"), ({"chess": ""}, "valid: cookingworld"),
-                         ("numRooms=2", "no TextWorldExpress game takes"), ("numLocations=two", "key=integer"),
-                         ({"sorting": "a=1"}, "it takes: none")]:
+    for bad, message in [
+        ({"coin": "numRooms=2"}, "coin takes no game param 'numRooms'"),
+        ({"chess": ""}, "valid: cookingworld"),
+        ("numRooms=2", "no TextWorldExpress game takes"),
+        ("numLocations=two", "key=integer"),
+        ({"sorting": "a=1"}, "it takes: none"),
+    ]:
         with pytest.raises(DuomemError, match=message):
             resolve_params(bad)
 
@@ -181,7 +212,9 @@ def test_twx_game_params_option_names_games_or_keys():
 
     assert game_params_option(None) is None and game_params_option("numLocations=2") == "numLocations=2"
     assert game_params_option("coin:numLocations=2; twc:numItemsToPutAway=3;coin:includeDoors=0") == {
-        "coin": "numLocations=2,includeDoors=0", "twc": "numItemsToPutAway=3"}
+        "coin": "numLocations=2,includeDoors=0",
+        "twc": "numItemsToPutAway=3",
+    }
     with pytest.raises(DuomemError, match="game:key=value"):
         game_params_option("coin:numLocations=2;numLocations=3")
     with pytest.raises(DuomemError, match="--game-params: environment textworld takes none"):
@@ -231,7 +264,9 @@ def test_twx_is_an_env_choice_everywhere_and_eval_runs_it(tmp_path):
         env_option = next(p for p in command.params if p.name == "env_name")
         assert all(name in env_option.help for name in [*NAMES, "module.path:ClassName"]), path
     out = tmp_path / "results.json"
-    result = CliRunner().invoke(cli, ["eval", "--env", "twx", "--policy", "oracle", "--split", "test", "--episodes", "8", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli, ["eval", "--env", "twx", "--policy", "oracle", "--split", "test", "--episodes", "8", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
     assert results["success_rate"] == 1.0 and results["env"] == "twx" and results["max_steps"] == 50

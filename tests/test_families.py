@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from duomem_mlx.agent.decode import DecodeOptions, last_rows
-from duomem_mlx.agent.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
-from duomem_mlx.agent.session import ReencodingSession, Session
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, Step
-from duomem_mlx.models import ARCHS, make_tiny_model
+from duomem_mlx.runtime.decode import DecodeOptions, last_rows
+from duomem_mlx.runtime.models import ARCHS, make_tiny_model
+from duomem_mlx.runtime.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
+from duomem_mlx.runtime.session import ReencodingSession, Session
 from duomem_mlx.teacher.cache import load_shard, read_episodes, verify
 
 WORDS = "open close door to kitchen go north south take apple from table look inventory examine heat pot".split()
@@ -39,7 +39,9 @@ def family_models(family_dirs):
 def play(session_class, model, tokenizer, mode, max_context, steps=8, thinking=False):
     rng = random.Random(3)
     session = session_class(model, tokenizer, max_context, DecodeOptions(mode=mode, max_tokens=8), thinking=thinking)
-    session.start(prefix_messages("boil water", "You are in the hallway. " * 6, ["to boil: take pot, fill it, heat it"]))
+    session.start(
+        prefix_messages("boil water", "You are in the hallway. " * 6, ["to boil: take pot, fill it, heat it"])
+    )
     actions = []
     for i in range(steps):
         admissible = [" ".join(rng.sample(WORDS, rng.randint(1, 4))) for _ in range(6)]
@@ -109,7 +111,10 @@ def test_episodes_sharing_a_system_prompt_restore_it(family_models, arch):
     the actions stay those of re-encoding."""
     model, tokenizer = family_models[arch]
     memories = ["to boil: take pot, fill it, heat it " * 6]
-    sessions = {cls: cls(model, tokenizer, 4096, DecodeOptions(mode="constrained", max_tokens=8)) for cls in (Session, ReencodingSession)}
+    sessions = {
+        cls: cls(model, tokenizer, 4096, DecodeOptions(mode="constrained", max_tokens=8))
+        for cls in (Session, ReencodingSession)
+    }
     first_feeds, actions = [], {cls: [] for cls in sessions}
     for episode in range(3):
         for cls, session in sessions.items():
@@ -121,7 +126,9 @@ def test_episodes_sharing_a_system_prompt_restore_it(family_models, arch):
             if cls is Session:
                 first_feeds.append(session.prefill_tokens - before)
     assert actions[Session] == actions[ReencodingSession]
-    assert first_feeds[2] < first_feeds[1] / 2, first_feeds  # the second episode found where they part, the third uses it
+    assert first_feeds[2] < first_feeds[1] / 2, (
+        first_feeds
+    )  # the second episode found where they part, the third uses it
     assert next_logits_agree(sessions[Session])
 
 
@@ -211,7 +218,9 @@ def test_training_layout(family_models, arch):
     for start, i in zip(starts, actions):
         context = encode(tokenizer, render(tokenizer, messages[:i], True))
         end = next((j for j in range(start, len(ids)) if not mask[j]), len(ids))
-        assert tokenizer.decode(ids[start : end - 1]) == messages[i]["content"] and ids[end - 1] in tokenizer.eos_token_ids
+        assert (
+            tokenizer.decode(ids[start : end - 1]) == messages[i]["content"] and ids[end - 1] in tokenizer.eos_token_ids
+        )
         if arch == "qwen3" and i != actions[-1]:  # the history it saw, without the think block Qwen3 drops later
             assert ids[:start] == encode(tokenizer, render(tokenizer, messages[:i], True, thinking=True))
             assert context[start:] == encode(tokenizer, "<think>\n\n</think>\n\n")
@@ -224,8 +233,25 @@ def test_training_layout(family_models, arch):
 @pytest.mark.env("textworld")
 def test_teach_mlx_teacher(family_dirs, tmp_path, arch):
     out = tmp_path / "cache"
-    args = ["teach", "--env", "textworld", "--max-steps", "4", "--teacher", f"mlx:{family_dirs[arch]}",
-            "--episodes", "1", "--keep", "all", "--top-k", "4", "--max-context", "256", "--out", str(out)]
+    args = [
+        "teach",
+        "--env",
+        "textworld",
+        "--max-steps",
+        "4",
+        "--teacher",
+        f"mlx:{family_dirs[arch]}",
+        "--episodes",
+        "1",
+        "--keep",
+        "all",
+        "--top-k",
+        "4",
+        "--max-context",
+        "256",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert verify(out) == (1, [])
@@ -239,9 +265,24 @@ def test_teach_mlx_teacher(family_dirs, tmp_path, arch):
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_chat_piped(family_dirs, arch):
-    result = subprocess.run([sys.executable, "-m", "duomem_mlx", "chat", "--model", str(family_dirs[arch]), "--max-tokens", "6",
-                             "--max-context", "256"], input="hello there\n/stats\nand again\nonce more\n/stats\n",
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "duomem_mlx",
+            "chat",
+            "--model",
+            str(family_dirs[arch]),
+            "--max-tokens",
+            "6",
+            "--max-context",
+            "256",
+        ],
+        input="hello there\n/stats\nand again\nonce more\n/stats\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stdout.splitlines() if line.startswith("prefill")]) == 2

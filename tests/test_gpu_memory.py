@@ -1,4 +1,4 @@
-"""GPU memory as mlx-lm handles it (gpu_memory.py), checked where no GPU is: the device's figures
+"""GPU memory as mlx-lm handles it (runtime/gpu_memory.py), checked where no GPU is: the device's figures
 and its wired limit are faked in-process as Metal reports them, everything else runs for real."""
 
 import json
@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from duomem_mlx import gpu_memory
 from duomem_mlx.cli import cli as duomem
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.models import make_tiny_model
+from duomem_mlx.runtime import gpu_memory
+from duomem_mlx.runtime.models import make_tiny_model
 
 GB = 2**30
 
@@ -23,8 +23,13 @@ class FakeMetal:
     that `mx.set_wired_limit` sets, returning the previous one, as MLX's Metal allocator does."""
 
     def __init__(self, working_set: int):
-        self.info = {"architecture": "applegpu_g15s", "device_name": "Apple M3 Pro", "memory_size": 36 * GB,
-                     "max_buffer_length": 18 * GB, "max_recommended_working_set_size": working_set}
+        self.info = {
+            "architecture": "applegpu_g15s",
+            "device_name": "Apple M3 Pro",
+            "memory_size": 36 * GB,
+            "max_buffer_length": 18 * GB,
+            "max_recommended_working_set_size": working_set,
+        }
         self.wired = 0
         self.limits = []  # every limit set, in order
 
@@ -77,37 +82,117 @@ def test_the_wired_limit_is_the_working_set_inside_and_restored_after_even_on_an
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "cache"
-    run("teach", "--teacher", "oracle", "--env", "textworld", "--tasks", "simple", "--episodes", 2, "--keep-admissible",
-        "--out", out)
+    run(
+        "teach",
+        "--teacher",
+        "oracle",
+        "--env",
+        "textworld",
+        "--tasks",
+        "simple",
+        "--episodes",
+        2,
+        "--keep-admissible",
+        "--out",
+        out,
+    )
     return out
 
 
 def commands(model, cache, tmp_path):
     """Each command that generates, trains or benches, small, and the function its work goes through."""
-    from duomem_mlx.agent.session import Session
     from duomem_mlx.deploy import quantize
     from duomem_mlx.distill import train
+    from duomem_mlx.runtime.session import Session
 
     return {
         "chat": (["chat", "--model", model, "--max-tokens", 4], Session, "generate"),
-        "eval": (["eval", "--env", "textworld", "--tasks", "simple", "--episodes", 1, "--max-steps", 2,
-                  "--policy", f"model:{model}", "--out", tmp_path / "r.json"], Session, "generate"),
-        "bench": (["bench", model, "--steps", 2, "--repeats", 1, "--max-tokens", 2, "--json", tmp_path / "b.json",
-                   "--no-save"], Session, "generate"),
+        "eval": (
+            [
+                "eval",
+                "--env",
+                "textworld",
+                "--tasks",
+                "simple",
+                "--episodes",
+                1,
+                "--max-steps",
+                2,
+                "--policy",
+                f"model:{model}",
+                "--out",
+                tmp_path / "r.json",
+            ],
+            Session,
+            "generate",
+        ),
+        "bench": (
+            [
+                "bench",
+                model,
+                "--steps",
+                2,
+                "--repeats",
+                1,
+                "--max-tokens",
+                2,
+                "--json",
+                tmp_path / "b.json",
+                "--no-save",
+            ],
+            Session,
+            "generate",
+        ),
         "distill": (distill_args(model, cache, tmp_path / "d", 2), train, "batch_for"),
-        "quantize": (["quantize", "--model", model, "--bits", 4, "--recipe", "mixed4-margin", "--calibrate", cache,
-                      "--epochs", 1, "--max-seq-length", 512, "--out", tmp_path / "q"], quantize, "calibrate"),
+        "quantize": (
+            [
+                "quantize",
+                "--model",
+                model,
+                "--bits",
+                4,
+                "--recipe",
+                "mixed4-margin",
+                "--calibrate",
+                cache,
+                "--epochs",
+                1,
+                "--max-seq-length",
+                512,
+                "--out",
+                tmp_path / "q",
+            ],
+            quantize,
+            "calibrate",
+        ),
     }
 
 
 def distill_args(model, cache, out, iters):
-    return ["distill", "--student", model, "--cache", cache, "--out", out, "--all", "--kd", "off", "--batch-size", 1,
-            "--iters", iters, "--val-fraction", 0]
+    return [
+        "distill",
+        "--student",
+        model,
+        "--cache",
+        cache,
+        "--out",
+        out,
+        "--all",
+        "--kd",
+        "off",
+        "--batch-size",
+        1,
+        "--iters",
+        iters,
+        "--val-fraction",
+        0,
+    ]
 
 
 @pytest.mark.parametrize("command", ["chat", "eval", "bench", "distill", "quantize"])
-def test_generation_training_and_bench_run_under_the_wired_limit_and_restore_it(command, tiny_model, cache, tmp_path,
-                                                                                 metal, monkeypatch):
+def test_generation_training_and_bench_run_under_the_wired_limit_and_restore_it(
+    command, tiny_model, cache, tmp_path, metal, monkeypatch
+):
     device = metal()
     args, owner, name = commands(tiny_model, cache, tmp_path)[command]
     real, wired_at_work = getattr(owner, name), []
@@ -120,7 +205,7 @@ def test_generation_training_and_bench_run_under_the_wired_limit_and_restore_it(
 def test_loading_a_model_larger_than_the_working_set_says_so_first_in_one_line(tiny_model, metal, monkeypatch, capsys):
     import mlx_lm
 
-    from duomem_mlx.models import load
+    from duomem_mlx.runtime.models import load
 
     metal(working_set=27 * GB)
     load(str(tiny_model))
@@ -135,9 +220,11 @@ def test_loading_a_model_larger_than_the_working_set_says_so_first_in_one_line(t
     with pytest.raises(DuomemError, match="the load itself failed"):
         load(str(tiny_model))
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"warning: loading {tiny_model} takes {weights / 2**20:.1f} MB, more than the "
-                           f"{weights / 2 / 2**20:.1f} MB Apple M3 Pro recommends keeping in use, of 36.0 GB "
-                           "memory (mx.device_info()): it will page and run slowly"), line
+    assert line.startswith(
+        f"warning: loading {tiny_model} takes {weights / 2**20:.1f} MB, more than the "
+        f"{weights / 2 / 2**20:.1f} MB Apple M3 Pro recommends keeping in use, of 36.0 GB "
+        "memory (mx.device_info()): it will page and run slowly"
+    ), line
     assert "quantize --bits 4" in line
 
 
@@ -173,7 +260,9 @@ def test_bench_holds_one_model_at_a_time(bigger):
     two (the previous load kept alive made it 112 MB for these 56 MB). In a child process: the peak
     counts every array alive in the process, and this one holds other tests' models."""
     weights = (bigger / "model.safetensors").stat().st_size
-    child = subprocess.run([sys.executable, "-c", BENCH_PEAKS, str(bigger)], capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-c", BENCH_PEAKS, str(bigger)], capture_output=True, text=True, timeout=600
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     rows = [line.split() for line in child.stdout.strip().splitlines()[-2:]]
     for loads, peak in rows:
@@ -253,7 +342,14 @@ def test_calibration_on_a_gpu_computes_in_bf16_and_its_steps_land(wide_scales, c
         return result
 
     monkeypatch.setattr(quantize, "calibrate", spy)
-    quantize.quantize_package(str(wide_scales), str(tmp_path / "q"), bits=4, recipe="mixed4-margin",
-                              calibrate_cache=str(cache), epochs=2, max_seq_length=512)
+    quantize.quantize_package(
+        str(wide_scales),
+        str(tmp_path / "q"),
+        bits=4,
+        recipe="mixed4-margin",
+        calibrate_cache=str(cache),
+        epochs=2,
+        max_seq_length=512,
+    )
     losses = json.loads((tmp_path / "q" / "duomem.json").read_text())["calibration"]["loss_per_epoch"]
     assert set(computed) == {mx.bfloat16} and moved[0] > 0 and losses[-1] < losses[0], (moved, losses)

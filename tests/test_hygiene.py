@@ -18,7 +18,7 @@ from duomem_mlx.envs.base import Episode, play_episode
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.memory.bank import MemoryBank, build
-from duomem_mlx.models import load
+from duomem_mlx.runtime.models import load
 from duomem_mlx.teacher.cache import CacheWriter, read_episodes, verify
 
 MEMORIES = [
@@ -54,6 +54,7 @@ def bank_dir(tiny_model, tmp_path_factory):
 
 # ---------------------------------------------------------------- the house
 
+
 def test_library_errors_need_no_click_and_reach_users_as_one_line():
     assert not issubclass(DuomemError, click.ClickException)
     group = click.Group("late-subgroup")  # as another engineer adds one: plain click, plain DuomemError
@@ -71,7 +72,7 @@ def test_library_errors_need_no_click_and_reach_users_as_one_line():
 
 
 LAYERS = {  # module -> packages it must not load (lower floors never reach up; library code needs no click)
-    "duomem_mlx.envs.policies": ["duomem_mlx.agent", "duomem_mlx.models", "click"],
+    "duomem_mlx.envs.policies": ["duomem_mlx.agent", "duomem_mlx.runtime.models", "click"],
     "duomem_mlx.envs.base": ["duomem_mlx.agent", "click"],
     "duomem_mlx.memory.bank": ["duomem_mlx.teacher", "duomem_mlx.agent", "click"],
     "duomem_mlx.memory.cli": ["duomem_mlx.teacher"],
@@ -95,8 +96,8 @@ def test_one_repo_id_rule_for_loading_and_uploading(name, monkeypatch):
     huggingface_hub takes (with a namespace)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from duomem_mlx import models
     from duomem_mlx.deploy.hub import check_repo_id
+    from duomem_mlx.runtime import models
 
     try:
         validate_repo_id(name)
@@ -134,11 +135,25 @@ def test_one_atomic_swap_and_one_bank_rebuild():
 
 # ---------------------------------------------------------------- integrity
 
+
 @pytest.mark.env("scienceworld")
 def test_teach_cycling_variations_gets_unique_ids_and_a_valid_cache(tmp_path):
     out = tmp_path / "cache"
-    result = run("teach", "--teacher", "oracle", "--env", "scienceworld", "--tasks", "identify-life-stages-2",
-                 "--split", "dev", "--episodes", "4", "--out", out)
+    result = run(
+        "teach",
+        "--teacher",
+        "oracle",
+        "--env",
+        "scienceworld",
+        "--tasks",
+        "identify-life-stages-2",
+        "--split",
+        "dev",
+        "--episodes",
+        "4",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert "variations repeat" in result.output
     ids = [e["id"] for e in read_episodes(out)]
@@ -147,16 +162,34 @@ def test_teach_cycling_variations_gets_unique_ids_and_a_valid_cache(tmp_path):
     assert run("cache", "verify", out).exit_code == 0
 
 
-@pytest.mark.parametrize("spec", [
-    "openai:http://user:secret@127.0.0.1:9/v1#M",
-    "openai:https://user:se/cr#et@host/v1#M",
-    "openai:user:secret@host#M",
-    "opnai:http://user:secret@host/v1#M",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "openai:http://user:secret@127.0.0.1:9/v1#M",
+        "openai:https://user:se/cr#et@host/v1#M",
+        "openai:user:secret@host#M",
+        "opnai:http://user:secret@host/v1#M",
+    ],
+)
 @pytest.mark.env("textworld")
 def test_teacher_url_credentials_never_printed(spec, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "duomem_mlx", "teach", "--teacher", spec, "--env", "textworld", "--out", str(tmp_path / "c")],
-                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "DUOMEM_OPENBLAS": "0"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "duomem_mlx",
+            "teach",
+            "--teacher",
+            spec,
+            "--env",
+            "textworld",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "DUOMEM_OPENBLAS": "0"},
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "secret" not in result.stdout + result.stderr and "se/cr" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -168,7 +201,23 @@ def test_teacher_url_credentials_never_printed(spec, tmp_path):
 @pytest.mark.env("textworld")
 def test_a_second_teach_on_a_locked_cache_is_refused(tmp_path, tiny_model):
     out = tmp_path / "cache"
-    args = ["teach", "--teacher", "oracle", "--teacher-tokenizer", tiny_model, "--env", "textworld", "--episodes", "1", "--max-steps", "3", "--keep", "all", "--out", out]
+    args = [
+        "teach",
+        "--teacher",
+        "oracle",
+        "--teacher-tokenizer",
+        tiny_model,
+        "--env",
+        "textworld",
+        "--episodes",
+        "1",
+        "--max-steps",
+        "3",
+        "--keep",
+        "all",
+        "--out",
+        out,
+    ]
     assert run(*args).exit_code == 0
     before = (out / "episodes.jsonl").read_bytes()
     with CacheWriter(out, json.loads((out / "manifest.json").read_text()), resume=True):  # another run holds it
@@ -179,21 +228,37 @@ def test_a_second_teach_on_a_locked_cache_is_refused(tmp_path, tiny_model):
 
 # ---------------------------------------------------------------- damaged files
 
+
 @pytest.mark.env("textworld")
 def test_memories_with_a_bad_byte_or_shape_are_one_line_everywhere(tmp_path, tiny_model, bank_dir):
     bad_byte = tmp_path / "bytes.jsonl"
     bad_byte.write_bytes(json.dumps(MEMORIES[0]).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
     bad_shape = write_jsonl(tmp_path / "shape.jsonl", [MEMORIES[0], {"text": 5}])
     for path, where in [(bad_byte, "line 2 is not UTF-8"), (bad_shape, "line 2")]:
-        assert where in error_line(run("memory", "build", "--memories", path, "--embedder", tiny_model, "--out", tmp_path / "b"))
+        assert where in error_line(
+            run("memory", "build", "--memories", path, "--embedder", tiny_model, "--out", tmp_path / "b")
+        )
     assert not (tmp_path / "b").exists()
     damaged = tmp_path / "damaged"
     shutil.copytree(bank_dir, damaged)
     with open(damaged / "memories.jsonl", "ab") as f:
         f.write(b'{"id": "m3", "text": "\xff"}\n')
-    for args in [("memory", "show", damaged), ("memory", "search", damaged, "open the door"),
-                 ("eval", "--env", "textworld", "--policy", f"model:{tiny_model}", "--memory", damaged, "--out", tmp_path / "r.json"),
-                 ("chat", "--model", tiny_model, "--memory", damaged)]:
+    for args in [
+        ("memory", "show", damaged),
+        ("memory", "search", damaged, "open the door"),
+        (
+            "eval",
+            "--env",
+            "textworld",
+            "--policy",
+            f"model:{tiny_model}",
+            "--memory",
+            damaged,
+            "--out",
+            tmp_path / "r.json",
+        ),
+        ("chat", "--model", tiny_model, "--memory", damaged),
+    ]:
         assert "not UTF-8" in error_line(run(*args)), args
     assert not (tmp_path / "r.json").exists()
 
@@ -213,7 +278,23 @@ def test_episode_logs_and_configs_of_the_wrong_shape(tmp_path):
 @pytest.mark.env("textworld")
 def test_cache_verify_checks_what_info_reads(damage, tmp_path, tiny_model):
     out = tmp_path / "cache"
-    args = ["teach", "--teacher", "oracle", "--teacher-tokenizer", tiny_model, "--env", "textworld", "--episodes", "1", "--max-steps", "3", "--keep", "all", "--out", out]
+    args = [
+        "teach",
+        "--teacher",
+        "oracle",
+        "--teacher-tokenizer",
+        tiny_model,
+        "--env",
+        "textworld",
+        "--episodes",
+        "1",
+        "--max-steps",
+        "3",
+        "--keep",
+        "all",
+        "--out",
+        out,
+    ]
     assert run(*args).exit_code == 0
     episode = read_episodes(out)[0]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -230,6 +311,7 @@ def test_cache_verify_checks_what_info_reads(damage, tmp_path, tiny_model):
 
 
 # ---------------------------------------------------------------- unwritable destinations and overwrites
+
 
 @pytest.mark.env("textworld")
 def test_unwritable_destinations_fail_before_the_work(tmp_path, tiny_model):
@@ -254,7 +336,22 @@ def test_unwritable_destinations_fail_before_the_work(tmp_path, tiny_model):
 @pytest.mark.env("textworld")
 def test_overwrites_need_force(tmp_path, tiny_model, bank_dir):
     log = tmp_path / "oracle.jsonl"
-    assert run("eval", "--env", "textworld", "--tasks", "simple", "--episodes", "1", "--out", tmp_path / "r.json", "--log", log).exit_code == 0
+    assert (
+        run(
+            "eval",
+            "--env",
+            "textworld",
+            "--tasks",
+            "simple",
+            "--episodes",
+            "1",
+            "--out",
+            tmp_path / "r.json",
+            "--log",
+            log,
+        ).exit_code
+        == 0
+    )
     before = log.read_bytes()
     assert "is the episode log itself" in error_line(run("memory", "write", "--episodes", log, "--out", log, "--force"))
     assert log.read_bytes() == before
@@ -265,7 +362,9 @@ def test_overwrites_need_force(tmp_path, tiny_model, bank_dir):
     # a bank never lands in a model's directory; an existing bank is replaced only with --force
     model_files = sorted(p.name for p in tiny_model.iterdir())
     for force in ([], ["--force"]):
-        assert "not a memory bank" in error_line(run("memory", "build", "--memories", out, "--embedder", tiny_model, "--out", tiny_model, *force))
+        assert "not a memory bank" in error_line(
+            run("memory", "build", "--memories", out, "--embedder", tiny_model, "--out", tiny_model, *force)
+        )
     with pytest.raises(DuomemError, match="directory of its own"):  # nor through the library
         MemoryBank.load(bank_dir).save(tiny_model)
     assert sorted(p.name for p in tiny_model.iterdir()) == model_files
@@ -279,6 +378,7 @@ def test_overwrites_need_force(tmp_path, tiny_model, bank_dir):
 
 
 # ---------------------------------------------------------------- servers
+
 
 class Broken(BaseHTTPRequestHandler):
     replies = {"/v1/models": {"data": "nothing"}, "/v1/chat/completions": {"id": "x", "object": "chat.completion"}}
@@ -302,15 +402,35 @@ class Broken(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("reply", [{"id": "x"}, {"choices": []}, {"choices": [{"message": "hi"}]}, {"choices": [{"message": {"content": 3}}]}, []])
+@pytest.mark.parametrize(
+    "reply",
+    [{"id": "x"}, {"choices": []}, {"choices": [{"message": "hi"}]}, {"choices": [{"message": {"content": 3}}]}, []],
+)
 @pytest.mark.env("textworld")
 def test_a_200_reply_without_usable_choices(reply, tmp_path, tiny_model):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Broken,), {"replies": {**Broken.replies, "/v1/chat/completions": reply}}))
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), type("Handler", (Broken,), {"replies": {**Broken.replies, "/v1/chat/completions": reply}})
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        line = error_line(run("teach", "--teacher", f"openai:{url}#m", "--teacher-tokenizer", tiny_model, "--top-k", "0",
-                              "--env", "textworld", "--episodes", "1", "--out", tmp_path / "c"))
+        line = error_line(
+            run(
+                "teach",
+                "--teacher",
+                f"openai:{url}#m",
+                "--teacher-tokenizer",
+                tiny_model,
+                "--top-k",
+                "0",
+                "--env",
+                "textworld",
+                "--episodes",
+                "1",
+                "--out",
+                tmp_path / "c",
+            )
+        )
         assert "OpenAI-compatible" in line
     finally:
         server.shutdown()
@@ -318,6 +438,7 @@ def test_a_200_reply_without_usable_choices(reply, tmp_path, tiny_model):
 
 
 # ---------------------------------------------------------------- config keys
+
 
 def test_config_keys_are_the_option_names(tmp_path):
     config = tmp_path / "c.yaml"
@@ -328,15 +449,18 @@ def test_config_keys_are_the_option_names(tmp_path):
     assert json.loads(out.read_text())["max_steps"] == 2
     config.write_text(f"env_name: textworld\nmax_steps: 2\nepisodes: 1\nout: {out}\n")  # parameter names still work
     assert run("eval", "-c", config).exit_code == 0
-    for text, phrase in [("enviro: textworld\n", "unknown option(s) enviro; valid: adapter-path, decode, env,"),
-                         ("env: [textworld]\n", "env must be a single value"),
-                         ("episodes: many\n", "episodes: 'many' is not a valid integer"),
-                         ("memory: {a: 1}\n", "memory must be a single value")]:
+    for text, phrase in [
+        ("enviro: textworld\n", "unknown option(s) enviro; valid: adapter-path, decode, env,"),
+        ("env: [textworld]\n", "env must be a single value"),
+        ("episodes: many\n", "episodes: 'many' is not a valid integer"),
+        ("memory: {a: 1}\n", "memory must be a single value"),
+    ]:
         config.write_text(text)
         assert phrase in error_line(run("eval", "--out", out, "-c", config)), text
 
 
 # ---------------------------------------------------------------- eval --log
+
 
 def test_log_stores_unchanged_admissible_lists_once_and_reads_both_forms(scienceworld):
     spec = scienceworld.task_specs(["melt"], "dev", 1, 0)[0]

@@ -35,9 +35,26 @@ def resolve(pyproject: Path, platform: str, python: str) -> subprocess.Popen:
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not installed: pip install -e '.[dev]'")
-    command = [uv, "pip", "compile", str(pyproject), "--extra", "envs", "--extra", "dev", "--python-platform", platform,
-               "--python-version", python, "--only-binary", ":all:", "--quiet", "--no-header", "--no-annotate",
-               "--no-python-downloads"]  # jericho's metadata builds on this Python
+    command = [
+        uv,
+        "pip",
+        "compile",
+        str(pyproject),
+        "--extra",
+        "envs",
+        "--extra",
+        "dev",
+        "--python-platform",
+        platform,
+        "--python-version",
+        python,
+        "--only-binary",
+        ":all:",
+        "--quiet",
+        "--no-header",
+        "--no-annotate",
+        "--no-python-downloads",
+    ]  # jericho's metadata builds on this Python
     command += [arg for package in SOURCE_ONLY for arg in ("--no-binary", package)]
     env = {**os.environ, "MACOSX_DEPLOYMENT_TARGET": "14.0"}  # mlx's oldest macOS wheels are macosx_14_0
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -56,8 +73,10 @@ def pins(compiled: str) -> dict[str, str]:
 
 
 def test_the_project_resolves_from_wheels_on_macos_arm64_and_linux():
-    running = [(platform, python, textworld, resolve(ROOT / "pyproject.toml", platform, python))
-               for platform, python, textworld in PLATFORMS]
+    running = [
+        (platform, python, textworld, resolve(ROOT / "pyproject.toml", platform, python))
+        for platform, python, textworld in PLATFORMS
+    ]
     for platform, python, textworld, process in running:
         code, out, err = finish(process)
         assert code == 0, f"{platform} Python {python}: {err}"
@@ -88,17 +107,38 @@ def java_stub(directory: Path) -> Path:
     """What /usr/bin/java does on a Mac with no JDK installed."""
     directory.mkdir()
     stub = directory / "java"
-    stub.write_text("#!/bin/sh\necho \"The operation couldn't be completed. Unable to locate a Java Runtime.\" >&2\n"
-                    "echo 'Please visit http://www.java.com for information on installing Java.' >&2\nexit 1\n")
+    stub.write_text(
+        '#!/bin/sh\necho "The operation couldn\'t be completed. Unable to locate a Java Runtime." >&2\n'
+        "echo 'Please visit http://www.java.com for information on installing Java.' >&2\nexit 1\n"
+    )
     stub.chmod(0o755)
     return directory
 
 
 def eval_twx(tmp_path, **env):
     environment = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"} | env
-    return subprocess.run([sys.executable, "-m", "duomem_mlx", "eval", "--env", "twx", "--tasks", "coin", "--episodes",
-                           "1", "--policy", "oracle", "--out", str(tmp_path / "r.json")],
-                          capture_output=True, text=True, env=environment, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "duomem_mlx",
+            "eval",
+            "--env",
+            "twx",
+            "--tasks",
+            "coin",
+            "--episodes",
+            "1",
+            "--policy",
+            "oracle",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
 
 
 @pytest.mark.env("twx")
@@ -107,8 +147,11 @@ def test_a_java_that_does_not_run_is_one_line_naming_the_fix(tmp_path):
     result = eval_twx(tmp_path, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("Error: TextWorldExpress needs Java 11+") and "Unable to locate a Java Runtime" in \
-        result.stderr and "JAVA_HOME" in result.stderr, result.stderr
+    assert (
+        result.stderr.startswith("Error: TextWorldExpress needs Java 11+")
+        and "Unable to locate a Java Runtime" in result.stderr
+        and "JAVA_HOME" in result.stderr
+    ), result.stderr
 
 
 @pytest.mark.env("twx")
@@ -130,8 +173,13 @@ def test_system_deps_on_a_mac_without_a_jdk_stop_with_the_hint(tmp_path):
     (stubs / "uname").chmod(0o755)
 
     def run(**env):
-        return subprocess.run(["/bin/bash", str(ROOT / "scripts" / "install_system_deps.sh")], capture_output=True,
-                              text=True, env={"PATH": str(stubs), **env}, timeout=60)
+        return subprocess.run(
+            ["/bin/bash", str(ROOT / "scripts" / "install_system_deps.sh")],
+            capture_output=True,
+            text=True,
+            env={"PATH": str(stubs), **env},
+            timeout=60,
+        )
 
     stopped = run()
     assert stopped.returncode == 1 and len(stopped.stderr.strip().splitlines()) == 1, stopped.stderr
@@ -147,8 +195,13 @@ def run_make(path: Path, *args) -> subprocess.CompletedProcess:
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
-    return subprocess.run([make, "-C", str(ROOT), "--no-print-directory", *args], capture_output=True, text=True,
-                          env={**os.environ, "PATH": str(path)}, timeout=60)
+    return subprocess.run(
+        [make, "-C", str(ROOT), "--no-print-directory", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": str(path)},
+        timeout=60,
+    )
 
 
 def old_python() -> str | None:
@@ -196,11 +249,18 @@ def test_convert_fetch_in_a_python_without_pip_names_the_fix(tmp_path):
             (packages / entry.name).symlink_to(entry)
     (next(venv.glob("lib/python3*/site-packages")) / "packages.pth").write_text(f"{packages}\n")
     python = venv / "bin" / "python"
-    assert "No module named pip" in subprocess.run([python, "-m", "pip", "--version"], capture_output=True,
-                                                    text=True).stderr
+    assert (
+        "No module named pip"
+        in subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True).stderr
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DUOMEM_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([python, "-m", "duomem_mlx", "convert", "--fetch", "smollm2-135m-instruct"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [python, "-m", "duomem_mlx", "convert", "--fetch", "smollm2-135m-instruct"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert error and "has no pip" in error[0] and "-m ensurepip" in error[0], result.stderr

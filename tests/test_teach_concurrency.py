@@ -35,8 +35,20 @@ def server(gold, tiny_model, tmp_path_factory):
 
 
 def teach(url: str, model, out, *args) -> list[str]:
-    return ["teach", "--teacher", f"openai:{url}#{model}", "--env", "twx", "--episodes", str(EPISODES), "--top-k", "3",
-            "--out", str(out), *args]
+    return [
+        "teach",
+        "--teacher",
+        f"openai:{url}#{model}",
+        "--env",
+        "twx",
+        "--episodes",
+        str(EPISODES),
+        "--top-k",
+        "3",
+        "--out",
+        str(out),
+        *args,
+    ]
 
 
 def run(args):
@@ -54,12 +66,17 @@ def reference(server, tiny_model, tmp_path_factory):
 
 
 def cache_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in [out / "episodes.jsonl", *sorted((out / "shards").iterdir())]}
+    return {
+        str(p.relative_to(out)): p.read_bytes() for p in [out / "episodes.jsonl", *sorted((out / "shards").iterdir())]
+    }
 
 
 def by_id(out: Path) -> dict[str, tuple[dict, bytes]]:
     """The kept episodes whatever their order: the line without its shard name, and the shard's bytes."""
-    return {e["id"]: ({k: v for k, v in e.items() if k != "shard"}, (out / e["shard"]).read_bytes()) for e in read_episodes(out)}
+    return {
+        e["id"]: ({k: v for k, v in e.items() if k != "shard"}, (out / e["shard"]).read_bytes())
+        for e in read_episodes(out)
+    }
 
 
 @pytest.mark.env("twx")
@@ -78,11 +95,16 @@ def test_transient_faults_lose_nothing(reference, gold, tiny_model, tmp_path):
         run(teach(url, tiny_model, tmp_path / "cache", "--concurrency", "4"))
         counts = policy_server.stats(url)
     assert all(counts[f] > 0 for f in policy_server.FAULTS)
-    assert cache_bytes(tmp_path / "cache") == cache_bytes(reference) and not json.loads((tmp_path / "cache" / "manifest.json").read_text())["failed"]
+    assert (
+        cache_bytes(tmp_path / "cache") == cache_bytes(reference)
+        and not json.loads((tmp_path / "cache" / "manifest.json").read_text())["failed"]
+    )
 
 
 @pytest.mark.env("twx")
-def test_a_request_that_keeps_failing_fails_its_episode_not_the_run(reference, gold, server, tiny_model, tmp_path, monkeypatch):
+def test_a_request_that_keeps_failing_fails_its_episode_not_the_run(
+    reference, gold, server, tiny_model, tmp_path, monkeypatch
+):
     monkeypatch.setattr(openai_compat, "backoff", lambda attempt: 0.0)
     out = tmp_path / "cache"
     with policy_server.running(gold, tiny_model, tmp_path, latency=0.02, broken=2) as url:
@@ -102,7 +124,9 @@ def test_a_request_that_keeps_failing_fails_its_episode_not_the_run(reference, g
 def test_kill_with_episodes_in_flight_then_resume(reference, server, tiny_model, tmp_path):
     out = tmp_path / "cache"
     args = [sys.executable, "-m", "duomem_mlx", *teach(server, tiny_model, out, "--concurrency", "4")]
-    proc = subprocess.Popen(args, env=dict(os.environ, DUOMEM_OPENBLAS="0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, env=dict(os.environ, DUOMEM_OPENBLAS="0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None and not (out / "episodes.jsonl").exists():
         time.sleep(0.01)
@@ -116,14 +140,29 @@ def test_kill_with_episodes_in_flight_then_resume(reference, server, tiny_model,
 
 @pytest.mark.env("twx")
 def test_mlx_teacher_refuses_concurrency(tiny_teacher, tmp_path):
-    result = CliRunner().invoke(cli, ["teach", "--teacher", f"mlx:{tiny_teacher}", "--env", "twx", "--concurrency", "2", "--out", str(tmp_path / "c")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "teach",
+            "--teacher",
+            f"mlx:{tiny_teacher}",
+            "--env",
+            "twx",
+            "--concurrency",
+            "2",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
     assert result.exit_code == 1 and "mlx_lm.server" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_retry_after_and_pace():
     assert retry_after({"Retry-After": "2"}) == 2.0 and retry_after({"Retry-After": "3600"}) == 60.0
     assert retry_after({}) is None and retry_after({"Retry-After": "soon"}) is None
-    assert 0 < retry_after({"Retry-After": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 5))}) <= 5
+    assert (
+        0 < retry_after({"Retry-After": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 5))}) <= 5
+    )
     pace, start = Pace(50.0), time.monotonic()
     for _ in range(11):
         pace.wait()

@@ -17,19 +17,21 @@ from click.testing import CliRunner
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, Step, StepResult
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.models import load
+from duomem_mlx.runtime.models import load
 from duomem_mlx.teacher import cache as cache_mod
 from duomem_mlx.teacher.base import shard_arrays
+from duomem_mlx.teacher.cache import CacheWriter, read_episodes, verify
 from duomem_mlx.teacher.openai_compat import OpenAITeacher
 from duomem_mlx.teacher.topk import forward_topk
-from duomem_mlx.teacher.cache import CacheWriter, read_episodes, verify
 
 ROOMS = [f"You are in room {i}. There is a door to the north and a small key on a table." for i in range(6)]
 
 
 def toy_episode(n: int = 6) -> Episode:
     steps = [Step(ROOMS[i], f"go north {i}" if i % 2 else "take key from table") for i in range(n)]
-    return Episode("textworld/tw-simple/0/0", "textworld", "tw-simple", 0, "Find the key and open the door.", True, 1.0, steps)
+    return Episode(
+        "textworld/tw-simple/0/0", "textworld", "tw-simple", 0, "Find the key and open the door.", True, 1.0, steps
+    )
 
 
 def direct_topk(model, input_ids, loss_mask):
@@ -55,7 +57,9 @@ def test_mlx_topk_equals_forward_pass(tiny_teacher):
     n = int(arrays["loss_mask"].sum())
     assert top["topk_ids"].shape == (n, 8) and top["topk_ids"].dtype == np.int32
     assert top["topk_logprobs"].dtype == np.float16
-    check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), top["topk_ids"], top["topk_logprobs"], slice(None))
+    check_rows(
+        direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), top["topk_ids"], top["topk_logprobs"], slice(None)
+    )
 
 
 def free_port() -> int:
@@ -70,8 +74,20 @@ def server(tiny_teacher):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm.server", "--model", str(tiny_teacher), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            str(tiny_teacher),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -115,7 +131,20 @@ def test_openai_topk_equals_forward_pass(server, tiny_teacher):
 @pytest.mark.env("textworld")
 def test_openai_teach(server, tiny_teacher, tmp_path):
     out = tmp_path / "openai"
-    args = teach("--teacher", f"openai:{server}/v1#{tiny_teacher}", "--top-k", "5", "--temperature", "1", "--episodes", "1", "--keep", "all", "--out", str(out))
+    args = teach(
+        "--teacher",
+        f"openai:{server}/v1#{tiny_teacher}",
+        "--top-k",
+        "5",
+        "--temperature",
+        "1",
+        "--episodes",
+        "1",
+        "--keep",
+        "all",
+        "--out",
+        str(out),
+    )
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -140,7 +169,9 @@ def test_openai_bad_inputs(server, tiny_teacher):
 def write_cache(tmp_path, tiny_teacher, n=3, k=4) -> Path:
     model, tokenizer = load(str(tiny_teacher))
     out = tmp_path / "cache"
-    writer = CacheWriter(out, {"teacher": "mlx:t", "backend": "mlx", "top_k": k, "env": "textworld", "vocab_size": 2048})
+    writer = CacheWriter(
+        out, {"teacher": "mlx:t", "backend": "mlx", "top_k": k, "env": "textworld", "vocab_size": 2048}
+    )
     for i in range(n):
         episode = toy_episode(2 + i)
         episode.id = f"ep{i}"
@@ -196,7 +227,12 @@ def teach(*args) -> list[str]:
 def test_mlx_teach_cache_equals_forward_pass(tmp_path, tiny_teacher):
     """`teach` with an mlx: teacher on TextWorld: every cached row equals a plain forward pass."""
     out = tmp_path / "mlx"
-    result = CliRunner().invoke(cli, teach("--teacher", f"mlx:{tiny_teacher}", "--episodes", "2", "--keep", "all", "--top-k", "8", "--out", str(out)))
+    result = CliRunner().invoke(
+        cli,
+        teach(
+            "--teacher", f"mlx:{tiny_teacher}", "--episodes", "2", "--keep", "all", "--top-k", "8", "--out", str(out)
+        ),
+    )
     assert result.exit_code == 0, result.output
     model, _ = load(str(tiny_teacher))
     episodes = read_episodes(out)
@@ -204,7 +240,12 @@ def test_mlx_teach_cache_equals_forward_pass(tmp_path, tiny_teacher):
     for episode in episodes:
         arrays = cache_mod.load_shard(out, episode)
         assert arrays["topk_ids"].shape == (episode["masked"], 8)
-        check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), arrays["topk_ids"], arrays["topk_logprobs"], slice(None))
+        check_rows(
+            direct_topk(model, arrays["input_ids"], arrays["loss_mask"]),
+            arrays["topk_ids"],
+            arrays["topk_logprobs"],
+            slice(None),
+        )
 
 
 @pytest.mark.env("textworld")
@@ -213,13 +254,64 @@ def test_mlx_teacher_reads_memories_and_its_shards_hold_them(tmp_path, tiny_teac
     shard is the chat it saw, memories included, and its rows still equal a plain forward pass."""
     oracle, bank, out = tmp_path / "oracle", tmp_path / "bank", tmp_path / "mlx"
     runner = CliRunner()
-    assert runner.invoke(cli, teach("--teacher", "oracle", "--episodes", "3", "--max-steps", "40", "--memory-kind", "trajectory",
-                                    "--out", str(oracle))).exit_code == 0
+    assert (
+        runner.invoke(
+            cli,
+            teach(
+                "--teacher",
+                "oracle",
+                "--episodes",
+                "3",
+                "--max-steps",
+                "40",
+                "--memory-kind",
+                "trajectory",
+                "--out",
+                str(oracle),
+            ),
+        ).exit_code
+        == 0
+    )
     assert len(cache_mod.read_memories(oracle)) == 3  # one a game: the teacher's two games are among them
-    assert runner.invoke(cli, ["memory", "build", "--cache", str(oracle), "--embedder", str(tiny_teacher), "--key", "task+observation",
-                               "--out", str(bank)]).exit_code == 0
-    result = runner.invoke(cli, teach("--teacher", f"mlx:{tiny_teacher}", "--memory", str(bank), "--memory-k", "1", "--memory-kind", "both",
-                                      "--episodes", "2", "--keep", "all", "--top-k", "8", "--out", str(out)))
+    assert (
+        runner.invoke(
+            cli,
+            [
+                "memory",
+                "build",
+                "--cache",
+                str(oracle),
+                "--embedder",
+                str(tiny_teacher),
+                "--key",
+                "task+observation",
+                "--out",
+                str(bank),
+            ],
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        cli,
+        teach(
+            "--teacher",
+            f"mlx:{tiny_teacher}",
+            "--memory",
+            str(bank),
+            "--memory-k",
+            "1",
+            "--memory-kind",
+            "both",
+            "--episodes",
+            "2",
+            "--keep",
+            "all",
+            "--top-k",
+            "8",
+            "--out",
+            str(out),
+        ),
+    )
     assert result.exit_code == 0, result.output
     model, tokenizer = load(str(tiny_teacher))
     memories = {m["id"]: m for m in cache_mod.read_memories(oracle)}
@@ -229,7 +321,12 @@ def test_mlx_teacher_reads_memories_and_its_shards_hold_them(tmp_path, tiny_teac
         assert memories[used]["source"][0].rsplit("/", 1)[0] != episode["id"].rsplit("/", 1)[0]  # another game's
         arrays = cache_mod.load_shard(out, episode)
         assert memories[used]["text"] in tokenizer.decode(arrays["input_ids"].tolist())
-        check_rows(direct_topk(model, arrays["input_ids"], arrays["loss_mask"]), arrays["topk_ids"], arrays["topk_logprobs"], slice(None))
+        check_rows(
+            direct_topk(model, arrays["input_ids"], arrays["loss_mask"]),
+            arrays["topk_ids"],
+            arrays["topk_logprobs"],
+            slice(None),
+        )
     assert {m["kind"] for m in cache_mod.read_memories(out)} <= {"both"}
     result = runner.invoke(cli, teach("--teacher", "oracle", "--memory", str(bank), "--out", str(tmp_path / "no")))
     assert result.exit_code == 1 and "mlx: teacher only" in result.output
@@ -241,7 +338,9 @@ def test_oracle_cache_and_kill_resume(tmp_path, tiny_model):
     out = tmp_path / "oracle"
     args = teach("--teacher", "oracle", "--teacher-tokenizer", str(tiny_model), "--episodes", "4", "--out", str(out))
     env = dict(os.environ, DUOMEM_OPENBLAS="0")
-    proc = subprocess.Popen([sys.executable, "-m", "duomem_mlx", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "duomem_mlx", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None:
         if (out / "episodes.jsonl").exists() and (out / "episodes.jsonl").read_bytes().count(b"\n") >= 1:
@@ -252,7 +351,9 @@ def test_oracle_cache_and_kill_resume(tmp_path, tiny_model):
     proc.wait()
     result = subprocess.run([sys.executable, "-m", "duomem_mlx", *args], env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "--resume" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run([sys.executable, "-m", "duomem_mlx", *args, "--resume"], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "duomem_mlx", *args, "--resume"], env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     ids = [e["id"] for e in read_episodes(out)]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -261,6 +362,8 @@ def test_oracle_cache_and_kill_resume(tmp_path, tiny_model):
     assert all(e["success"] for e in read_episodes(out)) and verify(out) == (len(ids), [])
     memories = cache_mod.read_memories(out)
     assert memories and all(m["text"] and m["source"] for m in memories)
-    result = CliRunner().invoke(cli, ["memory", "build", "--cache", str(out), "--embedder", str(tiny_model), "--out", str(tmp_path / "bank")])
+    result = CliRunner().invoke(
+        cli, ["memory", "build", "--cache", str(out), "--embedder", str(tiny_model), "--out", str(tmp_path / "bank")]
+    )
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "bank" / "memories.jsonl").read_text().splitlines()) == len(memories)

@@ -39,8 +39,14 @@ def serving(answer):
 
         def handle_one(self):
             length = int(self.headers.get("Content-Length") or 0)
-            seen.append({"path": self.path, "method": self.command, "authorization": self.headers.get("Authorization"),
-                         "body": self.rfile.read(length)})
+            seen.append(
+                {
+                    "path": self.path,
+                    "method": self.command,
+                    "authorization": self.headers.get("Authorization"),
+                    "body": self.rfile.read(length),
+                }
+            )
             try:
                 answer(self)
             except OSError:  # the client hung up (a test of a deadline)
@@ -72,8 +78,10 @@ GOOD_ROW = '[{"id": 5, "logprob": -0.1}, {"id": 7, "logprob": -2.5}]'
 def chat_reply(top_logprobs: str = GOOD_ROW, token: str = '"token_id:5"') -> bytes:
     """A chat completion of one token whose logprobs entry is written as raw JSON text."""
     entry = f'{{"token": {token}, "logprob": -0.1, "top_logprobs": {top_logprobs}}}'
-    return (f'{{"choices": [{{"message": {{"content": "look"}}, "finish_reason": "stop", "logprobs": {{"content": '
-            f'[{entry}]}}}}], "usage": {{"prompt_tokens": 9}}}}').encode()
+    return (
+        f'{{"choices": [{{"message": {{"content": "look"}}, "finish_reason": "stop", "logprobs": {{"content": '
+        f'[{entry}]}}}}], "usage": {{"prompt_tokens": 9}}}}'
+    ).encode()
 
 
 def policy(url: str, vocab: int = 100) -> OpenAIPolicy:
@@ -85,8 +93,13 @@ def policy(url: str, vocab: int = 100) -> OpenAIPolicy:
 def test_retry_after_nan_is_a_backoff_not_a_crash(monkeypatch):
     monkeypatch.setattr(openai_compat, "backoff", lambda attempt: 0.01)
     assert retry_after({"Retry-After": "nan"}) is None and retry_after({"Retry-After": "inf"}) is None
-    answers = iter([(503, b'{"error": "busy"}', {"Retry-After": "nan"}), (429, b"{}", {"Retry-After": "-inf"}),
-                    (200, b'{"ok": 1}', {})])
+    answers = iter(
+        [
+            (503, b'{"error": "busy"}', {"Retry-After": "nan"}),
+            (429, b"{}", {"Retry-After": "-inf"}),
+            (200, b'{"ok": 1}', {}),
+        ]
+    )
     with serving(lambda h: send(h, *next(answers))) as (url, seen):
         assert OpenAIClient(url, retries=3).request("/models") == {"ok": 1} and len(seen) == 3
 
@@ -144,6 +157,7 @@ def test_hostile_json_and_sampled_tokens():
 
 def test_a_request_has_a_total_deadline():
     """A server that sends one byte every 0.2 s cannot hold a 1 s request longer than its deadline."""
+
     def drip(handler):
         handler.send_response(200)
         handler.send_header("Content-Length", "100")
@@ -173,6 +187,7 @@ def test_an_answer_too_large_is_refused():
 def test_teach_fails_the_episodes_of_a_hostile_server_and_caches_nothing_bad(tiny_model, tmp_path):
     """A server answering NaN and positive logprobs: every episode fails (named in the manifest),
     the run ends in order, nothing is cached and `cache verify` is clean."""
+
     def answer(handler):
         if handler.path.endswith("/models"):
             send(handler, 404, b"{}")
@@ -181,9 +196,30 @@ def test_teach_fails_the_episodes_of_a_hostile_server_and_caches_nothing_bad(tin
 
     out = tmp_path / "cache"
     with serving(answer) as (url, _):
-        result = CliRunner().invoke(cli, ["teach", "--teacher", f"openai:{url}#m", "--teacher-tokenizer",
-                                          str(tiny_model), "--env", "twx", "--episodes", "2", "--max-steps", "2",
-                                          "--top-k", "2", "--keep", "all", "--concurrency", "2", "--out", str(out)])
+        result = CliRunner().invoke(
+            cli,
+            [
+                "teach",
+                "--teacher",
+                f"openai:{url}#m",
+                "--teacher-tokenizer",
+                str(tiny_model),
+                "--env",
+                "twx",
+                "--episodes",
+                "2",
+                "--max-steps",
+                "2",
+                "--top-k",
+                "2",
+                "--keep",
+                "all",
+                "--concurrency",
+                "2",
+                "--out",
+                str(out),
+            ],
+        )
     assert result.exit_code == 0, result.output
     failed = json.loads((out / "manifest.json").read_text())["failed"]
     assert len(failed) == 2 and all("NaN" in why for why in failed.values()) and "--resume" in result.output
@@ -242,16 +278,25 @@ def test_a_failed_job_joins_and_closes_every_worker():
     assert not [t for t in threading.enumerate() if t.name.startswith("teach-")]
 
 
-@pytest.mark.parametrize("ids,logprobs,problem", [
-    ([[5, 7]], [[np.nan, -1.0]], "non-finite"), ([[5, 7]], [[-np.inf, -1.0]], "non-finite"),
-    ([[5, 7]], [[0.7, -1.0]], "positive"), ([[5, 100]], [[-0.1, -1.0]], "outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "ids,logprobs,problem",
+    [
+        ([[5, 7]], [[np.nan, -1.0]], "non-finite"),
+        ([[5, 7]], [[-np.inf, -1.0]], "non-finite"),
+        ([[5, 7]], [[0.7, -1.0]], "positive"),
+        ([[5, 100]], [[-0.1, -1.0]], "outside the vocabulary"),
+    ],
+)
 def test_cache_verify_rejects_a_poisoned_shard(ids, logprobs, problem, tmp_path):
     out = tmp_path / "cache"
     settings = {"teacher": "openai:x#m", "backend": "openai", "top_k": 2, "env": "twx", "vocab_size": 100}
     with CacheWriter(out, settings) as writer:
-        arrays = {"input_ids": np.arange(4, dtype=np.int32), "loss_mask": np.array([0, 0, 0, 1], np.uint8),
-                  "topk_ids": np.array(ids, np.int32), "topk_logprobs": np.array(logprobs, np.float16)}
+        arrays = {
+            "input_ids": np.arange(4, dtype=np.int32),
+            "loss_mask": np.array([0, 0, 0, 1], np.uint8),
+            "topk_ids": np.array(ids, np.int32),
+            "topk_logprobs": np.array(logprobs, np.float16),
+        }
         writer.add({"id": "ep0", "task": "t"}, arrays)
     result = CliRunner().invoke(cli, ["cache", "verify", str(out)])
     assert result.exit_code == 1 and "00000.safetensors" in result.output and problem in result.output

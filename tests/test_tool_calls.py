@@ -12,12 +12,6 @@ import pytest
 from click.testing import CliRunner
 from test_families import FAMILIES
 
-from duomem_mlx.agent.decode import DecodeOptions, decode_action, end_of_turn
-from duomem_mlx.agent.grammar import Spelling, TokenIndex, call_grammar
-from duomem_mlx.agent.loop import ModelPolicy
-from duomem_mlx.agent.prompt import encode, prefix_messages, render
-from duomem_mlx.agent.session import ReencodingSession, Session
-from duomem_mlx.agent.tools import Tools, call_message, read_call
 from duomem_mlx.cli import cli
 from duomem_mlx.deploy.bench import play_env
 from duomem_mlx.envs import make_env
@@ -25,14 +19,43 @@ from duomem_mlx.envs.base import TaskSpec, play_episode
 from duomem_mlx.envs.bfcl import split_indices
 from duomem_mlx.envs.calls import Call, parse_call
 from duomem_mlx.envs.example_tools import TOOLS
-from duomem_mlx.models import make_tiny_model
+from duomem_mlx.runtime.decode import DecodeOptions, decode_action, end_of_turn
+from duomem_mlx.runtime.grammar import Spelling, TokenIndex, call_grammar
+from duomem_mlx.runtime.models import make_tiny_model
+from duomem_mlx.runtime.policy import ModelPolicy
+from duomem_mlx.runtime.prompt import encode, prefix_messages, render
+from duomem_mlx.runtime.session import ReencodingSession, Session
+from duomem_mlx.runtime.tools import Tools, call_message, read_call
 
-TYPES = {"integer": int, "number": (int, float), "float": (int, float), "boolean": bool, "string": str,
-         "array": (list, tuple), "dict": dict, "object": dict}
+TYPES = {
+    "integer": int,
+    "number": (int, float),
+    "float": (int, float),
+    "boolean": bool,
+    "string": str,
+    "array": (list, tuple),
+    "dict": dict,
+    "object": dict,
+}
 # every kind of value the grammar writes: enums, integers, numbers, booleans, free strings, arrays, any
-MIXED = [*TOOLS, {"name": "send", "description": "Send a message.", "parameters": {"type": "dict", "properties": {
-    "to": {"type": "string"}, "price": {"type": "float"}, "urgent": {"type": "boolean"},
-    "tags": {"type": "array", "items": {"type": "string"}}, "extra": {"type": "any"}}, "required": ["to"]}}]
+MIXED = [
+    *TOOLS,
+    {
+        "name": "send",
+        "description": "Send a message.",
+        "parameters": {
+            "type": "dict",
+            "properties": {
+                "to": {"type": "string"},
+                "price": {"type": "float"},
+                "urgent": {"type": "boolean"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "extra": {"type": "any"},
+            },
+            "required": ["to"],
+        },
+    },
+]
 
 
 def schema_errors(call: Call, tools: list[dict]) -> list[str]:
@@ -58,8 +81,9 @@ def schema_errors(call: Call, tools: list[dict]) -> list[str]:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("tool-families")
-    return {arch: mlx_lm.load(str(make_tiny_model(root / arch, arch=arch, vocab_size=1024, seed=2)))
-            for arch in FAMILIES}
+    return {
+        arch: mlx_lm.load(str(make_tiny_model(root / arch, arch=arch, vocab_size=1024, seed=2))) for arch in FAMILIES
+    }
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -77,7 +101,7 @@ def test_each_family_round_trips_a_call(arch, families):
     message = call_message(call) if templated else {"role": "assistant", "content": call.text}
     full = render(tokenizer, chat + [message], False, tools=tools.template_tools)
     assert '"add_event"' in head and full.startswith(head)
-    reply = full[len(head):].split(tokenizer.decode([end_of_turn(tokenizer)]))[0]
+    reply = full[len(head) :].split(tokenizer.decode([end_of_turn(tokenizer)]))[0]
     if arch == "qwen3":
         assert reply.startswith("<tool_call>\n") and tokenizer.tool_parser is not None  # mlx-lm's json_tools
     index, start = tools.grammar()
@@ -123,11 +147,24 @@ def test_what_the_grammar_accepts_is_a_valid_call_or_no_call(spelling):
     accepts is a call its schema takes, or a text `parse_call` reads as none (`foó(x=1)` is a call)."""
     grammar, start = call_grammar(MIXED, Spelling(spelling), text_replies=True)
     rng, alphabet, accepted = random.Random(0), "sendo_1 (){}[]<>'\"=.,:#`\u0301é\t-", 0
-    tricky = ["foo\u0301(x=1)", "foo (x=1)", "send (to='a')", "```send(to='a')```", " send(to='a')", '{"name": "f"}',
-              "[finish()]", "(finish)()", "f\t(x=1)", "ｆoo(x=1)", "send(to='a', to='b')", "send(to='a',)"]
+    tricky = [
+        "foo\u0301(x=1)",
+        "foo (x=1)",
+        "send (to='a')",
+        "```send(to='a')```",
+        " send(to='a')",
+        '{"name": "f"}',
+        "[finish()]",
+        "(finish)()",
+        "f\t(x=1)",
+        "ｆoo(x=1)",
+        "send(to='a', to='b')",
+        "send(to='a',)",
+    ]
     heads = ["", "send(", "finish", "{"]
-    texts = tricky + [rng.choice(heads) + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9)))
-                      for _ in range(20000)]
+    texts = tricky + [
+        rng.choice(heads) + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(20000)
+    ]
     for text in texts:
         if grammar.matches(start, text):
             accepted += 1
@@ -147,8 +184,9 @@ def test_grammar_decoding_is_the_argmax_over_allowed_tokens(spelling, families):
     prompt = encode(tokenizer, render(tokenizer, prefix_messages("book a call", "Tools: add_event"), True))
     session = Session(model, tokenizer, 2048, DecodeOptions(mode="constrained", max_tokens=30))
     session.feed(prompt[:-1])
-    text, ids = decode_action(model, tokenizer, session.cache, prompt[-1:], None, session.options,
-                              grammar=(index, grammar[1]))
+    text, ids = decode_action(
+        model, tokenizer, session.cache, prompt[-1:], None, session.options, grammar=(index, grammar[1])
+    )
     eot, at, expected = end_of_turn(tokenizer), grammar[1], []
     for _ in range(len(ids)):
         allowed = index(at)
@@ -212,7 +250,7 @@ def test_chat_and_bench_play_an_env_of_tools(tmp_path):
     assert chat.exit_code == 0, chat.output
     actions = [line[2:].rsplit("   (", 1)[0] for line in chat.output.splitlines() if line.startswith("> ")]
     assert len(actions) == 3 and all(not schema_errors(parse_call(a), TOOLS) for a in actions), chat.output
-    (steps, seconds), = play_env(str(model), calendar, 1, 0)  # what `bench --env` times
+    ((steps, seconds),) = play_env(str(model), calendar, 1, 0)  # what `bench --env` times
     assert steps and seconds > 0
 
 
@@ -240,9 +278,9 @@ def test_tools_added_mid_episode_reach_the_prompt_and_the_grammar(tiny_model):
 def test_training_renders_the_chat_and_tools_the_agent_saw(arch, families):
     """A played episode of tools, rendered for training (teach shards, distill), is the chat the
     session held at run time, tools and memories included, to the character."""
-    from duomem_mlx.agent.prompt import tokenize_with_mask
-    from duomem_mlx.agent.tools import episode_chat
     from duomem_mlx.envs.base import Episode
+    from duomem_mlx.runtime.prompt import tokenize_with_mask
+    from duomem_mlx.runtime.tools import episode_chat
 
     model, tokenizer = families[arch]
     policy = ModelPolicy(model, tokenizer, max_context=4096)
@@ -250,8 +288,9 @@ def test_training_renders_the_chat_and_tools_the_agent_saw(arch, families):
     env = make_env("duomem_mlx.envs.example_tools:Calendar")
     episode = play_episode(env, env.task_specs(["move"], "dev", 1, 0)[0], policy, 4)
     assert len(episode.steps) == 4 and episode.tools == TOOLS
-    messages, tools = episode_chat(tokenizer, Episode.from_json(json.loads(json.dumps(episode.to_json()))),
-                                   ["list the day first"])
+    messages, tools = episode_chat(
+        tokenizer, Episode.from_json(json.loads(json.dumps(episode.to_json()))), ["list the day first"]
+    )
     session = policy.session
     assert messages == session.messages and tools == (session.tools.template_tools)
     assert render(tokenizer, messages, False, tools=tools) == session.render(session.messages, False)

@@ -24,29 +24,46 @@ def run(*args, ok=True):
     return result.output
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("cd(folder='document')", Call("cd", (), {"folder": "document"})),
-    ("  sort('final_report.pdf') ", Call("sort", ("final_report.pdf",), {})),
-    ("add(a=[1, 2.5], b={'k': None}, c=True)", Call("add", (), {"a": [1, 2.5], "b": {"k": None}, "c": True})),
-    ("neg(x=-3)", Call("neg", (), {"x": -3})),
-    ('{"name": "cd", "arguments": {"folder": "tmp"}}', Call("cd", (), {"folder": "tmp"})),
-    ('{"name": "cd", "arguments": "{\\"folder\\": \\"tmp\\"}"}', Call("cd", (), {"folder": "tmp"})),
-    ("```python\nls()\n```", Call("ls")),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("cd(folder='document')", Call("cd", (), {"folder": "document"})),
+        ("  sort('final_report.pdf') ", Call("sort", ("final_report.pdf",), {})),
+        ("add(a=[1, 2.5], b={'k': None}, c=True)", Call("add", (), {"a": [1, 2.5], "b": {"k": None}, "c": True})),
+        ("neg(x=-3)", Call("neg", (), {"x": -3})),
+        ('{"name": "cd", "arguments": {"folder": "tmp"}}', Call("cd", (), {"folder": "tmp"})),
+        ('{"name": "cd", "arguments": "{\\"folder\\": \\"tmp\\"}"}', Call("cd", (), {"folder": "tmp"})),
+        ("```python\nls()\n```", Call("ls")),
+    ],
+)
 def test_calls_parse_to_literals_and_write_back(text, expected):
     call = parse_call(text)
     assert call == expected
     assert parse_call(call.text) == call
 
 
-@pytest.mark.parametrize("text", [
-    "cd(folder=__import__('os').system('touch /tmp/pwned'))", "os.system('ls')", "cd(folder=x)",
-    "cd(**{'folder': 'a'})",
-    "cd(*['a'])", "f(x=1e999)", "a(); b()", "[cd(folder='a'), ls()]", "I moved the file.", "", "cd(folder='a'",
-    '{"name": "__import__(\'os\')", "arguments": {}}', '{"name": "cd", "arguments": {"not an identifier": 1}}',
-    "(lambda: 1)()", "f(x=[i for i in range(3)])", "f(x=" + "[" * 100_000 + "]" * 100_000 + ")",
-    '{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cd(folder=__import__('os').system('touch /tmp/pwned'))",
+        "os.system('ls')",
+        "cd(folder=x)",
+        "cd(**{'folder': 'a'})",
+        "cd(*['a'])",
+        "f(x=1e999)",
+        "a(); b()",
+        "[cd(folder='a'), ls()]",
+        "I moved the file.",
+        "",
+        "cd(folder='a'",
+        '{"name": "__import__(\'os\')", "arguments": {}}',
+        '{"name": "cd", "arguments": {"not an identifier": 1}}',
+        "(lambda: 1)()",
+        "f(x=[i for i in range(3)])",
+        "f(x=" + "[" * 100_000 + "]" * 100_000 + ")",
+        '{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+)
 def test_anything_but_one_literal_call_is_not_a_call(text):
     assert parse_call(text) is None
 
@@ -78,12 +95,29 @@ def test_a_class_by_module_path_plays_as_its_short_name(tmp_path):
     results = {}
     for env in ("twx", "duomem_mlx.envs.twx:TextWorldExpress"):
         out = tmp_path / f"{len(env)}.json"
-        run("eval", "--env", env, "--tasks", "coin,sorting", "--episodes", 2, "--policy", "oracle", "--split", "test",
-            "--game-params", "coin:numLocations=2", "--out", out)
+        run(
+            "eval",
+            "--env",
+            env,
+            "--tasks",
+            "coin,sorting",
+            "--episodes",
+            2,
+            "--policy",
+            "oracle",
+            "--split",
+            "test",
+            "--game-params",
+            "coin:numLocations=2",
+            "--out",
+            out,
+        )
         results[env] = json.loads(out.read_text())
     same = [{k: e[k] for k in ("task", "variation", "success", "score", "steps")} for e in results["twx"]["episodes"]]
-    assert same == [{k: e[k] for k in ("task", "variation", "success", "score", "steps")}
-                    for e in results["duomem_mlx.envs.twx:TextWorldExpress"]["episodes"]]
+    assert same == [
+        {k: e[k] for k in ("task", "variation", "success", "score", "steps")}
+        for e in results["duomem_mlx.envs.twx:TextWorldExpress"]["episodes"]
+    ]
     assert results["twx"]["success_rate"] == 1.0 and len(same) == 4
 
 
@@ -102,7 +136,7 @@ def test_bad_environments_end_in_one_line(tmp_path, monkeypatch):
         "no_such_module_xyz:Env": "no module named 'no_such_module_xyz'",
         "duomem_mlx.envs.twx:NoSuchClass": "module duomem_mlx.envs.twx has no class 'NoSuchClass'",
         "half_env:HalfEnv": "HalfEnv lacks the Env protocol's method(s) task_names, task_specs, step, expert_actions, "
-                            "close",
+        "close",
         "broken_env:Env": "needs 'not_a_real_dependency_xyz', which is not installed",
         "minecraft": "unknown environment 'minecraft'; use one of scienceworld",
     }
@@ -136,13 +170,47 @@ def test_calendar_through_teach_memory_distill_eval(tiny_model, tmp_path):
     run("memory", "build", "--cache", cache, "--embedder", tiny_model, "--out", bank)
     memories = [json.loads(line) for line in (bank / "memories.jsonl").read_text().splitlines()]
     assert {m["task_type"] for m in memories} == {"book", "cancel", "move"}
-    run("distill", "--student", tiny_model, "--cache", cache, "--out", adapters, "--kd", "off", "--iters", 2,
-        "--batch-size", 2, "--val-fraction", 0, "--memory-bank", bank)
-    run("eval", "--env", CALENDAR, "--split", "test", "--episodes", 3, "--max-steps", 3,
-        "--policy", f"model:{tiny_model}", "--adapter-path", adapters, "--out", out, "--log", tmp_path / "log.jsonl")
+    run(
+        "distill",
+        "--student",
+        tiny_model,
+        "--cache",
+        cache,
+        "--out",
+        adapters,
+        "--kd",
+        "off",
+        "--iters",
+        2,
+        "--batch-size",
+        2,
+        "--val-fraction",
+        0,
+        "--memory-bank",
+        bank,
+    )
+    run(
+        "eval",
+        "--env",
+        CALENDAR,
+        "--split",
+        "test",
+        "--episodes",
+        3,
+        "--max-steps",
+        3,
+        "--policy",
+        f"model:{tiny_model}",
+        "--adapter-path",
+        adapters,
+        "--out",
+        out,
+        "--log",
+        tmp_path / "log.jsonl",
+    )
     results = json.loads(out.read_text())
     assert set(results["per_task"]) == {"book", "cancel", "move"} and results["env"] == CALENDAR
     played = [Episode.from_json(json.loads(line)) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(e.memories for e in played)  # read from the bank distill rebuilt beside the adapters
-    # the calendar offers tools: every action is a call its schema accepts (agent/tools.py)
+    # the calendar offers tools: every action is a call its schema accepts (runtime/tools.py)
     assert all(not schema_errors(parse_call(s.action), TOOLS) for e in played for s in e.steps)

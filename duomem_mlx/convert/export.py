@@ -11,13 +11,18 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..errors import DuomemError
-from ..io import atomic_file
-from .families import Family, family_of, heads_for_rows, mlx_name
-from .gguf_file import open_gguf
+from duomem_mlx.convert.families import Family, family_of, heads_for_rows, mlx_name
+from duomem_mlx.convert.gguf_file import open_gguf
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import atomic_file
 
-TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-         "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+TYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_1": gguf.GGMLQuantizationType.Q4_1,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+}
 
 
 def permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -50,7 +55,7 @@ def model_weights(model) -> dict[str, np.ndarray]:
 
 def source_of(model_dir: str | Path) -> Path:
     """The GGUF file `duomem-mlx convert` made `model_dir` from, where it is still in the fetch cache."""
-    from .fetch import cache_dir
+    from duomem_mlx.convert.fetch import cache_dir
 
     info = Path(model_dir) / "duomem.json"
     source = json.loads(info.read_text()).get("source", {}) if info.exists() else {}
@@ -65,7 +70,7 @@ def source_of(model_dir: str | Path) -> Path:
 def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type_name: str = "f16") -> dict:
     """Write `model_dir` (an mlx-lm model `convert` made from `source`, e.g. fused after distill)
     as the GGUF file `out`, tensor for tensor where `source` has one."""
-    from ..models import load
+    from duomem_mlx.runtime.models import load
 
     if type_name not in TYPES:
         raise DuomemError(f"unknown GGUF type {type_name!r}; use one of {', '.join(TYPES)}")
@@ -77,20 +82,30 @@ def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type
     path = Path(out)
     writer = gguf.GGUFWriter(None, original.arch)
     for name, field in original.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type", "general.quantization_version"):
+        if name.startswith("GGUF.") or name in (
+            "general.architecture",
+            "general.file_type",
+            "general.quantization_version",
+        ):
             continue
         writer.add_key_value(name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
     writer.add_file_type(int(TYPES[type_name]))
     if "tokenizer.chat_template" not in original.fields and getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)  # the family's, as convert used it: llama.cpp then renders alike
+        writer.add_chat_template(
+            tokenizer.chat_template
+        )  # the family's, as convert used it: llama.cpp then renders alike
     need = 0
     for tensor in original.tensors.values():
         key = mlx_name(tensor.name, family)
         if key not in weights:
-            raise DuomemError(f"{model_dir} has no weight for {tensor.name} ({key}); export the model {source} was converted to")
+            raise DuomemError(
+                f"{model_dir} has no weight for {tensor.name} ({key}); export the model {source} was converted to"
+            )
         if weights[key].shape[::-1] != tuple(int(n) for n in tensor.shape):
-            raise DuomemError(f"{tensor.name}: {source} has shape {tuple(tensor.shape[::-1])}, {model_dir} {weights[key].shape}; "
-                              "pass the GGUF this model was converted from as --source")
+            raise DuomemError(
+                f"{tensor.name}: {source} has shape {tuple(tensor.shape[::-1])}, {model_dir} {weights[key].shape}; "
+                "pass the GGUF this model was converted from as --source"
+            )
         values, qtype = gguf_tensor(tensor.name, weights[key], family, config, TYPES[type_name])
         writer.add_tensor(tensor.name, values, raw_dtype=qtype)
         need += values.nbytes

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 # mlx-lm config key <- `{arch}.` GGUF key
 HYPERPARAMETERS = {
@@ -50,14 +50,21 @@ class Family:
 
 
 FAMILIES = {
-    "llama": Family("llama", "LlamaForCausalLM", "llama3", unpermute_qk=True,
-                    unsupported_tensors=("rope_freqs.weight",)),
+    "llama": Family(
+        "llama", "LlamaForCausalLM", "llama3", unpermute_qk=True, unsupported_tensors=("rope_freqs.weight",)
+    ),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "chatml"),
     "qwen3": Family("qwen3", "Qwen3ForCausalLM", "qwen3"),
     "gemma3": Family(
-        "gemma3_text", "Gemma3ForCausalLM", "gemma",
-        block_tensors={**BLOCK_TENSORS, "ffn_norm": "pre_feedforward_layernorm",
-                       "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        "gemma",
+        block_tensors={
+            **BLOCK_TENSORS,
+            "ffn_norm": "pre_feedforward_layernorm",
+            "post_attention_norm": "post_attention_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm",
+        },
         norm_offset=-1.0,
         defaults={"rope_local_base_freq": 10000.0, "sliding_window_pattern": 6},
         same_as={"query_pre_attn_scalar": "head_dim"},
@@ -68,28 +75,42 @@ FAMILIES = {
 def family_of(gguf) -> Family:
     family = FAMILIES.get(gguf.arch)
     if family is None:
-        raise DuomemError(f"{gguf.path}: architecture {gguf.arch!r} is not supported; convert handles {', '.join(FAMILIES)}")
+        raise DuomemError(
+            f"{gguf.path}: architecture {gguf.arch!r} is not supported; convert handles {', '.join(FAMILIES)}"
+        )
     for name in family.unsupported_tensors:
         if name in gguf.tensors:
-            raise DuomemError(f"{gguf.path}: tensor {name} (Llama 3.1-style rope scaling) is not supported yet; "
-                              f"use a model without rope scaling (SmolLM2, Llama 3, Qwen)")
+            raise DuomemError(
+                f"{gguf.path}: tensor {name} (Llama 3.1-style rope scaling) is not supported yet; "
+                f"use a model without rope scaling (SmolLM2, Llama 3, Qwen)"
+            )
     return family
 
 
 def model_config(gguf, family: Family, vocab_rows: int) -> dict:
     """config.json for mlx-lm (and transformers) from the GGUF's hyperparameters."""
     config = {key: _tidy(gguf.get(source)) for key, source in HYPERPARAMETERS.items() if gguf.get(source) is not None}
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads") if k not in config]
+    missing = [
+        k for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads") if k not in config
+    ]
     if missing:
-        raise DuomemError(f"{gguf.path}: no {', '.join(missing)} in the GGUF metadata ({gguf.arch}.*); the file is incomplete")
+        raise DuomemError(
+            f"{gguf.path}: no {', '.join(missing)} in the GGUF metadata ({gguf.arch}.*); the file is incomplete"
+        )
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    config.setdefault("head_dim", gguf.get("rope.dimension_count") or config["hidden_size"] // config["num_attention_heads"])
+    config.setdefault(
+        "head_dim", gguf.get("rope.dimension_count") or config["hidden_size"] // config["num_attention_heads"]
+    )
     config.setdefault("rms_norm_eps", 1e-6)
     config.setdefault("max_position_embeddings", 4096)
     config.update({k: v for k, v in family.defaults.items() if k not in config})
     config.update({k: config[v] for k, v in family.same_as.items()})
-    config.update(model_type=family.model_type, architectures=[family.architecture], vocab_size=vocab_rows,
-                  tie_word_embeddings="output.weight" not in gguf.tensors)
+    config.update(
+        model_type=family.model_type,
+        architectures=[family.architecture],
+        vocab_size=vocab_rows,
+        tie_word_embeddings="output.weight" not in gguf.tensors,
+    )
     return config
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 BLOCK = 32  # values per block in Q4_0 / Q4_1 / Q8_0; MLX's group size for them
 KEEPABLE = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGML type -> MLX bits
@@ -55,7 +55,9 @@ def open_gguf(path: str | Path) -> GGUF:
         tensors = {t.name: t for t in reader.tensors}
         fields = dict(reader.fields)
     except (ValueError, IndexError, KeyError, OSError) as e:
-        raise DuomemError(f"{path} is a damaged or truncated GGUF file ({e.__class__.__name__}: {e}); download it again")
+        raise DuomemError(
+            f"{path} is a damaged or truncated GGUF file ({e.__class__.__name__}: {e}); download it again"
+        )
     return GGUF(path, metadata, tensors, fields)
 
 
@@ -76,8 +78,10 @@ def dequantized(tensor) -> np.ndarray:
         try:
             values = dequantize(np.asarray(tensor.data), kind)
         except NotImplementedError:
-            raise DuomemError(f"GGML type {kind.name} of {tensor.name} cannot be dequantized by the gguf package; "
-                              f"use a file with F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 or K-quant tensors")
+            raise DuomemError(
+                f"GGML type {kind.name} of {tensor.name} cannot be dequantized by the gguf package; "
+                f"use a file with F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 or K-quant tensors"
+            )
     shape = tuple(int(n) for n in reversed(tensor.shape))
     return values.reshape(shape).astype(np.float32, copy=False)
 
@@ -94,7 +98,7 @@ def affine_blocks(tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         bias = -128.0 * scale
     else:
         bias = -8.0 * scale if kind == "Q4_0" else blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        packed = blocks[..., 4 if kind == "Q4_1" else 2:]
+        packed = blocks[..., 4 if kind == "Q4_1" else 2 :]
         # GGML keeps value j in the low nibble of byte j and value j + 16 in its high nibble
         q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.uint32)
     bits = KEEPABLE[kind]

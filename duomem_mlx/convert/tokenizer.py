@@ -3,15 +3,19 @@ BPE (`gpt2`, with the pre-tokenizer the file names) or SentencePiece BPE (`llama
 and byte fallback, as Gemma ships). Nothing from the file is executed: the chat template is
 a string the tokenizer's sandboxed Jinja renders."""
 
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # tokenizer.ggml.pre -> (digits one by one first?, split regex or None for GPT-2's own, NFC first?)
 PRE_TOKENIZERS = {
     "default": (False, None, False),
@@ -32,22 +36,37 @@ def build_tokenizer(gguf, chat_template: str | None):
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
-        raise DuomemError(f"{gguf.path}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens); use a file that ships one")
+        raise DuomemError(
+            f"{gguf.path}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens); use a file that ships one"
+        )
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if kind == "gpt2":
-        backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre", "default"), gguf)
+        backend = _byte_level_bpe(
+            tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre", "default"), gguf
+        )
     elif kind == "llama":
-        backend = _sentencepiece_bpe(tokens, types, meta.get("tokenizer.ggml.scores"), meta.get("tokenizer.ggml.add_space_prefix", False))
+        backend = _sentencepiece_bpe(
+            tokens, types, meta.get("tokenizer.ggml.scores"), meta.get("tokenizer.ggml.add_space_prefix", False)
+        )
     else:
-        raise DuomemError(f"{gguf.path}: tokenizer model {kind!r} is not supported; convert reads 'gpt2' (byte-level BPE) and 'llama' (SentencePiece)")
+        raise DuomemError(
+            f"{gguf.path}: tokenizer model {kind!r} is not supported; convert reads 'gpt2' (byte-level BPE) and 'llama' (SentencePiece)"
+        )
     _add_special_tokens(backend, tokens, types)
-    special = {role: _token(tokens, meta.get(f"tokenizer.ggml.{role}_token_id"))
-               for role in ("bos", "eos", "unknown", "padding")}
+    special = {
+        role: _token(tokens, meta.get(f"tokenizer.ggml.{role}_token_id"))
+        for role in ("bos", "eos", "unknown", "padding")
+    }
     if meta.get("tokenizer.ggml.add_bos_token") and special["bos"]:
         _prepend_bos(backend, special["bos"], tokens.index(special["bos"]))
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=special["bos"], eos_token=special["eos"], unk_token=special["unknown"],
-        pad_token=special["padding"], chat_template=chat_template, clean_up_tokenization_spaces=False,
+        tokenizer_object=backend,
+        bos_token=special["bos"],
+        eos_token=special["eos"],
+        unk_token=special["unknown"],
+        pad_token=special["padding"],
+        chat_template=chat_template,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -59,14 +78,19 @@ def _byte_level_bpe(tokens, merges, pre: str, gguf):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     if pre not in PRE_TOKENIZERS:
-        raise DuomemError(f"{gguf.path}: pre-tokenizer {pre!r} is not supported; convert knows {', '.join(PRE_TOKENIZERS)}")
+        raise DuomemError(
+            f"{gguf.path}: pre-tokenizer {pre!r} is not supported; convert knows {', '.join(PRE_TOKENIZERS)}"
+        )
     digits, split, nfc = PRE_TOKENIZERS[pre]
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if split:
-        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        steps += [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     else:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
     backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
@@ -93,8 +117,9 @@ def _sentencepiece_bpe(tokens, types, scores, add_space_prefix: bool):
         merges += [(score, vocab[left], vocab[right], left, right) for left, right in local]
     merges.sort(key=lambda m: (-m[0], m[1], m[2]))
     unk = next((t for t, kind in zip(tokens, types) if kind == UNKNOWN), None)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk,
-                                   fuse_unk=True, byte_fallback=True))
+    backend = Tokenizer(
+        models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
     steps = [normalizers.Prepend("▁")] if add_space_prefix else []
     backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
     decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -108,10 +133,14 @@ def _add_special_tokens(backend, tokens, types) -> None:
     from tokenizers import AddedToken
 
     for kind, add in ((CONTROL, backend.add_special_tokens), (USER_DEFINED, backend.add_tokens)):
-        add([AddedToken(t, special=kind == CONTROL, normalized=False) for t, k in zip(tokens, types) if k == kind and t])
+        add(
+            [AddedToken(t, special=kind == CONTROL, normalized=False) for t, k in zip(tokens, types) if k == kind and t]
+        )
 
 
 def _prepend_bos(backend, bos: str, bos_id: int) -> None:
     from tokenizers import processors
 
-    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )

@@ -4,15 +4,17 @@ dequantized to the chosen dtype."""
 
 import mlx.core as mx
 
-from ..progress import Progress
-from .families import Family, heads_for_rows, mlx_name, undo_row_permutation
-from .gguf_file import BLOCK, KEEPABLE, affine_blocks, dequantized
+from duomem_mlx.convert.families import Family, heads_for_rows, mlx_name, undo_row_permutation
+from duomem_mlx.convert.gguf_file import BLOCK, KEEPABLE, affine_blocks, dequantized
+from duomem_mlx.progress import Progress
 
 
 def mlx_weights(gguf, family: Family, config: dict, dtype, keep_quant: bool) -> tuple[dict, dict]:
     """(name -> mx.array, per-layer quantization {module path: {"bits", "group_size"}})."""
     weights, quantized = {}, {}
-    scale_dtype = mx.float32 if dtype == mx.float32 else mx.float16  # the blocks' float16 values exactly (bfloat16 rounds them)
+    scale_dtype = (
+        mx.float32 if dtype == mx.float32 else mx.float16
+    )  # the blocks' float16 values exactly (bfloat16 rounds them)
     for gguf_name, tensor in Progress(list(gguf.tensors.items()), desc="tensors", unit="tensor"):
         name = mlx_name(gguf_name, family)
         if name is None:
@@ -24,7 +26,9 @@ def mlx_weights(gguf, family: Family, config: dict, dtype, keep_quant: bool) -> 
             packed, scales, biases, bits = affine_blocks(tensor)
             for suffix, rows in (("weight", packed), ("scales", scales), ("biases", biases)):
                 rows = undo_row_permutation(rows, heads) if heads else rows
-                weights[f"{module}.{suffix}"] = mx.array(rows).astype(scale_dtype) if suffix != "weight" else mx.array(rows)
+                weights[f"{module}.{suffix}"] = (
+                    mx.array(rows).astype(scale_dtype) if suffix != "weight" else mx.array(rows)
+                )
             quantized[module] = {"bits": bits, "group_size": BLOCK}
             continue
         values = dequantized(tensor)
@@ -42,6 +46,11 @@ def quantization_config(quantized: dict) -> dict | None:
     pairs = [(spec["bits"], spec["group_size"]) for spec in quantized.values()]
     bits, group_size = max(set(pairs), key=pairs.count)
     config = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    config.update({path: dict(spec, mode="affine") for path, spec in quantized.items()
-                   if (spec["bits"], spec["group_size"]) != (bits, group_size)})
+    config.update(
+        {
+            path: dict(spec, mode="affine")
+            for path, spec in quantized.items()
+            if (spec["bits"], spec["group_size"]) != (bits, group_size)
+        }
+    )
     return config

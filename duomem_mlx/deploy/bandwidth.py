@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..io import cache_root, write_atomic
+from duomem_mlx.io import cache_root, write_atomic
 
 REPEATS = 5
 FALLBACK_CACHE = 32 * 2**20  # when the system does not say
@@ -55,11 +55,16 @@ def stream(nbytes: int, threads: int, repeats: int) -> dict[str, float]:
     """GB/s of copy, add and read over float32 arrays of `nbytes` each, split across `threads`."""
     a, b, c = (np.ones(nbytes // 4, np.float32) for _ in range(3))
     parts = [slice(i * a.size // threads, (i + 1) * a.size // threads) for i in range(threads)]
-    kernels = {"copy": (2, lambda s: np.copyto(a[s], b[s])), "add": (3, lambda s: np.add(b[s], c[s], out=a[s])),
-               "read": (1, lambda s: b[s].sum())}
+    kernels = {
+        "copy": (2, lambda s: np.copyto(a[s], b[s])),
+        "add": (3, lambda s: np.add(b[s], c[s], out=a[s])),
+        "read": (1, lambda s: b[s].sum()),
+    }
     with ThreadPoolExecutor(threads) as pool:
-        return {name: arrays * a.nbytes / best(lambda: list(pool.map(kernel, parts)), repeats) / 1e9
-                for name, (arrays, kernel) in kernels.items()}
+        return {
+            name: arrays * a.nbytes / best(lambda: list(pool.map(kernel, parts)), repeats) / 1e9
+            for name, (arrays, kernel) in kernels.items()
+        }
 
 
 def numpy_matvec(nbytes: int, repeats: int) -> float:
@@ -87,8 +92,13 @@ def probe(nbytes: int | None = None, threads: int | None = None, repeats: int = 
 
 def machine_key() -> dict:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(), "memory": memory,
-            "device": str(mx.default_device())}
+    return {
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "memory": memory,
+        "device": str(mx.default_device()),
+    }
 
 
 def bandwidth() -> dict[str, float]:
@@ -103,5 +113,8 @@ def bandwidth() -> dict[str, float]:
         pass
     rates = probe()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"machine": key, "gb_s": rates, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    write_atomic(
+        path,
+        json.dumps({"machine": key, "gb_s": rates, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n",
+    )
     return rates

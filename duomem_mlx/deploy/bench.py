@@ -22,19 +22,29 @@ import click
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..errors import DuomemError
-from ..gpu_memory import wired_limit
-from ..io import cache_root, check_destination, write_atomic
-from ..progress import Progress
-from .bandwidth import bandwidth
+from duomem_mlx.deploy.bandwidth import bandwidth
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import cache_root, check_destination, write_atomic
+from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.gpu_memory import wired_limit
 
-KEYS = ("load_seconds", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "step_latency_p50_ms",
-        "step_latency_p95_ms", "episode_seconds", "peak_memory_mb", "model_bytes", "decode_roofline_fraction")
+KEYS = (
+    "load_seconds",
+    "ttft_ms",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "step_latency_p50_ms",
+    "step_latency_p95_ms",
+    "episode_seconds",
+    "peak_memory_mb",
+    "model_bytes",
+    "decode_roofline_fraction",
+)
 
 
 def synthetic_episode(steps: int, seed: int = 0, memories: int = 8):
     """(memories, task, observations, admissible sets) drawn from environment-like text."""
-    from ..models import default_corpus
+    from duomem_mlx.runtime.models import default_corpus
 
     rng = random.Random(seed)
     lines = [line for line in default_corpus().splitlines() if 20 < len(line) < 200]
@@ -50,15 +60,31 @@ def machine() -> dict:
 
     chip = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
-        chip = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), chip)
+        chip = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            chip,
+        )
     elif platform.system() == "Darwin":
         import subprocess
 
-        chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip() or chip
+        chip = (
+            subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
+            or chip
+        )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"chip": chip, "cpus": os.cpu_count(), "memory_gb": round(memory / 2**30, 1), "os": platform.platform(),
-            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
+    return {
+        "chip": chip,
+        "cpus": os.cpu_count(),
+        "memory_gb": round(memory / 2**30, 1),
+        "os": platform.platform(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "device": str(mx.default_device()),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -68,7 +94,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def synthetic_prefix(tokenizer, memories: int, seed: int) -> list[int]:
     """The tokens of the synthetic episode's prefix (system, memories, task, first observation)."""
-    from ..agent.prompt import encode, prefix_messages, render
+    from duomem_mlx.runtime.prompt import encode, prefix_messages, render
 
     notes, task, observations, _ = synthetic_episode(1, seed, memories)
     return encode(tokenizer, render(tokenizer, prefix_messages(task, observations[0], notes), True))
@@ -76,9 +102,9 @@ def synthetic_prefix(tokenizer, memories: int, seed: int) -> list[int]:
 
 def play_synthetic(model, tokenizer, steps: int, max_context: int, seed: int, memories: int):
     """One synthetic episode, constrained decoding: yields the seconds of each step as it is played."""
-    from ..agent.decode import DecodeOptions
-    from ..agent.prompt import prefix_messages
-    from ..agent.session import Session
+    from duomem_mlx.runtime.decode import DecodeOptions
+    from duomem_mlx.runtime.prompt import prefix_messages
+    from duomem_mlx.runtime.session import Session
 
     notes, task, observations, admissible = synthetic_episode(steps, seed, memories)
     session = Session(model, tokenizer, max_context, DecodeOptions(mode="constrained", max_tokens=16))
@@ -91,9 +117,9 @@ def play_synthetic(model, tokenizer, steps: int, max_context: int, seed: int, me
 
 def play_env(path: str, env_name: str, episodes: int, seed: int):
     """Real episodes through eval's loop: yields (step seconds, episode seconds) of each."""
-    from ..envs import make_env
-    from ..envs.base import play_episode
-    from ..eval import make_policy
+    from duomem_mlx.envs import make_env
+    from duomem_mlx.envs.base import play_episode
+    from duomem_mlx.runtime.policy import make_policy
 
     policy = make_policy(f"model:{path}", seed=seed)
     env = make_env(env_name)
@@ -134,7 +160,9 @@ def bytes_per_token(model, context: int) -> int:
     kv_heads = getattr(args, "num_key_value_heads", 0) or 0
     head_dim = getattr(args, "head_dim", None) or (args.hidden_size // args.num_attention_heads if args else 0)
     layers = len(getattr(model, "layers", []))
-    itemsize = max(p.dtype.size for p in params.values() if mx.issubdtype(p.dtype, mx.floating))  # the activations' dtype
+    itemsize = max(
+        p.dtype.size for p in params.values() if mx.issubdtype(p.dtype, mx.floating)
+    )  # the activations' dtype
     return int(total + 2 * layers * kv_heads * head_dim * context * itemsize)
 
 
@@ -144,13 +172,17 @@ def roofline(decode_tokens_per_s: float, bytes_per_decoded_token: int, bandwidth
     its own rate is then the bound, so the fraction is 1 and `roofline_bound` says so."""
     read = decode_tokens_per_s * bytes_per_decoded_token
     bound = max(read, bandwidth_bytes_s)
-    return {"decode_gb_s": read / 1e9, "decode_roofline_fraction": read / bound,
-            "roofline_bound": "decode" if read > bandwidth_bytes_s else "probe"}
+    return {
+        "decode_gb_s": read / 1e9,
+        "decode_roofline_fraction": read / bound,
+        "roofline_bound": "decode" if read > bandwidth_bytes_s else "probe",
+    }
 
 
 @dataclass
 class Measured:
     """What bench has measured of one package so far: its row, whole or from a run cut short."""
+
     package: str
     env: str = "synthetic"
     loads: list = field(default_factory=list)
@@ -168,15 +200,23 @@ class Measured:
             row["load_seconds"] = statistics.median(self.loads)
         if steps:
             later = [s for e in self.episodes for s in e[1:]] or steps
-            row |= {"ttft_ms": 1000 * statistics.median(e[0] for e in self.episodes if e),
-                    "step_latency_p50_ms": 1000 * percentile(later, 0.5), "step_latency_p95_ms": 1000 * percentile(later, 0.95)}
+            row |= {
+                "ttft_ms": 1000 * statistics.median(e[0] for e in self.episodes if e),
+                "step_latency_p50_ms": 1000 * percentile(later, 0.5),
+                "step_latency_p95_ms": 1000 * percentile(later, 0.95),
+            }
         if self.episode_seconds:
             row["episode_seconds"] = statistics.median(self.episode_seconds)
         if self.rates:
-            row |= {"prefill_tokens_per_s": statistics.median(r[0] for r in self.rates),
-                    "decode_tokens_per_s": statistics.median(r[1] for r in self.rates)}
-        row |= {"peak_memory_mb": mx.get_peak_memory() / 2**20, "model_bytes": self.model_bytes,
-                "bytes_per_decoded_token": self.bytes_per_token}
+            row |= {
+                "prefill_tokens_per_s": statistics.median(r[0] for r in self.rates),
+                "decode_tokens_per_s": statistics.median(r[1] for r in self.rates),
+            }
+        row |= {
+            "peak_memory_mb": mx.get_peak_memory() / 2**20,
+            "model_bytes": self.model_bytes,
+            "bytes_per_decoded_token": self.bytes_per_token,
+        }
         if self.rates and bandwidth_bytes_s:
             row |= roofline(row["decode_tokens_per_s"], self.bytes_per_token, bandwidth_bytes_s)
         row |= {"episodes": sum(1 for e in self.episodes if e), "steps": len(steps), "env": self.env}
@@ -188,16 +228,29 @@ class TimeLimit(Exception):
 
 
 @wired_limit()
-def bench_package(m: Measured, env_name: str | None, episodes: int, steps: int, repeats: int, max_tokens: int,
-                  max_context: int, seed: int, deadline: float) -> None:
+def bench_package(
+    m: Measured,
+    env_name: str | None,
+    episodes: int,
+    steps: int,
+    repeats: int,
+    max_tokens: int,
+    max_context: int,
+    seed: int,
+    deadline: float,
+) -> None:
     """Measure one package into `m`, a step at a time. The synthetic prefix (its memories) and the
     throughput prompt grow with `steps`, the decoded tokens with `max_tokens`; the warm-up is one
     step without memories: a slow model asked for a small run gets a small one."""
-    from ..models import load, resolve, size_of
+    from duomem_mlx.runtime.models import load, resolve, size_of
 
     source = resolve(m.package)
     memories = max(1, min(8, steps // 2))
-    bar = Progress(total=repeats + 1 + (episodes if env_name else repeats * steps) + repeats, desc=Path(m.package).name, unit="step")
+    bar = Progress(
+        total=repeats + 1 + (episodes if env_name else repeats * steps) + repeats,
+        desc=Path(m.package).name,
+        unit="step",
+    )
 
     def done():
         bar.update()
@@ -291,7 +344,7 @@ def record(path: str, row: dict) -> None:
 def measure(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit) -> dict:
     """The results of every package. A run cut short (Ctrl-C, SIGTERM, the time limit) returns what
     it measured, marked partial: `stopped` says why and the package it cut is `partial`."""
-    from ..models import resolve
+    from duomem_mlx.runtime.models import resolve
 
     for path in packages:  # a bad path or id stops here, before the probe; a Hub id is downloaded here, untimed
         resolve(path)
@@ -317,20 +370,27 @@ def measure(packages, env_name, episodes, steps, repeats, max_tokens, max_contex
     return result
 
 
-def run_bench(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit, json_out, plot_out,
-              save) -> dict:
+def run_bench(
+    packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit, json_out, plot_out, save
+) -> dict:
     check_destination(json_out, option="--json")
     result = measure(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit)
     rows = result["packages"]
     print_table(rows)
     if "bandwidth_gb_s" in result["machine"]:
-        kernels = ", ".join(f"{k} {v:.1f}" for k, v in result["machine"]["bandwidth_probe_gb_s"].items() if k not in ("best", "bytes"))
-        click.echo(f"memory bandwidth {result['machine']['bandwidth_gb_s']:.1f} GB/s on {result['machine']['chip']} "
-                   f"({result['machine']['device']}; the fastest of {kernels} GB/s; cached in {cache_root() / 'bandwidth.json'})")
+        kernels = ", ".join(
+            f"{k} {v:.1f}" for k, v in result["machine"]["bandwidth_probe_gb_s"].items() if k not in ("best", "bytes")
+        )
+        click.echo(
+            f"memory bandwidth {result['machine']['bandwidth_gb_s']:.1f} GB/s on {result['machine']['chip']} "
+            f"({result['machine']['device']}; the fastest of {kernels} GB/s; cached in {cache_root() / 'bandwidth.json'})"
+        )
     for row in rows:
         if row.get("roofline_bound") == "decode":
-            click.echo(f"note: {row['package']} decodes at {row['decode_gb_s']:.2f} GB/s, above the probe's: that rate is its "
-                       "roofline, fraction 1 (the probe read less: a busy machine, or weights held in cache)")
+            click.echo(
+                f"note: {row['package']} decodes at {row['decode_gb_s']:.2f} GB/s, above the probe's: that rate is its "
+                "roofline, fraction 1 (the probe read less: a busy machine, or weights held in cache)"
+            )
     if save:
         for row in rows:
             if not row.get("partial"):

@@ -18,12 +18,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .. import __version__
-from ..errors import DuomemError
-from ..gpu_memory import warn_before_loading, wired_limit
-from ..io import atomic_dir, atomic_file
-from ..models import check_group_size, default_dtype, resolve
-from ..teacher.topk import masked_positions
+from duomem_mlx import __version__
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import atomic_dir, atomic_file
+from duomem_mlx.runtime.gpu_memory import warn_before_loading, wired_limit
+from duomem_mlx.runtime.models import check_group_size, default_dtype, resolve
+from duomem_mlx.teacher.topk import masked_positions
 
 PACKAGE_FORMAT = 1
 CPU_DECODE_TOKENS = 16
@@ -36,15 +36,22 @@ GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,)}
 def check_options(bits: int, group_size: int | None, mode: str, calibrate: str | None) -> None:
     if bits == 16:
         if calibrate:
-            raise DuomemError("--calibrate tunes quantized scales; it needs --bits 4 (a 16-bit package is not quantized)")
+            raise DuomemError(
+                "--calibrate tunes quantized scales; it needs --bits 4 (a 16-bit package is not quantized)"
+            )
         return
     if bits not in MODES.get(mode, ()):
-        raise DuomemError(f"--mode {mode} does not support --bits {bits}; use " + "; ".join(
-            f"--mode {m} with --bits {'|'.join(map(str, b))}" for m, b in MODES.items()) + ", or --bits 16 for bf16")
+        raise DuomemError(
+            f"--mode {mode} does not support --bits {bits}; use "
+            + "; ".join(f"--mode {m} with --bits {'|'.join(map(str, b))}" for m, b in MODES.items())
+            + ", or --bits 16 for bf16"
+        )
     if group_size is not None and group_size not in GROUP_SIZES[mode]:
         raise DuomemError(f"--mode {mode} needs --group-size {'|'.join(map(str, GROUP_SIZES[mode]))}, got {group_size}")
     if calibrate and (mode != "affine" or bits >= 8):
-        raise DuomemError("--calibrate tunes affine scales below 8 bits (8-bit is near lossless); use --bits 4 --mode affine")
+        raise DuomemError(
+            "--calibrate tunes affine scales below 8 bits (8-bit is near lossless); use --bits 4 --mode affine"
+        )
 
 
 def load_student(source: str, adapters: str | None, model_path: str):
@@ -57,19 +64,28 @@ def load_student(source: str, adapters: str | None, model_path: str):
     try:
         model, tokenizer, config = load(source, return_config=True)
     except (OSError, ValueError) as e:
-        raise DuomemError(f"could not load model {model_path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        raise DuomemError(
+            f"could not load model {model_path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        )
     if "quantization" in config:  # fusing into a quantized base re-quantizes the base and loses the adapters' effect
         model = dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     if adapters:
-        if not (Path(adapters) / "adapter_config.json").is_file() or not (Path(adapters) / "adapters.safetensors").is_file():
-            raise DuomemError(f"{adapters} is not an mlx-lm adapter directory (adapters.safetensors + adapter_config.json); pass the output of `duomem-mlx distill`")
+        if (
+            not (Path(adapters) / "adapter_config.json").is_file()
+            or not (Path(adapters) / "adapters.safetensors").is_file()
+        ):
+            raise DuomemError(
+                f"{adapters} is not an mlx-lm adapter directory (adapters.safetensors + adapter_config.json); pass the output of `duomem-mlx distill`"
+            )
         try:
             load_adapters(model, adapters)
         except (ValueError, KeyError, IndexError) as e:
             detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
-            raise DuomemError(f"adapters {adapters} do not match base {model_path} ({detail}); pass the base they were trained on")
+            raise DuomemError(
+                f"adapters {adapters} do not match base {model_path} ({detail}); pass the base they were trained on"
+            )
         fused = [(n, m.fuse(dequantize=True)) for n, m in model.named_modules() if hasattr(m, "fuse")]
         model.update_modules(tree_unflatten(fused))
     model.eval()
@@ -78,8 +94,8 @@ def load_student(source: str, adapters: str | None, model_path: str):
 
 def cache_episodes(cache: str) -> list:
     """The recorded episodes of a teacher cache (prompts and actions as the agent sees them)."""
-    from ..envs.base import Episode
-    from ..teacher.cache import read_episodes, read_manifest
+    from duomem_mlx.envs.base import Episode
+    from duomem_mlx.teacher.cache import read_episodes, read_manifest
 
     read_manifest(cache)
     episodes = [Episode.from_json(e) for e in read_episodes(cache) if e.get("steps")]
@@ -88,15 +104,17 @@ def cache_episodes(cache: str) -> list:
     return episodes
 
 
-def greedy_actions(model, tokenizer, episodes, max_context: int = 4096, memories: list[list[str]] | None = None) -> list[str]:
+def greedy_actions(
+    model, tokenizer, episodes, max_context: int = 4096, memories: list[list[str]] | None = None
+) -> list[str]:
     """The model's greedy action at every recorded step, the history being the recorded one
     (with `memories[i]` in front of episode i's prompt, as the agent that played it read them).
 
     The session is restarted with the recorded chat before each step, so its cache keeps the
     common prefix and feeds only what changed (the recorded action and the next observation)."""
-    from ..agent.decode import DecodeOptions
-    from ..agent.prompt import episode_messages
-    from ..agent.session import Session
+    from duomem_mlx.runtime.decode import DecodeOptions
+    from duomem_mlx.runtime.prompt import episode_messages
+    from duomem_mlx.runtime.session import Session
 
     actions = []
     for episode, read in zip(episodes, memories or [()] * len(episodes)):
@@ -116,12 +134,14 @@ def agreement(a: list[str], b: list[str]) -> float:
 
 def calibration_data(tokenizer, episodes, max_seq_length: int) -> list[tuple[list[int], list[int]]]:
     """(token ids, action mask) of each episode's chat, cut to `max_seq_length` tokens."""
-    from ..agent.prompt import tokenize_with_mask
-    from ..agent.tools import episode_chat
+    from duomem_mlx.runtime.prompt import tokenize_with_mask
+    from duomem_mlx.runtime.tools import episode_chat
 
     chats = [episode_chat(tokenizer, e) for e in episodes]
-    return [tuple(part[:max_seq_length] for part in tokenize_with_mask(tokenizer, messages, tools=tools))
-            for messages, tools in chats]
+    return [
+        tuple(part[:max_seq_length] for part in tokenize_with_mask(tokenizer, messages, tools=tools))
+        for messages, tools in chats
+    ]
 
 
 def unfreeze_scales(model) -> None:
@@ -141,6 +161,7 @@ class Targets:
     it is kept, as mlx-lm's DWQ precomputes its targets): its greedy action at every recorded
     step, and the chats replayed with those actions: (token ids, action-token rows) and, at each
     row, the token it took and its top-k tokens."""
+
     actions: list[str]
     data: list
     top: list
@@ -148,8 +169,8 @@ class Targets:
 
 
 def float_targets(model, tokenizer, episodes, max_seq_length: int, top_k: int = 32) -> Targets:
-    from ..agent.decode import logits_at
-    from ..teacher.topk import topk_logprobs
+    from duomem_mlx.runtime.decode import logits_at
+    from duomem_mlx.teacher.topk import topk_logprobs
 
     actions = greedy_actions(model, tokenizer, episodes)
     chats = calibration_data(tokenizer, own_actions(episodes, actions), max_seq_length)
@@ -162,8 +183,15 @@ def float_targets(model, tokenizer, episodes, max_seq_length: int, top_k: int = 
     return Targets(actions, data, top, k)
 
 
-def calibrate(q_model, targets: Targets, epochs: int, learning_rate: float, max_seq_length: int = 2048, seed: int = 0,
-              on_epoch=None) -> dict:
+def calibrate(
+    q_model,
+    targets: Targets,
+    epochs: int,
+    learning_rate: float,
+    max_seq_length: int = 2048,
+    seed: int = 0,
+    on_epoch=None,
+) -> dict:
     """DWQ scored on what the agent does: the quantized layers' scales and biases learn to keep
     the token the unquantized student took at every action token of the chats (its own greedy
     actions) ahead of the other tokens of its top-k by MARGIN nats (a hinge: a token already chosen by that margin costs
@@ -173,12 +201,12 @@ def calibrate(q_model, targets: Targets, epochs: int, learning_rate: float, max_
     Adam updates a float32 copy of the scales and the model computes in its own dtype (a bf16
     scale of 0.01 moves in steps of 6e-5: Adam's of ~1e-5 would round away). `on_epoch(epoch,
     mean_loss, q_model)` runs after each pass."""
-    import numpy as np
     import mlx.optimizers as optimizers
+    import numpy as np
     from mlx.utils import tree_map
 
-    from ..agent.decode import logits_at
-    from ..progress import Progress
+    from duomem_mlx.progress import Progress
+    from duomem_mlx.runtime.decode import logits_at
 
     unfreeze_scales(q_model)
     params = tree_map(lambda p: p.astype(mx.float32), q_model.trainable_parameters())
@@ -214,9 +242,17 @@ def calibrate(q_model, targets: Targets, epochs: int, learning_rate: float, max_
             on_epoch(epoch + 1, curve[-1], q_model)
     bar.close()
     q_model.eval()
-    return {"episodes": len(data), "tokens": sum(len(ids) for ids, _ in data), "action_tokens": sum(rows.size for _, rows in data),
-            "epochs": epochs, "max_seq_length": max_seq_length, "learning_rate": learning_rate, "top_k": targets.k,
-            "margin": MARGIN, "loss_per_epoch": curve}
+    return {
+        "episodes": len(data),
+        "tokens": sum(len(ids) for ids, _ in data),
+        "action_tokens": sum(rows.size for _, rows in data),
+        "epochs": epochs,
+        "max_seq_length": max_seq_length,
+        "learning_rate": learning_rate,
+        "top_k": targets.k,
+        "margin": MARGIN,
+        "loss_per_epoch": curve,
+    }
 
 
 def bank_source(memory: str | None, adapters: str | None, model_path: str) -> Path | None:
@@ -279,14 +315,28 @@ def package_dtype(bits: int) -> str:
 
 
 @wired_limit()
-def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None = None, mode: str = "affine",
-                     adapters: str | None = None, memory: str | None = None, calibrate_cache: str | None = None,
-                     epochs: int = 4, learning_rate: float = 1e-5, force: bool = False, name: str | None = None,
-                     dtype: str | None = None, max_seq_length: int = 2048, on_epoch=None, recipe: str | None = None) -> Path:
+def quantize_package(
+    model: str,
+    out: str,
+    bits: int = 4,
+    group_size: int | None = None,
+    mode: str = "affine",
+    adapters: str | None = None,
+    memory: str | None = None,
+    calibrate_cache: str | None = None,
+    epochs: int = 4,
+    learning_rate: float = 1e-5,
+    force: bool = False,
+    name: str | None = None,
+    dtype: str | None = None,
+    max_seq_length: int = 2048,
+    on_epoch=None,
+    recipe: str | None = None,
+) -> Path:
     """bits 16: fused only, in `dtype`. Otherwise a recipe (recipes.py; by default the best measured
     one the data allows) quantizes in the source's dtype on a GPU, in float32 on a CPU, and the
     package stores its scales, biases and unquantized weights in `dtype` (default: package_dtype)."""
-    from .recipes import RECIPES, pick
+    from duomem_mlx.deploy.recipes import RECIPES, pick
 
     check_options(bits, group_size, mode, calibrate_cache)
     out = Path(out)
@@ -302,8 +352,13 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
     episodes = cache_episodes(chats) if plan and plan.needs_data else None
     student, tokenizer, config = load_student(source, adapters, model)
     dtype = dtype or package_dtype(bits)
-    info = {"bits": bits, "group_size": (plan.group_size if plan else group_size or 32) if bits < 16 else None,
-            "mode": mode if bits < 16 else None, "dtype": dtype, "recipe": chosen}
+    info = {
+        "bits": bits,
+        "group_size": (plan.group_size if plan else group_size or 32) if bits < 16 else None,
+        "mode": mode if bits < 16 else None,
+        "dtype": dtype,
+        "recipe": chosen,
+    }
     calibration, results = None, {}
     config["torch_dtype"] = dtype
     if bits == 16:
@@ -314,26 +369,56 @@ def quantize_package(model: str, out: str, bits: int = 4, group_size: int | None
         check_group_size(student, info["group_size"])
         dense_rate = cpu_decode_rate(student, tokenizer)
         if chosen:
-            click.echo(f"recipe {chosen}: {plan.summary}" + (f" (measured on {chats})" if episodes else "")
-                       + (f"; it reads no chats, so {calibrate_cache} is unused (--recipe {' or '.join(n for n, r in RECIPES.items() if r.needs_data)} "
-                          "measure them)" if calibrate_cache and not episodes else ""))
+            click.echo(
+                f"recipe {chosen}: {plan.summary}"
+                + (f" (measured on {chats})" if episodes else "")
+                + (
+                    f"; it reads no chats, so {calibrate_cache} is unused (--recipe {' or '.join(n for n, r in RECIPES.items() if r.needs_data)} "
+                    "measure them)"
+                    if calibrate_cache and not episodes
+                    else ""
+                )
+            )
         targets = float_targets(student, tokenizer, episodes, max_seq_length) if plan and plan.calibrate else None
-        student, config, info["layers"] = quantize_with(student, config, tokenizer, plan, episodes, bits, mode, max_seq_length)
-        quantized_rate = dense_rate and cpu_decode_rate(student, tokenizer)  # float32 scales, as a CPU loads the package
+        student, config, info["layers"] = quantize_with(
+            student, config, tokenizer, plan, episodes, bits, mode, max_seq_length
+        )
+        quantized_rate = dense_rate and cpu_decode_rate(
+            student, tokenizer
+        )  # float32 scales, as a CPU loads the package
         as_stored(student, dtype)
         if targets is not None:
-            calibration = run_calibration(student, tokenizer, episodes, targets, epochs, learning_rate, dtype,
-                                          max_seq_length, on_epoch)
+            calibration = run_calibration(
+                student, tokenizer, episodes, targets, epochs, learning_rate, dtype, max_seq_length, on_epoch
+            )
         if dense_rate:
-            results["cpu_decode_tokens_per_s"] = {"float32": dense_rate, f"{chosen or f'{bits}-bit {mode}'}": quantized_rate}
+            results["cpu_decode_tokens_per_s"] = {
+                "float32": dense_rate,
+                f"{chosen or f'{bits}-bit {mode}'}": quantized_rate,
+            }
             say_fastest_on_cpu(results["cpu_decode_tokens_per_s"], "float32")
         student.set_dtype(getattr(mx, dtype))
-    return write_package(out, source, student, tokenizer, config, memories_file, {
-        "format": PACKAGE_FORMAT, "name": name or out.name, "base": model,
-        "teacher": provenance(adapters, source).get("teacher"), "adapters": adapters and str(Path(adapters).resolve()),
-        "quantization": info, "calibration": calibration, "license": base_license(source),
-        "duomem_mlx": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
-    })
+    return write_package(
+        out,
+        source,
+        student,
+        tokenizer,
+        config,
+        memories_file,
+        {
+            "format": PACKAGE_FORMAT,
+            "name": name or out.name,
+            "base": model,
+            "teacher": provenance(adapters, source).get("teacher"),
+            "adapters": adapters and str(Path(adapters).resolve()),
+            "quantization": info,
+            "calibration": calibration,
+            "license": base_license(source),
+            "duomem_mlx": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "results": results,
+        },
+    )
 
 
 def quantize_with(student, config, tokenizer, plan, episodes, bits: int, mode: str, max_seq_length: int):
@@ -341,23 +426,34 @@ def quantize_with(student, config, tokenizer, plan, episodes, bits: int, mode: s
     agent's chats when it has one, else every layer alike."""
     from collections import Counter
 
-    from ..cpu_quant import dense_prefill_on_cpu
-    from .recipes import chat_windows, predicate, sensitivities, with_method
+    from duomem_mlx.cpu.quant import dense_prefill_on_cpu
+    from duomem_mlx.deploy.recipes import chat_windows, predicate, sensitivities, with_method
 
     if plan is None:  # mxfp4
         model, config = quantize_model(student, config, 32, bits, mode)
     elif plan.method != "rtn":
         click.echo(f"{plan.method.upper()} on the chats of {len(episodes)} episode(s)")
-        model, config = with_method(student, config, chat_windows([ids for ids, _ in calibration_data(tokenizer, episodes, max_seq_length)]), plan)
+        model, config = with_method(
+            student,
+            config,
+            chat_windows([ids for ids, _ in calibration_data(tokenizer, episodes, max_seq_length)]),
+            plan,
+        )
         dense_prefill_on_cpu(model)
     else:
         sensitivity = None
         if plan.high:
             spread = episodes[:: max(1, len(episodes) // SENSITIVITY_EPISODES)][:SENSITIVITY_EPISODES]
-            sequences = [(ids, mx.array(masked_positions(mask))) for ids, mask in calibration_data(tokenizer, spread, max_seq_length) if sum(mask[1:])]
+            sequences = [
+                (ids, mx.array(masked_positions(mask)))
+                for ids, mask in calibration_data(tokenizer, spread, max_seq_length)
+                if sum(mask[1:])
+            ]
             click.echo(f"measuring each layer's sensitivity on {len(sequences)} episode(s)")
             sensitivity = sensitivities(student, sequences, plan)
-        model, config = quantize_model(student, config, plan.group_size, plan.bits, mode, predicate(student, plan, sensitivity))
+        model, config = quantize_model(
+            student, config, plan.group_size, plan.bits, mode, predicate(student, plan, sensitivity)
+        )
     layers = Counter(f"{m.bits}-bit g{m.group_size}" for _, m in model.named_modules() if hasattr(m, "bits"))
     return model, config, dict(layers)
 
@@ -367,8 +463,8 @@ def cpu_decode_rate(model, tokenizer) -> float | None:
     fast path). A few seconds on a 135M model."""
     if mx.default_device() != mx.cpu:
         return None
-    from ..models import default_corpus
-    from .bench import throughput
+    from duomem_mlx.deploy.bench import throughput
+    from duomem_mlx.runtime.models import default_corpus
 
     prompt = tokenizer.encode(default_corpus())[:64]
     return round(max(throughput(model, prompt, CPU_DECODE_TOKENS)[1] for _ in range(2)), 2)
@@ -378,8 +474,14 @@ def say_fastest_on_cpu(rates: dict[str, float], dense: str) -> None:
     """Which precision decodes fastest on this CPU, and by how much (on a CPU MLX's quantized
     one-row product can be slower than a dense one)."""
     (fast, f), (slow, s) = sorted(rates.items(), key=lambda kv: -kv[1])
-    hint = (f"; for decoding speed on this CPU, `--bits 16 --dtype {dense}` (the quantized package is smaller, and on a Mac "
-            "it is MLX's fast path)") if fast == dense else ""
+    hint = (
+        (
+            f"; for decoding speed on this CPU, `--bits 16 --dtype {dense}` (the quantized package is smaller, and on a Mac "
+            "it is MLX's fast path)"
+        )
+        if fast == dense
+        else ""
+    )
     click.echo(f"decoding on this CPU: {fast} {f:.1f} tokens/s, {slow} {s:.1f}: {fast} is {f / s:.2f}x as fast{hint}")
 
 
@@ -388,15 +490,16 @@ def quantize_model(model, config, group_size, bits, mode, quant_predicate=None):
     does (cpu_quant): calibration and its agreement checks feed whole episodes."""
     from mlx_lm.utils import quantize_model as mlx_quantize
 
-    from ..cpu_quant import dense_prefill_on_cpu
+    from duomem_mlx.cpu.quant import dense_prefill_on_cpu
 
     model, config = mlx_quantize(model, config, group_size, bits, mode=mode, quant_predicate=quant_predicate)
     dense_prefill_on_cpu(model)
     return model, config
 
 
-def run_calibration(student, tokenizer, episodes, targets: Targets, epochs, learning_rate, dtype, max_seq_length,
-                    on_epoch=None) -> dict:
+def run_calibration(
+    student, tokenizer, episodes, targets: Targets, epochs, learning_rate, dtype, max_seq_length, on_epoch=None
+) -> dict:
     """Tuned and measured as the package computes (a CPU: float32, where 16-bit quantized matmuls
     are several times slower), with the scales rounded to `dtype` as the package stores them."""
     click.echo(f"calibrating on {len(episodes)} recorded episode(s)")
@@ -405,8 +508,10 @@ def run_calibration(student, tokenizer, episodes, targets: Targets, epochs, lear
     as_stored(student, dtype)
     after = agreement(greedy_actions(student, tokenizer, episodes), targets.actions)
     steps = len(targets.actions)
-    click.echo(f"greedy-action agreement with the unquantized student on {steps} steps: {before:.1%} before, "
-               f"{after:.1%} after calibration")
+    click.echo(
+        f"greedy-action agreement with the unquantized student on {steps} steps: {before:.1%} before, "
+        f"{after:.1%} after calibration"
+    )
     return {**result, "steps": steps, "agreement_before": round(before, 4), "agreement_after": round(after, 4)}
 
 
@@ -429,9 +534,9 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
     """Everything goes to a temp directory next to OUT, renamed into place once complete."""
     from mlx_lm.utils import compute_bits_per_weight, save
 
-    from ..distill.train import rebuild_bank
-    from ..memory.bank import read_memories, recorded_key
-    from ..models import weight_bytes
+    from duomem_mlx.distill.train import rebuild_bank
+    from duomem_mlx.memory.bank import read_memories, recorded_key
+    from duomem_mlx.runtime.models import weight_bytes
 
     with atomic_dir(out, weight_bytes(model)) as tmp:
         save(tmp, source, model, tokenizer, config, donate_model=False)
@@ -442,7 +547,9 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
         meta["memory"] = None
         if memories_file:  # embedded by the package as saved: the fingerprint eval / chat check
             memories, key = read_memories(memories_file), recorded_key(memories_file.parent)
-            meta["memory"] = rebuild_bank(memories, str(tmp), tmp / "memory", str(out.resolve()), key) | {"source": str(memories_file)}
+            meta["memory"] = rebuild_bank(memories, str(tmp), tmp / "memory", str(out.resolve()), key) | {
+                "source": str(memories_file)
+            }
         (tmp / "duomem.json").write_text(json.dumps(meta, indent=2) + "\n")
         write_card(tmp)
     return out
@@ -450,15 +557,28 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
 
 def results_table(meta: dict) -> str:
     q = meta.get("quantization") or {}
-    rows = [("weights", (f"{q.get('bits')}-bit {q.get('mode')} (group {q.get('group_size')})" + (f", recipe {q['recipe']}" if q.get("recipe") else ""))
-             if q.get("mode") else "bf16 (not quantized)"),
-            ("bits per weight", meta.get("bits_per_weight")),
-            ("model bytes", f"{meta.get('bytes', 0) / 1e6:.1f} MB"),
-            ("memories", (meta.get("memory") or {}).get("count", "none"))]
+    rows = [
+        (
+            "weights",
+            (
+                f"{q.get('bits')}-bit {q.get('mode')} (group {q.get('group_size')})"
+                + (f", recipe {q['recipe']}" if q.get("recipe") else "")
+            )
+            if q.get("mode")
+            else "bf16 (not quantized)",
+        ),
+        ("bits per weight", meta.get("bits_per_weight")),
+        ("model bytes", f"{meta.get('bytes', 0) / 1e6:.1f} MB"),
+        ("memories", (meta.get("memory") or {}).get("count", "none")),
+    ]
     if meta.get("calibration"):
         c = meta["calibration"]
-        rows.append(("greedy-action agreement with the unquantized student",
-                     f"{c['agreement_before']:.1%} before, {c['agreement_after']:.1%} after calibration ({c['steps']} steps)"))
+        rows.append(
+            (
+                "greedy-action agreement with the unquantized student",
+                f"{c['agreement_before']:.1%} before, {c['agreement_after']:.1%} after calibration ({c['steps']} steps)",
+            )
+        )
     results = meta.get("results") or {}
     for key, value in (results.get("eval") or {}).items():
         rows.append((f"eval {key}", value))
@@ -474,20 +594,26 @@ def write_card(package: Path, repo_id: str | None = None) -> None:
     meta = json.loads((package / "duomem.json").read_text())
     base = meta.get("base") or ""
     data = ModelCardData(
-        library_name="mlx", pipeline_tag="text-generation", license=meta.get("license"),
+        library_name="mlx",
+        pipeline_tag="text-generation",
+        license=meta.get("license"),
         base_model=base if not Path(base).exists() and "/" in base else None,
-        tags=["mlx", "duomem", "agent", "distillation"] + (["quantized"] if (meta.get("quantization") or {}).get("mode") else []),
+        tags=["mlx", "duomem", "agent", "distillation"]
+        + (["quantized"] if (meta.get("quantization") or {}).get("mode") else []),
     )
     repo = repo_id or f"converted/{meta.get('name', package.name)}"
     adapters = "its distillation adapters fused into the weights" if meta.get("adapters") else "no adapters"
-    memory = ("its memory bank rebuilt in this model's space (`memory/`, read automatically by duomem-mlx)"
-              if meta.get("memory") else "no memory bank")
+    memory = (
+        "its memory bank rebuilt in this model's space (`memory/`, read automatically by duomem-mlx)"
+        if meta.get("memory")
+        else "no memory bank"
+    )
     how, pip_line = duomem_install(direct_url())
     text = f"""
-# {meta.get('name', package.name)}
+# {meta.get("name", package.name)}
 
-A DuoMem student packaged by duomem-mlx {meta.get('duomem_mlx', '')}: base `{base}`, teacher
-`{meta.get('teacher')}`, with {adapters} and {memory}.
+A DuoMem student packaged by duomem-mlx {meta.get("duomem_mlx", "")}: base `{base}`, teacher
+`{meta.get("teacher")}`, with {adapters} and {memory}.
 
 ## Use
 
@@ -539,7 +665,7 @@ def duomem_install(record: dict) -> tuple[str, str]:
     url, vcs = record.get("url", ""), record.get("vcs_info")
     public = url.startswith("https://") and urlsplit(url).username is None
     if public and vcs and vcs.get("commit_id"):
-        pinned = f'{vcs["vcs"]}+{url}@{vcs["commit_id"]}'
+        pinned = f"{vcs['vcs']}+{url}@{vcs['commit_id']}"
         return "installed from the source it was packaged with", f'pip install "duomem-mlx @ {pinned}"\n'
     if public and "archive_info" in record:
         return "installed from the archive it was packaged with", f'pip install "duomem-mlx @ {url}"\n'

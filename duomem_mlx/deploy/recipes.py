@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,35 @@ RECIPES = {
     "affine8": Recipe(8, 64, "8-bit, groups of 64"),
     "affine4": Recipe(4, 64, "4-bit, groups of 64 (mlx-lm's default)"),
     "affine4-g32": Recipe(4, 32, "4-bit, groups of 32"),
-    "mixed4": Recipe(4, 64, "4-bit groups of 64; the layers whose rounding moves the agent's actions most at 8 bits, 4.75 bits a weight",
-                     high=(8, 64), target_bpw=4.75),
-    "mixed4-margin": Recipe(4, 64, "mixed4, then its scales tuned to the float student's action margins", high=(8, 64), target_bpw=4.75,
-                            calibrate=True),
-    "gptq4": Recipe(4, 64, "4-bit groups of 64, GPTQ (mlx-lm) on the agent's chats: each column's rounding error moved onto the "
-                    "columns not yet rounded, weighted by the chats' activations", method="gptq"),
-    "awq4": Recipe(4, 64, "4-bit groups of 64, AWQ (mlx-lm) on the agent's chats: channel scales and clipping searched to keep "
-                   "each block's outputs", method="awq"),
+    "mixed4": Recipe(
+        4,
+        64,
+        "4-bit groups of 64; the layers whose rounding moves the agent's actions most at 8 bits, 4.75 bits a weight",
+        high=(8, 64),
+        target_bpw=4.75,
+    ),
+    "mixed4-margin": Recipe(
+        4,
+        64,
+        "mixed4, then its scales tuned to the float student's action margins",
+        high=(8, 64),
+        target_bpw=4.75,
+        calibrate=True,
+    ),
+    "gptq4": Recipe(
+        4,
+        64,
+        "4-bit groups of 64, GPTQ (mlx-lm) on the agent's chats: each column's rounding error moved onto the "
+        "columns not yet rounded, weighted by the chats' activations",
+        method="gptq",
+    ),
+    "awq4": Recipe(
+        4,
+        64,
+        "4-bit groups of 64, AWQ (mlx-lm) on the agent's chats: channel scales and clipping searched to keep "
+        "each block's outputs",
+        method="awq",
+    ),
 }
 # with the agent's chats: on run 12's demo student (424 dev steps) mixed4 kept no more of the float student's actions
 # than affine4 (94.1% both), gptq4 91.0%, awq4 92.0%; on run 13's (benchmarks/results/quantization_smollm2.json, 322
@@ -77,8 +98,9 @@ def sensitivities(model, sequences, recipe: Recipe) -> dict[str, float]:
     """Per quantizable layer, the first-order loss drop from keeping it at `recipe.high` instead of
     its low precision (mlx-lm's `estimate_sensitivities`, the loss at action tokens only).
     `sequences`: (token ids, rows of the action tokens' logits) per episode."""
-    from ..agent.decode import logits_at
     from mlx_lm.tuner.losses import kl_div_loss
+
+    from duomem_mlx.runtime.decode import logits_at
 
     low, high = (recipe.bits, recipe.group_size), recipe.high
     q_model = copy.deepcopy(model)
@@ -100,9 +122,15 @@ def sensitivities(model, sequences, recipe: Recipe) -> dict[str, float]:
         total = g if total is None else tree_map(mx.add, total, g)
         mx.eval(total)
     originals, grads = quantizable(model), dict(tree_flatten(total))
-    return {name: ((grads[f"{name}.weight"] / len(sequences))
-                   * (layer.weight - fake_quantized(originals[name].weight, *high))).sum().item() / (layer.weight.size / 1e6)
-            for name, layer in layers.items()}
+    return {
+        name: (
+            (grads[f"{name}.weight"] / len(sequences)) * (layer.weight - fake_quantized(originals[name].weight, *high))
+        )
+        .sum()
+        .item()
+        / (layer.weight.size / 1e6)
+        for name, layer in layers.items()
+    }
 
 
 def bits_per_weight(bits: int, group_size: int) -> float:
@@ -131,7 +159,9 @@ def predicate(model, recipe: Recipe, sensitivity: dict[str, float] | None):
 
 
 CHAT_WINDOW = 512  # tokens a row of the chats GPTQ and AWQ measure, as mlx-lm's calibration set has them
-CHAT_WINDOWS = 16  # rows: AWQ runs every block ~60 times over them (SmolLM2: 67-85 s a block, 37 min, on 2 shared CPU cores)
+CHAT_WINDOWS = (
+    16  # rows: AWQ runs every block ~60 times over them (SmolLM2: 67-85 s a block, 37 min, on 2 shared CPU cores)
+)
 
 
 def chat_windows(token_lists: list[list[int]]) -> mx.array:
@@ -139,7 +169,9 @@ def chat_windows(token_lists: list[list[int]]) -> mx.array:
     stream = [t for ids in token_lists for t in ids]
     rows = len(stream) // CHAT_WINDOW
     if rows == 0:
-        raise DuomemError(f"the agent's chats hold {len(stream)} tokens; GPTQ and AWQ need {CHAT_WINDOW}: record more episodes with `duomem-mlx teach`")
+        raise DuomemError(
+            f"the agent's chats hold {len(stream)} tokens; GPTQ and AWQ need {CHAT_WINDOW}: record more episodes with `duomem-mlx teach`"
+        )
     windows = mx.array(stream[: rows * CHAT_WINDOW]).reshape(rows, CHAT_WINDOW)
     return windows[:: max(1, rows // CHAT_WINDOWS)][:CHAT_WINDOWS]
 
@@ -150,15 +182,23 @@ def with_method(model, config, windows, recipe: Recipe):
     if recipe.method == "gptq":
         from mlx_lm.quant.gptq import gptq_quantize
 
-        model, config["quantization"] = gptq_quantize(model, windows, recipe.bits, recipe.group_size, recipe.bits, recipe.group_size,
-                                                      batch_size=4)
+        model, config["quantization"] = gptq_quantize(
+            model, windows, recipe.bits, recipe.group_size, recipe.bits, recipe.group_size, batch_size=4
+        )
     else:
         from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
 
         if model.model_type not in AWQ_MODEL_CONFIGS:
             raise DuomemError(f"mlx-lm's AWQ does not know {model.model_type} models; use --recipe gptq4 or affine4")
-        awq_quantize(model, windows, AWQ_MODEL_CONFIGS[model.model_type], recipe.group_size, recipe.bits,
-                     embed_group_size=recipe.group_size, embed_bits=recipe.bits)
+        awq_quantize(
+            model,
+            windows,
+            AWQ_MODEL_CONFIGS[model.model_type],
+            recipe.group_size,
+            recipe.bits,
+            embed_group_size=recipe.group_size,
+            embed_bits=recipe.bits,
+        )
         config = update_config(model, config)
     config["quantization_config"] = config["quantization"]
     return model, config

@@ -2,37 +2,109 @@
 
 import click
 
-from ..config import config_option, csv_list
-from ..memory.retrieval import FILTERS
+from duomem_mlx.config import config_option, csv_list
+from duomem_mlx.runtime.retrieval import FILTERS
 
 
 @click.command("distill")
 @click.option("--student", required=True, help="Student: mlx-lm model directory or Hub repo id.")
 @click.option("--cache", required=True, type=click.Path(), help="Teacher cache written by `duomem-mlx teach`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapters directory to write.")
-@click.option("--memory-bank", type=click.Path(), help="Prepend the memories the student retrieves from this bank (built for the student).")
-@click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True, help="Memories per prompt, as at run time.")
-@click.option("--memory-filter", type=click.Choice(FILTERS), default="none", show_default=True,
-              help="task: retrieve only memories of the episode's task type (pass the same to eval); none: by similarity alone.")
-@click.option("--kd", type=click.Choice(["on", "off"]), default="on", show_default=True, help="off: CE on the cached text re-tokenized by the student.")
+@click.option(
+    "--memory-bank",
+    type=click.Path(),
+    help="Prepend the memories the student retrieves from this bank (built for the student).",
+)
+@click.option(
+    "--memory-k", type=click.IntRange(0), default=3, show_default=True, help="Memories per prompt, as at run time."
+)
+@click.option(
+    "--memory-filter",
+    type=click.Choice(FILTERS),
+    default="none",
+    show_default=True,
+    help="task: retrieve only memories of the episode's task type (pass the same to eval); none: by similarity alone.",
+)
+@click.option(
+    "--kd",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="off: CE on the cached text re-tokenized by the student.",
+)
 @click.option("--iters", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Episodes per step (global, over all processes).")
-@click.option("--adapter", type=click.Choice(["lora", "dora", "full"]), default="lora", show_default=True, help="full: fine-tune the weights (mlx-lm's fine_tune_type full).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=4,
+    show_default=True,
+    help="Episodes per step (global, over all processes).",
+)
+@click.option(
+    "--adapter",
+    type=click.Choice(["lora", "dora", "full"]),
+    default="lora",
+    show_default=True,
+    help="full: fine-tune the weights (mlx-lm's fine_tune_type full).",
+)
 @click.option("--rank", type=click.IntRange(1), default=8, show_default=True, help="LoRA rank.")
-@click.option("--scale", type=float, default=20.0, show_default=True, help="LoRA scale (mlx-lm's lora_parameters.scale).")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="LoRA dropout.")
-@click.option("--num-layers", type=int, default=16, show_default=True, help="Last blocks to adapt; -1: all (with --adapter full: every weight, embeddings too).")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Loss = alpha * CE + (1 - alpha) * T^2 * KD.")
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="KD temperature T.")
+@click.option(
+    "--scale", type=float, default=20.0, show_default=True, help="LoRA scale (mlx-lm's lora_parameters.scale)."
+)
+@click.option(
+    "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="LoRA dropout."
+)
+@click.option(
+    "--num-layers",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Last blocks to adapt; -1: all (with --adapter full: every weight, embeddings too).",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Loss = alpha * CE + (1 - alpha) * T^2 * KD.",
+)
+@click.option(
+    "--temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="KD temperature T."
+)
 @click.option("--kd-loss", type=click.Choice(["forward", "reverse", "jsd"]), default="forward", show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Episodes held out for validation.")
-@click.option("--max-seq-length", type=click.IntRange(64), default=4096, show_default=True, help="Longer episodes drop their oldest whole turns.")
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Episodes held out for validation.",
+)
+@click.option(
+    "--max-seq-length",
+    type=click.IntRange(64),
+    default=4096,
+    show_default=True,
+    help="Longer episodes drop their oldest whole turns.",
+)
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True)
-@click.option("--warmup", type=click.IntRange(0), help="Warmup steps before the cosine decay (default: iters/10, at most 100).")
-@click.option("--tasks", callback=csv_list, help="Comma-separated task types to train on (default: every one in the cache).")
-@click.option("--only-success/--all", default=True, show_default=True, help="Train on successful episodes only, or on all kept ones.")
-@click.option("--steps-per-report", type=click.IntRange(1), default=10, show_default=True, help="Steps per metrics.jsonl line.")
-@click.option("--steps-per-eval", type=click.IntRange(1), default=50, show_default=True, help="Steps between validations.")
+@click.option(
+    "--warmup", type=click.IntRange(0), help="Warmup steps before the cosine decay (default: iters/10, at most 100)."
+)
+@click.option(
+    "--tasks", callback=csv_list, help="Comma-separated task types to train on (default: every one in the cache)."
+)
+@click.option(
+    "--only-success/--all",
+    default=True,
+    show_default=True,
+    help="Train on successful episodes only, or on all kept ones.",
+)
+@click.option(
+    "--steps-per-report", type=click.IntRange(1), default=10, show_default=True, help="Steps per metrics.jsonl line."
+)
+@click.option(
+    "--steps-per-eval", type=click.IntRange(1), default=50, show_default=True, help="Steps between validations."
+)
 @click.option("--save-every", type=click.IntRange(1), default=50, show_default=True, help="Steps between checkpoints.")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward pass (less memory).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out (after a kill or Ctrl-C).")
@@ -56,7 +128,8 @@ def distill(**kwargs):
       mlx.launch --backend ring -n 2 -- duomem-mlx distill --student runs/student --cache runs/cache --out runs/adapters
       duomem-mlx distill -c distill.yaml --resume
     """
-    from .train import DistillArgs, distill as run
+    from duomem_mlx.distill.train import DistillArgs
+    from duomem_mlx.distill.train import distill as run
 
     summary = run(DistillArgs(**kwargs))
     import mlx.core as mx
@@ -64,6 +137,8 @@ def distill(**kwargs):
     if mx.distributed.init().rank() == 0:
         final, data = summary["final"], summary["data"]
         val = f"  val loss {final['val_loss']:.3f}  top-1 {final['val_top1']:.1%}" if "val_loss" in final else ""
-        click.echo(f"trained {summary['trainable_parameters']:,} parameters for {summary['iters']} steps on {data['train']} episodes "
-                   f"({data['val']} held out) in {summary['seconds']:.1f}s: loss {final.get('train_loss', float('nan')):.3f}{val}")
+        click.echo(
+            f"trained {summary['trainable_parameters']:,} parameters for {summary['iters']} steps on {data['train']} episodes "
+            f"({data['val']} held out) in {summary['seconds']:.1f}s: loss {final.get('train_loss', float('nan')):.3f}{val}"
+        )
         click.echo(f"wrote {kwargs['out']}")

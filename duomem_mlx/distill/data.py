@@ -1,18 +1,18 @@
 """Training data from a teacher cache: each kept episode becomes one sequence in exactly the
-layout the agent sees at run time (`agent/prompt.py`), with the memories the student would
+layout the agent sees at run time (`runtime/prompt.py`), with the memories the student would
 retrieve prepended, and the cached top-k rows mapped to its masked tokens in order."""
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..agent.prompt import tokenize_with_mask
-from ..agent.tools import episode_chat
-from ..envs.base import Episode
-from ..errors import DuomemError
-from ..memory.bank import game_of
-from ..progress import Progress
-from ..teacher.cache import check_shard, load_shard, read_episodes, read_manifest
+from duomem_mlx.envs.base import Episode
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.memory.bank import game_of
+from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.prompt import tokenize_with_mask
+from duomem_mlx.runtime.tools import episode_chat
+from duomem_mlx.teacher.cache import check_shard, load_shard, read_episodes, read_manifest
 
 PAD_TO = 32  # batch widths are multiples of this, so the compiled step sees few shapes
 
@@ -40,12 +40,16 @@ class Dataset:
 def check_kd(manifest: dict, cache, student_fingerprint: str) -> None:
     """KD needs top-k rows in the student's own vocabulary; say how to train without them."""
     if not manifest.get("top_k"):
-        raise DuomemError(f"{cache} holds no teacher distributions (teacher {manifest.get('teacher')}, top-k 0); "
-                          "pass --kd off to train on its actions with cross-entropy only")
+        raise DuomemError(
+            f"{cache} holds no teacher distributions (teacher {manifest.get('teacher')}, top-k 0); "
+            "pass --kd off to train on its actions with cross-entropy only"
+        )
     if manifest.get("tokenizer_fingerprint") != student_fingerprint:
-        raise DuomemError(f"the student's tokenizer differs from the teacher's in {cache} (fingerprint "
-                          f"{str(manifest.get('tokenizer_fingerprint'))[:12]}), so its top-k rows cannot be matched; "
-                          "pass --kd off to train on the re-tokenized text with cross-entropy only")
+        raise DuomemError(
+            f"the student's tokenizer differs from the teacher's in {cache} (fingerprint "
+            f"{str(manifest.get('tokenizer_fingerprint'))[:12]}), so its top-k rows cannot be matched; "
+            "pass --kd off to train on the re-tokenized text with cross-entropy only"
+        )
 
 
 def drop_turns(messages: list[dict], n: int) -> list[dict]:
@@ -57,6 +61,7 @@ def drop_turns(messages: list[dict], n: int) -> list[dict]:
 def fit(tokenizer, messages: list[dict], max_len: int, tools: list[dict] | None = None):
     """(ids, mask) of the chat (with the template's `tools`), oldest whole turns dropped until it fits;
     None if it never does."""
+
     def tokenize(chat):
         return tokenize_with_mask(tokenizer, chat, tools=tools)
 
@@ -90,16 +95,22 @@ def teacher_rows(cache, record: dict, manifest: dict, tokens: np.ndarray, mask: 
     theirs = arrays["input_ids"][arrays["loss_mask"] == 1]
     ours = tokens[mask == 1]
     if len(ours) > len(theirs) or not np.array_equal(theirs[len(theirs) - len(ours) :], ours):
-        raise DuomemError(f"episode {record['id']}: the student's action tokens differ from the cached teacher's "
-                          "(another tokenizer or chat template?); pass --kd off or recollect the cache with this student's tokenizer")
+        raise DuomemError(
+            f"episode {record['id']}: the student's action tokens differ from the cached teacher's "
+            "(another tokenizer or chat template?); pass --kd off or recollect the cache with this student's tokenizer"
+        )
     n = len(ours)
     return arrays["topk_ids"][len(theirs) - n :], arrays["topk_logprobs"][len(theirs) - n :]
 
 
 def episode_memories(retrieve, record: dict) -> list:
     steps = record.get("steps") or [{}]
-    return retrieve(record.get("task_description", ""), record.get("task"), observation=steps[0].get("observation", ""),
-                    exclude_games={game_of(record["id"])})
+    return retrieve(
+        record.get("task_description", ""),
+        record.get("task"),
+        observation=steps[0].get("observation", ""),
+        exclude_games={game_of(record["id"])},
+    )
 
 
 def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -112,8 +123,18 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
     return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
 
 
-def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool = True, val_fraction: float = 0.1,
-                  max_seq_length: int = 4096, seed: int = 0, progress: bool = True, tasks: list[str] | None = None) -> Dataset:
+def build_dataset(
+    cache,
+    tokenizer,
+    kd: bool,
+    retrieve=None,
+    only_success: bool = True,
+    val_fraction: float = 0.1,
+    max_seq_length: int = 4096,
+    seed: int = 0,
+    progress: bool = True,
+    tasks: list[str] | None = None,
+) -> Dataset:
     """Examples of the kept episodes (of `tasks` only, when given). `retrieve(query, task_type, observation=,
     exclude_games=)` is the student's own retrieval (`memory.retrieval.retrieve`, as the agent calls it); its
     memories go in front of each prompt, never one written from the episode's own game (no test game hands the
@@ -123,14 +144,18 @@ def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool 
     if tasks:
         unknown = sorted(set(tasks) - {r.get("task") for r in records})
         if unknown:
-            raise DuomemError(f"{cache} has no episodes of task(s) {', '.join(unknown)}; "
-                              f"it has {', '.join(sorted({str(r.get('task')) for r in records}))}")
+            raise DuomemError(
+                f"{cache} has no episodes of task(s) {', '.join(unknown)}; "
+                f"it has {', '.join(sorted({str(r.get('task')) for r in records}))}"
+            )
         records = [r for r in records if r.get("task") in tasks]
     kept = [r for r in records if r.get("steps") and (r.get("success") or not only_success)]
     if not kept:
         which = "successful " if only_success and records else ""
-        raise DuomemError(f"{cache} has no {which}episodes to train on ({len(records)} cached)"
-                          + ("; pass --all to train on failed ones too" if which else "; collect some with `duomem-mlx teach`"))
+        raise DuomemError(
+            f"{cache} has no {which}episodes to train on ({len(records)} cached)"
+            + ("; pass --all to train on failed ones too" if which else "; collect some with `duomem-mlx teach`")
+        )
     examples, too_long, memories_used = [], 0, 0
     for record in Progress(kept, desc="data", unit="episode", disable=not progress):
         memories = episode_memories(retrieve, record) if retrieve else []
@@ -147,14 +172,22 @@ def build_dataset(cache, tokenizer, kd: bool, retrieve=None, only_success: bool 
             example.topk_ids, example.topk_logprobs = teacher_rows(cache, record, manifest, tokens, mask)
         examples.append(example)
     if not examples:
-        raise DuomemError(f"every episode of {cache} is longer than --max-seq-length {max_seq_length} even with only its "
-                          "last action; raise --max-seq-length")
+        raise DuomemError(
+            f"every episode of {cache} is longer than --max-seq-length {max_seq_length} even with only its "
+            "last action; raise --max-seq-length"
+        )
     train, val = split(examples, val_fraction, seed)
     rows = [e.topk_ids for e in examples if e.topk_ids is not None]
     counts = {
-        "cached": len(records), "kept": len(kept), "too_long": too_long, "train": len(train), "val": len(val),
-        "tokens": int(sum(len(e) for e in examples)), "masked_tokens": int(sum(e.mask.sum() for e in examples)),
-        "unaligned_rows": int(sum((r[:, 0] < 0).sum() for r in rows)), "memories_retrieved": memories_used,
+        "cached": len(records),
+        "kept": len(kept),
+        "too_long": too_long,
+        "train": len(train),
+        "val": len(val),
+        "tokens": int(sum(len(e) for e in examples)),
+        "masked_tokens": int(sum(e.mask.sum() for e in examples)),
+        "unaligned_rows": int(sum((r[:, 0] < 0).sum() for r in rows)),
+        "memories_retrieved": memories_used,
     }
     return Dataset(train, val, manifest.get("top_k", 0) if kd else 0, counts)
 

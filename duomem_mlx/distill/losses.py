@@ -28,7 +28,9 @@ def log1mexp(x):
     student puts nearly all its mass on the teacher's top-k)."""
     x = mx.minimum(x, math.log1p(-EPS))
     near = x > -math.log(2)
-    return mx.where(near, mx.log(-mx.expm1(mx.where(near, x, -math.log(2)))), mx.log1p(-mx.exp(mx.where(near, -math.log(2), x))))
+    return mx.where(
+        near, mx.log(-mx.expm1(mx.where(near, x, -math.log(2)))), mx.log1p(-mx.exp(mx.where(near, -math.log(2), x)))
+    )
 
 
 def with_tail(logprobs):
@@ -68,8 +70,16 @@ def sparse_kd(logits, topk_ids, topk_logprobs, temperature: float = 1.0, kind: s
     return divergence(t, s, kind)
 
 
-def distill_loss(logits, targets, mask, topk_ids=None, topk_logprobs=None, alpha: float = 0.5,
-                 temperature: float = 1.0, kind: str = "forward"):
+def distill_loss(
+    logits,
+    targets,
+    mask,
+    topk_ids=None,
+    topk_logprobs=None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    kind: str = "forward",
+):
     """Summed per-token losses of a batch: (loss_sum, ce_sum, kd_sum, kd_rows).
 
     logits [B, L, V]; targets, mask [B, L]; topk_ids / topk_logprobs [B, L, k] aligned with the

@@ -20,19 +20,49 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..errors import DuomemError
-from ..gpu_memory import warn_if_over, wired_limit
-from ..io import atomic_file, write_atomic
-from ..progress import Progress
-from ..agent.decode import logits_at
-from .data import Dataset, build_dataset, check_kd, collate, epoch_batches
-from .losses import distill_loss
+from duomem_mlx.distill.data import Dataset, build_dataset, check_kd, collate, epoch_batches
+from duomem_mlx.distill.losses import distill_loss
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import atomic_file, write_atomic
+from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.decode import logits_at
+from duomem_mlx.runtime.gpu_memory import warn_if_over, wired_limit
 
-OUTPUTS = ("adapters.safetensors", "adapter_config.json", "duomem.json", "metrics.jsonl", "loss.png", "checkpoint", "memory")
+OUTPUTS = (
+    "adapters.safetensors",
+    "adapter_config.json",
+    "duomem.json",
+    "metrics.jsonl",
+    "loss.png",
+    "checkpoint",
+    "memory",
+)
 # Settings a resumed run must share with its checkpoint (grad_checkpoint and world size may change).
-RESUME_SETTINGS = ("student", "cache", "memory_bank", "memory_k", "memory_filter", "kd", "iters", "batch_size", "adapter", "rank", "scale",
-                   "dropout", "num_layers", "alpha", "temperature", "kd_loss", "val_fraction", "max_seq_length", "seed",
-                   "learning_rate", "warmup", "only_success", "tasks")
+RESUME_SETTINGS = (
+    "student",
+    "cache",
+    "memory_bank",
+    "memory_k",
+    "memory_filter",
+    "kd",
+    "iters",
+    "batch_size",
+    "adapter",
+    "rank",
+    "scale",
+    "dropout",
+    "num_layers",
+    "alpha",
+    "temperature",
+    "kd_loss",
+    "val_fraction",
+    "max_seq_length",
+    "seed",
+    "learning_rate",
+    "warmup",
+    "only_success",
+    "tasks",
+)
 
 
 @dataclass
@@ -76,8 +106,8 @@ def distill(args: DistillArgs) -> dict:
     if args.batch_size % world.size():
         raise DuomemError(f"--batch-size {args.batch_size} must be a multiple of the {world.size()} processes")
     start = time.perf_counter()
-    from ..models import load, tokenizer_fingerprint
-    from ..teacher.cache import read_manifest
+    from duomem_mlx.runtime.models import load, tokenizer_fingerprint
+    from duomem_mlx.teacher.cache import read_manifest
 
     manifest = read_manifest(args.cache)
     model, tokenizer = load(args.student)
@@ -86,20 +116,38 @@ def distill(args: DistillArgs) -> dict:
         check_kd(manifest, args.cache, tokenizer_fingerprint(tokenizer))
     bank = retrieve = None
     if args.memory_bank:
-        from ..agent.loop import load_bank
-        from ..memory import retrieval
+        from duomem_mlx.runtime import retrieval
+        from duomem_mlx.runtime.policy import load_bank
 
         bank = load_bank(args.memory_bank, model, tokenizer)
-        retrieve = partial(retrieval.retrieve, bank, model, tokenizer, k=args.memory_k, memory_filter=args.memory_filter)
-    data = build_dataset(args.cache, tokenizer, kd, retrieve, args.only_success, args.val_fraction,
-                         args.max_seq_length, args.seed, progress=world.rank() == 0, tasks=args.tasks)
+        retrieve = partial(
+            retrieval.retrieve, bank, model, tokenizer, k=args.memory_k, memory_filter=args.memory_filter
+        )
+    data = build_dataset(
+        args.cache,
+        tokenizer,
+        kd,
+        retrieve,
+        args.only_success,
+        args.val_fraction,
+        args.max_seq_length,
+        args.seed,
+        progress=world.rank() == 0,
+        tasks=args.tasks,
+    )
     if len(data.train) < args.batch_size:
-        raise DuomemError(f"only {len(data.train)} training episodes for --batch-size {args.batch_size}; "
-                          "pass a smaller --batch-size or --val-fraction, or cache more episodes")
+        raise DuomemError(
+            f"only {len(data.train)} training episodes for --batch-size {args.batch_size}; "
+            "pass a smaller --batch-size or --val-fraction, or cache more episodes"
+        )
     mx.random.seed(args.seed)
     trainable = add_adapters(model, args)
     optimizer = optim.Adam(learning_rate=schedule(args))
-    step = load_checkpoint(out, args, model, optimizer) if args.resume and (out / "checkpoint" / "state.json").exists() else 0
+    step = (
+        load_checkpoint(out, args, model, optimizer)
+        if args.resume and (out / "checkpoint" / "state.json").exists()
+        else 0
+    )
     if args.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -108,15 +156,28 @@ def distill(args: DistillArgs) -> dict:
         history = train(model, optimizer, data, args, world, step, out)
     except RuntimeError as e:
         if "memory" in str(e).lower() or "alloc" in str(e).lower():
-            raise DuomemError(f"out of memory at --batch-size {args.batch_size}; pass a smaller --batch-size, "
-                              "a smaller --max-seq-length or --grad-checkpoint")
+            raise DuomemError(
+                f"out of memory at --batch-size {args.batch_size}; pass a smaller --batch-size, "
+                "a smaller --max-seq-length or --grad-checkpoint"
+            )
         raise
     summary = {
-        "student": args.student, "teacher": manifest.get("teacher"), "cache": str(Path(args.cache).resolve()),
-        "memory": memory_mode(bank, args), "losses": {"kd": args.kd, "alpha": args.alpha if kd else 1.0,
-        "temperature": args.temperature, "kd_loss": args.kd_loss if kd else None}, "iters": args.iters,
-        "world_size": world.size(), "trainable_parameters": trainable, "data": data.counts,
-        "final": history[-1] if history else {}, "seconds": round(time.perf_counter() - start, 2),
+        "student": args.student,
+        "teacher": manifest.get("teacher"),
+        "cache": str(Path(args.cache).resolve()),
+        "memory": memory_mode(bank, args),
+        "losses": {
+            "kd": args.kd,
+            "alpha": args.alpha if kd else 1.0,
+            "temperature": args.temperature,
+            "kd_loss": args.kd_loss if kd else None,
+        },
+        "iters": args.iters,
+        "world_size": world.size(),
+        "trainable_parameters": trainable,
+        "data": data.counts,
+        "final": history[-1] if history else {},
+        "seconds": round(time.perf_counter() - start, 2),
         "settings": settings(args),
     }
     if world.rank() == 0:
@@ -143,7 +204,9 @@ def check_out(args: DistillArgs, out: Path, rank: int) -> None:
         raise DuomemError(f"{out} already holds a finished run; pass --force to train it again, or another --out")
     if (finished or started) and not (args.resume or args.force):
         state = "finished" if finished else "unfinished"
-        raise DuomemError(f"{out} already holds a {state} distill run; pass --resume to continue it or --force to overwrite it")
+        raise DuomemError(
+            f"{out} already holds a {state} distill run; pass --resume to continue it or --force to overwrite it"
+        )
     if args.force and rank == 0:
         for name in OUTPUTS:
             path = out / name
@@ -167,7 +230,9 @@ def add_adapters(model, args: DistillArgs) -> int:
     n = num_layers(model, args)
     if args.adapter == "full":
         if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
-            raise DuomemError("--adapter full cannot train a quantized student; use --adapter lora (QLoRA) or an unquantized model")
+            raise DuomemError(
+                "--adapter full cannot train a quantized student; use --adapter lora (QLoRA) or an unquantized model"
+            )
         if args.num_layers < 0:
             model.unfreeze()
         else:
@@ -188,17 +253,27 @@ def schedule(args: DistillArgs):
 
     warmup = min(100, args.iters // 10) if args.warmup is None else args.warmup
     decay = max(1, args.iters - warmup)
-    return build_schedule({"name": "cosine_decay", "arguments": [args.learning_rate, decay, args.learning_rate / 10],
-                           "warmup": warmup})
+    return build_schedule(
+        {"name": "cosine_decay", "arguments": [args.learning_rate, decay, args.learning_rate / 10], "warmup": warmup}
+    )
 
 
 def adapter_config(model, args: DistillArgs) -> dict:
     """adapter_config.json as `mlx_lm.lora` writes it (what `mlx_lm.load(adapter_path=)` reads)."""
     config = {
-        "model": args.student, "data": args.cache, "fine_tune_type": args.adapter, "num_layers": num_layers(model, args),
-        "lora_parameters": None if args.adapter == "full" else lora_parameters(args), "batch_size": args.batch_size,
-        "iters": args.iters, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length,
-        "grad_checkpoint": args.grad_checkpoint, "optimizer": "adam", "seed": args.seed, "adapter_path": args.out,
+        "model": args.student,
+        "data": args.cache,
+        "fine_tune_type": args.adapter,
+        "num_layers": num_layers(model, args),
+        "lora_parameters": None if args.adapter == "full" else lora_parameters(args),
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "learning_rate": args.learning_rate,
+        "max_seq_length": args.max_seq_length,
+        "grad_checkpoint": args.grad_checkpoint,
+        "optimizer": "adam",
+        "seed": args.seed,
+        "adapter_path": args.out,
     }
     return dict(sorted(config.items()))
 
@@ -232,7 +307,9 @@ def load_checkpoint(out: Path, args: DistillArgs, model, optimizer) -> int:
     changed = [k for k in RESUME_SETTINGS if old.get(k) != new.get(k)]
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise DuomemError(f"--resume with different settings than the checkpoint in {out} ({diff}); use the same flags or --force")
+        raise DuomemError(
+            f"--resume with different settings than the checkpoint in {out} ({diff}); use the same flags or --force"
+        )
     step = state["step"]
     model.load_weights(str(ckpt / f"{step:07d}.adapters.safetensors"), strict=False)
     saved = mx.load(str(ckpt / f"{step:07d}.optimizer.safetensors"))
@@ -272,7 +349,9 @@ def evaluate(model, data: Dataset, args: DistillArgs) -> dict:
     agree = 0.0
     alpha = args.alpha if data.top_k else 1.0
     for start in range(0, len(data.val), args.batch_size):
-        inputs, rows, targets, mask, *teacher = (mx.array(a) for a in collate(data.val[start : start + args.batch_size], data.top_k))
+        inputs, rows, targets, mask, *teacher = (
+            mx.array(a) for a in collate(data.val[start : start + args.batch_size], data.top_k)
+        )
         logits = logits_at(model, inputs, rows)
         parts = distill_loss(logits, targets, mask, *(teacher or (None, None)), alpha, args.temperature, args.kd_loss)
         parts = (*parts[:2], parts[3], mask.sum())
@@ -316,29 +395,45 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
         while step < args.iters:
             batch, tokens = batch_for(data, args, step, world)
             tic = time.perf_counter()
-            mx.random.seed(args.seed * 1_000_003 + step)  # the RNG (dropout) of a step is its own: resume draws the same
+            mx.random.seed(
+                args.seed * 1_000_003 + step
+            )  # the RNG (dropout) of a step is its own: resume draws the same
             parts = train_step(*batch)
             mx.eval(state, parts)
             seconds += time.perf_counter() - tic
-            warned = warned or warn_if_over(mx.get_peak_memory(), f"training step {step + 1} ({tokens} tokens)",
-                                            "pass a smaller --batch-size or --max-seq-length, or --grad-checkpoint")
+            warned = warned or warn_if_over(
+                mx.get_peak_memory(),
+                f"training step {step + 1} ({tokens} tokens)",
+                "pass a smaller --batch-size or --max-seq-length, or --grad-checkpoint",
+            )
             local = np.array(parts.astype(mx.float32))
             check_finite(local[0], world, step + 1, out)
             sums += [*local, tokens]
             step += 1
             row = None
             if step % args.steps_per_report == 0 or step == args.iters:
-                total, ce, kd, rows, masked, tokens = mx.distributed.all_sum(mx.array(sums.astype(np.float32)), stream=mx.cpu).tolist()
-                row = {"step": step, "train_loss": total / masked, "ce": ce / masked, "kd": kd / rows if rows else None,
-                       "tokens_per_s": tokens / seconds, "peak_mb": mx.get_peak_memory() / 1e6,
-                       "learning_rate": optimizer.learning_rate.item()}
+                total, ce, kd, rows, masked, tokens = mx.distributed.all_sum(
+                    mx.array(sums.astype(np.float32)), stream=mx.cpu
+                ).tolist()
+                row = {
+                    "step": step,
+                    "train_loss": total / masked,
+                    "ce": ce / masked,
+                    "kd": kd / rows if rows else None,
+                    "tokens_per_s": tokens / seconds,
+                    "peak_mb": mx.get_peak_memory() / 1e6,
+                    "learning_rate": optimizer.learning_rate.item(),
+                }
                 sums, seconds = np.zeros(6), 0.0
             if data.val and (step % args.steps_per_eval == 0 or step == args.iters):
                 row = (row or {"step": step}) | evaluate(model, data, args)
             if row:
                 history.append(row)
-                bar.set_postfix(loss=f"{row.get('train_loss', row.get('val_loss')):.3f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}",
-                                peak_mb=f"{mx.get_peak_memory() / 1e6:.0f}")
+                bar.set_postfix(
+                    loss=f"{row.get('train_loss', row.get('val_loss')):.3f}",
+                    tok_s=f"{row.get('tokens_per_s', 0):.0f}",
+                    peak_mb=f"{mx.get_peak_memory() / 1e6:.0f}",
+                )
                 if rank0:
                     write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
             if rank0 and (step % args.save_every == 0 or step == args.iters):
@@ -347,7 +442,9 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
     except KeyboardInterrupt:
         if rank0:
             save_checkpoint(out, model, optimizer, args, int(optimizer.step.item()))
-        raise DuomemError(f"interrupted at step {int(optimizer.step.item())}; checkpoint saved in {out}/checkpoint, continue with --resume")
+        raise DuomemError(
+            f"interrupted at step {int(optimizer.step.item())}; checkpoint saved in {out}/checkpoint, continue with --resume"
+        )
     finally:
         bar.close()
     return history
@@ -359,8 +456,10 @@ def check_finite(loss: float, world, step: int, out: Path) -> None:
     bad = mx.distributed.all_sum(mx.array(float(not np.isfinite(loss))), stream=mx.cpu).item()
     if bad:
         value = loss if not np.isfinite(loss) else f"non-finite on {bad:.0f} of {world.size()} processes"
-        raise DuomemError(f"the loss became {value} at step {step}; nothing of it was saved, the last good checkpoint "
-                          f"(step {last_saved(out)}) is intact: lower --learning-rate and pass --resume, or --force")
+        raise DuomemError(
+            f"the loss became {value} at step {step}; nothing of it was saved, the last good checkpoint "
+            f"(step {last_saved(out)}) is intact: lower --learning-rate and pass --resume, or --force"
+        )
 
 
 def last_saved(out: Path) -> int:
@@ -372,19 +471,26 @@ def memory_mode(bank, args: DistillArgs) -> dict | None:
     """Which memories the student trained with: the teacher's (the cache's) or others (its own)."""
     if bank is None:
         return None
-    from ..teacher.cache import read_memories
+    from duomem_mlx.teacher.cache import read_memories
 
     teacher_ids = {m["id"] for m in read_memories(args.cache)}
     mode = "teacher" if teacher_ids and all(m.id in teacher_ids for m in bank.memories) else "other"
-    return {"bank": str(Path(args.memory_bank).resolve()), "mode": mode, "memories": len(bank), "k": args.memory_k,
-            "filter": args.memory_filter}
+    return {
+        "bank": str(Path(args.memory_bank).resolve()),
+        "mode": mode,
+        "memories": len(bank),
+        "k": args.memory_k,
+        "filter": args.memory_filter,
+    }
 
 
-def rebuild_bank(memories: list, model_path: str, out: Path, embedder: str, key: str, adapters: Path | None = None) -> dict:
+def rebuild_bank(
+    memories: list, model_path: str, out: Path, embedder: str, key: str, adapters: Path | None = None
+) -> dict:
     """The memories embedded by the final model (`model_path` plus `adapters`, as `eval` loads it)
     into the bank `out`, fingerprinted to `embedder`: distill's OUT/memory, quantize's package's."""
-    from ..memory.bank import build
-    from ..models import load
+    from duomem_mlx.memory.bank import build
+    from duomem_mlx.runtime.models import load
 
     adapter_path = str(adapters.resolve()) if adapters else None
     model, tokenizer = load(model_path, adapter_path)

@@ -8,7 +8,7 @@ import os
 import sys
 from importlib.metadata import entry_points
 
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 BUILTIN = {
     "scienceworld": "duomem_mlx.envs.scienceworld:ScienceWorld",
@@ -20,8 +20,10 @@ BUILTIN = {
 NAMES = tuple(BUILTIN)
 GROUP = "duomem_mlx.envs"
 METHODS = ("task_names", "task_specs", "reset", "step", "expert_actions", "close")
-ENV_HELP = (f"{' | '.join(NAMES)}, an entry point of group {GROUP}, or module.path:ClassName "
-            "(your own environment: docs/environments.md).")
+ENV_HELP = (
+    f"{' | '.join(NAMES)}, an entry point of group {GROUP}, or module.path:ClassName "
+    "(your own environment: docs/environments.md)."
+)
 
 
 def make_env(name: str, game_params: str | None = None, **options):
@@ -37,8 +39,10 @@ def make_env(name: str, game_params: str | None = None, **options):
     missing = [a for a in ("name", "default_max_steps") if not hasattr(env, a)]
     if missing:
         env.close()
-        raise DuomemError(f"environment {name} has no attribute {', '.join(missing)}: the Env protocol needs both "
-                          "(docs/environments.md)")
+        raise DuomemError(
+            f"environment {name} has no attribute {', '.join(missing)}: the Env protocol needs both "
+            "(docs/environments.md)"
+        )
     return env
 
 
@@ -56,8 +60,9 @@ def load_env_class(name: str) -> type:
         raise DuomemError(f"--env {name}: module {module_name} has no class {class_name!r}")
     missing = [m for m in METHODS if not callable(getattr(env_class, m, None))]
     if missing:
-        raise DuomemError(f"--env {name}: {class_name} lacks the Env protocol's method(s) {', '.join(missing)} "
-                          "(docs/environments.md)")
+        raise DuomemError(
+            f"--env {name}: {class_name} lacks the Env protocol's method(s) {', '.join(missing)} (docs/environments.md)"
+        )
     return env_class
 
 
@@ -74,9 +79,11 @@ def import_module(module_name: str, name: str, builtin: bool):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name) and module_name[len(e.name):][:1] in ("", "."):
-            raise DuomemError(f"--env {name}: no module named {module_name!r} (run from the directory that holds it, "
-                              "or install its package)")
+        if e.name and module_name.startswith(e.name) and module_name[len(e.name) :][:1] in ("", "."):
+            raise DuomemError(
+                f"--env {name}: no module named {module_name!r} (run from the directory that holds it, "
+                "or install its package)"
+            )
         raise DuomemError(f"--env {name}: module {module_name} needs {e.name!r}, which is not installed")
     except SyntaxError as e:
         raise DuomemError(f"--env {name}: {e.filename}:{e.lineno}: {e.msg}")

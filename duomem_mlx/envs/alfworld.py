@@ -5,8 +5,8 @@ import os
 import random
 from pathlib import Path
 
-from ..errors import DuomemError
-from .base import StepResult, TaskSpec, check_tasks, parser_safe
+from duomem_mlx.envs.base import StepResult, TaskSpec, check_tasks, parser_safe
+from duomem_mlx.errors import DuomemError
 
 TASK_TYPES = [
     "pick_and_place_simple",
@@ -68,7 +68,11 @@ class ALFWorld:
         games = self.split_games(split)
         rng = random.Random(seed)
         if tasks:
-            return [TaskSpec(self.name, t, i, split) for t in tasks for i in rng.sample(range(len(games[t])), min(episodes, len(games[t])))]
+            return [
+                TaskSpec(self.name, t, i, split)
+                for t in tasks
+                for i in rng.sample(range(len(games[t])), min(episodes, len(games[t])))
+            ]
         every = [(t, i) for t in TASK_TYPES for i in range(len(games[t]))]
         return [TaskSpec(self.name, t, i, split) for t, i in rng.sample(every, min(episodes, len(every)))]
 

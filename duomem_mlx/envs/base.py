@@ -4,7 +4,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Episode:
     memories: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # policy-specific: token counts, latency
     # the function docs offered for the last action (None: actions are lines of text) and whether a
-    # reply may be text instead of a call: what training renders the chat with (agent/tools.py)
+    # reply may be text instead of a call: what training renders the chat with (runtime/tools.py)
     tools: list[dict] | None = None
     text_replies: bool = False
 

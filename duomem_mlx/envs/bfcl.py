@@ -29,10 +29,10 @@ import uuid
 from functools import cache
 from types import SimpleNamespace
 
-from ..errors import DuomemError
-from .base import EnvCrashed, StepResult, TaskSpec, check_tasks, number_repeats
-from .calls import Call, parse_call
-from .scienceworld import sample
+from duomem_mlx.envs.base import EnvCrashed, StepResult, TaskSpec, check_tasks, number_repeats
+from duomem_mlx.envs.calls import Call, parse_call
+from duomem_mlx.envs.scienceworld import sample
+from duomem_mlx.errors import DuomemError
 
 VERSION = "2026.3.23"
 INSTALL = f"pip install --no-deps bfcl-eval=={VERSION} (`make setup` does it; --no-deps: its own pins clash)"
@@ -53,9 +53,15 @@ def bfcl() -> SimpleNamespace:
         from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_checker, multi_turn_utils
     except ImportError as e:
         raise DuomemError(f"--env bfcl needs BFCL's data and checker ({e.name} is missing): {INSTALL}")
-    return SimpleNamespace(backends=backends, checker=multi_turn_checker, executor=multi_turn_utils,
-                           data=eval_config.PROMPT_PATH, answers=eval_config.POSSIBLE_ANSWER_PATH,
-                           docs=eval_config.MULTI_TURN_FUNC_DOC_PATH, prefix=VERSION_PREFIX)
+    return SimpleNamespace(
+        backends=backends,
+        checker=multi_turn_checker,
+        executor=multi_turn_utils,
+        data=eval_config.PROMPT_PATH,
+        answers=eval_config.POSSIBLE_ANSWER_PATH,
+        docs=eval_config.MULTI_TURN_FUNC_DOC_PATH,
+        prefix=VERSION_PREFIX,
+    )
 
 
 @cache
@@ -89,16 +95,24 @@ def split_indices(split: str) -> dict[str, list[int]]:
     entries = {c: load_category(c)[0] for c in CATEGORIES}
     train = [e for es in entries.values() for e in es if split_of(user_turns(e)[0]) == "train"]
     train_turns = {t for e in train for t in user_turns(e)}
-    return {c: [i for i, e in enumerate(es) if split_of(user_turns(e)[0]) == split
-                and (split == "train" or user_turns(e)[0] not in train_turns)] for c, es in entries.items()}
+    return {
+        c: [
+            i
+            for i, e in enumerate(es)
+            if split_of(user_turns(e)[0]) == split and (split == "train" or user_turns(e)[0] not in train_turns)
+        ]
+        for c, es in entries.items()
+    }
 
 
 def signature(doc: dict) -> str:
     """`name(required, optional=default)`: the tools in a line each, compact."""
     parameters = doc.get("parameters", {})
     required = parameters.get("required", [])
-    names = [p if p in required else f"{p}={spec.get('default', None)!r}"
-             for p, spec in parameters.get("properties", {}).items()]
+    names = [
+        p if p in required else f"{p}={spec.get('default', None)!r}"
+        for p, spec in parameters.get("properties", {}).items()
+    ]
     return f"{doc['name']}({', '.join(names)})"
 
 
@@ -149,8 +163,12 @@ class BFCLMultiTurn:
         held = {name for names in self.entry.get("missed_function", {}).values() for name in names}
         self.offered = {doc["name"]: doc for api in self.apis for doc in func_docs(api) if doc["name"] not in held}
         # what a call may run: as BFCL's executor, every public method of the entry's API objects
-        self.methods = {name: method for api in self.apis.values()
-                        for name, method in inspect.getmembers(api, inspect.ismethod) if not name.startswith("_")}
+        self.methods = {
+            name: method
+            for api in self.apis.values()
+            for name, method in inspect.getmembers(api, inspect.ismethod)
+            if not name.startswith("_")
+        }
         self.turn, self.calls = 0, [[]]
         tools = "\n".join(map(signature, self.offered.values()))
         return self.entry["question"][0][0]["content"], self.state(f"Tools:\n{tools}")
@@ -206,7 +224,7 @@ class BFCLMultiTurn:
         b = bfcl()
         model = f"duomem_{uuid.uuid4().hex}"
         try:
-            truth = self.truth[:self.turn + 1]
+            truth = self.truth[: self.turn + 1]
             result = b.checker.multi_turn_checker(self.calls, truth, self.entry, self.category, model)
         except AssertionError as e:
             raise EnvCrashed(f"BFCL's checker failed on {self.entry['id']}: {e}")

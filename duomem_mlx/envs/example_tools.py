@@ -10,9 +10,9 @@ the splits keep to their own seed ranges."""
 import json
 import random
 
-from ..errors import DuomemError
-from .base import StepResult, TaskSpec, check_tasks, number_repeats
-from .calls import Call, parse_call
+from duomem_mlx.envs.base import StepResult, TaskSpec, check_tasks, number_repeats
+from duomem_mlx.envs.calls import Call, parse_call
+from duomem_mlx.errors import DuomemError
 
 DAYS = ("mon", "tue", "wed", "thu", "fri")
 HOURS = (9, 10, 11, 12)
@@ -20,16 +20,33 @@ TITLES = ("standup", "review", "lunch", "call")
 TASKS = ("book", "cancel", "move")
 SPLIT_SEEDS = {"train": range(0, 1000), "dev": range(1000, 2000), "test": range(2000, 3000)}
 TOOLS = [
-    {"name": "list_events", "description": "The events of a day, by hour.",
-     "parameters": {"type": "object", "properties": {"day": {"type": "string", "enum": list(DAYS)}},
-                    "required": ["day"]}},
-    {"name": "add_event", "description": "Add an event at a free hour; returns its id.",
-     "parameters": {"type": "object", "properties": {"day": {"type": "string", "enum": list(DAYS)},
-                                                     "hour": {"type": "integer", "enum": list(HOURS)},
-                                                     "title": {"type": "string", "enum": list(TITLES)}},
-                    "required": ["day", "hour", "title"]}},
-    {"name": "cancel_event", "description": "Remove an event by its id.",
-     "parameters": {"type": "object", "properties": {"event_id": {"type": "integer"}}, "required": ["event_id"]}},
+    {
+        "name": "list_events",
+        "description": "The events of a day, by hour.",
+        "parameters": {
+            "type": "object",
+            "properties": {"day": {"type": "string", "enum": list(DAYS)}},
+            "required": ["day"],
+        },
+    },
+    {
+        "name": "add_event",
+        "description": "Add an event at a free hour; returns its id.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "day": {"type": "string", "enum": list(DAYS)},
+                "hour": {"type": "integer", "enum": list(HOURS)},
+                "title": {"type": "string", "enum": list(TITLES)},
+            },
+            "required": ["day", "hour", "title"],
+        },
+    },
+    {
+        "name": "cancel_event",
+        "description": "Remove an event by its id.",
+        "parameters": {"type": "object", "properties": {"event_id": {"type": "integer"}}, "required": ["event_id"]},
+    },
     {"name": "finish", "description": "Say the task is done.", "parameters": {"type": "object", "properties": {}}},
 ]
 
@@ -83,9 +100,15 @@ class Calendar:
         moves = [(i, to) for i, (d, h, _) in self.events.items() for to in DAYS if to != d and h in self.free(to)]
         i, to = rng.choice(sorted(moves))
         day, hour, title = self.events[i]
-        return (f"Move the {title} at {hour} on {day} to {to}, same hour.",
-                [call("list_events", day=day), call("cancel_event", event_id=i),
-                 call("add_event", day=to, hour=hour, title=title), call("finish")])
+        return (
+            f"Move the {title} at {hour} on {day} to {to}, same hour.",
+            [
+                call("list_events", day=day),
+                call("cancel_event", event_id=i),
+                call("add_event", day=to, hour=hour, title=title),
+                call("finish"),
+            ],
+        )
 
     def free(self, day: str) -> list[int]:
         taken = {h for d, h, _ in self.events.values() if d == day}
@@ -140,8 +163,12 @@ class Calendar:
     def admissible(self) -> list[str]:
         """Every call that makes sense now: what constrained decoding chooses from."""
         adds = [call("add_event", day=d, hour=h, title=t) for d in DAYS for h in self.free(d) for t in TITLES]
-        return ([call("list_events", day=d) for d in DAYS] + adds
-                + [call("cancel_event", event_id=i) for i in sorted(self.events)] + [call("finish")])
+        return (
+            [call("list_events", day=d) for d in DAYS]
+            + adds
+            + [call("cancel_event", event_id=i) for i in sorted(self.events)]
+            + [call("finish")]
+        )
 
     def expert_actions(self) -> list[str]:
         return list(self.gold)

@@ -8,15 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import DuomemError
-from .base import StepResult, parser_safe
+from duomem_mlx.envs.base import StepResult, parser_safe
+from duomem_mlx.errors import DuomemError
 
 logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported once, as EnvCrashed
 
 if sys.platform == "darwin":
-    JAVA_HINT = ("`brew install openjdk`, then "
-                 "`export JAVA_HOME=$(brew --prefix openjdk)/libexec/openjdk.jdk/Contents/Home` "
-                 "(or put `$(brew --prefix openjdk)/bin` first on PATH)")
+    JAVA_HINT = (
+        "`brew install openjdk`, then "
+        "`export JAVA_HOME=$(brew --prefix openjdk)/libexec/openjdk.jdk/Contents/Home` "
+        "(or put `$(brew --prefix openjdk)/bin` first on PATH)"
+    )
 else:
     JAVA_HINT = "`sudo apt-get install default-jre-headless` (Debian/Ubuntu), or set JAVA_HOME to a JDK 11+"
 

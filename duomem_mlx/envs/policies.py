@@ -2,7 +2,7 @@
 
 import random
 
-from .base import StepResult
+from duomem_mlx.envs.base import StepResult
 
 FALLBACK = "look"  # when a gold path runs out before the episode ends
 

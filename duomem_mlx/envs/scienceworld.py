@@ -4,9 +4,9 @@ Runs a JVM (py4j). A JVM that dies mid-episode raises EnvCrashed; the next reset
 
 import random
 
-from ..errors import DuomemError
-from .base import EnvCrashed, StepResult, TaskSpec, number_repeats
-from .jvm import JavaBacked, require_java
+from duomem_mlx.envs.base import EnvCrashed, StepResult, TaskSpec, number_repeats
+from duomem_mlx.envs.jvm import JavaBacked, require_java
+from duomem_mlx.errors import DuomemError
 
 SIMPLIFICATION = "easy"  # teleport, open doors and containers, no electrical actions: the usual agent setting
 
@@ -30,16 +30,28 @@ class ScienceWorld(JavaBacked):
 
     def variations(self, task: str, split: str) -> list[int]:
         self.env.load(task, 0, SIMPLIFICATION)
-        getter = {"train": self.env.get_variations_train, "dev": self.env.get_variations_dev, "test": self.env.get_variations_test}
+        getter = {
+            "train": self.env.get_variations_train,
+            "dev": self.env.get_variations_dev,
+            "test": self.env.get_variations_test,
+        }
         return list(getter[split]())
 
     def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
         rng = random.Random(seed)
         unknown = [t for t in tasks or [] if t not in self._names]
         if unknown:
-            raise DuomemError(f"unknown ScienceWorld task {unknown[0]}; valid: {', '.join(self._names[:6])}, ... (30 in all)")
+            raise DuomemError(
+                f"unknown ScienceWorld task {unknown[0]}; valid: {', '.join(self._names[:6])}, ... (30 in all)"
+            )
         if tasks:
-            return number_repeats([TaskSpec(self.name, t, v, split) for t in tasks for v in sample(rng, self.variations(t, split), episodes)])
+            return number_repeats(
+                [
+                    TaskSpec(self.name, t, v, split)
+                    for t in tasks
+                    for v in sample(rng, self.variations(t, split), episodes)
+                ]
+            )
         picks = [rng.choice(self._names) for _ in range(episodes)]
         return number_repeats([TaskSpec(self.name, t, rng.choice(self.variations(t, split)), split) for t in picks])
 
@@ -55,7 +67,9 @@ class ScienceWorld(JavaBacked):
 
     def result(self, observation: str, info: dict, done: bool) -> StepResult:
         score = info.get("score", 0)
-        return StepResult(observation, list(info.get("valid", [])), 0.0, max(score, 0) / 100, done, done and score >= 100)
+        return StepResult(
+            observation, list(info.get("valid", [])), 0.0, max(score, 0) / 100, done, done and score >= 100
+        )
 
     def expert_actions(self) -> list[str]:
         return list(self.env.get_gold_action_sequence())

@@ -13,9 +13,9 @@ import threading
 import warnings
 from pathlib import Path
 
-from ..errors import DuomemError
-from ..io import cache_root
-from .base import StepResult, TaskSpec, check_tasks, parser_safe
+from duomem_mlx.envs.base import StepResult, TaskSpec, check_tasks, parser_safe
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import cache_root
 
 CHALLENGES = {
     "simple": ["tw-simple", "--rewards", "dense", "--goal", "detailed"],
@@ -88,8 +88,15 @@ class TextWorld:
             import textworld
         except ImportError:
             raise DuomemError("TextWorld is not installed: pip install 'duomem-mlx[textworld]'")
-        self.infos = textworld.EnvInfos(admissible_commands=True, won=True, lost=True, score=True,
-                                        max_score=True, objective=True, extras=["walkthrough"])
+        self.infos = textworld.EnvInfos(
+            admissible_commands=True,
+            won=True,
+            lost=True,
+            score=True,
+            max_score=True,
+            objective=True,
+            extras=["walkthrough"],
+        )
         self.env = None
         self.state = None
 
@@ -121,7 +128,9 @@ class TextWorld:
     @staticmethod
     def result(state, done: bool) -> StepResult:
         score = state.score / state.max_score if state.max_score else 0.0
-        return StepResult(clean(state.feedback), list(state.admissible_commands or []), 0.0, score, done, bool(state.won))
+        return StepResult(
+            clean(state.feedback), list(state.admissible_commands or []), 0.0, score, done, bool(state.won)
+        )
 
     def expert_actions(self) -> list[str]:
         return list(self.state["extra.walkthrough"])

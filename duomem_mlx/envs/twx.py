@@ -13,11 +13,11 @@ import json
 import random
 from importlib.metadata import version
 
-from ..errors import DuomemError
-from ..io import cache_root, write_atomic
-from .base import EnvCrashed, StepResult, TaskSpec, check_tasks, number_repeats
-from .jvm import JavaBacked, require_java
-from .scienceworld import sample
+from duomem_mlx.envs.base import EnvCrashed, StepResult, TaskSpec, check_tasks, number_repeats
+from duomem_mlx.envs.jvm import JavaBacked, require_java
+from duomem_mlx.envs.scienceworld import sample
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import cache_root, write_atomic
 
 INSTALL = "pip install 'duomem-mlx[twx]' (or: pip install textworld-express)"
 SPLIT_SEEDS = {"train": range(0, 1000), "dev": range(10_000, 11_000), "test": range(20_000, 21_000)}
@@ -26,7 +26,13 @@ KNOWN_PARAMS = {
     "cookingworld": ("numLocations", "numIngredients", "numDistractorItems", "includeDoors", "limitInventorySize"),
     "twc": ("numLocations", "numItemsToPutAway", "includeDoors", "limitInventorySize"),
     "coin": ("numLocations", "numDistractorItems", "includeDoors", "limitInventorySize"),
-    "mapreader": ("numLocations", "maxDistanceApart", "maxDistractorItemsPerLocation", "includeDoors", "limitInventorySize"),
+    "mapreader": (
+        "numLocations",
+        "maxDistanceApart",
+        "maxDistractorItemsPerLocation",
+        "includeDoors",
+        "limitInventorySize",
+    ),
     "arithmetic": (),
     "sorting": (),
     "simonsays": ("gameLength", "numDistractors", "memorization"),
@@ -63,8 +69,10 @@ def parse_params(text: str, where: str) -> dict[str, int]:
         except ValueError:
             equals = ""
         if not key or not equals:
-            raise DuomemError(f"bad TextWorldExpress game params {text!r} ({where}): "
-                              "write key=integer pairs, e.g. 'numLocations=2,includeDoors=0'")
+            raise DuomemError(
+                f"bad TextWorldExpress game params {text!r} ({where}): "
+                "write key=integer pairs, e.g. 'numLocations=2,includeDoors=0'"
+            )
     return params
 
 
@@ -76,8 +84,10 @@ def game_params_option(text: str | None) -> str | dict[str, str] | None:
     for item in filter(None, (p.strip() for p in text.split(";"))):
         game, colon, params = (s.strip() for s in item.partition(":"))
         if not colon:
-            raise DuomemError(f"bad --game-params item {item!r}: write game:key=value[,key=value] items joined by ';', "
-                              "e.g. 'coin:numLocations=2;twc:numItemsToPutAway=3'")
+            raise DuomemError(
+                f"bad --game-params item {item!r}: write game:key=value[,key=value] items joined by ';', "
+                "e.g. 'coin:numLocations=2;twc:numItemsToPutAway=3'"
+            )
         games[game] = f"{games[game]},{params}" if game in games else params
     return games
 
@@ -101,7 +111,9 @@ def resolve_params(game_params: str | dict[str, str] | None) -> dict[str, str]:
             given = parse_params(text, game)
             unknown = [k for k in given if k not in KNOWN_PARAMS[game]]
             if unknown:
-                raise DuomemError(f"{game} takes no game param {unknown[0]!r}; it takes: {', '.join(KNOWN_PARAMS[game]) or 'none'}")
+                raise DuomemError(
+                    f"{game} takes no game param {unknown[0]!r}; it takes: {', '.join(KNOWN_PARAMS[game]) or 'none'}"
+                )
             params[game].update(given)
     return {game: ",".join(f"{k}={v}" for k, v in p.items()) for game, p in params.items()}
 
@@ -135,7 +147,9 @@ class TextWorldExpress(JavaBacked):
         check_tasks(tasks, GAMES, "TextWorldExpress game")
         rng = random.Random(seed)
         if tasks:
-            return number_repeats([TaskSpec(self.name, t, s, split) for t in tasks for s in self.seeds(rng, t, split, episodes)])
+            return number_repeats(
+                [TaskSpec(self.name, t, s, split) for t in tasks for s in self.seeds(rng, t, split, episodes)]
+            )
         games = [GAMES[i % len(GAMES)] for i in range(episodes)]  # no game named: alternate the eight
         seeds = {g: iter(self.seeds(rng, g, split, games.count(g))) for g in GAMES}
         return number_repeats([TaskSpec(self.name, g, next(seeds[g]), split) for g in games])
@@ -192,16 +206,25 @@ class TextWorldExpress(JavaBacked):
             raise DuomemError(f"unknown TextWorldExpress game {spec.task}; valid: {', '.join(GAMES)}")
         seeds = seed_range(spec.split)
         if spec.variation not in seeds:
-            raise DuomemError(f"TextWorldExpress seed {spec.variation} is not a {spec.split} seed ({seeds.start}-{seeds.stop - 1}); "
-                              "coin and mapreader would replay another split's games")
+            raise DuomemError(
+                f"TextWorldExpress seed {spec.variation} is not a {spec.split} seed ({seeds.start}-{seeds.stop - 1}); "
+                "coin and mapreader would replay another split's games"
+            )
         if not self.alive():
             self.restart()
         try:  # gameName and gameParams every time: load() also clears an error left by the last game
-            observation, info = self.env.reset(seed=spec.variation, gameFold=spec.split, gameName=spec.task,
-                                               gameParams=self.params[spec.task], generateGoldPath=True)
+            observation, info = self.env.reset(
+                seed=spec.variation,
+                gameFold=spec.split,
+                gameName=spec.task,
+                gameParams=self.params[spec.task],
+                generateGoldPath=True,
+            )
             self.gold = list(self.env.getGoldActionSequence())
         except Exception as e:
-            raise self.crashed(e, f"could not generate {spec.task} seed {spec.variation} ({self.params[spec.task] or 'no params'})")
+            raise self.crashed(
+                e, f"could not generate {spec.task} seed {spec.variation} ({self.params[spec.task] or 'no params'})"
+            )
         if not self.gold:
             raise EnvCrashed(f"TextWorldExpress found no gold path for {spec.task} seed {spec.variation}")
         return info["taskDescription"].strip(), self.result(observation, info, done=False)
@@ -211,7 +234,9 @@ class TextWorldExpress(JavaBacked):
         score = float(info.get("score", 0))  # -1 on a failed game (taskfailure)
         won = bool(info.get("tasksuccess")) or score >= 1.0
         text = "\n".join(line.rstrip() for line in observation.strip().splitlines())
-        return StepResult(text, sorted(info.get("validActions", [])), 0.0, min(max(score, 0.0), 1.0), done, done and won)
+        return StepResult(
+            text, sorted(info.get("validActions", [])), 0.0, min(max(score, 0.0), 1.0), done, done and won
+        )
 
     def expert_actions(self) -> list[str]:
         return list(self.gold)
@@ -219,7 +244,9 @@ class TextWorldExpress(JavaBacked):
     def crashed(self, error: Exception, doing: str = "failed") -> EnvCrashed:
         if not self.alive():
             self.close()
-            return EnvCrashed("the TextWorldExpress JVM died; the episode counts as failed and the next one restarts it")
+            return EnvCrashed(
+                "the TextWorldExpress JVM died; the episode counts as failed and the next one restarts it"
+            )
         java = getattr(error, "java_exception", None)  # py4j's Py4JJavaError: a Scala exception, the JVM lives on
         message = str(java.getMessage()) if java is not None else f"{error.__class__.__name__}: {error}"
         return EnvCrashed(f"TextWorldExpress {doing}: {message.strip()[:300]}")

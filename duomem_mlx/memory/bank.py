@@ -14,10 +14,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import DuomemError
-from ..io import atomic_dir, read_json, read_jsonl, require, write_atomic
-from .embed import embed, fingerprint
-from .retrieval import KEYS, KINDS, query_text
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import atomic_dir, read_json, read_jsonl, require, write_atomic
+from duomem_mlx.runtime.embed import embed, fingerprint
+from duomem_mlx.runtime.retrieval import KEYS, KINDS, query_text
 
 FORMAT = 1
 FILES = ("bank.json", "memories.jsonl", "keys.safetensors")
@@ -57,19 +57,28 @@ def parse_memory(data, where: str) -> Memory:
         raise DuomemError(f"{where}: expected a JSON object with a text field")
     text = data.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise DuomemError(f"{where}: missing or empty \"text\"")
+        raise DuomemError(f'{where}: missing or empty "text"')
     source = data.get("source", [])
     if isinstance(source, str):
         source = [source]
     if not isinstance(source, list):
-        raise DuomemError(f"{where}: \"source\" must be a list of episode ids")
+        raise DuomemError(f'{where}: "source" must be a list of episode ids')
     task, observation, kind = data.get("task") or "", data.get("observation") or "", data.get("kind") or "script"
     if not isinstance(task, str) or not isinstance(observation, str):
-        raise DuomemError(f"{where}: \"task\" and \"observation\" must be the task text and first observation the memory was written for")
+        raise DuomemError(
+            f'{where}: "task" and "observation" must be the task text and first observation the memory was written for'
+        )
     if kind not in KINDS:
         raise DuomemError(f"{where}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
-    return Memory(str(data.get("id") or memory_id(text)), str(data.get("task_type") or ""), text.strip(), [str(s) for s in source],
-                  task.strip(), kind, observation.strip())
+    return Memory(
+        str(data.get("id") or memory_id(text)),
+        str(data.get("task_type") or ""),
+        text.strip(),
+        [str(s) for s in source],
+        task.strip(),
+        kind,
+        observation.strip(),
+    )
 
 
 def read_memories(path: str | Path) -> list[Memory]:
@@ -106,8 +115,14 @@ def write_memories(path: str | Path, memories: list[Memory]) -> None:
 
 
 def check_bank_info(info, _where=None) -> dict:
-    require(isinstance(info, dict) and {"fingerprint", "dim", "embedder"} <= info.keys(), "bank.json lacks fingerprint/dim/embedder")
-    require(isinstance(info["dim"], int) and isinstance(info["fingerprint"], str), "dim must be an integer, fingerprint a string")
+    require(
+        isinstance(info, dict) and {"fingerprint", "dim", "embedder"} <= info.keys(),
+        "bank.json lacks fingerprint/dim/embedder",
+    )
+    require(
+        isinstance(info["dim"], int) and isinstance(info["fingerprint"], str),
+        "dim must be an integer, fingerprint a string",
+    )
     return info
 
 
@@ -130,7 +145,9 @@ class MemoryBank:
         out = Path(out)
         others = sorted(p.name for p in out.iterdir() if p.name not in FILES) if out.is_dir() else []
         if others:
-            raise DuomemError(f"{out} holds other files ({', '.join(others[:3])}); a memory bank goes in a directory of its own")
+            raise DuomemError(
+                f"{out} holds other files ({', '.join(others[:3])}); a memory bank goes in a directory of its own"
+            )
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out) as tmp:
             write_memories(tmp / "memories.jsonl", self.memories)
@@ -142,21 +159,31 @@ class MemoryBank:
     def load(cls, path: str | Path) -> "MemoryBank":
         path = Path(path)
         if not path.is_dir():
-            raise DuomemError(f"no memory bank at {path}; build one with `duomem-mlx memory build --memories FILE --embedder MODEL --out {path}`")
+            raise DuomemError(
+                f"no memory bank at {path}; build one with `duomem-mlx memory build --memories FILE --embedder MODEL --out {path}`"
+            )
         missing = [name for name in FILES if not (path / name).is_file()]
         if missing:
-            raise DuomemError(f"memory bank {path} is incomplete (missing {', '.join(missing)}); rebuild it with `duomem-mlx memory build`")
+            raise DuomemError(
+                f"memory bank {path} is incomplete (missing {', '.join(missing)}); rebuild it with `duomem-mlx memory build`"
+            )
         rebuild = f"the memory bank is corrupt; rebuild it with `duomem-mlx memory build --out {path}`"
         info = read_json(path / "bank.json", rebuild, check_bank_info)
         if info.get("format") != FORMAT:
-            raise DuomemError(f"memory bank {path} has format {info.get('format')}, this version reads {FORMAT}; rebuild it")
+            raise DuomemError(
+                f"memory bank {path} has format {info.get('format')}, this version reads {FORMAT}; rebuild it"
+            )
         try:
             keys = mx.load(str(path / "keys.safetensors"))["keys"]
         except (ValueError, KeyError, RuntimeError, OSError) as e:
-            raise DuomemError(f"memory bank {path} is corrupt ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); rebuild it with `duomem-mlx memory build`")
+            raise DuomemError(
+                f"memory bank {path} is corrupt ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); rebuild it with `duomem-mlx memory build`"
+            )
         memories = read_memories(path / "memories.jsonl")
         if keys.ndim != 2 or keys.shape[0] != len(memories) or keys.shape[1] != info.get("dim"):
-            raise DuomemError(f"memory bank {path} is corrupt: keys {tuple(keys.shape)} for {len(memories)} memories of dim {info.get('dim')}; rebuild it")
+            raise DuomemError(
+                f"memory bank {path} is corrupt: keys {tuple(keys.shape)} for {len(memories)} memories of dim {info.get('dim')}; rebuild it"
+            )
         return cls(memories, keys, info)
 
     def check_embedder(self, model, tokenizer) -> None:
@@ -171,8 +198,15 @@ class MemoryBank:
     def key(self) -> str:
         return self.info.get("key", "task")
 
-    def search(self, query, k: int = 3, task_type: str | None = None, model=None, tokenizer=None,
-               exclude_games: set[str] = frozenset()) -> list[tuple[Memory, float]]:
+    def search(
+        self,
+        query,
+        k: int = 3,
+        task_type: str | None = None,
+        model=None,
+        tokenizer=None,
+        exclude_games: set[str] = frozenset(),
+    ) -> list[tuple[Memory, float]]:
         """Top-k (memory, cosine) for a query text (embedded with model/tokenizer) or a vector [d];
         a memory written from games in `exclude_games` (env/task/variation) alone never comes back
         (one induced from several games as well is knowledge of the task, not that game's answer)."""
@@ -182,7 +216,9 @@ class MemoryBank:
             query = embed(model, tokenizer, [query])[0]
         query = mx.array(query, dtype=mx.float32).reshape(-1)
         if query.shape[0] != self.dim:
-            raise DuomemError(f"query has dim {query.shape[0]}, the bank's keys have {self.dim}; use the bank's embedder")
+            raise DuomemError(
+                f"query has dim {query.shape[0]}, the bank's keys have {self.dim}; use the bank's embedder"
+            )
         rows = np.arange(len(self.memories))
         if task_type is not None:
             rows = rows[[m.task_type == task_type for m in self.memories]]
@@ -200,11 +236,22 @@ class MemoryBank:
 def recorded_key(directory: str | Path) -> str:
     """The key of the bank in `directory` (a memories.jsonl beside no bank.json: "task")."""
     info = Path(directory) / "bank.json"
-    return read_json(info, "the memory bank is corrupt; rebuild it", check_bank_info).get("key", "task") if info.is_file() else "task"
+    return (
+        read_json(info, "the memory bank is corrupt; rebuild it", check_bank_info).get("key", "task")
+        if info.is_file()
+        else "task"
+    )
 
 
-def build(memories: list, model, tokenizer, embedder: str = "", adapter_path: str | None = None, progress: bool = False,
-          key: str = "task") -> MemoryBank:
+def build(
+    memories: list,
+    model,
+    tokenizer,
+    embedder: str = "",
+    adapter_path: str | None = None,
+    progress: bool = False,
+    key: str = "task",
+) -> MemoryBank:
     """A bank from Memory objects or memory dicts (e.g. a teacher cache's memories.jsonl rows)."""
     if key not in KEYS:
         raise DuomemError(f"unknown key {key!r}; use one of {', '.join(KEYS)}")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..config import config_option
-from ..errors import DuomemError
-from ..io import check_destination, write_atomic
-from .retrieval import KEYS, KINDS
+from duomem_mlx.config import config_option
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import check_destination, write_atomic
+from duomem_mlx.runtime.retrieval import KEYS, KINDS
 
 
 @click.group()
@@ -26,13 +26,28 @@ def memory():
 
 
 @memory.command("build")
-@click.option("--memories", "memories_path", type=click.Path(dir_okay=False), help="JSONL, one {id, task_type, text, source} per line.")
-@click.option("--cache", "cache_path", type=click.Path(file_okay=False), help="A teacher cache (`duomem-mlx teach`): use its memories.")
+@click.option(
+    "--memories",
+    "memories_path",
+    type=click.Path(dir_okay=False),
+    help="JSONL, one {id, task_type, text, source} per line.",
+)
+@click.option(
+    "--cache",
+    "cache_path",
+    type=click.Path(file_okay=False),
+    help="A teacher cache (`duomem-mlx teach`): use its memories.",
+)
 @click.option("--embedder", required=True, help="The student model (path or Hub id) whose hidden states are the keys.")
 @click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters loaded on the embedder.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Bank directory to write.")
-@click.option("--key", type=click.Choice(KEYS), default="task", show_default=True,
-              help="What a memory's key embeds: its task text, or that and its episode's first observation (tells games of one task apart).")
+@click.option(
+    "--key",
+    type=click.Choice(KEYS),
+    default="task",
+    show_default=True,
+    help="What a memory's key embeds: its task text, or that and its episode's first observation (tells games of one task apart).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing memory bank at --out.")
 @config_option
 def build_command(memories_path, cache_path, embedder, adapter_path, key, out, force):
@@ -43,8 +58,8 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
       duomem-mlx memory build --memories runs/memories.jsonl --embedder runs/student --out runs/bank
       duomem-mlx memory build --cache runs/cache --embedder runs/student --key task+observation --out runs/bank
     """
-    from ..models import load
-    from .bank import build, read_memories
+    from duomem_mlx.memory.bank import build, read_memories
+    from duomem_mlx.runtime.models import load
 
     if bool(memories_path) == bool(cache_path):
         raise DuomemError("pass exactly one of --memories FILE or --cache CACHE")
@@ -54,11 +69,20 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
     start = time.perf_counter()
     local = Path(embedder).expanduser()
     recorded = str(local.resolve()) if local.exists() else embedder  # so `memory search` works from any directory
-    bank = build(memories, model, tokenizer, embedder=recorded, adapter_path=adapter_path and str(Path(adapter_path).resolve()), progress=True,
-                 key=key)
+    bank = build(
+        memories,
+        model,
+        tokenizer,
+        embedder=recorded,
+        adapter_path=adapter_path and str(Path(adapter_path).resolve()),
+        progress=True,
+        key=key,
+    )
     path = bank.save(out)
     size = sum(f.stat().st_size for f in path.iterdir())
-    click.echo(f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s")
+    click.echo(
+        f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s"
+    )
 
 
 def cache_memories(cache: str) -> Path:
@@ -67,7 +91,9 @@ def cache_memories(cache: str) -> Path:
     if not (Path(cache) / "manifest.json").is_file():
         raise DuomemError(f"{cache} is not a teacher cache (no manifest.json); write one with `duomem-mlx teach`")
     if not path.is_file():
-        raise DuomemError(f"{cache} holds no memories.jsonl yet (an unfinished run?); finish it with `duomem-mlx teach ... --resume`")
+        raise DuomemError(
+            f"{cache} holds no memories.jsonl yet (an unfinished run?); finish it with `duomem-mlx teach ... --resume`"
+        )
     return path
 
 
@@ -87,13 +113,22 @@ def check_bank_destination(out: str, force: bool) -> None:
 @click.argument("query", required=False)
 @click.option("-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--task-type", help="Only memories of this task type.")
-@click.option("--accuracy-on", type=click.Path(exists=True),
-              help="Instead of QUERY: a teacher cache or an episode log; the share of its episodes whose top-1 memory "
-                   "(by their task description, similarity alone) is of their own task type.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False),
-              help="With --accuracy-on: also write {accuracy, episodes, per_task} here.")
+@click.option(
+    "--accuracy-on",
+    type=click.Path(exists=True),
+    help="Instead of QUERY: a teacher cache or an episode log; the share of its episodes whose top-1 memory "
+    "(by their task description, similarity alone) is of their own task type.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    help="With --accuracy-on: also write {accuracy, episodes, per_task} here.",
+)
 @click.option("--embedder", help="Model to embed the query with (default: the one recorded in the bank).")
-@click.option("--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters (default: as recorded in the bank).")
+@click.option(
+    "--adapter-path", type=click.Path(file_okay=False), help="LoRA adapters (default: as recorded in the bank)."
+)
 @config_option
 def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedder, adapter_path):
     """Show the K memories closest to QUERY (cosine in the student's space), or measure
@@ -104,8 +139,8 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
       duomem-mlx memory search runs/bank "put a hot apple in the fridge" -k 3 --task-type heat
       duomem-mlx memory search runs/bank --accuracy-on runs/test-episodes.jsonl --json runs/retrieval.json
     """
-    from ..models import load
-    from .bank import MemoryBank
+    from duomem_mlx.memory.bank import MemoryBank
+    from duomem_mlx.runtime.models import load
 
     if (query is None) == (accuracy_on is None):
         raise DuomemError("pass exactly one of QUERY or --accuracy-on CACHE_OR_EPISODES")
@@ -114,10 +149,12 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
     bank = MemoryBank.load(bank_path)
     if not (embedder or bank.info.get("embedder")):
         raise DuomemError(f"{bank_path} records no embedder; pass --embedder MODEL")
-    model, tokenizer = load(embedder or bank.info["embedder"], adapter_path or (None if embedder else bank.info.get("adapter_path")))
+    model, tokenizer = load(
+        embedder or bank.info["embedder"], adapter_path or (None if embedder else bank.info.get("adapter_path"))
+    )
     bank.check_embedder(model, tokenizer)
     if accuracy_on:
-        from .retrieval import hits
+        from duomem_mlx.runtime.retrieval import hits
 
         queries = task_queries(accuracy_on)
         found = hits(bank, model, tokenizer, queries)
@@ -131,21 +168,25 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
 
 def write_accuracy(path: str, found: list[bool], tasks: list[str]) -> None:
     right, seen = Counter(t for f, t in zip(found, tasks) if f), Counter(tasks)
-    result = {"accuracy": sum(found) / len(found), "episodes": len(found), "by": "similarity alone, top-1 memory",
-              "per_task": {t: right[t] / seen[t] for t in sorted(seen)}}
+    result = {
+        "accuracy": sum(found) / len(found),
+        "episodes": len(found),
+        "by": "similarity alone, top-1 memory",
+        "per_task": {t: right[t] / seen[t] for t in sorted(seen)},
+    }
     write_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def task_queries(path: str) -> list[tuple[str, str, str]]:
     """(task description, first observation, task type) of every episode of a teacher cache or an episode log."""
     if Path(path).is_dir():
-        from ..envs.base import Episode
-        from ..teacher.cache import read_episodes, read_manifest
+        from duomem_mlx.envs.base import Episode
+        from duomem_mlx.teacher.cache import read_episodes, read_manifest
 
         read_manifest(path)
         episodes = [Episode.from_json(record) for record in read_episodes(path)]
     else:
-        from .writer import read_episodes
+        from duomem_mlx.memory.writer import read_episodes
 
         episodes = read_episodes(path)
     return [(e.task_description, e.steps[0].observation if e.steps else "", e.task) for e in episodes]
@@ -162,7 +203,7 @@ def show_command(bank_path, limit):
     Example:
       duomem-mlx memory show runs/bank -n 5
     """
-    from .bank import MemoryBank
+    from duomem_mlx.memory.bank import MemoryBank
 
     bank = MemoryBank.load(bank_path)
     size = sum(f.stat().st_size for f in Path(bank_path).iterdir())
@@ -175,12 +216,27 @@ def show_command(bank_path, limit):
 
 
 @memory.command("write")
-@click.option("--episodes", type=click.Path(dir_okay=False), required=True, help="Episode log (JSONL), e.g. from `eval --log`.")
-@click.option("--writer", default="rules", show_default=True, help="rules | model:PATH (an mlx-lm model writes each memory)")
-@click.option("--max-tokens", type=click.IntRange(1), default=160, show_default=True, help="Per memory, model writer only.")
-@click.option("--per-task", type=click.IntRange(1), help="Write up only the first N successful episodes of each task type (a model writer takes seconds an episode).")
-@click.option("--kind", type=click.Choice(KINDS), default="script", show_default=True,
-              help="script: the writer's procedure; trajectory: each successful episode itself, compact; both: the procedure, then the episode.")
+@click.option(
+    "--episodes", type=click.Path(dir_okay=False), required=True, help="Episode log (JSONL), e.g. from `eval --log`."
+)
+@click.option(
+    "--writer", default="rules", show_default=True, help="rules | model:PATH (an mlx-lm model writes each memory)"
+)
+@click.option(
+    "--max-tokens", type=click.IntRange(1), default=160, show_default=True, help="Per memory, model writer only."
+)
+@click.option(
+    "--per-task",
+    type=click.IntRange(1),
+    help="Write up only the first N successful episodes of each task type (a model writer takes seconds an episode).",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(KINDS),
+    default="script",
+    show_default=True,
+    help="script: the writer's procedure; trajectory: each successful episode itself, compact; both: the procedure, then the episode.",
+)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="memories.jsonl to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @config_option
@@ -200,8 +256,8 @@ def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
       duomem-mlx memory write --episodes runs/teacher.jsonl --writer model:runs/teacher --per-task 2 --out runs/memories.jsonl
       duomem-mlx memory write --episodes runs/student.jsonl --kind both --out runs/self-memories.jsonl
     """
-    from .bank import write_memories
-    from .writer import write
+    from duomem_mlx.memory.bank import write_memories
+    from duomem_mlx.memory.writer import write
 
     if Path(out).exists() and Path(episodes).exists() and Path(out).samefile(episodes):
         raise DuomemError(f"--out {out} is the episode log itself; write the memories to another file")
@@ -209,4 +265,6 @@ def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
     written = write(episodes, writer, max_tokens, per_task, kind)
     write_memories(out, written.memories)
     dropped = f"; {written.summary()}" if written.dropped else ""
-    click.echo(f"wrote {len(written.memories)} memories for {len({m.task_type for m in written.memories})} task type(s) to {out}{dropped}")
+    click.echo(
+        f"wrote {len(written.memories)} memories for {len({m.task_type for m in written.memories})} task type(s) to {out}{dropped}"
+    )

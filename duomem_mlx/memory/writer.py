@@ -7,14 +7,31 @@ from difflib import SequenceMatcher
 from itertools import accumulate, takewhile
 from pathlib import Path
 
-from ..envs.base import Episode
-from ..errors import DuomemError
-from ..io import read_jsonl, require
-from ..progress import Progress
-from .bank import Memory, memory_id, merge_duplicates
-from .retrieval import KINDS
+from duomem_mlx.envs.base import Episode
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import read_jsonl, require
+from duomem_mlx.memory.bank import Memory, memory_id, merge_duplicates
+from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.retrieval import KINDS
 
-PREPOSITIONS = {"from", "with", "on", "in", "into", "to", "at", "onto", "up", "down", "under", "inside", "using", "off", "for", "out"}
+PREPOSITIONS = {
+    "from",
+    "with",
+    "on",
+    "in",
+    "into",
+    "to",
+    "at",
+    "onto",
+    "up",
+    "down",
+    "under",
+    "inside",
+    "using",
+    "off",
+    "for",
+    "out",
+}
 ARTICLES = {"the", "a", "an"}
 DIRECTIONS = {"north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest"}
 PLACEHOLDERS = "XYZPQRTUVKLM"  # no W/N/E/S: they read like directions
@@ -36,21 +53,31 @@ Write the procedure for tasks like this as numbered steps, one short line each."
 def read_episodes(path: str | Path) -> list[Episode]:
     path = Path(path)
     if not path.is_file():
-        raise DuomemError(f"episode log {path} does not exist; write one with `duomem-mlx eval ... --log FILE` or `duomem-mlx teach`")
+        raise DuomemError(
+            f"episode log {path} does not exist; write one with `duomem-mlx eval ... --log FILE` or `duomem-mlx teach`"
+        )
     return read_jsonl(path, parse_episode, "not an episode record: fix or delete that line")
 
 
 def parse_episode(data, _where=None) -> Episode:
     episode = Episode.from_json(data)
-    require(all(isinstance(s.action, str) and isinstance(s.observation, str) for s in episode.steps), "steps need text observation and action")
-    require(isinstance(episode.task, str) and isinstance(episode.task_description, str), "task and task_description must be text")
+    require(
+        all(isinstance(s.action, str) and isinstance(s.observation, str) for s in episode.steps),
+        "steps need text observation and action",
+    )
+    require(
+        isinstance(episode.task, str) and isinstance(episode.task_description, str),
+        "task and task_description must be text",
+    )
     return episode
 
 
 def successful(episodes: list[Episode]) -> list[Episode]:
     good = [e for e in episodes if e.success and e.steps]
     if not good:
-        raise DuomemError(f"none of the {len(episodes)} episodes succeeded; memories are written from successful episodes only")
+        raise DuomemError(
+            f"none of the {len(episodes)} episodes succeeded; memories are written from successful episodes only"
+        )
     return good
 
 
@@ -95,7 +122,9 @@ def object_roles(action_lists: list[list[str]]) -> tuple[set[str], set[str]]:
     return everything - constant - fixed, constant
 
 
-def generalise(actions: list[str], task_description: str, varying: set[str] = frozenset(), constant: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+def generalise(
+    actions: list[str], task_description: str, varying: set[str] = frozenset(), constant: set[str] = frozenset()
+) -> tuple[list[str], list[str]]:
     """Replace the objects actions name by X, Y, ... where they vary across the task type's
     episodes, or the task description names them and they are not `constant` (named by every
     episode of the type: part of the procedure); a direction only where it varies (the way to
@@ -162,7 +191,15 @@ def task_memories(episodes: list[Episode]) -> list[Memory]:
 
 def episode_memory(episode: Episode, text: str, kind: str = "script", id_text: str | None = None) -> Memory:
     first = episode.steps[0].observation if episode.steps else ""
-    return Memory(memory_id(id_text or text), episode.task, text, [episode.id], episode.task_description.strip(), kind, first.strip())
+    return Memory(
+        memory_id(id_text or text),
+        episode.task,
+        text,
+        [episode.id],
+        episode.task_description.strip(),
+        kind,
+        first.strip(),
+    )
 
 
 def gist(observation: str) -> str:
@@ -200,13 +237,19 @@ def of_kind(scripts: list[Memory], episodes: list[Episode], kind: str) -> list[M
         if kind == "both" and episode.id not in script_of:
             continue  # its writer's reply was dropped
         trajectory = trajectory_text(episode)
-        out.append(episode_memory(episode, trajectory if kind == "trajectory" else f"{script_of[episode.id]}\n{trajectory}", kind))
+        out.append(
+            episode_memory(
+                episode, trajectory if kind == "trajectory" else f"{script_of[episode.id]}\n{trajectory}", kind
+            )
+        )
     return merge_duplicates(out)
 
 
 def writer_content(episode: Episode) -> str:
     """What a model writer is asked about one episode."""
-    return WRITER_PROMPT.format(task=episode.task_description.strip(), actions="; ".join(s.action for s in episode.steps))
+    return WRITER_PROMPT.format(
+        task=episode.task_description.strip(), actions="; ".join(s.action for s in episode.steps)
+    )
 
 
 def writer_prompt(tokenizer, episode: Episode) -> str:
@@ -301,7 +344,9 @@ def model_memories(episodes: list[Episode], model, tokenizer, max_tokens: int = 
     write one memory per successful episode; greedy decoding."""
     from mlx_lm import generate
 
-    return written_by(episodes, lambda e: generate(model, tokenizer, writer_prompt(tokenizer, e), max_tokens=max_tokens))
+    return written_by(
+        episodes, lambda e: generate(model, tokenizer, writer_prompt(tokenizer, e), max_tokens=max_tokens)
+    )
 
 
 def first_per_task(episodes: list[Episode], n: int | None) -> list[Episode]:
@@ -317,7 +362,9 @@ def first_per_task(episodes: list[Episode], n: int | None) -> list[Episode]:
     return kept
 
 
-def write(episodes_path: str, writer: str, max_tokens: int = 160, per_task: int | None = None, kind: str = "script") -> Written:
+def write(
+    episodes_path: str, writer: str, max_tokens: int = 160, per_task: int | None = None, kind: str = "script"
+) -> Written:
     """`rules` or `model:PATH` over an episode log (the first `per_task` successes of each task
     type, when given), of a memory kind (KINDS; a trajectory needs no writer); unique ids."""
     episodes = first_per_task(read_episodes(episodes_path), per_task)
@@ -326,12 +373,14 @@ def write(episodes_path: str, writer: str, max_tokens: int = 160, per_task: int 
     elif writer == "rules":
         written = Written(rule_memories(episodes), len(successful(episodes)))
     elif writer.startswith("model:"):
-        from ..models import load
+        from duomem_mlx.runtime.models import load
 
         model, tokenizer = load(writer[len("model:") :])
         written = model_memories(episodes, model, tokenizer, max_tokens)
         if not written.memories:
-            raise DuomemError(f"{writer} wrote no usable memory: {written.summary()}; use a stronger (instruction-tuned) model or --writer rules")
+            raise DuomemError(
+                f"{writer} wrote no usable memory: {written.summary()}; use a stronger (instruction-tuned) model or --writer rules"
+            )
     else:
         raise DuomemError(f"unknown --writer {writer}; use rules or model:PATH")
     written.memories = merge_duplicates(of_kind(written.memories, episodes, kind))

@@ -9,13 +9,23 @@ Each teacher has a `policy` (plays episodes), `tokenizer` (or None), `vocab_size
 they share is in base.py.
 """
 
-from ..errors import DuomemError
-from .base import load_tokenizer, redact, shard_arrays, teacher_memories
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.teacher.base import load_tokenizer, redact, shard_arrays, teacher_memories
 
 
-def make_teacher(spec: str, top_k: int = 20, temperature: float = 0.0, tokenizer: str | None = None,
-                 decode: str = "constrained", max_context: int = 4096, seed: int = 0, max_tokens: int = 64,
-                 memory_bank: str | None = None, memory_k: int = 2, max_rps: float | None = None):
+def make_teacher(
+    spec: str,
+    top_k: int = 20,
+    temperature: float = 0.0,
+    tokenizer: str | None = None,
+    decode: str = "constrained",
+    max_context: int = 4096,
+    seed: int = 0,
+    max_tokens: int = 64,
+    memory_bank: str | None = None,
+    memory_k: int = 2,
+    max_rps: float | None = None,
+):
     if memory_bank and not spec.startswith("mlx:"):
         raise DuomemError("--memory (a bank the teacher reads) works with an mlx: teacher only")
     if max_rps and not spec.startswith("openai:"):
@@ -25,7 +35,7 @@ def make_teacher(spec: str, top_k: int = 20, temperature: float = 0.0, tokenizer
     if spec.startswith("mlx:"):
         return MLXTeacher(spec[4:], top_k, temperature, decode, max_context, seed, memory_bank, memory_k)
     if spec.startswith("openai:"):
-        from .openai_compat import OpenAITeacher, parse_spec
+        from duomem_mlx.teacher.openai_compat import OpenAITeacher, parse_spec
 
         return OpenAITeacher(*parse_spec(spec), top_k, temperature, tokenizer, max_tokens, max_rps)
     raise DuomemError(f"unknown --teacher {redact(spec)}; use mlx:<path-or-repo>, openai:<base-url>#<model> or oracle")
@@ -38,7 +48,7 @@ class OracleTeacher:
     backend, top_k = "oracle", 0
 
     def __init__(self, tokenizer_path: str | None):
-        from ..envs.policies import OraclePolicy
+        from duomem_mlx.envs.policies import OraclePolicy
 
         self.spec = "oracle"
         self.policy = OraclePolicy()
@@ -62,13 +72,22 @@ class MLXTeacher:
 
     backend = "mlx"
 
-    def __init__(self, path: str, top_k: int, temperature: float, decode: str, max_context: int, seed: int,
-                 memory_bank: str | None = None, memory_k: int = 2):
+    def __init__(
+        self,
+        path: str,
+        top_k: int,
+        temperature: float,
+        decode: str,
+        max_context: int,
+        seed: int,
+        memory_bank: str | None = None,
+        memory_k: int = 2,
+    ):
         import mlx.core as mx
 
-        from ..agent.loop import ModelPolicy, load_bank
-        from ..models import load
-        from .topk import TopKRecorder
+        from duomem_mlx.runtime.models import load
+        from duomem_mlx.runtime.policy import ModelPolicy, load_bank
+        from duomem_mlx.teacher.topk import TopKRecorder
 
         self.spec, self.top_k = f"mlx:{path}", top_k
         self.model, self.tokenizer = load(path)
@@ -76,8 +95,16 @@ class MLXTeacher:
         mx.random.seed(seed)
         self.recorder = TopKRecorder(self.model, top_k, set(self.tokenizer.eos_token_ids)) if top_k else self.model
         bank = load_bank(memory_bank, self.model, self.tokenizer) if memory_bank else None
-        self.policy = ModelPolicy(self.recorder, self.tokenizer, bank, memory_k, decode=decode, max_context=max_context,
-                                  temperature=temperature, embedder=self.model)
+        self.policy = ModelPolicy(
+            self.recorder,
+            self.tokenizer,
+            bank,
+            memory_k,
+            decode=decode,
+            max_context=max_context,
+            temperature=temperature,
+            embedder=self.model,
+        )
 
     def arrays(self, episode):
         arrays = shard_arrays(self.tokenizer, episode, self.policy.memory_texts)
@@ -86,6 +113,6 @@ class MLXTeacher:
         return arrays
 
     def memories(self, episodes, writer: str, kind: str = "script") -> list:
-        from ..memory.writer import model_memories
+        from duomem_mlx.memory.writer import model_memories
 
         return teacher_memories(lambda eps: model_memories(eps, self.model, self.tokenizer), episodes, writer, kind)

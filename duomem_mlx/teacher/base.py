@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..agent.prompt import tokenize_with_mask
-from ..agent.tools import episode_chat
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.prompt import tokenize_with_mask
+from duomem_mlx.runtime.tools import episode_chat
 
 
 def shard_arrays(tokenizer, episode, memories: list[str] = ()) -> dict[str, np.ndarray]:
@@ -24,13 +24,15 @@ def load_tokenizer(path: str):
     """An mlx-lm TokenizerWrapper from a local model dir, or a Hub repo (tokenizer files only)."""
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
-    from ..models import hub_snapshot, is_repo_id
+    from duomem_mlx.runtime.models import hub_snapshot, is_repo_id
 
     local = Path(path).expanduser()
     if not local.is_dir():
         if not is_repo_id(path):
-            raise DuomemError(f"the teacher tokenizer {path} is neither a local directory nor a Hub repo id; "
-                              "pass --teacher-tokenizer LOCAL_DIR")
+            raise DuomemError(
+                f"the teacher tokenizer {path} is neither a local directory nor a Hub repo id; "
+                "pass --teacher-tokenizer LOCAL_DIR"
+            )
         try:
             local = hub_snapshot(path, ["*.json", "*.jinja", "*.model", "*.txt"])
         except DuomemError as e:
@@ -43,7 +45,7 @@ def load_tokenizer(path: str):
 def teacher_memories(policy_memories, episodes, writer: str, kind: str = "script") -> list:
     """Rule memories, or the teacher's own (`policy_memories`: a memory.writer.Written), saying
     what it dropped; of a memory kind (a trajectory needs no writer)."""
-    from ..memory.writer import of_kind, rule_memories
+    from duomem_mlx.memory.writer import of_kind, rule_memories
 
     if kind == "trajectory":
         return of_kind([], episodes, kind)
@@ -62,4 +64,4 @@ def redact(spec: str) -> str:
     if "@" not in url:
         return spec
     start = re.match(r"(?:\w+:)?(?:[a-z][a-z0-9+.-]*://)?", spec, re.I).end()
-    return spec[:start] + "***" + spec[url.rfind("@"):]
+    return spec[:start] + "***" + spec[url.rfind("@") :]

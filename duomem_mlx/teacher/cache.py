@@ -25,14 +25,26 @@ import safetensors
 import safetensors.numpy
 from filelock import FileLock, Timeout
 
-from ..errors import DuomemError
-from ..io import read_json, read_jsonl, require, write_atomic
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import read_json, read_jsonl, require, write_atomic
 
 FORMAT = "duomem-teacher-cache"
 VERSION = 1
 # Settings a resumed run must share with the cache it continues.
 LOCK = ".lock"
-SETTINGS = ("teacher", "backend", "tokenizer_fingerprint", "top_k", "env", "tasks", "split", "keep", "temperature", "seed", "max_steps")
+SETTINGS = (
+    "teacher",
+    "backend",
+    "tokenizer_fingerprint",
+    "top_k",
+    "env",
+    "tasks",
+    "split",
+    "keep",
+    "temperature",
+    "seed",
+    "max_steps",
+)
 DTYPES = {"input_ids": "I32", "loss_mask": "U8", "topk_ids": "I32", "topk_logprobs": "F16"}
 NUMPY = {"I32": np.int32, "U8": np.uint8, "F16": np.float16}
 
@@ -79,7 +91,10 @@ def check_episode(record, _where=None) -> dict:
     require(isinstance(record, dict), "expected a JSON object")
     require(isinstance(record.get("id"), str) and isinstance(record.get("task"), str), "id and task must be strings")
     shard = record.get("shard")
-    require(shard is None or (isinstance(shard, str) and re.fullmatch(r"shards/\d{5}\.safetensors", shard)), f"bad shard {shard!r}")
+    require(
+        shard is None or (isinstance(shard, str) and re.fullmatch(r"shards/\d{5}\.safetensors", shard)),
+        f"bad shard {shard!r}",
+    )
     for key in ("tokens", "masked", "unaligned_rows"):
         require(isinstance(record.get(key, 0), int), f"{key} must be an integer")
     return record
@@ -108,7 +123,7 @@ def read_episodes(cache: str | Path, torn_ok: bool = False) -> list[dict]:
 
 def read_memories(cache: str | Path) -> list[dict]:
     """The teacher's memories, each checked as a memory bank reads it (memory.bank.parse_memory)."""
-    from ..memory.bank import parse_memory
+    from duomem_mlx.memory.bank import parse_memory
 
     path = Path(cache) / "memories.jsonl"
     if not path.exists():
@@ -131,7 +146,9 @@ class CacheWriter:
         try:
             self.lock.acquire()
         except Timeout:
-            raise DuomemError(f"another `duomem-mlx teach` is writing {out} right now; wait for it to finish or choose another --out")
+            raise DuomemError(
+                f"another `duomem-mlx teach` is writing {out} right now; wait for it to finish or choose another --out"
+            )
         try:
             self.open(settings, resume, force)
         except BaseException:
@@ -142,7 +159,9 @@ class CacheWriter:
         manifest_path = self.out / "manifest.json"
         if manifest_path.exists() and not (resume or force):
             state = "finished" if read_manifest(self.out).get("complete") else "unfinished"
-            raise DuomemError(f"{self.out} already holds a {state} teacher cache; pass --resume to continue it or --force to overwrite it")
+            raise DuomemError(
+                f"{self.out} already holds a {state} teacher cache; pass --resume to continue it or --force to overwrite it"
+            )
         if force and not resume:
             for name in ("manifest.json", "episodes.jsonl", "memories.jsonl"):
                 (self.out / name).unlink(missing_ok=True)
@@ -150,13 +169,20 @@ class CacheWriter:
                 shard.unlink()
         (self.out / "shards").mkdir(exist_ok=True)
         self.episodes, self.dropped, self.failed = [], [], {}
-        self.manifest = {"format": FORMAT, "version": VERSION, **settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            **settings,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         if resume and manifest_path.exists():
             old = read_manifest(self.out)
             changed = [k for k in SETTINGS if k in old and old[k] != settings.get(k)]
             if changed:
                 diff = ", ".join(f"{k}: {old[k]!r} -> {settings.get(k)!r}" for k in changed)
-                raise DuomemError(f"--resume with different settings than {self.out} was collected with ({diff}); use the same flags or --force")
+                raise DuomemError(
+                    f"--resume with different settings than {self.out} was collected with ({diff}); use the same flags or --force"
+                )
             self.manifest["created"] = old.get("created", self.manifest["created"])
             self.dropped = list(old.get("dropped", []))
             self.failed = dict(old.get("failed", {}))
@@ -255,7 +281,11 @@ def info(cache: str | Path) -> dict:
         tasks.setdefault(e["task"], [0, 0])
         tasks[e["task"]][0] += 1
         tasks[e["task"]][1] += bool(e.get("success"))
-    shard_bytes = sum((Path(cache) / e["shard"]).stat().st_size for e in episodes if e.get("shard") and (Path(cache) / e["shard"]).exists())
+    shard_bytes = sum(
+        (Path(cache) / e["shard"]).stat().st_size
+        for e in episodes
+        if e.get("shard") and (Path(cache) / e["shard"]).exists()
+    )
     masked = sum(e.get("masked", 0) for e in episodes)
     k = manifest.get("top_k", 0)
     return {
@@ -317,7 +347,11 @@ def check_shard(arrays: dict, episode: dict, k: int, vocab: int | None) -> list[
     missing = [name for name in expected if name not in arrays]
     if missing:
         return [f"missing {', '.join(missing)}"]
-    wrong = [f"{n} is {arrays[n].dtype}, expected {np.dtype(NUMPY[DTYPES[n]])}" for n in expected if arrays[n].dtype != NUMPY[DTYPES[n]]]
+    wrong = [
+        f"{n} is {arrays[n].dtype}, expected {np.dtype(NUMPY[DTYPES[n]])}"
+        for n in expected
+        if arrays[n].dtype != NUMPY[DTYPES[n]]
+    ]
     if wrong:
         return wrong
     ids, mask = arrays["input_ids"], arrays["loss_mask"]
@@ -326,7 +360,9 @@ def check_shard(arrays: dict, episode: dict, k: int, vocab: int | None) -> list[
     if ids.ndim != 1 or mask.shape != ids.shape:
         problems.append(f"input_ids {list(ids.shape)} and loss_mask {list(mask.shape)} must be equal 1-D shapes")
     if (t, n) != (episode.get("tokens"), episode.get("masked")):
-        problems.append(f"{t} tokens / {n} masked, episodes.jsonl says {episode.get('tokens')} / {episode.get('masked')}")
+        problems.append(
+            f"{t} tokens / {n} masked, episodes.jsonl says {episode.get('tokens')} / {episode.get('masked')}"
+        )
     if vocab and len(ids) and (ids.min() < 0 or ids.max() >= vocab):
         problems.append(f"input_ids outside the vocabulary [0, {vocab})")
     if k:

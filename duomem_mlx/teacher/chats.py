@@ -17,7 +17,7 @@ Each becomes an Episode as if the student's agent had played it: the first user 
 task, each assistant reply an action (a `tool_calls` entry a call, one action each; text
 content a text action, or nothing beside calls), and what answers it (its `tool` result, found
 by `tool_call_id`, and any user turns after) the next observation. The log's system prompt is
-not kept: training renders the agent's own (agent/tools.py), as the student will see at run
+not kept: training renders the agent's own (runtime/tools.py), as the student will see at run
 time. A reply that is text makes the episode take text replies (the prompt says so)."""
 
 import json
@@ -25,10 +25,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..envs.base import Episode, Step
-from ..envs.calls import Call, parse_call
-from ..errors import DuomemError
-from .openai_compat import Turn, entry_id, token_id, top_row
+from duomem_mlx.envs.base import Episode, Step
+from duomem_mlx.envs.calls import Call, parse_call
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.teacher.openai_compat import Turn, entry_id, token_id, top_row
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -97,8 +97,18 @@ def chat_episode(record, number: int) -> Episode:
     first, turns = read_turns(messages)
     steps = [Step(observation, action) for observation, (action, _) in zip([first, *(o for _, o in turns)], turns)]
     text_replies = bool(tools) and any(parse_call(s.action) is None for s in steps)
-    return Episode(f"chats/{task}/{number}/0", "chats", task, number, first, success, score, steps,
-                   tools=tools, text_replies=text_replies)
+    return Episode(
+        f"chats/{task}/{number}/0",
+        "chats",
+        task,
+        number,
+        first,
+        success,
+        score,
+        steps,
+        tools=tools,
+        text_replies=text_replies,
+    )
 
 
 def outcome(record: dict) -> tuple[bool, float]:
@@ -106,8 +116,9 @@ def outcome(record: dict) -> tuple[bool, float]:
     success, reward = record.get("success"), record.get("reward")
     if success is not None and not isinstance(success, bool):
         raise BadRecord('"success" must be true or false')
-    if reward is not None and (not isinstance(reward, (int, float)) or isinstance(reward, bool)
-                               or not math.isfinite(reward)):
+    if reward is not None and (
+        not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward)
+    ):
         raise BadRecord('"reward" must be a finite number')
     if success is None and reward is None:
         raise BadRecord('neither "success" nor "reward": say how the conversation went')
@@ -209,6 +220,7 @@ def server_turns(messages: list, vocab_size: int) -> list[Turn]:
 
 def names_ids(entry: dict) -> bool:
     """Whether a logprobs entry and its top_logprobs name token ids."""
+
     def has_id(e) -> bool:
         return isinstance(e, dict) and (type(e.get("id")) is int or token_id(e.get("token")) is not None)
 

@@ -5,44 +5,103 @@ import json
 import click
 from click.core import ParameterSource
 
-from ..config import config_option, csv_list, game_params_option
-from ..envs import ENV_HELP
-from ..errors import DuomemError
-from ..memory.retrieval import KINDS
+from duomem_mlx.config import config_option, csv_list, game_params_option
+from duomem_mlx.envs import ENV_HELP
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.retrieval import KINDS
 
 
 @click.command("teach")
-@click.option("--teacher", help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)")
+@click.option(
+    "--teacher",
+    help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)",
+)
 @click.option("--env", "env_name", help=ENV_HELP)
-@click.option("--from-chats", type=click.Path(exists=True, dir_okay=False),
-              help="Instead of playing: a JSONL of OpenAI-format conversations (messages with tool_calls and "
-                   "tool results, tools, success or reward), tokenized with --teacher-tokenizer (the student's).")
-@click.option("--skip-bad", is_flag=True,
-              help="--from-chats: skip malformed records (counted) instead of stopping at the first.")
+@click.option(
+    "--from-chats",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Instead of playing: a JSONL of OpenAI-format conversations (messages with tool_calls and "
+    "tool results, tools, success or reward), tokenized with --teacher-tokenizer (the student's).",
+)
+@click.option(
+    "--skip-bad", is_flag=True, help="--from-chats: skip malformed records (counted) instead of stopping at the first."
+)
 @click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="train", show_default=True)
-@click.option("--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise.")
-@click.option("--top-k", type=click.IntRange(0, 1024), default=20, show_default=True, help="Teacher distribution entries per action token (openai: <= 20 on vLLM, <= 10 on mlx_lm.server; 0: none).")
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="Sampling temperature of the teacher's actions (the cached top-k is always at temperature 1).")
+@click.option(
+    "--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise."
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(0, 1024),
+    default=20,
+    show_default=True,
+    help="Teacher distribution entries per action token (openai: <= 20 on vLLM, <= 10 on mlx_lm.server; 0: none).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Sampling temperature of the teacher's actions (the cached top-k is always at temperature 1).",
+)
 @click.option("--keep", type=click.Choice(["success", "all"]), default="success", show_default=True)
 @click.option("--memory-writer", type=click.Choice(["rules", "teacher"]), default="rules", show_default=True)
-@click.option("--memory-kind", type=click.Choice(KINDS), default="script", show_default=True,
-              help="Memories written from the kept episodes: script (a procedure), trajectory (the episode, compact) or both.")
-@click.option("--memory", "memory_bank", type=click.Path(), help="mlx: a memory bank the teacher reads while it plays (built with its own model).")
-@click.option("--memory-k", type=click.IntRange(0), default=2, show_default=True, help="Memories the teacher reads (with --memory).")
-@click.option("--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld).")
+@click.option(
+    "--memory-kind",
+    type=click.Choice(KINDS),
+    default="script",
+    show_default=True,
+    help="Memories written from the kept episodes: script (a procedure), trajectory (the episode, compact) or both.",
+)
+@click.option(
+    "--memory",
+    "memory_bank",
+    type=click.Path(),
+    help="mlx: a memory bank the teacher reads while it plays (built with its own model).",
+)
+@click.option(
+    "--memory-k",
+    type=click.IntRange(0),
+    default=2,
+    show_default=True,
+    help="Memories the teacher reads (with --memory).",
+)
+@click.option(
+    "--max-steps", type=click.IntRange(1), help="Per episode (default: 100 ScienceWorld, 50 TextWorld/ALFWorld)."
+)
 @game_params_option
-@click.option("--teacher-tokenizer", help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle and --from-chats, the student's, to store tokenized chats.")
-@click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True, help="mlx: teacher action decoding.")
+@click.option(
+    "--teacher-tokenizer",
+    help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle and --from-chats, the student's, to store tokenized chats.",
+)
+@click.option(
+    "--decode",
+    type=click.Choice(["free", "constrained"]),
+    default="constrained",
+    show_default=True,
+    help="mlx: teacher action decoding.",
+)
 @click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
 @click.option("--keep-admissible", is_flag=True, help="Store each step's admissible commands (large for ScienceWorld).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Cache directory.")
-@click.option("--resume", is_flag=True, help="Continue a killed or shorter run; cached episodes are kept and not replayed.")
+@click.option(
+    "--resume", is_flag=True, help="Continue a killed or shorter run; cached episodes are kept and not replayed."
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing cache.")
-@click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
-              help="Episodes in flight at once, each with its own environment (openai: and oracle teachers); the cache is the same at any N.")
-@click.option("--max-rps", type=click.FloatRange(0, min_open=True), help="openai: at most this many requests a second (a shared endpoint's limit).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Episodes in flight at once, each with its own environment (openai: and oracle teachers); the cache is the same at any N.",
+)
+@click.option(
+    "--max-rps",
+    type=click.FloatRange(0, min_open=True),
+    help="openai: at most this many requests a second (a shared endpoint's limit).",
+)
 @config_option
 def teach(**kwargs):
     """Play episodes with a teacher (or read a big model's logged conversations, --from-chats:
@@ -58,7 +117,7 @@ def teach(**kwargs):
           --teacher-tokenizer Qwen/Qwen2.5-72B-Instruct --env textworld --episodes 50 --concurrency 32 --out runs/cache
       duomem-mlx teach --from-chats logs/agent.jsonl --teacher-tokenizer runs/student --out runs/cache
     """
-    from .collect import collect, collect_chats
+    from duomem_mlx.teacher.collect import collect, collect_chats
 
     from_chats, skip_bad = kwargs.pop("from_chats"), kwargs.pop("skip_bad")
     if from_chats:
@@ -66,8 +125,9 @@ def teach(**kwargs):
     else:
         for option, name in (("teacher", "--teacher"), ("env_name", "--env")):
             if not kwargs[option]:
-                raise DuomemError(f"missing {name}: teach plays with --teacher on --env, "
-                                  "or reads --from-chats FILE.jsonl")
+                raise DuomemError(
+                    f"missing {name}: teach plays with --teacher on --env, or reads --from-chats FILE.jsonl"
+                )
         summary = collect(**kwargs)
     print_info(summary)
 
@@ -78,11 +138,16 @@ CHAT_OPTIONS = ("out", "teacher_tokenizer", "keep", "memory_writer", "memory_kin
 def chat_options(kwargs: dict) -> dict:
     """The options --from-chats takes; one that only playing uses is refused, not ignored."""
     source = click.get_current_context().get_parameter_source
-    given = [k for k in kwargs
-             if k not in CHAT_OPTIONS and source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+    given = [
+        k
+        for k in kwargs
+        if k not in CHAT_OPTIONS and source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    ]
     if given:
-        names = ", ".join("--" + ("env" if k == "env_name" else "memory" if k == "memory_bank" else k.replace("_", "-"))
-                          for k in given)
+        names = ", ".join(
+            "--" + ("env" if k == "env_name" else "memory" if k == "memory_bank" else k.replace("_", "-"))
+            for k in given
+        )
         raise DuomemError(f"--from-chats reads its episodes instead of playing them; drop {names}")
     return {k: kwargs[k] for k in CHAT_OPTIONS}
 
@@ -103,7 +168,7 @@ def cache_info(cache, as_json):
     Example:
       duomem-mlx cache info runs/cache
     """
-    from .cache import info
+    from duomem_mlx.teacher.cache import info
 
     summary = info(cache)
     click.echo(json.dumps(summary, indent=1)) if as_json else print_info(summary)
@@ -119,14 +184,16 @@ def cache_verify(cache):
     Example:
       duomem-mlx cache verify runs/cache
     """
-    from .cache import verify
+    from duomem_mlx.teacher.cache import verify
 
     checked, problems = verify(cache)
     for problem in problems[1:]:
         click.echo(problem, err=True)
     if problems:
         more = f" (+{len(problems) - 1} more above)" if len(problems) > 1 else ""
-        raise DuomemError(f"{problems[0]}{more}; recollect with `duomem-mlx teach ... --resume` after deleting the bad shard's line, or --force")
+        raise DuomemError(
+            f"{problems[0]}{more}; recollect with `duomem-mlx teach ... --resume` after deleting the bad shard's line, or --force"
+        )
     click.echo(f"ok: {checked} shards")
 
 
@@ -137,8 +204,12 @@ def print_info(s: dict) -> None:
         f"episodes    {s['episodes']} kept of {s['played']} played, success {s['success_rate']:.0%}",
     ]
     if s["failed"]:
-        lines.append(f"failed      {s['failed']} episodes the teacher server failed (not cached; --resume plays them again)")
-    lines += [f"  {task:<20} {t['episodes']:>5} episodes  success {t['success_rate']:.0%}" for task, t in s["tasks"].items()]
+        lines.append(
+            f"failed      {s['failed']} episodes the teacher server failed (not cached; --resume plays them again)"
+        )
+    lines += [
+        f"  {task:<20} {t['episodes']:>5} episodes  success {t['success_rate']:.0%}" for task, t in s["tasks"].items()
+    ]
     lines.append(f"tokens      {s['tokens']} ({s['masked_tokens']} masked)  top-k {s['top_k']}")
     if s["bytes_per_masked_token"]:
         lines.append(f"size        {s['shard_bytes']} shard bytes, {s['bytes_per_masked_token']:.1f} per masked token")

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..envs.base import Episode, episode_id, play_episode
-from ..errors import DuomemError
-from ..io import check_destination
-from ..memory.bank import merge_duplicates
-from ..progress import Progress
-from .backends import make_teacher
-from .cache import CacheWriter, info
-from .inflight import in_order
-from .openai_compat import GaveUp
+from duomem_mlx.envs.base import Episode, episode_id, play_episode
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import check_destination
+from duomem_mlx.memory.bank import merge_duplicates
+from duomem_mlx.progress import Progress
+from duomem_mlx.teacher.backends import make_teacher
+from duomem_mlx.teacher.cache import CacheWriter, info
+from duomem_mlx.teacher.inflight import in_order
+from duomem_mlx.teacher.openai_compat import GaveUp
 
 
 def collect(
@@ -56,21 +56,46 @@ def collect(
     if teacher == "oracle":
         top_k = 0
     check_destination(out)
-    model = make_teacher(teacher, top_k, temperature, teacher_tokenizer, decode, max_context, seed,
-                         memory_bank=memory_bank, memory_k=memory_k, max_rps=max_rps)
+    model = make_teacher(
+        teacher,
+        top_k,
+        temperature,
+        teacher_tokenizer,
+        decode,
+        max_context,
+        seed,
+        memory_bank=memory_bank,
+        memory_k=memory_k,
+        max_rps=max_rps,
+    )
     if model.tokenizer is not None and not getattr(model.tokenizer, "chat_template", None):
-        raise DuomemError(f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja")
-    from ..envs import make_env
+        raise DuomemError(
+            f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja"
+        )
+    from duomem_mlx.envs import make_env
 
     env = make_env(env_name, game_params)
     max_steps = max_steps or env.default_max_steps
     try:
         specs = env.task_specs(tasks, split, episodes, seed)
         settings = {
-            "teacher": model.spec, "backend": model.backend, "top_k": top_k, "env": env_name, "tasks": tasks,
-            "split": split, "game_params": game_params, "keep": keep, "temperature": temperature, "seed": seed, "max_steps": max_steps,
-            "episodes_per_task": episodes, "memory_writer": memory_writer, "memory_kind": memory_kind,
-            "memory_bank": memory_bank and str(Path(memory_bank).resolve()), "memory_k": memory_k if memory_bank else 0, "vocab_size": model.vocab_size,
+            "teacher": model.spec,
+            "backend": model.backend,
+            "top_k": top_k,
+            "env": env_name,
+            "tasks": tasks,
+            "split": split,
+            "game_params": game_params,
+            "keep": keep,
+            "temperature": temperature,
+            "seed": seed,
+            "max_steps": max_steps,
+            "episodes_per_task": episodes,
+            "memory_writer": memory_writer,
+            "memory_kind": memory_kind,
+            "memory_bank": memory_bank and str(Path(memory_bank).resolve()),
+            "memory_k": memory_k if memory_bank else 0,
+            "vocab_size": model.vocab_size,
             "tokenizer_fingerprint": fingerprint(model.tokenizer),
             "task_list": sorted({s.task for s in specs}),
         }
@@ -136,16 +161,21 @@ def play(workers: Workers, specs, writer: CacheWriter, keep_admissible: bool, co
                     writer.drop(episode.id)
             streak = streak + 1 if failure else 0
             if streak >= max(8, 2 * concurrency):
-                raise DuomemError(f"the teacher server failed {streak} episodes in a row (last: {failure}); "
-                                  f"the {len(writer.episodes)} episodes cached are intact: "
-                                  "fix the server and rerun with --resume")
+                raise DuomemError(
+                    f"the teacher server failed {streak} episodes in a row (last: {failure}); "
+                    f"the {len(writer.episodes)} episodes cached are intact: "
+                    "fix the server and rerun with --resume"
+                )
             bar.update(1)
             bar.set_postfix(**progress(writer, client))
     bar.close()
     if writer.failed:
         first = next(iter(writer.failed.values()))
-        tqdm.write(f"warning: the teacher server failed {len(writer.failed)} episodes (e.g. {first}); "
-                   "they are not cached: rerun with --resume to play them again", file=sys.stderr)
+        tqdm.write(
+            f"warning: the teacher server failed {len(writer.failed)} episodes (e.g. {first}); "
+            "they are not cached: rerun with --resume to play them again",
+            file=sys.stderr,
+        )
 
 
 def worth_keeping(episode: Episode, keep: str) -> bool:
@@ -156,8 +186,9 @@ def progress(writer: CacheWriter, client) -> dict:
     counts = writer.manifest["counts"]
     shown = {"success": f"{counts['success']}/{counts['played']}", "kept": counts["kept"]}
     if client is not None:
-        shown.update(in_flight=client.in_flight, retries=client.retried, abandoned=client.abandoned,
-                     failed=len(writer.failed))
+        shown.update(
+            in_flight=client.in_flight, retries=client.retried, abandoned=client.abandoned, failed=len(writer.failed)
+        )
     return shown
 
 
@@ -165,8 +196,11 @@ def say_cycles(specs, split: str) -> None:
     """Say so when a split has fewer variations than episodes asked for (they repeat)."""
     repeated = sorted({s.task for s in specs if s.repeat})
     if repeated:
-        tqdm.write(f"note: {', '.join(repeated)}: fewer {split} variations than episodes; variations repeat, "
-                   "each repeat with its own episode id (ending /1, /2, ...)", file=sys.stderr)
+        tqdm.write(
+            f"note: {', '.join(repeated)}: fewer {split} variations than episodes; variations repeat, "
+            "each repeat with its own episode id (ending /1, /2, ...)",
+            file=sys.stderr,
+        )
 
 
 def record(episode: Episode, keep_admissible: bool) -> dict:
@@ -195,10 +229,9 @@ def disk_errors(out: str, writer: CacheWriter):
 
 
 def fingerprint(tokenizer) -> str | None:
-    from ..models import tokenizer_fingerprint
+    from duomem_mlx.runtime.models import tokenizer_fingerprint
 
     return tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
-
 
 
 def collect_chats(
@@ -213,8 +246,8 @@ def collect_chats(
 ) -> dict:
     """A teacher cache from logged conversations (teacher/chats.py): every record is read and
     tokenized before the cache is opened, so a bad one leaves nothing written."""
-    from .base import load_tokenizer, teacher_memories
-    from .chats import read_chats
+    from duomem_mlx.teacher.base import load_tokenizer, teacher_memories
+    from duomem_mlx.teacher.chats import read_chats
 
     if memory_writer != "rules" and memory_kind != "trajectory":
         raise DuomemError("--from-chats has no model to write memories with; use --memory-writer rules")
@@ -228,9 +261,16 @@ def collect_chats(
     arrays = [chat_arrays(tokenizer, e, chats) if tokenizer else None for e in kept]
     memories = teacher_memories(None, kept, memory_writer, memory_kind) if any(e.success for e in kept) else []
     settings = {
-        "teacher": f"chats:{Path(from_chats).resolve()}", "backend": "chats", "top_k": chats.top_k, "env": "chats",
-        "keep": keep, "memory_writer": memory_writer, "memory_kind": memory_kind, "skip_bad": skip_bad,
-        "vocab_size": vocab_size, "tokenizer_fingerprint": fingerprint(tokenizer),
+        "teacher": f"chats:{Path(from_chats).resolve()}",
+        "backend": "chats",
+        "top_k": chats.top_k,
+        "env": "chats",
+        "keep": keep,
+        "memory_writer": memory_writer,
+        "memory_kind": memory_kind,
+        "skip_bad": skip_bad,
+        "vocab_size": vocab_size,
+        "tokenizer_fingerprint": fingerprint(tokenizer),
         "task_list": sorted({e.task for e in kept}),
         "chats": {"read": chats.read, "bad": chats.bad},
     }
@@ -249,8 +289,8 @@ def collect_chats(
 def chat_arrays(tokenizer, episode: Episode, chats) -> dict:
     """The shard of a logged episode: its chat tokenized as the agent sees it, and the server's
     top-k rows where the log has them (every row unaligned in an episode without)."""
-    from .base import shard_arrays
-    from .openai_compat import Turn, align_turns
+    from duomem_mlx.teacher.base import shard_arrays
+    from duomem_mlx.teacher.openai_compat import Turn, align_turns
 
     arrays = shard_arrays(tokenizer, episode)
     if chats.top_k:

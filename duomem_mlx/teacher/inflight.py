@@ -6,8 +6,9 @@ import threading
 from typing import Any, Callable, Iterator
 
 
-def in_order(jobs: list, n: int, start: Callable[[int], Any], run: Callable[[Any, Any], Any],
-             close: Callable[[Any], None]) -> Iterator:
+def in_order(
+    jobs: list, n: int, start: Callable[[int], Any], run: Callable[[Any, Any], Any], close: Callable[[Any], None]
+) -> Iterator:
     """Yield run(state, job) for each job, in the jobs' order, as soon as every earlier one is out.
     Worker i makes its state with start(i) in its own thread on its first job (an environment
     started lazily) and closes it when the jobs run out or the caller stops reading. An exception
@@ -45,7 +46,9 @@ def in_order(jobs: list, n: int, start: Callable[[int], Any], run: Callable[[Any
             if state is not None:
                 close(state)
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"teach-{i}") for i in range(min(n, len(jobs)))]
+    threads = [
+        threading.Thread(target=worker, args=(i,), daemon=True, name=f"teach-{i}") for i in range(min(n, len(jobs)))
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -65,7 +68,9 @@ def in_order(jobs: list, n: int, start: Callable[[int], Any], run: Callable[[Any
             thread.join()
 
 
-def in_turn(jobs: list, start: Callable[[int], Any], run: Callable[[Any, Any], Any], close: Callable[[Any], None]) -> Iterator:
+def in_turn(
+    jobs: list, start: Callable[[int], Any], run: Callable[[Any, Any], Any], close: Callable[[Any], None]
+) -> Iterator:
     state = None
     try:
         for job in jobs:

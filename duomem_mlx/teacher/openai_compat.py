@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..agent.prompt import prefix_messages
-from ..errors import DuomemError
-from .base import load_tokenizer, redact, shard_arrays, teacher_memories
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.prompt import prefix_messages
+from duomem_mlx.teacher.base import load_tokenizer, redact, shard_arrays, teacher_memories
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -31,7 +31,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
             "and pass the URL without user:password@"
         )
     if not url.startswith(("http://", "https://")) or not model:
-        raise DuomemError(f"--teacher {redact(spec)}: expected openai:<base-url>#<model>, e.g. openai:http://127.0.0.1:8080/v1#mlx-community/Qwen3-4B-4bit")
+        raise DuomemError(
+            f"--teacher {redact(spec)}: expected openai:<base-url>#<model>, e.g. openai:http://127.0.0.1:8080/v1#mlx-community/Qwen3-4B-4bit"
+        )
     return url, model
 
 
@@ -74,21 +76,27 @@ class OpenAIClient:
                 timeouts += 1
                 with self.lock:
                     self.abandoned += 1
-                failure = Unreachable(f"the teacher server at {self.base} gave no complete answer within "
-                                      f"{self.timeout:g} s ({attempt + 1} tries); is it overloaded?")
+                failure = Unreachable(
+                    f"the teacher server at {self.base} gave no complete answer within "
+                    f"{self.timeout:g} s ({attempt + 1} tries); is it overloaded?"
+                )
                 if timeouts > TIMEOUT_RETRIES:
                     raise failure
             except (OSError, http.client.HTTPException) as e:
                 reason = f"{e.__class__.__name__}: {e}".rstrip(": ")
-                failure = Unreachable(f"cannot reach the teacher server at {self.base} ({reason}) after {attempt + 1} tries; start it or fix the URL")
+                failure = Unreachable(
+                    f"cannot reach the teacher server at {self.base} ({reason}) after {attempt + 1} tries; start it or fix the URL"
+                )
             else:
                 if 200 <= status < 300:
                     return parse_reply(url, self.base, raw)
                 message = f"teacher server {url} answered HTTP {status}: {error_detail(raw.decode(errors='replace'))}"
                 if 300 <= status < 400:
                     target = redact(str(reply_headers.get("Location")))
-                    raise DuomemError(f"teacher server {url} redirects (HTTP {status}) to {target}; requests with the "
-                                      "API key are never redirected: pass the final URL in --teacher")
+                    raise DuomemError(
+                        f"teacher server {url} redirects (HTTP {status}) to {target}; requests with the "
+                        "API key are never redirected: pass the final URL in --teacher"
+                    )
                 if status not in RETRY:
                     raise HTTPStatusError(status, message)
                 failure, wait = GaveUp(f"{message} ({attempt + 1} tries)"), retry_after(reply_headers)
@@ -148,10 +156,14 @@ class OpenAIClient:
         choice = choices[0] if isinstance(choices, list) and choices else None
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
             shown = " ".join(json.dumps(reply)[:160].split())
-            raise DuomemError(f"teacher server {self.base} answered without usable choices ({shown}); is it an OpenAI-compatible chat completions API?")
+            raise DuomemError(
+                f"teacher server {self.base} answered without usable choices ({shown}); is it an OpenAI-compatible chat completions API?"
+            )
         content = choice["message"].get("content")
         if content is not None and not isinstance(content, str):
-            raise DuomemError(f"teacher server {self.base} answered a non-text message content; is it an OpenAI-compatible chat completions API?")
+            raise DuomemError(
+                f"teacher server {self.base} answered a non-text message content; is it an OpenAI-compatible chat completions API?"
+            )
         return {**choice, "usage": reply.get("usage") if isinstance(reply.get("usage"), dict) else {}}
 
 
@@ -163,8 +175,9 @@ def read_body(response, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             if response.status < 300:
-                raise BadReply(f"the teacher server answered more than {limit // 2**20} MB; "
-                               "is it an OpenAI-compatible API?")
+                raise BadReply(
+                    f"the teacher server answered more than {limit // 2**20} MB; is it an OpenAI-compatible API?"
+                )
             break
     return b"".join(chunks)[:limit]
 
@@ -179,8 +192,10 @@ def parse_reply(url: str, base: str, raw: bytes) -> dict:
         why = "JSON nested too deep" if isinstance(e, RecursionError) else " ".join(str(e).split())[:120]
         raise BadReply(f"teacher server {url} did not answer valid JSON ({why}); is {base} an OpenAI-compatible API?")
     if not isinstance(reply, dict):  # another API, not a bad answer: the run ends here
-        raise DuomemError(f"teacher server {url} answered {type(reply).__name__}, not a JSON object; "
-                          f"is {base} an OpenAI-compatible API?")
+        raise DuomemError(
+            f"teacher server {url} answered {type(reply).__name__}, not a JSON object; "
+            f"is {base} an OpenAI-compatible API?"
+        )
     return reply
 
 
@@ -277,8 +292,9 @@ class Turn:
 
 
 class OpenAIPolicy:
-    def __init__(self, client: OpenAIClient, model: str, top_k: int, temperature: float, max_tokens: int,
-                 vocab_size: int):
+    def __init__(
+        self, client: OpenAIClient, model: str, top_k: int, temperature: float, max_tokens: int, vocab_size: int
+    ):
         self.client, self.model, self.top_k, self.vocab_size = client, model, top_k, vocab_size
         self.temperature, self.max_tokens = temperature, max_tokens
         self.turns: list[Turn] = []
@@ -291,15 +307,22 @@ class OpenAIPolicy:
         if self.turns:
             self.messages.append({"role": "user", "content": state.observation.strip()})
         # thinking off, as the shards are tokenized (Qwen3's template; vLLM and mlx_lm.server pass it on)
-        body = {"model": self.model, "messages": self.messages, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "chat_template_kwargs": {"enable_thinking": False}}
+        body = {
+            "model": self.model,
+            "messages": self.messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "chat_template_kwargs": {"enable_thinking": False},
+        }
         if self.top_k:
             body.update(logprobs=True, top_logprobs=self.top_k, return_tokens_as_token_ids=True)
         try:
             choice = self.client.chat(body)
         except HTTPStatusError as e:
             if self.top_k and e.code in (400, 422) and "logprob" in str(e).lower():
-                raise DuomemError(f"{e}; lower --top-k (mlx_lm.server allows <= 10, vLLM <= 20) or pass --top-k 0 for trajectories only")
+                raise DuomemError(
+                    f"{e}; lower --top-k (mlx_lm.server allows <= 10, vLLM <= 20) or pass --top-k 0 for trajectories only"
+                )
             if e.code == 404:
                 raise DuomemError(f"{e}; check the model name after '#' in --teacher ({self.model})")
             raise
@@ -309,7 +332,9 @@ class OpenAIPolicy:
             logprobs = choice.get("logprobs")
             entries = logprobs.get("content") if isinstance(logprobs, dict) else None
             if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) or not entries:
-                raise DuomemError(f"the teacher server at {self.client.base} returned no logprobs; use one that supports top_logprobs (vLLM, mlx_lm.server) or --top-k 0")
+                raise DuomemError(
+                    f"the teacher server at {self.client.base} returned no logprobs; use one that supports top_logprobs (vLLM, mlx_lm.server) or --top-k 0"
+                )
             turn.rows = [top_row(e.get("top_logprobs", []), self.vocab_size) for e in entries]
             sampled = [token_id(e.get("token")) for e in entries]
             if all(t is not None for t in sampled):
@@ -329,11 +354,14 @@ def top_row(entries, vocab_size: int) -> list[tuple[int, float]]:
     for t in entries:
         token, logprob = entry_id(t), t.get("logprob")
         if not 0 <= token < vocab_size:
-            raise BadReply(f"the teacher server returned top_logprobs id {token}, outside the vocabulary "
-                           f"[0, {vocab_size}); is --teacher-tokenizer the served model's tokenizer?")
+            raise BadReply(
+                f"the teacher server returned top_logprobs id {token}, outside the vocabulary "
+                f"[0, {vocab_size}); is --teacher-tokenizer the served model's tokenizer?"
+            )
         if not isinstance(logprob, (int, float)) or isinstance(logprob, bool) or not -math.inf < logprob <= 1e-3:
-            raise BadReply(f"the teacher server returned a logprob of {str(logprob)[:20]}; "
-                           "a logprob is a finite number <= 0")
+            raise BadReply(
+                f"the teacher server returned a logprob of {str(logprob)[:20]}; a logprob is a finite number <= 0"
+            )
         row.append((token, min(float(logprob), 0.0)))  # a rounding error's +1e-6 is 0
     return sorted(row, key=lambda p: -p[1])
 
@@ -353,20 +381,32 @@ def entry_id(entry: dict) -> int:
         return token
     if isinstance(entry.get("token"), str) and entry["token"].startswith("token_id:"):
         raise BadReply(f"the teacher server returned a malformed token id {entry['token'][:30]!r}")
-    raise DuomemError("the teacher server returns top_logprobs without token ids; start vLLM with --return-tokens-as-token-ids or use mlx_lm.server")
+    raise DuomemError(
+        "the teacher server returns top_logprobs without token ids; start vLLM with --return-tokens-as-token-ids or use mlx_lm.server"
+    )
 
 
 class OpenAITeacher:
     backend = "openai"
 
-    def __init__(self, url: str, model: str, top_k: int, temperature: float, tokenizer: str | None, max_tokens: int,
-                 max_rps: float | None = None):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        top_k: int,
+        temperature: float,
+        tokenizer: str | None,
+        max_tokens: int,
+        max_rps: float | None = None,
+    ):
         self.spec, self.top_k = f"openai:{url}#{model}", top_k
         self.client = OpenAIClient(url, max_rps=max_rps)
         self.model = model
         self.check_model()
         if tokenizer is None and not Path(model).expanduser().is_dir():
-            raise DuomemError(f"the served model {model} is not a local directory; pass --teacher-tokenizer with its tokenizer (a local dir or Hub repo)")
+            raise DuomemError(
+                f"the served model {model} is not a local directory; pass --teacher-tokenizer with its tokenizer (a local dir or Hub repo)"
+            )
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.vocab_size = len(self.tokenizer.get_vocab())
         self.policy = OpenAIPolicy(self.client, model, top_k, temperature, max_tokens, self.vocab_size)
@@ -381,30 +421,41 @@ class OpenAITeacher:
         data = listing.get("data")
         served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if served and self.model not in served:
-            raise DuomemError(f"the teacher server at {self.client.base} does not serve {self.model!r}; it serves: {', '.join(map(str, served[:8]))}")
+            raise DuomemError(
+                f"the teacher server at {self.client.base} does not serve {self.model!r}; it serves: {', '.join(map(str, served[:8]))}"
+            )
 
     def arrays(self, episode):
         arrays = shard_arrays(self.tokenizer, episode)
         if self.top_k:
             eos = set(getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id])
             turns, greedy = self.policy.turns, self.policy.temperature == 0
-            arrays.update(align_turns(self.tokenizer, arrays["input_ids"], arrays["loss_mask"], turns, self.top_k, eos, greedy))
+            arrays.update(
+                align_turns(self.tokenizer, arrays["input_ids"], arrays["loss_mask"], turns, self.top_k, eos, greedy)
+            )
         return arrays
 
     def memories(self, episodes, writer: str, kind: str = "script") -> list:
         return teacher_memories(self.write_memories, episodes, writer, kind)
 
     def write_memories(self, episodes):
-        from ..memory.writer import writer_content, written_by
+        from duomem_mlx.memory.writer import writer_content, written_by
 
         def reply(episode) -> str:
-            body = {"model": self.model, "messages": [{"role": "user", "content": writer_content(episode)}], "max_tokens": 160, "temperature": 0.0}
+            body = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": writer_content(episode)}],
+                "max_tokens": 160,
+                "temperature": 0.0,
+            }
             return self.client.chat(body)["message"].get("content") or ""
 
         return written_by(episodes, reply)
 
 
-def align_turns(tokenizer, input_ids, loss_mask, turns: list[Turn], k: int, eos: set[int], greedy: bool) -> dict[str, np.ndarray]:
+def align_turns(
+    tokenizer, input_ids, loss_mask, turns: list[Turn], k: int, eos: set[int], greedy: bool
+) -> dict[str, np.ndarray]:
     """Top-k rows for the masked tokens from the server's per-token top_logprobs.
 
     Row j of an action is exact when the server had generated the same j tokens before it

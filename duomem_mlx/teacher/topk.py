@@ -4,7 +4,7 @@ position before the i-th masked token, its k most likely ids. From one forward p
 
 import numpy as np
 
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 
 def topk_logprobs(logits, k: int):
@@ -16,7 +16,9 @@ def topk_logprobs(logits, k: int):
     top = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
     values = mx.take_along_axis(logprobs, top, axis=-1)
     order = mx.argsort(-values, axis=-1)
-    return mx.take_along_axis(top, order, axis=-1).astype(mx.int32), mx.take_along_axis(values, order, axis=-1).astype(mx.float16)
+    return mx.take_along_axis(top, order, axis=-1).astype(mx.int32), mx.take_along_axis(values, order, axis=-1).astype(
+        mx.float16
+    )
 
 
 def feed_topk(model, tokens, cache, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +40,9 @@ def forward_topk(model, input_ids, loss_mask, k: int, chunk: int = 512) -> dict[
     from mlx_lm.models.cache import make_prompt_cache
 
     positions = masked_positions(loss_mask)
-    ids, lps = feed_topk(model, input_ids[: positions[-1] + 1 if len(positions) else 0], make_prompt_cache(model), k, chunk)
+    ids, lps = feed_topk(
+        model, input_ids[: positions[-1] + 1 if len(positions) else 0], make_prompt_cache(model), k, chunk
+    )
     return {"topk_ids": ids[positions], "topk_logprobs": lps[positions]}
 
 
@@ -72,7 +76,7 @@ class TopKRecorder:
     def __call__(self, inputs, cache=None, **kwargs):
         import mlx.core as mx
 
-        from ..agent.session import cache_offset
+        from duomem_mlx.runtime.session import cache_offset
 
         start = (cache_offset(cache) or 0) if cache else 0
         self.forget(start)
@@ -136,7 +140,9 @@ class TopKRecorder:
         positions = masked_positions(loss_mask)
         need = int(positions[-1]) + 1 if len(positions) else 0
         tokens, rows = self.recorded()
-        same = next((j for j, (a, b) in enumerate(zip(tokens[:need], input_ids[:need])) if a != b), min(len(tokens), need))
+        same = next(
+            (j for j, (a, b) in enumerate(zip(tokens[:need], input_ids[:need])) if a != b), min(len(tokens), need)
+        )
         missing = [int(p) for p in positions if p >= same or p not in rows]
         self.refed = 0
         for a, b in runs(missing, same, need):

@@ -15,7 +15,7 @@ import functools
 import json
 from collections import deque
 
-from .prompt import encode
+from duomem_mlx.runtime.prompt import encode
 
 
 class Grammar:
@@ -165,8 +165,13 @@ class Spelling:
         return self.any(g, then, depth)
 
     def any(self, g: Grammar, then: int, depth: int) -> int:
-        scalars = [self.string(g, then), self.number(g, then), g.lit(self.true, then), g.lit(self.false, then),
-                   g.lit(self.null, then)]
+        scalars = [
+            self.string(g, then),
+            self.number(g, then),
+            g.lit(self.true, then),
+            g.lit(self.false, then),
+            g.lit(self.null, then),
+        ]
         if depth > 0:
             scalars += [self.sequence(g, {}, then, depth - 1), self.mapping(g, then, depth - 1)]
         return g.alt(*scalars)
@@ -203,8 +208,9 @@ class Spelling:
         return rest(0, True)
 
 
-def call_grammar(tools: list[dict], spelling: Spelling, wrap: tuple[str, str, str] = ("", "", ""),
-                 text_replies: bool = False) -> tuple[Grammar, frozenset]:
+def call_grammar(
+    tools: list[dict], spelling: Spelling, wrap: tuple[str, str, str] = ("", "", ""), text_replies: bool = False
+) -> tuple[Grammar, frozenset]:
     """(grammar, start state) of one call of the tools; `wrap` is the family's (before the
     name, between name and arguments, after the arguments) for JSON calls. With
     `text_replies`, a line of text that is no call is also accepted."""
@@ -212,11 +218,18 @@ def call_grammar(tools: list[dict], spelling: Spelling, wrap: tuple[str, str, st
     if spelling.kind == "json":
         before, between, after = wrap
         end = g.lit(after, g.accept)
-        starts = [g.lit(before + tool["name"] + between + "{",
-                        spelling.arguments(g, tool.get("parameters", {}), g.lit("}", end))) for tool in tools]
+        starts = [
+            g.lit(
+                before + tool["name"] + between + "{",
+                spelling.arguments(g, tool.get("parameters", {}), g.lit("}", end)),
+            )
+            for tool in tools
+        ]
     else:
-        starts = [g.lit(tool["name"] + "(", spelling.arguments(g, tool.get("parameters", {}), g.lit(")", g.accept)))
-                  for tool in tools]
+        starts = [
+            g.lit(tool["name"] + "(", spelling.arguments(g, tool.get("parameters", {}), g.lit(")", g.accept)))
+            for tool in tools
+        ]
     if text_replies:
         starts.append(text_reply(g))
     return g, g.closure([g.alt(*starts)])
@@ -227,8 +240,11 @@ def text_reply(g: Grammar) -> int:
     followed by `(` nor `{`, `[`, `<`, a fence or a space (a word then `.`, `,`, `!`, or a space and no `(`).
     A newline ends it, as it ends a free-decoded action."""
     rest = g.star(str.isprintable, "a", g.alt(g.accept, g.lit("\n", g.accept)))
-    after_word = g.alt(g.accept, g.char(lambda c: not word_char(c) and c != "(" and printable(c), ".", rest),
-                       g.lit(" ", g.char(lambda c: c != "(" and printable(c), "a", rest)))
+    after_word = g.alt(
+        g.accept,
+        g.char(lambda c: not word_char(c) and c != "(" and printable(c), ".", rest),
+        g.lit(" ", g.char(lambda c: c != "(" and printable(c), "a", rest)),
+    )
     word = g.plus(word_char, "a", after_word)
     other = g.char(lambda c: not word_char(c) and c not in "{`([<" and printable(c), ".", rest)
     return g.alt(word, other)
@@ -242,11 +258,14 @@ def token_texts(tokenizer) -> tuple:
     size = max(tokenizer.get_vocab().values()) + 1
     anchor = encode(tokenizer, "a")[-1]
     base = hf.decode([anchor])
-    special = set(getattr(hf, "all_special_ids", [])) | {i for i, t in getattr(hf, "added_tokens_decoder", {}).items()
-                                                           if t.special}
+    special = set(getattr(hf, "all_special_ids", [])) | {
+        i for i, t in getattr(hf, "added_tokens_decoder", {}).items() if t.special
+    }
     texts = hf.batch_decode([[anchor, i] for i in range(size)])
-    return tuple(None if i in special or "\ufffd" in t or not t.startswith(base) or t == base else t[len(base):]
-                 for i, t in enumerate(texts))
+    return tuple(
+        None if i in special or "\ufffd" in t or not t.startswith(base) or t == base else t[len(base) :]
+        for i, t in enumerate(texts)
+    )
 
 
 @functools.lru_cache(maxsize=2)

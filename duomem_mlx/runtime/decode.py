@@ -24,8 +24,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache, QuantizedKVCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from ..errors import DuomemError
-from .prompt import encode, render
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.prompt import encode, render
 
 END = -1  # trie key marking a complete command
 
@@ -89,7 +89,7 @@ def end_of_turn(tokenizer) -> int:
         probe = [{"role": "user", "content": "hi"}]
         head = render(tokenizer, probe, add_generation_prompt=True)
         full = render(tokenizer, probe + [{"role": "assistant", "content": "ok"}], add_generation_prompt=False)
-        tail = full[len(os.path.commonprefix([head, full])):]
+        tail = full[len(os.path.commonprefix([head, full])) :]
         for token in encode(tokenizer, tail):
             if token in eos:
                 return token
@@ -192,7 +192,9 @@ def last_rows(model, inputs: mx.array, cache, rows: int, vocab: list[int] | None
     def restricted(owner, name):  # the head `owner` holds as `name`, restricted to `ids`
         return {name: SubsetHead(owner[name], ids)} if ids is not None and name in owner else {}
 
-    rows_of = View(backbone, lambda *args, **kwargs: backbone(*args, **kwargs)[:, -rows:], **restricted(backbone, "embed_tokens"))
+    rows_of = View(
+        backbone, lambda *args, **kwargs: backbone(*args, **kwargs)[:, -rows:], **restricted(backbone, "embed_tokens")
+    )
     return type(model).__call__(View(model, model=rows_of, **restricted(model, "lm_head")), inputs, cache=cache)
 
 
@@ -234,9 +236,16 @@ class SubsetHead:
         head, ids = self.head, self.ids
         if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             biases = head.get("biases")
-            out = mx.quantized_matmul(x, head["weight"][ids], scales=head["scales"][ids],
-                                      biases=None if biases is None else biases[ids], transpose=True,
-                                      group_size=head.group_size, bits=head.bits, mode=head.mode)
+            out = mx.quantized_matmul(
+                x,
+                head["weight"][ids],
+                scales=head["scales"][ids],
+                biases=None if biases is None else biases[ids],
+                transpose=True,
+                group_size=head.group_size,
+                bits=head.bits,
+                mode=head.mode,
+            )
         elif isinstance(head, (nn.Linear, nn.Embedding)):
             out = x @ head["weight"][ids].T
         else:  # an adapted or unknown head: all of it, then the columns
@@ -257,10 +266,20 @@ class View:
         return self._replaced[name] if name in self._replaced else getattr(self._target, name)
 
 
-def decode_action(model, tokenizer, cache, prompt: list[int], admissible, options: DecodeOptions, on_text=None,
-                  history: list[int] = (), stats: DecodeStats | None = None, grammar=None):
+def decode_action(
+    model,
+    tokenizer,
+    cache,
+    prompt: list[int],
+    admissible,
+    options: DecodeOptions,
+    on_text=None,
+    history: list[int] = (),
+    stats: DecodeStats | None = None,
+    grammar=None,
+):
     """Feed `prompt` into `cache` (which holds `history`) and decode one action; constrained
-    with a `grammar` (a (TokenIndex, start state) of agent/grammar.py), to its language
+    with a `grammar` (a (TokenIndex, start state) of runtime/grammar.py), to its language
     instead of the admissible commands. Returns (action text, generated ids); the cache then
     holds prompt + a prefix of the ids."""
     stats = stats if stats is not None else DecodeStats()
@@ -284,8 +303,17 @@ def decode_action(model, tokenizer, cache, prompt: list[int], admissible, option
         commands = [list(command_tokens(tokenizer, c)) for c in admissible or ()]
         tokens = lookup_greedy(model, cache, [*history, *prompt], len(prompt), commands, options, stats)
     else:
-        tokens = (t for t, _ in generate_step(mx.array(prompt), model, prompt_cache=cache, prefill_step_size=options.prefill_chunk(),
-                                               max_tokens=options.max_tokens, sampler=make_sampler(options.temperature)))
+        tokens = (
+            t
+            for t, _ in generate_step(
+                mx.array(prompt),
+                model,
+                prompt_cache=cache,
+                prefill_step_size=options.prefill_chunk(),
+                max_tokens=options.max_tokens,
+                sampler=make_sampler(options.temperature),
+            )
+        )
     return free_text(tokenizer, tokens, options, on_text)
 
 
@@ -348,8 +376,15 @@ def grammar_decode(model, tokenizer, cache, prompt, index, state, options):
 def constrained_plain(model, tokenizer, cache, prompt, trie, options):
     """Constrained decoding through `generate_step` and a logits processor: the reference."""
     processor = trie_processor(trie, len(prompt), logits_width(model, tokenizer))
-    steps = generate_step(mx.array(prompt), model, prompt_cache=cache, prefill_step_size=options.prefill_chunk(), max_tokens=options.max_tokens,
-                          sampler=make_sampler(options.temperature), logits_processors=[processor])
+    steps = generate_step(
+        mx.array(prompt),
+        model,
+        prompt_cache=cache,
+        prefill_step_size=options.prefill_chunk(),
+        max_tokens=options.max_tokens,
+        sampler=make_sampler(options.temperature),
+        logits_processors=[processor],
+    )
     ids = []
     for token, _ in steps:
         ids.append(token)

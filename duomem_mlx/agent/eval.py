@@ -8,26 +8,13 @@ from pathlib import Path
 
 import click
 
-from .envs import make_env
-from .envs.base import Episode, play_episode
-from .envs.policies import OraclePolicy, RandomPolicy
-from .errors import DuomemError
-from .gpu_memory import wired_limit
-from .io import check_destination, write_atomic
-from .progress import Progress
-
-
-def make_policy(spec: str, seed: int = 0, **model_options):
-    """`oracle`, `random` or `model:PATH` (model_options go to ModelPolicy.from_options)."""
-    if spec == "oracle":
-        return OraclePolicy()
-    if spec == "random":
-        return RandomPolicy(seed)
-    if spec.startswith("model:") and spec[6:]:
-        from .agent.loop import ModelPolicy
-
-        return ModelPolicy.from_options(spec[6:], seed=seed, **model_options)
-    raise DuomemError(f"unknown policy {spec!r}; use oracle, random or model:PATH")
+from duomem_mlx.envs import make_env
+from duomem_mlx.envs.base import Episode, play_episode
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import check_destination, write_atomic
+from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.gpu_memory import wired_limit
+from duomem_mlx.runtime.policy import make_policy
 
 
 def summarize(episodes: list[Episode]) -> dict:
@@ -45,7 +32,9 @@ def print_table(per_task: dict, overall: dict):
     width = max(map(len, [*per_task, "task"]))
     click.echo(f"\n{'task':{width}} {'episodes':>8} {'success':>8} {'score':>7} {'steps':>7}")
     for task, row in sorted(per_task.items()) + [("all", overall)]:
-        click.echo(f"{task:{width}} {row['episodes']:8d} {row['success_rate']:8.1%} {row['mean_score']:7.2f} {row['mean_steps']:7.1f}")
+        click.echo(
+            f"{task:{width}} {row['episodes']:8d} {row['success_rate']:8.1%} {row['mean_score']:7.2f} {row['mean_steps']:7.1f}"
+        )
 
 
 @wired_limit()
@@ -62,15 +51,43 @@ def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
     return episodes
 
 
-def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank, memory_k, decode,
-             max_context, max_steps, seed, out, log, thinking=False, memory_filter="none", game_params=None):
+def run_eval(
+    env_name,
+    tasks,
+    split,
+    episodes,
+    policy,
+    adapter_path,
+    memory_bank,
+    memory_k,
+    decode,
+    max_context,
+    max_steps,
+    seed,
+    out,
+    log,
+    thinking=False,
+    memory_filter="none",
+    game_params=None,
+):
     check_destination(out)
     if log:
         check_destination(log, option="--log")
         if Path(log).resolve() == Path(out).resolve():
             raise DuomemError(f"--log and --out are the same file ({out}); give the episode log its own name")
-    model_options = dict(adapter_path=adapter_path, memory_bank=memory_bank, memory_k=memory_k, memory_filter=memory_filter,
-                         decode=decode, max_context=max_context, thinking=thinking) if policy.startswith("model:") else {}
+    model_options = (
+        dict(
+            adapter_path=adapter_path,
+            memory_bank=memory_bank,
+            memory_k=memory_k,
+            memory_filter=memory_filter,
+            decode=decode,
+            max_context=max_context,
+            thinking=thinking,
+        )
+        if policy.startswith("model:")
+        else {}
+    )
     agent = make_policy(policy, seed=seed, **model_options)
     env = make_env(env_name, game_params)
     max_steps = max_steps or env.default_max_steps
@@ -88,12 +105,24 @@ def run_eval(env_name, tasks, split, episodes, policy, adapter_path, memory_bank
     overall = summarize(played)
     results = {
         **{k: overall[k] for k in ("success_rate", "mean_score")},
-        "env": env_name, "game_params": game_params, "split": split, "policy": policy, "seed": seed, "max_steps": max_steps,
+        "env": env_name,
+        "game_params": game_params,
+        "split": split,
+        "policy": policy,
+        "seed": seed,
+        "max_steps": max_steps,
         "seconds": round(time.perf_counter() - start, 2),
         "per_task": per_task,
         "episodes": [
-            {"task": e.task, "variation": e.variation, "success": e.success, "score": e.score,
-             "steps": len(e.steps), "seconds": round(e.seconds, 3), "error": e.error}
+            {
+                "task": e.task,
+                "variation": e.variation,
+                "success": e.success,
+                "score": e.score,
+                "steps": len(e.steps),
+                "seconds": round(e.seconds, 3),
+                "error": e.error,
+            }
             for e in played
         ],
     }

@@ -6,9 +6,9 @@ import json
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..errors import DuomemError
-from ..models import tokenizer_fingerprint
-from ..progress import Progress
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.models import tokenizer_fingerprint
 
 MAX_TOKENS = 512  # longer texts are embedded from their first MAX_TOKENS tokens
 SAMPLE = 4096  # elements per weight tensor that go into the fingerprint
@@ -18,7 +18,9 @@ def backbone(model):
     """The transformer without its LM head: returns final (normed) hidden states [B, T, d]."""
     inner = getattr(model, "model", None)
     if inner is None or not callable(inner):
-        raise DuomemError(f"cannot embed with {type(model).__module__}: it has no `.model` backbone; use a llama/qwen-style mlx-lm model")
+        raise DuomemError(
+            f"cannot embed with {type(model).__module__}: it has no `.model` backbone; use a llama/qwen-style mlx-lm model"
+        )
     return inner
 
 
@@ -58,7 +60,9 @@ def fingerprint(model, tokenizer) -> str:
     h = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
     for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
         head, dtype = p.reshape(-1)[:SAMPLE], p.dtype
-        if name.endswith((".scales", ".biases")):  # stored in 16 bits, converted to float32 by a CPU at load (cpu_quant)
+        if name.endswith(
+            (".scales", ".biases")
+        ):  # stored in 16 bits, converted to float32 by a CPU at load (cpu_quant)
             head, dtype = head.astype(mx.float16), "16-bit"
         if head.dtype == mx.bfloat16:
             head = head.view(mx.uint16)

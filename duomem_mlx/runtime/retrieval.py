@@ -2,7 +2,7 @@
 `distill`'s training data call (so training and run time read the same memories), and how
 often its top memory is of the query's own task type."""
 
-from ..errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
 FILTERS = ("none", "task")  # none: by similarity alone; task: only memories of the episode's task type
 KINDS = ("script", "trajectory", "both")  # MemP's: a procedure, a solved episode, or the procedure then the episode
@@ -17,8 +17,17 @@ def query_text(task: str, observation: str, key: str = "task") -> str:
     return task + "\n" + " ".join(observation.split())[:OBSERVATION_CHARS]
 
 
-def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k: int = 3, memory_filter: str = "none",
-             observation: str = "", exclude_games: set[str] = frozenset()) -> list:
+def retrieve(
+    bank,
+    model,
+    tokenizer,
+    query: str,
+    task_type: str | None = None,
+    k: int = 3,
+    memory_filter: str = "none",
+    observation: str = "",
+    exclude_games: set[str] = frozenset(),
+) -> list:
     """The k memories closest to the task `query` (with its first `observation` where the bank's
     keys hold one; top-k cosine in `model`'s space); with memory_filter "task", only those of
     `task_type`, unless the bank holds none of that type. Memories written from the games in
@@ -32,7 +41,10 @@ def retrieve(bank, model, tokenizer, query: str, task_type: str | None = None, k
         bank.checked = model
     if memory_filter == "none" or not any(m.task_type == task_type for m in bank.memories):
         task_type = None
-    return [m for m, _ in bank.search(query_text(query, observation, bank.key), k, task_type, model, tokenizer, exclude_games)]
+    return [
+        m
+        for m, _ in bank.search(query_text(query, observation, bank.key), k, task_type, model, tokenizer, exclude_games)
+    ]
 
 
 def hits(bank, model, tokenizer, queries: list[tuple[str, str, str]]) -> list[bool]:

@@ -24,9 +24,8 @@ import time
 
 from mlx_lm.models.cache import CacheList, can_trim_prompt_cache, make_prompt_cache
 
-from .decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action, prefill
-from .prompt import Rendered, common_prefix, encode, render
-
+from duomem_mlx.runtime.decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action, prefill
+from duomem_mlx.runtime.prompt import Rendered, common_prefix, encode, render
 
 
 def cache_offset(cache) -> int | None:
@@ -42,8 +41,15 @@ def trim_to(layer, keep: int):
 
 
 class Session:
-    def __init__(self, model, tokenizer, max_context: int = 4096, options: DecodeOptions | None = None,
-                 thinking: bool = False, low_water: float = 0.75):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_context: int = 4096,
+        options: DecodeOptions | None = None,
+        thinking: bool = False,
+        low_water: float = 0.75,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.max_context, self.thinking, self.low_water = max_context, thinking, low_water
         self.options = options or DecodeOptions()
@@ -66,7 +72,7 @@ class Session:
 
     def start(self, prefix: list[dict], tools=None):
         """Begin an episode / conversation; `prefix` stays in the window for its whole life.
-        `tools` (agent/tools.py's Tools): rendered as the family expects, replies decoded as calls."""
+        `tools` (runtime/tools.py's Tools): rendered as the family expects, replies decoded as calls."""
         self.tools = tools
         self.messages: list[dict] = list(prefix)
         self.n_prefix = len(prefix)
@@ -115,7 +121,9 @@ class Session:
                 c = common_prefix(w_old, w_new, h)
                 self.prompt.replace(len(text) - (len(w_old) - c), w_new[c:])
                 self.rendered, self.window = n, (a, w_new)
-                self.history_len = self.mark_before_generation(head + self.messages[a:], w_new) if self.fragile else None
+                self.history_len = (
+                    self.mark_before_generation(head + self.messages[a:], w_new) if self.fragile else None
+                )
                 return
         self.prompt.replace(0, self.render(self.messages, True))
         self.rendered, self.window = n, None
@@ -206,8 +214,18 @@ class Session:
                 self.snapshot()
             at = len(self.fed)
             grammar = self.tools.grammar() if self.tools else None
-            text, ids = decode_action(self.model, self.tokenizer, self.cache, target[at:], admissible, self.options, on_text,
-                                      history=self.fed, stats=self.decode_stats, grammar=grammar)
+            text, ids = decode_action(
+                self.model,
+                self.tokenizer,
+                self.cache,
+                target[at:],
+                admissible,
+                self.options,
+                on_text,
+                history=self.fed,
+                stats=self.decode_stats,
+                grammar=grammar,
+            )
         except KeyboardInterrupt:  # a stopped reply: `fed` is still exact; the layers may hold part of a pass more
             self.fed.append(-1)  # an unknown tail, cut off
             self.rewind(len(self.fed) - 1)
@@ -217,8 +235,9 @@ class Session:
         self.decode_tokens += len(ids)
         self.prompt_tokens.append(len(target))
         self.step_seconds.append(time.perf_counter() - start)
-        message, action = (self.tools.reply_message(text) if self.tools
-                           else ({"role": "assistant", "content": text}, text))
+        message, action = (
+            self.tools.reply_message(text) if self.tools else ({"role": "assistant", "content": text}, text)
+        )
         self.append([message])
         return action
 

@@ -48,8 +48,11 @@ def warn_if_over(nbytes: int, what: str, fix: str) -> bool:
     info = mx.device_info()
     device = info.get("device_name") or info.get("architecture", "this GPU")
     total = f", of {bytes_text(info['memory_size'])} memory" if info.get("memory_size") else ""
-    print(f"warning: {what} takes {bytes_text(nbytes)}, more than the {bytes_text(limit)} {device} recommends "
-          f"keeping in use{total} (mx.device_info()): it will page and run slowly; {fix}", file=sys.stderr)
+    print(
+        f"warning: {what} takes {bytes_text(nbytes)}, more than the {bytes_text(limit)} {device} recommends "
+        f"keeping in use{total} (mx.device_info()): it will page and run slowly; {fix}",
+        file=sys.stderr,
+    )
     return True
 
 

@@ -13,7 +13,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernel
+from duomem_mlx.cpu import kernel as cpu_kernel
 
 ROWS = 8  # measured crossover ~4 rows on a 2-core x86 CPU
 
@@ -28,16 +28,32 @@ def _few_rows(layer, x):
     per core (each its own thread), each part computed as the whole layer would compute it."""
     w, scales, biases, streams = layer["weight"], layer["scales"], layer.get("biases"), cpu_streams()
     cuts = [i * w.shape[0] // len(streams) for i in range(len(streams) + 1)]
-    parts = [mx.quantized_matmul(x, w[a:b], scales=scales[a:b], biases=None if biases is None else biases[a:b], transpose=True,
-                                 group_size=layer.group_size, bits=layer.bits, mode=layer.mode, stream=stream)
-             for stream, a, b in zip(streams, cuts, cuts[1:])]
+    parts = [
+        mx.quantized_matmul(
+            x,
+            w[a:b],
+            scales=scales[a:b],
+            biases=None if biases is None else biases[a:b],
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+            stream=stream,
+        )
+        for stream, a, b in zip(streams, cuts, cuts[1:])
+    ]
     return mx.concatenate(parts, -1)
 
 
 def _own_kernels(layer, x):
     """`cpu_kernel`'s extension where it is built and takes this layer and input, else None."""
-    fits = (layer.mode == "affine" and layer.bits in (4, 8) and x.dtype == mx.float32 and "biases" in layer
-            and layer["scales"].dtype == mx.float32)
+    fits = (
+        layer.mode == "affine"
+        and layer.bits in (4, 8)
+        and x.dtype == mx.float32
+        and "biases" in layer
+        and layer["scales"].dtype == mx.float32
+    )
     return cpu_kernel.kernels() if fits else None
 
 

@@ -16,9 +16,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..envs.calls import Call, parse_call
-from .grammar import Spelling, TokenIndex, call_grammar
-from .prompt import SYSTEM_PROMPT, episode_messages, render, system_message
+from duomem_mlx.envs.calls import Call, parse_call
+from duomem_mlx.runtime.grammar import Spelling, TokenIndex, call_grammar
+from duomem_mlx.runtime.prompt import SYSTEM_PROMPT, episode_messages, render, system_message
 
 PROMPT_FORMAT = (
     "You can call these functions (JSON Schema):\n{docs}\n\n"
@@ -26,9 +26,11 @@ PROMPT_FORMAT = (
     "its result comes back in the next message.{text}"
 )
 TEXT_REPLIES = " When no call is needed, reply in plain text."
-PROBE_TOOL = {"name": "probe_fn", "description": "A probe.",
-              "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}},
-                             "required": ["probe_arg"]}}
+PROBE_TOOL = {
+    "name": "probe_fn",
+    "description": "A probe.",
+    "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}}, "required": ["probe_arg"]},
+}
 PROBE_ARGS = {"probe_arg": "probe_value"}
 
 
@@ -49,8 +51,11 @@ def schema_of(tool: dict) -> dict:
 
 
 def call_message(call: Call) -> dict:
-    return {"role": "assistant", "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.kwargs}}]}
+    return {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.kwargs}}],
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -64,14 +69,14 @@ def tool_format(tokenizer) -> ToolFormat:
         full = render(tokenizer, user + [call], False)
     except Exception:  # a template that refuses tool messages has no tools
         return ToolFormat(False)
-    reply = full[len(os.path.commonprefix([head, full])):]
+    reply = full[len(os.path.commonprefix([head, full])) :]
     name, args = reply.find(PROBE_TOOL["name"]), reply.find(json.dumps(PROBE_ARGS))
     if with_tools == head or name < 0 or args < name:
         return ToolFormat(False)
     end = args + len(json.dumps(PROBE_ARGS))
     after = reply[end:]
     closing = next((after.index(s) for s in end_strings(tokenizer) if s in after), len(after))
-    wrap = (reply[:name], reply[name + len(PROBE_TOOL["name"]):args], after[:closing])
+    wrap = (reply[:name], reply[name + len(PROBE_TOOL["name"]) : args], after[:closing])
     return ToolFormat(True, wrap, tool_role=renders_tool_results(tokenizer, user + [call]))
 
 
@@ -98,8 +103,11 @@ def example_call(tool: dict) -> str:
     props = tool.get("parameters", {}).get("properties", {})
     required = tool.get("parameters", {}).get("required", list(props))
     samples = {"integer": 1, "number": 1.5, "float": 1.5, "boolean": True, "array": [], "dict": {}, "object": {}}
-    args = {p: (props[p]["enum"][0] if "enum" in props[p] else samples.get(props[p].get("type"), "text"))
-            for p in required if p in props}
+    args = {
+        p: (props[p]["enum"][0] if "enum" in props[p] else samples.get(props[p].get("type"), "text"))
+        for p in required
+        if p in props
+    }
     return Call(tool["name"], (), args).text
 
 

@@ -7,9 +7,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import DuomemError
+from duomem_mlx.errors import DuomemError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -113,14 +119,33 @@ class Template:
 
 
 TEMPLATES = {
-    "chatml": Template(CHATML, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<|im_end|>",), pad="<|endoftext|>"),
-    "qwen3": Template(QWEN3, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<|im_end|>", "<|endoftext|>"),
-                      pad="<|endoftext|>", added=("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
-                                                  "</tool_response>")),
-    "llama3": Template(LLAMA3, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-                       "<|end_of_text|>", ("<|end_of_text|>", "<|eot_id|>"), bos="<|begin_of_text|>", pad="<|end_of_text|>"),
-    "gemma": Template(GEMMA, ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), "<eos>",
-                      ("<eos>", "<end_of_turn>"), bos="<bos>", pad="<pad>"),
+    "chatml": Template(
+        CHATML, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<|im_end|>",), pad="<|endoftext|>"
+    ),
+    "qwen3": Template(
+        QWEN3,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        "<|im_end|>",
+        ("<|im_end|>", "<|endoftext|>"),
+        pad="<|endoftext|>",
+        added=("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
+    ),
+    "llama3": Template(
+        LLAMA3,
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "<|end_of_text|>",
+        ("<|end_of_text|>", "<|eot_id|>"),
+        bos="<|begin_of_text|>",
+        pad="<|end_of_text|>",
+    ),
+    "gemma": Template(
+        GEMMA,
+        ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+        "<eos>",
+        ("<eos>", "<end_of_turn>"),
+        bos="<bos>",
+        pad="<pad>",
+    ),
 }
 ARCHS = {"qwen3": "qwen3", "llama": "llama3", "gemma3_text": "gemma", "lfm2": "chatml"}  # arch -> its family's template
 
@@ -148,8 +173,18 @@ def is_repo_id(name: str) -> bool:
 # What a model or a package needs from the Hub: weights, config, tokenizer, the memory bank and
 # duomem.json, the card (its license): mlx-lm's own list less "*.py", plus the bank's keys and the
 # card. Never code, never pickles.
-HUB_FILES = ["*.json", "*.jsonl", "model*.safetensors", "memory/keys.safetensors", "tokenizer.model", "*.tiktoken",
-             "tiktoken.model", "*.txt", "*.jinja", "README.md"]
+HUB_FILES = [
+    "*.json",
+    "*.jsonl",
+    "model*.safetensors",
+    "memory/keys.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jinja",
+    "README.md",
+]
 
 
 def resolve(path_or_repo: str) -> str:
@@ -159,11 +194,15 @@ def resolve(path_or_repo: str) -> str:
     if not path.exists() and is_repo_id(path_or_repo):
         path = hub_snapshot(path_or_repo)
     elif not path.exists():
-        raise DuomemError(f"model path {path_or_repo} does not exist; pass a local model directory or a Hub repo id "
-                          "like mlx-community/Qwen3-4B-4bit")
+        raise DuomemError(
+            f"model path {path_or_repo} does not exist; pass a local model directory or a Hub repo id "
+            "like mlx-community/Qwen3-4B-4bit"
+        )
     if not (path / "config.json").exists():
-        raise DuomemError(f"{path_or_repo} is not a model directory (no config.json in {path}); "
-                          "pass an mlx-lm model path or Hub repo id")
+        raise DuomemError(
+            f"{path_or_repo} is not a model directory (no config.json in {path}); "
+            "pass an mlx-lm model path or Hub repo id"
+        )
     return str(path)
 
 
@@ -176,28 +215,42 @@ def hub_snapshot(repo: str, allow_patterns: list[str] = HUB_FILES) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=allow_patterns))
     except GatedRepoError:
-        raise DuomemError(f"{repo} is gated on the Hub: accept its terms on its page, "
-                          "then set HF_TOKEN or run `hf auth login`")
+        raise DuomemError(
+            f"{repo} is gated on the Hub: accept its terms on its page, then set HF_TOKEN or run `hf auth login`"
+        )
     except RepositoryNotFoundError:
-        raise DuomemError(f"{repo} is neither a local directory nor a model on the Hub at {constants.ENDPOINT}; "
-                          "check the path or id (a private repo needs HF_TOKEN or `hf auth login`)")
+        raise DuomemError(
+            f"{repo} is neither a local directory nor a model on the Hub at {constants.ENDPOINT}; "
+            "check the path or id (a private repo needs HF_TOKEN or `hf auth login`)"
+        )
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise DuomemError(f"{repo} is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
-                              "unset HF_HUB_OFFLINE to download it, or pass a local model directory")
-        raise DuomemError(f"cannot reach the Hub at {constants.ENDPOINT} to download {repo}, and it is not in the Hub "
-                          f"cache ({constants.HF_HUB_CACHE}); check the network, HF_ENDPOINT or HTTPS_PROXY")
+            raise DuomemError(
+                f"{repo} is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+                "unset HF_HUB_OFFLINE to download it, or pass a local model directory"
+            )
+        raise DuomemError(
+            f"cannot reach the Hub at {constants.ENDPOINT} to download {repo}, and it is not in the Hub "
+            f"cache ({constants.HF_HUB_CACHE}); check the network, HF_ENDPOINT or HTTPS_PROXY"
+        )
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
-        hint = ("check HF_TOKEN (or `hf auth login`)" if status in (401, 403)
-                else "try again, or set HF_HUB_OFFLINE=1 to use the cache")
+        hint = (
+            "check HF_TOKEN (or `hf auth login`)"
+            if status in (401, 403)
+            else "try again, or set HF_HUB_OFFLINE=1 to use the cache"
+        )
         raise DuomemError(f"the Hub answered HTTP {status} for {repo}; {hint}")
     except transport_error() as e:
-        raise DuomemError(f"downloading {repo} from {constants.ENDPOINT} failed ({type(e).__name__}); "
-                          "check the network and run again (finished files are kept in the Hub cache)")
+        raise DuomemError(
+            f"downloading {repo} from {constants.ENDPOINT} failed ({type(e).__name__}); "
+            "check the network and run again (finished files are kept in the Hub cache)"
+        )
     except OSError as e:
-        raise DuomemError(f"cannot write {repo} into the Hub cache {constants.HF_HUB_CACHE} ({e.strerror or e}); "
-                          "free some space or point HF_HUB_CACHE elsewhere")
+        raise DuomemError(
+            f"cannot write {repo} into the Hub cache {constants.HF_HUB_CACHE} ({e.strerror or e}); "
+            "free some space or point HF_HUB_CACHE elsewhere"
+        )
 
 
 def transport_error() -> type:
@@ -214,12 +267,14 @@ def load(path_or_repo: str, adapter_path: str | None = None):
     CPU, quantized layers fed many rows run dense (cpu_quant)."""
     import mlx_lm
 
-    from .cpu_quant import dense_prefill_on_cpu
-    from .gpu_memory import warn_before_loading
+    from duomem_mlx.cpu.quant import dense_prefill_on_cpu
+    from duomem_mlx.runtime.gpu_memory import warn_before_loading
 
     source = resolve(path_or_repo)
     if adapter_path and not (Path(adapter_path) / "adapter_config.json").exists():
-        raise DuomemError(f"no adapter_config.json in {adapter_path}; pass an mlx-lm adapter directory (adapters.safetensors + adapter_config.json)")
+        raise DuomemError(
+            f"no adapter_config.json in {adapter_path}; pass an mlx-lm adapter directory (adapters.safetensors + adapter_config.json)"
+        )
     warn_before_loading(source)
     try:
         model, tokenizer = mlx_lm.load(source, adapter_path=adapter_path)
@@ -247,14 +302,22 @@ def weight_bytes(model) -> int:
 def check_group_size(model, group_size: int) -> None:
     """mlx-lm leaves a layer whose input size the group size does not divide dense, silently:
     `convert --bits` and `quantize` refuse instead, naming those layers and the sizes that fit."""
-    layers = [(n, m.weight.shape[-1]) for n, m in model.named_modules() if hasattr(m, "to_quantized") and hasattr(m, "weight")]
+    layers = [
+        (n, m.weight.shape[-1]) for n, m in model.named_modules() if hasattr(m, "to_quantized") and hasattr(m, "weight")
+    ]
     bad = sorted(f"{n} ({d})" for n, d in layers if d % group_size)
     if bad:
         fits = [g for g in (32, 64, 128) if all(d % g == 0 for _, d in layers)]
-        hint = f"use --group-size {' or '.join(map(str, fits))}" if fits else "this model cannot be quantized in groups of 32-128"
+        hint = (
+            f"use --group-size {' or '.join(map(str, fits))}"
+            if fits
+            else "this model cannot be quantized in groups of 32-128"
+        )
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise DuomemError(f"--group-size {group_size} does not divide the input size of {len(bad)} of {len(layers)} layers, "
-                          f"which would stay dense: {', '.join(bad[:3])}{more}; {hint}")
+        raise DuomemError(
+            f"--group-size {group_size} does not divide the input size of {len(bad)} of {len(layers)} layers, "
+            f"which would stay dense: {', '.join(bad[:3])}{more}; {hint}"
+        )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -287,11 +350,17 @@ def train_tokenizer(vocab_size: int, corpus: str, template: str = "chatml"):
     bpe.train_from_iterator(corpus.splitlines(), trainer=trainer)
     bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.added])
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, chat_template=spec.jinja,
+        tokenizer_object=bpe,
+        bos_token=spec.bos,
+        eos_token=spec.eos,
+        pad_token=spec.pad,
+        chat_template=spec.jinja,
     )
 
 
-def tiny_config(arch: str, layers: int, hidden: int, vocab_size: int, eos_ids: list[int], sliding_window: int = 32) -> dict:
+def tiny_config(
+    arch: str, layers: int, hidden: int, vocab_size: int, eos_ids: list[int], sliding_window: int = 32
+) -> dict:
     heads = max(1, hidden // 32)
     config = {
         "model_type": arch,
@@ -310,16 +379,33 @@ def tiny_config(arch: str, layers: int, hidden: int, vocab_size: int, eos_ids: l
         "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0],
     }
     if arch == "gemma3_text":  # sliding-window layers (RotatingKVCache) and a global one every 2nd
-        config.update(sliding_window=sliding_window, sliding_window_pattern=2, query_pre_attn_scalar=hidden // heads,
-                      rope_local_base_freq=10000.0)
+        config.update(
+            sliding_window=sliding_window,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=hidden // heads,
+            rope_local_base_freq=10000.0,
+        )
     if arch == "lfm2":  # short-convolution layers (ArraysCache) with attention every 2nd
-        config.update(norm_eps=1e-5, conv_bias=False, conv_L_cache=3, block_dim=hidden, block_ff_dim=hidden * 3,
-                      block_multiple_of=32, block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=False,
-                      layer_types=["conv" if i % 2 == 0 else "full_attention" for i in range(layers)])
+        config.update(
+            norm_eps=1e-5,
+            conv_bias=False,
+            conv_L_cache=3,
+            block_dim=hidden,
+            block_ff_dim=hidden * 3,
+            block_multiple_of=32,
+            block_ffn_dim_multiplier=1.0,
+            block_auto_adjust_ff_dim=False,
+            layer_types=["conv" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        )
     return config
 
 
-ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "lfm2": "Lfm2ForCausalLM"}
+ARCHITECTURES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "lfm2": "Lfm2ForCausalLM",
+}
 
 
 def make_tiny_model(

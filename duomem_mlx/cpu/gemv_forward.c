@@ -1,4 +1,4 @@
-/* cblas_sgemm with one output row or column sent to cblas_sgemv; duomem_mlx/blas.py builds it and
+/* cblas_sgemm with one output row or column sent to cblas_sgemv; duomem_mlx/cpu/blas.py builds it and
    preloads it before OpenBLAS on a Linux CPU.
 
    MLX's CPU backend computes a Linear on one token (`x @ W.T`, M = 1) with cblas_sgemm. OpenBLAS

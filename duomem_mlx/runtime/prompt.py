@@ -12,12 +12,11 @@ tokens up to date in time proportional to a change, not to the chat.
 import bisect
 import re
 
-from ..envs.calls import parse_call
-from ..errors import DuomemError
+from duomem_mlx.envs.calls import parse_call
+from duomem_mlx.errors import DuomemError
 
 SYSTEM_PROMPT = (
-    "You are an agent in a text environment. Reply with exactly one action, "
-    "the next command to type, and nothing else."
+    "You are an agent in a text environment. Reply with exactly one action, the next command to type, and nothing else."
 )
 
 
@@ -38,18 +37,23 @@ def prefix_messages(task_description: str, first_observation: str, memories: lis
 
 
 def turn_messages(action: str, observation: str, tools=None) -> list[dict]:
-    """An action and what it led to; with `tools` (agent/tools.py's Tools) as the family writes
+    """An action and what it led to; with `tools` (runtime/tools.py's Tools) as the family writes
     a call and its result."""
     if not tools:
         return [{"role": "assistant", "content": action}, {"role": "user", "content": observation.strip()}]
     return [tools.reply_message(action)[0], tools.result_message(observation, parse_call(action) is not None)]
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool, thinking: bool = False,
-           tools: list[dict] | None = None) -> str:
+def render(
+    tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    thinking: bool = False,
+    tools: list[dict] | None = None,
+) -> str:
     """The chat as the template writes it; `enable_thinking` reaches templates that know it
     (Qwen3: False writes an empty think block into the generation prompt), others ignore it;
-    `tools` (OpenAI-form function schemas) those that render tools (agent/tools.py)."""
+    `tools` (OpenAI-form function schemas) those that render tools (runtime/tools.py)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DuomemError("the tokenizer has no chat template; use an instruct/chat model or add chat_template.jinja")
     return tokenizer.apply_chat_template(
@@ -98,7 +102,7 @@ class Rendered:
         self.text = self.text[:at] + tail
         new = encode(self.tokenizer, self.text[char:])
         self.ids = self.ids[:tok] + new
-        self.marks = self.marks[:k - 1] if k else []
+        self.marks = self.marks[: k - 1] if k else []
         self.tokenized = len(self.text) - char
         if self.pattern is None:
             return
@@ -112,8 +116,9 @@ class Rendered:
         return self.marks[k][1] if k < len(self.marks) and self.marks[k][0] == char else None
 
 
-def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False,
-                       tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+def tokenize_with_mask(
+    tokenizer, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None
+) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask) of an episode's chat; the mask is 1 on each assistant action and
     the end-of-turn token that closes it, i.e. exactly what the agent generates.
 
@@ -126,7 +131,7 @@ def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False,
     action but the last lacks that block right before it (Qwen3, thinking off: 4 tokens),
     and the last action's context is exact. It measured closer to the agent's contexts than
     keeping each reply in its generated form (benchmarks/training_layout.py). `tools`: those
-    the template renders (agent/tools.py's `episode_chat` gives them with the messages)."""
+    the template renders (runtime/tools.py's `episode_chat` gives them with the messages)."""
     ids = encode(tokenizer, render(tokenizer, messages, False, thinking, tools))
     mask = [0] * len(ids)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
@@ -141,7 +146,7 @@ def tokenize_with_mask(tokenizer, messages: list[dict], thinking: bool = False,
 
 def episode_messages(episode, memories: list[str] = (), tools=None) -> list[dict]:
     """The chat an agent saw while playing `episode` (an envs.base.Episode), up to its last action.
-    With `tools` (agent/tools.py's Tools of the episode's tool set) the system prompt, each action
+    With `tools` (runtime/tools.py's Tools of the episode's tool set) the system prompt, each action
     and each result are the messages ModelPolicy wrote at run time."""
     steps = episode.steps
     if not steps:

@@ -6,11 +6,11 @@ import time
 import click
 import mlx.core as mx
 
-from .agent.decode import DecodeOptions
-from .agent.loop import ModelPolicy
-from .agent.prompt import system_message
-from .agent.session import Session
-from .gpu_memory import wired_limit
+from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.gpu_memory import wired_limit
+from duomem_mlx.runtime.policy import ModelPolicy
+from duomem_mlx.runtime.prompt import system_message
+from duomem_mlx.runtime.session import Session
 
 CHAT_SYSTEM = "You are a helpful assistant for procedural tasks. Answer concisely, step by step."
 HELP = "/memory  memories in use · /reset  new conversation · /stats  speed and memory · /quit"
@@ -131,10 +131,18 @@ class Narrated:
         return self.policy.stats()
 
 
-def watch_episode(policy: ModelPolicy, env_name: str, tasks, split: str, seed: int, max_steps: int, step: bool,
-                  game_params: str | None = None):
-    from .envs import make_env
-    from .envs.base import play_episode
+def watch_episode(
+    policy: ModelPolicy,
+    env_name: str,
+    tasks,
+    split: str,
+    seed: int,
+    max_steps: int,
+    step: bool,
+    game_params: str | None = None,
+):
+    from duomem_mlx.envs import make_env
+    from duomem_mlx.envs.base import play_episode
 
     env = make_env(env_name, game_params)
     try:
@@ -144,4 +152,6 @@ def watch_episode(policy: ModelPolicy, env_name: str, tasks, split: str, seed: i
     finally:
         env.close()
     verdict = "won" if episode.success else "not won"
-    click.secho(f"{verdict} · score {episode.score:.2f} · {len(episode.steps)} steps · {episode.seconds:.1f}s", bold=True)
+    click.secho(
+        f"{verdict} · score {episode.score:.2f} · {len(episode.steps)} steps · {episode.seconds:.1f}s", bold=True
+    )

@@ -1,7 +1,7 @@
 """Linux CPU speed: the `mlx[cpu]` wheel links a reference BLAS (~6 GFLOP/s on a 1024²
 matmul); preloading Debian's OpenBLAS (`libopenblas0-pthread`) gives ~100-190. Never on macOS.
 
-Before OpenBLAS goes a small library built here from `data/gemv_forward.c`: MLX computes a Linear
+Before OpenBLAS goes a small library built here from `cpu/gemv_forward.c`: MLX computes a Linear
 on one token (`x @ W.T`) with `cblas_sgemm`, which OpenBLAS on x86-64 runs through its packing
 GEMM driver at a third of what its `sgemv` reads; the library sends one-row and one-column
 products to `sgemv` and every other call on to OpenBLAS (float32 decoding 2-3x faster on a 2-core
@@ -23,7 +23,7 @@ PATTERNS = (
     "/usr/lib/*/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
-SOURCE = Path(__file__).with_name("data") / "gemv_forward.c"
+SOURCE = Path(__file__).with_name("gemv_forward.c")
 
 
 def openblas_path() -> str | None:
@@ -46,7 +46,7 @@ def uses_reference_blas() -> bool:
 
 def gemv_forward_path() -> Path:
     """Where the one-row forwarding library for this source lives (built or not)."""
-    from .io import cache_root
+    from duomem_mlx.io import cache_root
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     return cache_root() / "blas" / f"libgemv_forward-{digest}.so"
@@ -60,7 +60,7 @@ def compiler(env: str = "CC", names: tuple[str, ...] = ("cc", "gcc", "clang")) -
 def compile_library(command: list[str], path: Path) -> str | None:
     """Run a compiler `command` that writes (`-o`) a shared library atomically (fsynced) into `path`; what went
     wrong, in one line, or None."""
-    from .io import fsync
+    from duomem_mlx.io import fsync
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
@@ -107,9 +107,11 @@ def preload() -> list[str]:
     return [str(forward), lib] if forward else [lib]
 
 
-MISSING = ("duomem-mlx: no C compiler to build the one-row BLAS forward (data/gemv_forward.c), so MLX's one-row "
-           "products run through OpenBLAS's sgemm, ~2-3x slower float32 decoding; install one "
-           "('apt-get install gcc') and run 'make setup' or 'python -m duomem_mlx.blas'")
+MISSING = (
+    "duomem-mlx: no C compiler to build the one-row BLAS forward (cpu/gemv_forward.c), so MLX's one-row "
+    "products run through OpenBLAS's sgemm, ~2-3x slower float32 decoding; install one "
+    "('apt-get install gcc') and run 'make setup' or 'python -m duomem_mlx.cpu.blas'"
+)
 
 
 def reexec_with_openblas() -> None:
@@ -129,7 +131,7 @@ def reexec_with_openblas() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "duomem_mlx", *sys.argv[1:]], env)
 
 
-if __name__ == "__main__":  # `python -m duomem_mlx.blas` builds what it can and prints LD_PRELOAD's value
+if __name__ == "__main__":  # `python -m duomem_mlx.cpu.blas` builds what it can and prints LD_PRELOAD's value
     if uses_reference_blas():
         libs = preload()
         if len(libs) == 1:

@@ -1,5 +1,5 @@
 // Quantized layers on MLX's CPU backend: a matrix-vector product for decoding (x, 1 to 8 rows, @ W.T)
-// and a dequantize for prefill, W affine-quantized in 4 or 8 bits. duomem_mlx/cpu_kernel.py builds
+// and a dequantize for prefill, W affine-quantized in 4 or 8 bits. duomem_mlx/cpu/kernel.py builds
 // it as an MLX extension on Linux.
 //
 // MLX's own CPU kernels are scalar loops on one thread: its quantized product reads ~1.5 G weights/s

@@ -4,14 +4,16 @@ memories retrieved from a bank in front of its prompt."""
 from dataclasses import replace
 from pathlib import Path
 
-from ..envs.base import StepResult, TaskSpec, episode_id, offered_tools
-from ..envs.calls import parse_call
-from ..memory import retrieval
-from ..memory.bank import game_of
-from .decode import DecodeOptions
-from .prompt import encode, prefix_messages, system_message
-from .session import ReencodingSession, Session
-from .tools import Tools
+from duomem_mlx.envs.base import StepResult, TaskSpec, episode_id, offered_tools
+from duomem_mlx.envs.calls import parse_call
+from duomem_mlx.envs.policies import OraclePolicy, RandomPolicy
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.memory.bank import game_of
+from duomem_mlx.runtime import retrieval
+from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.prompt import encode, prefix_messages, system_message
+from duomem_mlx.runtime.session import ReencodingSession, Session
+from duomem_mlx.runtime.tools import Tools
 
 CALL_TOKENS = 160  # a call's budget: BFCL's string arguments (a tweet, a file's text) run long
 
@@ -41,22 +43,54 @@ class ModelPolicy:
         self.memories: list = []  # those of the episode being played
 
     @classmethod
-    def from_options(cls, path, adapter_path=None, memory_bank=None, memory_k=3, decode="constrained",
-                     max_context=4096, seed=0, temperature=0.0, thinking=False, memory_filter="none"):
+    def from_options(
+        cls,
+        path,
+        adapter_path=None,
+        memory_bank=None,
+        memory_k=3,
+        decode="constrained",
+        max_context=4096,
+        seed=0,
+        temperature=0.0,
+        thinking=False,
+        memory_filter="none",
+    ):
         import mlx.core as mx
 
-        from ..models import load, resolve
+        from duomem_mlx.runtime.models import load, resolve
 
         source = resolve(path)  # a Hub id's snapshot, its memory/ included
         model, tokenizer = load(source, adapter_path)
         memory_bank = memory_bank or default_bank(source, adapter_path)
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
         mx.random.seed(seed)
-        return cls(model, tokenizer, bank, memory_k, decode, max_context, temperature, thinking=thinking, memory_filter=memory_filter)
+        return cls(
+            model,
+            tokenizer,
+            bank,
+            memory_k,
+            decode,
+            max_context,
+            temperature,
+            thinking=thinking,
+            memory_filter=memory_filter,
+        )
 
-    def retrieve(self, query: str, task_type: str | None = None, observation: str = "", exclude_games=frozenset()) -> list:
-        return retrieval.retrieve(self.bank, self.embedder, self.tokenizer, query, task_type, self.memory_k, self.memory_filter,
-                                  observation, exclude_games)
+    def retrieve(
+        self, query: str, task_type: str | None = None, observation: str = "", exclude_games=frozenset()
+    ) -> list:
+        return retrieval.retrieve(
+            self.bank,
+            self.embedder,
+            self.tokenizer,
+            query,
+            task_type,
+            self.memory_k,
+            self.memory_filter,
+            observation,
+            exclude_games,
+        )
 
     def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):
         # a memory written from this very game would hand over its solution (a train-split game
@@ -64,17 +98,30 @@ class ModelPolicy:
         self.env = env
         self.begin(task_description, first.observation, spec.task, {game_of(episode_id(spec))}, *offered_tools(env))
 
-    def begin(self, task_description: str, observation: str, task_type: str | None = None, exclude_games=frozenset(),
-              tools: list[dict] | None = None, text_replies: bool = False):
+    def begin(
+        self,
+        task_description: str,
+        observation: str,
+        task_type: str | None = None,
+        exclude_games=frozenset(),
+        tools: list[dict] | None = None,
+        text_replies: bool = False,
+    ):
         """Start an episode from its task text and first observation alone (no environment objects).
         With `tools` (JSON-schema function docs) every action is a call of one of them (or, with
-        `text_replies`, a line of text), rendered and decoded as agent/tools.py says."""
+        `text_replies`, a line of text), rendered and decoded as runtime/tools.py says."""
         self.memories = self.retrieve(task_description, task_type, observation, exclude_games)
         self.session.reset_stats()
         self.tools = Tools(self.tokenizer, list(tools), text_replies) if tools else None
-        self.session.options = self.options if not self.tools else replace(
-            self.options, max_tokens=max(self.options.max_tokens, CALL_TOKENS),
-            single_line=not self.tools.format.in_template)  # a templated call spans lines
+        self.session.options = (
+            self.options
+            if not self.tools
+            else replace(
+                self.options,
+                max_tokens=max(self.options.max_tokens, CALL_TOKENS),
+                single_line=not self.tools.format.in_template,
+            )
+        )  # a templated call spans lines
         prefix = prefix_messages(task_description, observation, self.memory_texts)
         prefix[0] = self.system()
         self.session.start(prefix, self.tools)
@@ -98,7 +145,11 @@ class ModelPolicy:
         return action
 
     def stats(self) -> dict:
-        return {**self.session.stats(), "memories": self.memory_ids, "memory_tokens": memory_tokens(self.tokenizer, self.memory_texts)}
+        return {
+            **self.session.stats(),
+            "memories": self.memory_ids,
+            "memory_tokens": memory_tokens(self.tokenizer, self.memory_texts),
+        }
 
     @property
     def memory_ids(self) -> list[str]:
@@ -113,7 +164,9 @@ def memory_tokens(tokenizer, memories: list[str]) -> int:
     """The tokens memories add to the prompt (prefilled once an episode; every step attends to them)."""
     if not memories:
         return 0
-    return len(encode(tokenizer, system_message(memories)["content"])) - len(encode(tokenizer, system_message()["content"]))
+    return len(encode(tokenizer, system_message(memories)["content"])) - len(
+        encode(tokenizer, system_message()["content"])
+    )
 
 
 def default_bank(path: str, adapter_path: str | None) -> str | None:
@@ -124,8 +177,19 @@ def default_bank(path: str, adapter_path: str | None) -> str | None:
 
 
 def load_bank(path, model, tokenizer):
-    from ..memory.bank import MemoryBank
+    from duomem_mlx.memory.bank import MemoryBank
 
     bank = MemoryBank.load(path)
     bank.check_embedder(model, tokenizer)
     return bank
+
+
+def make_policy(spec: str, seed: int = 0, **model_options):
+    """`oracle`, `random` or `model:PATH` (model_options go to ModelPolicy.from_options)."""
+    if spec == "oracle":
+        return OraclePolicy()
+    if spec == "random":
+        return RandomPolicy(seed)
+    if spec.startswith("model:") and spec[6:]:
+        return ModelPolicy.from_options(spec[6:], seed=seed, **model_options)
+    raise DuomemError(f"unknown policy {spec!r}; use oracle, random or model:PATH")

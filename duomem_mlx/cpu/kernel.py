@@ -1,4 +1,4 @@
-"""Quantized layers on a Linux CPU: `data/quantized_matvec.cpp`, an MLX extension (a primitive of
+"""Quantized layers on a Linux CPU: `cpu/quantized_matvec.cpp`, an MLX extension (a primitive of
 its own, bound with nanobind in MLX's domain) built here once with the system's C++ compiler.
 
 MLX's CPU quantized product and dequantize are scalar loops on one thread (~1.5 G weights/s on an
@@ -9,7 +9,7 @@ uses them when the extension built and gives MLX's values on a probe layer; othe
 kernels, with a one-line note. A newly built (or changed) library is first loaded and probed in a
 child process, so a broken one (a truncated file, a foreign libmlx) costs a fallback, not the run;
 the library that passed is remembered by its sha256 (`.ok`), a failure by its reason (`.failed`),
-so no process builds or probes again. `make setup` (`python -m duomem_mlx.cpu_kernel`) forgets a
+so no process builds or probes again. `make setup` (`python -m duomem_mlx.cpu.kernel`) forgets a
 failure and tries again; DUOMEM_CPU_KERNEL=0 turns it off. Never on macOS, where MLX's Metal
 kernels are the fast path."""
 
@@ -26,7 +26,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("data") / "quantized_matvec.cpp"
+SOURCE = Path(__file__).with_name("quantized_matvec.cpp")
 MODULE = "_quantized_matvec"
 
 
@@ -47,7 +47,7 @@ def mlx_dir() -> str:
 
 def library_path() -> Path:
     """Where the extension for this source, MLX, nanobind, Python and CPU lives (built or not)."""
-    from .io import cache_root
+    from duomem_mlx.io import cache_root
 
     key = [SOURCE.read_text(), sys.version, platform.machine(), cpu_flags(), mlx_dir()]  # it links this MLX's libmlx
     key += [importlib.metadata.version(name) for name in ("mlx", "nanobind")]
@@ -59,36 +59,62 @@ def compile_command(compiler: str) -> list[str]:
     import nanobind
 
     mlx, nb = Path(mlx_dir()), Path(nanobind.__file__).parent
-    return [compiler, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden",
-            "-fno-strict-aliasing", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx",  # MLX binds its arrays in domain mlx
-            f"-I{mlx / 'include'}", f"-I{nb / 'include'}", f"-I{nb / 'ext' / 'robin_map' / 'include'}",
-            f"-I{sysconfig.get_paths()['include']}", str(SOURCE), str(nb / "src" / "nb_combined.cpp"),
-            f"-L{mlx / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx / 'lib'}"]
+    return [
+        compiler,
+        "-O3",
+        "-march=native",
+        "-fopenmp",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-fvisibility=hidden",
+        "-fno-strict-aliasing",
+        "-DNB_COMPACT_ASSERTIONS",
+        "-DNB_DOMAIN=mlx",  # MLX binds its arrays in domain mlx
+        f"-I{mlx / 'include'}",
+        f"-I{nb / 'include'}",
+        f"-I{nb / 'ext' / 'robin_map' / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}",
+        str(SOURCE),
+        str(nb / "src" / "nb_combined.cpp"),
+        f"-L{mlx / 'lib'}",
+        "-lmlx",
+        f"-Wl,-rpath,{mlx / 'lib'}",
+    ]
 
 
 def build() -> Path | None:
     """Build the extension once; None (with a note) where it cannot be built: a failed build is
     remembered (`.failed`)."""
-    from .blas import compile_library, compiler
+    from duomem_mlx.cpu.blas import compile_library, compiler
 
     cxx = compiler("CXX", ("c++", "g++", "clang++"))
     if cxx is None or importlib.util.find_spec("nanobind") is None:
-        print("duomem-mlx: no C++ compiler or no nanobind to build the CPU quantized kernel, so quantized packages "
-              "decode through MLX's kernel, ~3x slower; install g++ and run 'make setup'", file=sys.stderr)
+        print(
+            "duomem-mlx: no C++ compiler or no nanobind to build the CPU quantized kernel, so quantized packages "
+            "decode through MLX's kernel, ~3x slower; install g++ and run 'make setup'",
+            file=sys.stderr,
+        )
         return None
     path = library_path()
     if path.exists():
         return path
     if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
-        print("duomem-mlx: no Python headers (Python.h) to build the CPU quantized kernel; install python3-dev "
-              "and run 'make setup'", file=sys.stderr)
+        print(
+            "duomem-mlx: no Python headers (Python.h) to build the CPU quantized kernel; install python3-dev "
+            "and run 'make setup'",
+            file=sys.stderr,
+        )
         return None
     print("duomem-mlx: building the CPU quantized kernel once (~10 s)", file=sys.stderr)
     failure = compile_library(compile_command(cxx), path)
     if failure:
         remember(path, "failed", f"could not build it with {cxx}: {failure}")
-        print(f"duomem-mlx: could not build the CPU quantized kernel with {cxx} ({failure}), so quantized "
-              "packages decode through MLX's kernel, ~3x slower; fix that and run 'make setup'", file=sys.stderr)
+        print(
+            f"duomem-mlx: could not build the CPU quantized kernel with {cxx} ({failure}), so quantized "
+            "packages decode through MLX's kernel, ~3x slower; fix that and run 'make setup'",
+            file=sys.stderr,
+        )
         return None
     return path
 
@@ -99,8 +125,8 @@ def marker(path: Path, kind: str) -> Path:
 
 def remember(path: Path, kind: str, text: str) -> None:
     """Write the library's `.ok` or `.failed` marker; a read-only cache remembers nothing."""
-    from .errors import DuomemError
-    from .io import write_atomic
+    from duomem_mlx.errors import DuomemError
+    from duomem_mlx.io import write_atomic
 
     try:
         write_atomic(marker(path, kind), text + "\n")
@@ -115,12 +141,15 @@ def checked(path: Path) -> str | None:
     stamp = marker(path, "ok")
     if stamp.exists() and stamp.read_text().strip() == digest:
         return None
-    code = ("import sys; sys.path.insert(0, sys.argv[2]); from duomem_mlx import cpu_kernel; "
-            "sys.exit(0 if cpu_kernel.agrees(cpu_kernel.load(sys.argv[1])) else 3)")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); from duomem_mlx.cpu import kernel as cpu_kernel; "
+        "sys.exit(0 if cpu_kernel.agrees(cpu_kernel.load(sys.argv[1])) else 3)"
+    )
     package_parent = str(Path(__file__).resolve().parents[1])
     try:
-        child = subprocess.run([sys.executable, "-c", code, str(path), package_parent], capture_output=True, text=True,
-                               timeout=600)
+        child = subprocess.run(
+            [sys.executable, "-c", code, str(path), package_parent], capture_output=True, text=True, timeout=600
+        )
         problem = probe_problem(child.returncode, child.stderr)
     except (OSError, subprocess.TimeoutExpired) as error:
         problem = f"its probe could not run ({error})"
@@ -160,7 +189,9 @@ def agrees_at(kernels, bits: int) -> bool:
 
     weight = mx.random.normal((96, 256), key=mx.random.key(0))
     w, scales, biases = mx.quantize(weight, group_size=64, bits=bits)
-    if not mx.allclose(kernels.dequantize(w, scales, biases, 64, bits), mx.dequantize(w, scales, biases, 64, bits), atol=1e-6).item():
+    if not mx.allclose(
+        kernels.dequantize(w, scales, biases, 64, bits), mx.dequantize(w, scales, biases, 64, bits), atol=1e-6
+    ).item():
         return False
     for rows in (1, 3):
         x = mx.random.normal((rows, 256), key=mx.random.key(rows))
@@ -178,14 +209,18 @@ def kernels():
         return None
     failed = known_failure()
     if failed:
-        print(f"duomem-mlx: not using the CPU quantized kernel ({failed}, remembered in {failed_path().name}); "
-              "quantized packages decode through MLX's kernel; fix that and run 'make setup' to try again",
-              file=sys.stderr)
+        print(
+            f"duomem-mlx: not using the CPU quantized kernel ({failed}, remembered in {failed_path().name}); "
+            "quantized packages decode through MLX's kernel; fix that and run 'make setup' to try again",
+            file=sys.stderr,
+        )
         return None
     path = build()
     if path is None:
         return None
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # idle OpenMP threads sleep: MLX's and BLAS's threads need the cores
+    os.environ.setdefault(
+        "OMP_WAIT_POLICY", "passive"
+    )  # idle OpenMP threads sleep: MLX's and BLAS's threads need the cores
     reason = checked(path)
     if reason is None:
         try:
@@ -196,8 +231,11 @@ def kernels():
         except (ImportError, TypeError, ValueError, RuntimeError) as error:  # TypeError: nanobind ABI mismatch
             reason = " ".join(str(error).split())[:200]
         remember(path, "failed", reason)
-    print(f"duomem-mlx: not using the CPU quantized kernel {path.name} ({reason}); quantized packages decode "
-          "through MLX's kernel; fix that and run 'make setup' to try again", file=sys.stderr)
+    print(
+        f"duomem-mlx: not using the CPU quantized kernel {path.name} ({reason}); quantized packages decode "
+        "through MLX's kernel; fix that and run 'make setup' to try again",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -219,6 +257,6 @@ def forget() -> None:
             stale.unlink(missing_ok=True)
 
 
-if __name__ == "__main__":  # `python -m duomem_mlx.cpu_kernel` builds it (again after a failure), says if it is used
+if __name__ == "__main__":  # `python -m duomem_mlx.cpu.kernel` builds it (again after a failure), says if it is used
     forget()
     print(f"CPU quantized kernel: {library_path() if kernels() else 'not used (MLX kernel)'}")

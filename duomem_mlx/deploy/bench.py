@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from duomem_mlx.deploy.bandwidth import bandwidth
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats import manifest
 from duomem_mlx.io import cache_root, check_destination, write_atomic
 from duomem_mlx.progress import Progress
 from duomem_mlx.runtime.gpu_memory import wired_limit
@@ -333,12 +334,11 @@ def plot(rows: list[dict], out: str) -> bool:
 
 def record(path: str, row: dict) -> None:
     """Store the figures in the package's duomem.json (the model card's results table reads them)."""
-    meta_path = Path(path) / "duomem.json"
-    if not meta_path.is_file():
+    if not manifest.path(path).is_file():
         return
-    meta = json.loads(meta_path.read_text())
-    meta.setdefault("results", {})["bench"] = {k: row[k] for k in KEYS if k in row}
-    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    meta = manifest.read(path, manifest.PACKAGE_FIX)
+    meta["results"] = (meta.get("results") or {}) | {"bench": {k: row[k] for k in KEYS if k in row}}
+    manifest.write(path, meta)
 
 
 def measure(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit) -> dict:

@@ -128,9 +128,9 @@ def quantize(
         max_seq_length=max_seq_length,
         recipe=recipe,
     )
-    import json
+    from duomem_mlx.formats import manifest
 
-    meta = json.loads((path / "duomem.json").read_text())
+    meta = manifest.read(path, manifest.PACKAGE_FIX)
     if not meta["memory"]:
         click.echo("note: no memory bank (pass --memory BANK); the package works without memories")
     click.echo(

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats import manifest
 from duomem_mlx.runtime.models import is_repo_id, transport_error
 
 # Weights, config, tokenizer, memory bank, provenance, card, plots; nothing else (no caches,
@@ -28,7 +29,7 @@ ALLOW = [
     "memory/bank.json",
     "memory/memories.jsonl",
     "memory/keys.safetensors",
-    "duomem.json",
+    manifest.NAME,
     "README.md",
     "*.png",
 ]
@@ -86,7 +87,7 @@ def push(package: Path, repo: str, private: bool, message: str, files) -> list[t
     token = get_token()
     if not token:
         raise DuomemError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
-    if (package / "duomem.json").is_file():
+    if manifest.path(package).is_file():
         write_card(package, repo)  # the card's results table from duomem.json, the usage snippet for this repo
     api = HfApi(token=token)
     try:

@@ -20,12 +20,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from duomem_mlx import __version__
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats import manifest
+from duomem_mlx.formats.adapters import check_adapters, read_summary
 from duomem_mlx.io import atomic_dir, atomic_file
 from duomem_mlx.runtime.gpu_memory import warn_before_loading, wired_limit
 from duomem_mlx.runtime.models import check_group_size, default_dtype, resolve
 from duomem_mlx.teacher.topk import masked_positions
 
-PACKAGE_FORMAT = 1
 CPU_DECODE_TOKENS = 16
 MARGIN = 1.0  # nats: calibration's hinge on the float student's choice over its runners-up
 SENSITIVITY_EPISODES = 16  # of the cache, spread over it: mixed recipes' layer sensitivities (~10 s each on SmolLM2)
@@ -72,13 +73,7 @@ def load_student(source: str, adapters: str | None, model_path: str):
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     if adapters:
-        if (
-            not (Path(adapters) / "adapter_config.json").is_file()
-            or not (Path(adapters) / "adapters.safetensors").is_file()
-        ):
-            raise DuomemError(
-                f"{adapters} is not an mlx-lm adapter directory (adapters.safetensors + adapter_config.json); pass the output of `duomem-mlx distill`"
-            )
+        check_adapters(adapters)
         try:
             load_adapters(model, adapters)
         except (ValueError, KeyError, IndexError) as e:
@@ -276,13 +271,13 @@ def model_bytes(package: Path) -> int:
 
 
 def provenance(adapters: str | None, model_path: str) -> dict:
-    """teacher/base recorded by distill (ADAPTERS/duomem.json) or an input package."""
-    for candidate in (adapters, model_path):
-        path = Path(candidate) / "duomem.json" if candidate else None
-        if path and path.is_file():
+    """teacher/base recorded by distill (ADAPTERS/duomem.json) or an input package; {} where the
+    first of them is damaged (the package is made all the same, without them)."""
+    for candidate, read in ((adapters, read_summary), (model_path, manifest.read)):
+        if candidate and manifest.path(candidate).is_file():
             try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
+                return read(candidate)
+            except DuomemError:
                 return {}
     return {}
 
@@ -406,7 +401,7 @@ def quantize_package(
         config,
         memories_file,
         {
-            "format": PACKAGE_FORMAT,
+            "format": manifest.PACKAGE_FORMAT,
             "name": name or out.name,
             "base": model,
             "teacher": provenance(adapters, source).get("teacher"),
@@ -550,7 +545,7 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
             meta["memory"] = rebuild_bank(memories, str(tmp), tmp / "memory", str(out.resolve()), key) | {
                 "source": str(memories_file)
             }
-        (tmp / "duomem.json").write_text(json.dumps(meta, indent=2) + "\n")
+        manifest.write(tmp, meta)
         write_card(tmp)
     return out
 
@@ -591,7 +586,7 @@ def write_card(package: Path, repo_id: str | None = None) -> None:
     """README.md with Hub front matter, usage for mlx-lm and duomem-mlx, and the results table."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    meta = json.loads((package / "duomem.json").read_text())
+    meta = manifest.read(package, manifest.PACKAGE_FIX)
     base = meta.get("base") or ""
     data = ModelCardData(
         library_name="mlx",

@@ -23,15 +23,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from duomem_mlx.distill.data import Dataset, build_dataset, check_kd, collate, epoch_batches
 from duomem_mlx.distill.losses import distill_loss
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.adapters import CONFIG, SUMMARY, WEIGHTS, finished, write_adapter_config, write_summary
 from duomem_mlx.io import atomic_file, write_atomic
 from duomem_mlx.progress import Progress
 from duomem_mlx.runtime.decode import logits_at
 from duomem_mlx.runtime.gpu_memory import warn_if_over, wired_limit
 
 OUTPUTS = (
-    "adapters.safetensors",
-    "adapter_config.json",
-    "duomem.json",
+    WEIGHTS,
+    CONFIG,
+    SUMMARY,
     "metrics.jsonl",
     "loss.png",
     "checkpoint",
@@ -186,7 +187,7 @@ def distill(args: DistillArgs) -> dict:
             embedder = str(local.resolve()) if local.exists() else args.student
             rebuild_bank(bank.memories, args.student, out / "memory", embedder, bank.key, adapters=out)
         plot(out)
-        write_atomic(out / "duomem.json", json.dumps(summary, indent=1).encode())
+        write_summary(out, summary)
     return summary
 
 
@@ -198,12 +199,12 @@ def check_out(args: DistillArgs, out: Path, rank: int) -> None:
     """Refuse to overwrite a run unless told; --force clears our files (rank 0 only)."""
     if args.resume and args.force:
         raise DuomemError("--resume and --force contradict each other; pass one")
-    finished = (out / "duomem.json").exists()
-    started = (out / "checkpoint" / "state.json").exists() or (out / "adapters.safetensors").exists()
-    if finished and args.resume:
+    done = finished(out)
+    started = (out / "checkpoint" / "state.json").exists() or (out / WEIGHTS).exists()
+    if done and args.resume:
         raise DuomemError(f"{out} already holds a finished run; pass --force to train it again, or another --out")
-    if (finished or started) and not (args.resume or args.force):
-        state = "finished" if finished else "unfinished"
+    if (done or started) and not (args.resume or args.force):
+        state = "finished" if done else "unfinished"
         raise DuomemError(
             f"{out} already holds a {state} distill run; pass --resume to continue it or --force to overwrite it"
         )
@@ -295,8 +296,8 @@ def save_checkpoint(out: Path, model, optimizer, args: DistillArgs, step: int) -
     for old in ckpt.glob("*.safetensors"):
         if not old.name.startswith(f"{step:07d}."):
             old.unlink()
-    save_safetensors(out / "adapters.safetensors", adapters)
-    write_atomic(out / "adapter_config.json", json.dumps(adapter_config(model, args), indent=4).encode())
+    save_safetensors(out / WEIGHTS, adapters)
+    write_adapter_config(out, adapter_config(model, args))
 
 
 def load_checkpoint(out: Path, args: DistillArgs, model, optimizer) -> int:

@@ -42,6 +42,7 @@ from duomem_mlx.distill.train import rebuild_bank
 from duomem_mlx.envs.base import Episode
 from duomem_mlx.memory.bank import read_memories, recorded_key
 from duomem_mlx.runtime.models import load, make_tiny_model
+from duomem_mlx.runtime.options import PolicyOptions
 
 
 def teach(args, out: Path) -> str:
@@ -82,13 +83,8 @@ def play(args, package: Path, log: Path, adapters: str | None = None, bank: Path
         "dev",
         args.episodes,
         f"model:{package}",
-        adapters,
-        bank and str(bank),
-        args.memory_k,
-        "constrained",
-        4096,
+        PolicyOptions(adapter_path=adapters, memory_bank=bank and str(bank), memory_k=args.memory_k),
         args.max_steps,
-        0,
         str(log.with_suffix(".json")),
         str(log),
         game_params=args.game_params,

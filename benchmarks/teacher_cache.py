@@ -21,6 +21,7 @@ from mlx_lm import stream_generate
 
 from duomem_mlx.envs.base import Episode, Step, StepResult, TaskSpec
 from duomem_mlx.runtime.models import default_corpus, load, make_tiny_model
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import ModelPolicy
 from duomem_mlx.runtime.prompt import encode, episode_messages, render
 from duomem_mlx.teacher.base import shard_arrays
@@ -87,9 +88,10 @@ def main():
     model, tokenizer = load(model_path)
     states = synthetic_steps(args.steps)
     ks = [int(k) for k in args.ks.split(",")]
-    bare = ModelPolicy(model, tokenizer, decode=args.decode)
+    options = PolicyOptions(decode=args.decode)
+    bare = ModelPolicy(model, tokenizer, options=options)
     recorders = {k: TopKRecorder(model, k, set(tokenizer.eos_token_ids)) for k in ks}
-    recorded = {k: ModelPolicy(recorders[k], tokenizer, decode=args.decode) for k in ks}
+    recorded = {k: ModelPolicy(recorders[k], tokenizer, options=options) for k in ks}
     for policy in [bare, *recorded.values()]:
         play(policy, states[:2])  # warm-up
     times = {name: [] for name in ["bare", *ks]}

@@ -29,6 +29,7 @@ from duomem_mlx.envs import make_env  # noqa: E402
 from duomem_mlx.runtime.models import make_tiny_model  # noqa: E402
 from duomem_mlx.teacher.cache import read_episodes, verify  # noqa: E402
 from duomem_mlx.teacher.collect import collect  # noqa: E402
+from duomem_mlx.teacher.options import TeachOptions  # noqa: E402
 
 
 def cache_bytes(out: Path) -> dict[str, bytes]:
@@ -37,22 +38,14 @@ def cache_bytes(out: Path) -> dict[str, bytes]:
     }
 
 
-def options(args, url: str, model: Path, out: Path, concurrency: int, **more) -> dict:
-    return dict(
-        teacher=f"openai:{url}#{model}",
-        env_name=args.env,
-        tasks=args.tasks,
-        episodes=args.episodes,
-        top_k=args.top_k,
-        out=str(out),
-        concurrency=concurrency,
-        **more,
-    )
+def teach(args, url: str, model: Path, out: Path, concurrency: int, **more) -> None:
+    options = TeachOptions(tasks=args.tasks, episodes=args.episodes, top_k=args.top_k, concurrency=concurrency, **more)
+    collect(f"openai:{url}#{model}", args.env, str(out), options)
 
 
 def timed(args, url, model, out, concurrency, **more) -> dict:
     start = time.perf_counter()
-    collect(**options(args, url, model, out, concurrency, **more))
+    teach(args, url, model, out, concurrency, **more)
     seconds = time.perf_counter() - start
     checked, problems = verify(out)
     return {
@@ -119,7 +112,7 @@ def kill_resume(args, url, model, tmp, reference: Path) -> dict:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     written = len(read_episodes(out, torn_ok=True))
-    collect(**options(args, url, model, out, 16, resume=True))
+    teach(args, url, model, out, 16, resume=True)
     checked, problems = verify(out)
     return {
         "killed_mid_run": killed,

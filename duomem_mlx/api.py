@@ -17,43 +17,25 @@ class Answer(namedtuple("Answer", "text memories")):
     __slots__ = ()
 
 
-def load(
-    model: str,
-    adapter_path: str | None = None,
-    memory_bank: str | None = None,
-    memory_k: int = 3,
-    decode: str | None = None,
-    max_context: int = 4096,
-    temperature: float = 0.0,
-    seed: int = 0,
-    thinking: bool = False,
-    memory_filter: str = "none",
-) -> "Agent":
+def load(model: str, adapter_path: str | None = None, *, decode: str | None = None, **options) -> "Agent":
     """Load an agent: a package directory (its memory/ bank is read too) or a Hub id, or a model
     with `adapter_path` (LoRA adapters) and `memory_bank` (a bank directory from `memory build`).
 
     decode: None picks per step (constrained to the admissible actions when they are given, free
     text otherwise); "constrained" or "free" forces one.
+    options: the fields of duomem_mlx.runtime.options.PolicyOptions, their defaults eval's and
+    chat's (memory_bank, memory_k, memory_filter, max_context, temperature, thinking, seed).
 
         >>> agent = duomem_mlx.load("mlx-community/SmolLM2-135M-Instruct", memory_bank="runs/bank")
     """
+    from duomem_mlx.runtime.options import PolicyOptions
     from duomem_mlx.runtime.policy import ModelPolicy
 
     if decode not in DECODES:
         raise DuomemError(f"unknown decode {decode!r}; use None (by step), 'constrained' or 'free'")
-    policy = ModelPolicy.from_options(
-        model,
-        adapter_path,
-        memory_bank,
-        memory_k,
-        decode or "constrained",
-        max_context,
-        seed,
-        temperature,
-        thinking,
-        memory_filter,
-    )
-    return Agent(policy, decode, max_context, temperature)
+    settings = PolicyOptions(adapter_path=adapter_path, decode=decode or "constrained", **options)
+    policy = ModelPolicy.from_options(model, settings)
+    return Agent(policy, decode, settings.max_context, settings.temperature)
 
 
 class Agent:

@@ -11,6 +11,7 @@ from duomem_mlx.envs.base import play_episode
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.memory.bank import Memory, build
 from duomem_mlx.runtime.models import load as load_model
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import ModelPolicy
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -70,7 +71,7 @@ def test_api_plays_a_twx_game_as_the_env_loop_does(twx, tiny_model, tiny_bank, g
     assert state.done or len(actions) == 12
     assert [m.id for m in agent.memories] in (["boil-1"], ["coin-1"])
 
-    policy = ModelPolicy.from_options(str(tiny_model), memory_bank=str(tiny_bank), memory_k=1)
+    policy = ModelPolicy.from_options(str(tiny_model), PolicyOptions(memory_bank=str(tiny_bank), memory_k=1))
     episode = play_episode(twx, spec, policy, max_steps=12)
     assert [step.action for step in episode.steps] == actions  # one start path: the API is the env loop
     assert episode.memories == [m.id for m in agent.memories]

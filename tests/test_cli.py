@@ -1,5 +1,6 @@
 """The CLI surface: help everywhere, -c config files, tiny models that plain mlx-lm opens."""
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -40,6 +41,25 @@ def test_expected_commands_exist():
         "memory build",
         "memory search",
     } <= names
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [("eval", "PolicyOptions"), ("chat", "PolicyOptions"), ("distill", "DistillArgs"), ("teach", "TeachOptions")],
+)
+def test_a_commands_defaults_are_its_stages_dataclass(command, options):
+    """Each default is written once: an option of the command that is a field of the dataclass its stage
+    takes defaults to that field's default (teach's --memory-k TeachOptions', eval's PolicyOptions')."""
+    from duomem_mlx.distill.train import DistillArgs
+    from duomem_mlx.runtime.options import PolicyOptions
+    from duomem_mlx.teacher.options import TeachOptions
+
+    cls = {"PolicyOptions": PolicyOptions, "DistillArgs": DistillArgs, "TeachOptions": TeachOptions}[options]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    given = {name: default for name, default in defaults.items() if default not in (None, dataclasses.MISSING)}
+    shared = [p for p in cli.commands[command].params if p.name in given and not p.is_flag]
+    assert len(shared) >= 4 and "memory_k" in {p.name for p in shared}
+    assert {p.name: p.default for p in shared} == {p.name: given[p.name] for p in shared}
 
 
 def test_tiny_models_load_and_generate_with_plain_mlx_lm(tmp_path):

@@ -104,6 +104,7 @@ from duomem_mlx.distill.data import build_dataset
 from duomem_mlx.envs.base import Episode
 from duomem_mlx.memory.bank import Memory, build
 from duomem_mlx.runtime.models import load, make_tiny_model
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import ModelPolicy
 from duomem_mlx.runtime.prompt import episode_messages, tokenize_with_mask
 from duomem_mlx.teacher.cache import load_shard, read_episodes
@@ -227,7 +228,9 @@ def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, t
     model, tokenizer = load(str(tiny_model))
     from duomem_mlx.runtime.policy import load_bank
 
-    policy = ModelPolicy(model, tokenizer, load_bank(str(bank), model, tokenizer), memory_k=2, memory_filter="task")
+    policy = ModelPolicy(
+        model, tokenizer, load_bank(str(bank), model, tokenizer), PolicyOptions(memory_k=2, memory_filter="task")
+    )
     data = build_dataset(
         kd_cache, tokenizer, kd=True, retrieve=policy.retrieve, only_success=False, val_fraction=0.3, progress=False
     )
@@ -277,7 +280,10 @@ def test_training_prompts_never_hold_a_memory_of_their_own_game(oracle_cache, ti
     memories = of_kind([], episodes, "trajectory")
     assert len(memories) == len(episodes) >= 3
     policy = ModelPolicy(
-        model, tokenizer, build(memories, model, tokenizer, key="task+observation"), memory_k=len(memories)
+        model,
+        tokenizer,
+        build(memories, model, tokenizer, key="task+observation"),
+        PolicyOptions(memory_k=len(memories)),
     )
     data = build_dataset(oracle_cache, tokenizer, kd=False, retrieve=policy.retrieve, val_fraction=0, progress=False)
     assert data.counts["memories_retrieved"] == len(episodes) * (len(memories) - 1)
@@ -465,7 +471,8 @@ def test_memory_bank_is_rebuilt_for_the_adapters_and_eval_uses_it(kd_cache, tiny
     assert (
         summary["memory"]["mode"] == "other" and summary["data"]["memories_retrieved"] == 2 * summary["data"]["train"]
     )
-    policy = ModelPolicy.from_options(str(tiny_model), str(out))  # no --memory: OUT/memory, no fingerprint error
+    # no --memory: OUT/memory, no fingerprint error
+    policy = ModelPolicy.from_options(str(tiny_model), PolicyOptions(adapter_path=str(out)))
     assert policy.bank is not None and len(policy.bank) == len(MEMORIES)
     assert sorted(m.id for m in policy.retrieve("open the locked door", "simple")) == [
         "m1",
@@ -477,7 +484,8 @@ def test_memory_bank_is_rebuilt_for_the_adapters_and_eval_uses_it(kd_cache, tiny
     from duomem_mlx.errors import DuomemError
 
     with pytest.raises(DuomemError, match="another embedder"):
-        ModelPolicy.from_options(str(tiny_model), str(out), memory_bank=str(bank))  # the base bank does not fit
+        # the base bank does not fit
+        ModelPolicy.from_options(str(tiny_model), PolicyOptions(adapter_path=str(out), memory_bank=str(bank)))
 
 
 def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_arguments(
@@ -494,13 +502,24 @@ def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_argum
         tokenizer,
         query,
         task_type=None,
-        k=3,
+        *,
+        k,
         memory_filter="none",
         observation="",
         exclude_games=frozenset(),
     ):
         calls.append((query, task_type, k, memory_filter, observation, exclude_games))
-        return real(bank, model, tokenizer, query, task_type, k, memory_filter, observation, exclude_games)
+        return real(
+            bank,
+            model,
+            tokenizer,
+            query,
+            task_type,
+            k=k,
+            memory_filter=memory_filter,
+            observation=observation,
+            exclude_games=exclude_games,
+        )
 
     monkeypatch.setattr(retrieval, "retrieve", spy)
     out = tmp_path / "adapters"
@@ -528,7 +547,9 @@ def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_argum
     ]
     assert json.loads((out / "duomem.json").read_text())["memory"]["filter"] == "task"
     calls.clear()
-    policy = ModelPolicy.from_options(str(tiny_model), str(out), memory_k=2, memory_filter="task")
+    policy = ModelPolicy.from_options(
+        str(tiny_model), PolicyOptions(adapter_path=str(out), memory_k=2, memory_filter="task")
+    )
     first = Episode.from_json(records[0]).steps[0]
     policy.start(
         None,

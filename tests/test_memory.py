@@ -101,7 +101,7 @@ def test_retrieval_is_by_similarity_alone_unless_filtered_by_task(bank, student)
     )  # no boil memories: all of them
     assert retrieve(None, *student, cool, k=3) == [] and retrieve(bank, *student, cool, k=0) == []
     with pytest.raises(DuomemError, match="unknown memory filter"):
-        retrieve(bank, *student, cool, memory_filter="type")
+        retrieve(bank, *student, cool, k=1, memory_filter="type")
 
 
 def test_retrieval_accuracy_is_the_share_of_top_1_memories_of_the_true_type(bank, student, tmp_path):

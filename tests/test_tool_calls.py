@@ -22,6 +22,7 @@ from duomem_mlx.envs.example_tools import TOOLS
 from duomem_mlx.runtime.decode import DecodeOptions, decode_action, end_of_turn
 from duomem_mlx.runtime.grammar import Spelling, TokenIndex, call_grammar
 from duomem_mlx.runtime.models import make_tiny_model
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import ModelPolicy
 from duomem_mlx.runtime.prompt import encode, prefix_messages, render
 from duomem_mlx.runtime.session import ReencodingSession, Session
@@ -228,7 +229,7 @@ def test_real_smollm2_calls_fit_the_schema_on_calendar_and_bfcl(real_models):
     """The real SmolLM2, untrained: a few steps of the calendar and of a BFCL entry, all calls
     schema-valid (the prompt format: Python syntax, the docs in the system prompt). BFCL's text
     replies are turned off for the check, so that every step is a call."""
-    policy = ModelPolicy.from_options(real_models["smollm2-135m-instruct"], max_context=4096)
+    policy = ModelPolicy.from_options(real_models["smollm2-135m-instruct"], PolicyOptions(max_context=4096))
     for name, tasks, steps in [("duomem_mlx.envs.example_tools:Calendar", ["move"], 4), ("bfcl", ["base"], 3)]:
         env = make_env(name)
         env.text_replies = False
@@ -257,7 +258,7 @@ def test_chat_and_bench_play_an_env_of_tools(tmp_path):
 def test_tools_added_mid_episode_reach_the_prompt_and_the_grammar(tiny_model):
     """BFCL's miss_func offers a withheld tool at a later turn: the policy's system docs (prompt
     format) and its grammar take it from the next step on."""
-    policy = ModelPolicy.from_options(str(tiny_model), max_context=32768)
+    policy = ModelPolicy.from_options(str(tiny_model), PolicyOptions(max_context=32768))
     env = make_env("bfcl")
     split = next(s for s in ("train", "dev", "test") if 0 in split_indices(s)["miss_func"])
     spec = TaskSpec("bfcl", "miss_func", 0, split)  # miss_func_0: `sort` comes back at turn 3
@@ -283,7 +284,7 @@ def test_training_renders_the_chat_and_tools_the_agent_saw(arch, families):
     from duomem_mlx.runtime.tools import episode_chat
 
     model, tokenizer = families[arch]
-    policy = ModelPolicy(model, tokenizer, max_context=4096)
+    policy = ModelPolicy(model, tokenizer, options=PolicyOptions(max_context=4096))
     policy.retrieve = lambda *a, **k: [type("M", (), {"text": "list the day first", "id": "m"})()]
     env = make_env("duomem_mlx.envs.example_tools:Calendar")
     episode = play_episode(env, env.task_specs(["move"], "dev", 1, 0)[0], policy, 4)

@@ -4,6 +4,7 @@ import click
 
 from duomem_mlx.config import SPLITS, config_option, csv_list, game_params_option
 from duomem_mlx.envs import ENV_HELP
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.retrieval import FILTERS
 
 
@@ -22,19 +23,19 @@ from duomem_mlx.runtime.retrieval import FILTERS
     type=click.Path(),
     help="Memory bank the model reads (model:PATH only; default: ADAPTERS/memory, else PATH/memory, if present).",
 )
-@click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--memory-k", type=click.IntRange(0), default=PolicyOptions.memory_k, show_default=True)
 @click.option(
     "--memory-filter",
     type=click.Choice(FILTERS),
-    default="none",
+    default=PolicyOptions.memory_filter,
     show_default=True,
     help="task: retrieve only memories of the episode's task type (use what distill used); none: by similarity alone.",
 )
-@click.option("--decode", type=click.Choice(["free", "constrained"]), default="constrained", show_default=True)
+@click.option("--decode", type=click.Choice(["free", "constrained"]), default=PolicyOptions.decode, show_default=True)
 @click.option(
     "--max-context",
     type=click.IntRange(256),
-    default=4096,
+    default=PolicyOptions.max_context,
     show_default=True,
     help="Tokens kept; oldest whole turns drop first.",
 )
@@ -47,7 +48,7 @@ from duomem_mlx.runtime.retrieval import FILTERS
     is_flag=True,
     help="enable_thinking=True for templates that know it (Qwen3); off by default, as teach and distill render.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=PolicyOptions.seed, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="results.json")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write one JSON line per episode.")
 @config_option
@@ -63,7 +64,8 @@ def eval_command(**kwargs):
     """
     from duomem_mlx.agent.eval import run_eval
 
-    run_eval(**kwargs)
+    options = PolicyOptions.pop_from(kwargs)
+    run_eval(options=options, **kwargs)
 
 
 @click.command("chat")
@@ -75,21 +77,21 @@ def eval_command(**kwargs):
     type=click.Path(),
     help="Memory bank to retrieve from (default: ADAPTERS/memory, else MODEL/memory, if present).",
 )
-@click.option("--memory-k", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--memory-k", type=click.IntRange(0), default=PolicyOptions.memory_k, show_default=True)
 @click.option(
     "--memory-filter",
     type=click.Choice(FILTERS),
-    default="none",
+    default=PolicyOptions.memory_filter,
     show_default=True,
     help="task: retrieve only memories of the episode's task type (--env only: a typed request has none); none: by similarity alone.",
 )
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="Per reply.")
-@click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--max-context", type=click.IntRange(256), default=PolicyOptions.max_context, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=PolicyOptions.temperature, show_default=True)
 @click.option("--env", "env_name", help="Watch the model play an episode of this environment instead: " + ENV_HELP)
 @click.option("--tasks", callback=csv_list, help="Task for --env (default: the first).")
 @click.option("--split", type=SPLITS, default="dev", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=PolicyOptions.seed, show_default=True)
 @click.option("--max-steps", type=click.IntRange(1), default=30, show_default=True)
 @game_params_option
 @click.option("--step", is_flag=True, help="With --env: wait for Enter before each action.")
@@ -97,24 +99,7 @@ def eval_command(**kwargs):
     "--thinking", is_flag=True, help="enable_thinking=True for templates that know it (Qwen3); off by default."
 )
 @config_option
-def chat_command(
-    model,
-    adapter_path,
-    memory_bank,
-    memory_k,
-    memory_filter,
-    max_tokens,
-    max_context,
-    temperature,
-    env_name,
-    tasks,
-    split,
-    seed,
-    max_steps,
-    game_params,
-    step,
-    thinking,
-):
+def chat_command(model, max_tokens, env_name, tasks, split, max_steps, game_params, step, **options):
     """Talk to a student (streaming), with the memories it retrieves shown; or watch it play.
 
     In the REPL: /memory, /reset, /stats, /quit. Ctrl-C stops a reply, Ctrl-D (EOF) exits.
@@ -129,11 +114,9 @@ def chat_command(
     from duomem_mlx.agent.chat import run_chat, watch_episode
     from duomem_mlx.runtime.policy import ModelPolicy
 
-    decode = "constrained" if env_name else "free"
-    policy = ModelPolicy.from_options(
-        model, adapter_path, memory_bank, memory_k, decode, max_context, seed, temperature, thinking, memory_filter
-    )
+    options = PolicyOptions(decode="constrained" if env_name else "free", **options)
+    policy = ModelPolicy.from_options(model, options)
     if env_name:
-        watch_episode(policy, env_name, tasks, split, seed, max_steps, step, game_params)
+        watch_episode(policy, env_name, tasks, split, options.seed, max_steps, step, game_params)
     else:
-        run_chat(policy, max_tokens, max_context, temperature)
+        run_chat(policy, max_tokens, options.max_context, options.temperature)

@@ -14,6 +14,7 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.io import check_destination, write_atomic
 from duomem_mlx.progress import Progress
 from duomem_mlx.runtime.gpu_memory import wired_limit
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import make_policy
 
 
@@ -51,49 +52,19 @@ def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
     return episodes
 
 
-def run_eval(
-    env_name,
-    tasks,
-    split,
-    episodes,
-    policy,
-    adapter_path,
-    memory_bank,
-    memory_k,
-    decode,
-    max_context,
-    max_steps,
-    seed,
-    out,
-    log,
-    thinking=False,
-    memory_filter="none",
-    game_params=None,
-):
+def run_eval(env_name, tasks, split, episodes, policy, options: PolicyOptions, max_steps, out, log, game_params=None):
+    """`policy` is make_policy's spec; `options` reach a model:PATH policy (oracle and random take the seed)."""
     check_destination(out)
     if log:
         check_destination(log, option="--log")
         if Path(log).resolve() == Path(out).resolve():
             raise DuomemError(f"--log and --out are the same file ({out}); give the episode log its own name")
-    model_options = (
-        dict(
-            adapter_path=adapter_path,
-            memory_bank=memory_bank,
-            memory_k=memory_k,
-            memory_filter=memory_filter,
-            decode=decode,
-            max_context=max_context,
-            thinking=thinking,
-        )
-        if policy.startswith("model:")
-        else {}
-    )
-    agent = make_policy(policy, seed=seed, **model_options)
+    agent = make_policy(policy, options)
     env = make_env(env_name, game_params)
     max_steps = max_steps or env.default_max_steps
     start = time.perf_counter()
     try:
-        specs = env.task_specs(tasks, split, episodes, seed)
+        specs = env.task_specs(tasks, split, episodes, options.seed)
         with open(log, "w") if log else open(os.devnull, "w") as log_file:
             played = run_episodes(env, specs, agent, max_steps, log_file if log else None)
     finally:
@@ -109,7 +80,7 @@ def run_eval(
         "game_params": game_params,
         "split": split,
         "policy": policy,
-        "seed": seed,
+        "seed": options.seed,
         "max_steps": max_steps,
         "seconds": round(time.perf_counter() - start, 2),
         "per_task": per_task,

@@ -120,9 +120,10 @@ def play_env(path: str, env_name: str, episodes: int, seed: int):
     """Real episodes through eval's loop: yields (step seconds, episode seconds) of each."""
     from duomem_mlx.envs import make_env
     from duomem_mlx.envs.base import play_episode
+    from duomem_mlx.runtime.options import PolicyOptions
     from duomem_mlx.runtime.policy import make_policy
 
-    policy = make_policy(f"model:{path}", seed=seed)
+    policy = make_policy(f"model:{path}", PolicyOptions(seed=seed))
     env = make_env(env_name)
     try:
         for spec in env.task_specs(None, "dev", episodes, seed):

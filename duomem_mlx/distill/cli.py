@@ -3,6 +3,7 @@
 import click
 
 from duomem_mlx.config import config_option, csv_list
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.retrieval import FILTERS
 
 
@@ -16,12 +17,16 @@ from duomem_mlx.runtime.retrieval import FILTERS
     help="Prepend the memories the student retrieves from this bank (built for the student).",
 )
 @click.option(
-    "--memory-k", type=click.IntRange(0), default=3, show_default=True, help="Memories per prompt, as at run time."
+    "--memory-k",
+    type=click.IntRange(0),
+    default=PolicyOptions.memory_k,
+    show_default=True,
+    help="Memories per prompt, as at run time.",
 )
 @click.option(
     "--memory-filter",
     type=click.Choice(FILTERS),
-    default="none",
+    default=PolicyOptions.memory_filter,
     show_default=True,
     help="task: retrieve only memories of the episode's task type (pass the same to eval); none: by similarity alone.",
 )

@@ -28,6 +28,7 @@ from duomem_mlx.io import atomic_file, write_atomic
 from duomem_mlx.progress import Progress
 from duomem_mlx.runtime.decode import logits_at
 from duomem_mlx.runtime.gpu_memory import warn_if_over, wired_limit
+from duomem_mlx.runtime.options import PolicyOptions
 
 OUTPUTS = (
     WEIGHTS,
@@ -72,8 +73,8 @@ class DistillArgs:
     cache: str
     out: str
     memory_bank: str | None = None
-    memory_k: int = 3
-    memory_filter: str = "none"
+    memory_k: int = PolicyOptions.memory_k  # the student trains reading what it reads at run time
+    memory_filter: str = PolicyOptions.memory_filter
     kd: str = "on"
     iters: int = 100
     batch_size: int = 4

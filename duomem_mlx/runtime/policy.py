@@ -11,6 +11,7 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.memory.bank import game_of
 from duomem_mlx.runtime import retrieval
 from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.prompt import encode, prefix_messages, system_message
 from duomem_mlx.runtime.session import ReencodingSession, Session
 from duomem_mlx.runtime.tools import Tools
@@ -19,63 +20,29 @@ CALL_TOKENS = 160  # a call's budget: BFCL's string arguments (a tweet, a file's
 
 
 class ModelPolicy:
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        bank=None,
-        memory_k: int = 3,
-        decode: str = "constrained",
-        max_context: int = 4096,
-        temperature: float = 0.0,
-        reencode: bool = False,
-        thinking: bool = False,
-        memory_filter: str = "none",
-        embedder=None,
-    ):
-        self.model, self.tokenizer, self.bank, self.memory_k = model, tokenizer, bank, memory_k
-        self.memory_filter = memory_filter
+    def __init__(self, model, tokenizer, bank=None, options: PolicyOptions = PolicyOptions(), embedder=None):
+        """`options`' loading fields (adapter_path, memory_bank, seed) are from_options'."""
+        self.model, self.tokenizer, self.bank = model, tokenizer, bank
+        self.memory_k, self.memory_filter = options.memory_k, options.memory_filter
         self.embedder = embedder or model  # the bare model where `model` wraps it (a teacher's top-k recorder)
-        session_class = ReencodingSession if reencode else Session
-        self.options = DecodeOptions(mode=decode, temperature=temperature)
-        self.session = session_class(model, tokenizer, max_context, self.options, thinking=thinking)
+        session_class = ReencodingSession if options.reencode else Session
+        self.options = DecodeOptions(mode=options.decode, temperature=options.temperature)
+        self.session = session_class(model, tokenizer, options.max_context, self.options, thinking=options.thinking)
         self.env = self.tools = None
         self.memories: list = []  # those of the episode being played
 
     @classmethod
-    def from_options(
-        cls,
-        path,
-        adapter_path=None,
-        memory_bank=None,
-        memory_k=3,
-        decode="constrained",
-        max_context=4096,
-        seed=0,
-        temperature=0.0,
-        thinking=False,
-        memory_filter="none",
-    ):
+    def from_options(cls, path, options: PolicyOptions = PolicyOptions()):
         import mlx.core as mx
 
         from duomem_mlx.runtime.models import load, resolve
 
         source = resolve(path)  # a Hub id's snapshot, its memory/ included
-        model, tokenizer = load(source, adapter_path)
-        memory_bank = memory_bank or default_bank(source, adapter_path)
+        model, tokenizer = load(source, options.adapter_path)
+        memory_bank = options.memory_bank or default_bank(source, options.adapter_path)
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
-        mx.random.seed(seed)
-        return cls(
-            model,
-            tokenizer,
-            bank,
-            memory_k,
-            decode,
-            max_context,
-            temperature,
-            thinking=thinking,
-            memory_filter=memory_filter,
-        )
+        mx.random.seed(options.seed)
+        return cls(model, tokenizer, bank, options)
 
     def retrieve(
         self, query: str, task_type: str | None = None, observation: str = "", exclude_games=frozenset()
@@ -86,10 +53,10 @@ class ModelPolicy:
             self.tokenizer,
             query,
             task_type,
-            self.memory_k,
-            self.memory_filter,
-            observation,
-            exclude_games,
+            k=self.memory_k,
+            memory_filter=self.memory_filter,
+            observation=observation,
+            exclude_games=exclude_games,
         )
 
     def start(self, env, spec: TaskSpec, task_description: str, first: StepResult):
@@ -184,12 +151,12 @@ def load_bank(path, model, tokenizer):
     return bank
 
 
-def make_policy(spec: str, seed: int = 0, **model_options):
-    """`oracle`, `random` or `model:PATH` (model_options go to ModelPolicy.from_options)."""
+def make_policy(spec: str, options: PolicyOptions = PolicyOptions()):
+    """`oracle`, `random` (seeded with options.seed) or `model:PATH` (ModelPolicy.from_options)."""
     if spec == "oracle":
         return OraclePolicy()
     if spec == "random":
-        return RandomPolicy(seed)
+        return RandomPolicy(options.seed)
     if spec.startswith("model:") and spec[6:]:
-        return ModelPolicy.from_options(spec[6:], seed=seed, **model_options)
+        return ModelPolicy.from_options(spec[6:], options)
     raise DuomemError(f"unknown policy {spec!r}; use oracle, random or model:PATH")

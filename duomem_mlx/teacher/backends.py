@@ -10,34 +10,31 @@ they share is in base.py.
 """
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.teacher.base import load_tokenizer, redact, shard_arrays, teacher_memories
+from duomem_mlx.teacher.options import TeachOptions
 
 
-def make_teacher(
-    spec: str,
-    top_k: int = 20,
-    temperature: float = 0.0,
-    tokenizer: str | None = None,
-    decode: str = "constrained",
-    max_context: int = 4096,
-    seed: int = 0,
-    max_tokens: int = 64,
-    memory_bank: str | None = None,
-    memory_k: int = 2,
-    max_rps: float | None = None,
-):
-    if memory_bank and not spec.startswith("mlx:"):
+def make_teacher(spec: str, options: TeachOptions = TeachOptions(), max_tokens: int = 64):
+    if options.memory_bank and not spec.startswith("mlx:"):
         raise DuomemError("--memory (a bank the teacher reads) works with an mlx: teacher only")
-    if max_rps and not spec.startswith("openai:"):
+    if options.max_rps and not spec.startswith("openai:"):
         raise DuomemError("--max-rps limits the requests of an openai: teacher only")
     if spec == "oracle":
-        return OracleTeacher(tokenizer)
+        return OracleTeacher(options.teacher_tokenizer)
     if spec.startswith("mlx:"):
-        return MLXTeacher(spec[4:], top_k, temperature, decode, max_context, seed, memory_bank, memory_k)
+        return MLXTeacher(spec[4:], options.top_k, options.policy())
     if spec.startswith("openai:"):
         from duomem_mlx.teacher.openai_compat import OpenAITeacher, parse_spec
 
-        return OpenAITeacher(*parse_spec(spec), top_k, temperature, tokenizer, max_tokens, max_rps)
+        return OpenAITeacher(
+            *parse_spec(spec),
+            options.top_k,
+            options.temperature,
+            options.teacher_tokenizer,
+            max_tokens,
+            options.max_rps,
+        )
     raise DuomemError(f"unknown --teacher {redact(spec)}; use mlx:<path-or-repo>, openai:<base-url>#<model> or oracle")
 
 
@@ -72,17 +69,7 @@ class MLXTeacher:
 
     backend = "mlx"
 
-    def __init__(
-        self,
-        path: str,
-        top_k: int,
-        temperature: float,
-        decode: str,
-        max_context: int,
-        seed: int,
-        memory_bank: str | None = None,
-        memory_k: int = 2,
-    ):
+    def __init__(self, path: str, top_k: int, options: PolicyOptions):
         import mlx.core as mx
 
         from duomem_mlx.runtime.models import load
@@ -92,19 +79,10 @@ class MLXTeacher:
         self.spec, self.top_k = f"mlx:{path}", top_k
         self.model, self.tokenizer = load(path)
         self.vocab_size = self.model(mx.array([[0]])).shape[-1]
-        mx.random.seed(seed)
+        mx.random.seed(options.seed)
         self.recorder = TopKRecorder(self.model, top_k, set(self.tokenizer.eos_token_ids)) if top_k else self.model
-        bank = load_bank(memory_bank, self.model, self.tokenizer) if memory_bank else None
-        self.policy = ModelPolicy(
-            self.recorder,
-            self.tokenizer,
-            bank,
-            memory_k,
-            decode=decode,
-            max_context=max_context,
-            temperature=temperature,
-            embedder=self.model,
-        )
+        bank = load_bank(options.memory_bank, self.model, self.tokenizer) if options.memory_bank else None
+        self.policy = ModelPolicy(self.recorder, self.tokenizer, bank, options, embedder=self.model)
 
     def arrays(self, episode):
         arrays = shard_arrays(self.tokenizer, episode, self.policy.memory_texts)

@@ -9,6 +9,7 @@ from duomem_mlx.config import config_option, csv_list, game_params_option
 from duomem_mlx.envs import ENV_HELP
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.runtime.retrieval import KINDS
+from duomem_mlx.teacher.options import TeachOptions
 
 
 @click.command("teach")
@@ -27,30 +28,36 @@ from duomem_mlx.runtime.retrieval import KINDS
     "--skip-bad", is_flag=True, help="--from-chats: skip malformed records (counted) instead of stopping at the first."
 )
 @click.option("--tasks", callback=csv_list, help="Comma-separated task names (default: all).")
-@click.option("--split", type=click.Choice(["train", "dev", "test"]), default="train", show_default=True)
+@click.option("--split", type=click.Choice(["train", "dev", "test"]), default=TeachOptions.split, show_default=True)
 @click.option(
-    "--episodes", type=click.IntRange(1), default=3, show_default=True, help="Per named task; in all otherwise."
+    "--episodes",
+    type=click.IntRange(1),
+    default=TeachOptions.episodes,
+    show_default=True,
+    help="Per named task; in all otherwise.",
 )
 @click.option(
     "--top-k",
     type=click.IntRange(0, 1024),
-    default=20,
+    default=TeachOptions.top_k,
     show_default=True,
     help="Teacher distribution entries per action token (openai: <= 20 on vLLM, <= 10 on mlx_lm.server; 0: none).",
 )
 @click.option(
     "--temperature",
     type=click.FloatRange(0),
-    default=0.0,
+    default=TeachOptions.temperature,
     show_default=True,
     help="Sampling temperature of the teacher's actions (the cached top-k is always at temperature 1).",
 )
-@click.option("--keep", type=click.Choice(["success", "all"]), default="success", show_default=True)
-@click.option("--memory-writer", type=click.Choice(["rules", "teacher"]), default="rules", show_default=True)
+@click.option("--keep", type=click.Choice(["success", "all"]), default=TeachOptions.keep, show_default=True)
+@click.option(
+    "--memory-writer", type=click.Choice(["rules", "teacher"]), default=TeachOptions.memory_writer, show_default=True
+)
 @click.option(
     "--memory-kind",
     type=click.Choice(KINDS),
-    default="script",
+    default=TeachOptions.memory_kind,
     show_default=True,
     help="Memories written from the kept episodes: script (a procedure), trajectory (the episode, compact) or both.",
 )
@@ -63,7 +70,7 @@ from duomem_mlx.runtime.retrieval import KINDS
 @click.option(
     "--memory-k",
     type=click.IntRange(0),
-    default=2,
+    default=TeachOptions.memory_k,
     show_default=True,
     help="Memories the teacher reads (with --memory).",
 )
@@ -78,13 +85,13 @@ from duomem_mlx.runtime.retrieval import KINDS
 @click.option(
     "--decode",
     type=click.Choice(["free", "constrained"]),
-    default="constrained",
+    default=TeachOptions.decode,
     show_default=True,
     help="mlx: teacher action decoding.",
 )
-@click.option("--max-context", type=click.IntRange(256), default=4096, show_default=True)
+@click.option("--max-context", type=click.IntRange(256), default=TeachOptions.max_context, show_default=True)
 @click.option("--keep-admissible", is_flag=True, help="Store each step's admissible commands (large for ScienceWorld).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=TeachOptions.seed, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Cache directory.")
 @click.option(
     "--resume", is_flag=True, help="Continue a killed or shorter run; cached episodes are kept and not replayed."
@@ -93,7 +100,7 @@ from duomem_mlx.runtime.retrieval import KINDS
 @click.option(
     "--concurrency",
     type=click.IntRange(1),
-    default=1,
+    default=TeachOptions.concurrency,
     show_default=True,
     help="Episodes in flight at once, each with its own environment (openai: and oracle teachers); the cache is the same at any N.",
 )
@@ -121,22 +128,27 @@ def teach(**kwargs):
 
     from_chats, skip_bad = kwargs.pop("from_chats"), kwargs.pop("skip_bad")
     if from_chats:
-        summary = collect_chats(from_chats, **chat_options(kwargs), skip_bad=skip_bad)
+        refuse_playing_options(kwargs)
     else:
         for option, name in (("teacher", "--teacher"), ("env_name", "--env")):
             if not kwargs[option]:
                 raise DuomemError(
                     f"missing {name}: teach plays with --teacher on --env, or reads --from-chats FILE.jsonl"
                 )
-        summary = collect(**kwargs)
+    teacher, env_name, out = kwargs.pop("teacher"), kwargs.pop("env_name"), kwargs.pop("out")
+    options = TeachOptions(**kwargs)
+    if from_chats:
+        summary = collect_chats(from_chats, out, options, skip_bad=skip_bad)
+    else:
+        summary = collect(teacher, env_name, out, options)
     print_info(summary)
 
 
 CHAT_OPTIONS = ("out", "teacher_tokenizer", "keep", "memory_writer", "memory_kind", "force")
 
 
-def chat_options(kwargs: dict) -> dict:
-    """The options --from-chats takes; one that only playing uses is refused, not ignored."""
+def refuse_playing_options(kwargs: dict) -> None:
+    """--from-chats takes CHAT_OPTIONS only; one that only playing uses is refused, not ignored."""
     source = click.get_current_context().get_parameter_source
     given = [
         k
@@ -149,7 +161,6 @@ def chat_options(kwargs: dict) -> dict:
             for k in given
         )
         raise DuomemError(f"--from-chats reads its episodes instead of playing them; drop {names}")
-    return {k: kwargs[k] for k in CHAT_OPTIONS}
 
 
 @click.group("cache")

@@ -4,7 +4,7 @@ import copy
 import sys
 import threading
 from contextlib import closing, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -18,93 +18,61 @@ from duomem_mlx.teacher.backends import make_teacher
 from duomem_mlx.teacher.cache import CacheWriter, info
 from duomem_mlx.teacher.inflight import in_order
 from duomem_mlx.teacher.openai_compat import GaveUp
+from duomem_mlx.teacher.options import TeachOptions
 
 
-def collect(
-    teacher: str,
-    env_name: str,
-    out: str,
-    tasks: list[str] | None = None,
-    split: str = "train",
-    episodes: int = 3,
-    top_k: int = 20,
-    temperature: float = 0.0,
-    keep: str = "success",
-    memory_writer: str = "rules",
-    memory_kind: str = "script",
-    memory_bank: str | None = None,
-    memory_k: int = 2,
-    max_steps: int | None = None,
-    game_params: str | None = None,
-    seed: int = 0,
-    teacher_tokenizer: str | None = None,
-    decode: str = "constrained",
-    max_context: int = 4096,
-    keep_admissible: bool = False,
-    resume: bool = False,
-    force: bool = False,
-    concurrency: int = 1,
-    max_rps: float | None = None,
-) -> dict:
-    if resume and force:
+def collect(teacher: str, env_name: str, out: str, options: TeachOptions = TeachOptions()) -> dict:
+    if options.resume and options.force:
         raise DuomemError("--resume and --force contradict each other; pass one")
-    if concurrency > 1 and teacher.startswith("mlx:"):
+    if options.concurrency > 1 and teacher.startswith("mlx:"):
         raise DuomemError(
-            "--concurrency: an mlx: teacher holds one model and KV cache in this process and plays one episode at a time; "
-            "to play several at once serve the model (mlx_lm.server --model PATH batches requests) and pass --teacher openai:http://127.0.0.1:8080/v1#PATH"
+            "--concurrency: an mlx: teacher holds one model and KV cache in this process and plays one episode "
+            "at a time; to play several at once serve the model (mlx_lm.server --model PATH batches requests) "
+            "and pass --teacher openai:http://127.0.0.1:8080/v1#PATH"
         )
     if teacher == "oracle":
-        top_k = 0
+        options = replace(options, top_k=0)
     check_destination(out)
-    model = make_teacher(
-        teacher,
-        top_k,
-        temperature,
-        teacher_tokenizer,
-        decode,
-        max_context,
-        seed,
-        memory_bank=memory_bank,
-        memory_k=memory_k,
-        max_rps=max_rps,
-    )
+    model = make_teacher(teacher, options)
     if model.tokenizer is not None and not getattr(model.tokenizer, "chat_template", None):
         raise DuomemError(
             f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja"
         )
     from duomem_mlx.envs import make_env
 
-    env = make_env(env_name, game_params)
-    max_steps = max_steps or env.default_max_steps
+    env = make_env(env_name, options.game_params)
+    max_steps = options.max_steps or env.default_max_steps
     try:
-        specs = env.task_specs(tasks, split, episodes, seed)
+        specs = env.task_specs(options.tasks, options.split, options.episodes, options.seed)
         settings = {
             "teacher": model.spec,
             "backend": model.backend,
-            "top_k": top_k,
+            "top_k": options.top_k,
             "env": env_name,
-            "tasks": tasks,
-            "split": split,
-            "game_params": game_params,
-            "keep": keep,
-            "temperature": temperature,
-            "seed": seed,
+            "tasks": options.tasks,
+            "split": options.split,
+            "game_params": options.game_params,
+            "keep": options.keep,
+            "temperature": options.temperature,
+            "seed": options.seed,
             "max_steps": max_steps,
-            "episodes_per_task": episodes,
-            "memory_writer": memory_writer,
-            "memory_kind": memory_kind,
-            "memory_bank": memory_bank and str(Path(memory_bank).resolve()),
-            "memory_k": memory_k if memory_bank else 0,
+            "episodes_per_task": options.episodes,
+            "memory_writer": options.memory_writer,
+            "memory_kind": options.memory_kind,
+            "memory_bank": options.memory_bank and str(Path(options.memory_bank).resolve()),
+            "memory_k": options.memory_k if options.memory_bank else 0,
             "vocab_size": model.vocab_size,
             "tokenizer_fingerprint": fingerprint(model.tokenizer),
             "task_list": sorted({s.task for s in specs}),
         }
-        say_cycles(specs, split)
-        with CacheWriter(out, settings, resume=resume, force=force) as writer:
-            workers = Workers(env, lambda: make_env(env_name, game_params), model, max_steps, keep)
-            play(workers, specs, writer, keep_admissible, concurrency)
+        say_cycles(specs, options.split)
+        with CacheWriter(out, settings, resume=options.resume, force=options.force) as writer:
+            workers = Workers(env, lambda: make_env(env_name, options.game_params), model, max_steps, options.keep)
+            play(workers, specs, writer, options.keep_admissible, options.concurrency)
             kept = [Episode.from_json(e) for e in writer.episodes]
-            memories = model.memories(kept, memory_writer, memory_kind) if any(e.success for e in kept) else []
+            memories = (
+                model.memories(kept, options.memory_writer, options.memory_kind) if any(e.success for e in kept) else []
+            )
             with disk_errors(out, writer):
                 writer.finish([asdict(m) for m in merge_duplicates(memories)])
     finally:
@@ -234,51 +202,46 @@ def fingerprint(tokenizer) -> str | None:
     return tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
 
 
-def collect_chats(
-    from_chats: str,
-    out: str,
-    teacher_tokenizer: str | None = None,
-    keep: str = "success",
-    memory_writer: str = "rules",
-    memory_kind: str = "script",
-    skip_bad: bool = False,
-    force: bool = False,
-) -> dict:
+def collect_chats(from_chats: str, out: str, options: TeachOptions = TeachOptions(), skip_bad: bool = False) -> dict:
     """A teacher cache from logged conversations (teacher/chats.py): every record is read and
     tokenized before the cache is opened, so a bad one leaves nothing written."""
     from duomem_mlx.teacher.base import load_tokenizer, teacher_memories
     from duomem_mlx.teacher.chats import read_chats
 
-    if memory_writer != "rules" and memory_kind != "trajectory":
+    if options.memory_writer != "rules" and options.memory_kind != "trajectory":
         raise DuomemError("--from-chats has no model to write memories with; use --memory-writer rules")
     check_destination(out)
-    tokenizer = load_tokenizer(teacher_tokenizer) if teacher_tokenizer else None
+    tokenizer = load_tokenizer(options.teacher_tokenizer) if options.teacher_tokenizer else None
     if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise DuomemError(f"the tokenizer {teacher_tokenizer} has no chat template; name an instruct/chat model's")
+        raise DuomemError(
+            f"the tokenizer {options.teacher_tokenizer} has no chat template; name an instruct/chat model's"
+        )
     vocab_size = len(tokenizer.get_vocab()) if tokenizer else None
     chats = read_chats(from_chats, skip_bad=skip_bad, vocab_size=vocab_size)
-    kept = [e for e in chats.episodes if worth_keeping(e, keep)]
+    kept = [e for e in chats.episodes if worth_keeping(e, options.keep)]
     arrays = [chat_arrays(tokenizer, e, chats) if tokenizer else None for e in kept]
-    memories = teacher_memories(None, kept, memory_writer, memory_kind) if any(e.success for e in kept) else []
+    memories = (
+        teacher_memories(None, kept, options.memory_writer, options.memory_kind) if any(e.success for e in kept) else []
+    )
     settings = {
         "teacher": f"chats:{Path(from_chats).resolve()}",
         "backend": "chats",
         "top_k": chats.top_k,
         "env": "chats",
-        "keep": keep,
-        "memory_writer": memory_writer,
-        "memory_kind": memory_kind,
+        "keep": options.keep,
+        "memory_writer": options.memory_writer,
+        "memory_kind": options.memory_kind,
         "skip_bad": skip_bad,
         "vocab_size": vocab_size,
         "tokenizer_fingerprint": fingerprint(tokenizer),
         "task_list": sorted({e.task for e in kept}),
         "chats": {"read": chats.read, "bad": chats.bad},
     }
-    with CacheWriter(out, settings, force=force) as writer, disk_errors(out, writer):
+    with CacheWriter(out, settings, force=options.force) as writer, disk_errors(out, writer):
         for episode, shard in zip(kept, arrays):
             writer.add(record(episode, keep_admissible=False), shard)
         for episode in chats.episodes:
-            if not worth_keeping(episode, keep):
+            if not worth_keeping(episode, options.keep):
                 writer.drop(episode.id)
         writer.finish([asdict(m) for m in merge_duplicates(memories)])
     if chats.bad:

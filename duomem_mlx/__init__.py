@@ -18,6 +18,6 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" noise
 
 from duomem_mlx.api import Agent, Answer, load  # noqa: E402  (light: mlx is imported inside load)
+from duomem_mlx.version import __version__  # noqa: E402, F401
 
-__version__ = "0.1.0"
 __all__ = ["Agent", "Answer", "load"]

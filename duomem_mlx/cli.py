@@ -2,9 +2,9 @@
 
 import click
 
-from duomem_mlx import __version__
 from duomem_mlx.config import config_option
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.version import __version__
 
 
 class Group(click.Group):

@@ -7,11 +7,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from duomem_mlx import __version__
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.io import atomic_dir, read_text
 from duomem_mlx.runtime.models import check_group_size, default_dtype, weight_bytes
+from duomem_mlx.version import __version__
 
 DTYPES = ("float32", "float16", "bfloat16")
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")  # ids a reply may end with

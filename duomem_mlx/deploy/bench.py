@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
@@ -306,9 +305,9 @@ def bench_package(
 def print_table(rows: list[dict]) -> None:
     names = [Path(r["package"]).name for r in rows]
     width = max(map(len, ["metric", *KEYS]))
-    click.echo(f"{'metric':{width}}" + "".join(f"{n[:18]:>20}" for n in names))
+    print(f"{'metric':{width}}" + "".join(f"{n[:18]:>20}" for n in names))
     for key in KEYS:
-        click.echo(f"{key:{width}}" + "".join(f"{r.get(key, float('nan')):>20.4g}" for r in rows))
+        print(f"{key:{width}}" + "".join(f"{r.get(key, float('nan')):>20.4g}" for r in rows))
 
 
 def plot(rows: list[dict], out: str) -> bool:
@@ -382,13 +381,13 @@ def run_bench(
         kernels = ", ".join(
             f"{k} {v:.1f}" for k, v in result["machine"]["bandwidth_probe_gb_s"].items() if k not in ("best", "bytes")
         )
-        click.echo(
+        print(
             f"memory bandwidth {result['machine']['bandwidth_gb_s']:.1f} GB/s on {result['machine']['chip']} "
             f"({result['machine']['device']}; the fastest of {kernels} GB/s; cached in {cache_root() / 'bandwidth.json'})"
         )
     for row in rows:
         if row.get("roofline_bound") == "decode":
-            click.echo(
+            print(
                 f"note: {row['package']} decodes at {row['decode_gb_s']:.2f} GB/s, above the probe's: that rate is its "
                 "roofline, fraction 1 (the probe read less: a busy machine, or weights held in cache)"
             )
@@ -398,11 +397,11 @@ def run_bench(
                 record(row["package"], row)
     write_atomic(json_out, json.dumps(result, indent=2) + "\n")
     if plot_out and not plot(rows, plot_out):
-        click.echo("note: matplotlib is not installed; no plot written (pip install matplotlib)")
-    click.echo(f"wrote {json_out}" + (f" and {plot_out}" if plot_out and Path(plot_out).exists() else ""))
+        print("note: matplotlib is not installed; no plot written (pip install matplotlib)")
+    print(f"wrote {json_out}" + (f" and {plot_out}" if plot_out and Path(plot_out).exists() else ""))
     where = f"{rows[-1]['package']} after {rows[-1]['steps']} steps" if rows else "before the first package"
     if result.get("stopped") == "interrupted":
         raise DuomemError(f"interrupted in {where}; what was measured is in {json_out}, marked partial")
     if result.get("stopped") == "time limit":
-        click.echo(f"note: --time-limit reached in {where}; {json_out} is marked partial")
+        print(f"note: --time-limit reached in {where}; {json_out} is marked partial")
     return result

@@ -4,8 +4,6 @@ or the stored login and is never printed or written."""
 
 from pathlib import Path
 
-import click
-
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.runtime.models import is_repo_id, transport_error
@@ -66,14 +64,12 @@ def upload(
     check_repo_id(repo)
     check_package(package)
     if not (package / "memory" / "bank.json").is_file():
-        click.echo("note: this package has no memory bank (memory/); it works, without memories")
+        print("note: this package has no memory bank (memory/); it works, without memories")
     files = package_files(package)
     if dry_run:
         for path, size in files:
-            click.echo(f"{size:>12,}  {path}")
-        click.echo(
-            f"{len(files)} files, {sum(s for _, s in files) / 1e6:.2f} MB would go to {repo} (dry run: nothing sent)"
-        )
+            print(f"{size:>12,}  {path}")
+        print(f"{len(files)} files, {sum(s for _, s in files) / 1e6:.2f} MB would go to {repo} (dry run: nothing sent)")
         return files
     return push(package, repo, private, message or f"Upload {package.name} with duomem-mlx", files)
 
@@ -112,5 +108,5 @@ def push(package: Path, repo: str, private: bool, message: str, files) -> list[t
         raise DuomemError(
             f"cannot reach the Hub at {api.endpoint} ({type(e).__name__}); check the network or HF_ENDPOINT"
         )
-    click.echo(f"uploaded {len(files)} files ({sum(s for _, s in files) / 1e6:.2f} MB) to {info.commit_url}")
+    print(f"uploaded {len(files)} files ({sum(s for _, s in files) / 1e6:.2f} MB) to {info.commit_url}")
     return files

@@ -13,12 +13,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import click
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from duomem_mlx import __version__
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.formats.adapters import check_adapters, read_summary
@@ -26,6 +24,7 @@ from duomem_mlx.io import atomic_dir, atomic_file
 from duomem_mlx.runtime.gpu_memory import warn_before_loading, wired_limit
 from duomem_mlx.runtime.models import check_group_size, default_dtype, resolve
 from duomem_mlx.teacher.topk import masked_positions
+from duomem_mlx.version import __version__
 
 CPU_DECODE_TOKENS = 16
 MARGIN = 1.0  # nats: calibration's hinge on the float student's choice over its runners-up
@@ -364,7 +363,7 @@ def quantize_package(
         check_group_size(student, info["group_size"])
         dense_rate = cpu_decode_rate(student, tokenizer)
         if chosen:
-            click.echo(
+            print(
                 f"recipe {chosen}: {plan.summary}"
                 + (f" (measured on {chats})" if episodes else "")
                 + (
@@ -427,7 +426,7 @@ def quantize_with(student, config, tokenizer, plan, episodes, bits: int, mode: s
     if plan is None:  # mxfp4
         model, config = quantize_model(student, config, 32, bits, mode)
     elif plan.method != "rtn":
-        click.echo(f"{plan.method.upper()} on the chats of {len(episodes)} episode(s)")
+        print(f"{plan.method.upper()} on the chats of {len(episodes)} episode(s)")
         model, config = with_method(
             student,
             config,
@@ -444,7 +443,7 @@ def quantize_with(student, config, tokenizer, plan, episodes, bits: int, mode: s
                 for ids, mask in calibration_data(tokenizer, spread, max_seq_length)
                 if sum(mask[1:])
             ]
-            click.echo(f"measuring each layer's sensitivity on {len(sequences)} episode(s)")
+            print(f"measuring each layer's sensitivity on {len(sequences)} episode(s)")
             sensitivity = sensitivities(student, sequences, plan)
         model, config = quantize_model(
             student, config, plan.group_size, plan.bits, mode, predicate(student, plan, sensitivity)
@@ -477,7 +476,7 @@ def say_fastest_on_cpu(rates: dict[str, float], dense: str) -> None:
         if fast == dense
         else ""
     )
-    click.echo(f"decoding on this CPU: {fast} {f:.1f} tokens/s, {slow} {s:.1f}: {fast} is {f / s:.2f}x as fast{hint}")
+    print(f"decoding on this CPU: {fast} {f:.1f} tokens/s, {slow} {s:.1f}: {fast} is {f / s:.2f}x as fast{hint}")
 
 
 def quantize_model(model, config, group_size, bits, mode, quant_predicate=None):
@@ -497,13 +496,13 @@ def run_calibration(
 ) -> dict:
     """Tuned and measured as the package computes (a CPU: float32, where 16-bit quantized matmuls
     are several times slower), with the scales rounded to `dtype` as the package stores them."""
-    click.echo(f"calibrating on {len(episodes)} recorded episode(s)")
+    print(f"calibrating on {len(episodes)} recorded episode(s)")
     before = agreement(greedy_actions(student, tokenizer, episodes), targets.actions)
     result = calibrate(student, targets, epochs, learning_rate, max_seq_length=max_seq_length, on_epoch=on_epoch)
     as_stored(student, dtype)
     after = agreement(greedy_actions(student, tokenizer, episodes), targets.actions)
     steps = len(targets.actions)
-    click.echo(
+    print(
         f"greedy-action agreement with the unquantized student on {steps} steps: {before:.1%} before, "
         f"{after:.1%} after calibration"
     )

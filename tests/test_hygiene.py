@@ -17,9 +17,10 @@ from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, play_episode
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.memory.bank import MemoryBank, build
+from duomem_mlx.formats.bank import MemoryBank
+from duomem_mlx.formats.teacher_cache import CacheWriter, read_cache_records, verify
+from duomem_mlx.runtime.embed import build
 from duomem_mlx.runtime.models import load
-from duomem_mlx.teacher.cache import CacheWriter, read_episodes, verify
 
 MEMORIES = [
     {"id": "m1", "task_type": "simple", "text": "open the chest, take the key, unlock the door"},
@@ -74,9 +75,9 @@ def test_library_errors_need_no_click_and_reach_users_as_one_line():
 LAYERS = {  # module -> packages it must not load (lower floors never reach up; library code needs no click)
     "duomem_mlx.envs.policies": ["duomem_mlx.agent", "duomem_mlx.runtime.models", "click"],
     "duomem_mlx.envs.base": ["duomem_mlx.agent", "click"],
-    "duomem_mlx.memory.bank": ["duomem_mlx.teacher", "duomem_mlx.agent", "click"],
+    "duomem_mlx.formats.bank": ["duomem_mlx.runtime", "duomem_mlx.memory", "duomem_mlx.teacher", "click"],
+    "duomem_mlx.formats.teacher_cache": ["duomem_mlx.runtime", "duomem_mlx.teacher", "duomem_mlx.agent", "click"],
     "duomem_mlx.memory.cli": ["duomem_mlx.teacher"],
-    "duomem_mlx.teacher.cache": ["duomem_mlx.agent", "click"],
     "duomem_mlx.teacher.openai_compat": ["duomem_mlx.teacher.backends", "click"],
     "duomem_mlx.io": ["click", "mlx"],
 }
@@ -130,7 +131,7 @@ def test_one_atomic_swap_and_one_bank_rebuild():
         source = (root / module).read_text()
         assert not re.findall(r"\.rename\(|os\.replace\(|\.tmp\b", source), module
     definitions = [path for path in root.rglob("*.py") if "def rebuild_bank(" in path.read_text()]
-    assert [p.relative_to(root).as_posix() for p in definitions] == ["distill/train.py"]
+    assert [p.relative_to(root).as_posix() for p in definitions] == ["runtime/embed.py"]
 
 
 # ---------------------------------------------------------------- integrity
@@ -156,7 +157,7 @@ def test_teach_cycling_variations_gets_unique_ids_and_a_valid_cache(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "variations repeat" in result.output
-    ids = [e["id"] for e in read_episodes(out)]
+    ids = [e["id"] for e in read_cache_records(out)]
     assert len(ids) == 4 and len(set(ids)) == 4 and any(i.endswith("/1") for i in ids)
     assert verify(out) == (0, [])
     assert run("cache", "verify", out).exit_code == 0
@@ -296,7 +297,7 @@ def test_cache_verify_checks_what_info_reads(damage, tmp_path, tiny_model):
         out,
     ]
     assert run(*args).exit_code == 0
-    episode = read_episodes(out)[0]
+    episode = read_cache_records(out)[0]
     manifest = json.loads((out / "manifest.json").read_text())
     if damage == "memory":
         (out / "memories.jsonl").write_bytes(b'{"text": "\xff"}\n')
@@ -434,7 +435,7 @@ def test_a_200_reply_without_usable_choices(reply, tmp_path, tiny_model):
         assert "OpenAI-compatible" in line
     finally:
         server.shutdown()
-    assert read_episodes(tmp_path / "c") == []
+    assert read_cache_records(tmp_path / "c") == []
 
 
 # ---------------------------------------------------------------- config keys

@@ -75,6 +75,8 @@ def test_library_errors_need_no_click_and_reach_users_as_one_line():
 LAYERS = {  # module -> packages it must not load (lower floors never reach up; library code needs no click)
     "duomem_mlx.envs.policies": ["duomem_mlx.agent", "duomem_mlx.runtime.models", "click"],
     "duomem_mlx.envs.base": ["duomem_mlx.agent", "click"],
+    "duomem_mlx.formats.memories": ["mlx", "duomem_mlx.runtime", "click"],  # the CLIs' options read its KINDS, KEYS
+    "duomem_mlx.formats.episodes": ["mlx", "duomem_mlx.runtime", "click"],
     "duomem_mlx.formats.bank": ["duomem_mlx.runtime", "duomem_mlx.memory", "duomem_mlx.teacher", "click"],
     "duomem_mlx.formats.teacher_cache": ["duomem_mlx.runtime", "duomem_mlx.teacher", "duomem_mlx.agent", "click"],
     "duomem_mlx.memory.cli": ["duomem_mlx.teacher"],

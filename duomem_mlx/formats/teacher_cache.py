@@ -142,6 +142,18 @@ def read_cache_memories(cache: str | Path) -> list[Memory]:
     return read_jsonl(path, parse_memory, damaged(cache))
 
 
+def memories_file(cache: str | Path) -> Path:
+    """A finished teacher cache's memories.jsonl: a memory file (formats.memories.read_memories reads it)."""
+    path = Path(cache) / "memories.jsonl"
+    if not (Path(cache) / "manifest.json").is_file():
+        raise DuomemError(f"{cache} is not a teacher cache (no manifest.json); write one with `duomem-mlx teach`")
+    if not path.is_file():
+        raise DuomemError(
+            f"{cache} holds no memories.jsonl yet (an unfinished run?); finish it with `duomem-mlx teach ... --resume`"
+        )
+    return path
+
+
 class CacheWriter:
     """Appends episodes to a cache directory; safe to kill at any point and resume. Holds the
     directory's lock (.lock) from creation to close(), so two runs never share shard numbers."""

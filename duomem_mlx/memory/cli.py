@@ -59,13 +59,14 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
       duomem-mlx memory build --cache runs/cache --embedder runs/student --key task+observation --out runs/bank
     """
     from duomem_mlx.formats.memories import read_memories
+    from duomem_mlx.formats.teacher_cache import memories_file
     from duomem_mlx.runtime.embed import build
     from duomem_mlx.runtime.models import load
 
     if bool(memories_path) == bool(cache_path):
         raise DuomemError("pass exactly one of --memories FILE or --cache CACHE")
     check_bank_destination(out, force)
-    memories = read_memories(memories_path or cache_memories(cache_path))
+    memories = read_memories(memories_path or memories_file(cache_path))
     model, tokenizer = load(embedder, adapter_path)
     start = time.perf_counter()
     local = Path(embedder).expanduser()
@@ -84,18 +85,6 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
     click.echo(
         f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s"
     )
-
-
-def cache_memories(cache: str) -> Path:
-    """A teacher cache's memories.jsonl (the memory file format; no need to know the cache's)."""
-    path = Path(cache) / "memories.jsonl"
-    if not (Path(cache) / "manifest.json").is_file():
-        raise DuomemError(f"{cache} is not a teacher cache (no manifest.json); write one with `duomem-mlx teach`")
-    if not path.is_file():
-        raise DuomemError(
-            f"{cache} holds no memories.jsonl yet (an unfinished run?); finish it with `duomem-mlx teach ... --resume`"
-        )
-    return path
 
 
 def check_bank_destination(out: str, force: bool) -> None:

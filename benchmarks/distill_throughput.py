@@ -25,9 +25,10 @@ REPORT = 5
 
 def make_cache(model_path: str, out: Path, episodes: int, steps: int, k: int) -> None:
     from duomem_mlx.envs.base import Episode, Step
-    from duomem_mlx.runtime.models import load, tokenizer_fingerprint
+    from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
+    from duomem_mlx.formats.teacher_cache import CacheWriter
+    from duomem_mlx.runtime.models import load
     from duomem_mlx.teacher.base import shard_arrays
-    from duomem_mlx.teacher.cache import CacheWriter
     from duomem_mlx.teacher.topk import forward_topk
 
     sys.path.insert(0, str(Path(__file__).parent))

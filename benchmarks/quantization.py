@@ -38,9 +38,10 @@ from common import model_config, versions, write_json
 from duomem_mlx.agent.eval import run_eval
 from duomem_mlx.deploy.quantize import agreement, bank_source, greedy_actions, quantize_package
 from duomem_mlx.deploy.recipes import RECIPES
-from duomem_mlx.distill.train import rebuild_bank
 from duomem_mlx.envs.base import Episode
-from duomem_mlx.memory.bank import read_memories, recorded_key
+from duomem_mlx.formats.bank import recorded_key
+from duomem_mlx.formats.memories import read_memories
+from duomem_mlx.runtime.embed import rebuild_bank
 from duomem_mlx.runtime.models import load, make_tiny_model
 from duomem_mlx.runtime.options import PolicyOptions
 

@@ -20,12 +20,12 @@ from pathlib import Path
 from mlx_lm import stream_generate
 
 from duomem_mlx.envs.base import Episode, Step, StepResult, TaskSpec
+from duomem_mlx.formats.teacher_cache import CacheWriter
 from duomem_mlx.runtime.models import default_corpus, load, make_tiny_model
 from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import ModelPolicy
 from duomem_mlx.runtime.prompt import encode, episode_messages, render
 from duomem_mlx.teacher.base import shard_arrays
-from duomem_mlx.teacher.cache import CacheWriter
 from duomem_mlx.teacher.topk import TopKRecorder
 
 

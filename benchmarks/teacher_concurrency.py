@@ -26,8 +26,8 @@ from agent_vs_server import MlxLmServer  # noqa: E402
 from common import versions, write_json  # noqa: E402
 
 from duomem_mlx.envs import make_env  # noqa: E402
+from duomem_mlx.formats.teacher_cache import read_cache_records, verify  # noqa: E402
 from duomem_mlx.runtime.models import make_tiny_model  # noqa: E402
-from duomem_mlx.teacher.cache import read_episodes, verify  # noqa: E402
 from duomem_mlx.teacher.collect import collect  # noqa: E402
 from duomem_mlx.teacher.options import TeachOptions  # noqa: E402
 
@@ -52,7 +52,7 @@ def timed(args, url, model, out, concurrency, **more) -> dict:
         "concurrency": concurrency,
         "seconds": round(seconds, 2),
         "episodes_per_s": round(args.episodes / seconds, 3),
-        "kept": len(read_episodes(out)),
+        "kept": len(read_cache_records(out)),
         "verify": problems or f"ok: {checked} shards",
     }
 
@@ -111,7 +111,7 @@ def kill_resume(args, url, model, tmp, reference: Path) -> dict:
     if killed:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = len(read_episodes(out, torn_ok=True))
+    written = len(read_cache_records(out, torn_ok=True))
     teach(args, url, model, out, 16, resume=True)
     checked, problems = verify(out)
     return {

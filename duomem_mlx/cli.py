@@ -80,8 +80,9 @@ def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, 
     """
     from transformers import PreTrainedTokenizerFast
 
+    from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
     from duomem_mlx.io import check_destination
-    from duomem_mlx.runtime.models import make_tiny_model, tokenizer_fingerprint
+    from duomem_mlx.runtime.models import make_tiny_model
 
     check_destination(out, option="OUT")
     if template and tokenizer_from:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from duomem_mlx.teacher.cache import read_episodes
+from duomem_mlx.formats.teacher_cache import read_cache_records
 
 
 def content(episode: dict) -> tuple[tuple, str]:
@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--test", required=True, help="eval --log of the held-out games (oracle policy)")
     parser.add_argument("--json", help="write the counts here")
     args = parser.parse_args()
-    train = {(e["task"], e["variation"]): content(e) for cache in args.train for e in read_episodes(cache)}
+    train = {(e["task"], e["variation"]): content(e) for cache in args.train for e in read_cache_records(cache)}
     test = {(e["task"], e["variation"]): content(e) for e in map(json.loads, Path(args.test).read_text().splitlines())}
     paths, worlds, seen = {p for p, _ in train.values()}, {w for _, w in train.values()}, set(train.values())
     same_path = same_world = 0

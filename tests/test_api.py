@@ -9,7 +9,8 @@ import pytest
 import duomem_mlx
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.memory.bank import Memory, build
+from duomem_mlx.formats.memories import Memory
+from duomem_mlx.runtime.embed import build
 from duomem_mlx.runtime.models import load as load_model
 from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import ModelPolicy

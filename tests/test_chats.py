@@ -14,7 +14,7 @@ from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.calls import parse_call
 from duomem_mlx.envs.example_tools import TOOLS
 from duomem_mlx.envs.policies import OraclePolicy
-from duomem_mlx.teacher.cache import read_episodes, read_safetensors
+from duomem_mlx.formats.teacher_cache import read_cache_records, read_safetensors
 from duomem_mlx.teacher.chats import chat_episode
 
 
@@ -68,7 +68,7 @@ def test_chats_through_teach_memory_distill_eval(tiny_model, tmp_path, played):
     assert "ok: 3 shards" in run("cache", "verify", cache)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["counts"]["kept"] == 3 and manifest["counts"]["played"] == 4 and manifest["backend"] == "chats"
-    kept = read_episodes(cache)
+    kept = read_cache_records(cache)
     assert [e["task"] for e in kept] == [played[i].task for i in (0, 2, 3)]
     assert all(e["tools"] == TOOLS and e["steps"][-1]["action"] == "finish()" for e in kept)
 
@@ -85,7 +85,7 @@ def test_chats_through_teach_memory_distill_eval(tiny_model, tmp_path, played):
         "--out",
         played_cache,
     )
-    for ours, theirs in zip(kept, [read_episodes(played_cache)[i] for i in (0, 2, 3)]):
+    for ours, theirs in zip(kept, [read_cache_records(played_cache)[i] for i in (0, 2, 3)]):
         a, b = read_safetensors(cache / ours["shard"]), read_safetensors(played_cache / theirs["shard"])
         assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["loss_mask"], b["loss_mask"])
 
@@ -229,7 +229,7 @@ def test_logged_logprobs_become_the_caches_top_k(tiny_model, tmp_path, played):
         cache,
     )
     assert "ok: 2 shards" in run("cache", "verify", cache)
-    first, second = read_episodes(cache)
+    first, second = read_cache_records(cache)
     assert json.loads((cache / "manifest.json").read_text())["top_k"] == 2
     assert first["unaligned_rows"] == 0 and second["unaligned_rows"] == second["masked"]
     shard = read_safetensors(cache / first["shard"])

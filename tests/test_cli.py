@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
-from duomem_mlx.runtime.models import tokenizer_fingerprint
+from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
 
 
 def all_commands(group: click.Group, prefix=()):

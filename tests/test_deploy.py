@@ -20,7 +20,7 @@ from duomem_mlx.deploy.quantize import greedy_actions
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.memory.bank import MemoryBank
+from duomem_mlx.formats.bank import MemoryBank
 
 LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 

@@ -102,12 +102,13 @@ from click.testing import CliRunner
 from duomem_mlx.cli import cli
 from duomem_mlx.distill.data import build_dataset
 from duomem_mlx.envs.base import Episode
-from duomem_mlx.memory.bank import Memory, build
+from duomem_mlx.formats.memories import Memory
+from duomem_mlx.formats.teacher_cache import load_shard, read_cache_episodes, read_cache_records
+from duomem_mlx.runtime.embed import build
 from duomem_mlx.runtime.models import load, make_tiny_model
 from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import ModelPolicy
 from duomem_mlx.runtime.prompt import episode_messages, tokenize_with_mask
-from duomem_mlx.teacher.cache import load_shard, read_episodes
 
 MEMORIES = [
     Memory("m1", "simple", "to open a locked door: take the key, unlock the door with the key, open it"),
@@ -234,7 +235,7 @@ def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, t
     data = build_dataset(
         kd_cache, tokenizer, kd=True, retrieve=policy.retrieve, only_success=False, val_fraction=0.3, progress=False
     )
-    records = {r["id"]: r for r in read_episodes(kd_cache)}
+    records = {r["id"]: r for r in read_cache_records(kd_cache)}
     assert len(data.train) + len(data.val) == len(records) and len(data.val) == 1
     assert not {e.id for e in data.train} & {e.id for e in data.val}  # split by episode
     for example in data.train + data.val:
@@ -272,11 +273,11 @@ def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, t
 
 def test_training_prompts_never_hold_a_memory_of_their_own_game(oracle_cache, tiny_model):
     """A trajectory memory of the episode being trained on would teach copying its answer; every other one is in."""
-    from duomem_mlx.memory.bank import game_of
+    from duomem_mlx.formats.episodes import game_of
     from duomem_mlx.memory.writer import of_kind
 
     model, tokenizer = load(str(tiny_model))
-    episodes = [Episode.from_json(r) for r in read_episodes(oracle_cache)]
+    episodes = read_cache_episodes(oracle_cache)
     memories = of_kind([], episodes, "trajectory")
     assert len(memories) == len(episodes) >= 3
     policy = ModelPolicy(
@@ -326,7 +327,7 @@ def test_kd_training_lowers_val_loss_raises_agreement_and_loads_in_mlx_lm(kd_cac
     probe = mx.array([tokenizer.encode("go north")])
     assert not mx.allclose(base(probe), adapted(probe)).item()
     # what the adapters change: plain mlx-lm, from the prompt of the teacher's first action, now begins it as the teacher did
-    messages = episode_messages(Episode.from_json(read_episodes(kd_cache)[0]))
+    messages = episode_messages(read_cache_episodes(kd_cache)[0])
     prompt = tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=False)
     first = messages[2]["content"].split()[:1]
     said = [mlx_lm.generate(m, tokenizer, prompt, max_tokens=4).split()[:1] for m in (base, adapted)]
@@ -540,7 +541,7 @@ def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_argum
         "--memory-filter",
         "task",
     )
-    records = read_episodes(oracle_cache)
+    records = read_cache_records(oracle_cache)
     assert calls == [
         (r["task_description"], r["task"], 2, "task", r["steps"][0]["observation"], {r["id"].rsplit("/", 1)[0]})
         for r in records
@@ -570,10 +571,10 @@ def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_argum
 
 
 def test_retrieval_accuracy_on_a_teacher_cache(oracle_cache, tiny_model, bank):
-    from duomem_mlx.memory.bank import MemoryBank
+    from duomem_mlx.formats.bank import MemoryBank
     from duomem_mlx.runtime.retrieval import accuracy
 
-    records = read_episodes(oracle_cache)
+    records = read_cache_records(oracle_cache)
     share = accuracy(
         MemoryBank.load(bank), *load(str(tiny_model)), [(r["task_description"], "", r["task"]) for r in records]
     )

@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, Step
+from duomem_mlx.formats.teacher_cache import load_shard, read_cache_records, verify
 from duomem_mlx.runtime.decode import DecodeOptions, last_rows
 from duomem_mlx.runtime.models import ARCHS, make_tiny_model
 from duomem_mlx.runtime.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
 from duomem_mlx.runtime.session import ReencodingSession, Session
-from duomem_mlx.teacher.cache import load_shard, read_episodes, verify
 
 WORDS = "open close door to kitchen go north south take apple from table look inventory examine heat pot".split()
 FAMILIES = list(ARCHS)  # qwen3 (qwen3 template), llama (llama3), gemma3_text (gemma), lfm2 (chatml)
@@ -256,7 +256,7 @@ def test_teach_mlx_teacher(family_dirs, tmp_path, arch):
     assert result.exit_code == 0, result.output
     assert verify(out) == (1, [])
     model, _ = mlx_lm.load(str(family_dirs[arch]))
-    arrays = load_shard(out, read_episodes(out)[0])
+    arrays = load_shard(out, read_cache_records(out)[0])
     logits = model(mx.array(arrays["input_ids"])[None])[0].astype(mx.float32)
     reference = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[np.flatnonzero(arrays["loss_mask"]) - 1]
     stored = np.take_along_axis(reference, arrays["topk_ids"], 1)

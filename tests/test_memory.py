@@ -15,7 +15,9 @@ from click.testing import CliRunner
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, Step
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.memory.bank import FORMAT, Memory, MemoryBank, build, read_memories, write_memories
+from duomem_mlx.formats.bank import FORMAT, MemoryBank
+from duomem_mlx.formats.episodes import read_episodes
+from duomem_mlx.formats.memories import Memory, read_memories, write_memories
 from duomem_mlx.memory.writer import (
     GIST_CHARS,
     first_per_task,
@@ -23,13 +25,12 @@ from duomem_mlx.memory.writer import (
     gist,
     model_memories,
     of_kind,
-    read_episodes,
     rule_memories,
     vet_reply,
     writer_content,
     writer_prompt,
 )
-from duomem_mlx.runtime.embed import embed
+from duomem_mlx.runtime.embed import build, embed
 from duomem_mlx.runtime.models import load
 from duomem_mlx.runtime.retrieval import accuracy, retrieve
 
@@ -83,10 +84,10 @@ def test_retrieval_returns_closest_and_filters(bank, student):
     for memory in MEMORIES:
         found = retrieve(bank, model, tokenizer, memory["text"], k=3)
         assert found[0].id == memory["id"]
-    hits = bank.search(MEMORIES[0]["text"], k=10, task_type="cool", model=model, tokenizer=tokenizer)
+    hits = bank.search(embed(model, tokenizer, [MEMORIES[0]["text"]])[0], k=10, task_type="cool")
     assert [m.task_type for m, _ in hits] == ["cool", "cool"]
     assert hits[0][1] >= hits[1][1]
-    assert bank.search(MEMORIES[0]["text"], 3, "unknown-task", model, tokenizer) == []
+    assert bank.search(embed(model, tokenizer, [MEMORIES[0]["text"]])[0], 3, "unknown-task") == []
     vector = np.array(bank.keys[2].astype(mx.float32))
     assert bank.search(vector, 1)[0][0].id == "cool-1" and bank.search(vector, 1)[0][1] == pytest.approx(1, abs=1e-3)
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from test_families import play
 
 from duomem_mlx.cli import cli
-from duomem_mlx.memory.bank import MemoryBank
+from duomem_mlx.formats.bank import MemoryBank
+from duomem_mlx.formats.teacher_cache import verify
 from duomem_mlx.runtime.session import ReencodingSession, Session
-from duomem_mlx.teacher.cache import verify
 
 SMOLLM2, GEMMA3 = "smollm2-135m-instruct", "gemma3-270m"
 

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
+from duomem_mlx.formats.teacher_cache import read_cache_records, verify
 from duomem_mlx.teacher import openai_compat
-from duomem_mlx.teacher.cache import read_episodes, verify
 from duomem_mlx.teacher.openai_compat import Pace, retry_after
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -75,7 +75,7 @@ def by_id(out: Path) -> dict[str, tuple[dict, bytes]]:
     """The kept episodes whatever their order: the line without its shard name, and the shard's bytes."""
     return {
         e["id"]: ({k: v for k, v in e.items() if k != "shard"}, (out / e["shard"]).read_bytes())
-        for e in read_episodes(out)
+        for e in read_cache_records(out)
     }
 
 
@@ -83,7 +83,7 @@ def by_id(out: Path) -> dict[str, tuple[dict, bytes]]:
 def test_concurrency_writes_the_same_cache(reference, server, tiny_model, tmp_path):
     out = tmp_path / "n4"
     run(teach(server, tiny_model, out, "--concurrency", "4"))
-    kept = read_episodes(reference)
+    kept = read_cache_records(reference)
     assert len(kept) >= EPISODES - 1 and all(e["success"] and e["unaligned_rows"] == 0 for e in kept)
     assert cache_bytes(out) == cache_bytes(reference) and verify(out) == (len(kept), [])
 
@@ -112,7 +112,7 @@ def test_a_request_that_keeps_failing_fails_its_episode_not_the_run(
     failed = json.loads((out / "manifest.json").read_text())["failed"]
     assert len(failed) == 2 and all("HTTP 503" in reason and "7 tries" in reason for reason in failed.values())
     assert "failed 2 episodes" in result.output and "--resume" in result.output
-    assert not failed.keys() & {e["id"] for e in read_episodes(out)} and verify(out)[1] == []
+    assert not failed.keys() & {e["id"] for e in read_cache_records(out)} and verify(out)[1] == []
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     with policy_server.running(gold, tiny_model, tmp_path, latency=0.02, port=port) as url:  # the server is back
         run(teach(url, tiny_model, out, "--concurrency", "4", "--resume"))
@@ -133,7 +133,7 @@ def test_kill_with_episodes_in_flight_then_resume(reference, server, tiny_model,
     killed = proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert killed and len(read_episodes(out, torn_ok=True)) < EPISODES
+    assert killed and len(read_cache_records(out, torn_ok=True)) < EPISODES
     run(teach(server, tiny_model, out, "--concurrency", "4", "--resume"))
     assert cache_bytes(out) == cache_bytes(reference) and verify(out)[1] == []
 

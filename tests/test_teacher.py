@@ -17,10 +17,11 @@ from click.testing import CliRunner
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, Step, StepResult
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats import teacher_cache as cache_mod
+from duomem_mlx.formats.memories import Memory
+from duomem_mlx.formats.teacher_cache import CacheWriter, read_cache_records, verify
 from duomem_mlx.runtime.models import load
-from duomem_mlx.teacher import cache as cache_mod
 from duomem_mlx.teacher.base import shard_arrays
-from duomem_mlx.teacher.cache import CacheWriter, read_episodes, verify
 from duomem_mlx.teacher.openai_compat import OpenAITeacher
 from duomem_mlx.teacher.topk import forward_topk
 
@@ -178,7 +179,7 @@ def write_cache(tmp_path, tiny_teacher, n=3, k=4) -> Path:
         arrays = shard_arrays(tokenizer, episode)
         arrays.update(forward_topk(model, arrays["input_ids"], arrays["loss_mask"], k))
         writer.add(episode.to_json(), arrays)
-    writer.finish([{"id": "m1", "task_type": "tw-simple", "text": "take key, go north", "source": ["ep0"]}])
+    writer.finish([Memory("m1", "tw-simple", "take key, go north", ["ep0"])])
     return out
 
 
@@ -215,7 +216,7 @@ def test_resume_after_torn_line(tmp_path, tiny_teacher):
         f.write(b'{"id": "ep2", "env": "textw')
     writer = CacheWriter(out, {"teacher": "mlx:t", "backend": "mlx", "top_k": 4, "env": "textworld"}, resume=True)
     assert writer.done == {"ep0", "ep1"}
-    assert [e["id"] for e in read_episodes(out)] == ["ep0", "ep1"]
+    assert [e["id"] for e in read_cache_records(out)] == ["ep0", "ep1"]
     assert verify(out) == (2, [])
 
 
@@ -235,7 +236,7 @@ def test_mlx_teach_cache_equals_forward_pass(tmp_path, tiny_teacher):
     )
     assert result.exit_code == 0, result.output
     model, _ = load(str(tiny_teacher))
-    episodes = read_episodes(out)
+    episodes = read_cache_records(out)
     assert len(episodes) == 2 and verify(out) == (2, [])
     for episode in episodes:
         arrays = cache_mod.load_shard(out, episode)
@@ -272,7 +273,7 @@ def test_mlx_teacher_reads_memories_and_its_shards_hold_them(tmp_path, tiny_teac
         ).exit_code
         == 0
     )
-    assert len(cache_mod.read_memories(oracle)) == 3  # one a game: the teacher's two games are among them
+    assert len(cache_mod.read_cache_memories(oracle)) == 3  # one a game: the teacher's two games are among them
     assert (
         runner.invoke(
             cli,
@@ -314,20 +315,20 @@ def test_mlx_teacher_reads_memories_and_its_shards_hold_them(tmp_path, tiny_teac
     )
     assert result.exit_code == 0, result.output
     model, tokenizer = load(str(tiny_teacher))
-    memories = {m["id"]: m for m in cache_mod.read_memories(oracle)}
+    memories = {m.id: m for m in cache_mod.read_cache_memories(oracle)}
     assert verify(out) == (2, []) and json.loads((out / "manifest.json").read_text())["memory_k"] == 1
-    for episode in read_episodes(out):
+    for episode in read_cache_records(out):
         [used] = episode["memories"]
-        assert memories[used]["source"][0].rsplit("/", 1)[0] != episode["id"].rsplit("/", 1)[0]  # another game's
+        assert memories[used].source[0].rsplit("/", 1)[0] != episode["id"].rsplit("/", 1)[0]  # another game's
         arrays = cache_mod.load_shard(out, episode)
-        assert memories[used]["text"] in tokenizer.decode(arrays["input_ids"].tolist())
+        assert memories[used].text in tokenizer.decode(arrays["input_ids"].tolist())
         check_rows(
             direct_topk(model, arrays["input_ids"], arrays["loss_mask"]),
             arrays["topk_ids"],
             arrays["topk_logprobs"],
             slice(None),
         )
-    assert {m["kind"] for m in cache_mod.read_memories(out)} <= {"both"}
+    assert {m.kind for m in cache_mod.read_cache_memories(out)} <= {"both"}
     result = runner.invoke(cli, teach("--teacher", "oracle", "--memory", str(bank), "--out", str(tmp_path / "no")))
     assert result.exit_code == 1 and "mlx: teacher only" in result.output
 
@@ -355,13 +356,13 @@ def test_oracle_cache_and_kill_resume(tmp_path, tiny_model):
         [sys.executable, "-m", "duomem_mlx", *args, "--resume"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    ids = [e["id"] for e in read_episodes(out)]
+    ids = [e["id"] for e in read_cache_records(out)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert killed and len(ids) == len(set(ids)) and len(ids) + len(manifest["dropped"]) == 4
     assert manifest["complete"] and manifest["counts"]["success"] == len(ids) > 0
-    assert all(e["success"] for e in read_episodes(out)) and verify(out) == (len(ids), [])
-    memories = cache_mod.read_memories(out)
-    assert memories and all(m["text"] and m["source"] for m in memories)
+    assert all(e["success"] for e in read_cache_records(out)) and verify(out) == (len(ids), [])
+    memories = cache_mod.read_cache_memories(out)
+    assert memories and all(m.text and m.source for m in memories)
     result = CliRunner().invoke(
         cli, ["memory", "build", "--cache", str(out), "--embedder", str(tiny_model), "--out", str(tmp_path / "bank")]
     )

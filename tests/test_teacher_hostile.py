@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import StepResult
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.teacher_cache import CacheWriter, check_topk, read_cache_records, verify
 from duomem_mlx.teacher import openai_compat
-from duomem_mlx.teacher.cache import CacheWriter, check_topk, read_episodes, verify
 from duomem_mlx.teacher.inflight import in_order
 from duomem_mlx.teacher.openai_compat import GaveUp, OpenAIClient, OpenAIPolicy, backoff, pause, retry_after
 
@@ -223,7 +223,7 @@ def test_teach_fails_the_episodes_of_a_hostile_server_and_caches_nothing_bad(tin
     assert result.exit_code == 0, result.output
     failed = json.loads((out / "manifest.json").read_text())["failed"]
     assert len(failed) == 2 and all("NaN" in why for why in failed.values()) and "--resume" in result.output
-    assert read_episodes(out) == [] and verify(out) == (0, [])
+    assert read_cache_records(out) == [] and verify(out) == (0, [])
 
 
 def test_cache_verify_rejects_poisoned_rows():

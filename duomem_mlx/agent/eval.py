@@ -11,6 +11,7 @@ import click
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import Episode, play_episode
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.episodes import write_episode
 from duomem_mlx.io import check_destination, write_atomic
 from duomem_mlx.progress import Progress
 from duomem_mlx.runtime.gpu_memory import wired_limit
@@ -46,8 +47,7 @@ def run_episodes(env, specs, policy, max_steps: int, log=None) -> list[Episode]:
         episode = play_episode(env, spec, policy, max_steps)
         episodes.append(episode)
         if log:
-            log.write(json.dumps(episode.to_json(compact=True), ensure_ascii=False) + "\n")
-            log.flush()
+            write_episode(log, episode)
         bar.set_postfix(success=f"{sum(e.success for e in episodes) / len(episodes):.0%}")
     return episodes
 

@@ -88,11 +88,9 @@ def load_student(source: str, adapters: str | None, model_path: str):
 
 def cache_episodes(cache: str) -> list:
     """The recorded episodes of a teacher cache (prompts and actions as the agent sees them)."""
-    from duomem_mlx.envs.base import Episode
-    from duomem_mlx.teacher.cache import read_episodes, read_manifest
+    from duomem_mlx.formats.teacher_cache import read_cache_episodes
 
-    read_manifest(cache)
-    episodes = [Episode.from_json(e) for e in read_episodes(cache) if e.get("steps")]
+    episodes = [e for e in read_cache_episodes(cache) if e.steps]
     if not episodes:
         raise DuomemError(f"teacher cache {cache} has no episodes with steps; collect some with `duomem-mlx teach`")
     return episodes
@@ -528,8 +526,9 @@ def write_package(out: Path, source: str, model, tokenizer, config, memories_fil
     """Everything goes to a temp directory next to OUT, renamed into place once complete."""
     from mlx_lm.utils import compute_bits_per_weight, save
 
-    from duomem_mlx.distill.train import rebuild_bank
-    from duomem_mlx.memory.bank import read_memories, recorded_key
+    from duomem_mlx.formats.bank import recorded_key
+    from duomem_mlx.formats.memories import read_memories
+    from duomem_mlx.runtime.embed import rebuild_bank
     from duomem_mlx.runtime.models import weight_bytes
 
     with atomic_dir(out, weight_bytes(model)) as tmp:

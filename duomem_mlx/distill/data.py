@@ -8,11 +8,11 @@ import numpy as np
 
 from duomem_mlx.envs.base import Episode
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.memory.bank import game_of
+from duomem_mlx.formats.episodes import game_of
+from duomem_mlx.formats.teacher_cache import check_shard, load_shard, read_cache_records, read_manifest
 from duomem_mlx.progress import Progress
 from duomem_mlx.runtime.prompt import tokenize_with_mask
 from duomem_mlx.runtime.tools import episode_chat
-from duomem_mlx.teacher.cache import check_shard, load_shard, read_episodes, read_manifest
 
 PAD_TO = 32  # batch widths are multiples of this, so the compiled step sees few shapes
 
@@ -140,7 +140,7 @@ def build_dataset(
     memories go in front of each prompt, never one written from the episode's own game (no test game hands the
     student its own solution: it must carry a similar game's over to this one)."""
     manifest = read_manifest(cache)
-    records = read_episodes(cache)
+    records = read_cache_records(cache)
     if tasks:
         unknown = sorted(set(tasks) - {r.get("task") for r in records})
         if unknown:

@@ -27,6 +27,7 @@ from duomem_mlx.formats.adapters import CONFIG, SUMMARY, WEIGHTS, finished, writ
 from duomem_mlx.io import atomic_file, write_atomic
 from duomem_mlx.progress import Progress
 from duomem_mlx.runtime.decode import logits_at
+from duomem_mlx.runtime.embed import rebuild_bank
 from duomem_mlx.runtime.gpu_memory import warn_if_over, wired_limit
 from duomem_mlx.runtime.options import PolicyOptions
 
@@ -108,8 +109,9 @@ def distill(args: DistillArgs) -> dict:
     if args.batch_size % world.size():
         raise DuomemError(f"--batch-size {args.batch_size} must be a multiple of the {world.size()} processes")
     start = time.perf_counter()
-    from duomem_mlx.runtime.models import load, tokenizer_fingerprint
-    from duomem_mlx.teacher.cache import read_manifest
+    from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
+    from duomem_mlx.formats.teacher_cache import read_manifest
+    from duomem_mlx.runtime.models import load
 
     manifest = read_manifest(args.cache)
     model, tokenizer = load(args.student)
@@ -473,9 +475,9 @@ def memory_mode(bank, args: DistillArgs) -> dict | None:
     """Which memories the student trained with: the teacher's (the cache's) or others (its own)."""
     if bank is None:
         return None
-    from duomem_mlx.teacher.cache import read_memories
+    from duomem_mlx.formats.teacher_cache import read_cache_memories
 
-    teacher_ids = {m["id"] for m in read_memories(args.cache)}
+    teacher_ids = {m.id for m in read_cache_memories(args.cache)}
     mode = "teacher" if teacher_ids and all(m.id in teacher_ids for m in bank.memories) else "other"
     return {
         "bank": str(Path(args.memory_bank).resolve()),
@@ -484,21 +486,6 @@ def memory_mode(bank, args: DistillArgs) -> dict | None:
         "k": args.memory_k,
         "filter": args.memory_filter,
     }
-
-
-def rebuild_bank(
-    memories: list, model_path: str, out: Path, embedder: str, key: str, adapters: Path | None = None
-) -> dict:
-    """The memories embedded by the final model (`model_path` plus `adapters`, as `eval` loads it)
-    into the bank `out`, fingerprinted to `embedder`: distill's OUT/memory, quantize's package's."""
-    from duomem_mlx.memory.bank import build
-    from duomem_mlx.runtime.models import load
-
-    adapter_path = str(adapters.resolve()) if adapters else None
-    model, tokenizer = load(model_path, adapter_path)
-    bank = build(memories, model, tokenizer, embedder=embedder, adapter_path=adapter_path, progress=True, key=key)
-    bank.save(out)
-    return {"count": len(bank), "dim": bank.dim}
 
 
 def plot(out: Path) -> None:

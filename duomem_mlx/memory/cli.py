@@ -9,8 +9,8 @@ import click
 
 from duomem_mlx.config import config_option
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.memories import KEYS, KINDS
 from duomem_mlx.io import check_destination, write_atomic
-from duomem_mlx.runtime.retrieval import KEYS, KINDS
 
 
 @click.group()
@@ -58,13 +58,15 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
       duomem-mlx memory build --memories runs/memories.jsonl --embedder runs/student --out runs/bank
       duomem-mlx memory build --cache runs/cache --embedder runs/student --key task+observation --out runs/bank
     """
-    from duomem_mlx.memory.bank import build, read_memories
+    from duomem_mlx.formats.memories import read_memories
+    from duomem_mlx.formats.teacher_cache import memories_file
+    from duomem_mlx.runtime.embed import build
     from duomem_mlx.runtime.models import load
 
     if bool(memories_path) == bool(cache_path):
         raise DuomemError("pass exactly one of --memories FILE or --cache CACHE")
     check_bank_destination(out, force)
-    memories = read_memories(memories_path or cache_memories(cache_path))
+    memories = read_memories(memories_path or memories_file(cache_path))
     model, tokenizer = load(embedder, adapter_path)
     start = time.perf_counter()
     local = Path(embedder).expanduser()
@@ -83,18 +85,6 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
     click.echo(
         f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s"
     )
-
-
-def cache_memories(cache: str) -> Path:
-    """A teacher cache's memories.jsonl (the memory file format; no need to know the cache's)."""
-    path = Path(cache) / "memories.jsonl"
-    if not (Path(cache) / "manifest.json").is_file():
-        raise DuomemError(f"{cache} is not a teacher cache (no manifest.json); write one with `duomem-mlx teach`")
-    if not path.is_file():
-        raise DuomemError(
-            f"{cache} holds no memories.jsonl yet (an unfinished run?); finish it with `duomem-mlx teach ... --resume`"
-        )
-    return path
 
 
 def check_bank_destination(out: str, force: bool) -> None:
@@ -139,7 +129,8 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
       duomem-mlx memory search runs/bank "put a hot apple in the fridge" -k 3 --task-type heat
       duomem-mlx memory search runs/bank --accuracy-on runs/test-episodes.jsonl --json runs/retrieval.json
     """
-    from duomem_mlx.memory.bank import MemoryBank
+    from duomem_mlx.formats.bank import MemoryBank
+    from duomem_mlx.runtime.embed import embed
     from duomem_mlx.runtime.models import load
 
     if (query is None) == (accuracy_on is None):
@@ -162,7 +153,7 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
         if json_out:
             write_accuracy(json_out, found, [task for *_, task in queries])
         return
-    for memory, score in bank.search(query, k, task_type, model, tokenizer):
+    for memory, score in bank.search(embed(model, tokenizer, [query])[0], k, task_type):
         click.echo(f"{score:.3f}  {memory.id}  [{memory.task_type}]  {memory.text}")
 
 
@@ -179,16 +170,10 @@ def write_accuracy(path: str, found: list[bool], tasks: list[str]) -> None:
 
 def task_queries(path: str) -> list[tuple[str, str, str]]:
     """(task description, first observation, task type) of every episode of a teacher cache or an episode log."""
-    if Path(path).is_dir():
-        from duomem_mlx.envs.base import Episode
-        from duomem_mlx.teacher.cache import read_episodes, read_manifest
+    from duomem_mlx.formats.episodes import read_episodes
+    from duomem_mlx.formats.teacher_cache import read_cache_episodes
 
-        read_manifest(path)
-        episodes = [Episode.from_json(record) for record in read_episodes(path)]
-    else:
-        from duomem_mlx.memory.writer import read_episodes
-
-        episodes = read_episodes(path)
+    episodes = read_cache_episodes(path) if Path(path).is_dir() else read_episodes(path)
     return [(e.task_description, e.steps[0].observation if e.steps else "", e.task) for e in episodes]
 
 
@@ -203,7 +188,7 @@ def show_command(bank_path, limit):
     Example:
       duomem-mlx memory show runs/bank -n 5
     """
-    from duomem_mlx.memory.bank import MemoryBank
+    from duomem_mlx.formats.bank import MemoryBank
 
     bank = MemoryBank.load(bank_path)
     size = sum(f.stat().st_size for f in Path(bank_path).iterdir())
@@ -256,7 +241,7 @@ def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
       duomem-mlx memory write --episodes runs/teacher.jsonl --writer model:runs/teacher --per-task 2 --out runs/memories.jsonl
       duomem-mlx memory write --episodes runs/student.jsonl --kind both --out runs/self-memories.jsonl
     """
-    from duomem_mlx.memory.bank import write_memories
+    from duomem_mlx.formats.memories import write_memories
     from duomem_mlx.memory.writer import write
 
     if Path(out).exists() and Path(episodes).exists() and Path(out).samefile(episodes):

@@ -5,14 +5,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from itertools import accumulate, takewhile
-from pathlib import Path
 
 from duomem_mlx.envs.base import Episode
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.io import read_jsonl, require
-from duomem_mlx.memory.bank import Memory, memory_id, merge_duplicates
+from duomem_mlx.formats.episodes import read_episodes
+from duomem_mlx.formats.memories import KINDS, Memory, memory_id, merge_duplicates
 from duomem_mlx.progress import Progress
-from duomem_mlx.runtime.retrieval import KINDS
 
 PREPOSITIONS = {
     "from",
@@ -48,28 +46,6 @@ WRITER_PROMPT = """An agent solved this task in a text game.
 Task: {task}
 Its actions, in order: {actions}
 Write the procedure for tasks like this as numbered steps, one short line each."""
-
-
-def read_episodes(path: str | Path) -> list[Episode]:
-    path = Path(path)
-    if not path.is_file():
-        raise DuomemError(
-            f"episode log {path} does not exist; write one with `duomem-mlx eval ... --log FILE` or `duomem-mlx teach`"
-        )
-    return read_jsonl(path, parse_episode, "not an episode record: fix or delete that line")
-
-
-def parse_episode(data, _where=None) -> Episode:
-    episode = Episode.from_json(data)
-    require(
-        all(isinstance(s.action, str) and isinstance(s.observation, str) for s in episode.steps),
-        "steps need text observation and action",
-    )
-    require(
-        isinstance(episode.task, str) and isinstance(episode.task_description, str),
-        "task and task_description must be text",
-    )
-    return episode
 
 
 def successful(episodes: list[Episode]) -> list[Episode]:

@@ -1,17 +1,18 @@
-"""Memory keys in the student's own space: mean-pooled final hidden states, L2-normalised."""
+"""Memory keys in the student's own space: mean-pooled final hidden states, L2-normalised; a
+memory bank built from them (formats/bank.py is the bank on disk)."""
 
-import hashlib
-import json
+from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.bank import FORMAT, MemoryBank
+from duomem_mlx.formats.fingerprints import embedder_fingerprint
+from duomem_mlx.formats.memories import KEYS, Memory, parse_memory
 from duomem_mlx.progress import Progress
-from duomem_mlx.runtime.models import tokenizer_fingerprint
+from duomem_mlx.runtime.models import load
 
 MAX_TOKENS = 512  # longer texts are embedded from their first MAX_TOKENS tokens
-SAMPLE = 4096  # elements per weight tensor that go into the fingerprint
 
 
 def backbone(model):
@@ -19,7 +20,8 @@ def backbone(model):
     inner = getattr(model, "model", None)
     if inner is None or not callable(inner):
         raise DuomemError(
-            f"cannot embed with {type(model).__module__}: it has no `.model` backbone; use a llama/qwen-style mlx-lm model"
+            f"cannot embed with {type(model).__module__}: it has no `.model` backbone; "
+            "use a llama/qwen-style mlx-lm model"
         )
     return inner
 
@@ -52,20 +54,44 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 16, progress: bo
     return mx.stack(out)
 
 
-def fingerprint(model, tokenizer) -> str:
-    """sha256 over the tokenizer, every weight's name/shape/dtype and its first SAMPLE values.
+def build(
+    memories: list,
+    model,
+    tokenizer,
+    embedder: str = "",
+    adapter_path: str | None = None,
+    progress: bool = False,
+    key: str = "task",
+) -> MemoryBank:
+    """A bank from Memory objects or memory dicts (e.g. a teacher cache's memories.jsonl rows)."""
+    if key not in KEYS:
+        raise DuomemError(f"unknown key {key!r}; use one of {', '.join(KEYS)}")
+    memories = [m if isinstance(m, Memory) else parse_memory(m, f"memory {i}") for i, m in enumerate(memories)]
+    if not memories:
+        raise DuomemError("no memories to build a bank from; check the memory file")
+    ids = [m.id for m in memories]
+    if len(set(ids)) != len(ids):
+        raise DuomemError(f"duplicate memory id {next(i for i in ids if ids.count(i) > 1)}; ids must be unique")
+    keys = embed(model, tokenizer, [m.key_text(key) for m in memories], progress=progress)
+    info = {
+        "format": FORMAT,
+        "embedder": embedder,
+        "adapter_path": adapter_path,
+        "fingerprint": embedder_fingerprint(model, tokenizer),
+        "dim": int(keys.shape[1]),
+        "count": len(memories),
+        "key": key,
+    }
+    return MemoryBank(memories, keys.astype(mx.float16), info)
 
-    Cheap (no forward pass, a few KB per tensor) and platform independent; any other model,
-    fine-tune, LoRA adapter or quantization gives another fingerprint."""
-    h = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
-    for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        head, dtype = p.reshape(-1)[:SAMPLE], p.dtype
-        if name.endswith(
-            (".scales", ".biases")
-        ):  # stored in 16 bits, converted to float32 by a CPU at load (cpu_quant)
-            head, dtype = head.astype(mx.float16), "16-bit"
-        if head.dtype == mx.bfloat16:
-            head = head.view(mx.uint16)
-        h.update(json.dumps([name, p.shape, str(dtype)]).encode())
-        h.update(memoryview(head))
-    return h.hexdigest()
+
+def rebuild_bank(
+    memories: list, model_path: str, out: Path, embedder: str, key: str, adapters: Path | None = None
+) -> dict:
+    """The memories embedded by the final model (`model_path` plus `adapters`, as `eval` loads it)
+    into the bank `out`, fingerprinted to `embedder`: distill's OUT/memory, quantize's package's."""
+    adapter_path = str(adapters.resolve()) if adapters else None
+    model, tokenizer = load(model_path, adapter_path)
+    bank = build(memories, model, tokenizer, embedder=embedder, adapter_path=adapter_path, progress=True, key=key)
+    bank.save(out)
+    return {"count": len(bank), "dim": bank.dim}

@@ -1,6 +1,5 @@
-"""Load students and teachers with mlx-lm, fingerprint tokenizers, build tiny local models."""
+"""Load students and teachers with mlx-lm, build tiny local models."""
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -318,13 +317,6 @@ def check_group_size(model, group_size: int) -> None:
             f"--group-size {group_size} does not divide the input size of {len(bad)} of {len(layers)} layers, "
             f"which would stay dense: {', '.join(bad[:3])}{more}; {hint}"
         )
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id): equal fingerprints mean logits can be shared."""
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else tokenizer.vocab
-    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def default_corpus() -> str:

@@ -8,7 +8,8 @@ from duomem_mlx.envs.base import StepResult, TaskSpec, episode_id, offered_tools
 from duomem_mlx.envs.calls import parse_call
 from duomem_mlx.envs.policies import OraclePolicy, RandomPolicy
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.memory.bank import game_of
+from duomem_mlx.formats.bank import MemoryBank
+from duomem_mlx.formats.episodes import game_of
 from duomem_mlx.runtime import retrieval
 from duomem_mlx.runtime.decode import DecodeOptions
 from duomem_mlx.runtime.options import PolicyOptions
@@ -144,8 +145,6 @@ def default_bank(path: str, adapter_path: str | None) -> str | None:
 
 
 def load_bank(path, model, tokenizer):
-    from duomem_mlx.memory.bank import MemoryBank
-
     bank = MemoryBank.load(path)
     bank.check_embedder(model, tokenizer)
     return bank

@@ -3,18 +3,9 @@
 often its top memory is of the query's own task type."""
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.memories import query_text
 
 FILTERS = ("none", "task")  # none: by similarity alone; task: only memories of the episode's task type
-KINDS = ("script", "trajectory", "both")  # MemP's: a procedure, a solved episode, or the procedure then the episode
-KEYS = ("task", "task+observation")  # what a key embeds; the first observation tells instances of one task apart
-OBSERVATION_CHARS = 300  # of the first observation, in a key and in a query
-
-
-def query_text(task: str, observation: str, key: str = "task") -> str:
-    """What a key embeds, and what a query for a task with this first observation embeds."""
-    if key == "task" or not observation:
-        return task
-    return task + "\n" + " ".join(observation.split())[:OBSERVATION_CHARS]
 
 
 def retrieve(
@@ -42,10 +33,10 @@ def retrieve(
         bank.checked = model
     if memory_filter == "none" or not any(m.task_type == task_type for m in bank.memories):
         task_type = None
-    return [
-        m
-        for m, _ in bank.search(query_text(query, observation, bank.key), k, task_type, model, tokenizer, exclude_games)
-    ]
+    from duomem_mlx.runtime.embed import embed  # mlx: loaded by a retrieval, not by the CLIs that read FILTERS
+
+    vector = embed(model, tokenizer, [query_text(query, observation, bank.key)])[0]
+    return [m for m, _ in bank.search(vector, k, task_type, exclude_games)]
 
 
 def hits(bank, model, tokenizer, queries: list[tuple[str, str, str]]) -> list[bool]:

@@ -8,7 +8,7 @@ from click.core import ParameterSource
 from duomem_mlx.config import config_option, csv_list, game_params_option
 from duomem_mlx.envs import ENV_HELP
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.runtime.retrieval import KINDS
+from duomem_mlx.formats.memories import KINDS
 from duomem_mlx.teacher.options import TeachOptions
 
 
@@ -179,7 +179,7 @@ def cache_info(cache, as_json):
     Example:
       duomem-mlx cache info runs/cache
     """
-    from duomem_mlx.teacher.cache import info
+    from duomem_mlx.formats.teacher_cache import info
 
     summary = info(cache)
     click.echo(json.dumps(summary, indent=1)) if as_json else print_info(summary)
@@ -195,7 +195,7 @@ def cache_verify(cache):
     Example:
       duomem-mlx cache verify runs/cache
     """
-    from duomem_mlx.teacher.cache import verify
+    from duomem_mlx.formats.teacher_cache import verify
 
     checked, problems = verify(cache)
     for problem in problems[1:]:

@@ -4,18 +4,19 @@ import copy
 import sys
 import threading
 from contextlib import closing, contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from duomem_mlx.envs.base import Episode, episode_id, play_episode
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
+from duomem_mlx.formats.memories import merge_duplicates
+from duomem_mlx.formats.teacher_cache import CacheWriter, as_episodes, info
 from duomem_mlx.io import check_destination
-from duomem_mlx.memory.bank import merge_duplicates
 from duomem_mlx.progress import Progress
 from duomem_mlx.teacher.backends import make_teacher
-from duomem_mlx.teacher.cache import CacheWriter, info
 from duomem_mlx.teacher.inflight import in_order
 from duomem_mlx.teacher.openai_compat import GaveUp
 from duomem_mlx.teacher.options import TeachOptions
@@ -69,12 +70,12 @@ def collect(teacher: str, env_name: str, out: str, options: TeachOptions = Teach
         with CacheWriter(out, settings, resume=options.resume, force=options.force) as writer:
             workers = Workers(env, lambda: make_env(env_name, options.game_params), model, max_steps, options.keep)
             play(workers, specs, writer, options.keep_admissible, options.concurrency)
-            kept = [Episode.from_json(e) for e in writer.episodes]
+            kept = as_episodes(writer.episodes)
             memories = (
                 model.memories(kept, options.memory_writer, options.memory_kind) if any(e.success for e in kept) else []
             )
             with disk_errors(out, writer):
-                writer.finish([asdict(m) for m in merge_duplicates(memories)])
+                writer.finish(merge_duplicates(memories))
     finally:
         env.close()
     return info(out)
@@ -197,8 +198,6 @@ def disk_errors(out: str, writer: CacheWriter):
 
 
 def fingerprint(tokenizer) -> str | None:
-    from duomem_mlx.runtime.models import tokenizer_fingerprint
-
     return tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
 
 
@@ -243,7 +242,7 @@ def collect_chats(from_chats: str, out: str, options: TeachOptions = TeachOption
         for episode in chats.episodes:
             if not worth_keeping(episode, options.keep):
                 writer.drop(episode.id)
-        writer.finish([asdict(m) for m in merge_duplicates(memories)])
+        writer.finish(merge_duplicates(memories))
     if chats.bad:
         tqdm.write(f"note: skipped {chats.bad} bad record(s) of {chats.read} in {from_chats}", file=sys.stderr)
     return info(out)

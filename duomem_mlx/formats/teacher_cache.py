@@ -17,7 +17,6 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,9 @@ import safetensors
 import safetensors.numpy
 from filelock import FileLock, Timeout
 
+from duomem_mlx.envs.base import Episode
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.memories import Memory, parse_memory, write_memories
 from duomem_mlx.io import read_json, read_jsonl, require, write_atomic
 
 FORMAT = "duomem-teacher-cache"
@@ -65,8 +66,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"truncated or malformed ({e})")
 
 
-def load_shard(cache: str | Path, episode: dict) -> dict[str, np.ndarray]:
-    path = Path(cache) / episode["shard"]
+def load_shard(cache: str | Path, record: dict) -> dict[str, np.ndarray]:
+    path = Path(cache) / record["shard"]
     try:
         return read_safetensors(path)
     except (OSError, ValueError) as e:
@@ -86,7 +87,7 @@ def check_manifest(data, _where=None) -> dict:
     return data
 
 
-def check_episode(record, _where=None) -> dict:
+def check_record(record, _where=None) -> dict:
     """What info, verify and resume read from an episodes.jsonl line."""
     require(isinstance(record, dict), "expected a JSON object")
     require(isinstance(record.get("id"), str) and isinstance(record.get("task"), str), "id and task must be strings")
@@ -109,26 +110,48 @@ def read_manifest(cache: str | Path) -> dict:
         raise DuomemError(f"{cache} is not a duomem teacher cache (format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
         raise DuomemError(
-            f"{cache} is teacher-cache format version {manifest.get('version')}, this duomem-mlx reads version {VERSION}; "
+            f"{cache} is teacher-cache format version {manifest.get('version')}, "
+            f"this duomem-mlx reads version {VERSION}; "
             "recollect it with `duomem-mlx teach --force` or use the duomem-mlx that wrote it"
         )
     return manifest
 
 
-def read_episodes(cache: str | Path, torn_ok: bool = False) -> list[dict]:
-    """Kept episodes in order. A torn last line (a killed run) is skipped when torn_ok."""
+def read_cache_records(cache: str | Path, torn_ok: bool = False) -> list[dict]:
+    """The kept episodes' lines in order: an episode's JSON plus its shard, tokens, masked and
+    unaligned_rows. A torn last line (a killed run) is skipped when torn_ok."""
     path = Path(cache) / "episodes.jsonl"
-    return read_jsonl(path, check_episode, damaged(cache), torn_ok) if path.exists() else []
+    return read_jsonl(path, check_record, damaged(cache), torn_ok) if path.exists() else []
 
 
-def read_memories(cache: str | Path) -> list[dict]:
-    """The teacher's memories, each checked as a memory bank reads it (memory.bank.parse_memory)."""
-    from duomem_mlx.memory.bank import parse_memory
+def read_cache_episodes(cache: str | Path) -> list[Episode]:
+    """The kept episodes of a teacher cache (its manifest checked first), as played."""
+    read_manifest(cache)
+    return as_episodes(read_cache_records(cache))
 
+
+def as_episodes(records: list[dict]) -> list[Episode]:
+    return [Episode.from_json(record) for record in records]
+
+
+def read_cache_memories(cache: str | Path) -> list[Memory]:
+    """The teacher's memories, each checked as a memory bank reads it (formats.memories.parse_memory)."""
     path = Path(cache) / "memories.jsonl"
     if not path.exists():
         return []
-    return [asdict(m) for m in read_jsonl(path, parse_memory, damaged(cache))]
+    return read_jsonl(path, parse_memory, damaged(cache))
+
+
+def memories_file(cache: str | Path) -> Path:
+    """A finished teacher cache's memories.jsonl: a memory file (formats.memories.read_memories reads it)."""
+    path = Path(cache) / "memories.jsonl"
+    if not (Path(cache) / "manifest.json").is_file():
+        raise DuomemError(f"{cache} is not a teacher cache (no manifest.json); write one with `duomem-mlx teach`")
+    if not path.is_file():
+        raise DuomemError(
+            f"{cache} holds no memories.jsonl yet (an unfinished run?); finish it with `duomem-mlx teach ... --resume`"
+        )
+    return path
 
 
 class CacheWriter:
@@ -160,7 +183,8 @@ class CacheWriter:
         if manifest_path.exists() and not (resume or force):
             state = "finished" if read_manifest(self.out).get("complete") else "unfinished"
             raise DuomemError(
-                f"{self.out} already holds a {state} teacher cache; pass --resume to continue it or --force to overwrite it"
+                f"{self.out} already holds a {state} teacher cache; "
+                "pass --resume to continue it or --force to overwrite it"
             )
         if force and not resume:
             for name in ("manifest.json", "episodes.jsonl", "memories.jsonl"):
@@ -181,13 +205,14 @@ class CacheWriter:
             if changed:
                 diff = ", ".join(f"{k}: {old[k]!r} -> {settings.get(k)!r}" for k in changed)
                 raise DuomemError(
-                    f"--resume with different settings than {self.out} was collected with ({diff}); use the same flags or --force"
+                    f"--resume with different settings than {self.out} was collected with ({diff}); "
+                    "use the same flags or --force"
                 )
             self.manifest["created"] = old.get("created", self.manifest["created"])
             self.dropped = list(old.get("dropped", []))
             self.failed = dict(old.get("failed", {}))
             self._truncate_torn_line()
-            self.episodes = read_episodes(self.out)
+            self.episodes = read_cache_records(self.out)
         self.done = {e["id"] for e in self.episodes} | set(self.dropped)
         self.save_manifest(complete=False)
 
@@ -244,9 +269,8 @@ class CacheWriter:
         self.failed[episode_id] = reason
         self.save_manifest(complete=False)
 
-    def finish(self, memories: list[dict]) -> None:
-        text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in memories)
-        write_atomic(self.out / "memories.jsonl", text, self.intact())
+    def finish(self, memories: list[Memory]) -> None:
+        write_memories(self.out / "memories.jsonl", memories, self.intact())
         self.save_manifest(complete=True, memories=len(memories))
 
     def save_manifest(self, complete: bool, memories: int | None = None) -> None:
@@ -275,7 +299,7 @@ class CacheWriter:
 def info(cache: str | Path) -> dict:
     """Summary of a cache: counts, per-task success, bytes per masked token, memories."""
     manifest = read_manifest(cache)
-    episodes = read_episodes(cache)
+    episodes = read_cache_records(cache)
     tasks: dict[str, list[int]] = {}
     for e in episodes:
         tasks.setdefault(e["task"], [0, 0])
@@ -306,7 +330,7 @@ def info(cache: str | Path) -> dict:
         "shard_bytes": shard_bytes,
         "bytes_per_masked_token": shard_bytes / masked if masked else None,
         "topk_bytes_per_masked_token": 6 * k if masked and k else None,
-        "memories": len(read_memories(cache)),
+        "memories": len(read_cache_memories(cache)),
     }
 
 
@@ -319,7 +343,7 @@ def verify(cache: str | Path) -> tuple[int, list[str]]:
     problems, seen, checked = [], set(), 0
     try:
         info(cache)  # everything `cache info` and the readers of the cache read
-        episodes = read_episodes(cache)
+        episodes = read_cache_records(cache)
     except DuomemError as e:
         return 0, [str(e)]
     for e in episodes:

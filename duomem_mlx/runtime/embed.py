@@ -19,7 +19,8 @@ def backbone(model):
     inner = getattr(model, "model", None)
     if inner is None or not callable(inner):
         raise DuomemError(
-            f"cannot embed with {type(model).__module__}: it has no `.model` backbone; use a llama/qwen-style mlx-lm model"
+            f"cannot embed with {type(model).__module__}: it has no `.model` backbone; "
+            "use a llama/qwen-style mlx-lm model"
         )
     return inner
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
+from duomem_mlx.progress import Progress
 from duomem_mlx.runtime.models import tokenizer_fingerprint
 
 
@@ -104,8 +105,6 @@ def test_bad_config_is_one_clear_line(tmp_path, text, message):
 
 
 def test_progress_off_a_terminal_is_a_plain_line_now_and_then(capsys, monkeypatch):
-    from duomem_mlx.progress import Progress
-
     monkeypatch.delenv("DUOMEM_PROGRESS_SECONDS", raising=False)
     for _ in Progress(range(50), desc="work", unit="item"):
         pass  # faster than the 20 s between lines: quiet

@@ -1,4 +1,7 @@
-"""Load students and teachers with mlx-lm, fingerprint tokenizers, build tiny local models."""
+"""Load students and teachers with mlx-lm, fingerprint tokenizers, build tiny local models.
+
+The CLI imports this module at start-up (its light helpers): MLX, mlx-lm, transformers and huggingface_hub's
+client (~1.5 s together) are imported inside the functions that use them."""
 
 import hashlib
 import json
@@ -6,9 +9,6 @@ import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from duomem_mlx.errors import DuomemError
 
@@ -156,13 +156,15 @@ ARCHS = {"qwen3": "qwen3", "llama": "llama3", "gemma3_text": "gemma", "lfm2": "c
 def default_dtype() -> str:
     """bfloat16 where MLX runs on a GPU (Metal, CUDA); float32 on a CPU, whose backend emulates
     bf16 (3-4x slower there, and 10x in quantized matmuls)."""
+    import mlx.core as mx
+
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
 def is_repo_id(name: str) -> bool:
     """A Hub repo id USER/NAME by huggingface_hub's own rules (letters, digits, '-', '_', '.'; no
     '--' or '..', no '.git' end, at most 96 characters a part)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id  # noqa: PLC0415 (see hub_snapshot)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(name)
@@ -210,14 +212,8 @@ def resolve(path_or_repo: str) -> str:
 def hub_snapshot(repo: str, allow_patterns: list[str] = HUB_FILES) -> Path:
     """huggingface_hub's snapshot_download of `repo`'s files matching `allow_patterns`; each way
     it can fail is one line naming the fix."""
-    # huggingface_hub's client imports httpx (~0.1 s): the CLI imports this module at start-up
-    from huggingface_hub import constants, snapshot_download  # noqa: PLC0415
-    from huggingface_hub.errors import (  # noqa: PLC0415
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo, allow_patterns=allow_patterns))
@@ -263,20 +259,19 @@ def hub_snapshot(repo: str, allow_patterns: list[str] = HUB_FILES) -> Path:
 def transport_error() -> type:
     """The network error class of huggingface_hub's HTTP client."""
     try:
-        from httpx2 import TransportError  # noqa: PLC0415 (huggingface_hub >= 2.4's client, heavy)
+        from httpx2 import TransportError  # huggingface_hub >= 2.4
     except ImportError:
-        from httpx import TransportError  # noqa: PLC0415
+        from httpx import TransportError
     return TransportError
 
 
 def load(path_or_repo: str, adapter_path: str | None = None):
     """(model, tokenizer) through plain `mlx_lm.load`; safetensors only, never remote code. On a
     CPU, quantized layers fed many rows run dense (cpu_quant)."""
-    # mlx-lm (~0.9 s) and what imports it: the CLI imports this module at start-up
-    import mlx_lm  # noqa: PLC0415
+    import mlx_lm
 
-    from duomem_mlx.cpu.quant import dense_prefill_on_cpu  # noqa: PLC0415
-    from duomem_mlx.runtime.gpu_memory import warn_before_loading  # noqa: PLC0415
+    from duomem_mlx.cpu.quant import dense_prefill_on_cpu
+    from duomem_mlx.runtime.gpu_memory import warn_before_loading
 
     source = resolve(path_or_repo)
     if adapter_path and not (Path(adapter_path) / "adapter_config.json").exists():
@@ -303,6 +298,8 @@ def size_of(model_dir: str | Path) -> dict:
 
 def weight_bytes(model) -> int:
     """Bytes of the model's arrays (what its safetensors files hold, less their headers)."""
+    from mlx.utils import tree_flatten
+
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
@@ -341,9 +338,8 @@ def default_corpus() -> str:
 def train_tokenizer(vocab_size: int, corpus: str, template: str = "chatml"):
     """A byte-level BPE wrapped as a transformers fast tokenizer carrying `template`'s chat
     template, special tokens, bos and eos as the family ships them."""
-    # transformers (~0.5 s): the CLI imports this module at start-up
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     spec = TEMPLATES[template]
     bpe = Tokenizer(models.BPE())
@@ -430,7 +426,8 @@ def make_tiny_model(
     """Write a random-init mlx-lm model + tokenizer that plain `mlx_lm.load(out)` opens; the
     tokenizer carries `template` (default: the family's own, see ARCHS) and the model dir a
     generation_config.json with the family's eos list."""
-    from mlx_lm.utils import _get_classes, save_config, save_model  # noqa: PLC0415 (~0.9 s; see load)
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes, save_config, save_model
 
     if arch not in ARCHS:
         raise DuomemError(f"unknown --arch {arch}; use one of {', '.join(ARCHS)}")
@@ -478,7 +475,7 @@ def _generation_eos(model_dir: Path) -> list[int] | None:
 
 
 def _copy_tokenizer(source: Path, out: Path):
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (~0.5 s; see train_tokenizer)
+    from transformers import PreTrainedTokenizerFast
 
     if not (source / "tokenizer.json").exists():
         raise DuomemError(f"--tokenizer-from {source}: no tokenizer.json there")

@@ -14,7 +14,7 @@ RUN = LD_PRELOAD="$(OPENBLAS)" DUOMEM_OPENBLAS=0
 EXTRAS_test = envs,dev
 EXTRAS_demo = twx,plot
 
-.PHONY: setup demo-setup system models test demo bench clean
+.PHONY: setup demo-setup system models lint test demo bench clean
 
 define native
 @$(PY) -m duomem_mlx.cpu.blas >/dev/null
@@ -58,7 +58,13 @@ REAL_MODELS = smollm2-135m-instruct gemma3-270m
 models: setup
 	@for m in $(REAL_MODELS); do $(RUN) $(PY) -m duomem_mlx convert --fetch $$m || exit 1; done
 
-test: models
+# ruff's lint rules and formatting (pyproject.toml [tool.ruff]); `ruff format` and `ruff check --fix` mend most.
+LINTED = duomem_mlx tests benchmarks scripts
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+test: lint models
 	@$(PY) -c 'import importlib.metadata as m, sys; print("tested on: Python " + sys.version.split()[0], *(f"{p} {next((d.version for d in m.distributions(name=p)), None)}" for p in sys.argv[1:]), sep=", ")' $(VERSIONS)
 	$(RUN) $(PY) -m pytest -q
 

@@ -39,10 +39,10 @@ def play(session_class, model, tokenizer, steps, decode, max_context, low_water=
 
 
 def plot_steps(incremental: list[float], naive: list[float], path: str):
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (optional: the [plot] extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([s * 1000 for s in naive], label="naive: re-encode the prompt each step")
@@ -134,7 +134,8 @@ def main():
             f"{r['rewound_tokens_per_step']:11.2f}{r['render_ms_per_step']:10.2f}{str(r['same_actions']):>6}"
         )
     print(
-        f"steps {args.steps}, window {args.max_context}, decode {args.decode}; refed/step: tokens the cache held and gave back"
+        f"steps {args.steps}, window {args.max_context}, decode {args.decode}; refed/step: tokens the cache held and "
+        "gave back"
     )
     if args.plot:
         plot_steps(runs[-1]["step_seconds"], runs[-1]["naive_step_seconds"], args.plot)

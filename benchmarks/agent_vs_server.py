@@ -20,7 +20,8 @@ reuse its KV cache (`--fresh-system-prompt`: neither can). `--vocab-rows 151936`
 model's head to a real family's size, so each pass carries that head.
 
     python benchmarks/agent_vs_server.py --model M --mode agent --train-steps 60 --json out.json --plot out.png
-    python benchmarks/agent_vs_server.py --model M-cooking --env textworld --task cooking --vocab-rows 151936 --json out.json
+    python benchmarks/agent_vs_server.py --model M-cooking --env textworld --task cooking --vocab-rows 151936 \
+        --json out.json
     python benchmarks/agent_vs_server.py --model M --mode equal-work --steps 30 --repeats 3 --json out.json
     python benchmarks/agent_vs_server.py --model ~/.cache/duomem-mlx/models/smollm2-135m-instruct-float32 \
         --env twx --task cookingworld --train-steps 30 --peer llama_cpp --json out.json
@@ -42,7 +43,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 from common import llama_cpp_server_command, model_config, versions, write_json
+from mlx.utils import tree_flatten
+from mlx_lm.utils import save_model
+from tqdm import tqdm
 
 from duomem_mlx.convert.export import export_gguf, source_of
 from duomem_mlx.envs import make_env
@@ -92,10 +97,6 @@ def prefix(episode, memories, run: str, fresh_system: bool = False) -> list[dict
 def train_briefly(model, tokenizer, messages: list[dict], steps: int, lr: float = 1e-3, layers: int | None = None):
     """Fit the model to one trajectory's actions (cross-entropy on the action tokens): all of it,
     or its last `layers` blocks (a 262k-row embedding makes a full fine-tune slow)."""
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    from tqdm import tqdm
-
     ids, mask = tokenize_with_mask(tokenizer, messages)
     x, y, m = mx.array(ids[:-1])[None], mx.array(ids[1:])[None], mx.array(mask[1:], mx.float32)[None]
 
@@ -118,8 +119,6 @@ def train_briefly(model, tokenizer, messages: list[dict], steps: int, lr: float 
 
 
 def save_trained(model, source: Path, out: Path) -> Path:
-    from mlx_lm.utils import save_model
-
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
@@ -144,8 +143,6 @@ def pad_head(model, rows: int):
 
 def head_share(model) -> float:
     """The vocabulary head's part of the weights a decode pass reads."""
-    from mlx.utils import tree_flatten
-
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     head = model.lm_head if "lm_head" in model else model.model.embed_tokens
     return head.weight.size / total
@@ -220,7 +217,8 @@ class LlamaCppServer(Peer):
 
     def __init__(self, gguf: str, context: int, no_repack: bool = False):
         try:
-            import llama_cpp.server.app  # noqa: F401  (the package imports without the [server] extras; its app does not)
+            # the package imports without the [server] extras; its app does not
+            import llama_cpp.server.app  # noqa: F401, PLC0415 (optional: the [llamacpp] extra)
         except ImportError:
             raise SystemExit(
                 "Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
@@ -337,10 +335,10 @@ def summary(values: list[float]) -> dict:
 
 
 def plot(rows: list[dict], path: str, title: str, peer: str):
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (optional: the [plot] extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["peer_ms"] for r in rows], label=f"{peer} (prompt cache on)")
@@ -512,8 +510,10 @@ def report(rows: list[dict], args, steps: int, model_rows: int, share: float) ->
 
 def print_table(result: dict):
     print(
-        f"peer {result['peer_server']}, mode {result['mode']}, {result['steps']} steps x {result['repeats']}, system prompt {result['system_prompt']}, "
-        f"same actions {result['same_actions']} (peer admissible {result['peer_admissible']}); head {result['vocab_rows']:,} rows, "
+        f"peer {result['peer_server']}, mode {result['mode']}, {result['steps']} steps x {result['repeats']}, system "
+        f"prompt {result['system_prompt']}, "
+        f"same actions {result['same_actions']} (peer admissible {result['peer_admissible']}); head "
+        f"{result['vocab_rows']:,} rows, "
         f"{result['head_share_of_weights']:.0%} of the weights"
     )
     print(f"{'':26}{'peer':>10}{'ours':>10}")

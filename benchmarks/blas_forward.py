@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from duomem_mlx.cpu import blas
+    from duomem_mlx.cpu import blas  # noqa: PLC0415 (this repository's package, put first on sys.path above)
 
     preloads = {"openblas": [blas.openblas_path()], "gemv_forward+openblas": blas.preload()}
     if None in preloads["openblas"] or len(preloads["gemv_forward+openblas"]) < 2:

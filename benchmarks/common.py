@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,8 +13,6 @@ from duomem_mlx.runtime.models import size_of
 
 
 def versions() -> dict:
-    from importlib.metadata import version
-
     return {
         "machine": f"{platform.machine()} {platform.system()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
@@ -40,7 +39,7 @@ def llama_cpp_no_repack() -> None:
     """llama.cpp loads weights without its extra CPU buffer types (weight repacking, AMX), as its
     `--no-repack` does. llama-cpp-python 0.3.36 built natively on this VM segfaults on the first pass
     of any quantized GGUF with them (F32 runs); Q4_1 has no repacked CPU kernel to lose."""
-    import llama_cpp.llama_cpp as api
+    import llama_cpp.llama_cpp as api  # noqa: PLC0415 (optional: the [llamacpp] extra)
 
     defaults = api.llama_model_default_params
 

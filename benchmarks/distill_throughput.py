@@ -18,22 +18,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
+from common import model_config, versions, write_json
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.trainer import TrainingArgs, train
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from teacher_cache import synthetic_steps
+
+from duomem_mlx.distill.data import build_dataset
+from duomem_mlx.distill.train import DistillArgs, distill
+from duomem_mlx.envs.base import Episode, Step
+from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
+from duomem_mlx.formats.teacher_cache import CacheWriter
+from duomem_mlx.runtime.models import load, make_tiny_model
+from duomem_mlx.teacher.base import shard_arrays
+from duomem_mlx.teacher.topk import forward_topk
 
 REPORT = 5
 
 
 def make_cache(model_path: str, out: Path, episodes: int, steps: int, k: int) -> None:
-    from duomem_mlx.envs.base import Episode, Step
-    from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
-    from duomem_mlx.formats.teacher_cache import CacheWriter
-    from duomem_mlx.runtime.models import load
-    from duomem_mlx.teacher.base import shard_arrays
-    from duomem_mlx.teacher.topk import forward_topk
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from teacher_cache import synthetic_steps
-
     model, tokenizer = load(model_path)
     writer = CacheWriter(
         out,
@@ -65,10 +71,6 @@ def make_cache(model_path: str, out: Path, episodes: int, steps: int, k: int) ->
 
 
 def run_duomem(args, kd: str) -> dict:
-    import mlx.core as mx
-
-    from duomem_mlx.distill.train import DistillArgs, distill
-
     out = Path(tempfile.mkdtemp()) / "adapters"
     distill(
         DistillArgs(
@@ -96,15 +98,6 @@ def run_duomem(args, kd: str) -> dict:
 
 
 def run_mlx_lm(args) -> dict:
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.tuner.trainer import TrainingArgs, train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    from duomem_mlx.distill.data import build_dataset
-    from duomem_mlx.runtime.models import load
-
     model, tokenizer = load(args.model)
     data = build_dataset(args.cache, tokenizer, kd=False, only_success=False, val_fraction=0, progress=False)
     mx.random.seed(0)
@@ -159,8 +152,6 @@ def main():
         return
     tmp = Path(tempfile.mkdtemp())
     if not args.model:
-        from duomem_mlx.runtime.models import make_tiny_model
-
         args.model = str(make_tiny_model(tmp / "model", layers=4, hidden=256))
     make_cache(args.model, tmp / "cache", args.episodes, args.episode_steps, args.top_k)
     results = {}
@@ -189,7 +180,6 @@ def main():
             f"({time.perf_counter() - start:.0f}s)",
             file=sys.stderr,
         )
-    from common import model_config, versions, write_json
 
     summary = {
         "model": args.model,

@@ -21,7 +21,7 @@ from duomem_mlx.runtime.models import default_corpus, load
 
 
 def llama_cpp_speeds(gguf: str, tokens: list[int], decode_tokens: int, repeats: int) -> dict:
-    from llama_cpp import Llama
+    from llama_cpp import Llama  # noqa: PLC0415 (optional: the [llamacpp] extra)
 
     llm = Llama(
         gguf,

@@ -23,13 +23,15 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
+from duomem_mlx.runtime.prompt import prefix_messages
+
 FAULTS = ("429", "503", "drop")
 
 
 def gold_table(env, specs) -> dict[str, list[str]]:
     """First user message of each spec's chat (as the openai: teacher writes it) -> the gold path."""
-    from duomem_mlx.runtime.prompt import prefix_messages
-
     table = {}
     for spec in specs:
         task, first = env.reset(spec)
@@ -78,8 +80,6 @@ def stats(url: str) -> dict:
 
 class Policy:
     def __init__(self, gold: dict, tokenizer_dir: str, latency: float, faults: float, broken: int, seed: int):
-        from tokenizers import Tokenizer
-
         self.gold, self.latency, self.faults, self.broken = gold, latency, faults, set(list(gold)[:broken])
         self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
         eos = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())["eos_token"]

@@ -71,7 +71,8 @@ def main():
     rows = []
     print("ms per step over the last 10 steps (incr@10: incremental over the first 10, a short chat)")
     print(
-        f"{'template':10}{'tokens':>8}{'old ms':>9}{'full ms':>9}{'incr ms':>9}{'incr@10':>9}{'old/incr':>10}{'full/incr':>10}"
+        f"{'template':10}{'tokens':>8}{'old ms':>9}{'full ms':>9}{'incr ms':>9}{'incr@10':>9}"
+        f"{'old/incr':>10}{'full/incr':>10}"
     )
     for template in TEMPLATES:
         model, tokenizer = load(str(make_tiny_model(root / template, template=template)))

@@ -10,8 +10,9 @@ teacher cache of train-split games: other games). Rows of another run on the sam
 student stay in `--json` (recipes can run as separate processes).
 
     python benchmarks/quantization.py --json benchmarks/results/quantization_tiny.json --episodes 1 --max-steps 6
-    python benchmarks/quantization.py --model demo-out/student --adapters demo-out/lora-selfmem --memory demo-out/duomem-bank \\
-        --calibrate demo-out/teacher-cache --env twx --tasks coin,mapreader,simonsays,twc \\
+    python benchmarks/quantization.py --model demo-out/student --adapters demo-out/lora-selfmem \\
+        --memory demo-out/duomem-bank --calibrate demo-out/teacher-cache --env twx \\
+        --tasks coin,mapreader,simonsays,twc \\
         --game-params 'coin:numLocations=2;mapreader:numLocations=2,maxDistanceApart=1;twc:numItemsToPutAway=1' \\
         --max-steps 12 --memory-k 2 --episodes 15 --json benchmarks/results/quantization_smollm2.json
 
@@ -22,7 +23,8 @@ layers); the student's own memories rebuilt in that base's space, as `distill` r
     duomem-mlx quantize --model demo-out/student --bits 4 --out q/base4
     duomem-mlx memory build --memories demo-out/self-memories.jsonl --embedder q/base4 --out q/self-bank4
     duomem-mlx distill --student q/base4 --cache demo-out/teacher-cache --memory-bank q/self-bank4 --memory-k 2 \\
-        --adapter lora --rank 16 --num-layers 8 --alpha 0.5 --learning-rate 5e-4 --batch-size 4 --iters 48 --val-fraction 0 --out q/qlora
+        --adapter lora --rank 16 --num-layers 8 --alpha 0.5 --learning-rate 5e-4 --batch-size 4 --iters 48 \\
+        --val-fraction 0 --out q/qlora
     python benchmarks/quantization.py ...as above... --qlora-base q/base4 --qlora-adapters q/qlora
 """
 
@@ -244,7 +246,8 @@ def main():
                 },
             )
 
-    # (row, recipe, what it quantizes): the QLoRA adapters fused into their 4-bit base are re-quantized at that base's recipe
+    # (row, recipe, what it quantizes): the QLoRA adapters fused into their 4-bit base are re-quantized at that base's
+    # recipe
     packages = [(name, name, {}) for name in recipes]
     if args.qlora_base:
         packages.append(("qlora4-fused", "affine4", dict(model=args.qlora_base, adapters=args.qlora_adapters)))
@@ -262,7 +265,8 @@ def main():
                 }
             )
             print(
-                f"{name} calibration epoch {epoch}: loss {loss:.4f}, agreement on the dev steps {curve[-1]['agreement']:.1%}",
+                f"{name} calibration epoch {epoch}: loss {loss:.4f}, agreement on the dev steps "
+                f"{curve[-1]['agreement']:.1%}",
                 flush=True,
             )
 
@@ -315,11 +319,13 @@ def main():
     for name, row in rows.items():
         speed = row.get("decode_tokens_per_s")
         print(
-            f"{name:15}{row['bytes'] / 1e6:9.2f}{row['bytes_vs_bf16']:8.3f}{row['bits_per_weight']:8.2f}{row['agreement']:>11.1%}"
+            f"{name:15}{row['bytes'] / 1e6:9.2f}{row['bytes_vs_bf16']:8.3f}{row['bits_per_weight']:8.2f}"
+            f"{row['agreement']:>11.1%}"
             f"{row['success_rate']:>9.1%}{'-' if speed is None else f'{speed:.1f}':>7}"
         )
     print(
-        f"agreement: greedy actions equal to the float32 student's on its {len(reference)} steps of {len(episodes)} {args.env} dev games"
+        f"agreement: greedy actions equal to the float32 student's on its {len(reference)} steps of {len(episodes)} "
+        f"{args.env} dev games"
     )
 
 

@@ -63,7 +63,8 @@ def latency_runs(args, url, model, tmp) -> list[dict]:
         runs.append(timed(args, url, model, tmp / f"n{n}", n))
         runs[-1]["same_cache_as_n1"] = cache_bytes(tmp / f"n{n}") == cache_bytes(tmp / f"n{args.concurrency[0]}")
         print(
-            f"N={n:<3} {runs[-1]['seconds']:>7.1f} s  {runs[-1]['episodes_per_s']:>6.2f} episodes/s  same cache: {runs[-1]['same_cache_as_n1']}",
+            f"N={n:<3} {runs[-1]['seconds']:>7.1f} s  {runs[-1]['episodes_per_s']:>6.2f} episodes/s  same cache: "
+            f"{runs[-1]['same_cache_as_n1']}",
             flush=True,
         )
     return runs
@@ -141,7 +142,8 @@ def mlx_lm_server(args, model, tmp) -> list[dict]:
             )
             runs[-1]["same_cache_as_n1"] = cache_bytes(tmp / f"mlx{n}") == cache_bytes(tmp / "mlx1")
             print(
-                f"mlx_lm.server N={n}: {runs[-1]['episodes_per_s']:.2f} episodes/s  same cache: {runs[-1]['same_cache_as_n1']}",
+                f"mlx_lm.server N={n}: {runs[-1]['episodes_per_s']:.2f} episodes/s  same cache: "
+                f"{runs[-1]['same_cache_as_n1']}",
                 flush=True,
             )
         return runs
@@ -182,7 +184,8 @@ def main():
         )
         faults = fault_run(args, gold, model, tmp, reference)
         print(
-            f"faults {args.faults:.0%}: {faults['injected']}, same cache {faults['same_cache_as_n1']}, {faults['verify']}",
+            f"faults {args.faults:.0%}: {faults['injected']}, same cache {faults['same_cache_as_n1']}, "
+            f"{faults['verify']}",
             flush=True,
         )
         mlx = mlx_lm_server(args, model, tmp) if args.mlx_episodes else []
@@ -203,7 +206,8 @@ def main():
     print(f"\n{'N':>4}{'seconds':>10}{'episodes/s':>12}{'speedup':>9}{'same cache':>12}")
     for r in runs:
         print(
-            f"{r['concurrency']:>4}{r['seconds']:>10.1f}{r['episodes_per_s']:>12.2f}{rate[r['concurrency']] / rate[runs[0]['concurrency']]:>9.1f}{str(r['same_cache_as_n1']):>12}"
+            f"{r['concurrency']:>4}{r['seconds']:>10.1f}{r['episodes_per_s']:>12.2f}"
+            f"{rate[r['concurrency']] / rate[runs[0]['concurrency']]:>9.1f}{str(r['same_cache_as_n1']):>12}"
         )
     if args.json:
         write_json(args.json, result)

@@ -49,9 +49,9 @@ def exact_rows(model, tokenizer, messages):
             prompt = encode(tokenizer, prompt_text)
             reply = encode(tokenizer, render(tokenizer, messages[: i + 1], False)[len(prompt_text) :])
             action = reply[: reply.index(tokenizer.eos_token_id) + 1]
-            t, l = top1(model, prompt + action, np.arange(len(prompt) - 1, len(prompt) + len(action) - 1))
-            tops.append(t)
-            logits.append(l)
+            top, logit = top1(model, prompt + action, np.arange(len(prompt) - 1, len(prompt) + len(action) - 1))
+            tops.append(top)
+            logits.append(logit)
     return np.concatenate(tops), np.concatenate(logits)
 
 
@@ -104,7 +104,8 @@ def main():
     for key in ("generated_top1_agreement", "history_top1_agreement"):
         result[key] = round(float(np.mean([r[key] for r in result["rows"]])), 4)
     print(
-        f"{'seed':>5}{'tokens':>8}{'generated top-1':>17}{'history top-1':>15}{'gen max|dlogit|':>17}{'hist max|dlogit|':>18}"
+        f"{'seed':>5}{'tokens':>8}{'generated top-1':>17}{'history top-1':>15}"
+        f"{'gen max|dlogit|':>17}{'hist max|dlogit|':>18}"
     )
     for r in result["rows"]:
         print(

@@ -2,8 +2,17 @@
 
 import click
 
+from duomem_mlx.agent.cli import chat_command, eval_command
 from duomem_mlx.config import config_option
+from duomem_mlx.convert.cli import convert, export_gguf_command
+from duomem_mlx.cpu.blas import reexec_with_openblas
+from duomem_mlx.deploy.cli import bench, quantize, upload
+from duomem_mlx.distill.cli import distill
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import check_destination
+from duomem_mlx.memory.cli import memory
+from duomem_mlx.runtime.models import make_tiny_model
+from duomem_mlx.teacher.cli import cache_group, teach
 from duomem_mlx.version import __version__
 
 
@@ -78,11 +87,9 @@ def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, 
       duomem-mlx tiny-model runs/gemma --arch gemma3_text --sliding-window 16
       duomem-mlx tiny-model runs/llama-chatml --arch llama --template chatml
     """
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (~0.5 s: not at CLI start-up)
 
-    from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
-    from duomem_mlx.io import check_destination
-    from duomem_mlx.runtime.models import make_tiny_model
+    from duomem_mlx.formats.fingerprints import tokenizer_fingerprint  # noqa: PLC0415 (mlx: not at CLI start-up)
 
     check_destination(out, option="OUT")
     if template and tokenizer_from:
@@ -94,38 +101,22 @@ def tiny_model(out, arch, template, layers, hidden, vocab_size, sliding_window, 
     click.echo(f"wrote {arch} ({layers} layers, hidden {hidden}) to {path}  tokenizer {fingerprint[:12]}")
 
 
-from duomem_mlx.agent.cli import chat_command, eval_command  # noqa: E402
-
-cli.add_command(eval_command)
-cli.add_command(chat_command)
-
-from duomem_mlx.memory.cli import memory  # noqa: E402  (click group; its commands import lazily)
-
-cli.add_command(memory)
-
-from duomem_mlx.teacher.cli import cache_group, teach  # noqa: E402
-
-cli.add_command(teach)
-cli.add_command(cache_group)
-
-from duomem_mlx.distill.cli import distill  # noqa: E402
-
-cli.add_command(distill)
-
-from duomem_mlx.convert.cli import convert, export_gguf_command  # noqa: E402
-
-cli.add_command(convert)
-cli.add_command(export_gguf_command)
-
-from duomem_mlx.deploy.cli import bench, quantize, upload  # noqa: E402
-
-cli.add_command(quantize)
-cli.add_command(bench)
-cli.add_command(upload)
+for command in (
+    teach,
+    cache_group,
+    memory,
+    distill,
+    convert,
+    export_gguf_command,
+    quantize,
+    eval_command,
+    bench,
+    chat_command,
+    upload,
+):
+    cli.add_command(command)
 
 
 def main():
-    from duomem_mlx.cpu.blas import reexec_with_openblas
-
     reexec_with_openblas()
     cli(prog_name="duomem-mlx")

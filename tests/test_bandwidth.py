@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from duomem_mlx.deploy import bandwidth
+from duomem_mlx.deploy.bench import roofline
 
 
 def numpy_matvec_rate(nbytes: int) -> float:
@@ -50,6 +51,4 @@ def test_last_level_cache_is_a_size():
 
 @pytest.mark.parametrize("decode_gb_s", [0.5, 5.0, 50.0])
 def test_the_roofline_fraction_stays_at_most_one(decode_gb_s):
-    from duomem_mlx.deploy.bench import roofline
-
     assert 0 < roofline(decode_gb_s * 10, 100_000_000, 20e9)["decode_roofline_fraction"] <= 1

@@ -15,6 +15,7 @@ from duomem_mlx.envs.calls import parse_call
 from duomem_mlx.envs.example_tools import TOOLS
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.formats.teacher_cache import read_cache_records, read_safetensors
+from duomem_mlx.teacher.base import load_tokenizer
 from duomem_mlx.teacher.chats import chat_episode
 
 
@@ -196,8 +197,6 @@ def test_logged_logprobs_become_the_caches_top_k(tiny_model, tmp_path, played):
     """A log with each reply's token ids and top_logprobs (vLLM's `token_id:N`): the cache holds
     them as top-k rows, aligned to the student's masked tokens, and KD distills from them. An
     entry of a record naming no ids (OpenAI's text tokens) gives no rows, never wrong ones."""
-    from duomem_mlx.teacher.base import load_tokenizer
-
     tokenizer = load_tokenizer(str(tiny_model))
     records = [chat_record(e) for e in played[:2]]
     for message in (m for m in records[0]["messages"] if m["role"] == "assistant"):

@@ -11,7 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
+from duomem_mlx.distill.train import DistillArgs
 from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
+from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.options import PolicyOptions
+from duomem_mlx.teacher.options import TeachOptions
 
 
 def all_commands(group: click.Group, prefix=()):
@@ -50,10 +54,6 @@ def test_expected_commands_exist():
 def test_a_commands_defaults_are_its_stages_dataclass(command, options):
     """Each default is written once: an option of the command that is a field of the dataclass its stage
     takes defaults to that field's default (teach's --memory-k TeachOptions', eval's PolicyOptions')."""
-    from duomem_mlx.distill.train import DistillArgs
-    from duomem_mlx.runtime.options import PolicyOptions
-    from duomem_mlx.teacher.options import TeachOptions
-
     cls = {"PolicyOptions": PolicyOptions, "DistillArgs": DistillArgs, "TeachOptions": TeachOptions}[options]
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     given = {name: default for name, default in defaults.items() if default not in (None, dataclasses.MISSING)}
@@ -124,8 +124,6 @@ def test_bad_config_is_one_clear_line(tmp_path, text, message):
 
 
 def test_progress_off_a_terminal_is_a_plain_line_now_and_then(capsys, monkeypatch):
-    from duomem_mlx.progress import Progress
-
     monkeypatch.delenv("DUOMEM_PROGRESS_SECONDS", raising=False)
     for _ in Progress(range(50), desc="work", unit="item"):
         pass  # faster than the 20 s between lines: quiet

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from gguf_writer import write_gguf
 from mlx_lm.models.cache import make_prompt_cache
+from transformers import AutoTokenizer
 
 from duomem_mlx.cli import cli
 from duomem_mlx.convert import convert_gguf
@@ -94,8 +95,6 @@ def test_kept_quant_agrees_with_dequantized(smollm2, model_root, tmp_path):
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_tokenizer_round_trips(real_models, name):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(real_models[name]))
     ids = tokenizer.encode(ROUND_TRIP, add_special_tokens=False)
     assert tokenizer.decode(ids) == ROUND_TRIP

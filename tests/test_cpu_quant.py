@@ -14,6 +14,7 @@ import pytest
 
 from duomem_mlx.cpu import kernel as cpu_kernel
 from duomem_mlx.cpu.quant import ROWS, SWAPS, cpu_streams, dense_prefill_on_cpu
+from duomem_mlx.deploy.quantize import quantize_package
 from duomem_mlx.runtime.models import load
 
 needs_kernel = pytest.mark.skipif(sys.platform != "linux", reason="the CPU quantized kernel is built on Linux only")
@@ -33,7 +34,10 @@ def count_calls(monkeypatch, owner, name) -> list:
 
 def counting(kernels, calls: list):
     """The extension with each call's name and first argument's shape recorded."""
-    record = lambda name: lambda *a: calls.append((name, a[0].shape)) or getattr(kernels, name)(*a)
+
+    def record(name):
+        return lambda *a: calls.append((name, a[0].shape)) or getattr(kernels, name)(*a)
+
     return SimpleNamespace(quantized_matvec=record("quantized_matvec"), dequantize=record("dequantize"))
 
 
@@ -131,8 +135,6 @@ def test_without_a_built_extension_there_are_no_kernels(tmp_path, env, note):
 
 
 def test_load_swaps_quantized_layers(tiny_model, tmp_path):
-    from duomem_mlx.deploy.quantize import quantize_package
-
     package = quantize_package(str(tiny_model), str(tmp_path / "q"), bits=4, group_size=32)
     model, _ = load(str(package))
     kinds = {type(m) for _, m in model.named_modules() if isinstance(m, tuple(SWAPS))}

@@ -1,26 +1,41 @@
 """Deployment: quantized packages (fuse, QLoRA, calibration, memory bank), bench, Hub upload."""
 
+import base64
 import hashlib
+import http.server
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import mlx.core as mx
 import mlx_lm
 import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from duomem_mlx.cli import cli as duomem
-from duomem_mlx.deploy.quantize import greedy_actions
+from duomem_mlx.cpu import kernel as cpu_kernel
+from duomem_mlx.deploy import bench
+from duomem_mlx.deploy.bench import KEYS, bytes_per_token
+from duomem_mlx.deploy.quantize import cache_episodes, calibration_data, direct_url, duomem_install, greedy_actions
+from duomem_mlx.deploy.recipes import RECIPES, chat_windows, pick
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.bank import MemoryBank
+from duomem_mlx.runtime.decode import logits_at
+from duomem_mlx.runtime.models import load
+from duomem_mlx.runtime.session import Session
+from duomem_mlx.teacher.topk import masked_positions
 
 LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 
@@ -45,8 +60,6 @@ def assert_clean_failure(result, *phrases):
 
 def make_adapters(base, out, seed=0):
     """mlx-lm LoRA adapters (its own layers and file format) with a nonzero update."""
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     model, _ = mlx_lm.load(str(base))
     model.freeze()
     mx.random.seed(seed)  # lora_a too: drawn from the state earlier tests left, its rounding flipped an action
@@ -217,9 +230,6 @@ def test_quantize_bad_input_is_one_line_and_leaves_nothing(tiny_model, tiny_teac
 
 def mean_kl(model, reference, sequences):
     """KL(reference || model) per action token, where the agent is scored and calibration trains."""
-    from duomem_mlx.runtime.decode import logits_at
-    from duomem_mlx.teacher.topk import masked_positions
-
     total, count = 0.0, 0
     for ids, mask in sequences:
         x, rows = mx.array(ids)[None], mx.array(masked_positions(mask))
@@ -272,8 +282,6 @@ def train_cache(tmp_path_factory, need_env):
 
 
 def test_mixed_recipe_spends_8_bits_where_the_actions_are_sensitive(tiny_model, train_cache, tmp_path):
-    from duomem_mlx.deploy.recipes import RECIPES, pick
-
     assert pick(4, None, True) == "affine4" and pick(4, None, False) == "affine4" and pick(8, None, True) == "affine8"
     plain = cli(
         "quantize", "--model", tiny_model, "--bits", "4", "--calibrate", train_cache, "--out", tmp_path / "plain"
@@ -313,10 +321,6 @@ def test_mixed_recipe_spends_8_bits_where_the_actions_are_sensitive(tiny_model, 
 def test_gptq_and_awq_round_with_the_chats_and_keep_the_logits_closer_than_rounding_to_nearest(
     recipe, tiny_model, train_cache, tmp_path
 ):
-    from duomem_mlx.deploy.quantize import cache_episodes, calibration_data
-    from duomem_mlx.deploy.recipes import chat_windows
-    from duomem_mlx.runtime.models import load
-
     for name in ("affine4", recipe):
         result = cli(
             "quantize",
@@ -378,9 +382,6 @@ def test_margin_calibration_lowers_its_hinge_on_the_students_own_actions(tiny_mo
 
 
 def test_quantized_package_stores_16_bit_scales_and_a_cpu_computes_in_float32(tiny_model, tmp_path, monkeypatch):
-    from duomem_mlx.cpu import kernel as cpu_kernel
-    from duomem_mlx.runtime.models import load
-
     result = cli("quantize", "--model", tiny_model, "--bits", "4", "--out", tmp_path / "q")
     assert result.returncode == 0, result.stderr
     stored = mx.load(str(tmp_path / "q" / "model.safetensors"))
@@ -456,8 +457,6 @@ UPLOADED = {
 def test_the_cards_install_lines_work_as_written(package):
     """duomem-mlx is not on PyPI: the card pip-installs mlx-lm, and duomem-mlx only from a public
     URL pip recorded for this install (pinned to its commit), else from its source."""
-    from duomem_mlx.deploy.quantize import direct_url, duomem_install
-
     card = (package / "README.md").read_text()
     pip_lines = [line for line in card.splitlines() if line.startswith("pip install")]
     assert pip_lines == ["pip install mlx-lm", *filter(None, [duomem_install(direct_url())[1].strip()])]
@@ -474,8 +473,6 @@ def test_the_cards_install_lines_work_as_written(package):
 
 
 def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
-    from duomem_mlx.deploy.bench import KEYS
-
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     result = cli("bench", tiny_model, package, "--steps", "3", "--repeats", "1", "--json", out, "--plot", png)
     assert result.returncode == 0, result.stderr
@@ -499,10 +496,6 @@ def test_bench_measures_packages_side_by_side(tiny_model, package, tmp_path):
 
 
 def test_bytes_per_token_reads_a_tied_embedding_once_as_the_head(tiny_model):
-    from mlx_lm.models import llama
-
-    from duomem_mlx.deploy.bench import bytes_per_token
-
     def weights(model):
         return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
 
@@ -522,8 +515,6 @@ def test_bytes_per_token_reads_a_tied_embedding_once_as_the_head(tiny_model):
 
 
 def test_roofline_fraction_never_exceeds_one(tiny_model, tmp_path, monkeypatch):
-    from duomem_mlx.deploy import bench
-
     # The reported case: 5.6 tokens/s x 550 MB against a 2.6 GB/s probe read as 1.18 of the roofline.
     assert 5.6 * 550e6 / 2.6e9 > 1
     assert bench.roofline(5.6, 550e6, 2.6e9) == pytest.approx(
@@ -572,9 +563,6 @@ def test_small_bench_is_small_and_says_how_it_goes(tiny_model, tmp_path):
 
 
 def test_a_small_run_feeds_few_tokens(tiny_model, monkeypatch):
-    from duomem_mlx.deploy import bench
-    from duomem_mlx.runtime.session import Session
-
     def fed(steps, max_tokens):
         tokens, decoded = [], []
         feed = Session.feed
@@ -594,9 +582,6 @@ def test_bench_runs_a_package_as_chat_loads_it(package, monkeypatch):
     """bench loads through the package's own loader: on a CPU the 4-bit layers fed a prefill run
     dense (cpu_quant) as in chat and eval; plain mlx_lm.load kept MLX's per-row kernel there
     (a SmolLM2 4-bit package prefilled 15.6 tokens/s in bench against 259 through the loader)."""
-    from duomem_mlx.deploy import bench
-    from duomem_mlx.runtime.models import load
-
     seen = []
     monkeypatch.setattr(
         bench, "throughput", lambda model, prompt, n: (seen.append({type(m) for m in model.modules()}), (1.0, 1.0))[1]
@@ -606,9 +591,6 @@ def test_bench_runs_a_package_as_chat_loads_it(package, monkeypatch):
 
 
 def test_an_interrupted_bench_writes_what_it_measured(tiny_model, tmp_path, monkeypatch):
-    from duomem_mlx.deploy import bench
-    from duomem_mlx.runtime.session import Session
-
     monkeypatch.setattr(bench, "bandwidth", lambda: {"best": 10.0})
     calls, generate = [], Session.generate
 
@@ -685,9 +667,6 @@ class FakeHub:
     commits sent; its commit hash is that of its contents."""
 
     def __init__(self):
-        import http.server
-        import threading
-
         self.calls = []
         self.repos: dict[str, dict[str, bytes]] = {}
         hub = self
@@ -718,10 +697,6 @@ class FakeHub:
         return hashlib.sha1(json.dumps(files).encode()).hexdigest()
 
     def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:
-        import base64
-        import re
-        from urllib.parse import unquote
-
         path = unquote(path)
         api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree|preupload|commit)/[^/]+", path)
         resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
@@ -763,9 +738,6 @@ class FakeHub:
 
 
 def test_upload_to_a_loopback_hub_is_one_commit_of_allow_listed_files(package):
-    import base64
-    import os
-
     hub = FakeHub()
     token = "hf_secret_loopback_token"
     env = {
@@ -898,8 +870,6 @@ def test_every_command_that_takes_a_model_gets_a_hub_id_from_the_one_download(pa
 
 
 def test_upload_bad_input(package, tmp_path):
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     assert_clean_failure(cli("upload", package, "--repo", "me/bad name!", env=env), "not a Hub repo id")
     assert_clean_failure(cli("upload", package, "--repo", "me/x", env={**env, "HF_HOME": str(tmp_path)}), "HF_TOKEN")

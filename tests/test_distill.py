@@ -1,12 +1,39 @@
 """Distillation: sparse losses, data from a real teacher cache, training, resume, distributed, CLI."""
 
+import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from mlx_lm.utils import save_model
 
+from duomem_mlx.cli import cli
+from duomem_mlx.distill.data import build_dataset
 from duomem_mlx.distill.losses import distill_loss, log1mexp, sparse_kd
+from duomem_mlx.envs.base import Episode, StepResult, TaskSpec
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.formats.bank import MemoryBank
+from duomem_mlx.formats.episodes import game_of
+from duomem_mlx.formats.memories import Memory
+from duomem_mlx.formats.teacher_cache import load_shard, read_cache_episodes, read_cache_records
+from duomem_mlx.memory.writer import of_kind
+from duomem_mlx.runtime import retrieval
+from duomem_mlx.runtime.embed import build
+from duomem_mlx.runtime.models import load, make_tiny_model
+from duomem_mlx.runtime.options import PolicyOptions
+from duomem_mlx.runtime.policy import ModelPolicy, load_bank
+from duomem_mlx.runtime.prompt import episode_messages, tokenize_with_mask
+from duomem_mlx.runtime.retrieval import accuracy
 
 
 def dense(teacher_logits, student_logits, temperature, kind):
@@ -88,27 +115,6 @@ def test_unaligned_rows_get_ce_only_and_kd_off_is_ce():
 
 # ---- data, training and the CLI on real tiny models and a real teacher cache ----
 
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-from click.testing import CliRunner
-
-from duomem_mlx.cli import cli
-from duomem_mlx.distill.data import build_dataset
-from duomem_mlx.envs.base import Episode
-from duomem_mlx.formats.memories import Memory
-from duomem_mlx.formats.teacher_cache import load_shard, read_cache_episodes, read_cache_records
-from duomem_mlx.runtime.embed import build
-from duomem_mlx.runtime.models import load, make_tiny_model
-from duomem_mlx.runtime.options import PolicyOptions
-from duomem_mlx.runtime.policy import ModelPolicy
-from duomem_mlx.runtime.prompt import episode_messages, tokenize_with_mask
 
 MEMORIES = [
     Memory("m1", "simple", "to open a locked door: take the key, unlock the door with the key, open it"),
@@ -135,8 +141,6 @@ def oracle_cache(tmp_path_factory, need_env):
 def teacher(tmp_path_factory, tiny_model, oracle_cache):
     """A tiny llama with the student's tokenizer, pretrained by `distill --kd off --adapter full`
     on the oracle's episodes (as the demo does) and saved as a plain mlx-lm model."""
-    from mlx_lm.utils import save_model
-
     root = tmp_path_factory.mktemp("distill")
     raw = make_tiny_model(root / "raw", "llama", 2, 64, seed=3, tokenizer_from=tiny_model)
     run(
@@ -227,7 +231,6 @@ def metrics(out):
 
 def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, tiny_model, bank):
     model, tokenizer = load(str(tiny_model))
-    from duomem_mlx.runtime.policy import load_bank
 
     policy = ModelPolicy(
         model, tokenizer, load_bank(str(bank), model, tokenizer), PolicyOptions(memory_k=2, memory_filter="task")
@@ -273,9 +276,6 @@ def test_data_is_the_run_time_layout_with_the_students_own_retrieval(kd_cache, t
 
 def test_training_prompts_never_hold_a_memory_of_their_own_game(oracle_cache, tiny_model):
     """A trajectory memory of the episode being trained on would teach copying its answer; every other one is in."""
-    from duomem_mlx.formats.episodes import game_of
-    from duomem_mlx.memory.writer import of_kind
-
     model, tokenizer = load(str(tiny_model))
     episodes = read_cache_episodes(oracle_cache)
     memories = of_kind([], episodes, "trajectory")
@@ -320,13 +320,13 @@ def test_kd_training_lowers_val_loss_raises_agreement_and_loads_in_mlx_lm(kd_cac
     weights = mx.load(str(out / "adapters.safetensors"))
     assert weights and all(k.endswith((".lora_a", ".lora_b")) for k in weights)
     assert sum(v.size for v in weights.values()) == summary["trainable_parameters"]
-    import mlx_lm
 
     base, tokenizer = mlx_lm.load(str(tiny_model))
     adapted, _ = mlx_lm.load(str(tiny_model), adapter_path=str(out))
     probe = mx.array([tokenizer.encode("go north")])
     assert not mx.allclose(base(probe), adapted(probe)).item()
-    # what the adapters change: plain mlx-lm, from the prompt of the teacher's first action, now begins it as the teacher did
+    # what the adapters change: plain mlx-lm, from the prompt of the teacher's first action, now begins it as the
+    # teacher did
     messages = episode_messages(read_cache_episodes(kd_cache)[0])
     prompt = tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=False)
     first = messages[2]["content"].split()[:1]
@@ -482,7 +482,6 @@ def test_memory_bank_is_rebuilt_for_the_adapters_and_eval_uses_it(kd_cache, tiny
     ]  # k = 3, any type
     policy.memory_filter = "task"
     assert sorted(m.id for m in policy.retrieve("open the locked door", "simple")) == ["m1", "m2"]
-    from duomem_mlx.errors import DuomemError
 
     with pytest.raises(DuomemError, match="another embedder"):
         # the base bank does not fit
@@ -492,9 +491,6 @@ def test_memory_bank_is_rebuilt_for_the_adapters_and_eval_uses_it(kd_cache, tiny
 def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_arguments(
     oracle_cache, tiny_model, bank, tmp_path, monkeypatch
 ):
-    from duomem_mlx.envs.base import StepResult, TaskSpec
-    from duomem_mlx.runtime import retrieval
-
     calls, real = [], retrieval.retrieve
 
     def spy(
@@ -571,9 +567,6 @@ def test_distill_and_the_agent_retrieve_through_one_function_with_the_same_argum
 
 
 def test_retrieval_accuracy_on_a_teacher_cache(oracle_cache, tiny_model, bank):
-    from duomem_mlx.formats.bank import MemoryBank
-    from duomem_mlx.runtime.retrieval import accuracy
-
     records = read_cache_records(oracle_cache)
     share = accuracy(
         MemoryBank.load(bank), *load(str(tiny_model)), [(r["task_description"], "", r["task"]) for r in records]

@@ -1,13 +1,19 @@
 """Real ScienceWorld (JVM) and TextWorld (generated games) behind the one protocol."""
 
+import json
 import os
+import shutil
 import signal
+import sys
 
 import pytest
+from click.testing import CliRunner
 
-from duomem_mlx.envs import make_env
+from duomem_mlx.cli import cli
+from duomem_mlx.envs import NAMES, jvm, make_env
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy, RandomPolicy
+from duomem_mlx.envs.twx import DEFAULT_PARAMS, game_params_option, resolve_params
 from duomem_mlx.errors import DuomemError
 
 SCIENCEWORLD_TASKS = ["melt", "find-living-thing", "chemistry-mix-paint-secondary-color"]
@@ -185,8 +191,6 @@ def test_twx_skips_the_unwinnable_dev_peckingorder_games(twx):
 
 
 def test_twx_game_params_merge_key_by_key_and_bad_ones_are_clear():
-    from duomem_mlx.envs.twx import DEFAULT_PARAMS, resolve_params
-
     assert resolve_params(None) == DEFAULT_PARAMS
     per_game = resolve_params({"coin": "numLocations=5"})
     assert per_game["coin"] == "numLocations=5,numDistractorItems=2,includeDoors=0,limitInventorySize=0"
@@ -208,8 +212,6 @@ def test_twx_game_params_merge_key_by_key_and_bad_ones_are_clear():
 
 
 def test_twx_game_params_option_names_games_or_keys():
-    from duomem_mlx.envs.twx import game_params_option
-
     assert game_params_option(None) is None and game_params_option("numLocations=2") == "numLocations=2"
     assert game_params_option("coin:numLocations=2; twc:numItemsToPutAway=3;coin:includeDoors=0") == {
         "coin": "numLocations=2,includeDoors=0",
@@ -228,11 +230,6 @@ def test_twx_out_of_range_params_fail_at_start():
 
 
 def test_twx_without_java_or_package_names_the_fix(monkeypatch):
-    import shutil
-    import sys
-
-    from duomem_mlx.envs import jvm
-
     monkeypatch.setitem(sys.modules, "textworld_express", None)  # import fails
     with pytest.raises(DuomemError, match=r"not installed: pip install 'duomem-mlx\[twx\]'"):
         make_env("twx")
@@ -252,13 +249,6 @@ def test_any_model_text_is_a_safe_twx_action(twx, action):
 
 @pytest.mark.env("twx")
 def test_twx_is_an_env_choice_everywhere_and_eval_runs_it(tmp_path):
-    import json
-
-    from click.testing import CliRunner
-
-    from duomem_mlx.cli import cli
-    from duomem_mlx.envs import NAMES
-
     for path in (["eval"], ["chat"], ["teach"], ["bench"]):
         command = cli.get_command(None, path[0])
         env_option = next(p for p in command.params if p.name == "env_name")

@@ -12,6 +12,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx_lm.utils import common_prefix_len
 
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, Step
@@ -52,8 +53,6 @@ def play(session_class, model, tokenizer, mode, max_context, steps=8, thinking=F
 
 def next_logits_agree(session):
     """The cache the session holds (rewound / restored as a step would) gives the logits of a full forward pass."""
-    from mlx_lm.utils import common_prefix_len
-
     target = session.prompt_ids()
     at = session.rewind(min(common_prefix_len(session.fed, target), len(target) - 1))
     step = session.model(mx.array(target[at:])[None], cache=session.cache)[0, -1]

@@ -2,18 +2,24 @@
 and its wired limit are faked in-process as Metal reports them, everything else runs for real."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import mlx.core as mx
+import mlx_lm
 import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from duomem_mlx.cli import cli as duomem
+from duomem_mlx.deploy import quantize
+from duomem_mlx.deploy.quantize import quantize_package
+from duomem_mlx.distill import train
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.runtime import gpu_memory
-from duomem_mlx.runtime.models import make_tiny_model
+from duomem_mlx.runtime.models import load, make_tiny_model
+from duomem_mlx.runtime.session import Session
 
 GB = 2**30
 
@@ -101,10 +107,6 @@ def cache(tmp_path_factory):
 
 def commands(model, cache, tmp_path):
     """Each command that generates, trains or benches, small, and the function its work goes through."""
-    from duomem_mlx.deploy import quantize
-    from duomem_mlx.distill import train
-    from duomem_mlx.runtime.session import Session
-
     return {
         "chat": (["chat", "--model", model, "--max-tokens", 4], Session, "generate"),
         "eval": (
@@ -203,10 +205,6 @@ def test_generation_training_and_bench_run_under_the_wired_limit_and_restore_it(
 
 
 def test_loading_a_model_larger_than_the_working_set_says_so_first_in_one_line(tiny_model, metal, monkeypatch, capsys):
-    import mlx_lm
-
-    from duomem_mlx.runtime.models import load
-
     metal(working_set=27 * GB)
     load(str(tiny_model))
     assert capsys.readouterr().err == ""
@@ -273,15 +271,11 @@ def test_bench_holds_one_model_at_a_time(bigger):
 @pytest.fixture(scope="module")
 def bf16_source(tiny_model, tmp_path_factory):
     """The tiny student stored in bfloat16, as mlx-community ships models."""
-    from duomem_mlx.deploy.quantize import quantize_package
-
     return quantize_package(str(tiny_model), str(tmp_path_factory.mktemp("gpu") / "bf16"), bits=16, dtype="bfloat16")
 
 
 def quantized_in(source, out, monkeypatch) -> set:
     """Quantize `source` to 4 bits; the dtypes of the float weights mlx-lm's quantization was handed."""
-    from duomem_mlx.deploy import quantize
-
     seen, real = [], quantize.quantize_model
 
     def spy(model, *args, **kwargs):
@@ -314,8 +308,6 @@ def test_quantize_on_a_gpu_keeps_the_source_dtype_and_stores_bf16(bf16_source, t
 def wide_scales(bf16_source, tmp_path_factory):
     """The bf16 student with its projections x8: 4-bit scales of ~0.02, as a real model's, whose
     bf16 steps (~1e-4) are larger than Adam's at the default learning rate (1e-5)."""
-    import shutil
-
     out = tmp_path_factory.mktemp("gpu") / "wide"
     shutil.copytree(bf16_source, out)
     weights = mx.load(str(out / "model.safetensors"))
@@ -328,8 +320,6 @@ def test_calibration_on_a_gpu_computes_in_bf16_and_its_steps_land(wide_scales, c
     """Calibration updates a float32 copy of the scales, as mlx-lm's DWQ does, while the model
     computes in the package's bf16: updating the bf16 scales themselves, no scale moved and the
     loss stayed put (4.549 both epochs; with the float32 copy 159 of 6784 moved, 4.549 -> 4.526)."""
-    from duomem_mlx.deploy import quantize
-
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu, 0))
     computed, moved, real = [], [], quantize.calibrate
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -326,8 +327,8 @@ def test_rules_writer_generalises_what_varies_and_keeps_what_is_constant():
     ]
     [memory] = rule_memories(episodes)
     assert (
-        memory.text
-        == "Workflow for cooking (X, Y: the objects of each task): inventory, examine cookbook, take X from Y, prepare meal, eat meal."
+        memory.text == "Workflow for cooking (X, Y: the objects of each task): "
+        "inventory, examine cookbook, take X from Y, prepare meal, eat meal."
     )
     assert memory.source == ["a", "b", "c"]
     [alone] = rule_memories(episodes[:1])  # one episode: nothing is seen to vary
@@ -341,13 +342,13 @@ def test_rules_writer_generalises_what_varies_and_keeps_what_is_constant():
     ]
     [route] = rule_memories(roads)  # where the coin lies varies: the way there is the task's, the procedure is one
     assert (
-        route.text
-        == "Workflow for mapreader (X, Y: the objects of each task): read map, move X, take coin, move Y, put coin in box."
+        route.text == "Workflow for mapreader (X, Y: the objects of each task): "
+        "read map, move X, take coin, move Y, put coin in box."
     )
 
 
 def play_textworld(tmp_path, seed) -> Episode:
-    import textworld
+    import textworld  # noqa: PLC0415 (optional: the [textworld] extra; the test skips without it)
 
     game = tmp_path / f"game{seed}.z8"
     tw_make = Path(sys.executable).parent / "tw-make"
@@ -571,7 +572,6 @@ def test_model_writer_says_what_it_dropped_and_the_counts_add_up(tiny_model, tmp
         "Heat the egg.": "The code: ```# a game",
         "Cool the milk.": "Task: Cool the milk.\n1. take the milk\n2. cool it with the fridge",
     }
-    import mlx_lm
 
     monkeypatch.setattr(
         mlx_lm,

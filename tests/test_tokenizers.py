@@ -4,6 +4,7 @@ and unicode, and a rendered chat. (Merges ranked by the parts' ids instead of th
 score fail 3 of these texts on Gemma; without its user-defined space-run tokens, 7.)"""
 
 import pytest
+from transformers import AutoTokenizer
 
 from duomem_mlx.convert.fetch import fetch_gguf
 
@@ -35,7 +36,6 @@ def test_convert_tokenizes_as_llama_cpp(name, real_models, model_root):
         reason="llama-cpp-python is not installed (`pip install llama-cpp-python==0.3.36` "
         "builds llama.cpp from source, ~8 min on 2 cores)",
     )
-    from transformers import AutoTokenizer
 
     reference = llama_cpp.Llama(model_path=str(fetch_gguf(name, root=model_root)), vocab_only=True, verbose=False)
     ours = AutoTokenizer.from_pretrained(str(real_models[name]))

@@ -15,7 +15,7 @@ from test_families import FAMILIES
 from duomem_mlx.cli import cli
 from duomem_mlx.deploy.bench import play_env
 from duomem_mlx.envs import make_env
-from duomem_mlx.envs.base import TaskSpec, play_episode
+from duomem_mlx.envs.base import Episode, TaskSpec, play_episode
 from duomem_mlx.envs.bfcl import split_indices
 from duomem_mlx.envs.calls import Call, parse_call
 from duomem_mlx.envs.example_tools import TOOLS
@@ -24,9 +24,9 @@ from duomem_mlx.runtime.grammar import Spelling, TokenIndex, call_grammar
 from duomem_mlx.runtime.models import make_tiny_model
 from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import ModelPolicy
-from duomem_mlx.runtime.prompt import encode, prefix_messages, render
+from duomem_mlx.runtime.prompt import encode, prefix_messages, render, tokenize_with_mask
 from duomem_mlx.runtime.session import ReencodingSession, Session
-from duomem_mlx.runtime.tools import Tools, call_message, read_call
+from duomem_mlx.runtime.tools import Tools, call_message, episode_chat, read_call
 
 TYPES = {
     "integer": int,
@@ -279,10 +279,6 @@ def test_tools_added_mid_episode_reach_the_prompt_and_the_grammar(tiny_model):
 def test_training_renders_the_chat_and_tools_the_agent_saw(arch, families):
     """A played episode of tools, rendered for training (teach shards, distill), is the chat the
     session held at run time, tools and memories included, to the character."""
-    from duomem_mlx.envs.base import Episode
-    from duomem_mlx.runtime.prompt import tokenize_with_mask
-    from duomem_mlx.runtime.tools import episode_chat
-
     model, tokenizer = families[arch]
     policy = ModelPolicy(model, tokenizer, options=PolicyOptions(max_context=4096))
     policy.retrieve = lambda *a, **k: [type("M", (), {"text": "list the day first", "id": "m"})()]

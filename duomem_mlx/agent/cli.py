@@ -4,8 +4,7 @@ import click
 
 from duomem_mlx.config import SPLITS, config_option, csv_list, game_params_option
 from duomem_mlx.envs import ENV_HELP
-from duomem_mlx.runtime.options import PolicyOptions
-from duomem_mlx.runtime.retrieval import FILTERS
+from duomem_mlx.runtime.options import FILTERS, PolicyOptions
 
 
 @click.command("eval")

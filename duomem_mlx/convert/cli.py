@@ -1,6 +1,9 @@
 import click
 
 from duomem_mlx.config import config_option
+from duomem_mlx.convert import convert_gguf
+from duomem_mlx.convert.fetch import KNOWN, fetch_gguf, fetch_model
+from duomem_mlx.io import check_destination
 
 
 @click.command("convert")
@@ -52,10 +55,6 @@ def convert(source, out, fetch_name, list_known, dtype, keep_quant, bits, group_
       duomem-mlx convert --fetch smollm2-135m-instruct        # into ~/.cache/duomem-mlx/models/
       duomem-mlx convert --list
     """
-    from duomem_mlx.convert import convert_gguf
-    from duomem_mlx.convert.fetch import KNOWN, fetch_gguf, fetch_model
-    from duomem_mlx.io import check_destination
-
     if list_known:
         width = max(map(len, KNOWN))
         for name, spec in KNOWN.items():
@@ -117,8 +116,7 @@ def export_gguf_command(model, out, source, type_name, force):
       duomem-mlx export-gguf ~/.cache/duomem-mlx/models/smollm2-135m-instruct-float32 smollm2.f16.gguf
       duomem-mlx export-gguf runs/student-fused student.q8_0.gguf --source SmolLM2-135M-Instruct.Q4_1.gguf --type q8_0
     """
-    from duomem_mlx.convert.export import export_gguf, source_of
-    from duomem_mlx.io import check_destination
+    from duomem_mlx.convert.export import export_gguf, source_of  # noqa: PLC0415 (numpy, gguf: not at CLI start-up)
 
     check_destination(out, force=force, option="OUT")
     record = export_gguf(model, out, source or source_of(model), type_name)

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from duomem_mlx.io import cache_root, fsync
+
 PATTERNS = (
     "/usr/lib/*/openblas-pthread/libopenblas.so.0",
     "/usr/lib/*/libopenblas.so.0",
@@ -46,8 +48,6 @@ def uses_reference_blas() -> bool:
 
 def gemv_forward_path() -> Path:
     """Where the one-row forwarding library for this source lives (built or not)."""
-    from duomem_mlx.io import cache_root
-
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     return cache_root() / "blas" / f"libgemv_forward-{digest}.so"
 
@@ -60,8 +60,6 @@ def compiler(env: str = "CC", names: tuple[str, ...] = ("cc", "gcc", "clang")) -
 def compile_library(command: list[str], path: Path) -> str | None:
     """Run a compiler `command` that writes (`-o`) a shared library atomically (fsynced) into `path`; what went
     wrong, in one line, or None."""
-    from duomem_mlx.io import fsync
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
     os.close(fd)

@@ -26,6 +26,12 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import mlx.core as mx
+
+from duomem_mlx.cpu.blas import compile_library, compiler
+from duomem_mlx.errors import DuomemError
+from duomem_mlx.io import cache_root, write_atomic
+
 SOURCE = Path(__file__).with_name("quantized_matvec.cpp")
 MODULE = "_quantized_matvec"
 
@@ -47,8 +53,6 @@ def mlx_dir() -> str:
 
 def library_path() -> Path:
     """Where the extension for this source, MLX, nanobind, Python and CPU lives (built or not)."""
-    from duomem_mlx.io import cache_root
-
     key = [SOURCE.read_text(), sys.version, platform.machine(), cpu_flags(), mlx_dir()]  # it links this MLX's libmlx
     key += [importlib.metadata.version(name) for name in ("mlx", "nanobind")]
     digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:12]
@@ -56,7 +60,7 @@ def library_path() -> Path:
 
 
 def compile_command(compiler: str) -> list[str]:
-    import nanobind
+    import nanobind  # noqa: PLC0415 (a dependency on Linux only, where this builds)
 
     mlx, nb = Path(mlx_dir()), Path(nanobind.__file__).parent
     return [
@@ -86,8 +90,6 @@ def compile_command(compiler: str) -> list[str]:
 def build() -> Path | None:
     """Build the extension once; None (with a note) where it cannot be built: a failed build is
     remembered (`.failed`)."""
-    from duomem_mlx.cpu.blas import compile_library, compiler
-
     cxx = compiler("CXX", ("c++", "g++", "clang++"))
     if cxx is None or importlib.util.find_spec("nanobind") is None:
         print(
@@ -125,9 +127,6 @@ def marker(path: Path, kind: str) -> Path:
 
 def remember(path: Path, kind: str, text: str) -> None:
     """Write the library's `.ok` or `.failed` marker; a read-only cache remembers nothing."""
-    from duomem_mlx.errors import DuomemError
-    from duomem_mlx.io import write_atomic
-
     try:
         write_atomic(marker(path, kind), text + "\n")
     except DuomemError:
@@ -177,16 +176,12 @@ def load(path: str | Path):
 
 def agrees(kernels) -> bool:
     """The extension gives MLX's values on a probe layer, 4 and 8 bits, on a CPU."""
-    import mlx.core as mx
-
     with mx.stream(mx.cpu):
         return all(agrees_at(kernels, bits) for bits in (4, 8))
 
 
 def agrees_at(kernels, bits: int) -> bool:
     """One bit width: the dequantized layer, then the product on one and three rows."""
-    import mlx.core as mx
-
     weight = mx.random.normal((96, 256), key=mx.random.key(0))
     w, scales, biases = mx.quantize(weight, group_size=64, bits=bits)
     if not mx.allclose(

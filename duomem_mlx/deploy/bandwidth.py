@@ -12,6 +12,7 @@ kept in the cache dir (`bandwidth.json`)."""
 import json
 import os
 import platform
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,8 +33,6 @@ def last_level_cache() -> int:
         text = path.read_text().strip()
         sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text))
     if platform.system() == "Darwin":
-        import subprocess
-
         for key in ("hw.l3cachesize", "hw.l2cachesize"):
             out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True).stdout.strip()
             sizes.append(int(out) if out.isdigit() else 0)

@@ -3,8 +3,7 @@
 import click
 
 from duomem_mlx.config import config_option, csv_list
-from duomem_mlx.runtime.options import PolicyOptions
-from duomem_mlx.runtime.retrieval import FILTERS
+from duomem_mlx.runtime.options import FILTERS, PolicyOptions
 
 
 @click.command("distill")

@@ -23,7 +23,7 @@ GET_DATA = "pip install 'duomem-mlx[alfworld]' && alfworld-download (then set AL
 def data_dir() -> Path:
     if os.environ.get("ALFWORLD_DATA"):
         return Path(os.environ["ALFWORLD_DATA"])
-    from alfworld.info import ALFWORLD_DATA
+    from alfworld.info import ALFWORLD_DATA  # noqa: PLC0415 (optional: the [alfworld] extra)
 
     return Path(ALFWORLD_DATA)
 
@@ -47,8 +47,8 @@ class ALFWorld:
 
     def __init__(self):
         try:
-            import alfworld  # noqa: F401
-            import textworld  # noqa: F401
+            import alfworld  # noqa: F401, PLC0415 (optional: the [alfworld] extra)
+            import textworld  # noqa: F401, PLC0415
         except ImportError:
             raise DuomemError(f"ALFWorld is not installed: {GET_DATA}")
         self.env = None
@@ -77,8 +77,12 @@ class ALFWorld:
         return [TaskSpec(self.name, t, i, split) for t, i in rng.sample(every, min(episodes, len(every)))]
 
     def reset(self, spec: TaskSpec) -> tuple[str, StepResult]:
-        import textworld
-        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredExpertType
+        import textworld  # noqa: PLC0415 (optional: the [alfworld] extra)
+        from alfworld.agents.environment.alfred_tw_env import (  # noqa: PLC0415
+            AlfredDemangler,
+            AlfredExpert,
+            AlfredExpertType,
+        )
 
         self.close()
         game = self.split_games(spec.split)[spec.task][spec.variation]

@@ -47,10 +47,11 @@ ADDED_TOOLS = "I have updated some more functions you can choose from: {tools}. 
 def bfcl() -> SimpleNamespace:
     """BFCL's modules and data paths, imported on first use; a missing install says how to get it."""
     try:
-        from bfcl_eval.constants import eval_config
-        from bfcl_eval.constants import executable_backend_config as backends
-        from bfcl_eval.constants.category_mapping import VERSION_PREFIX
-        from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_checker, multi_turn_utils
+        # bfcl-eval is optional (installed with --no-deps by `make setup`)
+        from bfcl_eval.constants import eval_config  # noqa: PLC0415
+        from bfcl_eval.constants import executable_backend_config as backends  # noqa: PLC0415
+        from bfcl_eval.constants.category_mapping import VERSION_PREFIX  # noqa: PLC0415
+        from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_checker, multi_turn_utils  # noqa: PLC0415
     except ImportError as e:
         raise DuomemError(f"--env bfcl needs BFCL's data and checker ({e.name} is missing): {INSTALL}")
     return SimpleNamespace(

@@ -18,7 +18,7 @@ class ScienceWorld(JavaBacked):
     def __init__(self, step_limit: int = 1000):  # our max_steps ends episodes; gold paths reach 178 steps
         require_java("ScienceWorld")
         try:
-            from scienceworld import ScienceWorldEnv
+            from scienceworld import ScienceWorldEnv  # noqa: PLC0415 (optional: the [scienceworld] extra)
         except ImportError:
             raise DuomemError("ScienceWorld is not installed: pip install 'duomem-mlx[scienceworld]'")
         self._make = lambda: ScienceWorldEnv("", envStepLimit=step_limit)

@@ -6,6 +6,7 @@ Task types: `simple` (tw-simple, dense rewards, detailed goal: the steps are in 
 ingredient; the recipe is in a cookbook in the world, drawn from the game's seed).
 Splits are disjoint seed ranges."""
 
+import argparse
 import os
 import random
 import re
@@ -59,10 +60,8 @@ def game_path(task: str, seed: int) -> Path:
 def make_game(argv: list[str], seed: int, output: str):
     """What `tw-make CHALLENGE ARGS --seed N --output FILE` does, without a new Python per game
     (its imports cost ~5 s of CPU a game)."""
-    import argparse
-
-    import textworld
-    import textworld.challenges
+    import textworld  # noqa: PLC0415 (optional: the [textworld] extra)
+    import textworld.challenges  # noqa: PLC0415
 
     name, *args = argv
     _, make, add_arguments = textworld.challenges.CHALLENGES[name]
@@ -85,7 +84,7 @@ class TextWorld:
 
     def __init__(self):
         try:
-            import textworld
+            import textworld  # noqa: PLC0415 (optional: the [textworld] extra)
         except ImportError:
             raise DuomemError("TextWorld is not installed: pip install 'duomem-mlx[textworld]'")
         self.infos = textworld.EnvInfos(
@@ -106,14 +105,17 @@ class TextWorld:
     def task_specs(self, tasks, split, episodes, seed) -> list[TaskSpec]:
         check_tasks(tasks, CHALLENGES, "TextWorld task")
         rng = random.Random(seed)
-        seeds = lambda n: [SPLIT_SEEDS[split] + s for s in rng.sample(range(SEEDS_PER_SPLIT), n)]
+
+        def seeds(n):
+            return [SPLIT_SEEDS[split] + s for s in rng.sample(range(SEEDS_PER_SPLIT), n)]
+
         if tasks:
             return [TaskSpec(self.name, t, s, split) for t in tasks for s in seeds(episodes)]
         kinds = list(CHALLENGES)  # no task named: alternate the kinds
         return [TaskSpec(self.name, kinds[i % len(kinds)], s, split) for i, s in enumerate(seeds(episodes))]
 
     def reset(self, spec: TaskSpec) -> tuple[str, StepResult]:
-        import textworld
+        import textworld  # noqa: PLC0415 (optional: the [textworld] extra)
 
         self.close()
         with LOADING:

@@ -51,7 +51,9 @@ DEFAULT_PARAMS = {  # gold paths (100 seeds a split): cooking 7-13, twc 5-7, coi
     "cookingworld": "numLocations=1,numIngredients=1,numDistractorItems=2,includeDoors=0,limitInventorySize=0",
     "twc": "numLocations=1,numItemsToPutAway=2,includeDoors=0,limitInventorySize=0",
     "coin": "numLocations=3,numDistractorItems=2,includeDoors=0,limitInventorySize=0",
-    "mapreader": "numLocations=3,maxDistanceApart=2,maxDistractorItemsPerLocation=1,includeDoors=0,limitInventorySize=0",
+    "mapreader": (
+        "numLocations=3,maxDistanceApart=2,maxDistractorItemsPerLocation=1,includeDoors=0,limitInventorySize=0"
+    ),
     "arithmetic": "",
     "sorting": "",
     "simonsays": "gameLength=5,numDistractors=3,memorization=0",
@@ -125,7 +127,7 @@ class TextWorldExpress(JavaBacked):
     def __init__(self, game_params: str | dict[str, str] | None = None, step_limit: int = 1000):
         require_java("TextWorldExpress")  # our max_steps ends episodes; step_limit only backs it up
         try:
-            from textworld_express import TextWorldExpressEnv
+            from textworld_express import TextWorldExpressEnv  # noqa: PLC0415 (optional: the [twx] extra)
         except ImportError:
             raise DuomemError(f"TextWorldExpress is not installed: {INSTALL}")
         self.params = resolve_params(game_params_option(game_params) if isinstance(game_params, str) else game_params)
@@ -158,20 +160,23 @@ class TextWorldExpress(JavaBacked):
         """n seeds of the split's range (distinct while it lasts), without the games that no one
         can win and, outside train, without the games that the train range also makes."""
         seeds = list(seed_range(split))
-        if (task, split) in CHECK_GOLD:
-            keep = lambda s: self.gold_wins(task, s, split)
-        elif task in SAME_IN_EVERY_FOLD and split != "train":
-            keep = lambda s: self.game(task, s, split) not in self.train_games(task)
-        else:
+        if (task, split) not in CHECK_GOLD and (task not in SAME_IN_EVERY_FOLD or split == "train"):
             return sample(rng, seeds, n)
         rng.shuffle(seeds)
         good = []
         for s in seeds:
             if len(good) == n:
                 return good
-            if keep(s):
+            if self.drawable(task, s, split):
                 good.append(s)
         return [rng.choice(good) for _ in range(n)]
+
+    def drawable(self, task: str, seed: int, split: str) -> bool:
+        """Whether `seeds` may draw this game: its gold path wins (CHECK_GOLD), else the train
+        range does not make it too."""
+        if (task, split) in CHECK_GOLD:
+            return self.gold_wins(task, seed, split)
+        return self.game(task, seed, split) not in self.train_games(task)
 
     def game(self, task: str, seed: int, split: str) -> str:
         """What makes a game itself, hashed: its first observation and its gold path."""

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.generate import generation_stream
+from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 
 def working_set() -> int | None:
@@ -22,9 +24,6 @@ def working_set() -> int | None:
 def wired_limit():
     """The wired limit at the recommended working set while the block runs, the previous one after
     (mlx-lm's `generate.wired_limit`, without its model-size warning: `warn_if_over` says it once)."""
-    from mlx_lm.generate import generation_stream
-    from mlx_lm.utils import maybe_set_recommended_wired_limit
-
     previous = maybe_set_recommended_wired_limit()
     try:
         yield

@@ -4,13 +4,15 @@ dataclass whose defaults are the only ones eval, chat, distill and the Python AP
 
 from dataclasses import dataclass, fields
 
+FILTERS = ("none", "task")  # none: by similarity alone; task: only memories of the episode's task type
+
 
 @dataclass(frozen=True)
 class PolicyOptions:
     adapter_path: str | None = None  # LoRA adapters applied to the model
     memory_bank: str | None = None  # None: ADAPTERS/memory, else MODEL/memory, if present
     memory_k: int = 3  # memories in front of the prompt
-    memory_filter: str = "none"  # runtime/retrieval.py's FILTERS
+    memory_filter: str = "none"  # one of FILTERS
     decode: str = "constrained"  # or "free"
     max_context: int = 4096  # tokens kept; the oldest whole turns drop first
     temperature: float = 0.0

@@ -4,8 +4,8 @@ often its top memory is of the query's own task type."""
 
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.memories import query_text
-
-FILTERS = ("none", "task")  # none: by similarity alone; task: only memories of the episode's task type
+from duomem_mlx.runtime.embed import embed
+from duomem_mlx.runtime.options import FILTERS
 
 
 def retrieve(
@@ -33,8 +33,6 @@ def retrieve(
         bank.checked = model
     if memory_filter == "none" or not any(m.task_type == task_type for m in bank.memories):
         task_type = None
-    from duomem_mlx.runtime.embed import embed  # mlx: loaded by a retrieval, not by the CLIs that read FILTERS
-
     vector = embed(model, tokenizer, [query_text(query, observation, bank.key)])[0]
     return [m for m, _ in bank.search(vector, k, task_type, exclude_games)]
 

@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from mlx_lm.tokenizer_utils import load as load_wrapper
 from tqdm import tqdm
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.memory.writer import of_kind, rule_memories
+from duomem_mlx.runtime.models import hub_snapshot, is_repo_id
 from duomem_mlx.runtime.prompt import tokenize_with_mask
 from duomem_mlx.runtime.tools import episode_chat
 
@@ -22,10 +25,6 @@ def shard_arrays(tokenizer, episode, memories: list[str] = ()) -> dict[str, np.n
 
 def load_tokenizer(path: str):
     """An mlx-lm TokenizerWrapper from a local model dir, or a Hub repo (tokenizer files only)."""
-    from mlx_lm.tokenizer_utils import load as load_wrapper
-
-    from duomem_mlx.runtime.models import hub_snapshot, is_repo_id
-
     local = Path(path).expanduser()
     if not local.is_dir():
         if not is_repo_id(path):
@@ -45,8 +44,6 @@ def load_tokenizer(path: str):
 def teacher_memories(policy_memories, episodes, writer: str, kind: str = "script") -> list:
     """Rule memories, or the teacher's own (`policy_memories`: a memory.writer.Written), saying
     what it dropped; of a memory kind (a trajectory needs no writer)."""
-    from duomem_mlx.memory.writer import of_kind, rule_memories
-
     if kind == "trajectory":
         return of_kind([], episodes, kind)
     if writer == "rules":

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.memory.writer import writer_content, written_by
 from duomem_mlx.runtime.prompt import prefix_messages
 from duomem_mlx.teacher.base import load_tokenizer, redact, shard_arrays, teacher_memories
 
@@ -27,8 +28,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     url, _, model = spec[7:].rpartition("#") if "#" in spec else (spec[7:], "", "")
     if "@" in url:
         raise DuomemError(
-            f"--teacher {redact(spec)}: do not put credentials in the URL; set OPENAI_API_KEY (sent as an Authorization: Bearer header) "
-            "and pass the URL without user:password@"
+            f"--teacher {redact(spec)}: do not put credentials in the URL; set OPENAI_API_KEY "
+            "(sent as an Authorization: Bearer header) and pass the URL without user:password@"
         )
     if not url.startswith(("http://", "https://")) or not model:
         raise DuomemError(
@@ -85,7 +86,8 @@ class OpenAIClient:
             except (OSError, http.client.HTTPException) as e:
                 reason = f"{e.__class__.__name__}: {e}".rstrip(": ")
                 failure = Unreachable(
-                    f"cannot reach the teacher server at {self.base} ({reason}) after {attempt + 1} tries; start it or fix the URL"
+                    f"cannot reach the teacher server at {self.base} ({reason}) after {attempt + 1} tries; "
+                    "start it or fix the URL"
                 )
             else:
                 if 200 <= status < 300:
@@ -157,12 +159,14 @@ class OpenAIClient:
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
             shown = " ".join(json.dumps(reply)[:160].split())
             raise DuomemError(
-                f"teacher server {self.base} answered without usable choices ({shown}); is it an OpenAI-compatible chat completions API?"
+                f"teacher server {self.base} answered without usable choices ({shown}); "
+                "is it an OpenAI-compatible chat completions API?"
             )
         content = choice["message"].get("content")
         if content is not None and not isinstance(content, str):
             raise DuomemError(
-                f"teacher server {self.base} answered a non-text message content; is it an OpenAI-compatible chat completions API?"
+                f"teacher server {self.base} answered a non-text message content; "
+                "is it an OpenAI-compatible chat completions API?"
             )
         return {**choice, "usage": reply.get("usage") if isinstance(reply.get("usage"), dict) else {}}
 
@@ -321,7 +325,8 @@ class OpenAIPolicy:
         except HTTPStatusError as e:
             if self.top_k and e.code in (400, 422) and "logprob" in str(e).lower():
                 raise DuomemError(
-                    f"{e}; lower --top-k (mlx_lm.server allows <= 10, vLLM <= 20) or pass --top-k 0 for trajectories only"
+                    f"{e}; lower --top-k (mlx_lm.server allows <= 10, vLLM <= 20) "
+                    "or pass --top-k 0 for trajectories only"
                 )
             if e.code == 404:
                 raise DuomemError(f"{e}; check the model name after '#' in --teacher ({self.model})")
@@ -333,7 +338,8 @@ class OpenAIPolicy:
             entries = logprobs.get("content") if isinstance(logprobs, dict) else None
             if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) or not entries:
                 raise DuomemError(
-                    f"the teacher server at {self.client.base} returned no logprobs; use one that supports top_logprobs (vLLM, mlx_lm.server) or --top-k 0"
+                    f"the teacher server at {self.client.base} returned no logprobs; use one that supports "
+                    "top_logprobs (vLLM, mlx_lm.server) or --top-k 0"
                 )
             turn.rows = [top_row(e.get("top_logprobs", []), self.vocab_size) for e in entries]
             sampled = [token_id(e.get("token")) for e in entries]
@@ -382,7 +388,8 @@ def entry_id(entry: dict) -> int:
     if isinstance(entry.get("token"), str) and entry["token"].startswith("token_id:"):
         raise BadReply(f"the teacher server returned a malformed token id {entry['token'][:30]!r}")
     raise DuomemError(
-        "the teacher server returns top_logprobs without token ids; start vLLM with --return-tokens-as-token-ids or use mlx_lm.server"
+        "the teacher server returns top_logprobs without token ids; "
+        "start vLLM with --return-tokens-as-token-ids or use mlx_lm.server"
     )
 
 
@@ -405,7 +412,8 @@ class OpenAITeacher:
         self.check_model()
         if tokenizer is None and not Path(model).expanduser().is_dir():
             raise DuomemError(
-                f"the served model {model} is not a local directory; pass --teacher-tokenizer with its tokenizer (a local dir or Hub repo)"
+                f"the served model {model} is not a local directory; "
+                "pass --teacher-tokenizer with its tokenizer (a local dir or Hub repo)"
             )
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.vocab_size = len(self.tokenizer.get_vocab())
@@ -422,7 +430,8 @@ class OpenAITeacher:
         served = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if served and self.model not in served:
             raise DuomemError(
-                f"the teacher server at {self.client.base} does not serve {self.model!r}; it serves: {', '.join(map(str, served[:8]))}"
+                f"the teacher server at {self.client.base} does not serve {self.model!r}; it serves: "
+                f"{', '.join(map(str, served[:8]))}"
             )
 
     def arrays(self, episode):
@@ -439,8 +448,6 @@ class OpenAITeacher:
         return teacher_memories(self.write_memories, episodes, writer, kind)
 
     def write_memories(self, episodes):
-        from duomem_mlx.memory.writer import writer_content, written_by
-
         def reply(episode) -> str:
             body = {
                 "model": self.model,

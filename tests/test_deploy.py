@@ -217,7 +217,7 @@ def test_quantize_bad_input_is_one_line_and_leaves_nothing(tiny_model, tiny_teac
 
 def mean_kl(model, reference, sequences):
     """KL(reference || model) per action token, where the agent is scored and calibration trains."""
-    from duomem_mlx.runtime.decode import logits_at
+    from duomem_mlx.runtime.heads import logits_at
     from duomem_mlx.teacher.topk import masked_positions
 
     total, count = 0.0, 0

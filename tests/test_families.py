@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, Step
-from duomem_mlx.runtime.decode import DecodeOptions, last_rows
+from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.heads import last_rows
 from duomem_mlx.runtime.models import ARCHS, make_tiny_model
 from duomem_mlx.runtime.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
 from duomem_mlx.runtime.session import ReencodingSession, Session

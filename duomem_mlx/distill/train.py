@@ -25,8 +25,8 @@ from duomem_mlx.distill.losses import distill_loss
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.io import atomic_file, write_atomic
 from duomem_mlx.progress import Progress
-from duomem_mlx.runtime.decode import logits_at
 from duomem_mlx.runtime.gpu_memory import warn_if_over, wired_limit
+from duomem_mlx.runtime.heads import logits_at
 
 OUTPUTS = (
     "adapters.safetensors",
@@ -443,7 +443,8 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
         if rank0:
             save_checkpoint(out, model, optimizer, args, int(optimizer.step.item()))
         raise DuomemError(
-            f"interrupted at step {int(optimizer.step.item())}; checkpoint saved in {out}/checkpoint, continue with --resume"
+            f"interrupted at step {int(optimizer.step.item())}; checkpoint saved in {out}/checkpoint, "
+            "continue with --resume"
         )
     finally:
         bar.close()

@@ -65,8 +65,8 @@ def next_logits_agree(session):
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_head_on_the_rows_and_tokens_read(arch, quantized, family_dirs):
-    """`last_rows` runs the model's own forward with the head on the rows read, and on the
-    tokens asked for: the same logits, and the head's input is those rows alone."""
+    """`last_rows` runs the model's backbone, then its head on the rows read and the tokens asked
+    for: the same logits, and the head's input is those rows alone."""
     model, _ = mlx_lm.load(str(family_dirs[arch]))
     if quantized:
         nn.quantize(model, group_size=32, bits=8)

@@ -10,17 +10,19 @@ called whole and its logits are cut down afterwards: the same numbers, at full c
 import mlx.core as mx
 import mlx.nn as nn
 
-# mlx-lm model types whose `Model.__call__` is `head(self.model(inputs, cache, input_embeddings))`, `head`
+# mlx_lm.models modules whose `Model.__call__` is `head(self.model(inputs, cache, input_embeddings))`, `head`
 # being `self.lm_head`, or `self.model.embed_tokens.as_linear` when the embeddings are tied (then there is
-# no `lm_head`; gemma3_text pops it). That layout is mlx-lm's, not a documented API:
-# tests/test_decode.py::test_plain_head_layout checks it on a tiny model of each type.
+# no `lm_head`; gemma3_text pops it). A module, not a config's model_type: mlx-lm maps several types to one
+# module (mistral -> llama). That layout is mlx-lm's, not a documented API:
+# tests/test_decode.py::test_plain_head_layout checks it on a tiny model of each.
 PLAIN_HEAD = frozenset({"llama", "qwen2", "qwen3", "gemma3_text", "lfm2"})
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 def plain_head(model) -> bool:
     """Whether `model` has the layout of PLAIN_HEAD: a backbone `model.model` and a head these functions apply."""
-    return isinstance(model, nn.Module) and getattr(model, "model_type", None) in PLAIN_HEAD
+    module, _, name = type(model).__module__.rpartition(".")
+    return module == "mlx_lm.models" and name in PLAIN_HEAD
 
 
 def hidden_logits(model, hidden: mx.array, vocab: list[int] | None = None) -> mx.array:

@@ -1,31 +1,46 @@
 """Jump-forward and prompt-lookup decoding equal plain decoding on recorded ScienceWorld and
-TextWorld episodes, with exact forward-pass counts; the template's own end-of-turn token."""
+TextWorld episodes, with exact forward-pass counts; the template's own end-of-turn token; the
+mlx-lm model layout the head on chosen rows (runtime/heads.py) and the teacher's recorder rely on."""
 
+import contextlib
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import pytest
 from cachecheck import assert_cache_holds
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
 from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.runtime.decode import END, DecodeOptions, build_trie, end_of_turn, single_completion
-from duomem_mlx.runtime.models import make_tiny_model
+from duomem_mlx.runtime.heads import PLAIN_HEAD, hidden_logits, last_rows, logits_at, plain_head
+from duomem_mlx.runtime.models import ARCHS, make_tiny_model, tiny_config
 from duomem_mlx.runtime.prompt import encode, prefix_messages
 from duomem_mlx.runtime.session import Session
+from duomem_mlx.teacher.topk import TopKRecorder
 
 
-class CountingModel:
-    """The model, counting forward passes (every call is one)."""
+@contextlib.contextmanager
+def counting_passes(model):
+    """Counts the forward passes through `model` while open: the calls of its backbone `model.model`
+    (hooked on the class), one per pass whether the decoder calls the model whole or its backbone and
+    head apart (runtime/heads.py)."""
+    backbone, calls = model.model, [0]
+    backbone_class = type(backbone)
+    original = backbone_class.__call__
 
-    def __init__(self, model):
-        self.model, self.calls = model, 0
+    def call(self, *args, **kwargs):
+        calls[0] += self is backbone
+        return original(self, *args, **kwargs)
 
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+    backbone_class.__call__ = call
+    try:
+        yield calls
+    finally:
+        backbone_class.__call__ = original
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +64,15 @@ def episodes(textworld, scienceworld):
 def replay(model, tokenizer, episode, options):
     """The model acts on each recorded state (the recorded observations follow); per step:
     (action, forward passes, prompt tokens fed). Checks the cache holds exactly `fed`."""
-    counted = CountingModel(model)
-    session = Session(counted, tokenizer, 8192, options)
+    session = Session(model, tokenizer, 8192, options)
     session.start(prefix_messages(episode.task_description, episode.steps[0].observation))
     out = []
     for step, following in zip(episode.steps, [*episode.steps[1:], None]):
-        before, target = counted.calls, session.prompt_ids()
+        target = session.prompt_ids()
         keep = min(common_prefix_len(session.fed, target), len(target) - 1)
-        action = session.generate(step.admissible if options.mode == "constrained" else None)
-        out.append((action, counted.calls - before, len(target) - keep))
+        with counting_passes(model) as passes:
+            action = session.generate(step.admissible if options.mode == "constrained" else None)
+        out.append((action, passes[0], len(target) - keep))
         assert session.fed[: len(target)] == target[: len(session.fed)]
         if following:
             session.append([{"role": "user", "content": following.observation.strip()}])
@@ -172,3 +187,58 @@ def test_tied_logits_go_to_the_lowest_id_as_in_plain_decoding(tiny_model):
         session.start(prefix_messages("do something", "You are in a room."))
         actions[fast] = session.generate([f"{high} door", f"{low} door"])  # the higher id enters the trie first
     assert actions[True] == actions[False] == f"{low} door"
+
+
+def tiny_family_model(arch: str, tied: bool, quantized: bool = False):
+    """A random-init mlx-lm model of `arch` as mlx-lm builds it (qwen2: the qwen3 config under its name)."""
+    config = {**tiny_config("qwen3" if arch == "qwen2" else arch, 2, 64, 512, [1]), "model_type": arch}
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    model = module.Model(module.ModelArgs.from_dict({**config, "tie_word_embeddings": tied}))
+    if tied and "lm_head" in model:  # gemma3_text: tied when the checkpoint has no lm_head
+        model.sanitize({})
+    if quantized:
+        nn.quantize(model, group_size=32, bits=8)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_the_families_have_the_plain_head_layout():
+    """Every family make_tiny_model builds (and Qwen2.5-Coder's qwen2) gets the head on chosen rows only."""
+    assert set(ARCHS) | {"qwen2"} <= PLAIN_HEAD
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("arch", sorted(PLAIN_HEAD))
+def test_plain_head_layout(arch, tied, quantized):
+    """runtime/heads.py relies on mlx-lm's layout: `model.model(inputs, cache)` gives the final hidden
+    states, and the logits are `model.lm_head` of them, or `model.model.embed_tokens.as_linear` (tied).
+    Exactly the model's own logits; on chosen rows and token ids, the same numbers."""
+    model = tiny_family_model(arch, tied, quantized)
+    assert plain_head(model)
+    assert ("lm_head" in model) == (not tied and arch != "lfm2")  # lfm2 is always tied
+    tokens = mx.array([[5, 9, 14, 3, 7, 11, 2, 8]])
+    full = model(tokens)
+    assert mx.array_equal(hidden_logits(model, model.model(tokens)), full).item()
+    ids = [7, 500, 3, 100]
+    assert mx.allclose(last_rows(model, tokens, None, 3, ids), full[:, -3:, mx.array(ids)], atol=1e-5).item()
+    rows = mx.array([0, 4, 6])
+    assert mx.allclose(logits_at(model, tokens, rows), full[0, rows], atol=1e-5).item()
+    cache = make_prompt_cache(model)
+    model.model(tokens[:, :5], cache=cache)
+    assert mx.allclose(last_rows(model, tokens[:, 5:], cache, 1), full[:, -1:], atol=1e-5).item()
+
+
+@pytest.mark.parametrize("arch", sorted(PLAIN_HEAD))
+def test_recorder_makes_the_models_cache(arch):
+    """The teacher's top-k recorder stands in for the model in a session: mlx-lm's make_prompt_cache
+    gets the model's own cache from its `make_cache` (rotating layers for gemma3_text, arrays for lfm2),
+    and the decoder calls it whole."""
+    model = tiny_family_model(arch, tied=True)
+    recorder = TopKRecorder(model, 4, {1})
+    kinds = [type(c) for c in make_prompt_cache(model)]
+    assert [type(c) for c in make_prompt_cache(recorder)] == kinds
+    assert not plain_head(recorder)
+    tokens = mx.array([[5, 9, 14, 3]])
+    assert mx.array_equal(last_rows(recorder, tokens, make_prompt_cache(recorder), 1), model(tokens)[:, -1:]).item()
+    assert len(recorder.logits) == 0 and recorder.tokens  # a prompt call: fed, no action rows to record

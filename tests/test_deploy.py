@@ -32,7 +32,7 @@ from duomem_mlx.envs.base import play_episode
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.bank import MemoryBank
-from duomem_mlx.runtime.decode import logits_at
+from duomem_mlx.runtime.heads import logits_at
 from duomem_mlx.runtime.models import load
 from duomem_mlx.runtime.session import Session
 from duomem_mlx.teacher.topk import masked_positions

@@ -17,7 +17,8 @@ from mlx_lm.utils import common_prefix_len
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.base import Episode, Step
 from duomem_mlx.formats.teacher_cache import load_shard, read_cache_records, verify
-from duomem_mlx.runtime.decode import DecodeOptions, last_rows
+from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.heads import last_rows
 from duomem_mlx.runtime.models import ARCHS, make_tiny_model
 from duomem_mlx.runtime.prompt import encode, episode_messages, prefix_messages, render, tokenize_with_mask
 from duomem_mlx.runtime.session import ReencodingSession, Session
@@ -63,8 +64,8 @@ def next_logits_agree(session):
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_head_on_the_rows_and_tokens_read(arch, quantized, family_dirs):
-    """`last_rows` runs the model's own forward with the head on the rows read, and on the
-    tokens asked for: the same logits, and the head's input is those rows alone."""
+    """`last_rows` runs the model's backbone, then its head on the rows read and the tokens asked
+    for: the same logits, and the head's input is those rows alone."""
     model, _ = mlx_lm.load(str(family_dirs[arch]))
     if quantized:
         nn.quantize(model, group_size=32, bits=8)

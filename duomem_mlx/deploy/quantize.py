@@ -65,7 +65,8 @@ def load_student(source: str, adapters: str | None, model_path: str):
         model, tokenizer, config = load(source, return_config=True)
     except (OSError, ValueError) as e:
         raise DuomemError(
-            f"could not load model {model_path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            f"could not load model {model_path}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
         )
     if "quantization" in config:  # fusing into a quantized base re-quantizes the base and loses the adapters' effect
         model = dequantize_model(model)
@@ -161,7 +162,7 @@ class Targets:
 
 
 def float_targets(model, tokenizer, episodes, max_seq_length: int, top_k: int = 32) -> Targets:
-    from duomem_mlx.runtime.decode import logits_at
+    from duomem_mlx.runtime.heads import logits_at
     from duomem_mlx.teacher.topk import topk_logprobs
 
     actions = greedy_actions(model, tokenizer, episodes)
@@ -198,7 +199,7 @@ def calibrate(
     from mlx.utils import tree_map
 
     from duomem_mlx.progress import Progress
-    from duomem_mlx.runtime.decode import logits_at
+    from duomem_mlx.runtime.heads import logits_at
 
     unfreeze_scales(q_model)
     params = tree_map(lambda p: p.astype(mx.float32), q_model.trainable_parameters())
@@ -365,7 +366,8 @@ def quantize_package(
                 f"recipe {chosen}: {plan.summary}"
                 + (f" (measured on {chats})" if episodes else "")
                 + (
-                    f"; it reads no chats, so {calibrate_cache} is unused (--recipe {' or '.join(n for n, r in RECIPES.items() if r.needs_data)} "
+                    f"; it reads no chats, so {calibrate_cache} is unused "
+                    f"(--recipe {' or '.join(n for n, r in RECIPES.items() if r.needs_data)} "
                     "measure them)"
                     if calibrate_cache and not episodes
                     else ""
@@ -468,8 +470,8 @@ def say_fastest_on_cpu(rates: dict[str, float], dense: str) -> None:
     (fast, f), (slow, s) = sorted(rates.items(), key=lambda kv: -kv[1])
     hint = (
         (
-            f"; for decoding speed on this CPU, `--bits 16 --dtype {dense}` (the quantized package is smaller, and on a Mac "
-            "it is MLX's fast path)"
+            f"; for decoding speed on this CPU, `--bits 16 --dtype {dense}` (the quantized package is smaller, "
+            "and on a Mac it is MLX's fast path)"
         )
         if fast == dense
         else ""
@@ -569,7 +571,8 @@ def results_table(meta: dict) -> str:
         rows.append(
             (
                 "greedy-action agreement with the unquantized student",
-                f"{c['agreement_before']:.1%} before, {c['agreement_after']:.1%} after calibration ({c['steps']} steps)",
+                f"{c['agreement_before']:.1%} before, {c['agreement_after']:.1%} after calibration "
+                f"({c['steps']} steps)",
             )
         )
     results = meta.get("results") or {}

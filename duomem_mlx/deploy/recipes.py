@@ -75,7 +75,8 @@ DEFAULT = {8: "affine8", 4: "affine4"}
 
 
 def pick(bits: int, name: str | None, has_data: bool) -> str:
-    """The recipe `quantize` uses: the one named (refused where it needs chats and has none), else the best measured for BITS."""
+    """The recipe `quantize` uses: the one named (refused where it needs chats and has none), else the best
+    measured for BITS."""
     if name is None:
         return DEFAULT[bits]
     if name not in RECIPES:
@@ -100,7 +101,7 @@ def sensitivities(model, sequences, recipe: Recipe) -> dict[str, float]:
     `sequences`: (token ids, rows of the action tokens' logits) per episode."""
     from mlx_lm.tuner.losses import kl_div_loss
 
-    from duomem_mlx.runtime.decode import logits_at
+    from duomem_mlx.runtime.heads import logits_at
 
     low, high = (recipe.bits, recipe.group_size), recipe.high
     q_model = copy.deepcopy(model)
@@ -170,7 +171,8 @@ def chat_windows(token_lists: list[list[int]]) -> mx.array:
     rows = len(stream) // CHAT_WINDOW
     if rows == 0:
         raise DuomemError(
-            f"the agent's chats hold {len(stream)} tokens; GPTQ and AWQ need {CHAT_WINDOW}: record more episodes with `duomem-mlx teach`"
+            f"the agent's chats hold {len(stream)} tokens; GPTQ and AWQ need {CHAT_WINDOW}: "
+            "record more episodes with `duomem-mlx teach`"
         )
     windows = mx.array(stream[: rows * CHAT_WINDOW]).reshape(rows, CHAT_WINDOW)
     return windows[:: max(1, rows // CHAT_WINDOWS)][:CHAT_WINDOWS]

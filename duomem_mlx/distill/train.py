@@ -26,9 +26,9 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.adapters import CONFIG, SUMMARY, WEIGHTS, finished, write_adapter_config, write_summary
 from duomem_mlx.io import atomic_file, write_atomic
 from duomem_mlx.progress import Progress
-from duomem_mlx.runtime.decode import logits_at
 from duomem_mlx.runtime.embed import rebuild_bank
 from duomem_mlx.runtime.gpu_memory import warn_if_over, wired_limit
+from duomem_mlx.runtime.heads import logits_at
 from duomem_mlx.runtime.options import PolicyOptions
 
 OUTPUTS = (
@@ -447,7 +447,8 @@ def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, 
         if rank0:
             save_checkpoint(out, model, optimizer, args, int(optimizer.step.item()))
         raise DuomemError(
-            f"interrupted at step {int(optimizer.step.item())}; checkpoint saved in {out}/checkpoint, continue with --resume"
+            f"interrupted at step {int(optimizer.step.item())}; checkpoint saved in {out}/checkpoint, "
+            "continue with --resume"
         )
     finally:
         bar.close()

@@ -19,12 +19,12 @@ import os
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache, QuantizedKVCache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.heads import last_rows
 from duomem_mlx.runtime.prompt import encode, render
 
 END = -1  # trie key marking a complete command
@@ -59,20 +59,6 @@ class DecodeStats:
     fallbacks: int = 0
     drafted: int = 0
     accepted: int = 0
-
-
-class Counted:
-    """The model, counting its forward passes into `stats`."""
-
-    def __init__(self, model, stats: DecodeStats):
-        self.model, self.stats = model, stats
-
-    def __call__(self, *args, **kwargs):
-        self.stats.forward_passes += 1
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
 
 
 def eos_ids(tokenizer) -> set[int]:
@@ -147,12 +133,12 @@ def trie_mask(node: dict, vocab_size: int) -> mx.array:
     return mask
 
 
-def trie_processor(trie: dict, prompt_len: int, vocab_size: int):
+def trie_processor(trie: dict, prompt_len: int):
     """An mlx-lm logits processor that only lets through tokens continuing some command."""
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         node = walk(trie, tokens[prompt_len:].tolist())
-        return logits + trie_mask(node, vocab_size) if any(t != END for t in node) else logits
+        return logits + trie_mask(node, logits.shape[-1]) if any(t != END for t in node) else logits
 
     return process
 
@@ -164,106 +150,34 @@ def prefill(model, cache, tokens: list[int], chunk: int):
         mx.eval([c.state for c in cache])
 
 
-def forward(model, cache, tokens: list[int], chunk: int, rows: int = 1, vocab: list[int] | None = None) -> mx.array:
+def forward(
+    model,
+    cache,
+    tokens: list[int],
+    chunk: int,
+    rows: int = 1,
+    vocab: list[int] | None = None,
+    stats: DecodeStats | None = None,
+) -> mx.array:
     """Feed `tokens` into the cache (long prompts in chunks); the logits of the last `rows`,
-    over the token ids `vocab` only when given (column i is vocab[i]'s logit)."""
+    over the token ids `vocab` only when given (column i is vocab[i]'s logit). Its passes
+    are counted into `stats` when given."""
     head = max(0, len(tokens) - rows - 1) // chunk * chunk
     prefill(model, cache, tokens[:head], chunk)
+    if stats is not None:
+        stats.forward_passes += head // chunk + 1
     return last_rows(model, mx.array(tokens[head:])[None], cache, rows, vocab)[0]
 
 
-def last_rows(model, inputs: mx.array, cache, rows: int, vocab: list[int] | None = None) -> mx.array:
-    """`model(inputs, cache=cache)[:, -rows:, vocab]`, the vocabulary head computed for those
-    rows and columns only. mlx-lm models apply their head position-wise to `self.model(...)`'s
-    hidden states, so the model's own `__call__` runs with a `self` whose backbone returns the
-    last rows and whose head has the `vocab` rows. A real family's head is large (Qwen3:
-    151,936 x hidden: 10-26% of the weights a decode pass reads from 4B down to 0.6B, and of a
-    prefill token's FLOPs); mlx-lm skips it over the prompt with a second pass over the last
-    token, which reads the weights again, and computes all of it for every generated token."""
-    if isinstance(model, Counted):
-        model.stats.forward_passes += 1
-        model = model.model
-    backbone = model.get("model") if isinstance(model, nn.Module) else None
-    if not isinstance(backbone, nn.Module):
-        logits = model(inputs, cache=cache)[:, -rows:]
-        return logits if vocab is None else logits[..., mx.array(vocab)]
-    ids = None if vocab is None else mx.array(vocab)
+def counting(model, stats: DecodeStats):
+    """`model` as a function for mlx-lm's `generate_step` (which only calls it when handed a
+    cache), counting its forward passes into `stats`."""
 
-    def restricted(owner, name):  # the head `owner` holds as `name`, restricted to `ids`
-        return {name: SubsetHead(owner[name], ids)} if ids is not None and name in owner else {}
+    def call(*args, **kwargs):
+        stats.forward_passes += 1
+        return model(*args, **kwargs)
 
-    rows_of = View(
-        backbone, lambda *args, **kwargs: backbone(*args, **kwargs)[:, -rows:], **restricted(backbone, "embed_tokens")
-    )
-    return type(model).__call__(View(model, model=rows_of, **restricted(model, "lm_head")), inputs, cache=cache)
-
-
-def logits_at(model, inputs: mx.array, rows: mx.array) -> mx.array:
-    """`model(inputs).reshape(-1, V)[rows]`, the head computed at those rows of the flattened
-    batch only (training scores a few action tokens of each episode), the way `last_rows` does."""
-    backbone = model.get("model") if isinstance(model, nn.Module) else None
-    if not isinstance(backbone, nn.Module):
-        logits = model(inputs)
-        return logits.reshape(-1, logits.shape[-1])[rows]
-
-    def at_rows(*args, **kwargs):
-        hidden = backbone(*args, **kwargs)
-        return hidden.reshape(1, -1, hidden.shape[-1])[:, rows]
-
-    return type(model).__call__(View(model, model=View(backbone, at_rows)), inputs)[0]
-
-
-class SubsetHead:
-    """A vocabulary head restricted to the token ids `ids` (full precision or quantized rows).
-    Called as `lm_head(x)` or, tied, as `embed_tokens.as_linear(x)`; an embedding called
-    directly is still the lookup."""
-
-    def __init__(self, head, ids: mx.array):
-        self.head, self.ids = head, ids
-
-    def __call__(self, x):
-        if isinstance(self.head, (nn.Embedding, nn.QuantizedEmbedding)):
-            return self.head(x)
-        return self.project(x, self.head)
-
-    def as_linear(self, x):
-        return self.project(x, self.head.as_linear)
-
-    def __getattr__(self, name):
-        return getattr(self.head, name)
-
-    def project(self, x, full):
-        head, ids = self.head, self.ids
-        if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            biases = head.get("biases")
-            out = mx.quantized_matmul(
-                x,
-                head["weight"][ids],
-                scales=head["scales"][ids],
-                biases=None if biases is None else biases[ids],
-                transpose=True,
-                group_size=head.group_size,
-                bits=head.bits,
-                mode=head.mode,
-            )
-        elif isinstance(head, (nn.Linear, nn.Embedding)):
-            out = x @ head["weight"][ids].T
-        else:  # an adapted or unknown head: all of it, then the columns
-            return full(x)[..., ids]
-        return out + head["bias"][ids] if "bias" in head else out
-
-
-class View:
-    """`target` with some attributes replaced and, given `call`, another way to be called."""
-
-    def __init__(self, target, call=None, **replaced):
-        self._target, self._call, self._replaced = target, call, replaced
-
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return self._replaced[name] if name in self._replaced else getattr(self._target, name)
+    return call
 
 
 def decode_action(
@@ -284,9 +198,8 @@ def decode_action(
     holds prompt + a prefix of the ids."""
     stats = stats if stats is not None else DecodeStats()
     stats.actions += 1
-    model = Counted(model, stats)
     if options.mode == "constrained" and grammar is not None:
-        text, ids, fallback = grammar_decode(model, tokenizer, cache, prompt, *grammar, options)
+        text, ids, fallback = grammar_decode(model, tokenizer, cache, prompt, *grammar, options, stats)
         stats.fallbacks += fallback
         text = text.strip()
         if on_text:
@@ -295,7 +208,7 @@ def decode_action(
     if options.mode == "constrained":
         trie = build_trie(tokenizer, admissible)
         decode = jump_forward if options.fast else constrained_plain
-        command, ids, fallback = decode(model, tokenizer, cache, prompt, trie, options)
+        command, ids, fallback = decode(model, cache, prompt, trie, options, stats)
         stats.fallbacks += fallback
         return command or admissible[0], ids
     if options.fast and options.temperature == 0 and all(isinstance(c, TRIMMABLE) for c in cache):
@@ -307,7 +220,7 @@ def decode_action(
             t
             for t, _ in generate_step(
                 mx.array(prompt),
-                model,
+                counting(model, stats),
                 prompt_cache=cache,
                 prefill_step_size=options.prefill_chunk(),
                 max_tokens=options.max_tokens,
@@ -317,7 +230,7 @@ def decode_action(
     return free_text(tokenizer, tokens, options, on_text)
 
 
-def jump_forward(model, tokenizer, cache, prompt, trie, options):
+def jump_forward(model, cache, prompt, trie, options, stats):
     """Constrained decoding that computes logits only at trie branching points, and only
     for the tokens the trie allows there.
     Returns (command, ids, fell back); the cache holds prompt + ids minus the unfed forced tail."""
@@ -331,7 +244,7 @@ def jump_forward(model, tokenizer, cache, prompt, trie, options):
         if len(allowed) == 1:
             token = allowed[0]
         else:  # logits of the allowed tokens alone: the head's other rows are never read
-            logits = forward(model, cache, pending, chunk, vocab=allowed)[0]
+            logits = forward(model, cache, pending, chunk, vocab=allowed, stats=stats)[0]
             token = allowed[sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item()]
             pending = []
         ids.append(token)
@@ -340,7 +253,7 @@ def jump_forward(model, tokenizer, cache, prompt, trie, options):
     return command, ids, False
 
 
-def grammar_decode(model, tokenizer, cache, prompt, index, state, options):
+def grammar_decode(model, tokenizer, cache, prompt, index, state, options, stats):
     """Decoding constrained to a grammar's language, token by token: a pass computes the
     logits of the tokens the state allows (the end of turn among them once the text so far
     is complete); a state that allows one token costs no pass, and an accepted text that can
@@ -362,7 +275,7 @@ def grammar_decode(model, tokenizer, cache, prompt, index, state, options):
             token = candidates[0]
         else:
             few = len(candidates) <= 4096  # the head's rows of a few tokens; else all of it, then the columns
-            logits = forward(model, cache, pending, chunk, vocab=candidates if few else None)[0]
+            logits = forward(model, cache, pending, chunk, vocab=candidates if few else None, stats=stats)[0]
             logits = logits if few else logits[mx.array(candidates)]
             token = candidates[sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item()]
             pending = []
@@ -373,17 +286,16 @@ def grammar_decode(model, tokenizer, cache, prompt, index, state, options):
         text, state = text + texts[token], allowed[token]
 
 
-def constrained_plain(model, tokenizer, cache, prompt, trie, options):
+def constrained_plain(model, cache, prompt, trie, options, stats):
     """Constrained decoding through `generate_step` and a logits processor: the reference."""
-    processor = trie_processor(trie, len(prompt), logits_width(model, tokenizer))
     steps = generate_step(
         mx.array(prompt),
-        model,
+        counting(model, stats),
         prompt_cache=cache,
         prefill_step_size=options.prefill_chunk(),
         max_tokens=options.max_tokens,
         sampler=make_sampler(options.temperature),
-        logits_processors=[processor],
+        logits_processors=[trie_processor(trie, len(prompt))],
     )
     ids = []
     for token, _ in steps:
@@ -408,7 +320,8 @@ def lookup_greedy(model, cache, context: list[int], n_prompt: int, commands: lis
     try:
         while len(reply) < options.max_tokens:
             draft = propose(context + reply, reply, commands, min(k, options.max_tokens - len(reply) - 1))
-            tokens = mx.argmax(forward(model, cache, pending + draft, chunk, len(draft) + 1), axis=-1).tolist()
+            logits = forward(model, cache, pending + draft, chunk, len(draft) + 1, stats=stats)
+            tokens = mx.argmax(logits, axis=-1).tolist()
             n = 0
             while n < len(draft) and draft[n] == tokens[n]:
                 n += 1
@@ -466,8 +379,3 @@ def free_text(tokenizer, tokens, options: DecodeOptions, on_text=None):
         on_text(detok.last_segment)
     text = detok.text.strip()
     return (text.split("\n")[0].strip() if options.single_line else text), ids
-
-
-def logits_width(model, tokenizer) -> int:
-    args = getattr(model, "args", None)
-    return getattr(args, "vocab_size", None) or len(tokenizer.get_vocab())

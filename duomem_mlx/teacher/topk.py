@@ -60,7 +60,14 @@ class TopKRecorder:
     (every single-token call: the decoder, the last prompt token), plus, when a prompt starts
     with the rest of an action the decoder did not feed (constrained decoding completes a
     command once it is unique), the positions of that rest. Logits over observations are
-    never computed."""
+    never computed.
+
+    It stands in for the model in the session (runtime/session.py), which feeds and decodes through
+    whatever it holds: mlx-lm has no hook for the logits of a forward pass. That asks of it a call
+    `recorder(inputs, cache=...)` and, for mlx-lm's `make_prompt_cache`, `make_cache()` (used when a
+    model has it, as its docstring says); the decoder calls it whole, its head never cut down (it is
+    not one of runtime/heads.py's PLAIN_HEAD models). tests/test_decode.py::test_recorder_makes_the_models_cache
+    checks the caches on each family."""
 
     def __init__(self, model, k: int, eos: set[int]):
         self.model, self.k, self.eos = model, k, eos
@@ -70,8 +77,10 @@ class TopKRecorder:
         self.logits: list[tuple] = []  # (positions, logits) not yet reduced to top-k
         self.refed = 0  # positions the last rows_for() call had to run again
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+    def make_cache(self) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
 
     def __call__(self, inputs, cache=None, **kwargs):
         import mlx.core as mx
@@ -112,7 +121,7 @@ class TopKRecorder:
 
         if self.logits:
             positions = np.concatenate([p for p, _ in self.logits])
-            top, values = topk_logprobs(mx.concatenate([l for _, l in self.logits]), self.k)
+            top, values = topk_logprobs(mx.concatenate([rows for _, rows in self.logits]), self.k)
             mx.async_eval(top, values)
             self.rows.append((positions, top, values))
             self.logits = []

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+from mlx_lm.quant.gptq import gptq_quantize
+from mlx_lm.tuner.losses import kl_div_loss
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.heads import logits_at
 
 
 @dataclass(frozen=True)
@@ -99,10 +103,6 @@ def sensitivities(model, sequences, recipe: Recipe) -> dict[str, float]:
     """Per quantizable layer, the first-order loss drop from keeping it at `recipe.high` instead of
     its low precision (mlx-lm's `estimate_sensitivities`, the loss at action tokens only).
     `sequences`: (token ids, rows of the action tokens' logits) per episode."""
-    from mlx_lm.tuner.losses import kl_div_loss
-
-    from duomem_mlx.runtime.heads import logits_at
-
     low, high = (recipe.bits, recipe.group_size), recipe.high
     q_model = copy.deepcopy(model)
     q_model.freeze()
@@ -182,14 +182,10 @@ def with_method(model, config, windows, recipe: Recipe):
     """(model, config) quantized by mlx-lm's GPTQ or AWQ on the chat windows; the layers either
     leaves alone (GPTQ: the embedding; AWQ: none) are rounded to nearest at the recipe's precision."""
     if recipe.method == "gptq":
-        from mlx_lm.quant.gptq import gptq_quantize
-
         model, config["quantization"] = gptq_quantize(
             model, windows, recipe.bits, recipe.group_size, recipe.bits, recipe.group_size, batch_size=4
         )
     else:
-        from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
-
         if model.model_type not in AWQ_MODEL_CONFIGS:
             raise DuomemError(f"mlx-lm's AWQ does not know {model.model_type} models; use --recipe gptq4 or affine4")
         awq_quantize(

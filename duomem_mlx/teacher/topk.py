@@ -2,15 +2,16 @@
 position before the i-th masked token, its k most likely ids. From one forward pass
 (`forward_topk`), or recorded while an mlx teacher plays (`TopKRecorder`)."""
 
+import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.session import cache_offset
 
 
 def topk_logprobs(logits, k: int):
     """(ids, logprobs) [n, k] of log-softmax(logits [n, V]) at temperature 1, most likely first."""
-    import mlx.core as mx
-
     logprobs = logits.astype(mx.float32)
     logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
     top = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
@@ -23,8 +24,6 @@ def topk_logprobs(logits, k: int):
 
 def feed_topk(model, tokens, cache, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Feed `tokens` into `cache`; the top-k rows at each of their positions."""
-    import mlx.core as mx
-
     ids, lps = [np.zeros((0, k), np.int32)], [np.zeros((0, k), np.float16)]
     for start in range(0, len(tokens), chunk):
         top, values = topk_logprobs(model(mx.array(tokens[start : start + chunk])[None], cache=cache)[0], k)
@@ -37,8 +36,6 @@ def feed_topk(model, tokens, cache, k: int, chunk: int = 512) -> tuple[np.ndarra
 def forward_topk(model, input_ids, loss_mask, k: int, chunk: int = 512) -> dict[str, np.ndarray]:
     """Row i: the k most likely next tokens (log-softmax, temperature 1, unprocessed) at the
     position before the i-th masked token, from one chunked forward pass."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     positions = masked_positions(loss_mask)
     ids, lps = feed_topk(
         model, input_ids[: positions[-1] + 1 if len(positions) else 0], make_prompt_cache(model), k, chunk
@@ -78,15 +75,9 @@ class TopKRecorder:
         self.refed = 0  # positions the last rows_for() call had to run again
 
     def make_cache(self) -> list:
-        from mlx_lm.models.cache import make_prompt_cache
-
         return make_prompt_cache(self.model)
 
     def __call__(self, inputs, cache=None, **kwargs):
-        import mlx.core as mx
-
-        from duomem_mlx.runtime.session import cache_offset
-
         start = (cache_offset(cache) or 0) if cache else 0
         self.forget(start)
         logits = self.model(inputs, cache=cache, **kwargs)
@@ -117,8 +108,6 @@ class TopKRecorder:
 
     def flush(self):
         """Top-k of the logits kept so far, in one batch (few ops per row matter when decoding)."""
-        import mlx.core as mx
-
         if self.logits:
             positions = np.concatenate([p for p, _ in self.logits])
             top, values = topk_logprobs(mx.concatenate([rows for _, rows in self.logits]), self.k)
@@ -182,8 +171,6 @@ def runs(missing: list[int], same: int, need: int) -> list[tuple[int, int]]:
 def cut_cache(cache, at: int, model):
     """A copy of a plain KV cache holding its first `at` positions; or a fresh cache (at = 0)
     when any layer is another kind (rotating, arrays): never a cache with stale state."""
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
     if at and all(type(c) is KVCache and c.offset >= at for c in cache):
         copy = [KVCache() for _ in cache]
         for new, old in zip(copy, cache):

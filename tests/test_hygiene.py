@@ -3,6 +3,7 @@ exit code != 0, no traceback, nothing half-written (real files, real models, rea
 
 import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,13 +14,17 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+import duomem_mlx
 from duomem_mlx.cli import cli
+from duomem_mlx.deploy.hub import check_repo_id
 from duomem_mlx.envs.base import Episode, play_episode
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.bank import MemoryBank
 from duomem_mlx.formats.teacher_cache import CacheWriter, read_cache_records, verify
+from duomem_mlx.runtime import models
 from duomem_mlx.runtime.embed import build
 from duomem_mlx.runtime.models import load
 
@@ -186,11 +191,6 @@ def test_the_layer_check_sees_a_hidden_function_level_import(tmp_path):
 def test_one_repo_id_rule_for_loading_and_uploading(name, monkeypatch):
     """`--model ID` (its download: test_deploy's loopback Hub) and `upload --repo ID` take the ids
     huggingface_hub takes (with a namespace)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from duomem_mlx.deploy.hub import check_repo_id
-    from duomem_mlx.runtime import models
-
     try:
         validate_repo_id(name)
         valid = name.count("/") == 1
@@ -212,11 +212,6 @@ def test_one_repo_id_rule_for_loading_and_uploading(name, monkeypatch):
 def test_one_atomic_swap_and_one_bank_rebuild():
     """Directories are replaced through io.atomic_dir alone, and a bank rebuilt in a final model's
     space through one function (distill's adapters, quantize's package)."""
-    import re
-    from pathlib import Path
-
-    import duomem_mlx
-
     root = Path(duomem_mlx.__file__).parent
     for module in ("convert/__init__.py", "deploy/quantize.py", "distill/train.py"):
         source = (root / module).read_text()

@@ -6,6 +6,8 @@ import time
 import click
 import mlx.core as mx
 
+from duomem_mlx.envs import make_env
+from duomem_mlx.envs.base import play_episode
 from duomem_mlx.runtime.decode import DecodeOptions
 from duomem_mlx.runtime.gpu_memory import wired_limit
 from duomem_mlx.runtime.policy import ModelPolicy
@@ -141,9 +143,6 @@ def watch_episode(
     step: bool,
     game_params: str | None = None,
 ):
-    from duomem_mlx.envs import make_env
-    from duomem_mlx.envs.base import play_episode
-
     env = make_env(env_name, game_params)
     try:
         spec = env.task_specs(tasks, split, 1, seed)[0]

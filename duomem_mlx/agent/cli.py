@@ -82,7 +82,8 @@ def eval_command(**kwargs):
     type=click.Choice(FILTERS),
     default=PolicyOptions.memory_filter,
     show_default=True,
-    help="task: retrieve only memories of the episode's task type (--env only: a typed request has none); none: by similarity alone.",
+    help="task: retrieve only memories of the episode's task type (--env only: a typed request has none); none: by "
+    "similarity alone.",
 )
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="Per reply.")
 @click.option("--max-context", type=click.IntRange(256), default=PolicyOptions.max_context, show_default=True)

@@ -6,8 +6,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import click
-
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import Episode, play_episode
 from duomem_mlx.errors import DuomemError
@@ -32,10 +30,11 @@ def summarize(episodes: list[Episode]) -> dict:
 
 def print_table(per_task: dict, overall: dict):
     width = max(map(len, [*per_task, "task"]))
-    click.echo(f"\n{'task':{width}} {'episodes':>8} {'success':>8} {'score':>7} {'steps':>7}")
+    print(f"\n{'task':{width}} {'episodes':>8} {'success':>8} {'score':>7} {'steps':>7}")
     for task, row in sorted(per_task.items()) + [("all", overall)]:
-        click.echo(
-            f"{task:{width}} {row['episodes']:8d} {row['success_rate']:8.1%} {row['mean_score']:7.2f} {row['mean_steps']:7.1f}"
+        print(
+            f"{task:{width}} {row['episodes']:8d} {row['success_rate']:8.1%} {row['mean_score']:7.2f} "
+            f"{row['mean_steps']:7.1f}"
         )
 
 
@@ -101,8 +100,8 @@ def run_eval(env_name, tasks, split, episodes, policy, options: PolicyOptions, m
     try:
         write_atomic(out, text, "the results follow on stdout" + (f"; the episodes are in {log}" if log else ""))
     except DuomemError:
-        click.echo(text)  # played episodes are never lost
+        print(text)  # played episodes are never lost
         raise
     print_table(per_task, overall)
-    click.echo(f"wrote {out}" + (f" and {log}" if log else ""))
+    print(f"wrote {out}" + (f" and {log}" if log else ""))
     return results

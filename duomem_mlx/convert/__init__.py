@@ -7,10 +7,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from duomem_mlx.convert.tokenizer import build_tokenizer
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.io import atomic_dir, read_text
-from duomem_mlx.runtime.models import check_group_size, default_dtype, weight_bytes
+from duomem_mlx.runtime.models import TEMPLATES, check_group_size, default_dtype, weight_bytes
 from duomem_mlx.version import __version__
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -32,7 +33,6 @@ def convert_gguf(
 
     from duomem_mlx.convert.families import family_of, model_config
     from duomem_mlx.convert.gguf_file import open_gguf
-    from duomem_mlx.convert.tokenizer import build_tokenizer
     from duomem_mlx.convert.weights import mlx_weights, quantization_config
 
     dtype = dtype or default_dtype()
@@ -79,8 +79,6 @@ def convert_gguf(
 
 
 def _chat_template(gguf, family, override) -> tuple[str, str]:
-    from duomem_mlx.runtime.models import TEMPLATES
-
     if override:
         return read_text(override, "pass a readable Jinja file to --chat-template"), f"file {Path(override).name}"
     if gguf.metadata.get("tokenizer.chat_template"):

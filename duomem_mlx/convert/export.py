@@ -9,12 +9,15 @@ import gguf
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.utils import dequantize_model
 
 from duomem_mlx.convert.families import Family, family_of, heads_for_rows, mlx_name
+from duomem_mlx.convert.fetch import cache_dir
 from duomem_mlx.convert.gguf_file import open_gguf
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.io import atomic_file
+from duomem_mlx.runtime.models import load
 
 TYPES = {
     "f32": gguf.GGMLQuantizationType.F32,
@@ -48,16 +51,12 @@ def gguf_tensor(name: str, values: np.ndarray, family: Family, config: dict, qty
 
 def model_weights(model) -> dict[str, np.ndarray]:
     """Every weight as float32 numpy, quantized layers dequantized."""
-    from mlx_lm.utils import dequantize_model
-
     dequantize_model(model)
     return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
 
 
 def source_of(model_dir: str | Path) -> Path:
     """The GGUF file `duomem-mlx convert` made `model_dir` from, where it is still in the fetch cache."""
-    from duomem_mlx.convert.fetch import cache_dir
-
     known = manifest.path(model_dir).exists()
     source = (manifest.read(model_dir, SOURCE_FIX).get("source") or {}) if known else {}
     candidates = [Path(source["path"])] if "path" in source else []
@@ -71,8 +70,6 @@ def source_of(model_dir: str | Path) -> Path:
 def export_gguf(model_dir: str | Path, out: str | Path, source: str | Path, type_name: str = "f16") -> dict:
     """Write `model_dir` (an mlx-lm model `convert` made from `source`, e.g. fused after distill)
     as the GGUF file `out`, tensor for tensor where `source` has one."""
-    from duomem_mlx.runtime.models import load
-
     if type_name not in TYPES:
         raise DuomemError(f"unknown GGUF type {type_name!r}; use one of {', '.join(TYPES)}")
     original = open_gguf(source)

@@ -11,6 +11,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from duomem_mlx.convert import convert_gguf, default_dtype, file_sha256
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.io import atomic_file
@@ -152,8 +153,6 @@ def fetch_model(
     root: Path | None = None,
 ) -> Path:
     """The converted model in the cache (`root`, default cache_dir()), fetched and converted on first use."""
-    from duomem_mlx.convert import convert_gguf, default_dtype
-
     spec = known(name)
     dtype = dtype or default_dtype()
     out = model_dir(name, dtype, keep_quant, bits, group_size, root)
@@ -179,8 +178,6 @@ def fetch_model(
 
 def fetch_gguf(name: str, log=print, root: Path | None = None) -> Path:
     """The joined GGUF file in the cache, checked by sha256."""
-    from duomem_mlx.convert import file_sha256
-
     spec = known(name)
     target = _root(root) / "gguf" / spec.gguf_name
     if target.exists() and file_sha256(target) == spec.sha256:

@@ -14,19 +14,30 @@ import platform
 import random
 import signal
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
 
 from duomem_mlx.deploy.bandwidth import bandwidth
+from duomem_mlx.envs import make_env
+from duomem_mlx.envs.base import play_episode
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.io import cache_root, check_destination, write_atomic
 from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.decode import DecodeOptions
 from duomem_mlx.runtime.gpu_memory import wired_limit
+from duomem_mlx.runtime.models import default_corpus, load, resolve, size_of
+from duomem_mlx.runtime.options import PolicyOptions
+from duomem_mlx.runtime.policy import make_policy
+from duomem_mlx.runtime.prompt import encode, prefix_messages, render
+from duomem_mlx.runtime.session import Session
 
 KEYS = (
     "load_seconds",
@@ -44,8 +55,6 @@ KEYS = (
 
 def synthetic_episode(steps: int, seed: int = 0, memories: int = 8):
     """(memories, task, observations, admissible sets) drawn from environment-like text."""
-    from duomem_mlx.runtime.models import default_corpus
-
     rng = random.Random(seed)
     lines = [line for line in default_corpus().splitlines() if 20 < len(line) < 200]
     commands = sorted({line for line in lines if len(line.split()) <= 5})
@@ -56,8 +65,6 @@ def synthetic_episode(steps: int, seed: int = 0, memories: int = 8):
 
 
 def machine() -> dict:
-    import mlx_lm
-
     chip = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
         chip = next(
@@ -69,8 +76,6 @@ def machine() -> dict:
             chip,
         )
     elif platform.system() == "Darwin":
-        import subprocess
-
         chip = (
             subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
             or chip
@@ -94,18 +99,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def synthetic_prefix(tokenizer, memories: int, seed: int) -> list[int]:
     """The tokens of the synthetic episode's prefix (system, memories, task, first observation)."""
-    from duomem_mlx.runtime.prompt import encode, prefix_messages, render
-
     notes, task, observations, _ = synthetic_episode(1, seed, memories)
     return encode(tokenizer, render(tokenizer, prefix_messages(task, observations[0], notes), True))
 
 
 def play_synthetic(model, tokenizer, steps: int, max_context: int, seed: int, memories: int):
     """One synthetic episode, constrained decoding: yields the seconds of each step as it is played."""
-    from duomem_mlx.runtime.decode import DecodeOptions
-    from duomem_mlx.runtime.prompt import prefix_messages
-    from duomem_mlx.runtime.session import Session
-
     notes, task, observations, admissible = synthetic_episode(steps, seed, memories)
     session = Session(model, tokenizer, max_context, DecodeOptions(mode="constrained", max_tokens=16))
     session.start(prefix_messages(task, observations[0], notes))
@@ -117,11 +116,6 @@ def play_synthetic(model, tokenizer, steps: int, max_context: int, seed: int, me
 
 def play_env(path: str, env_name: str, episodes: int, seed: int):
     """Real episodes through eval's loop: yields (step seconds, episode seconds) of each."""
-    from duomem_mlx.envs import make_env
-    from duomem_mlx.envs.base import play_episode
-    from duomem_mlx.runtime.options import PolicyOptions
-    from duomem_mlx.runtime.policy import make_policy
-
     policy = make_policy(f"model:{path}", PolicyOptions(seed=seed))
     env = make_env(env_name)
     try:
@@ -134,8 +128,6 @@ def play_env(path: str, env_name: str, episodes: int, seed: int):
 
 def throughput(model, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) through mlx-lm's generate_step; EOS does not stop it."""
-    from mlx_lm.generate import generate_step
-
     start = time.perf_counter()
     steps = generate_step(mx.array(prompt), model, max_tokens=decode_tokens + 1)
     next(steps)
@@ -243,8 +235,6 @@ def bench_package(
     """Measure one package into `m`, a step at a time. The synthetic prefix (its memories) and the
     throughput prompt grow with `steps`, the decoded tokens with `max_tokens`; the warm-up is one
     step without memories: a slow model asked for a small run gets a small one."""
-    from duomem_mlx.runtime.models import load, resolve, size_of
-
     source = resolve(m.package)
     memories = max(1, min(8, steps // 2))
     bar = Progress(
@@ -312,10 +302,10 @@ def print_table(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], out: str) -> bool:
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (optional: the [plot] extra)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use)
     except ImportError:
         return False
     names = [Path(r["package"]).name for r in rows]
@@ -344,8 +334,6 @@ def record(path: str, row: dict) -> None:
 def measure(packages, env_name, episodes, steps, repeats, max_tokens, max_context, seed, time_limit) -> dict:
     """The results of every package. A run cut short (Ctrl-C, SIGTERM, the time limit) returns what
     it measured, marked partial: `stopped` says why and the package it cut is `partial`."""
-    from duomem_mlx.runtime.models import resolve
-
     for path in packages:  # a bad path or id stops here, before the probe; a Hub id is downloaded here, untimed
         resolve(path)
     deadline = time.monotonic() + time_limit if time_limit else math.inf
@@ -383,7 +371,8 @@ def run_bench(
         )
         print(
             f"memory bandwidth {result['machine']['bandwidth_gb_s']:.1f} GB/s on {result['machine']['chip']} "
-            f"({result['machine']['device']}; the fastest of {kernels} GB/s; cached in {cache_root() / 'bandwidth.json'})"
+            f"({result['machine']['device']}; the fastest of {kernels} GB/s; "
+            f"cached in {cache_root() / 'bandwidth.json'})"
         )
     for row in rows:
         if row.get("roofline_bound") == "decode":

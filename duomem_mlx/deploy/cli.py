@@ -1,9 +1,12 @@
 """`duomem-mlx quantize | bench | upload`; stage modules are imported inside commands."""
 
+from pathlib import Path
+
 import click
 
 from duomem_mlx.config import config_option
 from duomem_mlx.envs import ENV_HELP
+from duomem_mlx.formats import manifest
 
 
 @click.command("quantize")
@@ -19,7 +22,8 @@ from duomem_mlx.envs import ENV_HELP
 )
 @click.option(
     "--memory",
-    help="Memory bank directory or memories.jsonl to rebuild in the package's space (default: ADAPTERS/memory or MODEL/memory).",
+    help="Memory bank directory or memories.jsonl to rebuild in the package's space (default: ADAPTERS/memory or "
+    "MODEL/memory).",
 )
 @click.option(
     "--bits",
@@ -50,7 +54,8 @@ from duomem_mlx.envs import ENV_HELP
     "--calibrate",
     "calibrate_cache",
     type=click.Path(exists=True, file_okay=False),
-    help="Teacher cache whose chats the recipe measures (layer sensitivities, GPTQ, AWQ) and calibrates on (default: the one the adapters were distilled from).",
+    help="Teacher cache whose chats the recipe measures (layer sensitivities, GPTQ, AWQ) and calibrates on "
+    "(default: the one the adapters were distilled from).",
 )
 @click.option(
     "--epochs",
@@ -105,9 +110,7 @@ def quantize(
       duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --recipe affine4
       duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --recipe gptq4 --calibrate runs/teacher-cache
       duomem-mlx quantize --model runs/teacher --bits 16 --out converted/teacher-bf16
-    """
-    from pathlib import Path
-
+    """  # noqa: E501 (examples: one command a line, as it is copied)
     from duomem_mlx.deploy.quantize import quantize_package
 
     bits = int(bits)
@@ -128,8 +131,6 @@ def quantize(
         max_seq_length=max_seq_length,
         recipe=recipe,
     )
-    from duomem_mlx.formats import manifest
-
     meta = manifest.read(path, manifest.PACKAGE_FIX)
     if not meta["memory"]:
         click.echo("note: no memory bank (pass --memory BANK); the package works without memories")

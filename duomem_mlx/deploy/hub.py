@@ -4,6 +4,11 @@ or the stored login and is never printed or written."""
 
 from pathlib import Path
 
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
+
+from duomem_mlx.deploy.quantize import write_card
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.runtime.models import is_repo_id, transport_error
@@ -36,8 +41,6 @@ IGNORE = [".*", "*/.*", "*.py", "*.log", "*.tmp"]
 
 def package_files(package: Path) -> list[tuple[str, int]]:
     """(path in repo, bytes) of what an upload sends, by the same filter upload_folder applies."""
-    from huggingface_hub.utils import filter_repo_objects
-
     paths = sorted(p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file())
     return [
         (p, (package / p).stat().st_size)
@@ -53,7 +56,8 @@ def check_repo_id(repo: str) -> None:
 def check_package(package: Path) -> None:
     if not (package / "config.json").is_file() or not list(package.glob("model*.safetensors")):
         raise DuomemError(
-            f"{package} is not a model package (no config.json / model*.safetensors); write one with `duomem-mlx quantize`"
+            f"{package} is not a model package (no config.json / model*.safetensors); "
+            "write one with `duomem-mlx quantize`"
         )
 
 
@@ -75,11 +79,6 @@ def upload(
 
 
 def push(package: Path, repo: str, private: bool, message: str, files) -> list[tuple[str, int]]:
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from duomem_mlx.deploy.quantize import write_card
-
     token = get_token()
     if not token:
         raise DuomemError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")

@@ -10,20 +10,42 @@ in the final model's space and write a self-contained package (docs/design.md, "
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+import mlx.optimizers as optimizers
+import numpy as np
+from huggingface_hub import ModelCard, ModelCardData
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.utils import load_adapters
+from mlx_lm.utils import compute_bits_per_weight, dequantize_model, load, save
+from mlx_lm.utils import quantize_model as mlx_quantize
 
+from duomem_mlx.cpu.quant import dense_prefill_on_cpu
+from duomem_mlx.deploy.bench import throughput
+from duomem_mlx.deploy.recipes import RECIPES, chat_windows, pick, predicate, sensitivities, with_method
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.formats.adapters import check_adapters, read_summary
+from duomem_mlx.formats.bank import recorded_key
+from duomem_mlx.formats.memories import read_memories
+from duomem_mlx.formats.teacher_cache import read_cache_episodes
 from duomem_mlx.io import atomic_dir, atomic_file
+from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.embed import rebuild_bank
 from duomem_mlx.runtime.gpu_memory import warn_before_loading, wired_limit
-from duomem_mlx.runtime.models import check_group_size, default_dtype, resolve
-from duomem_mlx.teacher.topk import masked_positions
+from duomem_mlx.runtime.heads import logits_at
+from duomem_mlx.runtime.models import check_group_size, default_corpus, default_dtype, resolve, weight_bytes
+from duomem_mlx.runtime.prompt import episode_messages, tokenize_with_mask
+from duomem_mlx.runtime.session import Session
+from duomem_mlx.runtime.tools import episode_chat
+from duomem_mlx.teacher.topk import masked_positions, topk_logprobs
 from duomem_mlx.version import __version__
 
 CPU_DECODE_TOKENS = 16
@@ -57,17 +79,12 @@ def check_options(bits: int, group_size: int | None, mode: str, calibrate: str |
 def load_student(source: str, adapters: str | None, model_path: str):
     """(model, tokenizer, config) of the model directory `source` (`model_path` as the user named
     it), with adapters fused and a quantized (QLoRA) base dequantized first."""
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, load
-
     warn_before_loading(source)
     try:
         model, tokenizer, config = load(source, return_config=True)
     except (OSError, ValueError) as e:
-        raise DuomemError(
-            f"could not load model {model_path}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-        )
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DuomemError(f"could not load model {model_path}: {reason}")
     if "quantization" in config:  # fusing into a quantized base re-quantizes the base and loses the adapters' effect
         model = dequantize_model(model)
         config.pop("quantization", None)
@@ -89,8 +106,6 @@ def load_student(source: str, adapters: str | None, model_path: str):
 
 def cache_episodes(cache: str) -> list:
     """The recorded episodes of a teacher cache (prompts and actions as the agent sees them)."""
-    from duomem_mlx.formats.teacher_cache import read_cache_episodes
-
     episodes = [e for e in read_cache_episodes(cache) if e.steps]
     if not episodes:
         raise DuomemError(f"teacher cache {cache} has no episodes with steps; collect some with `duomem-mlx teach`")
@@ -105,10 +120,6 @@ def greedy_actions(
 
     The session is restarted with the recorded chat before each step, so its cache keeps the
     common prefix and feeds only what changed (the recorded action and the next observation)."""
-    from duomem_mlx.runtime.decode import DecodeOptions
-    from duomem_mlx.runtime.prompt import episode_messages
-    from duomem_mlx.runtime.session import Session
-
     actions = []
     for episode, read in zip(episodes, memories or [()] * len(episodes)):
         messages = episode_messages(episode, read)
@@ -127,9 +138,6 @@ def agreement(a: list[str], b: list[str]) -> float:
 
 def calibration_data(tokenizer, episodes, max_seq_length: int) -> list[tuple[list[int], list[int]]]:
     """(token ids, action mask) of each episode's chat, cut to `max_seq_length` tokens."""
-    from duomem_mlx.runtime.prompt import tokenize_with_mask
-    from duomem_mlx.runtime.tools import episode_chat
-
     chats = [episode_chat(tokenizer, e) for e in episodes]
     return [
         tuple(part[:max_seq_length] for part in tokenize_with_mask(tokenizer, messages, tools=tools))
@@ -162,9 +170,6 @@ class Targets:
 
 
 def float_targets(model, tokenizer, episodes, max_seq_length: int, top_k: int = 32) -> Targets:
-    from duomem_mlx.runtime.heads import logits_at
-    from duomem_mlx.teacher.topk import topk_logprobs
-
     actions = greedy_actions(model, tokenizer, episodes)
     chats = calibration_data(tokenizer, own_actions(episodes, actions), max_seq_length)
     data = [(ids, mx.array(masked_positions(mask))) for ids, mask in chats if sum(mask[1:])]
@@ -194,13 +199,6 @@ def calibrate(
     Adam updates a float32 copy of the scales and the model computes in its own dtype (a bf16
     scale of 0.01 moves in steps of 6e-5: Adam's of ~1e-5 would round away). `on_epoch(epoch,
     mean_loss, q_model)` runs after each pass."""
-    import mlx.optimizers as optimizers
-    import numpy as np
-    from mlx.utils import tree_map
-
-    from duomem_mlx.progress import Progress
-    from duomem_mlx.runtime.heads import logits_at
-
     unfreeze_scales(q_model)
     params = tree_map(lambda p: p.astype(mx.float32), q_model.trainable_parameters())
     dtype = next(p.dtype for _, p in tree_flatten(q_model.trainable_parameters()))
@@ -284,8 +282,6 @@ def base_license(model_path: str) -> str | None:
     """The base model's card's license, else the upstream one `convert --fetch` recorded in duomem.json."""
     readme = Path(model_path) / "README.md"
     if readme.is_file():
-        from huggingface_hub import ModelCard
-
         try:
             return ModelCard.load(readme).data.license
         except Exception:  # a card without valid front matter just has no known license
@@ -329,8 +325,6 @@ def quantize_package(
     """bits 16: fused only, in `dtype`. Otherwise a recipe (recipes.py; by default the best measured
     one the data allows) quantizes in the source's dtype on a GPU, in float32 on a CPU, and the
     package stores its scales, biases and unquantized weights in `dtype` (default: package_dtype)."""
-    from duomem_mlx.deploy.recipes import RECIPES, pick
-
     check_options(bits, group_size, mode, calibrate_cache)
     out = Path(out)
     if out.exists() and not force:
@@ -362,13 +356,12 @@ def quantize_package(
         check_group_size(student, info["group_size"])
         dense_rate = cpu_decode_rate(student, tokenizer)
         if chosen:
+            measuring = " or ".join(n for n, r in RECIPES.items() if r.needs_data)
             print(
                 f"recipe {chosen}: {plan.summary}"
                 + (f" (measured on {chats})" if episodes else "")
                 + (
-                    f"; it reads no chats, so {calibrate_cache} is unused "
-                    f"(--recipe {' or '.join(n for n, r in RECIPES.items() if r.needs_data)} "
-                    "measure them)"
+                    f"; it reads no chats, so {calibrate_cache} is unused (--recipe {measuring} measure them)"
                     if calibrate_cache and not episodes
                     else ""
                 )
@@ -418,11 +411,6 @@ def quantize_package(
 def quantize_with(student, config, tokenizer, plan, episodes, bits: int, mode: str, max_seq_length: int):
     """(model, config, layers at each precision): the recipe's mixed precision measured on the
     agent's chats when it has one, else every layer alike."""
-    from collections import Counter
-
-    from duomem_mlx.cpu.quant import dense_prefill_on_cpu
-    from duomem_mlx.deploy.recipes import chat_windows, predicate, sensitivities, with_method
-
     if plan is None:  # mxfp4
         model, config = quantize_model(student, config, 32, bits, mode)
     elif plan.method != "rtn":
@@ -457,8 +445,6 @@ def cpu_decode_rate(model, tokenizer) -> float | None:
     fast path). A few seconds on a 135M model."""
     if mx.default_device() != mx.cpu:
         return None
-    from duomem_mlx.deploy.bench import throughput
-    from duomem_mlx.runtime.models import default_corpus
 
     prompt = tokenizer.encode(default_corpus())[:64]
     return round(max(throughput(model, prompt, CPU_DECODE_TOKENS)[1] for _ in range(2)), 2)
@@ -470,8 +456,8 @@ def say_fastest_on_cpu(rates: dict[str, float], dense: str) -> None:
     (fast, f), (slow, s) = sorted(rates.items(), key=lambda kv: -kv[1])
     hint = (
         (
-            f"; for decoding speed on this CPU, `--bits 16 --dtype {dense}` (the quantized package is smaller, "
-            "and on a Mac it is MLX's fast path)"
+            f"; for decoding speed on this CPU, `--bits 16 --dtype {dense}` "
+            "(the quantized package is smaller, and on a Mac it is MLX's fast path)"
         )
         if fast == dense
         else ""
@@ -482,10 +468,6 @@ def say_fastest_on_cpu(rates: dict[str, float], dense: str) -> None:
 def quantize_model(model, config, group_size, bits, mode, quant_predicate=None):
     """mlx-lm's quantization; on a CPU the layers then run many rows dense, as a loaded package
     does (cpu_quant): calibration and its agreement checks feed whole episodes."""
-    from mlx_lm.utils import quantize_model as mlx_quantize
-
-    from duomem_mlx.cpu.quant import dense_prefill_on_cpu
-
     model, config = mlx_quantize(model, config, group_size, bits, mode=mode, quant_predicate=quant_predicate)
     dense_prefill_on_cpu(model)
     return model, config
@@ -526,13 +508,6 @@ def as_stored(model, dtype: str) -> None:
 
 def write_package(out: Path, source: str, model, tokenizer, config, memories_file, meta: dict) -> Path:
     """Everything goes to a temp directory next to OUT, renamed into place once complete."""
-    from mlx_lm.utils import compute_bits_per_weight, save
-
-    from duomem_mlx.formats.bank import recorded_key
-    from duomem_mlx.formats.memories import read_memories
-    from duomem_mlx.runtime.embed import rebuild_bank
-    from duomem_mlx.runtime.models import weight_bytes
-
     with atomic_dir(out, weight_bytes(model)) as tmp:
         save(tmp, source, model, tokenizer, config, donate_model=False)
         for stray in tmp.glob("*.py"):  # mlx-lm copies a source model's code; a package never runs any
@@ -585,8 +560,6 @@ def results_table(meta: dict) -> str:
 
 def write_card(package: Path, repo_id: str | None = None) -> None:
     """README.md with Hub front matter, usage for mlx-lm and duomem-mlx, and the results table."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     meta = manifest.read(package, manifest.PACKAGE_FIX)
     base = meta.get("base") or ""
     data = ModelCardData(
@@ -645,8 +618,6 @@ duomem-mlx eval --env textworld --episodes 10 --policy model:{repo} --out result
 
 def direct_url() -> dict:
     """pip's record of where this duomem-mlx was installed from (PEP 610 direct_url.json), or {}."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
     try:
         return json.loads(distribution("duomem-mlx").read_text("direct_url.json") or "{}")
     except (PackageNotFoundError, json.JSONDecodeError):
@@ -656,8 +627,6 @@ def direct_url() -> dict:
 def duomem_install(record: dict) -> tuple[str, str]:
     """(how, pip line) for the card's duomem-mlx, which is not on PyPI: the public git or archive URL
     pip installed it from, pinned; else (a local checkout) installing from its source."""
-    from urllib.parse import urlsplit
-
     url, vcs = record.get("url", ""), record.get("vcs_info")
     public = url.startswith("https://") and urlsplit(url).username is None
     if public and vcs and vcs.get("commit_id"):

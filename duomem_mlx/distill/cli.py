@@ -131,18 +131,19 @@ def distill(**kwargs):
           --learning-rate 1e-3 --iters 300 --out runs/pretrained
       mlx.launch --backend ring -n 2 -- duomem-mlx distill --student runs/student --cache runs/cache --out runs/adapters
       duomem-mlx distill -c distill.yaml --resume
-    """
+    """  # noqa: E501 (examples: one command a line, as it is copied)
+    import mlx.core as mx
+
     from duomem_mlx.distill.train import DistillArgs
     from duomem_mlx.distill.train import distill as run
 
     summary = run(DistillArgs(**kwargs))
-    import mlx.core as mx
-
     if mx.distributed.init().rank() == 0:
         final, data = summary["final"], summary["data"]
         val = f"  val loss {final['val_loss']:.3f}  top-1 {final['val_top1']:.1%}" if "val_loss" in final else ""
         click.echo(
-            f"trained {summary['trainable_parameters']:,} parameters for {summary['iters']} steps on {data['train']} episodes "
-            f"({data['val']} held out) in {summary['seconds']:.1f}s: loss {final.get('train_loss', float('nan')):.3f}{val}"
+            f"trained {summary['trainable_parameters']:,} parameters for {summary['iters']} steps "
+            f"on {data['train']} episodes ({data['val']} held out) in {summary['seconds']:.1f}s: "
+            f"loss {final.get('train_loss', float('nan')):.3f}{val}"
         )
         click.echo(f"wrote {kwargs['out']}")

@@ -18,18 +18,26 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 
 from duomem_mlx.distill.data import Dataset, build_dataset, check_kd, collate, epoch_batches
 from duomem_mlx.distill.losses import distill_loss
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.adapters import CONFIG, SUMMARY, WEIGHTS, finished, write_adapter_config, write_summary
+from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
+from duomem_mlx.formats.teacher_cache import read_cache_memories, read_manifest
 from duomem_mlx.io import atomic_file, write_atomic
 from duomem_mlx.progress import Progress
+from duomem_mlx.runtime import retrieval
 from duomem_mlx.runtime.embed import rebuild_bank
 from duomem_mlx.runtime.gpu_memory import warn_if_over, wired_limit
 from duomem_mlx.runtime.heads import logits_at
+from duomem_mlx.runtime.models import load
 from duomem_mlx.runtime.options import PolicyOptions
+from duomem_mlx.runtime.policy import load_bank
 
 OUTPUTS = (
     WEIGHTS,
@@ -109,9 +117,6 @@ def distill(args: DistillArgs) -> dict:
     if args.batch_size % world.size():
         raise DuomemError(f"--batch-size {args.batch_size} must be a multiple of the {world.size()} processes")
     start = time.perf_counter()
-    from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
-    from duomem_mlx.formats.teacher_cache import read_manifest
-    from duomem_mlx.runtime.models import load
 
     manifest = read_manifest(args.cache)
     model, tokenizer = load(args.student)
@@ -120,9 +125,6 @@ def distill(args: DistillArgs) -> dict:
         check_kd(manifest, args.cache, tokenizer_fingerprint(tokenizer))
     bank = retrieve = None
     if args.memory_bank:
-        from duomem_mlx.runtime import retrieval
-        from duomem_mlx.runtime.policy import load_bank
-
         bank = load_bank(args.memory_bank, model, tokenizer)
         retrieve = partial(
             retrieval.retrieve, bank, model, tokenizer, k=args.memory_k, memory_filter=args.memory_filter
@@ -153,8 +155,6 @@ def distill(args: DistillArgs) -> dict:
         else 0
     )
     if args.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
         grad_checkpoint(model.layers[0])
     try:
         history = train(model, optimizer, data, args, world, step, out)
@@ -228,8 +228,6 @@ def add_adapters(model, args: DistillArgs) -> int:
     """LoRA / DoRA layers on the last --num-layers blocks (QLoRA on a quantized student), or
     unfreeze them for full fine-tuning (with --num-layers -1: every parameter). Returns the
     number of trainable parameters."""
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     model.freeze()
     n = num_layers(model, args)
     if args.adapter == "full":
@@ -253,8 +251,6 @@ def lora_parameters(args: DistillArgs) -> dict:
 
 def schedule(args: DistillArgs):
     """Linear warmup, then cosine decay to a tenth of --learning-rate (mlx-lm's build_schedule)."""
-    from mlx_lm.tuner.utils import build_schedule
-
     warmup = min(100, args.iters // 10) if args.warmup is None else args.warmup
     decay = max(1, args.iters - warmup)
     return build_schedule(
@@ -371,8 +367,6 @@ def evaluate(model, data: Dataset, args: DistillArgs) -> dict:
 
 @wired_limit()
 def train(model, optimizer, data: Dataset, args: DistillArgs, world, step: int, out: Path) -> list[dict]:
-    from mlx.nn.utils import average_gradients
-
     rank0 = world.rank() == 0
     loss = make_loss(args, data.top_k)
     loss_and_grad = nn.value_and_grad(model, loss)
@@ -476,7 +470,6 @@ def memory_mode(bank, args: DistillArgs) -> dict | None:
     """Which memories the student trained with: the teacher's (the cache's) or others (its own)."""
     if bank is None:
         return None
-    from duomem_mlx.formats.teacher_cache import read_cache_memories
 
     teacher_ids = {m.id for m in read_cache_memories(args.cache)}
     mode = "teacher" if teacher_ids and all(m.id in teacher_ids for m in bank.memories) else "other"
@@ -492,10 +485,10 @@ def memory_mode(bank, args: DistillArgs) -> dict | None:
 def plot(out: Path) -> None:
     """loss.png from metrics.jsonl when matplotlib is installed."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (optional: the [plot] extra)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use)
     except ImportError:
         return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -9,8 +9,10 @@ import click
 
 from duomem_mlx.config import config_option
 from duomem_mlx.errors import DuomemError
-from duomem_mlx.formats.memories import KEYS, KINDS
+from duomem_mlx.formats.episodes import read_episodes
+from duomem_mlx.formats.memories import KEYS, KINDS, read_memories, write_memories
 from duomem_mlx.io import check_destination, write_atomic
+from duomem_mlx.runtime.models import load
 
 
 @click.group()
@@ -46,7 +48,8 @@ def memory():
     type=click.Choice(KEYS),
     default="task",
     show_default=True,
-    help="What a memory's key embeds: its task text, or that and its episode's first observation (tells games of one task apart).",
+    help="What a memory's key embeds: its task text, or that and its episode's first observation (tells games of "
+    "one task apart).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing memory bank at --out.")
 @config_option
@@ -58,10 +61,8 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
       duomem-mlx memory build --memories runs/memories.jsonl --embedder runs/student --out runs/bank
       duomem-mlx memory build --cache runs/cache --embedder runs/student --key task+observation --out runs/bank
     """
-    from duomem_mlx.formats.memories import read_memories
     from duomem_mlx.formats.teacher_cache import memories_file
     from duomem_mlx.runtime.embed import build
-    from duomem_mlx.runtime.models import load
 
     if bool(memories_path) == bool(cache_path):
         raise DuomemError("pass exactly one of --memories FILE or --cache CACHE")
@@ -83,7 +84,8 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
     path = bank.save(out)
     size = sum(f.stat().st_size for f in path.iterdir())
     click.echo(
-        f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in {time.perf_counter() - start:.1f}s"
+        f"wrote {len(bank)} memories (dim {bank.dim}, {size / 1e6:.2f} MB) to {path} in "
+        f"{time.perf_counter() - start:.1f}s"
     )
 
 
@@ -131,7 +133,6 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
     """
     from duomem_mlx.formats.bank import MemoryBank
     from duomem_mlx.runtime.embed import embed
-    from duomem_mlx.runtime.models import load
 
     if (query is None) == (accuracy_on is None):
         raise DuomemError("pass exactly one of QUERY or --accuracy-on CACHE_OR_EPISODES")
@@ -170,7 +171,6 @@ def write_accuracy(path: str, found: list[bool], tasks: list[str]) -> None:
 
 def task_queries(path: str) -> list[tuple[str, str, str]]:
     """(task description, first observation, task type) of every episode of a teacher cache or an episode log."""
-    from duomem_mlx.formats.episodes import read_episodes
     from duomem_mlx.formats.teacher_cache import read_cache_episodes
 
     episodes = read_cache_episodes(path) if Path(path).is_dir() else read_episodes(path)
@@ -220,7 +220,8 @@ def show_command(bank_path, limit):
     type=click.Choice(KINDS),
     default="script",
     show_default=True,
-    help="script: the writer's procedure; trajectory: each successful episode itself, compact; both: the procedure, then the episode.",
+    help="script: the writer's procedure; trajectory: each successful episode itself, compact; both: the procedure, "
+    "then the episode.",
 )
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="memories.jsonl to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
@@ -240,8 +241,7 @@ def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
       duomem-mlx memory write --episodes runs/oracle.jsonl --writer rules --out runs/memories.jsonl
       duomem-mlx memory write --episodes runs/teacher.jsonl --writer model:runs/teacher --per-task 2 --out runs/memories.jsonl
       duomem-mlx memory write --episodes runs/student.jsonl --kind both --out runs/self-memories.jsonl
-    """
-    from duomem_mlx.formats.memories import write_memories
+    """  # noqa: E501 (examples: one command a line, as it is copied)
     from duomem_mlx.memory.writer import write
 
     if Path(out).exists() and Path(episodes).exists() and Path(out).samefile(episodes):
@@ -251,5 +251,6 @@ def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
     write_memories(out, written.memories)
     dropped = f"; {written.summary()}" if written.dropped else ""
     click.echo(
-        f"wrote {len(written.memories)} memories for {len({m.task_type for m in written.memories})} task type(s) to {out}{dropped}"
+        f"wrote {len(written.memories)} memories for {len({m.task_type for m in written.memories})} task type(s) to "
+        f"{out}{dropped}"
     )

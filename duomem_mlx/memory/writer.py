@@ -11,6 +11,7 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.episodes import read_episodes
 from duomem_mlx.formats.memories import KINDS, Memory, memory_id, merge_duplicates
 from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.models import load
 
 PREPOSITIONS = {
     "from",
@@ -318,7 +319,7 @@ def written_by(episodes: list[Episode], reply) -> Written:
 def model_memories(episodes: list[Episode], model, tokenizer, max_tokens: int = 160) -> Written:
     """Ask a model (teacher, or the student for the "student-generated memory" baseline) to
     write one memory per successful episode; greedy decoding."""
-    from mlx_lm import generate
+    from mlx_lm import generate  # noqa: PLC0415 (mlx-lm, transformers: 2 s that `memory write --writer rules` skips)
 
     return written_by(
         episodes, lambda e: generate(model, tokenizer, writer_prompt(tokenizer, e), max_tokens=max_tokens)
@@ -349,13 +350,12 @@ def write(
     elif writer == "rules":
         written = Written(rule_memories(episodes), len(successful(episodes)))
     elif writer.startswith("model:"):
-        from duomem_mlx.runtime.models import load
-
         model, tokenizer = load(writer[len("model:") :])
         written = model_memories(episodes, model, tokenizer, max_tokens)
         if not written.memories:
             raise DuomemError(
-                f"{writer} wrote no usable memory: {written.summary()}; use a stronger (instruction-tuned) model or --writer rules"
+                f"{writer} wrote no usable memory: {written.summary()}; "
+                "use a stronger (instruction-tuned) model or --writer rules"
             )
     else:
         raise DuomemError(f"unknown --writer {writer}; use rules or model:PATH")

@@ -4,6 +4,8 @@ memories retrieved from a bank in front of its prompt."""
 from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
+
 from duomem_mlx.envs.base import StepResult, TaskSpec, episode_id, offered_tools
 from duomem_mlx.envs.calls import parse_call
 from duomem_mlx.envs.policies import OraclePolicy, RandomPolicy
@@ -12,6 +14,7 @@ from duomem_mlx.formats.bank import MemoryBank
 from duomem_mlx.formats.episodes import game_of
 from duomem_mlx.runtime import retrieval
 from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.models import load, resolve
 from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.prompt import encode, prefix_messages, system_message
 from duomem_mlx.runtime.session import ReencodingSession, Session
@@ -34,10 +37,6 @@ class ModelPolicy:
 
     @classmethod
     def from_options(cls, path, options: PolicyOptions = PolicyOptions()):
-        import mlx.core as mx
-
-        from duomem_mlx.runtime.models import load, resolve
-
         source = resolve(path)  # a Hub id's snapshot, its memory/ included
         model, tokenizer = load(source, options.adapter_path)
         memory_bank = options.memory_bank or default_bank(source, options.adapter_path)

@@ -9,10 +9,18 @@ Each teacher has a `policy` (plays episodes), `tokenizer` (or None), `vocab_size
 they share is in base.py.
 """
 
+import mlx.core as mx
+
+from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.memory.writer import model_memories
+from duomem_mlx.runtime.models import load
 from duomem_mlx.runtime.options import PolicyOptions
+from duomem_mlx.runtime.policy import ModelPolicy, load_bank
 from duomem_mlx.teacher.base import load_tokenizer, redact, shard_arrays, teacher_memories
+from duomem_mlx.teacher.openai_compat import OpenAITeacher, parse_spec
 from duomem_mlx.teacher.options import TeachOptions
+from duomem_mlx.teacher.topk import TopKRecorder
 
 
 def make_teacher(spec: str, options: TeachOptions = TeachOptions(), max_tokens: int = 64):
@@ -25,8 +33,6 @@ def make_teacher(spec: str, options: TeachOptions = TeachOptions(), max_tokens: 
     if spec.startswith("mlx:"):
         return MLXTeacher(spec[4:], options.top_k, options.policy())
     if spec.startswith("openai:"):
-        from duomem_mlx.teacher.openai_compat import OpenAITeacher, parse_spec
-
         return OpenAITeacher(
             *parse_spec(spec),
             options.top_k,
@@ -45,8 +51,6 @@ class OracleTeacher:
     backend, top_k = "oracle", 0
 
     def __init__(self, tokenizer_path: str | None):
-        from duomem_mlx.envs.policies import OraclePolicy
-
         self.spec = "oracle"
         self.policy = OraclePolicy()
         self.tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -70,12 +74,6 @@ class MLXTeacher:
     backend = "mlx"
 
     def __init__(self, path: str, top_k: int, options: PolicyOptions):
-        import mlx.core as mx
-
-        from duomem_mlx.runtime.models import load
-        from duomem_mlx.runtime.policy import ModelPolicy, load_bank
-        from duomem_mlx.teacher.topk import TopKRecorder
-
         self.spec, self.top_k = f"mlx:{path}", top_k
         self.model, self.tokenizer = load(path)
         self.vocab_size = self.model(mx.array([[0]])).shape[-1]
@@ -91,6 +89,4 @@ class MLXTeacher:
         return arrays
 
     def memories(self, episodes, writer: str, kind: str = "script") -> list:
-        from duomem_mlx.memory.writer import model_memories
-
         return teacher_memories(lambda eps: model_memories(eps, self.model, self.tokenizer), episodes, writer, kind)

@@ -15,7 +15,8 @@ from duomem_mlx.teacher.options import TeachOptions
 @click.command("teach")
 @click.option(
     "--teacher",
-    help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in the URL)",
+    help="mlx:<path-or-repo> | openai:<base-url>#<model> | oracle (an openai: key goes in OPENAI_API_KEY, never in "
+    "the URL)",
 )
 @click.option("--env", "env_name", help=ENV_HELP)
 @click.option(
@@ -80,7 +81,8 @@ from duomem_mlx.teacher.options import TeachOptions
 @game_params_option
 @click.option(
     "--teacher-tokenizer",
-    help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle and --from-chats, the student's, to store tokenized chats.",
+    help="Tokenizer of an openai: teacher (default: the served model when it is a local dir); for oracle and "
+    "--from-chats, the student's, to store tokenized chats.",
 )
 @click.option(
     "--decode",
@@ -102,7 +104,8 @@ from duomem_mlx.teacher.options import TeachOptions
     type=click.IntRange(1),
     default=TeachOptions.concurrency,
     show_default=True,
-    help="Episodes in flight at once, each with its own environment (openai: and oracle teachers); the cache is the same at any N.",
+    help="Episodes in flight at once, each with its own environment (openai: and oracle teachers); the cache is the "
+    "same at any N.",
 )
 @click.option(
     "--max-rps",
@@ -123,7 +126,7 @@ def teach(**kwargs):
       duomem-mlx teach --teacher openai:http://gpu:8000/v1#Qwen/Qwen2.5-72B-Instruct \\
           --teacher-tokenizer Qwen/Qwen2.5-72B-Instruct --env textworld --episodes 50 --concurrency 32 --out runs/cache
       duomem-mlx teach --from-chats logs/agent.jsonl --teacher-tokenizer runs/student --out runs/cache
-    """
+    """  # noqa: E501 (examples: one command a line, as it is copied)
     from duomem_mlx.teacher.collect import collect, collect_chats
 
     from_chats, skip_bad = kwargs.pop("from_chats"), kwargs.pop("skip_bad")
@@ -203,7 +206,8 @@ def cache_verify(cache):
     if problems:
         more = f" (+{len(problems) - 1} more above)" if len(problems) > 1 else ""
         raise DuomemError(
-            f"{problems[0]}{more}; recollect with `duomem-mlx teach ... --resume` after deleting the bad shard's line, or --force"
+            f"{problems[0]}{more}; recollect with `duomem-mlx teach ... --resume` after deleting the bad shard's "
+            "line, or --force"
         )
     click.echo(f"ok: {checked} shards")
 
@@ -226,8 +230,8 @@ def print_info(s: dict) -> None:
         lines.append(f"size        {s['shard_bytes']} shard bytes, {s['bytes_per_masked_token']:.1f} per masked token")
     if s["unaligned_rows"]:
         lines.append(
-            f"warning     {s['unaligned_rows']} of {s['masked_tokens']} masked tokens have no teacher top-k: the server's tokens "
-            "differ from the local tokenization of the actions (ids -1; KD skips them)"
+            f"warning     {s['unaligned_rows']} of {s['masked_tokens']} masked tokens have no teacher top-k: "
+            "the server's tokens differ from the local tokenization of the actions (ids -1; KD skips them)"
         )
     lines.append(f"memories    {s['memories']}")
     click.echo("\n".join(lines))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import Episode, episode_id, play_episode
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.fingerprints import tokenizer_fingerprint
@@ -17,8 +18,10 @@ from duomem_mlx.formats.teacher_cache import CacheWriter, as_episodes, info
 from duomem_mlx.io import check_destination
 from duomem_mlx.progress import Progress
 from duomem_mlx.teacher.backends import make_teacher
+from duomem_mlx.teacher.base import load_tokenizer, shard_arrays, teacher_memories
+from duomem_mlx.teacher.chats import read_chats
 from duomem_mlx.teacher.inflight import in_order
-from duomem_mlx.teacher.openai_compat import GaveUp
+from duomem_mlx.teacher.openai_compat import GaveUp, Turn, align_turns
 from duomem_mlx.teacher.options import TeachOptions
 
 
@@ -39,7 +42,6 @@ def collect(teacher: str, env_name: str, out: str, options: TeachOptions = Teach
         raise DuomemError(
             f"the tokenizer of {model.spec} has no chat template; use an instruct/chat model or add chat_template.jinja"
         )
-    from duomem_mlx.envs import make_env
 
     env = make_env(env_name, options.game_params)
     max_steps = options.max_steps or env.default_max_steps
@@ -192,8 +194,8 @@ def disk_errors(out: str, writer: CacheWriter):
         yield
     except OSError as e:
         raise DuomemError(
-            f"could not write to {out} ({e.strerror or e}); the {len(writer.episodes)} episodes already cached are intact: "
-            "free space and rerun with --resume"
+            f"could not write to {out} ({e.strerror or e}); "
+            f"the {len(writer.episodes)} episodes already cached are intact: free space and rerun with --resume"
         )
 
 
@@ -204,9 +206,6 @@ def fingerprint(tokenizer) -> str | None:
 def collect_chats(from_chats: str, out: str, options: TeachOptions = TeachOptions(), skip_bad: bool = False) -> dict:
     """A teacher cache from logged conversations (teacher/chats.py): every record is read and
     tokenized before the cache is opened, so a bad one leaves nothing written."""
-    from duomem_mlx.teacher.base import load_tokenizer, teacher_memories
-    from duomem_mlx.teacher.chats import read_chats
-
     if options.memory_writer != "rules" and options.memory_kind != "trajectory":
         raise DuomemError("--from-chats has no model to write memories with; use --memory-writer rules")
     check_destination(out)
@@ -251,9 +250,6 @@ def collect_chats(from_chats: str, out: str, options: TeachOptions = TeachOption
 def chat_arrays(tokenizer, episode: Episode, chats) -> dict:
     """The shard of a logged episode: its chat tokenized as the agent sees it, and the server's
     top-k rows where the log has them (every row unaligned in an episode without)."""
-    from duomem_mlx.teacher.base import shard_arrays
-    from duomem_mlx.teacher.openai_compat import Turn, align_turns
-
     arrays = shard_arrays(tokenizer, episode)
     if chats.top_k:
         turns = chats.turns.get(episode.id) or [Turn(None, "", None)] * len(episode.steps)

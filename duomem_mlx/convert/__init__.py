@@ -7,7 +7,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from duomem_mlx.convert.tokenizer import build_tokenizer
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats import manifest
 from duomem_mlx.io import atomic_dir, read_text
@@ -33,6 +32,7 @@ def convert_gguf(
 
     from duomem_mlx.convert.families import family_of, model_config
     from duomem_mlx.convert.gguf_file import open_gguf
+    from duomem_mlx.convert.tokenizer import build_tokenizer
     from duomem_mlx.convert.weights import mlx_weights, quantization_config
 
     dtype = dtype or default_dtype()

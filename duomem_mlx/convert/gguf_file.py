@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
 
 from duomem_mlx.errors import DuomemError
 
@@ -40,8 +42,6 @@ class GGUF:
 
 def open_gguf(path: str | Path) -> GGUF:
     """The file's metadata and tensor index (memory-mapped, nothing decoded yet)."""
-    from gguf import GGUFReader
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise DuomemError(f"{path} is not a file; pass a .gguf model file (or use --fetch NAME)")
@@ -68,9 +68,6 @@ def _value(field):
 
 def dequantized(tensor) -> np.ndarray:
     """Float32 values in numpy order (rows first)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     kind = tensor.tensor_type
     if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         values = np.asarray(tensor.data, dtype=np.float32)

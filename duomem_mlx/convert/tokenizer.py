@@ -3,11 +3,13 @@ BPE (`gpt2`, with the pre-tokenizer the file names) or SentencePiece BPE (`llama
 and byte fallback, as Gemma ships). Nothing from the file is executed: the chat template is
 a string the tokenizer's sandboxed Jinja renders."""
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
 from duomem_mlx.errors import DuomemError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -30,8 +32,6 @@ PRE_TOKENIZERS = {
 
 def build_tokenizer(gguf, chat_template: str | None):
     """(tokenizer, end-of-sequence token) as transformers' PreTrainedTokenizerFast."""
-    from transformers import PreTrainedTokenizerFast
-
     meta = gguf.metadata
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -50,7 +50,8 @@ def build_tokenizer(gguf, chat_template: str | None):
         )
     else:
         raise DuomemError(
-            f"{gguf.path}: tokenizer model {kind!r} is not supported; convert reads 'gpt2' (byte-level BPE) and 'llama' (SentencePiece)"
+            f"{gguf.path}: tokenizer model {kind!r} is not supported; "
+            "convert reads 'gpt2' (byte-level BPE) and 'llama' (SentencePiece)"
         )
     _add_special_tokens(backend, tokens, types)
     special = {
@@ -75,8 +76,6 @@ def _token(tokens: list[str], index) -> str | None:
 
 
 def _byte_level_bpe(tokens, merges, pre: str, gguf):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     if pre not in PRE_TOKENIZERS:
         raise DuomemError(
             f"{gguf.path}: pre-tokenizer {pre!r} is not supported; convert knows {', '.join(PRE_TOKENIZERS)}"
@@ -103,8 +102,6 @@ def _byte_level_bpe(tokens, merges, pre: str, gguf):
 def _sentencepiece_bpe(tokens, types, scores, add_space_prefix: bool):
     """SentencePiece BPE as transformers rebuilds it: merges inferred from the vocabulary, ranked
     by the merged piece's score; spaces become '▁'; unknown bytes fall back to <0xNN> tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
     if scores is None:
         raise DuomemError("a SentencePiece GGUF tokenizer without tokenizer.ggml.scores cannot be rebuilt")
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -130,8 +127,6 @@ def _sentencepiece_bpe(tokens, types, scores, add_space_prefix: bool):
 def _add_special_tokens(backend, tokens, types) -> None:
     """Control tokens become special added tokens (never split, skipped when decoding with
     skip_special_tokens); user-defined ones are matched whole in raw text, as llama.cpp does."""
-    from tokenizers import AddedToken
-
     for kind, add in ((CONTROL, backend.add_special_tokens), (USER_DEFINED, backend.add_tokens)):
         add(
             [AddedToken(t, special=kind == CONTROL, normalized=False) for t, k in zip(tokens, types) if k == kind and t]
@@ -139,8 +134,6 @@ def _add_special_tokens(backend, tokens, types) -> None:
 
 
 def _prepend_bos(backend, bos: str, bos_id: int) -> None:
-    from tokenizers import processors
-
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
     )

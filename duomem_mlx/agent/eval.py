@@ -69,6 +69,7 @@ def run_eval(
     thinking=False,
     memory_filter="none",
     game_params=None,
+    prefix_cache=None,
 ):
     check_destination(out)
     if log:
@@ -84,6 +85,7 @@ def run_eval(
             decode=decode,
             max_context=max_context,
             thinking=thinking,
+            prefix_cache=prefix_cache,
         )
         if policy.startswith("model:")
         else {}

@@ -11,6 +11,7 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.memory.bank import game_of
 from duomem_mlx.runtime import retrieval
 from duomem_mlx.runtime.decode import DecodeOptions
+from duomem_mlx.runtime.prefix_store import PrefixStore
 from duomem_mlx.runtime.prompt import encode, prefix_messages, system_message
 from duomem_mlx.runtime.session import ReencodingSession, Session
 from duomem_mlx.runtime.tools import Tools
@@ -32,13 +33,17 @@ class ModelPolicy:
         thinking: bool = False,
         memory_filter: str = "none",
         embedder=None,
+        prefix_cache: str | None = None,
     ):
         self.model, self.tokenizer, self.bank, self.memory_k = model, tokenizer, bank, memory_k
         self.memory_filter = memory_filter
         self.embedder = embedder or model  # the bare model where `model` wraps it (a teacher's top-k recorder)
-        session_class = ReencodingSession if reencode else Session
         self.options = DecodeOptions(mode=decode, temperature=temperature)
-        self.session = session_class(model, tokenizer, max_context, self.options, thinking=thinking)
+        if reencode:
+            self.session = ReencodingSession(model, tokenizer, max_context, self.options, thinking=thinking)
+        else:  # the system prompt's KV state is kept for the next episodes that share it (on disk: prefix_cache)
+            store = PrefixStore(model, tokenizer, prefix_cache)
+            self.session = Session(model, tokenizer, max_context, self.options, thinking=thinking, prefix_store=store)
         self.env = self.tools = None
         self.memories: list = []  # those of the episode being played
 
@@ -55,6 +60,7 @@ class ModelPolicy:
         temperature=0.0,
         thinking=False,
         memory_filter="none",
+        prefix_cache=None,
     ):
         import mlx.core as mx
 
@@ -75,6 +81,7 @@ class ModelPolicy:
             temperature,
             thinking=thinking,
             memory_filter=memory_filter,
+            prefix_cache=prefix_cache,
         )
 
     def retrieve(

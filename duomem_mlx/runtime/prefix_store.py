@@ -15,7 +15,8 @@ from array import array
 from collections import OrderedDict
 from pathlib import Path
 
-from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.io import atomic_file
@@ -27,6 +28,19 @@ MIN_TOKENS = 64  # a shorter prefix costs less to prefill than to keep
 
 def token_hash(tokens: list[int]) -> str:
     return hashlib.sha256(array("q", tokens).tobytes()).hexdigest()
+
+
+def compact(cache: list) -> list:
+    """A copy of `cache` that holds its tokens only: a KVCache cut back keeps its whole buffer."""
+    copies = []
+    for c in cache:
+        if type(c) is KVCache and c.keys is not None:
+            cut = [mx.contiguous(a[..., : c.offset, :]) for a in (c.keys, c.values)]
+            mx.eval(cut)
+            copies.append(KVCache.from_state((*cut, c.offset)))
+        else:
+            copies.append(copy.deepcopy(c))
+    return copies
 
 
 def nbytes(cache: list) -> int:
@@ -74,7 +88,7 @@ class PrefixStore:
         if key in self.states:
             self.states.move_to_end(key)
             return
-        state = copy.deepcopy(cache)
+        state = compact(cache)
         self.remember(key, state)
         if self.directory and key not in self.disk_keys():
             self.write(key, state)

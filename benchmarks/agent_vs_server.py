@@ -29,22 +29,17 @@ model's head to a real family's size, so each pass carries that head.
 
 import argparse
 import json
-import os
 import random
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from common import llama_cpp_server_command, model_config, versions, write_json
+from common import LlamaCppServer, MlxLmServer, model_config, versions, weight_bytes, write_json
 from mlx.utils import tree_flatten
 from mlx_lm.utils import save_model
 from tqdm import tqdm
@@ -146,103 +141,6 @@ def head_share(model) -> float:
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     head = model.lm_head if "lm_head" in model else model.model.embed_tokens
     return head.weight.size / total
-
-
-class Peer:
-    """A real OpenAI-compatible server on loopback, started and stopped here."""
-
-    label = ""
-
-    def __init__(self, command: list[str], model: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.model = model
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise SystemExit(
-                        f"Error: {self.label} exited at start; run `{' '.join(command)}` by hand to see why"
-                    )
-                time.sleep(0.2)
-        self.close()
-        raise SystemExit(f"Error: {self.label} did not start within 120 s")
-
-    def chat(self, messages: list[dict], **body) -> dict:
-        data = json.dumps(
-            {
-                "model": self.model,
-                "messages": messages,
-                "temperature": 0.0,
-                "chat_template_kwargs": {"enable_thinking": False},
-                **body,
-            }
-        ).encode()  # as our Session renders
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/v1/chat/completions", data=data, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return json.loads(response.read())
-
-    def close(self):
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-class MlxLmServer(Peer):
-    """`mlx_lm.server` on the model directory, default settings."""
-
-    label = "mlx_lm.server"
-
-    def __init__(self, model_path: str):
-        super().__init__([sys.executable, "-m", "mlx_lm.server", "--model", model_path], model_path)
-        self.bytes = weight_bytes(model_path)
-
-
-class LlamaCppServer(Peer):
-    """llama-cpp-python's server on a GGUF file: its default settings but the context and threads ours has."""
-
-    label = "llama.cpp server"
-
-    def __init__(self, gguf: str, context: int, no_repack: bool = False):
-        try:
-            # the package imports without the [server] extras; its app does not
-            import llama_cpp.server.app  # noqa: F401, PLC0415 (optional: the [llamacpp] extra)
-        except ImportError:
-            raise SystemExit(
-                "Error: --peer llama_cpp needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
-                "(builds llama.cpp from source with cmake and a C++ compiler: ~6 min on 2 cores for 0.3.36)"
-            )
-        super().__init__(
-            [
-                *llama_cpp_server_command(no_repack),
-                "--model",
-                gguf,
-                "--n_ctx",
-                str(context),
-                "--n_threads",
-                str(os.cpu_count()),
-                "--n_threads_batch",
-                str(os.cpu_count()),
-            ],
-            gguf,
-        )
-        self.bytes = Path(gguf).stat().st_size
-
-
-def weight_bytes(model_path: str) -> int:
-    return sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
 
 
 def peer_gguf(args, model_path: str, tmp: str) -> str:

@@ -47,6 +47,12 @@ from duomem_mlx.runtime.options import FILTERS, PolicyOptions
     is_flag=True,
     help="enable_thinking=True for templates that know it (Qwen3); off by default, as teach and distill render.",
 )
+@click.option(
+    "--prefix-cache",
+    type=click.Path(file_okay=False),
+    help="model:PATH: keep the KV states of system prompts (tools, memories) here for later runs "
+    "(in memory they are always reused across episodes).",
+)
 @click.option("--seed", type=int, default=PolicyOptions.seed, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="results.json")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write one JSON line per episode.")

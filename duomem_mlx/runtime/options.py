@@ -19,6 +19,7 @@ class PolicyOptions:
     thinking: bool = False  # enable_thinking=True for templates that know it (Qwen3)
     reencode: bool = False  # re-encode the whole prompt each step instead of extending the KV cache
     seed: int = 0
+    prefix_cache: str | None = None  # a directory keeping system prompts' KV states for later runs
 
     @classmethod
     def pop_from(cls, kwargs: dict) -> "PolicyOptions":

@@ -16,6 +16,7 @@ from duomem_mlx.runtime import retrieval
 from duomem_mlx.runtime.decode import DecodeOptions
 from duomem_mlx.runtime.models import load, resolve
 from duomem_mlx.runtime.options import PolicyOptions
+from duomem_mlx.runtime.prefix_store import PrefixStore
 from duomem_mlx.runtime.prompt import encode, prefix_messages, system_message
 from duomem_mlx.runtime.session import ReencodingSession, Session
 from duomem_mlx.runtime.tools import Tools
@@ -29,9 +30,16 @@ class ModelPolicy:
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
         self.memory_k, self.memory_filter = options.memory_k, options.memory_filter
         self.embedder = embedder or model  # the bare model where `model` wraps it (a teacher's top-k recorder)
-        session_class = ReencodingSession if options.reencode else Session
         self.options = DecodeOptions(mode=options.decode, temperature=options.temperature)
-        self.session = session_class(model, tokenizer, options.max_context, self.options, thinking=options.thinking)
+        if options.reencode:
+            self.session = ReencodingSession(
+                model, tokenizer, options.max_context, self.options, thinking=options.thinking
+            )
+        else:  # the system prompt's KV state is kept for the next episodes that share it (on disk: prefix_cache)
+            store = PrefixStore(model, tokenizer, options.prefix_cache)
+            self.session = Session(
+                model, tokenizer, options.max_context, self.options, thinking=options.thinking, prefix_store=store
+            )
         self.env = self.tools = None
         self.memories: list = []  # those of the episode being played
 

@@ -14,7 +14,10 @@ never fed on stale state. When the window is full, the oldest whole turns go dow
 low-water mark (`low_water` x max_context), so the re-feed of the kept turns is paid once
 per many steps. An episode that starts with what the last one started with (the system prompt
 and its memories, in an eval of a task type) marks where the two part, so the next episode
-is restored from there instead of fed from nothing. The result is exactly what re-encoding the
+is restored from there instead of fed from nothing. With a prefix store (runtime/prefix_store.py) the
+state at the end of the system prompt (tools, memories), and where an episode parts from the last
+one inside it, is kept too: an episode whose head an earlier one had, other tool sets between
+them, is restored from there. The result is exactly what re-encoding the
 same truncated chat would give (a rotating cache over the whole chat would not be: it shifts
 RoPE distances to the prefix).
 """
@@ -49,8 +52,10 @@ class Session:
         options: DecodeOptions | None = None,
         thinking: bool = False,
         low_water: float = 0.75,
+        prefix_store=None,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_store = prefix_store  # runtime/prefix_store.py's PrefixStore: states episodes share
         self.max_context, self.thinking, self.low_water = max_context, thinking, low_water
         self.options = options or DecodeOptions()
         self.cache = make_prompt_cache(model)
@@ -63,6 +68,7 @@ class Session:
 
     def reset_stats(self):
         self.prefill_tokens = 0
+        self.restored_tokens = 0  # tokens whose state came from the prefix store instead of a prefill
         self.decode_tokens = 0
         self.step_seconds: list[float] = []
         self.prompt_tokens: list[int] = []
@@ -80,7 +86,7 @@ class Session:
         self.rendered = 0  # messages in self.prompt (rendered with the generation prompt)
         self.head_text = self.window = None  # window: (first message, text) of the last windowed render
         self.prefix_len = self.history_len = None  # token positions worth a snapshot
-        self.first_step = True
+        self.first_step = self.head_changed = True
 
     def append(self, messages: list[dict]):
         self.messages += messages
@@ -90,6 +96,7 @@ class Session:
         self.tools = tools
         self.head_text = self.window = None
         self.rendered = 0
+        self.head_changed = True
 
     def render(self, messages, add_generation_prompt: bool) -> str:
         tools = self.tools.template_tools if self.tools else None
@@ -184,6 +191,31 @@ class Session:
         self.fed = self.fed[:at]
         return at
 
+    def restore_prefix(self, target: list[int], held: int) -> int | None:
+        """Take the prefix store's state of the longest prefix of `target` beyond the `held`
+        tokens the cache holds; where the cache now stands, or None."""
+        found = self.prefix_store.restore(target, held)
+        if found is None:
+            return None
+        at, self.cache[:] = found
+        self.fed, self.snapshots = target[:at], {}
+        self.restored_tokens += at
+        return at
+
+    def store_marks(self, shared: int, at: int, end: int) -> list[int]:
+        """Where the prefix store keeps this episode's state: at the end of the system prompt
+        (its tools and memories), and where it parts from the last episode inside it (the same
+        docs, other memories; anywhere, where no token starts at the system prompt's end: Gemma's
+        template folds it into the first user turn, Llama 3.1's puts the tools there)."""
+        try:
+            system = self.render(self.messages[:1], False)
+        except Exception:  # a template that wants a user turn (Llama 3.1's with tools puts them there)
+            system = ""
+        rendered = system and self.messages[0]["content"] in system and self.prompt.text.startswith(system)
+        head = self.prompt.token_at(len(system)) if rendered else None
+        marks = {head, shared if self.first_step and shared < (head or end) else None} - {None}
+        return sorted(m for m in marks if at <= m < end)
+
     def snapshot_marks(self, at: int, end: int) -> list[int]:
         marks = {self.shared_len, self.prefix_len, self.history_len} - {None} if self.fragile else set()
         return sorted(m for m in marks if at < m < end and m not in self.snapshots)
@@ -204,14 +236,22 @@ class Session:
         held, shared = len(self.fed), common_prefix(self.fed, target)
         if self.first_step and self.fragile:
             self.shared_len = shared or None
-        self.first_step = False
         at = self.rewind(min(shared, len(target) - 1))  # feed >= 1 token for logits
-        self.rewound_tokens.append(held - at)
+        if self.head_changed and self.prefix_store:
+            at = self.restore_prefix(target, at) or at
+        keep = self.store_marks(shared, at, len(target)) if self.head_changed and self.prefix_store else []
+        self.first_step = self.head_changed = False
+        self.rewound_tokens.append(held - min(at, shared))
         self.prefill_tokens += len(target) - at
         try:
-            for mark in self.snapshot_marks(at, len(target)):
-                self.feed(target[len(self.fed) : mark])
-                self.snapshot()
+            snapshots = self.snapshot_marks(at, len(target))
+            for mark in sorted(set(snapshots + keep)):
+                if mark > len(self.fed):
+                    self.feed(target[len(self.fed) : mark])
+                if mark in snapshots:
+                    self.snapshot()
+                if mark in keep:
+                    self.prefix_store.save(self.fed, self.cache)
             at = len(self.fed)
             grammar = self.tools.grammar() if self.tools else None
             text, ids = decode_action(
@@ -244,6 +284,7 @@ class Session:
     def stats(self) -> dict:
         return {
             "prefill_tokens": self.prefill_tokens,
+            "restored_tokens": self.restored_tokens,
             "decode_tokens": self.decode_tokens,
             "prompt_tokens": self.prompt_tokens,
             "rewound_tokens": self.rewound_tokens,

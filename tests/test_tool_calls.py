@@ -4,6 +4,7 @@ SmolLM2 on the calendar and BFCL), it is the argmax over the allowed tokens, and
 with tools still equals re-encoding."""
 
 import json
+import math
 import random
 
 import mlx.core as mx
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from test_families import FAMILIES
 
 from duomem_mlx.cli import cli
-from duomem_mlx.deploy.bench import play_env
+from duomem_mlx.deploy import bench
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import Episode, TaskSpec, play_episode
 from duomem_mlx.envs.bfcl import split_indices
@@ -251,8 +252,11 @@ def test_chat_and_bench_play_an_env_of_tools(tmp_path):
     assert chat.exit_code == 0, chat.output
     actions = [line[2:].rsplit("   (", 1)[0] for line in chat.output.splitlines() if line.startswith("> ")]
     assert len(actions) == 3 and all(not schema_errors(parse_call(a), TOOLS) for a in actions), chat.output
-    ((steps, seconds),) = play_env(str(model), calendar, 1, 0)  # what `bench --env` times
-    assert steps and seconds > 0
+    measured = bench.Measured(str(model), env=calendar)  # what `bench --env` times
+    bench.bench_package(measured, calendar, 2, 2, 1, 2, 4096, 0, math.inf)
+    row = measured.row(None)
+    assert row["episodes"] == 2 and row["episode_seconds"] > 0
+    assert row["episode_prefilled_tokens"] > 0 and row["episode_restored_tokens"] >= 0  # the prefix store's figure
 
 
 def test_tools_added_mid_episode_reach_the_prompt_and_the_grammar(tiny_model):

@@ -51,6 +51,7 @@ KEYS = (
     "model_bytes",
     "decode_roofline_fraction",
 )
+ENV_KEYS = ("episode_prefilled_tokens", "episode_restored_tokens")  # bench --env: real episodes' prompts
 
 
 def synthetic_episode(steps: int, seed: int = 0, memories: int = 8):
@@ -115,13 +116,14 @@ def play_synthetic(model, tokenizer, steps: int, max_context: int, seed: int, me
 
 
 def play_env(path: str, env_name: str, episodes: int, seed: int):
-    """Real episodes through eval's loop: yields (step seconds, episode seconds) of each."""
+    """Real episodes through eval's loop: yields each as it ends (its stats: step seconds, tokens
+    prefilled, tokens restored from a kept prefix state)."""
     policy = make_policy(f"model:{path}", PolicyOptions(seed=seed))
     env = make_env(env_name)
     try:
         for spec in env.task_specs(None, "dev", episodes, seed):
             episode = play_episode(env, spec, policy, env.default_max_steps)
-            yield episode.stats.get("step_seconds", []), episode.seconds
+            yield episode
     finally:
         env.close()
 
@@ -181,6 +183,7 @@ class Measured:
     loads: list = field(default_factory=list)
     episodes: list = field(default_factory=list)  # step seconds of each episode, filled as it plays
     episode_seconds: list = field(default_factory=list)  # of the episodes played to the end
+    episode_tokens: list = field(default_factory=list)  # (prefilled, restored) of each real episode
     rates: list = field(default_factory=list)  # (prefill, decode) tokens/s of each throughput run
     model_bytes: int = 0
     bytes_per_token: int = 0
@@ -200,6 +203,9 @@ class Measured:
             }
         if self.episode_seconds:
             row["episode_seconds"] = statistics.median(self.episode_seconds)
+        if self.episode_tokens:
+            row["episode_prefilled_tokens"] = statistics.mean(t[0] for t in self.episode_tokens)
+            row["episode_restored_tokens"] = statistics.mean(t[1] for t in self.episode_tokens)
         if self.rates:
             row |= {
                 "prefill_tokens_per_s": statistics.median(r[0] for r in self.rates),
@@ -282,9 +288,10 @@ def bench_package(
         if env_name:
             model = tokenizer = None  # eval's policy loads the package again, with its memory bank: one model at a time
             bar.set_postfix(phase="episodes")
-            for step_seconds, seconds in play_env(source, env_name, episodes, seed):
-                m.episodes.append(step_seconds)
-                m.episode_seconds.append(seconds)
+            for episode in play_env(source, env_name, episodes, seed):
+                m.episodes.append(episode.stats.get("step_seconds", []))
+                m.episode_seconds.append(episode.seconds)
+                m.episode_tokens.append((episode.stats["prefill_tokens"], episode.stats.get("restored_tokens", 0)))
                 done()
         if not any(m.episodes):
             raise DuomemError(f"{m.package}: no step was played; use more --steps or another --env")
@@ -296,7 +303,7 @@ def print_table(rows: list[dict]) -> None:
     names = [Path(r["package"]).name for r in rows]
     width = max(map(len, ["metric", *KEYS]))
     print(f"{'metric':{width}}" + "".join(f"{n[:18]:>20}" for n in names))
-    for key in KEYS:
+    for key in KEYS + tuple(k for k in ENV_KEYS if any(k in r for r in rows)):
         print(f"{key:{width}}" + "".join(f"{r.get(key, float('nan')):>20.4g}" for r in rows))
 
 

@@ -1,5 +1,6 @@
 """Procedural memories from successful episodes: rule-based workflow induction, or an LLM writer."""
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ from difflib import SequenceMatcher
 from itertools import accumulate, takewhile
 
 from duomem_mlx.envs.base import Episode
+from duomem_mlx.envs.calls import Call, parse_call
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.episodes import read_episodes
 from duomem_mlx.formats.memories import KINDS, Memory, memory_id, merge_duplicates
@@ -40,6 +42,10 @@ ECHO_WORDS = 8  # prompt words that open a reply line mid-way and still count as
 STEP_WINDOW = 4  # words between an action's verb and its object in a memory ("take the red apple")
 DROPPED = ("empty", "echo only", "no episode step")  # why a model writer's reply gives no memory
 GIST_CHARS = 80  # of each observation in a trajectory memory: where the agent was, not all it read
+VALUE_CHARS = 24  # of a call's argument or a JSON result's value in a memory: a tweet's or a file's text is cut
+RESULT_KEYS = 8  # of a JSON result's keys in a trajectory memory
+# BFCL's tool docs name the API they belong to: "This tool belongs to the travel system, which ..."
+API_OWNER = re.compile(r"belongs to (?:the )?([^.,]+)")
 
 # Actions only, no observations: a 135M instruct model echoes a long trajectory back, while it
 # turns a short list of actions into numbered steps (measured on SmolLM2-135M-Instruct).
@@ -144,26 +150,156 @@ def workflow_text(task_type: str, steps: list[str], placeholders: list[str]) -> 
 
 
 def rule_memories(episodes: list[Episode]) -> list[Memory]:
-    """One workflow per distinct (near-identical merged) successful action sequence per task type."""
-    by_task: dict[str, list[Episode]] = {}
+    """One workflow per distinct (near-identical merged) successful action sequence per task type
+    (and, for tool episodes, per set of APIs their tools belong to)."""
+    by_task: dict[tuple, list[Episode]] = {}
     for episode in successful(episodes):
-        by_task.setdefault(episode.task, []).append(episode)
+        by_task.setdefault((episode.task, api_set(episode)), []).append(episode)
     return [memory for group in by_task.values() for memory in task_memories(group)]
 
 
 def task_memories(episodes: list[Episode]) -> list[Memory]:
-    varying, constant = object_roles([[s.action for s in e.steps] for e in episodes])
+    if any(map(calls_of, episodes)):
+        generalised, render, label = call_procedures(episodes), procedure_text, task_label(episodes[0])
+    else:
+        generalised, render, label = action_workflows(episodes), workflow_text, episodes[0].task
     kept: list[tuple[list[str], Memory]] = []
-    for episode in episodes:
-        steps, placeholders = generalise([s.action for s in episode.steps], episode.task_description, varying, constant)
+    for episode, (steps, placeholders) in zip(episodes, generalised):
         steps = compress(steps)
         twin = next((m for s, m in kept if SequenceMatcher(None, s, steps).ratio() >= SIMILAR), None)
         if twin:
             twin.source.append(episode.id)
             continue
-        text = workflow_text(episode.task, steps, placeholders)
-        kept.append((steps, episode_memory(episode, text)))
+        kept.append((steps, episode_memory(episode, render(label, steps, placeholders))))
     return [m for _, m in kept]
+
+
+def action_workflows(episodes: list[Episode]) -> list[tuple[list[str], list[str]]]:
+    varying, constant = object_roles([[s.action for s in e.steps] for e in episodes])
+    return [generalise([s.action for s in e.steps], e.task_description, varying, constant) for e in episodes]
+
+
+def api_set(episode: Episode) -> tuple[str, ...]:
+    """The APIs the episode's tools say they belong to; () for a text game or tools that do not say."""
+    owners = (API_OWNER.search(tool.get("description", "")) for tool in episode.tools or [])
+    return tuple(sorted({m.group(1).strip() for m in owners if m}))
+
+
+def task_label(episode: Episode) -> str:
+    apis = api_set(episode)
+    return f"{episode.task} task" + (" with the " + " and the ".join(apis) if apis else "")
+
+
+def calls_of(episode: Episode) -> list[Call | None]:
+    """Each action parsed as a call, None for a text reply; [] when none is a call (a text game)."""
+    calls = [parse_call(s.action) for s in episode.steps]
+    return calls if any(calls) else []
+
+
+def user_words(episode: Episode, calls: list[Call | None]) -> str:
+    """What the user said: the task, and the turns that answer the agent's text replies."""
+    said = [step.observation for step, call in zip(episode.steps[1:], calls) if call is None]
+    return " ".join([episode.task_description, *said]).lower()
+
+
+def said_in(value, said: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        return False
+    return re.search(rf"(?<!\w){re.escape(str(value).lower())}(?!\w)", said) is not None
+
+
+def argument_values(calls: list[Call | None]) -> dict[tuple[str, str], set[str]]:
+    """Per (function, argument name), the values an episode passed (as Python source)."""
+    values: dict[tuple[str, str], set[str]] = {}
+    for call in filter(None, calls):
+        for name, value in arguments(call):
+            values.setdefault((call.name, name), set()).add(repr(value))
+    return values
+
+
+def arguments(call: Call) -> list[tuple[str, object]]:
+    """(name, value) of each argument; a positional one is named by its place (arg1, arg2, ...)."""
+    return [(f"arg{i}", v) for i, v in enumerate(call.args, 1)] + list(call.kwargs.items())
+
+
+def argument_roles(call_lists: list[list[Call | None]]) -> tuple[set, set]:
+    """(varying, constant) arguments, as (function, name), of a task type's episodes: those passed
+    more than one value, and those every episode passes one same value. One episode: neither."""
+    passed = [argument_values(calls) for calls in call_lists]
+    if len(passed) < 2:
+        return set(), set()
+    seen = {key: [values[key] for values in passed if key in values] for key in set().union(*passed)}
+    varying = {key for key, sets in seen.items() if len(set().union(*sets)) > 1}
+    constant = {key for key, sets in seen.items() if len(sets) == len(passed) and key not in varying}
+    return varying, constant
+
+
+def call_procedures(episodes: list[Episode]) -> list[tuple[list[str], list[str]]]:
+    call_lists = [calls_of(e) or [None] * len(e.steps) for e in episodes]
+    varying, constant = argument_roles(call_lists)
+    return [generalise_calls(e, calls, varying, constant) for e, calls in zip(episodes, call_lists)]
+
+
+def generalise_calls(
+    episode: Episode, calls: list[Call | None], varying: set, constant: set
+) -> tuple[list[str], list[str]]:
+    """The episode's calls with argument values as placeholders where they vary across the task
+    type's episodes, or the user said them and they are not constant (as `generalise` does for a
+    text game's objects); long values cut; text replies as they are. A value the user said keeps
+    one placeholder wherever it is passed (<day>, another day <day2>); one the user did not say
+    (an id a result gave) is named by its argument alone. Returns the steps and the placeholders."""
+    said, names, used = user_words(episode, calls), {}, []
+
+    def shown(function: str, name: str, value) -> str:
+        key = (function, name)
+        if key in constant or (key not in varying and not said_in(value, said)):
+            return short(value)
+        placeholder = f"<{name}>"
+        if said_in(value, said):
+            taken, n = set(names.values()), 2
+            while repr(value) not in names and placeholder in taken:
+                placeholder, n = f"<{name}{n}>", n + 1
+            placeholder = names.setdefault(repr(value), placeholder)
+        used.append(placeholder)
+        return placeholder
+
+    steps = [call_text(c, shown) if c else s.action for s, c in zip(episode.steps, calls)]
+    return steps, list(dict.fromkeys(used))
+
+
+def short(value) -> str:
+    """A value as Python source, a long one cut: what is passed, not a tweet's whole text; a
+    list, tuple, set or dict keeps its brackets and the first items that fit, each cut."""
+    text = repr(value)
+    if len(text) <= VALUE_CHARS:
+        return text
+    if isinstance(value, str):
+        return repr(value[: VALUE_CHARS - 5] + "...")
+    if isinstance(value, dict):
+        return "{" + ", ".join(fitting([f"{short(k)}: {short(v)}" for k, v in value.items()])) + "}"
+    if isinstance(value, (list, tuple, set)):
+        return text[0] + ", ".join(fitting([short(v) for v in value])) + text[-1]
+    return text[: VALUE_CHARS - 3] + "..."
+
+
+def fitting(items: list[str]) -> list[str]:
+    """The first items (at least one) whose text fits VALUE_CHARS, then "..." for the rest."""
+    lengths = list(accumulate(len(item) + 2 for item in items))
+    n = max(1, sum(1 for length in lengths if length <= VALUE_CHARS))
+    return items[:n] + (["..."] if n < len(items) else [])
+
+
+def call_text(call: Call, shown) -> str:
+    """The call in Python syntax, each argument's value as `shown(function, name, value)` writes it."""
+    parts = [
+        (f"{name}=" if name in call.kwargs else "") + shown(call.name, name, value) for name, value in arguments(call)
+    ]
+    return f"{call.name}({', '.join(parts)})"
+
+
+def procedure_text(task_type: str, steps: list[str], placeholders: list[str]) -> str:
+    legend = f" ({', '.join(placeholders)}: the values of each task)" if placeholders else ""
+    return f"To do a {task_type}{legend}: " + " ".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
 
 
 def episode_memory(episode: Episode, text: str, kind: str = "script", id_text: str | None = None) -> Memory:
@@ -194,11 +330,38 @@ def trajectory_text(episode: Episode) -> str:
     often comes back unchanged ("look around"), and two lines opening alike sent a reader round
     in a loop; after an action, the line holding it says what comes next."""
     steps = episode.steps[:MAX_STEPS]
-    results = [gist(s.observation) for s in episode.steps[1 : len(steps) + 1]] + ["done"]
-    lines = [f"{i}. {s.action} -> {result}" for i, (s, result) in enumerate(zip(steps, results), 1)]
+    results = [result_gist(s.observation) for s in episode.steps[1 : len(steps) + 1]] + ["done"]
+    lines = [f"{i}. {compact(s.action)} -> {result}" for i, (s, result) in enumerate(zip(steps, results), 1)]
     more = [f"... ({len(episode.steps) - MAX_STEPS} more steps)"] if len(episode.steps) > MAX_STEPS else []
     task = " ".join(episode.task_description.split())
     return "\n".join([f"Solved example of {episode.task}: {task}", *lines, *more])
+
+
+def compact(action: str) -> str:
+    """A call as parsed, its long values cut; any other action as it is."""
+    call = parse_call(action)
+    return call_text(call, lambda _function, _name, value: short(value)) if call else action
+
+
+def result_gist(observation: str) -> str:
+    """A JSON object's or list's gist (its keys and short values); any other observation's start and end."""
+    try:
+        data = json.loads(observation)
+    except (json.JSONDecodeError, RecursionError):
+        return gist(observation)
+    return json_gist(data) if isinstance(data, (dict, list)) else gist(observation)
+
+
+def json_gist(data, nested: bool = False) -> str:
+    """{key: value, ...} of the first RESULT_KEYS keys, a nested object by its keys, a list by its length."""
+    if isinstance(data, list):
+        return f"[{len(data)} items]"
+    if not isinstance(data, dict):
+        return short(data)
+    keys = list(data)[:RESULT_KEYS]
+    items = keys if nested else [f"{k}: {json_gist(data[k], nested=True)}" for k in keys]
+    more = [f"+{len(data) - len(keys)} more"] if len(data) > len(keys) else []
+    return "{" + ", ".join(map(str, items + more)) + "}"
 
 
 def of_kind(scripts: list[Memory], episodes: list[Episode], kind: str) -> list[Memory]:

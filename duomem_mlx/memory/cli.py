@@ -231,10 +231,12 @@ def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
 
     `rules` abstracts each action sequence into a workflow (objects the task names, or that
     change between episodes of a task type, become X, Y, ...; what every episode names stays;
-    near-identical workflows merge); `model:PATH` asks a model to write one per episode, and
+    near-identical workflows merge); a tool environment's calls become a procedure per task type
+    and API set (each function with its arguments' names, a value as <name> where it changes
+    between episodes or the user said it); `model:PATH` asks a model to write one per episode, and
     drops a reply that only echoes the prompt or names no step of its episode (said how many).
     `--kind trajectory` keeps each successful episode (each action, then the gist of what it
-    led to); `both` puts the writer's procedure in front of it.
+    led to: a JSON result by its keys and short values); `both` puts the writer's procedure in front of it.
 
     \b
     Examples:

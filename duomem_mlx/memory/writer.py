@@ -427,7 +427,11 @@ def step_words(text: str) -> list[str]:
 def names_a_step(text: str, actions: list[str]) -> bool:
     """Whether the text holds an action: its verb, then one of its objects (or a placeholder)
     within STEP_WINDOW words, so "take the red apple" holds "take apple 1". One-word actions
-    (look, wait, inventory) never count: any text can hold those words."""
+    (look, wait, inventory) never count: any text can hold those words. A call counts where the
+    text names its function (book_flight)."""
+    called = {call.name for call in map(parse_call, actions) if call}
+    if any(re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) for name in called):
+        return True
     words = step_words(text)
     for action in actions:
         (verb, _), *parts = action_parts(action)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from duomem_mlx.cli import cli
 from duomem_mlx.envs import make_env
-from duomem_mlx.envs.base import TaskSpec, play_episode
+from duomem_mlx.envs.base import Episode, Step, TaskSpec, play_episode
 from duomem_mlx.envs.calls import parse_call
 from duomem_mlx.envs.policies import OraclePolicy
 from duomem_mlx.memory.writer import gist, names_a_step, of_kind, result_gist, rule_memories, short
@@ -90,6 +90,20 @@ def test_one_episode_makes_placeholders_of_what_the_task_says_only():
     add = parse_call(episode.steps[1].action)
     assert str(add.kwargs["day"]) in episode.task_description and add.kwargs["hour"] == 9
     assert memory.text.endswith("2. add_event(day=<day>, hour=9, title=<title>) 3. finish()")
+
+
+def test_a_value_the_user_did_not_say_never_shares_a_said_values_placeholder():
+    def episode(day: str, to: str) -> Episode:
+        actions = [f"list_events(day={day!r})", f"add_event(day={to!r}, hour=9, title='call')", "finish()"]
+        steps = [Step("Tools: ...", a, []) for a in actions]
+        return Episode(f"calendar/move/{day}/0", "calendar", "move", 0, f"Move the call on {day}.", True, 1.0, steps)
+
+    (memory,) = rule_memories([episode("mon", "tue"), episode("wed", "fri")])
+    assert memory.source == ["calendar/move/mon/0", "calendar/move/wed/0"]
+    assert memory.text == (
+        "To do a move task (<day>, <day2>: the values of each task): "
+        "1. list_events(day=<day>) 2. add_event(day=<day2>, hour=9, title='call') 3. finish()"
+    )
 
 
 def test_calendar_trajectories_show_each_call_and_the_gist_of_its_json_result():

@@ -254,17 +254,23 @@ def generalise_calls(
         key = (function, name)
         if key in constant or (key not in varying and not said_in(value, said)):
             return short(value)
-        placeholder = f"<{name}>"
         if said_in(value, said):
-            taken, n = set(names.values()), 2
-            while repr(value) not in names and placeholder in taken:
-                placeholder, n = f"<{name}{n}>", n + 1
-            placeholder = names.setdefault(repr(value), placeholder)
+            placeholder = names.get(repr(value)) or names.setdefault(repr(value), fresh(name, set(used)))
+        else:  # never one a said value holds
+            placeholder = fresh(name, set(names.values()))
         used.append(placeholder)
         return placeholder
 
     steps = [call_text(c, shown) if c else s.action for s, c in zip(episode.steps, calls)]
     return steps, list(dict.fromkeys(used))
+
+
+def fresh(name: str, taken: set[str]) -> str:
+    """<name>, or <name2>, <name3>, ... where that is taken."""
+    placeholder, n = f"<{name}>", 2
+    while placeholder in taken:
+        placeholder, n = f"<{name}{n}>", n + 1
+    return placeholder
 
 
 def short(value) -> str:

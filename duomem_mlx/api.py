@@ -28,8 +28,8 @@ def load(model: str, adapter_path: str | None = None, *, decode: str | None = No
 
         >>> agent = duomem_mlx.load("mlx-community/SmolLM2-135M-Instruct", memory_bank="runs/bank")
     """
-    from duomem_mlx.runtime.options import PolicyOptions
-    from duomem_mlx.runtime.policy import ModelPolicy
+    from duomem_mlx.runtime.options import PolicyOptions  # noqa: PLC0415 (import duomem_mlx stays light)
+    from duomem_mlx.runtime.policy import ModelPolicy  # noqa: PLC0415 (import duomem_mlx stays light)
 
     if decode not in DECODES:
         raise DuomemError(f"unknown decode {decode!r}; use None (by step), 'constrained' or 'free'")
@@ -69,7 +69,7 @@ class Agent:
 
             >>> agent.start("Cook the meal.", "You are in a kitchen. There is a stove here.")
         """
-        from duomem_mlx.envs.base import StepResult
+        from duomem_mlx.envs.base import StepResult  # noqa: PLC0415 (import duomem_mlx stays light)
 
         self.policy.begin(task, observation, task_type)
         self.playing = True
@@ -100,7 +100,7 @@ class Agent:
 
         >>> agent.observe("You open the fridge. It holds an egg.", ["take egg", "close fridge"])
         """
-        from duomem_mlx.envs.base import StepResult
+        from duomem_mlx.envs.base import StepResult  # noqa: PLC0415 (import duomem_mlx stays light)
 
         if not self.playing:
             raise DuomemError("observe() before start(): call start(task, observation) first")
@@ -116,7 +116,7 @@ class Agent:
             >>> [m.id for m in answer.memories]
             ['boil-1']
         """
-        from duomem_mlx.agent.chat import Chat
+        from duomem_mlx.agent.chat import Chat  # noqa: PLC0415 (import duomem_mlx stays light)
 
         if self.conversation is None:
             self.conversation = Chat(self.policy, max_tokens, self.max_context, self.temperature)

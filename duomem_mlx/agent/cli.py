@@ -67,7 +67,7 @@ def eval_command(**kwargs):
       duomem-mlx eval --env textworld --episodes 5 --policy model:runs/student --memory runs/bank --out r.json
       duomem-mlx eval --env twx --tasks coin,twc --game-params numLocations=2 --policy oracle --out r.json
     """
-    from duomem_mlx.agent.eval import run_eval
+    from duomem_mlx.agent.eval import run_eval  # noqa: PLC0415 (CLI start-up without the stage)
 
     options = PolicyOptions.pop_from(kwargs)
     run_eval(options=options, **kwargs)
@@ -117,8 +117,8 @@ def chat_command(model, max_tokens, env_name, tasks, split, max_steps, game_para
       echo "how do I boil water?" | duomem-mlx chat --model runs/student --memory runs/bank
       duomem-mlx chat --model runs/student --env textworld --step
     """
-    from duomem_mlx.agent.chat import run_chat, watch_episode
-    from duomem_mlx.runtime.policy import ModelPolicy
+    from duomem_mlx.agent.chat import run_chat, watch_episode  # noqa: PLC0415 (CLI start-up without the stage)
+    from duomem_mlx.runtime.policy import ModelPolicy  # noqa: PLC0415 (CLI start-up without the stage)
 
     options = PolicyOptions(decode="constrained" if env_name else "free", **options)
     policy = ModelPolicy.from_options(model, options)

@@ -28,12 +28,12 @@ def convert_gguf(
     provenance: dict | None = None,
 ) -> dict:
     """Write the converted model to `out` (atomically) and return its duomem.json provenance."""
-    import mlx.core as mx
+    import mlx.core as mx  # noqa: PLC0415 (CLI start-up: fetch imports this)
 
-    from duomem_mlx.convert.families import family_of, model_config
-    from duomem_mlx.convert.gguf_file import open_gguf
-    from duomem_mlx.convert.tokenizer import build_tokenizer
-    from duomem_mlx.convert.weights import mlx_weights, quantization_config
+    from duomem_mlx.convert.families import family_of, model_config  # noqa: PLC0415 (CLI start-up: fetch imports this)
+    from duomem_mlx.convert.gguf_file import open_gguf  # noqa: PLC0415 (CLI start-up: fetch imports this)
+    from duomem_mlx.convert.tokenizer import build_tokenizer  # noqa: PLC0415 (CLI start-up: fetch imports this)
+    from duomem_mlx.convert.weights import mlx_weights, quantization_config  # noqa: PLC0415 (CLI start-up: fetch imports this)
 
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
@@ -101,8 +101,8 @@ def _eos_ids(tokenizer, template: str) -> list[int]:
 def _checked_model(config: dict, weights: dict, quantized: dict):
     """The mlx-lm model with the weights loaded strictly: a name or shape mapped wrong fails here,
     before anything is written."""
-    import mlx.nn as nn
-    from mlx_lm.utils import _get_classes
+    import mlx.nn as nn  # noqa: PLC0415 (CLI start-up: fetch imports this)
+    from mlx_lm.utils import _get_classes  # noqa: PLC0415 (CLI start-up: fetch imports this)
 
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
@@ -123,7 +123,7 @@ def _checked_model(config: dict, weights: dict, quantized: dict):
 def _requantize(model, quantized: dict, bits: int, group_size: int) -> None:
     """mlx-lm's affine quantization of every layer still dense (kept GGML blocks stay as they
     are); a group size that leaves some dense is refused, as `quantize` refuses it."""
-    import mlx.nn as nn
+    import mlx.nn as nn  # noqa: PLC0415 (CLI start-up: fetch imports this)
 
     check_group_size(model, group_size)
 
@@ -137,7 +137,7 @@ def _requantize(model, quantized: dict, bits: int, group_size: int) -> None:
 
 
 def _write(out, model, config: dict, tokenizer, eos_ids: list[int], record: dict) -> None:
-    from mlx_lm.utils import save_config, save_model
+    from mlx_lm.utils import save_config, save_model  # noqa: PLC0415 (CLI start-up: fetch imports this)
 
     with atomic_dir(out, weight_bytes(model)) as tmp:
         save_model(tmp, model)

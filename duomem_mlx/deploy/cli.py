@@ -111,7 +111,7 @@ def quantize(
       duomem-mlx quantize --model runs/student --adapters runs/adapters --bits 4 --recipe gptq4 --calibrate runs/teacher-cache
       duomem-mlx quantize --model runs/teacher --bits 16 --out converted/teacher-bf16
     """  # noqa: E501 (examples: one command a line, as it is copied)
-    from duomem_mlx.deploy.quantize import quantize_package
+    from duomem_mlx.deploy.quantize import quantize_package  # noqa: PLC0415 (CLI start-up without the stage)
 
     bits = int(bits)
     out = out or str(Path("converted") / f"{Path(model.rstrip('/')).name}-{'bf16' if bits == 16 else f'{bits}bit'}")
@@ -187,7 +187,7 @@ def bench(
       duomem-mlx bench converted/student-4bit --env textworld --episodes 3 --json b.json
       duomem-mlx bench converted/big-4bit --steps 2 --repeats 1 --max-tokens 8 --time-limit 600 --json b.json
     """
-    from duomem_mlx.deploy.bench import run_bench
+    from duomem_mlx.deploy.bench import run_bench  # noqa: PLC0415 (CLI start-up without the stage)
 
     run_bench(
         list(packages),
@@ -224,6 +224,6 @@ def upload(package, repo, private, dry_run, message):
       duomem-mlx upload converted/student-4bit --repo me/duomem-student-4bit --dry-run
       HF_TOKEN=hf_... duomem-mlx upload converted/student-4bit --repo me/duomem-student-4bit --private
     """
-    from duomem_mlx.deploy.hub import upload as run_upload
+    from duomem_mlx.deploy.hub import upload as run_upload  # noqa: PLC0415 (CLI start-up without the stage)
 
     run_upload(package, repo, private, dry_run, message)

@@ -132,10 +132,10 @@ def distill(**kwargs):
       mlx.launch --backend ring -n 2 -- duomem-mlx distill --student runs/student --cache runs/cache --out runs/adapters
       duomem-mlx distill -c distill.yaml --resume
     """  # noqa: E501 (examples: one command a line, as it is copied)
-    import mlx.core as mx
+    import mlx.core as mx  # noqa: PLC0415 (CLI start-up without the stage)
 
-    from duomem_mlx.distill.train import DistillArgs
-    from duomem_mlx.distill.train import distill as run
+    from duomem_mlx.distill.train import DistillArgs  # noqa: PLC0415 (CLI start-up without the stage)
+    from duomem_mlx.distill.train import distill as run  # noqa: PLC0415 (CLI start-up without the stage)
 
     summary = run(DistillArgs(**kwargs))
     if mx.distributed.init().rank() == 0:

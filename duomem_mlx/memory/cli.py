@@ -61,8 +61,8 @@ def build_command(memories_path, cache_path, embedder, adapter_path, key, out, f
       duomem-mlx memory build --memories runs/memories.jsonl --embedder runs/student --out runs/bank
       duomem-mlx memory build --cache runs/cache --embedder runs/student --key task+observation --out runs/bank
     """
-    from duomem_mlx.formats.teacher_cache import memories_file
-    from duomem_mlx.runtime.embed import build
+    from duomem_mlx.formats.teacher_cache import memories_file  # noqa: PLC0415 (CLI start-up without the stage)
+    from duomem_mlx.runtime.embed import build  # noqa: PLC0415 (CLI start-up without the stage)
 
     if bool(memories_path) == bool(cache_path):
         raise DuomemError("pass exactly one of --memories FILE or --cache CACHE")
@@ -131,8 +131,8 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
       duomem-mlx memory search runs/bank "put a hot apple in the fridge" -k 3 --task-type heat
       duomem-mlx memory search runs/bank --accuracy-on runs/test-episodes.jsonl --json runs/retrieval.json
     """
-    from duomem_mlx.formats.bank import MemoryBank
-    from duomem_mlx.runtime.embed import embed
+    from duomem_mlx.formats.bank import MemoryBank  # noqa: PLC0415 (CLI start-up without the stage)
+    from duomem_mlx.runtime.embed import embed  # noqa: PLC0415 (CLI start-up without the stage)
 
     if (query is None) == (accuracy_on is None):
         raise DuomemError("pass exactly one of QUERY or --accuracy-on CACHE_OR_EPISODES")
@@ -146,7 +146,7 @@ def search_command(bank_path, query, k, task_type, accuracy_on, json_out, embedd
     )
     bank.check_embedder(model, tokenizer)
     if accuracy_on:
-        from duomem_mlx.runtime.retrieval import hits
+        from duomem_mlx.runtime.retrieval import hits  # noqa: PLC0415 (CLI start-up without the stage)
 
         queries = task_queries(accuracy_on)
         found = hits(bank, model, tokenizer, queries)
@@ -171,7 +171,7 @@ def write_accuracy(path: str, found: list[bool], tasks: list[str]) -> None:
 
 def task_queries(path: str) -> list[tuple[str, str, str]]:
     """(task description, first observation, task type) of every episode of a teacher cache or an episode log."""
-    from duomem_mlx.formats.teacher_cache import read_cache_episodes
+    from duomem_mlx.formats.teacher_cache import read_cache_episodes  # noqa: PLC0415 (CLI start-up without the stage)
 
     episodes = read_cache_episodes(path) if Path(path).is_dir() else read_episodes(path)
     return [(e.task_description, e.steps[0].observation if e.steps else "", e.task) for e in episodes]
@@ -188,7 +188,7 @@ def show_command(bank_path, limit):
     Example:
       duomem-mlx memory show runs/bank -n 5
     """
-    from duomem_mlx.formats.bank import MemoryBank
+    from duomem_mlx.formats.bank import MemoryBank  # noqa: PLC0415 (CLI start-up without the stage)
 
     bank = MemoryBank.load(bank_path)
     size = sum(f.stat().st_size for f in Path(bank_path).iterdir())
@@ -244,7 +244,7 @@ def write_command(episodes, writer, max_tokens, per_task, kind, out, force):
       duomem-mlx memory write --episodes runs/teacher.jsonl --writer model:runs/teacher --per-task 2 --out runs/memories.jsonl
       duomem-mlx memory write --episodes runs/student.jsonl --kind both --out runs/self-memories.jsonl
     """  # noqa: E501 (examples: one command a line, as it is copied)
-    from duomem_mlx.memory.writer import write
+    from duomem_mlx.memory.writer import write  # noqa: PLC0415 (CLI start-up without the stage)
 
     if Path(out).exists() and Path(episodes).exists() and Path(out).samefile(episodes):
         raise DuomemError(f"--out {out} is the episode log itself; write the memories to another file")

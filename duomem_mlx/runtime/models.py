@@ -155,7 +155,7 @@ ARCHS = {"qwen3": "qwen3", "llama": "llama3", "gemma3_text": "gemma", "lfm2": "c
 def default_dtype() -> str:
     """bfloat16 where MLX runs on a GPU (Metal, CUDA); float32 on a CPU, whose backend emulates
     bf16 (3-4x slower there, and 10x in quantized matmuls)."""
-    import mlx.core as mx
+    import mlx.core as mx  # noqa: PLC0415 (CLI start-up imports this module)
 
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
@@ -163,7 +163,7 @@ def default_dtype() -> str:
 def is_repo_id(name: str) -> bool:
     """A Hub repo id USER/NAME by huggingface_hub's own rules (letters, digits, '-', '_', '.'; no
     '--' or '..', no '.git' end, at most 96 characters a part)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # noqa: PLC0415 (CLI start-up imports this module)
 
     try:
         validate_repo_id(name)
@@ -211,8 +211,8 @@ def resolve(path_or_repo: str) -> str:
 def hub_snapshot(repo: str, allow_patterns: list[str] = HUB_FILES) -> Path:
     """huggingface_hub's snapshot_download of `repo`'s files matching `allow_patterns`; each way
     it can fail is one line naming the fix."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import constants, snapshot_download  # noqa: PLC0415 (CLI start-up imports this module)
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError  # noqa: PLC0415 (CLI start-up imports this module)
 
     try:
         return Path(snapshot_download(repo, allow_patterns=allow_patterns))
@@ -258,19 +258,19 @@ def hub_snapshot(repo: str, allow_patterns: list[str] = HUB_FILES) -> Path:
 def transport_error() -> type:
     """The network error class of huggingface_hub's HTTP client."""
     try:
-        from httpx2 import TransportError  # huggingface_hub >= 2.4
+        from httpx2 import TransportError  # huggingface_hub >= 2.4  # noqa: PLC0415 (CLI start-up imports this module)
     except ImportError:
-        from httpx import TransportError
+        from httpx import TransportError  # noqa: PLC0415 (CLI start-up imports this module)
     return TransportError
 
 
 def load(path_or_repo: str, adapter_path: str | None = None):
     """(model, tokenizer) through plain `mlx_lm.load`; safetensors only, never remote code. On a
     CPU, quantized layers fed many rows run dense (cpu_quant)."""
-    import mlx_lm
+    import mlx_lm  # noqa: PLC0415 (CLI start-up imports this module)
 
-    from duomem_mlx.cpu.quant import dense_prefill_on_cpu
-    from duomem_mlx.runtime.gpu_memory import warn_before_loading
+    from duomem_mlx.cpu.quant import dense_prefill_on_cpu  # noqa: PLC0415 (CLI start-up imports this module)
+    from duomem_mlx.runtime.gpu_memory import warn_before_loading  # noqa: PLC0415 (CLI start-up imports this module)
 
     source = resolve(path_or_repo)
     if adapter_path and not (Path(adapter_path) / "adapter_config.json").exists():
@@ -297,7 +297,7 @@ def size_of(model_dir: str | Path) -> dict:
 
 def weight_bytes(model) -> int:
     """Bytes of the model's arrays (what its safetensors files hold, less their headers)."""
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten  # noqa: PLC0415 (CLI start-up imports this module)
 
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
@@ -330,8 +330,8 @@ def default_corpus() -> str:
 def train_tokenizer(vocab_size: int, corpus: str, template: str = "chatml"):
     """A byte-level BPE wrapped as a transformers fast tokenizer carrying `template`'s chat
     template, special tokens, bos and eos as the family ships them."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415 (CLI start-up imports this module)
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (CLI start-up imports this module)
 
     spec = TEMPLATES[template]
     bpe = Tokenizer(models.BPE())
@@ -418,8 +418,8 @@ def make_tiny_model(
     """Write a random-init mlx-lm model + tokenizer that plain `mlx_lm.load(out)` opens; the
     tokenizer carries `template` (default: the family's own, see ARCHS) and the model dir a
     generation_config.json with the family's eos list."""
-    import mlx.core as mx
-    from mlx_lm.utils import _get_classes, save_config, save_model
+    import mlx.core as mx  # noqa: PLC0415 (CLI start-up imports this module)
+    from mlx_lm.utils import _get_classes, save_config, save_model  # noqa: PLC0415 (CLI start-up imports this module)
 
     if arch not in ARCHS:
         raise DuomemError(f"unknown --arch {arch}; use one of {', '.join(ARCHS)}")
@@ -467,7 +467,7 @@ def _generation_eos(model_dir: Path) -> list[int] | None:
 
 
 def _copy_tokenizer(source: Path, out: Path):
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (CLI start-up imports this module)
 
     if not (source / "tokenizer.json").exists():
         raise DuomemError(f"--tokenizer-from {source}: no tokenizer.json there")

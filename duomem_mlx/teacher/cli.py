@@ -127,7 +127,7 @@ def teach(**kwargs):
           --teacher-tokenizer Qwen/Qwen2.5-72B-Instruct --env textworld --episodes 50 --concurrency 32 --out runs/cache
       duomem-mlx teach --from-chats logs/agent.jsonl --teacher-tokenizer runs/student --out runs/cache
     """  # noqa: E501 (examples: one command a line, as it is copied)
-    from duomem_mlx.teacher.collect import collect, collect_chats
+    from duomem_mlx.teacher.collect import collect, collect_chats  # noqa: PLC0415 (CLI start-up without the stage)
 
     from_chats, skip_bad = kwargs.pop("from_chats"), kwargs.pop("skip_bad")
     if from_chats:
@@ -182,7 +182,7 @@ def cache_info(cache, as_json):
     Example:
       duomem-mlx cache info runs/cache
     """
-    from duomem_mlx.formats.teacher_cache import info
+    from duomem_mlx.formats.teacher_cache import info  # noqa: PLC0415 (CLI start-up without the stage)
 
     summary = info(cache)
     click.echo(json.dumps(summary, indent=1)) if as_json else print_info(summary)
@@ -198,7 +198,7 @@ def cache_verify(cache):
     Example:
       duomem-mlx cache verify runs/cache
     """
-    from duomem_mlx.formats.teacher_cache import verify
+    from duomem_mlx.formats.teacher_cache import verify  # noqa: PLC0415 (CLI start-up without the stage)
 
     checked, problems = verify(cache)
     for problem in problems[1:]:

@@ -13,6 +13,7 @@ import hashlib
 import sys
 from array import array
 from collections import OrderedDict
+from functools import cached_property
 from pathlib import Path
 
 import mlx.core as mx
@@ -101,12 +102,13 @@ class PrefixStore:
         ):
             self.states.popitem(last=False)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        return embedder_fingerprint(self.model, self.tokenizer)
+
     @property
     def folder(self) -> Path:
-        if not hasattr(self, "_folder"):
-            self.fingerprint = embedder_fingerprint(self.model, self.tokenizer)
-            self._folder = self.directory / self.fingerprint[:16]
-        return self._folder
+        return self.directory / self.fingerprint[:16]
 
     def path(self, key) -> Path:
         return self.folder / f"{key[0]}-{key[1]}.safetensors"

@@ -25,6 +25,7 @@ RoPE distances to the prefix).
 import copy
 import time
 
+from jinja2 import TemplateError
 from mlx_lm.models.cache import CacheList, can_trim_prompt_cache, make_prompt_cache
 
 from duomem_mlx.runtime.decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action, prefill
@@ -209,7 +210,7 @@ class Session:
         template folds it into the first user turn, Llama 3.1's puts the tools there)."""
         try:
             system = self.render(self.messages[:1], False)
-        except Exception:  # a template that wants a user turn (Llama 3.1's with tools puts them there)
+        except TemplateError:  # a template that wants a user turn (Llama 3.1's with tools puts them there)
             system = ""
         rendered = system and self.messages[0]["content"] in system and self.prompt.text.startswith(system)
         head = self.prompt.token_at(len(system)) if rendered else None

@@ -14,7 +14,7 @@ from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import Episode, Step, TaskSpec, play_episode
 from duomem_mlx.envs.calls import parse_call
 from duomem_mlx.envs.policies import OraclePolicy
-from duomem_mlx.memory.writer import gist, names_a_step, of_kind, result_gist, rule_memories, short
+from duomem_mlx.memory.writer import gist, names_a_step, of_kind, result_gist, rule_memories, short, writer_content
 
 CALENDAR = "duomem_mlx.envs.example_tools:Calendar"
 
@@ -152,6 +152,13 @@ def test_a_model_writer_reply_naming_a_called_function_names_a_step():
     actions = ["list_events(day='wed')", "add_event(day='wed', hour=9, title='lunch')"]
     assert names_a_step("1. Call add_event with the first free hour.", actions)
     assert not names_a_step("1. Add an event at the first free hour.", actions)
+
+
+def test_a_model_writer_is_told_the_agent_called_tools_not_that_it_played_a_text_game():
+    tool_episode = calendar_episodes(("book",), 1)[0]
+    assert "solved this task by calling tools." in writer_content(tool_episode)
+    text_episode = Episode("ep/1", "twx", "coin", 0, "Find the coin.", True, 1.0, [Step("You are in a room.", "look")])
+    assert "solved this task in a text game." in writer_content(text_episode)
 
 
 @pytest.mark.env("bfcl")

@@ -49,7 +49,7 @@ API_OWNER = re.compile(r"belongs to (?:the )?([^.,]+)")
 
 # Actions only, no observations: a 135M instruct model echoes a long trajectory back, while it
 # turns a short list of actions into numbered steps (measured on SmolLM2-135M-Instruct).
-WRITER_PROMPT = """An agent solved this task in a text game.
+WRITER_PROMPT = """An agent solved this task {setting}.
 Task: {task}
 Its actions, in order: {actions}
 Write the procedure for tasks like this as numbered steps, one short line each."""
@@ -394,7 +394,9 @@ def of_kind(scripts: list[Memory], episodes: list[Episode], kind: str) -> list[M
 def writer_content(episode: Episode) -> str:
     """What a model writer is asked about one episode."""
     return WRITER_PROMPT.format(
-        task=episode.task_description.strip(), actions="; ".join(s.action for s in episode.steps)
+        setting="by calling tools" if episode.tools else "in a text game",
+        task=episode.task_description.strip(),
+        actions="; ".join(s.action for s in episode.steps),
     )
 
 

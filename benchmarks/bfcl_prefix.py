@@ -154,6 +154,11 @@ def main():
     parser.add_argument("--peer", choices=["mlx_lm", "llama_cpp", "none"], default="mlx_lm")
     parser.add_argument("--gguf", help="llama_cpp: the GGUF file of the same model it serves")
     parser.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="llama_cpp: no weight repacking or AMX buffers (0.3.36 built here segfaults without it)",
+    )
+    parser.add_argument(
         "--text-replies", action="store_true", help="as BFCL plays: a text reply ends the turn (untrained, the first)"
     )
     parser.add_argument("--json", required=True)
@@ -172,9 +177,10 @@ def main():
         store = ModelPolicy(model, tokenizer, options=PolicyOptions(max_context=8192, prefix_cache=str(directory)))
         plain = ModelPolicy(model, tokenizer, options=PolicyOptions(max_context=8192))
         plain.session.prefix_store = None
-        peer = {"mlx_lm": lambda: MlxLmServer(args.model), "llama_cpp": lambda: LlamaCppServer(args.gguf, 8192)}.get(
-            args.peer, lambda: None
-        )()
+        peer = {
+            "mlx_lm": lambda: MlxLmServer(args.model),
+            "llama_cpp": lambda: LlamaCppServer(args.gguf, 8192, args.no_repack),
+        }.get(args.peer, lambda: None)()
         try:
             if peer:
                 peer.chat([{"role": "user", "content": "hi"}], max_tokens=2)  # the server loads its model

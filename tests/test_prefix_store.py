@@ -15,7 +15,7 @@ from duomem_mlx.envs.example_tools import TOOLS
 from duomem_mlx.runtime.decode import DecodeOptions
 from duomem_mlx.runtime.models import make_tiny_model
 from duomem_mlx.runtime.prefix_store import PrefixStore
-from duomem_mlx.runtime.prompt import prefix_messages
+from duomem_mlx.runtime.prompt import encode, render
 from duomem_mlx.runtime.session import ReencodingSession, Session
 from duomem_mlx.runtime.tools import Tools
 
@@ -47,10 +47,8 @@ def play(model, tokenizer, store=None, session_class=Session, episodes=EPISODES,
     actions, stats = [], []
     for specs, memories, task in episodes:
         tools = Tools(tokenizer, list(specs), True)
-        prefix = prefix_messages(task, "It is monday.")
-        prefix[0] = tools.system_message(memories)
         session.reset_stats()
-        session.start(prefix, tools)
+        session.start(tools.prefix_messages(task, "It is monday.", memories), tools)
         for step in range(steps):
             actions.append(session.generate())
             session.append([tools.result_message(f"ok {step}", parse_call(actions[-1]) is not None)])
@@ -68,14 +66,29 @@ def test_same_actions_with_and_without_the_store_and_fewer_tokens_prefilled(load
         assert_cache_holds(model, session)
     restored = [s["restored_tokens"] for s in with_store]
     assert restored[:3] == [0, 0, 0] and restored[3] > 0  # A's docs, kept where episode 2 parted from 1
-    if "<|im_start|>" in tokenizer.chat_template:  # B's whole system prompt, which ends at a special token
-        assert restored[4] > restored[3]
+    if "<|im_start|>" in tokenizer.chat_template:  # each tool set's whole system prompt, before other memories
+        system = [Tools(tokenizer, list(specs), True).system_message() for specs, _, _ in EPISODES]
+        lengths = [len(encode(tokenizer, render(tokenizer, [message], False))) for message in system]
+        assert restored[3] >= lengths[3] and restored[4] >= lengths[4]
     else:  # Gemma: only where episodes parted (3 from 2: the preamble before the docs)
         assert 0 < restored[4] < restored[3]
     prefilled = [(ours["prefill_tokens"], theirs["prefill_tokens"]) for ours, theirs in zip(with_store, without)]
     assert prefilled[:3] == [(theirs, theirs) for _, theirs in prefilled[:3]]
     assert all(ours < theirs / 2 for ours, theirs in prefilled[3:] if ours != theirs)  # most was the system prompt
     assert prefilled[3][0] < prefilled[3][1]
+
+
+def test_the_memories_follow_the_tools_so_one_tool_sets_state_serves_any_memories(loaded):
+    model, tokenizer = loaded
+    tools = Tools(tokenizer, list(A), True)
+    prompt = render(tokenizer, tools.prefix_messages("t", "o", ["book at nine"]), True, tools=tools.template_tools)
+    assert prompt.index("book at nine") > max(prompt.index(t["name"]) for t in A)
+    if "<|im_start|>" not in tokenizer.chat_template:
+        return  # Gemma's template folds the system prompt into the user turn: kept where episodes part (above)
+    store = PrefixStore(model, tokenizer)
+    play(model, tokenizer, store, episodes=EPISODES[:1])
+    _, stats, _ = play(model, tokenizer, store, episodes=EPISODES[1:2])  # a new session, other memories
+    assert stats[0]["restored_tokens"] == len(encode(tokenizer, render(tokenizer, [tools.system_message()], False)))
 
 
 def test_the_store_keeps_a_few_states(loaded):

@@ -97,13 +97,14 @@ class ModelPolicy:
                 single_line=not self.tools.format.in_template,
             )
         )  # a templated call spans lines
-        prefix = prefix_messages(task_description, observation, self.memory_texts)
-        prefix[0] = self.system()
+        prefix = (self.tools.prefix_messages if self.tools else prefix_messages)(
+            task_description, observation, self.memory_texts
+        )
         self.session.start(prefix, self.tools)
         self.acted, self.called = False, False
 
     def system(self) -> dict:
-        return self.tools.system_message(self.memory_texts) if self.tools else system_message(self.memory_texts)
+        return self.tools.system_message() if self.tools else system_message(self.memory_texts)
 
     def act(self, state: StepResult) -> str:
         if self.acted:

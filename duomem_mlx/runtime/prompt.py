@@ -20,11 +20,12 @@ SYSTEM_PROMPT = (
 )
 
 
+def memory_text(memories: list[str]) -> str:
+    return "Procedural memories that may help:\n" + "\n".join(f"- {m}" for m in memories)
+
+
 def system_message(memories: list[str] = (), base: str = SYSTEM_PROMPT) -> dict:
-    text = base
-    if memories:
-        text += "\n\nProcedural memories that may help:\n" + "\n".join(f"- {m}" for m in memories)
-    return {"role": "system", "content": text}
+    return {"role": "system", "content": f"{base}\n\n{memory_text(memories)}" if memories else base}
 
 
 def prefix_messages(task_description: str, first_observation: str, memories: list[str] = ()) -> list[dict]:
@@ -151,9 +152,9 @@ def episode_messages(episode, memories: list[str] = (), tools=None) -> list[dict
     steps = episode.steps
     if not steps:
         return []
-    messages = prefix_messages(episode.task_description, steps[0].observation, memories)
-    if tools:
-        messages[0] = tools.system_message(memories)
+    messages = (tools.prefix_messages if tools else prefix_messages)(
+        episode.task_description, steps[0].observation, memories
+    )
     for step, following in zip(steps, steps[1:]):
         messages += turn_messages(step.action, following.observation, tools)
     messages.append(turn_messages(steps[-1].action, "", tools)[0])

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 from duomem_mlx.envs.calls import Call, parse_call
 from duomem_mlx.runtime.grammar import Spelling, TokenIndex, call_grammar
-from duomem_mlx.runtime.prompt import SYSTEM_PROMPT, episode_messages, render, system_message
+from duomem_mlx.runtime.prompt import (
+    SYSTEM_PROMPT,
+    episode_messages,
+    memory_text,
+    prefix_messages,
+    render,
+    system_message,
+)
 
 PROMPT_FORMAT = (
     "You can call these functions (JSON Schema):\n{docs}\n\n"
@@ -156,10 +163,19 @@ class Tools:
         """What the prompt format adds to the system prompt ("" where the template takes the tools)."""
         return "" if self.format.in_template else tool_prompt(self.specs, self.text_replies)
 
-    def system_message(self, memories: list[str] = ()) -> dict:
-        """The system prompt: the memories, and the function docs where the template takes no tools."""
+    def system_message(self) -> dict:
+        """The system prompt, with the function docs where the template takes no tools."""
         docs = self.system_text()
-        return system_message(memories, base=f"{SYSTEM_PROMPT}\n\n{docs}" if docs else SYSTEM_PROMPT)
+        return system_message(base=f"{SYSTEM_PROMPT}\n\n{docs}" if docs else SYSTEM_PROMPT)
+
+    def prefix_messages(self, task_description: str, observation: str, memories: list[str] = ()) -> list[dict]:
+        """An episode's system prompt and first user message. The memories open the user message: what
+        every episode of a tool set shares, the system prompt and the tools (which a template that takes
+        them renders after the system prompt's text), stays one prefix (runtime/prefix_store.py)."""
+        _, user = prefix_messages(task_description, observation)
+        if memories:
+            user = {"role": "user", "content": f"{memory_text(memories)}\n\n{user['content']}"}
+        return [self.system_message(), user]
 
     def grammar(self):
         return cached_grammar(self.tokenizer, self.format, self.specs_json, self.text_replies)

@@ -61,7 +61,7 @@ def run_cost(played: list[Episode], by_task: dict, agent) -> dict:
 
 
 def cost_line(c: dict) -> str:
-    parts = [f"{c['seconds_per_task']:.2f} s/task, {c['seconds_per_step'] or 0:.3f} s/step"]
+    parts = [f"{c['seconds_per_task'] or 0:.2f} s/task, {c['seconds_per_step'] or 0:.3f} s/step"]
     if c["prefill_tokens_per_task"] is not None:
         parts.append(
             f"{c['prefill_tokens_per_task']:,.0f} prefilled + {c['restored_tokens_per_task']:,.0f} restored + "

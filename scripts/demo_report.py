@@ -10,7 +10,8 @@ A variant is NAME=EVAL_JSON[,adapters=DIR][,memory=BANK][,log=EVAL_LOG]; the log
 EVAL_JSON with .jsonl and gives tokens per step and the tokens memories add. Trainable parameters
 come from the adapters' duomem.json, memory size is the bank's bytes on disk. Every row is compared
 with `duomem` on the games both played (paired wins and losses, McNemar's exact p); success rates
-carry a 95% Wilson interval."""
+carry a 95% Wilson interval. The cost table is eval's `cost` block (an eval from before it has only
+its seconds), and `cost_vs_teacher` the teacher's seconds and FLOPs per task over each row's."""
 
 import argparse
 import json
@@ -77,6 +78,38 @@ def variant(spec: str) -> tuple[str, dict]:
         "mean_steps": round(steps / len(episodes), 2) if episodes else None,
         "memory_tokens_per_episode": round(sum(memory_tokens) / len(memory_tokens), 1) if memory_tokens else 0,
         "per_task": {task: row["success_rate"] for task, row in sorted(result.get("per_task", {}).items())},
+        "cost": cost(result),
+    }
+
+
+def cost(result: dict) -> dict:
+    """A row's cost per task from eval's `cost` block; None for what an older eval did not record."""
+    c, episodes = result.get("cost") or {}, result["episodes"]
+    steps, seconds = sum(e["steps"] for e in episodes), sum(e["seconds"] for e in episodes)
+    return {
+        "seconds_per_task": round(seconds / len(episodes), 3) if episodes else None,
+        "seconds_per_step": round(seconds / steps, 4) if steps else None,
+        "forward_flops_per_task": c.get("forward_flops_per_task"),
+        "peak_memory_bytes": c.get("peak_memory_bytes"),
+        "peak_rss_bytes": c.get("peak_rss_bytes"),
+        "model_bytes": c.get("model_bytes"),
+        "bank_bytes": c.get("bank_bytes"),
+    }
+
+
+def vs_teacher(variants: dict) -> dict:
+    """How many times cheaper than the teacher each row is, per task: in wall seconds and in FLOPs."""
+    teacher = variants["teacher"]["cost"]
+
+    def ratio(row: dict, key: str) -> float | None:
+        return round(teacher[key] / row[key], 2) if teacher[key] and row[key] else None
+
+    return {
+        name: {
+            "seconds": ratio(v["cost"], "seconds_per_task"),
+            "forward_flops": ratio(v["cost"], "forward_flops_per_task"),
+        }
+        for name, v in variants.items()
     }
 
 
@@ -184,6 +217,31 @@ def table(variants: dict) -> str:
     return "\n".join(rows)
 
 
+def cost_table(variants: dict, ratios: dict) -> str:
+    rows = [
+        "| variant | s / task | s / step | GFLOPs / task | peak MLX memory | model + bank | x cheaper than the teacher "
+        "(time; FLOPs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in variants.items():
+        c, r = v["cost"], ratios[name]
+        on_disk = None if c["model_bytes"] is None else c["model_bytes"] + c["bank_bytes"]
+        cells = [
+            shown(c["seconds_per_task"], "{:.2f}"),
+            shown(c["seconds_per_step"], "{:.3f}"),
+            shown(c["forward_flops_per_task"], "{:.3g}", 1e9),
+            shown(c["peak_memory_bytes"], "{:,.0f} MB", 1e6),
+            shown(on_disk, "{:,.1f} MB", 1e6),
+            f"{shown(r['seconds'], '{:.2f}x')}; {shown(r['forward_flops'], '{:.2f}x')}",
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def shown(value, form: str, scale: float = 1) -> str:
+    return "-" if value is None else form.format(value / scale)
+
+
 def plot(variants: dict, path: Path, title: str):
     import matplotlib  # noqa: PLC0415 (optional: the [plot] extra)
 
@@ -249,6 +307,7 @@ def main():
     for v in variants.values():
         v["unseen_types"] = unseen_rate(v, adapter_tasks)
     pairs = paired(variants)
+    ratios = vs_teacher(variants)
     base, top = variants.get("student_base"), variants.get("duomem")
     gap = teacher["success_rate"] - base["success_rate"] if base else 0
     gap_recovered = round((top["success_rate"] - base["success_rate"]) / gap, 3) if base and top and gap > 0 else None
@@ -259,6 +318,7 @@ def main():
         "teacher": teacher,
         "student": student_info(args.student),
         "paired": pairs,
+        "cost_vs_teacher": ratios,
         "gap_recovered": gap_recovered,
         "adapter_tasks": sorted(adapter_tasks),
         "unseen_tasks": sorted({g.split("/")[0] for v in variants.values() for g in v["games"]} - adapter_tasks)
@@ -273,7 +333,8 @@ def main():
         "bench": json.loads(Path(args.bench).read_text()) if args.bench else None,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = [f"# {args.title}", "", table(variants), "", "Success per task type:", "", per_task_table(variants), ""]
+    md = [f"# {args.title}", "", table(variants), "", "Cost per task (one run):", "", cost_table(variants, ratios), ""]
+    md += ["Success per task type:", "", per_task_table(variants), ""]
     if pairs:
         md += [
             "Paired on the same games (McNemar's exact test; p < 0.05 is an effect, anything else is not):",
@@ -301,7 +362,14 @@ def main():
         ]
     (out / "results.md").write_text("\n".join(md))
     plot(variants, out / "results.png", args.title)
-    print(table(variants) + "\n\n" + per_task_table(variants) + ("\n\n" + paired_table(pairs) if pairs else ""))
+    print(
+        table(variants)
+        + "\n\n"
+        + cost_table(variants, ratios)
+        + "\n\n"
+        + per_task_table(variants)
+        + ("\n\n" + paired_table(pairs) if pairs else "")
+    )
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
 
 

@@ -164,8 +164,9 @@ def test_report_writes_the_table_json_and_chart(games, tiny_model):
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def eval_file(path: Path, wins: dict) -> Path:
-    """An eval JSON as `duomem-mlx eval` writes it (the fields the report reads), one episode a game."""
+def eval_file(path: Path, wins: dict, seconds: float = 1.0, cost: dict | None = None) -> Path:
+    """An eval JSON as `duomem-mlx eval` writes it (the fields the report reads), one episode a game; without
+    `cost` as one from before eval wrote a cost block."""
     episodes = [
         {
             "task": g.split("/")[0],
@@ -173,7 +174,7 @@ def eval_file(path: Path, wins: dict) -> Path:
             "success": ok,
             "score": float(ok),
             "steps": 3,
-            "seconds": 1.0,
+            "seconds": seconds,
             "error": None,
         }
         for g, ok in wins.items()
@@ -192,6 +193,7 @@ def eval_file(path: Path, wins: dict) -> Path:
                 "mean_score": 0.5,
                 "episodes": episodes,
                 "per_task": per_task,
+                **({"cost": cost} if cost else {}),
             }
         )
     )
@@ -246,3 +248,44 @@ def test_report_pairs_every_row_with_duomem_on_the_same_games(tmp_path):
     low, high = results["variants"]["duomem"]["interval95"]
     assert 0.5 < low < 0.75 < high < 0.95
     assert "| student_base | 20 | 11 | 1 | +50.0 pts | 0.006 |" in (out / "results.md").read_text()
+
+
+def test_report_reads_each_row_s_cost_and_how_much_cheaper_than_the_teacher_it_is(tmp_path):
+    games = {f"coin/{i}": i % 2 == 0 for i in range(4)}
+
+    def cost(gflops: float, peak_mb: int, model_mb: int) -> dict:  # the fields of eval's cost block the report reads
+        return {
+            "forward_flops_per_task": gflops * 1e9,
+            "peak_memory_bytes": peak_mb * 10**6,
+            "peak_rss_bytes": 2 * peak_mb * 10**6,
+            "model_bytes": model_mb * 10**6,
+            "bank_bytes": 10**5,
+        }
+
+    out = tmp_path / "package"
+    script(
+        "demo_report.py",
+        "--out",
+        out,
+        "--variant",
+        f"student_base={eval_file(tmp_path / 'base.json', games)}",  # an eval from before the cost block
+        "--variant",
+        f"duomem={eval_file(tmp_path / 'duomem.json', games, 0.5, cost(0.8, 300, 200))}",
+        "--teacher",
+        eval_file(tmp_path / "teacher.json", games, 2.0, cost(8, 2000, 1000)),
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["cost_vs_teacher"] == {
+        "student_base": {"seconds": 2.0, "forward_flops": None},
+        "duomem": {"seconds": 4.0, "forward_flops": 10.0},
+        "teacher": {"seconds": 1.0, "forward_flops": 1.0},
+    }
+    assert results["variants"]["duomem"]["cost"] == {
+        "seconds_per_task": 0.5,
+        "seconds_per_step": round(0.5 / 3, 4),
+        **cost(0.8, 300, 200),
+    }
+    assert results["variants"]["student_base"]["cost"]["model_bytes"] is None
+    table = (out / "results.md").read_text()
+    assert "| duomem | 0.50 | 0.167 | 0.8 | 300 MB | 200.1 MB | 4.00x; 10.00x |" in table
+    assert "| student_base | 1.00 | 0.333 | - | - | - | 2.00x; - |" in table

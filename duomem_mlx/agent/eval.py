@@ -6,12 +6,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import mlx.core as mx
+
 from duomem_mlx.envs import make_env
 from duomem_mlx.envs.base import Episode, play_episode
 from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.episodes import write_episode
 from duomem_mlx.io import check_destination, write_atomic
 from duomem_mlx.progress import Progress
+from duomem_mlx.runtime.cost import peak_rss_bytes
 from duomem_mlx.runtime.gpu_memory import wired_limit
 from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.policy import make_policy
@@ -26,6 +29,50 @@ def summarize(episodes: list[Episode]) -> dict:
         "mean_steps": sum(len(e.steps) for e in episodes) / n if n else 0.0,
         "errors": sum(e.error is not None for e in episodes),
     }
+
+
+def cost(episodes: list[Episode]) -> dict:
+    """What a task (an episode) costs on average, and a step (an action); a policy without a model
+    has no tokens and no FLOPs (None)."""
+    n, steps = len(episodes), sum(len(e.steps) for e in episodes)
+    seconds = sum(e.seconds for e in episodes)
+    row = {
+        "seconds_per_task": round(seconds / n, 3) if n else None,
+        "seconds_per_step": round(seconds / steps, 4) if steps else None,
+    }
+    for key in ("prefill_tokens", "restored_tokens", "decode_tokens", "forward_flops"):
+        values = [e.stats.get(key) for e in episodes]
+        row[f"{key}_per_task"] = round(sum(values) / n, 1) if n and None not in values else None
+    return row
+
+
+def run_cost(played: list[Episode], by_task: dict, agent) -> dict:
+    """eval's `cost` block: the means over all episodes and per task, the run's peak memory and what the
+    model and its memory bank take on disk (None for a policy without a model)."""
+    flops = [e.stats.get("forward_flops") for e in played]
+    return {
+        **cost(played),
+        "forward_flops": sum(flops) if flops and None not in flops else None,
+        "peak_memory_bytes": mx.get_peak_memory(),  # MLX's allocations since run_eval started
+        "peak_rss_bytes": peak_rss_bytes(),  # the process's, since it started
+        **getattr(agent, "disk_bytes", {"model_bytes": None, "bank_bytes": None}),
+        "per_task": {task: cost(eps) for task, eps in sorted(by_task.items())},
+    }
+
+
+def cost_line(c: dict) -> str:
+    parts = [f"{c['seconds_per_task'] or 0:.2f} s/task, {c['seconds_per_step'] or 0:.3f} s/step"]
+    if c["prefill_tokens_per_task"] is not None:
+        parts.append(
+            f"{c['prefill_tokens_per_task']:,.0f} prefilled + {c['restored_tokens_per_task']:,.0f} restored + "
+            f"{c['decode_tokens_per_task']:,.0f} decoded tokens/task"
+        )
+    if c["forward_flops_per_task"] is not None:
+        parts.append(f"{c['forward_flops_per_task'] / 1e9:.3g} GFLOPs/task")
+    parts.append(f"peak memory {c['peak_memory_bytes'] / 1e6:,.0f} MB (RSS {c['peak_rss_bytes'] / 1e6:,.0f} MB)")
+    if c["model_bytes"] is not None:
+        parts.append(f"model {c['model_bytes'] / 1e6:,.1f} MB + bank {c['bank_bytes'] / 1e6:,.2f} MB")
+    return "cost: " + "; ".join(parts)
 
 
 def print_table(per_task: dict, overall: dict):
@@ -58,6 +105,7 @@ def run_eval(env_name, tasks, split, episodes, policy, options: PolicyOptions, m
         check_destination(log, option="--log")
         if Path(log).resolve() == Path(out).resolve():
             raise DuomemError(f"--log and --out are the same file ({out}); give the episode log its own name")
+    mx.reset_peak_memory()
     agent = make_policy(policy, options)
     env = make_env(env_name, game_params)
     max_steps = max_steps or env.default_max_steps
@@ -83,6 +131,7 @@ def run_eval(env_name, tasks, split, episodes, policy, options: PolicyOptions, m
         "max_steps": max_steps,
         "seconds": round(time.perf_counter() - start, 2),
         "per_task": per_task,
+        "cost": run_cost(played, by_task, agent),
         "episodes": [
             {
                 "task": e.task,
@@ -103,5 +152,6 @@ def run_eval(env_name, tasks, split, episodes, policy, options: PolicyOptions, m
         print(text)  # played episodes are never lost
         raise
     print_table(per_task, overall)
+    print(cost_line(results["cost"]))
     print(f"wrote {out}" + (f" and {log}" if log else ""))
     return results

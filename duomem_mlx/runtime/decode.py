@@ -24,6 +24,7 @@ from mlx_lm.models.cache import ConcatenateKVCache, KVCache, QuantizedKVCache, t
 from mlx_lm.sample_utils import make_sampler
 
 from duomem_mlx.errors import DuomemError
+from duomem_mlx.runtime.cost import Shape
 from duomem_mlx.runtime.heads import last_rows
 from duomem_mlx.runtime.prompt import encode, render
 
@@ -49,16 +50,29 @@ class DecodeOptions:
         return self.prefill_step or (256 if mx.default_device().type == mx.cpu else 2048)
 
 
+def cache_offset(cache) -> int | None:
+    """Tokens a prompt cache has seen (from any layer that counts them)."""
+    return next((c.offset for c in cache if hasattr(c, "offset")), None)
+
+
 @dataclass
 class DecodeStats:
     """Counts over the actions a session decoded; `fallbacks` are constrained steps that ran out
-    of tokens inside the trie and took a default command."""
+    of tokens inside the trie and took a default command. With the model's `shape`, `flops` adds up
+    the FLOPs of every pass the session ran, prefill included (runtime/cost.py)."""
 
     actions: int = 0
     forward_passes: int = 0
     fallbacks: int = 0
     drafted: int = 0
     accepted: int = 0
+    shape: Shape | None = None
+    flops: int = 0
+
+    def count(self, cache, tokens: int, head_rows: int = 0, head_columns: int | None = None):
+        """A pass of `tokens` tokens into `cache` (called before it), the head on `head_rows` of them."""
+        if self.shape is not None:
+            self.flops += self.shape.flops(cache_offset(cache) or 0, tokens, head_rows, head_columns)
 
 
 def eos_ids(tokenizer) -> set[int]:
@@ -143,9 +157,11 @@ def trie_processor(trie: dict, prompt_len: int):
     return process
 
 
-def prefill(model, cache, tokens: list[int], chunk: int):
-    """Feed `tokens` into the cache, `chunk` tokens a pass, computing no logits."""
+def prefill(model, cache, tokens: list[int], chunk: int, stats: DecodeStats | None = None):
+    """Feed `tokens` into the cache, `chunk` tokens a pass, computing no logits (the FLOPs go to `stats`)."""
     for i in range(0, len(tokens), chunk):
+        if stats is not None:
+            stats.count(cache, len(tokens[i : i + chunk]))
         model(mx.array(tokens[i : i + chunk])[None], cache=cache)
         mx.eval([c.state for c in cache])
 
@@ -163,19 +179,25 @@ def forward(
     over the token ids `vocab` only when given (column i is vocab[i]'s logit). Its passes
     are counted into `stats` when given."""
     head = max(0, len(tokens) - rows - 1) // chunk * chunk
-    prefill(model, cache, tokens[:head], chunk)
+    prefill(model, cache, tokens[:head], chunk, stats)
     if stats is not None:
         stats.forward_passes += head // chunk + 1
+        stats.count(cache, len(tokens) - head, rows, None if vocab is None else len(vocab))
     return last_rows(model, mx.array(tokens[head:])[None], cache, rows, vocab)[0]
 
 
-def counting(model, stats: DecodeStats):
-    """`model` as a function for mlx-lm's `generate_step` (which only calls it when handed a
-    cache), counting its forward passes into `stats`."""
+def counting(model, stats: DecodeStats, prompt_len: int):
+    """`model` as a function for mlx-lm's `generate_step` (which only calls it as `model(inputs, cache=cache)`),
+    counting its forward passes and FLOPs into `stats`. A pass computes the head (on its last row) once it
+    feeds the prompt's last token: the prefill passes before it leave their logits unevaluated."""
+    fed = 0
 
-    def call(*args, **kwargs):
+    def call(inputs, cache, **kwargs):
+        nonlocal fed
+        fed += inputs.shape[1]
         stats.forward_passes += 1
-        return model(*args, **kwargs)
+        stats.count(cache, inputs.shape[1], head_rows=int(fed >= prompt_len))
+        return model(inputs, cache=cache, **kwargs)
 
     return call
 
@@ -220,7 +242,7 @@ def decode_action(
             t
             for t, _ in generate_step(
                 mx.array(prompt),
-                counting(model, stats),
+                counting(model, stats, len(prompt)),
                 prompt_cache=cache,
                 prefill_step_size=options.prefill_chunk(),
                 max_tokens=options.max_tokens,
@@ -290,7 +312,7 @@ def constrained_plain(model, cache, prompt, trie, options, stats):
     """Constrained decoding through `generate_step` and a logits processor: the reference."""
     steps = generate_step(
         mx.array(prompt),
-        counting(model, stats),
+        counting(model, stats, len(prompt)),
         prompt_cache=cache,
         prefill_step_size=options.prefill_chunk(),
         max_tokens=options.max_tokens,

@@ -13,6 +13,7 @@ from duomem_mlx.errors import DuomemError
 from duomem_mlx.formats.bank import MemoryBank
 from duomem_mlx.formats.episodes import game_of
 from duomem_mlx.runtime import retrieval
+from duomem_mlx.runtime.cost import dir_bytes, model_bytes
 from duomem_mlx.runtime.decode import DecodeOptions
 from duomem_mlx.runtime.models import load, resolve
 from duomem_mlx.runtime.options import PolicyOptions
@@ -42,6 +43,7 @@ class ModelPolicy:
             )
         self.env = self.tools = None
         self.memories: list = []  # those of the episode being played
+        self.disk_bytes = {"model_bytes": None, "bank_bytes": None}  # from_options knows the files
 
     @classmethod
     def from_options(cls, path, options: PolicyOptions = PolicyOptions()):
@@ -50,7 +52,12 @@ class ModelPolicy:
         memory_bank = options.memory_bank or default_bank(source, options.adapter_path)
         bank = load_bank(memory_bank, model, tokenizer) if memory_bank else None
         mx.random.seed(options.seed)
-        return cls(model, tokenizer, bank, options)
+        policy = cls(model, tokenizer, bank, options)
+        policy.disk_bytes = {
+            "model_bytes": model_bytes(source, options.adapter_path),
+            "bank_bytes": dir_bytes(memory_bank),
+        }
+        return policy
 
     def retrieve(
         self, query: str, task_type: str | None = None, observation: str = "", exclude_games=frozenset()

@@ -28,13 +28,9 @@ import time
 from jinja2 import TemplateError
 from mlx_lm.models.cache import CacheList, can_trim_prompt_cache, make_prompt_cache
 
-from duomem_mlx.runtime.decode import TRIMMABLE, DecodeOptions, DecodeStats, decode_action, prefill
+from duomem_mlx.runtime.cost import model_shape
+from duomem_mlx.runtime.decode import TRIMMABLE, DecodeOptions, DecodeStats, cache_offset, decode_action, prefill
 from duomem_mlx.runtime.prompt import Rendered, common_prefix, encode, render
-
-
-def cache_offset(cache) -> int | None:
-    """Tokens a prompt cache has seen (from any layer that counts them)."""
-    return next((c.offset for c in cache if hasattr(c, "offset")), None)
 
 
 def trim_to(layer, keep: int):
@@ -65,6 +61,7 @@ class Session:
         self.snapshots: dict[int, list] = {}  # position -> copies of the fragile layers there
         self.shared_len: int | None = None  # tokens this episode shares with the last one's start
         self.first_step = False
+        self.shape = model_shape(model)  # None: a model whose FLOPs are not counted (runtime/cost.py)
         self.reset_stats()
 
     def reset_stats(self):
@@ -75,7 +72,7 @@ class Session:
         self.prompt_tokens: list[int] = []
         self.rewound_tokens: list[int] = []  # tokens the cache held but had to give back (re-fed)
         self.render_seconds: list[float] = []  # host time building the prompt's tokens
-        self.decode_stats = DecodeStats()
+        self.decode_stats = DecodeStats(shape=self.shape)
 
     def start(self, prefix: list[dict], tools=None):
         """Begin an episode / conversation; `prefix` stays in the window for its whole life.
@@ -222,7 +219,7 @@ class Session:
         return sorted(m for m in marks if at < m < end and m not in self.snapshots)
 
     def feed(self, tokens: list[int]):
-        prefill(self.model, self.cache, tokens, self.options.prefill_chunk())
+        prefill(self.model, self.cache, tokens, self.options.prefill_chunk(), self.decode_stats)
         self.fed += tokens
 
     def snapshot(self):
@@ -292,6 +289,7 @@ class Session:
             "step_seconds": [round(s, 4) for s in self.step_seconds],
             "render_seconds": [round(s, 5) for s in self.render_seconds],
             "forward_passes": self.decode_stats.forward_passes,
+            "forward_flops": self.decode_stats.flops if self.shape else None,
             "constrained_fallbacks": self.decode_stats.fallbacks,
         }
 

@@ -53,6 +53,15 @@ from duomem_mlx.runtime.options import FILTERS, PolicyOptions
     help="model:PATH: keep the KV states of system prompts (tools, memories) here for later runs "
     "(in memory they are always reused across episodes).",
 )
+@click.option(
+    "--tool-k",
+    type=click.IntRange(0),
+    default=PolicyOptions.tool_k,
+    show_default=True,
+    help="Environments of tools: offer each user turn only the K functions its words pick (BM25), plus those "
+    "picked before; for long function docs (BFCL's 2-6k tokens): a shorter prompt, but a needed function may be "
+    "missing (benchmarks/tool_retrieval.py). 0: all.",
+)
 @click.option("--seed", type=int, default=PolicyOptions.seed, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="results.json")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write one JSON line per episode.")
@@ -101,6 +110,15 @@ def eval_command(**kwargs):
 @click.option("--max-steps", type=click.IntRange(1), default=30, show_default=True)
 @game_params_option
 @click.option("--step", is_flag=True, help="With --env: wait for Enter before each action.")
+@click.option(
+    "--tool-k",
+    type=click.IntRange(0),
+    default=PolicyOptions.tool_k,
+    show_default=True,
+    help="Environments of tools: offer each user turn only the K functions its words pick (BM25), plus those "
+    "picked before; for long function docs (BFCL's 2-6k tokens): a shorter prompt, but a needed function may be "
+    "missing (benchmarks/tool_retrieval.py). 0: all.",
+)
 @click.option(
     "--thinking", is_flag=True, help="enable_thinking=True for templates that know it (Qwen3); off by default."
 )

@@ -43,6 +43,7 @@ class ModelPolicy:
                 model, tokenizer, options.max_context, self.options, thinking=options.thinking, prefix_store=store
             )
         self.env = self.tools = self.picker = None
+        self.companions: dict[str, list[str]] = {}  # the environment's: functions offered along with a picked one
         self.memories: list = []  # those of the episode being played
         self.tools_offered: list[int] = []  # functions offered at each step of the episode
 
@@ -74,6 +75,7 @@ class ModelPolicy:
         # a memory written from this very game would hand over its solution (a train-split game
         # the teacher replays); no held-out game has one
         self.env = env
+        self.companions = env.tool_companions() if hasattr(env, "tool_companions") else {}
         self.begin(task_description, first.observation, spec.task, {game_of(episode_id(spec))}, *offered_tools(env))
 
     def begin(
@@ -91,7 +93,7 @@ class ModelPolicy:
         only those the task's words pick (runtime/tool_retrieval.py)."""
         self.memories = self.retrieve(task_description, task_type, observation, exclude_games)
         self.session.reset_stats()
-        self.picker = ToolPicker(self.tool_k) if self.tool_k else None
+        self.picker = ToolPicker(self.tool_k, companions=self.companions) if self.tool_k else None
         self.tools_offered = []
         self.tools = Tools(self.tokenizer, self.offer(list(tools), task_description), text_replies) if tools else None
         self.session.options = (

@@ -3,9 +3,11 @@ an environment offers, so the function docs, most of a BFCL prompt, shrink sever
 
 Each function doc is scored against the user's message by BM25 over its words (the name split on
 `_`, the description, the parameter names); measured on BFCL's ground truth in
-benchmarks/tool_retrieval.py, where it beats the model's own embedding. A `ToolPicker` keeps the
-functions it picked earlier in the episode (turns reuse them), so the offered set only grows and the
-prompt's tools block changes only where new ones are appended."""
+benchmarks/tool_retrieval.py, where it beats the model's own embedding. The environment may name
+each function's companions (BFCL's: those its train split calls in the same turn), offered along
+with it: the prerequisites a request never names. A `ToolPicker` keeps the functions it picked
+earlier in the episode (turns reuse them), so the offered set only grows and the prompt's tools
+block changes only where new ones are appended."""
 
 import math
 import re
@@ -61,16 +63,19 @@ class ToolPicker:
 
     k: int
     scorer: Callable[[str, list[dict], int], list[dict]] = top_k  # (query, tools, k) -> the k best
+    companions: dict[str, list[str]] = field(default_factory=dict)  # offered along with a picked function
     picked: list[str] = field(default_factory=list)  # names, in the order first picked
-    top: list[dict] = field(default_factory=list)  # the last turn's own top k
+    top: list[str] = field(default_factory=list)  # the last turn's own picks
 
     def pick(self, offered: list[dict], query: str | None) -> list[dict]:
         """What to offer now: those picked so far, then the top k for `query` (None: a tool's result,
-        no new turn) not among them; only tools in `offered` (an environment's withheld ones never)."""
-        if query:
-            self.top = self.scorer(query, offered, self.k)
-            self.picked += [t["name"] for t in self.top if t["name"] not in self.picked]
+        no new turn) and their companions, not among them; only tools in `offered` (an environment's
+        withheld ones never)."""
         by_name = {t["name"]: t for t in offered}
+        if query:
+            top = [t["name"] for t in self.scorer(query, offered, self.k)]
+            self.top = list(dict.fromkeys(top + [c for f in top for c in self.companions.get(f, ()) if c in by_name]))
+            self.picked += [name for name in self.top if name not in self.picked]
         return [by_name[name] for name in self.picked if name in by_name]
 
 
@@ -94,7 +99,7 @@ def replay(env, spec, picker: ToolPicker) -> list[Turn]:
             called.add(call.name)
         state = env.step(action)
         if call is None or state.done:
-            turns.append(Turn(called, {t["name"] for t in picker.top}, offered))
+            turns.append(Turn(called, set(picker.top), offered))
             query, called = state.observation, set()
         if state.done:
             break

@@ -159,5 +159,6 @@ def test_eval_with_tool_k_offers_the_picks_and_a_shorter_prompt(tiny_model, tmp_
         task, _ = env.reset(TaskSpec("bfcl", "base", episode["variation"], "test"))
         expected = ToolPicker(3, companions=companions()).pick(env.tools(), task)
         assert episode["stats"]["tools_offered"][0] == len(expected) < full["stats"]["tools_offered"][0]
-        assert full["stats"]["tools_offered"][0] == len(env.tools())
+        assert full["stats"]["tools_offered"][0] == len(env.tools()) and full["tools"] == env.tools()
+        assert episode["tools"] == expected  # what training renders: the tools the model saw
         assert episode["stats"]["prompt_tokens"][0] < full["stats"]["prompt_tokens"][0] / 3

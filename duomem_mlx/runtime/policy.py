@@ -131,6 +131,11 @@ class ModelPolicy:
         self.called = bool(self.tools) and parse_call(action) is not None
         return action
 
+    @property
+    def offered(self) -> list[dict] | None:
+        """The function docs the model saw for its last action (with tool_k, fewer than the env offers)."""
+        return self.tools.specs if self.tools else None
+
     def offer(self, offered: list[dict], query: str | None) -> list[dict]:
         """The functions to offer: all those offered, or with tool_k those picked for the user's turns so far
         (`query`: a new turn's message; None after a call, when the picks stay)."""

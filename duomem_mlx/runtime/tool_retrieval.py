@@ -73,8 +73,9 @@ class ToolPicker:
         withheld ones never)."""
         by_name = {t["name"]: t for t in offered}
         if query:
-            top = [t["name"] for t in self.scorer(query, offered, self.k)]
-            self.top = list(dict.fromkeys(top + [c for f in top for c in self.companions.get(f, ()) if c in by_name]))
+            top = {t["name"] for t in self.scorer(query, offered, self.k)}
+            top |= {c for f in top for c in self.companions.get(f, ())}
+            self.top = [name for name in by_name if name in top]  # in the order offered: the same picks, one prompt
             self.picked += [name for name in self.top if name not in self.picked]
         return [by_name[name] for name in self.picked if name in by_name]
 

@@ -6,6 +6,17 @@ from duomem_mlx.config import SPLITS, config_option, csv_list, game_params_optio
 from duomem_mlx.envs import ENV_HELP
 from duomem_mlx.runtime.options import FILTERS, PolicyOptions
 
+tool_k_option = click.option(
+    "--tool-k",
+    type=click.IntRange(0),
+    default=PolicyOptions.tool_k,
+    show_default=True,
+    help="Environments of tools: offer each user turn only the K functions its words pick (BM25) and those the "
+    "env says go with them (BFCL: learned on train), plus those picked before. For long function docs (BFCL's: "
+    "3-5k tokens), K=6 cuts them 3.5x but misses a needed function in 9% of turns (benchmarks/tool_retrieval.py). "
+    "0: all.",
+)
+
 
 @click.command("eval")
 @click.option("--env", "env_name", required=True, help=ENV_HELP)
@@ -53,6 +64,7 @@ from duomem_mlx.runtime.options import FILTERS, PolicyOptions
     help="model:PATH: keep the KV states of system prompts (tools, memories) here for later runs "
     "(in memory they are always reused across episodes).",
 )
+@tool_k_option
 @click.option("--seed", type=int, default=PolicyOptions.seed, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="results.json")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write one JSON line per episode.")
@@ -101,6 +113,7 @@ def eval_command(**kwargs):
 @click.option("--max-steps", type=click.IntRange(1), default=30, show_default=True)
 @game_params_option
 @click.option("--step", is_flag=True, help="With --env: wait for Enter before each action.")
+@tool_k_option
 @click.option(
     "--thinking", is_flag=True, help="enable_thinking=True for templates that know it (Qwen3); off by default."
 )

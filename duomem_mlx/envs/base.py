@@ -150,6 +150,7 @@ def play_episode(env: Env, spec: TaskSpec, policy: Policy, max_steps: int) -> Ep
         for _ in range(max_steps):
             episode.tools, episode.text_replies = offered_tools(env)
             action = policy.act(state)
+            episode.tools = getattr(policy, "offered", episode.tools)  # a policy may show its model fewer (--tool-k)
             episode.steps.append(Step(state.observation, action, list(state.admissible)))
             state = env.step(action)
             episode.score = state.score

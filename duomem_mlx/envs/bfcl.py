@@ -26,6 +26,7 @@ import inspect
 import json
 import random
 import uuid
+from collections import Counter
 from functools import cache
 from types import SimpleNamespace
 
@@ -104,6 +105,23 @@ def split_indices(split: str) -> dict[str, list[int]]:
         ]
         for c, es in entries.items()
     }
+
+
+@cache
+def companions(share: float = 0.5, least: int = 3) -> dict[str, list[str]]:
+    """For each function, the others the train split's ground truth calls in the same turn in at least
+    `share` of its turns (and `least` turns): the prerequisites no request names (`startEngine` wants
+    `pressBrakePedal`, `mv` a `cd`), which tool retrieval offers along with it (--tool-k)."""
+    alone, together = Counter(), Counter()
+    for category in CATEGORIES:
+        entries, truth = load_category(category)
+        for i in split_indices("train")[category]:
+            for turn in truth[entries[i]["id"]]:
+                called = {parse_call(call).name for call in turn}
+                alone.update(called)
+                together.update((f, g) for f in called for g in called if f != g)
+    pairs = sorted((f, g) for (f, g), n in together.items() if n >= least and n / alone[f] >= share)
+    return {f: [g for h, g in pairs if h == f] for f in dict.fromkeys(f for f, _ in pairs)}
 
 
 def signature(doc: dict) -> str:
@@ -245,6 +263,9 @@ class BFCLMultiTurn:
     def tools(self) -> list[dict]:
         """BFCL's function docs of the tools offered now."""
         return list(self.offered.values())
+
+    def tool_companions(self) -> dict[str, list[str]]:
+        return companions()
 
     def close(self) -> None:
         pass

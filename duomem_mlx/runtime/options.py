@@ -20,6 +20,7 @@ class PolicyOptions:
     reencode: bool = False  # re-encode the whole prompt each step instead of extending the KV cache
     seed: int = 0
     prefix_cache: str | None = None  # a directory keeping system prompts' KV states for later runs
+    tool_k: int = 0  # functions offered per user turn, picked by its words (and those picked before); 0: all
 
     @classmethod
     def pop_from(cls, kwargs: dict) -> "PolicyOptions":

@@ -20,6 +20,7 @@ from duomem_mlx.runtime.options import PolicyOptions
 from duomem_mlx.runtime.prefix_store import PrefixStore
 from duomem_mlx.runtime.prompt import encode, prefix_messages, system_message
 from duomem_mlx.runtime.session import ReencodingSession, Session
+from duomem_mlx.runtime.tool_retrieval import ToolPicker
 from duomem_mlx.runtime.tools import Tools
 
 CALL_TOKENS = 160  # a call's budget: BFCL's string arguments (a tweet, a file's text) run long
@@ -30,6 +31,7 @@ class ModelPolicy:
         """`options`' loading fields (adapter_path, memory_bank, seed) are from_options'."""
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
         self.memory_k, self.memory_filter = options.memory_k, options.memory_filter
+        self.tool_k = options.tool_k
         self.embedder = embedder or model  # the bare model where `model` wraps it (a teacher's top-k recorder)
         self.options = DecodeOptions(mode=options.decode, temperature=options.temperature)
         if options.reencode:
@@ -41,9 +43,11 @@ class ModelPolicy:
             self.session = Session(
                 model, tokenizer, options.max_context, self.options, thinking=options.thinking, prefix_store=store
             )
-        self.env = self.tools = None
+        self.env = self.tools = self.picker = None
+        self.companions: dict[str, list[str]] = {}  # the environment's: functions offered along with a picked one
         self.memories: list = []  # those of the episode being played
         self.disk_bytes = {"model_bytes": None, "bank_bytes": None}  # from_options knows the files
+        self.tools_offered: list[int] = []  # functions offered at each step of the episode
 
     @classmethod
     def from_options(cls, path, options: PolicyOptions = PolicyOptions()):
@@ -78,6 +82,7 @@ class ModelPolicy:
         # a memory written from this very game would hand over its solution (a train-split game
         # the teacher replays); no held-out game has one
         self.env = env
+        self.companions = env.tool_companions() if hasattr(env, "tool_companions") else {}
         self.begin(task_description, first.observation, spec.task, {game_of(episode_id(spec))}, *offered_tools(env))
 
     def begin(
@@ -91,10 +96,13 @@ class ModelPolicy:
     ):
         """Start an episode from its task text and first observation alone (no environment objects).
         With `tools` (JSON-schema function docs) every action is a call of one of them (or, with
-        `text_replies`, a line of text), rendered and decoded as runtime/tools.py says."""
+        `text_replies`, a line of text), rendered and decoded as runtime/tools.py says; with tool_k,
+        only those the task's words pick (runtime/tool_retrieval.py)."""
         self.memories = self.retrieve(task_description, task_type, observation, exclude_games)
         self.session.reset_stats()
-        self.tools = Tools(self.tokenizer, list(tools), text_replies) if tools else None
+        self.picker = ToolPicker(self.tool_k, companions=self.companions) if self.tool_k else None
+        self.tools_offered = []
+        self.tools = Tools(self.tokenizer, self.offer(list(tools), task_description), text_replies) if tools else None
         self.session.options = (
             self.options
             if not self.tools
@@ -118,18 +126,33 @@ class ModelPolicy:
             message = {"role": "user", "content": state.observation.strip()}
             self.session.append([self.tools.result_message(state.observation, self.called) if self.tools else message])
             offered = offered_tools(self.env)[0] if self.tools else None
+            if offered is not None:  # after a text reply, the observation is the user's next turn
+                offered = self.offer(offered, None if self.called else state.observation)
             if offered is not None and offered != self.tools.specs:
                 self.tools = replace(self.tools, specs=offered)
                 self.session.set_tools(self.tools)
                 self.session.messages[0] = self.system()
         self.acted = True
+        if self.tools:
+            self.tools_offered.append(len(self.tools.specs))
         action = self.session.generate(None if self.tools else state.admissible)
         self.called = bool(self.tools) and parse_call(action) is not None
         return action
 
+    @property
+    def offered(self) -> list[dict] | None:
+        """The function docs the model saw for its last action (with tool_k, fewer than the env offers)."""
+        return self.tools.specs if self.tools else None
+
+    def offer(self, offered: list[dict], query: str | None) -> list[dict]:
+        """The functions to offer: all those offered, or with tool_k those picked for the user's turns so far
+        (`query`: a new turn's message; None after a call, when the picks stay)."""
+        return self.picker.pick(offered, query) if self.picker else offered
+
     def stats(self) -> dict:
         return {
             **self.session.stats(),
+            "tools_offered": self.tools_offered,
             "memories": self.memory_ids,
             "memory_tokens": memory_tokens(self.tokenizer, self.memory_texts),
         }

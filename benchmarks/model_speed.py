@@ -14,15 +14,14 @@ import mlx.core as mx
 from common import versions, write_json
 from mlx_lm.models.cache import make_prompt_cache
 
+from duomem_mlx.runtime.decode import prefill
 from duomem_mlx.runtime.models import load
 
 
-def prefill_rate(model, ids: mx.array, cache: list, chunk: int) -> float:
+def prefill_rate(model, ids: list[int], cache: list, chunk: int) -> float:
     start = time.perf_counter()
-    for i in range(0, ids.shape[1], chunk):
-        model(ids[:, i : i + chunk], cache=cache)
-        mx.eval([c.state for c in cache])
-    return ids.shape[1] / (time.perf_counter() - start)
+    prefill(model, cache, ids, chunk)
+    return len(ids) / (time.perf_counter() - start)
 
 
 def decode_rate(model, cache: list, tokens: int) -> float:
@@ -36,13 +35,13 @@ def decode_rate(model, cache: list, tokens: int) -> float:
 
 def measure(path: str, prompt: int, chunk: int, decode: int) -> dict:
     model, _ = load(path)
-    ids = mx.array([[100 + i % 5000 for i in range(prompt)]])
-    mx.eval(model(ids[:, :16], cache=make_prompt_cache(model)))  # warm-up
+    ids = [100 + i % 5000 for i in range(prompt)]
+    prefill(model, make_prompt_cache(model), ids[:16], chunk)  # warm-up
     cache = make_prompt_cache(model)
-    prefill = prefill_rate(model, ids, cache, chunk)
+    prefill_speed = prefill_rate(model, ids, cache, chunk)
     return {
         "model": path,
-        "prefill_tokens_per_s": round(prefill, 1),
+        "prefill_tokens_per_s": round(prefill_speed, 1),
         "decode_tokens_per_s": round(decode_rate(model, cache, decode), 2),
     }
 
